@@ -1,0 +1,120 @@
+"""Image-quality metrics for gan.py: FID, Inception Score and KID via torchmetrics.
+
+Kept apart from utils.py because it wraps an optional, heavy dependency (Inception
+weights downloaded on first use) and its real-image cache. Nothing here is hand-written
+maths: torchmetrics computes every figure.
+"""
+
+from pathlib import Path
+
+import torch
+
+from utils import UserError, save_checkpoint
+
+KID_REAL_LIMIT = 10_000  # KID keeps every real feature; more than this adds memory, not accuracy
+WEIGHTS_HINT = (
+    "the Inception weights could not be loaded ({reason}). They are downloaded on first use "
+    "into {folder}; on an offline machine copy weights-inception-2015-12-05-6726825d.pth there"
+)
+
+
+class MetricsUnavailable(UserError):
+    """Inception weights or the metric packages cannot be had (offline, not installed)."""
+
+
+def build_metrics(device, eval_samples, feature=None):
+    """FID, IS and KID metrics on device; feature replaces Inception (tests use a tiny net)."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.inception import InceptionScore
+        from torchmetrics.image.kid import KernelInceptionDistance
+    except ImportError as error:
+        raise MetricsUnavailable(f"metrics need torchmetrics[image] ({error}); pip install -r requirements.txt") from None
+    subset_size = min(1000, eval_samples)
+    try:
+        metrics = {
+            "fid": FrechetInceptionDistance(feature=feature or 2048, reset_real_features=False),
+            "is": InceptionScore(feature=feature or "logits_unbiased"),
+            "kid": KernelInceptionDistance(feature=feature or 2048, subset_size=subset_size, reset_real_features=False),
+        }
+    except (OSError, RuntimeError, ValueError, ImportError) as error:  # download or hub failures
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        raise MetricsUnavailable(WEIGHTS_HINT.format(reason=_short(error), folder=folder)) from None
+    return {name: metric.to(device) for name, metric in metrics.items()}
+
+
+def _short(error):
+    text = str(error).strip().splitlines()
+    return (text[0] if text else error.__class__.__name__)[:160]
+
+
+def add_real_images(metrics, real_uint8, cache_path, batch_size=256):
+    """Feed the real images to FID and KID once; later runs read the cached statistics."""
+    fid, kid = metrics["fid"], metrics["kid"]
+    cache_path = Path(cache_path)
+    if cache_path.is_file():
+        try:
+            cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+            _restore_real(fid, kid, cached)
+            return
+        except Exception:  # a cache from another version or a torn file: recompute it
+            pass
+    device = fid.device
+    for start in range(0, len(real_uint8), batch_size):
+        batch = real_uint8[start : start + batch_size].to(device)
+        fid.update(batch, real=True)
+        if start < KID_REAL_LIMIT:
+            kid.update(batch, real=True)
+    save_checkpoint(_real_state(fid, kid), cache_path)
+
+
+def _real_state(fid, kid):
+    return {
+        "fid_sum": fid.real_features_sum.cpu(),
+        "fid_cov_sum": fid.real_features_cov_sum.cpu(),
+        "fid_count": fid.real_features_num_samples.cpu(),
+        "kid_features": torch.cat(kid.real_features).cpu(),
+    }
+
+
+def _restore_real(fid, kid, cached):
+    if cached["fid_sum"].shape != fid.real_features_sum.shape:
+        raise ValueError("cached statistics come from another feature extractor")
+    fid.real_features_sum = cached["fid_sum"].to(fid.device)
+    fid.real_features_cov_sum = cached["fid_cov_sum"].to(fid.device)
+    fid.real_features_num_samples = cached["fid_count"].to(fid.device)
+    kid.real_features = [cached["kid_features"].to(kid.device)]
+
+
+@torch.no_grad()
+def score_generator(metrics, sample_batches):
+    """FID, IS and KID of generated images; sample_batches yields float images in [-1, 1]."""
+    for metric in metrics.values():
+        _reset_fake(metric)
+    for images in sample_batches:
+        images_uint8 = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+        images_uint8 = images_uint8.to(metrics["fid"].device)
+        metrics["fid"].update(images_uint8, real=False)
+        metrics["kid"].update(images_uint8, real=False)
+        metrics["is"].update(images_uint8)
+    is_mean, is_std = metrics["is"].compute()
+    kid_mean, kid_std = metrics["kid"].compute()
+    return {
+        "fid": float(metrics["fid"].compute()),
+        "is": float(is_mean),
+        "is_std": float(is_std),
+        "kid": float(kid_mean),
+        "kid_std": float(kid_std),
+    }
+
+
+def _reset_fake(metric):
+    """Drop the generated images' state and keep the real one (reset_real_features=False)."""
+    metric.reset()
+    if hasattr(metric, "features"):  # InceptionScore keeps only generated features
+        metric.features = []
+
+
+def real_cache_path(folder, dataset, count, image_size):
+    return Path(folder) / f"fid_real_{dataset}_{count}_{image_size}px.pt"
+
