@@ -98,7 +98,10 @@ def score_generator(metrics, sample_batches):
         metrics["kid"].update(images_uint8, real=False)
         metrics["is"].update(images_uint8)
     is_mean, is_std = metrics["is"].compute()
-    kid_mean, kid_std = metrics["kid"].compute()
+    kid = metrics["kid"]
+    # KID draws subsets of subset_size from each side; a small dataset holds fewer real images
+    kid.subset_size = min(kid.subset_size, sum(map(len, kid.real_features)), sum(map(len, kid.fake_features)))
+    kid_mean, kid_std = kid.compute()
     return {
         "fid": float(metrics["fid"].compute()),
         "is": float(is_mean),

@@ -167,7 +167,12 @@ def _to_rgb(image):
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # 16-bit and float greyscale: scale to 8 bits instead of clipping at 255
         values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I") and values.max() > 255 else max(values.max(), 1.0)
+        if image.mode.startswith("I;16"):
+            peak = 65535.0  # the bit depth is known: no guessing from the values
+        elif image.mode == "I":
+            peak = 65535.0 if values.max() > 255 else 255.0
+        else:
+            peak = max(values.max(), 1.0)
         image = Image.fromarray(np.clip(values / peak * 255.0, 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -207,7 +212,7 @@ def load_folder(root, image_size, workers):
         chunks.append(images)
         skipped += bad
     if skipped:
-        warnings.warn(f"skipped {skipped} of {len(dataset)} files in {root} that are not readable images")
+        warnings.warn(f"skipped {skipped} of {len(dataset)} files in {root} that are not readable images", stacklevel=2)
     if skipped == len(dataset):
         raise UserError(f"data folder {root} holds no readable images")
     return torch.cat([c for c in chunks if len(c)])
@@ -316,29 +321,41 @@ def _cutout(images, centre_fraction):
 # ---------------------------------------------------------------- images and plots
 
 
-def save_grid(images, path, nrow=8):
-    """Save images in [-1, 1] as one PNG grid."""
+def grid_image(images, nrow=8):
+    """Images in [-1, 1] as one PIL grid with 2-pixel padding."""
     from torchvision.utils import make_grid
 
-    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
-    save_png(grid, path)
+    return to_pil(make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1)))
+
+
+def save_grid(images, path, nrow=8):
+    """Save images in [-1, 1] as one PNG grid."""
+    save_pil(grid_image(images, nrow), path)
+
+
+def to_pil(image):
+    """One float (3, H, W) image in [0, 1] as a PIL image."""
+    from PIL import Image
+
+    return Image.fromarray(image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def save_png(image, path):
     """Save one float (3, H, W) image in [0, 1] as PNG, atomically."""
-    from PIL import Image
+    save_pil(to_pil(image), path)
 
-    array = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+def save_pil(image, path):
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_gif(frame_paths, path, frame_seconds=0.4):
-    """An animated GIF of the given PNG frames, the last one held longer."""
+def save_gif(frames, path, frame_seconds=0.4):
+    """An animated GIF of the given frames (PNG paths or PIL images), the last one held longer."""
     from PIL import Image
 
-    frames = [Image.open(p).convert("RGB") for p in frame_paths]
+    frames = [frame if isinstance(frame, Image.Image) else Image.open(frame).convert("RGB") for frame in frames]
     if not frames:
         return
     durations = [int(frame_seconds * 1000)] * (len(frames) - 1) + [2000]
@@ -416,6 +433,7 @@ def append_metrics(path, rows):
     if not rows:
         return
     try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as file:
             file.write("".join(json.dumps(row) + "\n" for row in rows))
     except OSError as error:
@@ -426,7 +444,10 @@ def truncate_metrics(path, last_step):
     """Drop rows logged after the checkpoint being resumed, so no step appears twice."""
     rows = read_metrics_log(path)
     kept = [row for row in rows if row.get("step", 0) <= last_step]
-    if len(kept) != len(rows):
+    # a line torn by a crash mid-append would swallow the next row appended after it
+    text = Path(path).read_text() if Path(path).is_file() else ""
+    torn = bool(text) and not text.endswith("\n")
+    if len(kept) != len(rows) or torn:
         atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)), mode="w")
     return kept
 

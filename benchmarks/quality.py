@@ -1,0 +1,280 @@
+"""Offline quality benchmark: DCGAN recipes on scikit-learn's handwritten digits.
+
+No network, no GPU, no Inception weights: a small CNN trained here on the 1797 bundled
+8x8 digits stands in for Inception. Each recipe is trained through the real CLI
+(`gan.py --dataset folder`), sampled with `gan.py --generate`, and scored by
+  - FD: the Frechet distance between generated and real digits in the classifier's
+    penultimate features (torchmetrics' FrechetInceptionDistance with that feature net);
+  - coverage: how many of the 10 digits get at least 1% of the samples, and the
+    normalised entropy of the predicted-class histogram (1.0: all ten equally often).
+
+    python benchmarks/quality.py                      # 8 recipes, 2 seeds (about 20 min on 2 busy cores)
+    python benchmarks/quality.py --seeds 0 --recipes plain combined
+"""
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE_SIZE = 32
+NUM_CLASSES = 10
+COVERAGE_SHARE = 0.01  # a digit counts as found when at least 1% of the samples are classified as it
+
+# Every recipe but "+ema" and "combined" turns the moving average off, so each row adds one thing.
+RECIPES = {
+    "plain": ["--ema", "0"],
+    "hinge+sn": ["--ema", "0", "--loss", "hinge", "--spectral-norm"],
+    "diffaugment": ["--ema", "0", "--diffaugment"],
+    "ttur": ["--ema", "0", "--ttur"],
+    "ema": ["--ema", "0.999"],
+    "ema0.99": ["--ema", "0.99"],
+    "d-steps2": ["--ema", "0", "--d-steps", "2"],
+    "combined": ["--loss", "hinge", "--spectral-norm", "--diffaugment", "--ttur", "--ema", "0.999"],
+    "combined-ema0": ["--loss", "hinge", "--spectral-norm", "--diffaugment", "--ttur", "--ema", "0"],
+}
+# the default set fits in about 20 minutes on 2 busy CPU cores (5 on idle ones)
+DEFAULT_RECIPES = ["plain", "hinge+sn", "diffaugment", "ttur", "ema", "ema0.99", "combined", "combined-ema0"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=DEFAULT_RECIPES, help="recipes to compare")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds per recipe")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per run (1797 // batch-size steps each)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step")
+    p.add_argument("--width", type=int, default=16, help="ngf = ndf of the DCGAN")
+    p.add_argument("--samples", type=int, default=500, help="generated digits scored per run")
+    p.add_argument("--jobs", type=int, default=3, help="training runs in parallel, one CPU thread each")
+    p.add_argument("--work-dir", default=None, help="where digits, runs and the classifier go [a temp folder]")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_digits_uint8():
+    """The 1797 digits as uint8 (N, 3, 32, 32) and their labels: upsampled, grey to RGB."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)  # values 0..16
+    images = F.interpolate(images, size=IMAGE_SIZE, mode="bilinear", align_corners=False).clamp(0, 1)
+    images = images.mul(255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return images, torch.from_numpy(digits.target).long()
+
+
+def write_pngs(images, folder):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(list(folder.glob("*.png"))) == len(images):
+        return
+    for index, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:04d}.png")
+
+
+def read_pngs(folder):
+    from PIL import Image
+
+    files = sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
+    arrays = [np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8) for p in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------- the stand-in for Inception
+
+
+class DigitClassifier(nn.Module):
+    """A small CNN on 32x32 digits; its 64 penultimate features play Inception's 2048."""
+
+    num_features = 64
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16 x 16 x 16
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 32 x 8 x 8
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 32 x 4 x 4
+            nn.Flatten(), nn.Linear(32 * 4 * 4, self.num_features), nn.ReLU(),  # 64
+        )  # fmt: skip
+        self.head = nn.Linear(self.num_features, NUM_CLASSES)
+
+    def features(self, images_uint8):
+        grey = images_uint8.float().mean(dim=1, keepdim=True).div(127.5).sub(1.0)
+        return self.body(grey)
+
+    def forward(self, images_uint8):
+        return self.head(self.features(images_uint8))
+
+
+class PenultimateFeatures(nn.Module):
+    """The feature net torchmetrics' FID calls: uint8 (N, 3, H, W) -> (N, 64) float."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.num_features
+
+    def forward(self, images_uint8):
+        return self.classifier.features(images_uint8)
+
+
+def train_classifier(images, labels, path, epochs=15, seed=0):
+    """Train on 80% of the digits, report accuracy on the other 20%; cached in path."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=generator)
+    held_out, train = order[: len(images) // 5], order[len(images) // 5 :]
+    classifier = DigitClassifier()
+    if path.is_file():
+        classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        torch.manual_seed(seed)
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+        for _ in range(epochs):
+            for batch in torch.randperm(len(train), generator=generator).split(64):
+                chosen = train[batch]
+                loss = F.cross_entropy(classifier(images[chosen]), labels[chosen])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(classifier.state_dict(), path)
+    classifier.eval().requires_grad_(False)
+    with torch.no_grad():
+        accuracy = (classifier(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
+    return classifier, accuracy
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class Scorer:
+    """FD against all real digits (real statistics computed once) and class coverage."""
+
+    def __init__(self, classifier, real_images):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        self.classifier = classifier
+        self.fid = FrechetInceptionDistance(feature=PenultimateFeatures(classifier), reset_real_features=False)
+        self.fid.update(real_images, real=True)
+
+    @torch.no_grad()
+    def __call__(self, images_uint8):
+        self.fid.reset()  # drops the generated images only
+        self.fid.update(images_uint8, real=False)
+        histogram = torch.bincount(self.classifier(images_uint8).argmax(1), minlength=NUM_CLASSES).double()
+        shares = histogram / histogram.sum()
+        seen = shares[shares > 0]
+        entropy = abs(float((seen * seen.log()).sum())) / math.log(NUM_CLASSES)
+        return {
+            "fd": float(self.fid.compute()),
+            "found": int((shares >= COVERAGE_SHARE).sum()),
+            "entropy": entropy,
+        }
+
+
+def real_floor(classifier, real_images, seed=0):
+    """FD between two random halves of the real digits: what a perfect generator scores."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    order = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(seed))
+    half = len(order) // 2
+    fid = FrechetInceptionDistance(feature=PenultimateFeatures(classifier))
+    fid.update(real_images[order[:half]], real=True)
+    fid.update(real_images[order[half:]], real=False)
+    return float(fid.compute())
+
+
+# ---------------------------------------------------------------- training through the CLI
+
+
+def train_and_sample(recipe, seed, args, digits_dir, runs_dir):
+    """Train one recipe with gan.py, then write args.samples digits with --generate."""
+    run_dir = runs_dir / f"{recipe}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed or appended one
+    run_dir.mkdir(parents=True)
+    common = ["--device", "cpu", "--checkpoint-dir", str(run_dir / "checkpoints"), "--image-dir", str(run_dir / "images")]
+    train = [
+        "--dataset", "folder", "--dataroot", str(digits_dir), "--image-size", str(IMAGE_SIZE),
+        "--ngf", str(args.width), "--ndf", str(args.width), "--batch-size", str(args.batch_size),
+        "--epochs", str(args.epochs), "--seed", str(seed), "--workers", "0", "--log-every", "1000",
+        *RECIPES[recipe],
+    ]  # fmt: skip
+    generate = ["--generate", str(args.samples), "--seed", "12345"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    for flags in (train, generate):
+        command = [sys.executable, str(ROOT / "gan.py"), *flags, *common]
+        done = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return read_pngs(run_dir / "images" / "generated"), time.perf_counter() - started
+
+
+def summarise(values):
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, spread
+
+
+def print_table(results, args, floor, accuracy):
+    steps = (1797 // args.batch_size) * args.epochs
+    print()
+    print(f"{steps} steps per run (batch {args.batch_size}, ngf=ndf={args.width}), {args.samples} samples, seeds {args.seeds}")
+    print(f"classifier held-out accuracy {accuracy:.3f}; real-vs-real FD floor {floor:.2f}")
+    print()
+    print("| recipe | flags | FD (lower is better) | digits found (of 10) | class entropy (1 = even) | seconds per run |")
+    print("|---|---|---|---|---|---|")
+    for recipe, rows in results.items():
+        cells = [summarise([row[key] for row in rows]) for key in ("fd", "found", "entropy", "seconds")]
+        fd, found, entropy, seconds = cells
+        print(
+            f"| {recipe} | `{' '.join(RECIPES[recipe])}` | {fd[0]:.2f} ± {fd[1]:.2f} | {found[0]:.1f} ± {found[1]:.1f} | "
+            f"{entropy[0]:.3f} ± {entropy[1]:.3f} | {seconds[0]:.0f} |"
+        )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    work_dir = Path(args.work_dir or Path(tempfile.gettempdir()) / "dcgan-quality-benchmark")
+    print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; work folder {work_dir}")
+    images, labels = load_digits_uint8()
+    digits_dir = work_dir / "digits"
+    write_pngs(images, digits_dir)
+    classifier, accuracy = train_classifier(images, labels, work_dir / "classifier.pt")
+    print(f"digit classifier: held-out accuracy {accuracy:.3f} ({len(images) // 5} digits)")
+    scorer = Scorer(classifier, images)
+    floor = real_floor(classifier, images)
+    runs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]
+    results = {recipe: [] for recipe in args.recipes}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(train_and_sample, r, s, args, digits_dir, work_dir / "runs") for r, s in runs]
+        for (recipe, seed), future in zip(runs, futures):
+            generated, seconds = future.result()
+            scores = {**scorer(generated), "seconds": seconds}
+            results[recipe].append(scores)
+            print(
+                f"{recipe:12s} seed {seed}: FD {scores['fd']:.2f}  found {scores['found']}  "
+                f"entropy {scores['entropy']:.3f}  ({seconds:.0f}s)",
+                flush=True,
+            )
+    print_table(results, args, floor, accuracy)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Shared fixtures and helpers for the tests: running gan.py, tiny flags, synthetic data.
+
+End-to-end tests run the real CLI as a subprocess (`run_gan`); fast checks call
+`gan.main(argv)` in-process (`gan_main`). Everything runs on the CPU with tiny nets.
+"""
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GAN_PY = ROOT / "gan.py"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Flags of the smallest useful run: 16x16, 8 channels, 32 fake images in 4 steps of 8.
+TINY_ARGS = (
+    "--dataset", "fake", "--device", "cpu", "--no-compile", "--workers", "0",
+    "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8",
+    "--batch-size", "8", "--subset", "32", "--log-every", "2", "--seed", "1",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny nets on a small, shared CPU: one thread is many times faster than several
+    threads fighting for two cores (OpenMP spin-waits), and it makes runs deterministic."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_args():
+    """A fresh, mutable list of TINY_ARGS (no --epochs: every test says how many)."""
+    return list(TINY_ARGS)
+
+
+def subprocess_env(**extra):
+    """The environment for gan.py subprocesses: one thread (deterministic, and kind to a
+    2-core machine running several tests) and no torchrun variables."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    env.update(extra)
+    return env
+
+
+def run_gan(args, cwd, timeout=240, **env):
+    """Run `python gan.py ARGS` in cwd; return the CompletedProcess (text stdout/stderr)."""
+    return subprocess.run(
+        [sys.executable, str(GAN_PY), *map(str, args)],
+        cwd=cwd,
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check_ok(result):
+    """Assert a run_gan result succeeded, showing its output when it did not."""
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+@pytest.fixture
+def gan_main(monkeypatch, capsys, tmp_path):
+    """Call gan.main(argv) in-process with cwd=tmp_path; returns (exit code, stdout, stderr).
+
+    Much faster than a subprocess (no torch import); use it for checks that fail or
+    finish before training. The signal handlers of a training run are not installed.
+    """
+    import gan
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gan.StopRequest, "install", lambda self: None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+    def call(argv):
+        capsys.readouterr()
+        code = gan.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+# ---------------------------------------------------------------- a trained run, made once
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A folder holding a finished 2-epoch TINY_ARGS run (images/, checkpoints/).
+
+    Shared by the whole session: never modify it; copy it with `copy_run` first.
+    """
+    folder = tmp_path_factory.mktemp("trained_run")
+    result = check_ok(run_gan([*TINY_ARGS, "--epochs", "2"], folder))
+    (folder / "stdout.txt").write_text(result.stdout)
+    return folder
+
+
+def copy_run(source, destination):
+    """Copy a run's images/ and checkpoints/ into destination (created); keeps mtimes."""
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in ("images", "checkpoints"):
+        if (Path(source) / name).is_dir():
+            shutil.copytree(Path(source) / name, destination / name, copy_function=shutil.copy2)
+    return destination
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A private copy of trained_run in tmp_path (the test's cwd for run_gan/gan_main)."""
+    return copy_run(trained_run, tmp_path)
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder, to prove nothing was touched."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- synthetic CIFAR-10
+
+
+def cifar_colour(index):
+    """The solid RGB colour of synthetic CIFAR-10 image `index` (distinct channels)."""
+    return ((index * 5 + 10) % 256, (index * 37 + 60) % 256, (250 - index * 3) % 256)
+
+
+def write_cifar10_archive(root, images_per_batch=10):
+    """Write root/cifar-10-python.tar.gz in CIFAR-10's own format, each image a solid colour.
+
+    Like the real archive it holds cifar-10-batches-py/ with data_batch_1..5, test_batch
+    and batches.meta; each batch is a pickled dict with 'data' (uint8, (n, 3072), the
+    1024 red, then green, then blue values of each row) and 'labels'. Training image i
+    (in batch order) has colour cifar_colour(i). Returns the training images as uint8
+    (N, 3, 32, 32), the array gan.py should read back.
+    """
+    root = Path(root)
+    staging = root / "_staging" / "cifar-10-batches-py"
+    staging.mkdir(parents=True)
+    colours = np.array([cifar_colour(i) for i in range(5 * images_per_batch)], dtype=np.uint8)
+    images = np.broadcast_to(colours[:, :, None, None], (len(colours), 3, 32, 32)).copy()
+    for number in range(1, 6):
+        chunk = images[(number - 1) * images_per_batch : number * images_per_batch]
+        _write_cifar_pickle(staging / f"data_batch_{number}", chunk, f"training batch {number} of 5")
+    _write_cifar_pickle(staging / "test_batch", np.zeros((images_per_batch, 3, 32, 32), np.uint8), "testing batch 1 of 1")
+    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
+    (staging / "batches.meta").write_bytes(pickle.dumps({**meta, "num_cases_per_batch": images_per_batch}))
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(staging, arcname="cifar-10-batches-py")
+    shutil.rmtree(root / "_staging")
+    return images
+
+
+def _write_cifar_pickle(path, images, label):
+    batch = {
+        "batch_label": label,
+        "labels": [i % 10 for i in range(len(images))],
+        "data": images.reshape(len(images), 3072),
+        "filenames": [f"image_{i}.png" for i in range(len(images))],
+    }
+    path.write_bytes(pickle.dumps(batch, protocol=2))

@@ -1,0 +1,69 @@
+"""One torchrun worker for tests/test_distributed.py: runs gan.py's CLI, then saves this rank's view.
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR [gan.py flags]
+
+Writes OUT_DIR/rank{R}.pt with the rank's parameters and a fingerprint of every real batch
+it trained on. With DDP_WORKER_FAIL_RANK=R set, loading the data fails on rank R only.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gan  # noqa: E402
+import utils  # noqa: E402
+
+
+def main():
+    out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
+    rank = int(os.environ.get("RANK", "0"))
+    seen = {"batches": [], "trainer": None}
+
+    real_train_step = gan.train_step
+
+    def recording_train_step(nets, real, *args, **kwargs):
+        # images of a batch, as sums of their pixels: enough to tell two shards apart
+        seen["batches"].append(real.flatten(1).sum(1).tolist())
+        return real_train_step(nets, real, *args, **kwargs)
+
+    gan.train_step = recording_train_step
+
+    real_train = gan.train
+
+    def recording_train(*args, **kwargs):
+        seen["trainer"] = real_train(*args, **kwargs)
+        return seen["trainer"]
+
+    gan.train = recording_train
+
+    if os.environ.get("DDP_WORKER_FAIL_RANK") == str(rank):
+        real_load = utils.load_dataset
+
+        def failing_load(opts, device):
+            real_load(opts, device)
+            raise utils.UserError(f"injected data failure on rank {rank}")
+
+        utils.load_dataset = failing_load
+
+    exit_code = gan.main(argv)
+    trainer = seen["trainer"]
+    if exit_code == 0 and trainer is not None:
+        nets = trainer.nets
+        state = {
+            "batches": seen["batches"],
+            "G": gan.cpu_state(nets.G),
+            "D": gan.cpu_state(nets.D),
+            "G_ema": gan.cpu_state(nets.G_ema) if nets.G_ema is not None else None,
+            "G_params": [name for name, _ in nets.G.named_parameters()],
+            "D_params": [name for name, _ in nets.D.named_parameters()],
+        }
+        torch.save(state, out_dir / f"rank{rank}.pt")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Using the trained generator: --generate, --interpolate and slerp, the progress GIF,
+the EMA generator, and --tensorboard."""
+
+import functools
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_ARGS, check_ok, run_gan
+from PIL import Image
+
+import gan
+
+SIDE = 16  # TINY_ARGS' --image-size
+PADDING = 2  # utils.save_grid's padding between and around the images
+
+
+def grid_pixels(columns, rows, side=SIDE):
+    """(width, height) of a save_grid image of rows x columns tiles."""
+    return columns * (side + PADDING) + PADDING, rows * (side + PADDING) + PADDING
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def gif_frames(path):
+    with Image.open(path) as image:
+        return image.n_frames
+
+
+@pytest.fixture(scope="module")
+def raw_run(tmp_path_factory):
+    """A 1-epoch TINY_ARGS run trained with --ema 0: its checkpoint has no EMA generator."""
+    folder = tmp_path_factory.mktemp("raw_run")
+    check_ok(run_gan([*TINY_ARGS, "--epochs", "1", "--ema", "0"], folder))
+    return folder
+
+
+# ---------------------------------------------------------------- --generate
+
+
+def test_generate_writes_n_images_and_a_grid(trained_run, tmp_path):
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    result = check_ok(run_gan(["--generate", 7, "--checkpoint", checkpoint, "--seed", 3], tmp_path))
+    folder = tmp_path / "images" / "generated"
+    singles = sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
+    assert singles == [f"{i:04d}.png" for i in range(7)]
+    for name in singles:
+        assert pixels(folder / name).shape == (SIDE, SIDE, 3)
+    # 7 images in a grid of side floor(sqrt(7)) = 2: 2 columns, 4 rows
+    with Image.open(folder / "grid.png") as grid:
+        assert grid.size == grid_pixels(columns=2, rows=4)
+    assert "using the EMA generator" in result.stdout
+    assert "wrote 7 images" in result.stdout and "seed 3" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_honours_image_dir(trained_run, gan_main, tmp_path):
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    code, out, err = gan_main(["--generate", 2, "--checkpoint", checkpoint, "--image-dir", "elsewhere", "--seed", 1])
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "elsewhere" / "generated").iterdir()) == [
+        "0000.png",
+        "0001.png",
+        "grid.png",
+    ]
+    assert not (tmp_path / "images").exists()
+
+
+def test_same_seed_gives_the_same_images(trained_run, gan_main, tmp_path):
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    for folder, seed in (("first", 3), ("second", 3), ("other", 4)):
+        code, _, err = gan_main(["--generate", 5, "--checkpoint", checkpoint, "--seed", seed, "--image-dir", folder])
+        assert code == 0, err
+    for index in range(5):
+        name = f"generated/{index:04d}.png"
+        np.testing.assert_array_equal(pixels(tmp_path / "first" / name), pixels(tmp_path / "second" / name))
+    different = [
+        not np.array_equal(
+            pixels(tmp_path / "first" / f"generated/{i:04d}.png"), pixels(tmp_path / "other" / f"generated/{i:04d}.png")
+        )
+        for i in range(5)
+    ]
+    assert all(different), "another seed gives other images"
+
+
+def test_generate_spans_several_internal_batches(trained_run, gan_main, monkeypatch, tmp_path):
+    # the real internal batch is 500 images; 3 makes 7 images take batches of 3, 3 and 1
+    batch_sizes = []
+    real_batches = gan.generated_batches
+
+    def small_batches(*args, **kwargs):
+        for images in real_batches(*args, **{**kwargs, "batch_size": 3}):
+            batch_sizes.append(len(images))
+            yield images
+
+    monkeypatch.setattr(gan, "generated_batches", small_batches)
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    code, out, err = gan_main(["--generate", 7, "--checkpoint", checkpoint, "--seed", 0])
+    assert code == 0, err
+    assert batch_sizes == [3, 3, 1]
+    folder = tmp_path / "images" / "generated"
+    images = [pixels(folder / f"{i:04d}.png") for i in range(7)]
+    assert not (folder / "0007.png").exists()
+    # every batch drew its own noise: no image repeats one of another batch
+    assert len({image.tobytes() for image in images}) == 7
+    with Image.open(folder / "grid.png") as grid:
+        assert grid.size == grid_pixels(columns=2, rows=4)
+
+
+def test_generate_from_a_checkpoint_without_ema_uses_the_raw_generator(raw_run, tmp_path):
+    checkpoint = raw_run / "checkpoints" / "checkpoint.pt"
+    result = check_ok(run_gan(["--generate", 3, "--checkpoint", checkpoint, "--seed", 1], tmp_path))
+    assert "using the raw generator" in result.stdout
+    assert len(list((tmp_path / "images" / "generated").glob("0*.png"))) == 3
+
+
+def test_generate_refuses_an_explicit_other_architecture(trained_run, tmp_path):
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    result = run_gan(["--generate", 3, "--checkpoint", checkpoint, "--image-size", 32], tmp_path)
+    assert result.returncode == 2
+    assert "another architecture" in result.stderr and "--image-size 32 (checkpoint: 16)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "images" / "generated").exists()
+
+
+def test_generate_refuses_weights_that_do_not_fit_the_saved_flags(trained_run, gan_main, tmp_path):
+    state = torch.load(trained_run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    state["flags"]["ngf"] = 16  # the weights are those of ngf 8
+    torch.save(state, tmp_path / "mismatched.pt")
+    code, out, err = gan_main(["--generate", 3, "--checkpoint", "mismatched.pt"])
+    assert code == 2
+    assert "mismatched.pt does not fit this generator" in err and "size mismatch" in err
+    assert "Traceback" not in err
+
+
+def test_generate_refuses_unusable_saved_flags(trained_run, gan_main, tmp_path):
+    state = torch.load(trained_run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    state["flags"]["image_size"] = 20
+    torch.save(state, tmp_path / "odd.pt")
+    code, _, err = gan_main(["--generate", 3, "--checkpoint", "odd.pt"])
+    assert code == 2 and "unusable flags" in err
+
+
+def test_generate_without_a_checkpoint_is_a_clear_error(gan_main, tmp_path):
+    code, _, err = gan_main(["--generate", 3])
+    assert code == 2 and "checkpoints/checkpoint.pt does not exist" in err
+
+
+# ---------------------------------------------------------------- --interpolate and slerp
+
+
+def test_interpolate_writes_a_grid_and_a_gif(trained_run, tmp_path):
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    steps = 5
+    result = check_ok(run_gan(["--interpolate", "--steps", steps, "--checkpoint", checkpoint, "--seed", 2], tmp_path))
+    assert "using the EMA generator" in result.stdout
+    # rows are the 8 walks, columns the steps along each
+    with Image.open(tmp_path / "images" / "interpolation.png") as grid:
+        assert grid.size == grid_pixels(columns=steps, rows=8)
+    # there and back again, without repeating the two ends: 2 * steps - 2 frames
+    assert gif_frames(tmp_path / "images" / "interpolation.gif") == 2 * steps - 2
+    with Image.open(tmp_path / "images" / "interpolation.gif") as gif:
+        assert gif.size == grid_pixels(columns=2, rows=4)  # the 8 walks at one step
+
+
+def test_interpolation_columns_move_from_one_end_to_the_other(trained_run, gan_main, tmp_path):
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    code, _, err = gan_main(["--interpolate", "--steps", 4, "--checkpoint", checkpoint, "--seed", 2])
+    assert code == 0, err
+    grid = pixels(tmp_path / "images" / "interpolation.png").astype(int)
+    tile = SIDE + PADDING
+    first_row = [grid[PADDING : PADDING + SIDE, PADDING + c * tile : PADDING + c * tile + SIDE] for c in range(4)]
+    distance_to_start = [np.abs(column - first_row[0]).sum() for column in first_row]
+    assert distance_to_start[0] == 0 and distance_to_start[-1] > 0
+
+
+def test_slerp_endpoints_are_the_inputs():
+    generator = torch.Generator().manual_seed(0)
+    start, end = torch.randn(3, 8, 1, 1, generator=generator), torch.randn(3, 8, 1, 1, generator=generator)
+    path = gan.slerp(start, end, torch.tensor([0.0, 1.0]))
+    assert path.shape == (2, 3, 8, 1, 1)
+    torch.testing.assert_close(path[0], start)
+    torch.testing.assert_close(path[1], end)
+
+
+def test_slerp_of_orthogonal_unit_vectors_by_hand():
+    start = torch.tensor([[1.0, 0.0, 0.0]]).view(1, 3, 1, 1)
+    end = torch.tensor([[0.0, 1.0, 0.0]]).view(1, 3, 1, 1)
+    fractions = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    path = gan.slerp(start, end, fractions).flatten(1)
+    torch.testing.assert_close(path[2], torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2))
+    # on the unit circle at angle t * pi/2: (cos, sin), norm 1 all the way (a straight line dips to 0.71)
+    for t, point in zip(fractions.tolist(), path):
+        angle = t * math.pi / 2
+        torch.testing.assert_close(point, torch.tensor([math.cos(angle), math.sin(angle), 0.0]))
+        assert point.norm().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_slerp_keeps_the_angle_proportional_to_the_fraction():
+    generator = torch.Generator().manual_seed(1)
+    start, end = torch.randn(1, 100, 1, 1, generator=generator), torch.randn(1, 100, 1, 1, generator=generator)
+    end = end / end.norm() * start.norm()  # equal norms: the path stays on their sphere
+    omega = torch.acos(torch.nn.functional.cosine_similarity(start.flatten(1), end.flatten(1))).item()
+    fractions = torch.linspace(0, 1, 7)
+    path = gan.slerp(start, end, fractions).flatten(2)[:, 0]
+    for t, point in zip(fractions.tolist(), path):
+        angle = torch.acos(torch.nn.functional.cosine_similarity(point, start.flatten(), dim=0).clamp(-1, 1)).item()
+        assert angle == pytest.approx(t * omega, abs=1e-3)
+        assert point.norm().item() == pytest.approx(start.norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e-7, 1e-4])
+def test_slerp_of_nearly_parallel_vectors_is_finite(offset):
+    start = torch.randn(2, 16, 1, 1, generator=torch.Generator().manual_seed(2))
+    end = start + offset
+    path = gan.slerp(start, end, torch.linspace(0, 1, 5))
+    assert torch.isfinite(path).all()
+    # so close together the arc is the straight line
+    straight = torch.stack([(1 - t) * start + t * end for t in torch.linspace(0, 1, 5)])
+    torch.testing.assert_close(path, straight, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- progress GIF and EMA of a training run
+
+
+def test_progress_gif_has_one_frame_per_epoch(trained_run, raw_run):
+    assert gif_frames(trained_run / "images" / "progress.gif") == 2
+    assert gif_frames(raw_run / "images" / "progress.gif") == 1
+    with (
+        Image.open(trained_run / "images" / "progress.gif") as gif,
+        Image.open(trained_run / "images" / "epoch_002.png") as last,
+    ):
+        assert gif.size == last.size
+
+
+def test_training_keeps_an_ema_generator(trained_run):
+    folder = trained_run / "checkpoints"
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert state["netG_ema"] is not None and state["netG_ema"].keys() == state["netG"].keys()
+    standalone = torch.load(folder / "netG_ema.pth", weights_only=True)
+    for name, value in state["netG_ema"].items():
+        torch.testing.assert_close(standalone[name], value)
+    weights = [name for name in state["netG"] if name.endswith("weight")]
+    differing = [name for name in weights if not torch.allclose(state["netG_ema"][name], state["netG"][name])]
+    assert differing == weights, "after 8 steps the average lags behind every weight of G"
+
+
+def test_ema_zero_keeps_no_average(raw_run):
+    folder = raw_run / "checkpoints"
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["netG_ema"] is None
+    assert not (folder / "netG_ema.pth").exists()
+    assert (folder / "netG.pth").exists()
+
+
+def test_ema_is_the_running_average_by_hand():
+    opts, _ = gan.parse_options(
+        ["--device", "cpu", "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8", "--ema", "0.5"]
+    )
+    runtime = gan.Runtime(torch.device("cpu"))
+    torch.manual_seed(0)
+    nets = gan.build_nets(opts, runtime)
+    recipe = gan.Recipe()
+    real = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    expected = [p.detach().clone() for p in nets.G.parameters()]  # the average starts at G
+    for _ in range(2):
+        gan.train_step(nets, real, recipe, runtime, update_g=True, ema_decay=opts.ema)
+        expected = [0.5 * old + 0.5 * new.detach() for old, new in zip(expected, nets.G.parameters())]
+    for averaged, want in zip(nets.G_ema.parameters(), expected):
+        torch.testing.assert_close(averaged, want)
+    # BatchNorm statistics are copied, not averaged
+    for ema_buffer, buffer in zip(nets.G_ema.buffers(), nets.G.buffers()):
+        torch.testing.assert_close(ema_buffer, buffer)
+    # a D-only step leaves the average alone
+    before = [p.clone() for p in nets.G_ema.parameters()]
+    gan.train_step(nets, real, recipe, runtime, update_g=False, ema_decay=opts.ema)
+    for old, new in zip(before, nets.G_ema.parameters()):
+        torch.testing.assert_close(old, new, rtol=0, atol=0)
+
+
+def test_ema_zero_builds_no_average():
+    opts, _ = gan.parse_options(["--device", "cpu", "--image-size", "16", "--ngf", "8", "--ndf", "8", "--ema", "0"])
+    assert gan.build_nets(opts, gan.Runtime(torch.device("cpu"))).G_ema is None
+
+
+# ---------------------------------------------------------------- --tensorboard
+
+
+def test_tensorboard_missing_is_a_clear_error(monkeypatch, gan_main, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what `import` sees when it is absent
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--tensorboard"])
+    assert code == 2
+    assert "--tensorboard needs the tensorboard package: pip install tensorboard" in err
+    assert not (tmp_path / "checkpoints" / "checkpoint.pt").exists(), "refused before training"
+
+
+def test_tensorboard_writes_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    check_ok(run_gan([*TINY_ARGS, "--epochs", "1", "--tensorboard"], tmp_path))
+    events = list((tmp_path / "checkpoints" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_generate_file_names_are_padded_for_large_counts(trained_run, gan_main, monkeypatch, tmp_path):
+    # 12,345 images would take minutes; only the names are checked, so stop after the first batch
+    saved = []
+    monkeypatch.setattr(gan.utils, "save_png", lambda image, path: saved.append(path.name))
+    monkeypatch.setattr(gan.utils, "save_grid", lambda images, path, nrow=8: saved.append(path.name))
+    monkeypatch.setattr(gan, "generated_batches", functools.partial(_first_batch_only, gan.generated_batches))
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    code, _, err = gan_main(["--generate", 12345, "--checkpoint", checkpoint, "--seed", 0])
+    assert code == 0, err
+    assert saved[0] == "00000.png" and saved[-2] == "00499.png" and saved[-1] == "grid.png"
+
+
+def _first_batch_only(real_batches, *args, **kwargs):
+    yield next(real_batches(*args, **kwargs))

@@ -1,0 +1,464 @@
+"""Bad input: every mistake gets exit code 2, one clear line on stderr, no traceback, and
+leaves what is already on disk untouched. Ends with fuzzing of the flag parser and of the
+checkpoint reader: they may only succeed or raise UserError."""
+
+import io
+import os
+import pickle
+import random
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_ARGS, run_gan, snapshot, write_cifar10_archive
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gan
+import utils
+from utils import UserError
+
+
+def assert_user_error(code, err, phrase):
+    """Exit 2, the phrase in a single 'gan.py: error: ...' line, and no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gan.py: error: ")
+    assert phrase in lines[0], err
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """Make any CIFAR-10 download fail at once, as on an offline machine; records the calls."""
+    import torchvision.datasets.utils
+
+    calls = []
+
+    def offline(url, root, filename=None, md5=None, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
+    return calls
+
+
+# ---------------------------------------------------------------- flags
+
+
+BAD_FLAGS = [
+    (["--epochs", "-1"], "--epochs: must be a positive integer, got -1"),
+    (["--epochs", "0"], "--epochs: must be a positive integer, got 0"),
+    (["--epochs", "two"], "--epochs: invalid"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--image-size", "48"], "--image-size: must be a power of two from 16 to 256, got 48"),
+    (["--lr", "-1"], "--lr: must be a positive number, got -1"),
+    (["--lr", "nan"], "--lr: must be a positive number, got nan"),
+    (["--lr", "inf"], "--lr: must be a positive number, got inf"),
+    (["--beta1", "1.5"], "--beta1: must be in [0, 1), got 1.5"),
+    (["--label-smoothing", "1"], "--label-smoothing: must be in [0, 1), got 1"),
+    (["--label-smoothing", "0.1", "--loss", "hinge"], "--label-smoothing applies to --loss bce only"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--dataset", "other"], "--dataset: invalid choice: 'other'"),
+    (["--device", "tpu"], "--device: must be auto, cpu, mps, cuda or cuda:N, got tpu"),
+    (["--seed", "-1"], "--seed: must be zero or more"),
+    (["--epochs"], "--epochs: expected one argument"),
+    (["--generate", "4", "--evaluate"], "choose one of --generate, --interpolate and --evaluate"),
+    (["--resume", "--generate", "4"], "--resume trains"),
+    (["--subset", "10000"], "--subset 10000 is larger than the dataset (512 images)"),
+    (["--batch-size", "64"], "the dataset has 32 images, fewer than --batch-size 64"),
+]
+
+
+@pytest.mark.parametrize("flags, phrase", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flags(run_copy, gan_main, flags, phrase):
+    before = snapshot(run_copy)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", *flags])
+    assert_user_error(code, err, phrase)
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu(tmp_path, gan_main, device):
+    code, out, err = gan_main([*TINY_ARGS, "--device", device])
+    assert_user_error(code, err, f"--device {device}: no CUDA GPU is available here")
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_flag_through_the_real_cli(run_copy):
+    before = snapshot(run_copy)
+    result = run_gan([*TINY_ARGS, "--epochs", "0"], run_copy)
+    assert_user_error(result.returncode, result.stderr, "--epochs: must be a positive integer, got 0")
+    assert result.stdout == ""
+    assert snapshot(run_copy) == before
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def folder_args(dataroot):
+    return [*TINY_ARGS, "--dataset", "folder", "--dataroot", dataroot, "--epochs", "1"]
+
+
+def test_missing_data_folder(tmp_path, gan_main):
+    code, out, err = gan_main(folder_args(tmp_path / "nowhere"))
+    assert_user_error(code, err, f"data folder {tmp_path / 'nowhere'} does not exist")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_empty_data_folder(tmp_path, gan_main):
+    (tmp_path / "empty").mkdir()
+    code, out, err = gan_main(folder_args(tmp_path / "empty"))
+    assert_user_error(code, err, "holds no images")
+
+
+def test_data_folder_without_images(tmp_path, gan_main):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "notes.txt").write_text("not an image")
+    (data / "sub" / "labels.csv").write_text("a,b\n")
+    before = snapshot(data)
+    code, out, err = gan_main(folder_args(data))
+    assert_user_error(code, err, f"data folder {data} holds no images (.bmp, .gif")
+    assert snapshot(data) == before
+
+
+def test_data_folder_of_broken_images(tmp_path, gan_main):
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(3):
+        (data / f"image_{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(40))
+    (data / "photo.jpg").write_bytes(b"")
+    before = snapshot(data)
+    with pytest.warns(UserWarning, match="skipped 4 of 4 files"):
+        code, out, err = gan_main(folder_args(data))
+    assert_user_error(code, err, "holds no readable images")
+    assert snapshot(data) == before
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+def cifar_args(dataroot):
+    return [*TINY_ARGS, "--dataset", "cifar10", "--dataroot", dataroot, "--epochs", "1", "--image-size", "32"]
+
+
+def test_cifar10_offline(tmp_path, gan_main, no_download):
+    dataroot = tmp_path / "data"
+    code, out, err = gan_main(cifar_args(dataroot))
+    assert_user_error(code, err, "could not download CIFAR-10 (URLError")
+    assert "cifar-10-python.tar.gz" in err and str(dataroot.resolve()) in err
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in err
+    assert no_download == [utils.CIFAR_URL]
+    assert not (dataroot / "cifar-10-python.tar.gz").exists()
+
+
+def test_cifar10_offline_keeps_a_partial_download_out_of_the_way(tmp_path, gan_main, monkeypatch):
+    import torchvision.datasets.utils
+
+    def half_download(url, root, filename=None, md5=None, **kwargs):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / filename).write_bytes(b"\x1f\x8b" + os.urandom(100))
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", half_download)
+    code, out, err = gan_main(cifar_args(tmp_path / "data"))
+    assert_user_error(code, err, "could not download CIFAR-10 (ConnectionResetError")
+    # a half-written archive would fail the next run with a misleading message
+    assert not (tmp_path / "data" / "cifar-10-python.tar.gz").exists()
+
+
+def damage_random_bytes(archive):
+    archive.write_bytes(os.urandom(5000))
+
+
+def damage_truncate(archive):
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+
+
+def damage_empty(archive):
+    archive.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [damage_random_bytes, damage_truncate, damage_empty])
+def test_damaged_cifar10_archive(tmp_path, gan_main, no_download, damage):
+    dataroot = tmp_path / "data"
+    dataroot.mkdir()
+    write_cifar10_archive(dataroot, images_per_batch=200)  # big enough to cut inside a batch
+    damage(dataroot / "cifar-10-python.tar.gz")
+    archive_bytes = (dataroot / "cifar-10-python.tar.gz").read_bytes()
+    code, out, err = gan_main(cifar_args(dataroot))
+    assert code == 2 and "Traceback" not in err
+    assert "cifar-10-python.tar.gz is not a readable CIFAR-10 archive" in err or "is not a CIFAR-10 batch" in err
+    assert no_download == []  # a present archive is never replaced by a download
+    assert (dataroot / "cifar-10-python.tar.gz").read_bytes() == archive_bytes
+
+
+def test_cifar10_archive_with_a_damaged_batch(tmp_path, gan_main, no_download):
+    dataroot = tmp_path / "data"
+    dataroot.mkdir()
+    write_cifar10_archive(dataroot, images_per_batch=4)
+    with tarfile.open(dataroot / "cifar-10-python.tar.gz") as tar:
+        tar.extractall(dataroot, filter="data")
+    batch = dataroot / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({"labels": [1, 2]}))  # no 'data'
+    code, out, err = gan_main(cifar_args(dataroot))
+    assert_user_error(code, err, f"{batch} is not a CIFAR-10 batch (KeyError); delete {batch.parent} and run again")
+
+
+# ---------------------------------------------------------------- checkpoints for --resume
+
+
+def checkpoint_path(run):
+    return run / "checkpoints" / "checkpoint.pt"
+
+
+def resume_with(run, gan_main, write_checkpoint, *flags):
+    """Replace the run's checkpoint by write_checkpoint(path), resume, and check nothing changed."""
+    write_checkpoint(checkpoint_path(run))
+    before = snapshot(run)
+    code, out, err = gan_main(["--resume", *flags])
+    assert snapshot(run) == before
+    return code, out, err
+
+
+def test_resume_with_another_image_size_through_the_real_cli(run_copy):
+    before = snapshot(run_copy)
+    result = run_gan(["--resume", "--image-size", "32"], run_copy)
+    assert_user_error(result.returncode, result.stderr, "cannot resume checkpoints/checkpoint.pt with a different architecture")
+    assert "--image-size 32 (checkpoint: 16)" in result.stderr
+    assert snapshot(run_copy) == before
+
+
+def test_resume_without_a_checkpoint(tmp_path, gan_main):
+    code, out, err = gan_main([*TINY_ARGS, "--resume"])
+    assert_user_error(code, err, "--resume: no checkpoint in checkpoints/")
+    code, out, err = gan_main([*TINY_ARGS, "--resume", tmp_path / "missing.pt"])
+    assert_user_error(code, err, f"checkpoint {tmp_path / 'missing.pt'} does not exist")
+    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").iterdir())
+
+
+def write_random_bytes(path):
+    path.write_bytes(random.Random(0).randbytes(4000))
+
+
+def write_truncated(path):
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+def write_text(path):
+    path.write_text("this is not a checkpoint\n")
+
+
+def write_foreign_dict(path):
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}, "iteration": 10}, path)
+
+
+def write_foreign_list(path):
+    torch.save([torch.zeros(3)], path)
+
+
+@pytest.mark.parametrize(
+    "write, phrase",
+    [
+        (write_random_bytes, "cannot read checkpoint checkpoints/checkpoint.pt"),
+        (write_truncated, "cannot read checkpoint checkpoints/checkpoint.pt"),
+        (write_text, "cannot read checkpoint checkpoints/checkpoint.pt"),
+        (write_foreign_dict, "checkpoints/checkpoint.pt is not a checkpoint written by gan.py"),
+        (write_foreign_list, "checkpoints/checkpoint.pt is not a checkpoint written by gan.py"),
+    ],
+)
+def test_resume_from_a_file_that_is_not_a_checkpoint(run_copy, gan_main, write, phrase):
+    code, out, err = resume_with(run_copy, gan_main, write)
+    assert_user_error(code, err, phrase)
+
+
+def edited_checkpoint(edit):
+    """A writer that loads the real checkpoint, applies edit(state) and saves it back."""
+
+    def write(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        edit(state)
+        torch.save(state, path)
+
+    return write
+
+
+def drop_key(state, net, prefix):
+    state[net] = {k: v for k, v in state[net].items() if not k.startswith(prefix)}
+
+
+@pytest.mark.parametrize(
+    "edit, phrase",
+    [
+        (lambda s: drop_key(s, "netG", "main.1."), "does not fit this generator: Error(s) in loading state_dict"),
+        (lambda s: drop_key(s, "netD", "main.0."), "does not fit this discriminator"),
+        (lambda s: s["netG"].update({"main.0.weight": torch.zeros(3, 3)}), "does not fit this generator"),
+        (lambda s: s["netG_ema"].update({"extra.weight": torch.zeros(1)}), "does not fit this generator"),
+        (lambda s: s.pop("optD"), "is incomplete or damaged (KeyError"),
+        (lambda s: s["optG"]["state"].clear(), "is incomplete or damaged"),
+        (lambda s: s.pop("rng"), "is incomplete or damaged (KeyError"),
+        (lambda s: s.pop("netG"), "is not a checkpoint written by gan.py"),
+        (lambda s: s.update(flags=[1, 2]), "is not a checkpoint written by gan.py"),
+    ],
+    ids=["G missing keys", "D missing keys", "G wrong shape", "EMA extra key", "no optD", "optG empty", "no rng", "no netG", "flags not a dict"],
+)
+def test_resume_from_a_mismatched_checkpoint(run_copy, gan_main, edit, phrase):
+    code, out, err = resume_with(run_copy, gan_main, edited_checkpoint(edit), "--epochs", "3")
+    assert_user_error(code, err, phrase)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [{"image_size": 48}, {"image_size": "16"}, {"nz": -1}, {"ngf": None}, {"loss": "wasserstein"}, {"epochs": "x"}],
+    ids=repr,
+)
+def test_resume_from_a_checkpoint_with_unusable_flags(run_copy, gan_main, flags):
+    # a checkpoint edited by hand, or from another version: its flags are used as they are
+    code, out, err = resume_with(run_copy, gan_main, edited_checkpoint(lambda s: s["flags"].update(flags)))
+    assert_user_error(code, err, "checkpoints/checkpoint.pt")
+
+
+@pytest.mark.parametrize("progress", [{"epoch": "two"}, {"step": None}, {"epoch": -5, "batch": 10**9}], ids=repr)
+def test_resume_from_a_checkpoint_with_a_damaged_position(run_copy, gan_main, progress):
+    code, out, err = resume_with(run_copy, gan_main, edited_checkpoint(lambda s: s.update(progress)), "--epochs", "3")
+    assert_user_error(code, err, "checkpoints/checkpoint.pt")
+
+
+class MakeMarker:
+    """Unpickling this object would create the marker folder: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+@pytest.mark.parametrize("container", ["torch.save", "plain pickle"])
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(run_copy, gan_main, tmp_path, container):
+    marker = tmp_path / "code_ran"
+
+    def write(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state["netG"]["main.0.weight"] = MakeMarker(marker)
+        if container == "torch.save":
+            torch.save(state, path)
+        else:
+            path.write_bytes(pickle.dumps(state))
+
+    code, out, err = resume_with(run_copy, gan_main, write)
+    assert_user_error(code, err, "cannot read checkpoint checkpoints/checkpoint.pt")
+    assert not marker.exists()
+    # the file really is malicious: a plain pickle.load would have run it
+    if container == "plain pickle":
+        pickle.loads(checkpoint_path(run_copy).read_bytes())
+        assert marker.exists()
+
+
+# ---------------------------------------------------------------- output folders
+
+
+@pytest.mark.parametrize("flag", ["--image-dir", "--checkpoint-dir"])
+def test_output_folder_that_is_a_file(tmp_path, gan_main, flag):
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"precious")
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", flag, blocker])
+    assert_user_error(code, err, f"output folder {blocker} is not writable")
+    assert blocker.read_bytes() == b"precious"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_read_only_output_folder(tmp_path, gan_main):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--image-dir", folder])
+    finally:
+        folder.chmod(0o700)
+    assert_user_error(code, err, f"output folder {folder} is not writable")
+
+
+# ---------------------------------------------------------------- fuzzing
+
+
+FLAG_NAMES = [
+    action.option_strings[-1] for action in gan.build_parser()._actions if action.option_strings and action.dest != "help"
+]
+VALUES = ["0", "1", "-1", "16", "48", "64", "1e-4", "nan", "inf", "-inf", "0.5", "1.0", "", " ", "abc", "cpu", "cuda:0",
+          "cuda:x", "fake", "bce", "hinge", "stop", "10000000000000000000000", "--", "-", "-1e309", "０", "٣"]  # fmt: skip
+
+
+def not_help(token):
+    """argparse exits (not raises) for --help and its abbreviations; those are no input errors."""
+    head = token.split("=", 1)[0]
+    return not (token.startswith("-h") or (len(head) >= 3 and "--help".startswith(head)))
+
+
+TOKENS = st.one_of(
+    st.sampled_from(FLAG_NAMES),
+    st.sampled_from(VALUES),
+    st.builds(lambda flag, value: f"{flag}={value}", st.sampled_from(FLAG_NAMES), st.sampled_from(VALUES)),
+    st.text(max_size=12),
+).filter(not_help)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(TOKENS, max_size=8))
+def test_fuzz_the_flag_parser(argv):
+    try:
+        opts, explicit = gan.parse_options(argv)
+    except UserError as error:
+        assert str(error)
+        return
+    assert explicit <= set(vars(opts))
+
+
+def real_checkpoint_bytes(trained_run):
+    return checkpoint_path(trained_run).read_bytes()
+
+
+def test_fuzz_the_checkpoint_reader(trained_run, tmp_path):
+    good = real_checkpoint_bytes(trained_run)
+    rng = random.Random(1234)
+    candidates = [rng.randbytes(rng.randrange(0, 3000)) for _ in range(20)]
+    candidates += [good[: rng.randrange(0, len(good))] for _ in range(60)]
+    for _ in range(60):
+        damaged = bytearray(good)
+        for _ in range(rng.randrange(1, 8)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        candidates.append(bytes(damaged))
+    path = tmp_path / "checkpoint.pt"
+    outcomes = {"loaded": 0, "refused": 0}
+    for data in candidates:
+        path.write_bytes(data)
+        try:
+            state = utils.load_checkpoint(path)
+        except UserError as error:
+            assert str(path) in str(error)
+            outcomes["refused"] += 1
+        else:
+            assert isinstance(state, dict) and isinstance(state["flags"], dict)
+            outcomes["loaded"] += 1
+    assert outcomes["refused"] >= 80  # every random and truncated file at least
+
+
+def test_fuzz_resuming_from_damaged_checkpoints(run_copy, gan_main):
+    """Damaged checkpoints that still unpickle must be refused (or resumed) cleanly too."""
+    good = checkpoint_path(run_copy).read_bytes()
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    rng = random.Random(99)
+    keys = sorted(state)
+    for trial in range(12):
+        damaged = dict(state)
+        for key in rng.sample(keys, 2):
+            damaged[key] = rng.choice([None, 0, "x", [], {}, torch.zeros(2), float("nan"), {"a": 1}])
+        torch.save(damaged, checkpoint_path(run_copy))
+        code, out, err = gan_main(["--resume", "--epochs", "2"])
+        assert code in (0, 2), (trial, err)
+        assert "Traceback" not in err

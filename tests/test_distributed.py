@@ -1,0 +1,166 @@
+"""Scale out with torchrun: two real gloo processes on the CPU.
+
+Each run starts tests/ddp_worker.py, which runs gan.py's CLI and then saves its rank's
+parameters and a fingerprint of the batches it trained on, so the ranks can be compared.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_ARGS, subprocess_env
+
+import gan
+
+WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+STEPS_PER_EPOCH = 2  # TINY_ARGS: 32 images, batches of 8, split over 2 ranks
+TIMEOUT_S = 300  # a hung job fails the test instead of the whole suite
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(args, cwd, **env):
+    """Two processes of gan.py's CLI (through the worker); the CompletedProcess."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(cwd), *map(str, args),
+    ]  # fmt: skip
+    return subprocess.run(
+        command, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+
+
+def check_ok(result):
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}"
+    )
+    return result
+
+
+def rank_state(folder, rank):
+    return torch.load(Path(folder) / f"rank{rank}.pt", weights_only=True)
+
+
+def metric_steps(folder):
+    rows = [json.loads(line) for line in (Path(folder) / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in rows if "loss_d" in row]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """A 1-epoch two-process run, then its resume to 2 epochs; the outputs of both."""
+    folder = tmp_path_factory.mktemp("ddp_run")
+    first = check_ok(torchrun([*TINY_ARGS, "--epochs", "1", "--ema", "0.9"], folder))
+    first_states = [rank_state(folder, rank) for rank in (0, 1)]
+    first_metric_steps = metric_steps(folder)
+    first_files = sorted(p.name for p in (folder / "images").iterdir())
+    checkpoint_after_first = torch.load(folder / "checkpoints" / "checkpoint.pt", weights_only=True)
+    resumed = check_ok(torch_resume(folder))
+    return {
+        "folder": folder,
+        "first": first,
+        "first_states": first_states,
+        "first_metric_steps": first_metric_steps,
+        "first_files": first_files,
+        "first_checkpoint": checkpoint_after_first,
+        "resumed": resumed,
+        "resumed_states": [rank_state(folder, rank) for rank in (0, 1)],
+    }
+
+
+def torch_resume(folder):
+    return torchrun(["--resume", "--epochs", "2"], folder)
+
+
+def assert_same_parameters(states, what):
+    rank0, rank1 = states
+    names = rank0[f"{what}_params"] if what != "G_ema" else rank0["G_params"]
+    assert names
+    for name in names:
+        torch.testing.assert_close(rank0[what][name], rank1[what][name], rtol=0, atol=0, msg=f"{what}.{name}")
+
+
+def test_rank_zero_alone_writes_the_outputs(ddp_run):
+    stdout, stderr = ddp_run["first"].stdout, ddp_run["first"].stderr
+    assert stdout.count("training on cpu (fp32, 2 processes)") == 1
+    summaries = [line for line in stdout.splitlines() if line.startswith("[1/1] Loss_D")]
+    assert len(summaries) == 1
+    assert stderr.count("epoch 1/1:   0%") == 1, "one progress bar, rank 0's"
+    assert ddp_run["first_files"] == ["epoch_001.png", "losses.png", "progress.gif", "real_samples.png"]
+    # the metrics log has each logged step once, not once per rank
+    assert ddp_run["first_metric_steps"] == [2]
+    assert ddp_run["first_checkpoint"]["epoch"] == 1 and ddp_run["first_checkpoint"]["step"] == STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize("what", ["G", "D", "G_ema"])
+def test_both_ranks_end_with_the_same_weights(ddp_run, what):
+    assert_same_parameters(ddp_run["first_states"], what)
+    assert_same_parameters(ddp_run["resumed_states"], what)
+
+
+def test_rank_zero_saves_the_weights_it_trained(ddp_run):
+    rank0 = ddp_run["first_states"][0]
+    saved = ddp_run["first_checkpoint"]
+    for name in rank0["G_params"]:
+        torch.testing.assert_close(saved["netG"][name], rank0["G"][name], rtol=0, atol=0)
+        torch.testing.assert_close(saved["netG_ema"][name], rank0["G_ema"][name], rtol=0, atol=0)
+
+
+def test_each_rank_trains_on_its_own_shard(ddp_run):
+    for states in (ddp_run["first_states"], ddp_run["resumed_states"]):
+        batches = [state["batches"] for state in states]
+        assert [len(b) for b in batches] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH]
+        assert all(len(batch) == 8 for rank in batches for batch in rank)
+        images = [{value for batch in rank for value in batch} for rank in batches]
+        assert len(images[0]) == len(images[1]) == 16, "no image twice within a rank"
+        assert not images[0] & images[1], "the ranks' shards are disjoint"
+
+
+def test_resume_under_torchrun_continues_from_the_checkpoint(ddp_run):
+    stdout = ddp_run["resumed"].stdout
+    assert stdout.count("resuming checkpoints/checkpoint.pt: 1 epochs done, step 2") == 1
+    assert [line[:5] for line in stdout.splitlines() if line.startswith("[")] == ["[2/2]"]
+    state = torch.load(ddp_run["folder"] / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 2 * STEPS_PER_EPOCH
+    assert metric_steps(ddp_run["folder"]) == [2, 4]
+    assert (ddp_run["folder"] / "images" / "epoch_002.png").is_file()
+    # training went on from the saved weights: the second epoch moved them
+    first_G = ddp_run["first_states"][0]["G"]
+    resumed_G = ddp_run["resumed_states"][0]["G"]
+    assert any(not torch.equal(first_G[name], resumed_G[name]) for name in ddp_run["first_states"][0]["G_params"])
+    # and the second epoch drew a new permutation of the images
+    first_images = {v for rank in ddp_run["first_states"] for batch in rank["batches"] for v in batch}
+    second_images = {v for rank in ddp_run["resumed_states"] for batch in rank["batches"] for v in batch}
+    assert first_images == second_images, "the same 32 images"
+    first_order = [batch for rank in ddp_run["first_states"] for batch in rank["batches"]]
+    second_order = [batch for rank in ddp_run["resumed_states"] for batch in rank["batches"]]
+    assert first_order != second_order
+
+
+def test_an_error_on_one_rank_stops_the_whole_job(tmp_path):
+    result = torchrun([*TINY_ARGS, "--epochs", "1"], tmp_path, DDP_WORKER_FAIL_RANK="1")
+    assert result.returncode != 0
+    assert "gan.py (rank 1): error: injected data failure on rank 1" in result.stderr
+    assert not (tmp_path / "checkpoints" / "checkpoint.pt").exists()
+    assert not list(tmp_path.glob("rank*.pt"))
+
+
+def test_a_bad_flag_stops_every_rank_with_its_message(tmp_path):
+    result = torchrun([*TINY_ARGS, "--image-size", "20"], tmp_path)
+    assert result.returncode != 0
+    assert "argument --image-size: must be a power of two from 16 to 256, got 20" in result.stderr
+
+
+def test_sync_bn_on_the_cpu_is_refused_before_wrapping():
+    opts, _ = gan.parse_options(["--device", "cpu", "--image-size", "16", "--ngf", "8", "--ndf", "8", "--sync-bn"])
+    runtime = gan.Runtime(torch.device("cpu"), rank=0, world_size=2)
+    with pytest.raises(gan.UserError, match="--sync-bn needs CUDA"):
+        gan.build_nets(opts, runtime)

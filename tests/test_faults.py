@@ -1,0 +1,508 @@
+"""Faults during a run: Ctrl-C, SIGTERM, kill -9, diverging losses, a full disk, a removed
+folder, broken image files, interrupted writes and a checkpoint that tries to run code.
+
+Signals are sent to a real gan.py subprocess; the faults that need a precise moment
+(NaN losses, ENOSPC) are injected in-process by wrapping gan.py's own functions.
+"""
+
+import errno
+import io
+import math
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import GAN_PY, TINY_ARGS, check_ok, run_gan, snapshot, subprocess_env
+from PIL import Image
+
+import gan
+import utils
+
+STEPS_PER_EPOCH = 4  # TINY_ARGS: 32 images in batches of 8
+CHECKPOINT = Path("checkpoints") / utils.CHECKPOINT_NAME
+# a run far longer than any test waits for: only a signal ends it
+ENDLESS_ARGS = (*TINY_ARGS, "--epochs", "1000", "--log-every", "1")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process runs use one thread, as the subprocesses do (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def start_gan(tmp_path):
+    """Start `python gan.py ARGS` in tmp_path in its own session; kill it if a test fails."""
+    processes = []
+
+    def start(args):
+        with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
+            process = subprocess.Popen(
+                [sys.executable, str(GAN_PY), *map(str, args)],
+                cwd=tmp_path,
+                env=subprocess_env(),
+                stdout=out,
+                stderr=err,
+                # its own session: it gets SIGINT only from us, with the default disposition
+                start_new_session=True,
+            )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def stderr_of(folder):
+    return (Path(folder) / "stderr.txt").read_text()
+
+
+def logged_steps(folder):
+    rows = utils.read_metrics_log(Path(folder) / "checkpoints" / utils.METRICS_LOG_NAME)
+    return [row["step"] for row in rows if "loss_d" in row]
+
+
+def wait_until(condition, process, folder, what, timeout_seconds=120):
+    """Poll condition() while the process trains; fail with its stderr if it ends first."""
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"gan.py exited {process.returncode} before {what}\n{stderr_of(folder)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"gan.py did not reach {what} in {timeout_seconds}s\n{stderr_of(folder)}")
+        time.sleep(0.01)
+
+
+def reached_step(folder, step):
+    return lambda: any(s >= step for s in logged_steps(folder))
+
+
+def assert_consistent(state):
+    """A checkpoint's counters agree: steps = whole epochs plus the batches of the current one."""
+    assert state["step"] == state["epoch"] * STEPS_PER_EPOCH + state["batch"]
+    assert all(torch.isfinite(v).all() for v in state["netG"].values() if v.is_floating_point())
+
+
+def leftover_temp_files(folder):
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.name.endswith(".tmp"))
+
+
+def nan_d_step(monkeypatch, first_bad_call, last_bad_call=math.inf):
+    """Make gan.d_step report a NaN loss on calls first..last (1-based); the update is real."""
+    real_d_step = gan.d_step
+    calls = []
+
+    def d_step(*args, **kwargs):
+        stats = real_d_step(*args, **kwargs)
+        calls.append(1)
+        if first_bad_call <= len(calls) <= last_bad_call:
+            stats["loss_d"] = torch.full_like(stats["loss_d"], math.nan)
+        return stats
+
+    monkeypatch.setattr(gan, "d_step", d_step)
+
+
+# ---------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_resumable_checkpoint(signal_number, start_gan, gan_main, tmp_path):
+    process = start_gan(ENDLESS_ARGS)
+    # mid-epoch 2: the epoch-1 checkpoint exists and the stop must write a newer one
+    wait_until(reached_step(tmp_path, STEPS_PER_EPOCH + 2), process, tmp_path, "step 6")
+    os.kill(process.pid, signal_number)
+    assert process.wait(timeout=60) == 128 + signal_number
+    stderr = stderr_of(tmp_path)
+    assert "Traceback" not in stderr
+    assert "--resume" in stderr and signal.Signals(signal_number).name in stderr
+
+    state = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    assert_consistent(state)
+    # the last consistent state: the checkpoint holds every step that was logged, no more
+    assert state["step"] == max(logged_steps(tmp_path)) >= STEPS_PER_EPOCH + 2
+    if signal_number == signal.SIGTERM:
+        return  # resuming is the same for both; test it once
+
+    target_epochs = state["epoch"] + 2
+    code, out, err = gan_main(["--resume", "--epochs", target_epochs, "--device", "cpu", "--workers", "0"])
+    assert code == 0, err
+    assert f"step {state['step']}" in out  # "resuming ...: N epochs done, step S"
+    resumed = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    assert (resumed["epoch"], resumed["batch"]) == (target_epochs, 0)
+    assert resumed["step"] == target_epochs * STEPS_PER_EPOCH > state["step"]
+    # every step logged exactly once across the interruption
+    assert logged_steps(tmp_path) == list(range(1, resumed["step"] + 1))
+
+
+def test_second_sigint_exits_at_once_and_keeps_the_checkpoint(start_gan, tmp_path):
+    process = start_gan(ENDLESS_ARGS)
+    wait_until(reached_step(tmp_path, STEPS_PER_EPOCH + 1), process, tmp_path, "step 5")
+    before = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    os.kill(process.pid, signal.SIGINT)
+    # the second one must arrive after the first was handled, or the two merge into one
+    wait_until(lambda: "stopping after this step" in stderr_of(tmp_path), process, tmp_path, "the first SIGINT")
+    os.kill(process.pid, signal.SIGINT)
+    assert process.wait(timeout=60) == 130
+    assert "Traceback" not in stderr_of(tmp_path)
+    after = utils.load_checkpoint(tmp_path / CHECKPOINT)  # old or new, never half-written
+    assert_consistent(after)
+    assert after["step"] >= before["step"]
+
+
+def test_second_signal_calls_os_exit_with_the_signal_code(monkeypatch, capsys):
+    exit_codes = []
+    monkeypatch.setattr(gan.os, "_exit", exit_codes.append)
+    stop = gan.StopRequest()
+    stop.handle(signal.SIGTERM, None)
+    assert stop.requested and exit_codes == []
+    assert "SIGTERM: stopping after this step" in capsys.readouterr().err
+    stop.handle(signal.SIGINT, None)
+    assert exit_codes == [130]
+
+
+# ---------------------------------------------------------------- kill -9
+
+
+def test_kill_9_loses_at_most_the_epoch_in_progress(start_gan, gan_main, tmp_path):
+    process = start_gan(ENDLESS_ARGS)
+    wait_until(lambda: (tmp_path / CHECKPOINT).is_file(), process, tmp_path, "the first checkpoint")
+    # anywhere in the next few epochs: mid-step, mid-log, mid-checkpoint
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 2.0))
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+    state = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    assert_consistent(state)
+    assert state["epoch"] >= 1 and state["batch"] == 0  # only epoch ends write checkpoints
+    steps_before = logged_steps(tmp_path)
+    assert 0 <= max(steps_before) - state["step"] <= STEPS_PER_EPOCH
+
+    target_epochs = state["epoch"] + 1
+    code, out, err = gan_main(["--resume", "--epochs", target_epochs, "--device", "cpu", "--workers", "0"])
+    assert code == 0, err
+    resumed = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    assert resumed["step"] == target_epochs * STEPS_PER_EPOCH
+    # the rows of the lost epoch were dropped and written again, once
+    assert logged_steps(tmp_path) == list(range(1, resumed["step"] + 1))
+
+
+def test_resume_drops_a_torn_last_line_of_the_metrics_log(tmp_path):
+    log = tmp_path / utils.METRICS_LOG_NAME
+    rows = [{"step": step, "loss_d": 1.0} for step in (1, 2, 3)]
+    log.write_text("".join(f'{{"step": {r["step"]}, "loss_d": 1.0}}\n' for r in rows) + '{"step": 4, "lo')
+    assert utils.truncate_metrics(log, last_step=3) == rows
+    utils.append_metrics(log, [{"step": 4, "loss_d": 2.0}])
+    assert utils.read_metrics_log(log) == [*rows, {"step": 4, "loss_d": 2.0}]
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_nan_losses_stop_with_the_last_good_checkpoint(monkeypatch, gan_main, tmp_path):
+    nan_d_step(monkeypatch, first_bad_call=STEPS_PER_EPOCH + 2)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
+    assert code == gan.EXIT_DIVERGED == 3
+    assert "non-finite at step 6" in err and "Traceback" not in err
+    assert f"last good checkpoint is {CHECKPOINT}" in err and "--resume" in err
+    state = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    assert (state["epoch"], state["step"]) == (1, STEPS_PER_EPOCH)
+    assert logged_steps(tmp_path) == [2, 4]  # the NaN row is not logged
+
+
+def test_nan_losses_before_any_checkpoint_say_so(monkeypatch, gan_main, tmp_path):
+    nan_d_step(monkeypatch, first_bad_call=1)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"])
+    assert code == gan.EXIT_DIVERGED
+    assert "non-finite at step 2" in err and "no checkpoint was written yet" in err
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_rollback_reloads_the_checkpoint_with_a_new_seed_and_finishes(monkeypatch, gan_main, tmp_path):
+    nan_d_step(monkeypatch, first_bad_call=STEPS_PER_EPOCH + 2, last_bad_call=STEPS_PER_EPOCH + 2)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"])
+    assert code == 0, err
+    assert f"rolled back to {CHECKPOINT} (epoch 1) with noise seed 1001" in out
+    state = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    assert (state["epoch"], state["step"], state["rollbacks"]) == (2, 2 * STEPS_PER_EPOCH, 1)
+    assert_consistent(state)
+    assert logged_steps(tmp_path) == [2, 4, 6, 8]  # each once, though epoch 2 ran twice
+
+
+def test_rollback_gives_up_after_max_rollbacks(monkeypatch, gan_main, tmp_path):
+    nan_d_step(monkeypatch, first_bad_call=STEPS_PER_EPOCH + 2)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"])
+    assert code == gan.EXIT_DIVERGED
+    assert out.count("rolled back to") == gan.MAX_ROLLBACKS
+    assert f"gave up after {gan.MAX_ROLLBACKS} rollbacks; the last good checkpoint is {CHECKPOINT}" in err
+    assert utils.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+
+
+# ---------------------------------------------------------------- a full disk, a removed folder
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_full_disk_after_the_first_checkpoint(failing, monkeypatch, gan_main, tmp_path):
+    """fsync: every write fails (the next is epoch 2's image grid); replace: only the checkpoint's."""
+    real_save, real_fsync, real_replace = gan.save_epoch_files, os.fsync, os.replace
+    saved = {}
+
+    def save_epoch_files(*args, **kwargs):
+        if saved:
+            return real_save(*args, **kwargs)
+        real_save(*args, **kwargs)
+        saved.update(snapshot(tmp_path / "checkpoints"))  # the disk fills up from here on
+
+    def fsync(fd):
+        return no_space() if saved else real_fsync(fd)
+
+    def replace(source, destination):
+        if saved and Path(destination).name == utils.CHECKPOINT_NAME:
+            no_space()
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(gan, "save_epoch_files", save_epoch_files)
+    monkeypatch.setattr(os, failing, {"fsync": fsync, "replace": replace}[failing])
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
+    assert code == 2
+    failed_file = Path("images") / "epoch_002.png" if failing == "fsync" else CHECKPOINT
+    assert f"gan.py: error: cannot write {failed_file}: No space left on device" in err
+    assert "Traceback" not in err
+    after = snapshot(tmp_path / "checkpoints")
+    # the metrics log is appended to, never replaced
+    after.pop(utils.METRICS_LOG_NAME)
+    saved.pop(utils.METRICS_LOG_NAME)
+    assert after == saved
+    assert utils.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+    assert leftover_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("replaced_by_a_file", [False, True], ids=["removed", "replaced-by-a-file"])
+def test_image_folder_removed_mid_run(replaced_by_a_file, monkeypatch, gan_main, tmp_path):
+    """A removed folder is made again (as at start-up); one that cannot be is a clear error."""
+    real_end_epoch = gan.Trainer.end_epoch
+    saved = {}
+
+    def end_epoch(trainer, seconds):
+        if trainer.progress.epoch == 1:  # ending epoch 2
+            saved.update(snapshot(tmp_path / "checkpoints"))
+            shutil.rmtree(trainer.image_dir)
+            if replaced_by_a_file:
+                trainer.image_dir.write_text("not a folder")
+        return real_end_epoch(trainer, seconds)
+
+    monkeypatch.setattr(gan.Trainer, "end_epoch", end_epoch)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
+    if not replaced_by_a_file:
+        assert code == 0, err
+        assert (tmp_path / "images" / "epoch_002.png").is_file()
+        assert utils.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2
+        return
+    assert code == 2
+    assert f"gan.py: error: cannot write {Path('images') / 'epoch_002.png'}" in err and "Traceback" not in err
+    assert snapshot(tmp_path / "checkpoints") == saved
+    assert utils.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+    assert leftover_temp_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def half_then(error):
+    def write_fn(file):
+        file.write(b"NEW CONTENT, HALF")
+        raise error
+
+    return write_fn
+
+
+@pytest.mark.parametrize("existed", [True, False], ids=["over-a-file", "new-file"])
+def test_atomic_write_keeps_the_old_file_when_the_writer_raises(existed, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    if existed:
+        path.write_bytes(b"old checkpoint")
+    with pytest.raises(RuntimeError, match="bug in the writer"):
+        utils.atomic_write(path, half_then(RuntimeError("bug in the writer")))
+    with pytest.raises(utils.UserError, match=r"cannot write .*checkpoint.pt: No space left on device"):
+        utils.atomic_write(path, half_then(OSError(errno.ENOSPC, "No space left on device")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["checkpoint.pt"] if existed else [])
+    if existed:
+        assert path.read_bytes() == b"old checkpoint"
+
+
+def test_atomic_write_keeps_the_old_file_when_fsync_fails(monkeypatch, tmp_path):
+    path = tmp_path / "flags.json"
+    path.write_text("{}")
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(utils.UserError, match="cannot write .*flags.json: No space left on device"):
+        utils.atomic_write(path, lambda file: file.write('{"epochs": 5}'), mode="w")
+    assert path.read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["flags.json"]
+
+
+# ---------------------------------------------------------------- checkpoints never run code
+
+
+class CreatesMarker:
+    """Unpickling this calls open(marker, 'w'): the file appears if code runs."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def malicious_checkpoint(kind, marker):
+    payload = CreatesMarker(marker)
+    if kind == "pickle":
+        return pickle.dumps(payload, protocol=2)  # what torch.load expects, so only the payload is refused
+    buffer = io.BytesIO()
+    torch.save({"netG": payload, "flags": {}, "epoch": 0, "step": 0} if kind == "torch-dict" else payload, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch", "torch-dict"])
+def test_a_checkpoint_that_runs_code_is_refused(kind, gan_main, tmp_path):
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(CreatesMarker(marker))).close()  # the payload is live ...
+    assert marker.exists()
+    marker.unlink()
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(malicious_checkpoint(kind, marker))
+
+    with pytest.raises(utils.UserError, match="cannot read checkpoint"):
+        utils.load_checkpoint(evil)
+    for argv in (["--generate", "1", "--checkpoint", evil], [*TINY_ARGS, "--epochs", "1", "--resume", evil]):
+        code, out, err = gan_main(argv)
+        assert code == 2
+        assert f"gan.py: error: cannot read checkpoint {evil}" in err and "Traceback" not in err
+    assert not marker.exists()  # ... but never ran
+
+
+# ---------------------------------------------------------------- broken files in a folder dataset
+
+
+def png_bytes(image, **save_options):
+    buffer = io.BytesIO()
+    image.save(buffer, format=save_options.pop("format", "PNG"), **save_options)
+    return buffer.getvalue()
+
+
+def noise_image():
+    """Incompressible pixels, so a cut file misses image data, not only its end marker."""
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+
+
+def solid(mode, value, size=16):
+    return Image.new(mode, (size, size), value)
+
+
+def palette_image(transparent):
+    image = Image.new("P", (16, 16), 1)
+    image.putpalette([0, 0, 0, 200, 40, 90] + [0] * 762)
+    if transparent:
+        image.info["transparency"] = 1
+    return image
+
+
+def sixteen_bit_stripes():
+    """Columns of 0, 128*257 and 255*257: scaled to 8 bits they are 0, 128 and 255."""
+    values = np.zeros((16, 16), dtype=np.uint16)
+    values[:, 5:10], values[:, 10:] = 128 * 257, 255 * 257
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    return image
+
+
+# name -> (file bytes, expected RGB of every pixel or per column; None: unreadable)
+READABLE = {
+    "rgb.png": (lambda: png_bytes(solid("RGB", (10, 120, 250))), (10, 120, 250)),
+    "grey.png": (lambda: png_bytes(solid("L", 77)), (77, 77, 77)),
+    "bilevel.png": (lambda: png_bytes(solid("1", 1)), (255, 255, 255)),
+    "opaque-rgba.png": (lambda: png_bytes(solid("RGBA", (200, 40, 90, 255))), (200, 40, 90)),
+    "clear-rgba.png": (lambda: png_bytes(solid("RGBA", (200, 40, 90, 0))), (255, 255, 255)),
+    "grey-alpha.png": (lambda: png_bytes(solid("LA", (30, 255))), (30, 30, 30)),
+    "palette.png": (lambda: png_bytes(palette_image(transparent=False)), (200, 40, 90)),
+    "palette-transparent.png": (lambda: png_bytes(palette_image(transparent=True)), (255, 255, 255)),
+    "jpeg-named.png": (lambda: png_bytes(solid("RGB", (0, 0, 0)), format="JPEG"), (0, 0, 0)),
+    "16-bit.png": (lambda: png_bytes(sixteen_bit_stripes()), None),
+}
+UNREADABLE = {
+    "truncated.png": lambda: png_bytes(noise_image())[:1500],
+    "truncated.jpg": lambda: png_bytes(noise_image(), format="JPEG")[:1500],
+    "text.png": lambda: b"this is not an image\n",
+    "empty.jpg": lambda: b"",
+}
+
+
+@pytest.mark.parametrize("name", list(READABLE))
+def test_read_image_converts_every_mode_to_rgb(name, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(READABLE[name][0]())
+    image = utils.read_image(path, 16)
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+    expected = READABLE[name][1]
+    if expected is not None:
+        assert image.view(3, -1).unique(dim=1).T.tolist() == [list(expected)]
+        return
+    # 16-bit: scaled to 8 bits, not clipped (clipping would make 128*257 white)
+    assert image[:, 0, :5].unique().tolist() == [0]
+    assert image[:, 0, 5:10].unique().tolist() == [128]
+    assert image[:, 0, 10:].unique().tolist() == [255]
+
+
+@pytest.mark.parametrize("name", list(UNREADABLE))
+def test_read_image_returns_none_for_broken_files(name, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(UNREADABLE[name]())
+    assert utils.read_image(path, 16) is None
+
+
+def write_image_folder(folder):
+    folder.mkdir()
+    for name, (make, _) in {**READABLE, **{n: (m, None) for n, m in UNREADABLE.items()}}.items():
+        (folder / name).write_bytes(make())
+
+
+def test_folder_dataset_skips_broken_files_with_one_warning(tmp_path):
+    write_image_folder(tmp_path / "data")
+    readable, total = len(READABLE), len(READABLE) + len(UNREADABLE)
+    args = [*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--subset", readable, "--batch-size", 5]
+    result = check_ok(run_gan([*args, "--epochs", "1"], tmp_path))
+    assert f"{readable} images, 2 steps per epoch" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if "skipped" in line]
+    assert warnings == [f"warning: skipped {len(UNREADABLE)} of {total} files in data that are not readable images"]
+    assert "Traceback" not in result.stderr
+    assert utils.load_checkpoint(tmp_path / CHECKPOINT)["step"] == 2
+
+
+def test_folder_of_only_broken_files_is_a_clear_error(gan_main, tmp_path):
+    (tmp_path / "data").mkdir()
+    for name, make in UNREADABLE.items():
+        (tmp_path / "data" / name).write_bytes(make())
+    with pytest.warns(UserWarning, match="skipped 4 of 4 files"):
+        code, out, err = gan_main([*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--epochs", "1"])
+    assert code == 2
+    assert "gan.py: error: data folder data holds no readable images" in err

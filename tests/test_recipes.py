@@ -1,0 +1,184 @@
+"""The recipe options each do what their help says: --loss, --spectral-norm, --diffaugment,
+--ttur, --d-steps and --ema. Tiny nets on the CPU."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import gan
+import utils
+from models import Discriminator, Generator, update_ema
+
+NET_ARGS = ["--device", "cpu", "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8"]
+
+
+def build(*flags):
+    opts, _ = gan.parse_options([*NET_ARGS, *flags])
+    return gan.build_nets(opts, gan.setup_runtime(opts))
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_hinge_losses_on_hand_computed_logits():
+    real_logits = torch.tensor([2.0, 0.5, -1.0])
+    fake_logits = torch.tensor([-2.0, 0.0, 1.0])
+    d_loss, g_loss = gan.LOSSES["hinge"]
+    # relu(1 - real) = [0, 0.5, 2], mean 5/6; relu(1 + fake) = [0, 1, 2], mean 1
+    assert float(d_loss(real_logits, fake_logits, 0.0)) == pytest.approx(5 / 6 + 1)
+    assert float(g_loss(fake_logits)) == pytest.approx(1 / 3)  # -mean(fake)
+
+
+def test_bce_losses_on_hand_computed_logits():
+    real_logits, fake_logits = torch.tensor([2.0, -1.0]), torch.tensor([0.0, 1.0])
+    d_loss, g_loss = gan.LOSSES["bce"]
+
+    def softplus(x):  # -log(sigmoid(-x)) = log(1 + e^x)
+        return math.log1p(math.exp(x))
+
+    expected_d = (softplus(-2.0) + softplus(1.0)) / 2 + (softplus(0.0) + softplus(1.0)) / 2
+    assert float(d_loss(real_logits, fake_logits, 0.0)) == pytest.approx(expected_d)
+    assert float(g_loss(fake_logits)) == pytest.approx((softplus(0.0) + softplus(-1.0)) / 2)
+
+
+def test_the_loss_flag_reaches_the_steps(monkeypatch, gan_main, tiny_args):
+    seen = []
+    hinge_d = gan.LOSSES["hinge"][0]
+    monkeypatch.setitem(gan.LOSSES, "hinge", (lambda *a: seen.append(1) or hinge_d(*a), gan.LOSSES["hinge"][1]))
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--loss", "hinge"])
+    assert code == 0, err
+    assert len(seen) == 4  # one D update per step, 32 images in batches of 8
+
+
+# ---------------------------------------------------------------- spectral norm
+
+
+def test_spectral_norm_wraps_every_conv_of_d_and_drops_batchnorm():
+    plain, normalised = Discriminator(8, 32), Discriminator(8, 32, spectral_norm=True)
+    plain_convs = [m for m in plain.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m for m in normalised.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == len(plain_convs) == 4
+    assert all(parametrize.is_parametrized(conv, "weight") for conv in convs)
+    assert not any(parametrize.is_parametrized(conv) for conv in plain_convs)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in normalised.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+
+
+def test_spectral_norm_bounds_each_conv_weight_near_one():
+    D = Discriminator(8, 32, spectral_norm=True).train()
+    for _ in range(20):  # power iterations converge while D runs
+        D(torch.randn(4, 3, 32, 32))
+    for conv in (m for m in D.modules() if isinstance(m, nn.Conv2d)):
+        largest = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
+        assert float(largest) == pytest.approx(1.0, abs=0.05)
+
+
+def test_the_spectral_norm_flag_builds_such_a_d():
+    nets = build("--spectral-norm")
+    assert all(parametrize.is_parametrized(m) for m in nets.D.modules() if isinstance(m, nn.Conv2d))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in nets.D.modules())
+
+
+# ---------------------------------------------------------------- DiffAugment
+
+
+def test_diffaugment_changes_the_images_and_keeps_the_shape():
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    augmented = utils.diff_augment(images, torch.Generator().manual_seed(0))
+    assert augmented.shape == images.shape
+    assert not torch.allclose(augmented, images)
+    again = utils.diff_augment(images, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(augmented, again)  # the randomness is the generator's only
+
+
+def test_diffaugment_is_differentiable():
+    images = (torch.rand(6, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    utils.diff_augment(images, torch.Generator().manual_seed(1)).square().sum().backward()
+    assert images.grad is not None
+    assert torch.isfinite(images.grad).all()
+    assert images.grad.abs().sum() > 0
+
+
+def test_the_diffaugment_flag_augments_what_d_sees(monkeypatch):
+    calls = []
+    monkeypatch.setattr(utils, "diff_augment", lambda images: calls.append(images.shape) or images)
+    nets = build("--diffaugment", "--batch-size", "4")
+    runtime = gan.setup_runtime(gan.parse_options(NET_ARGS)[0])
+    gan.train_step(nets, torch.zeros(4, 3, 16, 16), gan.Recipe("bce", 0.0, diffaugment=True), runtime)
+    assert len(calls) == 3  # real and fake in the D step, fake in the G step
+    calls.clear()
+    gan.train_step(nets, torch.zeros(4, 3, 16, 16), gan.Recipe("bce", 0.0, diffaugment=False), runtime)
+    assert calls == []
+
+
+# ---------------------------------------------------------------- TTUR
+
+
+def test_ttur_sets_g_lr_1e4_and_d_lr_4e4():
+    nets = build("--ttur")
+    assert [group["lr"] for group in nets.opt_G.param_groups] == [pytest.approx(1e-4)]
+    assert [group["lr"] for group in nets.opt_D.param_groups] == [pytest.approx(4e-4)]
+
+
+def test_without_ttur_both_use_lr():
+    nets = build("--lr", "3e-4")
+    assert nets.opt_G.param_groups[0]["lr"] == pytest.approx(3e-4)
+    assert nets.opt_D.param_groups[0]["lr"] == pytest.approx(3e-4)
+
+
+# ---------------------------------------------------------------- D steps per G step
+
+
+@pytest.mark.parametrize(("d_steps", "g_updates"), [(1, 8), (2, 4), (4, 2)])
+def test_d_steps_updates_g_every_kth_step(monkeypatch, gan_main, tiny_args, d_steps, g_updates):
+    counts = {"d": 0, "g": 0}
+    d_step, g_step = gan.d_step, gan.g_step
+
+    def counting_d_step(*args, **kwargs):
+        counts["d"] += 1
+        return d_step(*args, **kwargs)
+
+    def counting_g_step(*args, **kwargs):
+        counts["g"] += 1
+        return g_step(*args, **kwargs)
+
+    monkeypatch.setattr(gan, "d_step", counting_d_step)
+    monkeypatch.setattr(gan, "g_step", counting_g_step)
+    code, _, err = gan_main([*tiny_args, "--epochs", "2", "--d-steps", d_steps])
+    assert code == 0, err
+    assert counts == {"d": 8, "g": g_updates}  # 2 epochs of 4 steps
+
+
+# ---------------------------------------------------------------- EMA
+
+
+def test_update_ema_is_the_moving_average():
+    net, ema = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+        ema.weight.fill_(3.0)
+    update_ema(ema, net, 0.75)
+    torch.testing.assert_close(ema.weight, torch.full((1, 2), 0.75 * 3.0 + 0.25 * 1.0))
+
+
+def test_ema_0_writes_no_ema_generator(gan_main, tiny_args, tmp_path):
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--ema", "0"])
+    assert code == 0, err
+    assert not (tmp_path / "checkpoints" / "netG_ema.pth").exists()
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert state["netG_ema"] is None
+
+
+def test_ema_keeps_an_averaged_generator_apart_from_g(gan_main, tiny_args, tmp_path):
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--ema", "0.5"])
+    assert code == 0, err
+    ema_state = torch.load(tmp_path / "checkpoints" / "netG_ema.pth", weights_only=True)
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    G = Generator(8, 8, 16)
+    G.load_state_dict(ema_state)  # a whole generator
+    first_conv = "main.0.weight"
+    torch.testing.assert_close(state["netG_ema"][first_conv], ema_state[first_conv])
+    assert not torch.equal(state["netG_ema"][first_conv], state["netG"][first_conv])
