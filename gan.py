@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import utils
-from models import IMAGE_SIZES, Discriminator, Generator, init_weights, update_ema
+from models import IMAGE_SIZES, Discriminator, Generator, ema_decay_at, init_weights, update_ema
 from utils import UserError
 
 # Flags that change the networks' shapes: a checkpoint only resumes with the same ones.
@@ -106,7 +106,7 @@ def image_size(text):
 
 
 def device_name(text):
-    if text in ("auto", "cpu", "mps", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+    if text in ("auto", "cpu", "mps", "cuda") or (text.startswith("cuda:") and text[5:].isdecimal()):
         return text
     raise argparse.ArgumentTypeError(f"must be auto, cpu, mps, cuda or cuda:N, got {text}")
 
@@ -502,7 +502,7 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
     ]
     if refused:
         raise UserError(f"cannot resume {path} with a different architecture: {', '.join(refused)}")
-    changed = []
+    changed, parser = [], build_parser()
     for name, saved in saved_flags.items():
         if not hasattr(opts, name) or name in NOT_RESUMED_FLAGS:
             continue
@@ -510,8 +510,25 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
             if getattr(opts, name) != saved:
                 changed.append(f"--{name.replace('_', '-')} {saved} -> {getattr(opts, name)}")
         else:
+            if not saved_flag_is_valid(parser, name, saved):
+                raise UserError(f"checkpoint {path} is damaged: it says --{name.replace('_', '-')} {saved!r}")
             setattr(opts, name, saved)
     return changed
+
+
+def saved_flag_is_valid(parser, name, value):
+    """Whether a value read from a checkpoint is one the flag's parser could have produced."""
+    action = next((a for a in parser._actions if a.dest == name), None)
+    if action is None or value is None:
+        return action is None or action.default is None
+    if action.choices is not None:
+        return isinstance(value, str) and value in action.choices
+    if action.type is None:  # store_true flags and plain strings
+        return type(value) is type(action.default) or isinstance(value, str)
+    try:
+        return type(value) is not bool and action.type(str(value)) == value
+    except (argparse.ArgumentTypeError, ValueError, TypeError):
+        return False
 
 
 def save_epoch_files(nets, progress, fixed_noise, opts, runtime):
@@ -587,6 +604,13 @@ class Trainer:
     def find_resume_state(self, explicit):
         opts = self.opts
         if opts.resume is None:
+            earlier = latest_checkpoint(opts.checkpoint_dir)
+            if earlier.is_file():
+                # a fresh run would overwrite that run's checkpoint and mix its metrics log
+                raise UserError(
+                    f"{earlier} holds an earlier run: continue it with --resume, "
+                    "or train into another --checkpoint-dir (or delete that folder)"
+                )
             if opts.seed is None:
                 opts.seed = int.from_bytes(os.urandom(3), "little")
             return None, None
@@ -605,7 +629,7 @@ class Trainer:
             # each rank draws its own noise; the saved RNG state is rank 0's
             torch.manual_seed(self.opts.seed + 7919 * state["step"] + self.runtime.rank)
         fixed = state.get("fixed_noise")
-        if isinstance(fixed, torch.Tensor) and fixed.shape == self.fixed_noise.shape:
+        if isinstance(fixed, torch.Tensor) and fixed.shape == self.fixed_noise.shape and fixed.dtype == self.fixed_noise.dtype:
             self.fixed_noise = fixed
         self.progress = Progress(
             epoch=state["epoch"], batch=state.get("batch", 0), step=state["step"], seed=self.opts.seed,
@@ -672,7 +696,8 @@ class Trainer:
         first_batch = progress.batch
         for real in self.batches.epoch(progress.epoch, start=progress.batch):
             update_g = (progress.step + 1) % opts.d_steps == 0
-            stats = train_step(self.nets, real, self.recipe, self.runtime, update_g, opts.ema)
+            ema_decay = ema_decay_at(opts.ema, progress.step)
+            stats = train_step(self.nets, real, self.recipe, self.runtime, update_g, ema_decay)
             totals += accumulable(stats)
             logged_steps += 1
             progress.step += 1
@@ -937,7 +962,7 @@ def load_generator_for_use(opts, explicit, runtime):
         raise UserError(f"checkpoint {path} was trained with another architecture: {given}")
     try:
         G = build_generator(flags)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a negative size
         raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
     use_ema = state.get("netG_ema") is not None
     utils.load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)

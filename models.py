@@ -100,3 +100,13 @@ def update_ema(ema_net, net, decay):
     torch._foreach_lerp_(ema_params, [p.detach() for p in net.parameters()], 1.0 - decay)
     for ema_buffer, buffer in zip(ema_net.buffers(), net.buffers()):
         ema_buffer.copy_(buffer)
+
+
+def ema_decay_at(decay, step):
+    """The decay to use at a step: ramps up from 0.1 so early averages forget the random init.
+
+    Without the ramp a 0.999 average still holds 0.999**700 = 50% of the initial weights after
+    700 steps, and its samples are grey noise in short runs (seen on the digits benchmark).
+    Same schedule as TensorFlow's ExponentialMovingAverage with num_updates.
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))

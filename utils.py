@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import tarfile
 import tempfile
 import warnings
@@ -105,19 +106,42 @@ def _download_cifar10(root):
 
 
 def _extract_cifar10(archive, root):
+    """Extract into a temp folder, then rename: a cut-short extraction leaves no half folder."""
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(root, filter="data")
+        with tempfile.TemporaryDirectory(dir=root, prefix=".cifar-extract-") as scratch:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(scratch, filter="data")
+            if not (Path(scratch) / CIFAR_FOLDER).is_dir():
+                raise tarfile.TarError(f"it holds no {CIFAR_FOLDER}/ folder")
+            shutil.rmtree(Path(root) / CIFAR_FOLDER, ignore_errors=True)
+            os.replace(Path(scratch) / CIFAR_FOLDER, Path(root) / CIFAR_FOLDER)
     except (OSError, tarfile.TarError, EOFError) as error:
         raise UserError(
             f"{archive} is not a readable CIFAR-10 archive ({error}); delete it and run again"
         ) from None
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's dicts of numpy arrays and refuses anything that could run code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),  # protocol-2 pickles store bytes this way
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path):
     try:
         with open(path, "rb") as file:
-            batch = pickle.load(file, encoding="latin1")
+            batch = _ArrayUnpickler(file, encoding="latin1").load()
         pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     except Exception as error:  # a damaged batch can fail in pickle, numpy or a missing key
         raise UserError(
@@ -480,7 +504,28 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a checkpoint written by gan.py (it lacks {sorted(required)})")
     if not isinstance(state["flags"], dict) or not isinstance(state["netG"], dict):
         raise UserError(f"{path} is not a checkpoint written by gan.py")
+    damaged = _damaged_fields(state)
+    if damaged:
+        raise UserError(f"checkpoint {path} is damaged: unusable {', '.join(damaged)}")
     return state
+
+
+def _damaged_fields(state):
+    """Fields whose type gan.py cannot use: caught here rather than deep inside training."""
+
+    def is_count(value):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def is_weights(value):
+        return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+    damaged = [k for k in ("epoch", "step", "batch", "seed", "rollbacks") if k in state and not is_count(state[k])]
+    damaged += [k for k in ("netG", "netD", "netG_ema") if state.get(k) is not None and not is_weights(state[k])]
+    damaged += [k for k in ("optG", "optD", "rng") if k in state and not isinstance(state[k], dict)]
+    damaged += [k for k in ("scalerG", "scalerD") if state.get(k) is not None and not isinstance(state[k], dict)]
+    if "best_fid" in state and not isinstance(state["best_fid"], (int, float)):
+        damaged.append("best_fid")
+    return damaged
 
 
 def load_module_state(module, state_dict, what, path):

@@ -48,7 +48,7 @@ RECIPES = {
     "combined-ema0": ["--loss", "hinge", "--spectral-norm", "--diffaugment", "--ttur", "--ema", "0"],
 }
 # the default set fits in about 20 minutes on 2 busy CPU cores (5 on idle ones)
-DEFAULT_RECIPES = ["plain", "hinge+sn", "diffaugment", "ttur", "ema", "ema0.99", "combined", "combined-ema0"]
+DEFAULT_RECIPES = ["plain", "hinge+sn", "diffaugment", "ttur", "d-steps2", "ema", "combined", "combined-ema0"]
 
 
 def parse_args(argv=None):
@@ -208,7 +208,14 @@ def train_and_sample(recipe, seed, args, digits_dir, runs_dir):
     run_dir = runs_dir / f"{recipe}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed or appended one
     run_dir.mkdir(parents=True)
-    common = ["--device", "cpu", "--checkpoint-dir", str(run_dir / "checkpoints"), "--image-dir", str(run_dir / "images")]
+    common = [
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        str(run_dir / "checkpoints"),
+        "--image-dir",
+        str(run_dir / "images"),
+    ]
     train = [
         "--dataset", "folder", "--dataroot", str(digits_dir), "--image-size", str(IMAGE_SIZE),
         "--ngf", str(args.width), "--ndf", str(args.width), "--batch-size", str(args.batch_size),
@@ -235,10 +242,14 @@ def summarise(values):
 def print_table(results, args, floor, accuracy):
     steps = (1797 // args.batch_size) * args.epochs
     print()
-    print(f"{steps} steps per run (batch {args.batch_size}, ngf=ndf={args.width}), {args.samples} samples, seeds {args.seeds}")
+    print(
+        f"{steps} steps per run (batch {args.batch_size}, ngf=ndf={args.width}), {args.samples} samples, seeds {args.seeds}"
+    )
     print(f"classifier held-out accuracy {accuracy:.3f}; real-vs-real FD floor {floor:.2f}")
     print()
-    print("| recipe | flags | FD (lower is better) | digits found (of 10) | class entropy (1 = even) | seconds per run |")
+    print(
+        "| recipe | flags | FD (lower is better) | digits found (of 10) | class entropy (1 = even) | seconds per run |"
+    )
     print("|---|---|---|---|---|---|")
     for recipe, rows in results.items():
         cells = [summarise([row[key] for row in rows]) for key in ("fd", "found", "entropy", "seconds")]

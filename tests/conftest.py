@@ -158,7 +158,9 @@ def write_cifar10_archive(root, images_per_batch=10):
     for number in range(1, 6):
         chunk = images[(number - 1) * images_per_batch : number * images_per_batch]
         _write_cifar_pickle(staging / f"data_batch_{number}", chunk, f"training batch {number} of 5")
-    _write_cifar_pickle(staging / "test_batch", np.zeros((images_per_batch, 3, 32, 32), np.uint8), "testing batch 1 of 1")
+    _write_cifar_pickle(
+        staging / "test_batch", np.zeros((images_per_batch, 3, 32, 32), np.uint8), "testing batch 1 of 1"
+    )
     meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
     (staging / "batches.meta").write_bytes(pickle.dumps({**meta, "num_cases_per_batch": images_per_batch}))
     with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
