@@ -31,7 +31,17 @@ from utils import UserError
 # Flags that change the networks' shapes: a checkpoint only resumes with the same ones.
 ARCHITECTURE_FLAGS = ("image_size", "nz", "ngf", "ndf", "spectral_norm")
 # Flags that describe this invocation or this machine, never taken from a checkpoint.
-NOT_RESUMED_FLAGS = ("resume", "checkpoint", "generate", "interpolate", "evaluate", "device", "no_compile", "workers", "tensorboard")
+NOT_RESUMED_FLAGS = (
+    "resume",
+    "checkpoint",
+    "generate",
+    "interpolate",
+    "evaluate",
+    "device",
+    "no_compile",
+    "workers",
+    "tensorboard",
+)
 EXIT_DIVERGED = 3
 MAX_ROLLBACKS = 3
 
@@ -114,9 +124,15 @@ def device_name(text):
 def build_parser():
     p = Parser(description="Train a DCGAN and use the trained generator.")
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
-    train.add_argument("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
-    train.add_argument("--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256")
+    train.add_argument(
+        "--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)"
+    )
+    train.add_argument(
+        "--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun"
+    )
+    train.add_argument(
+        "--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256"
+    )
     train.add_argument("--nz", type=positive_int, default=100, help="length of the noise vector")
     train.add_argument("--ngf", type=positive_int, default=64, help="generator width (channels of its last stage)")
     train.add_argument("--ndf", type=positive_int, default=64, help="discriminator width (channels of its first stage)")
@@ -125,35 +141,94 @@ def build_parser():
     train.add_argument("--beta2", type=fraction, default=0.999, help="Adam beta2")
     train.add_argument("--label-smoothing", type=fraction, default=0.0, help="real labels become 1-s (bce loss only)")
     train.add_argument("--loss", choices=list(LOSSES), default="bce", help="bce: the DCGAN loss; hinge: as in SN-GAN")
-    train.add_argument("--spectral-norm", action="store_true", help="spectral normalisation on D's convolutions (drops D's BatchNorm)")
-    train.add_argument("--diffaugment", action="store_true", help="differentiable color/translation/cutout on D's inputs (Zhao et al. 2020)")
-    train.add_argument("--ttur", action="store_true", help="two time-scale update rule: D lr 4e-4, G lr 1e-4 (overrides --lr)")
+    train.add_argument(
+        "--spectral-norm", action="store_true", help="spectral normalisation on D's convolutions (drops D's BatchNorm)"
+    )
+    train.add_argument(
+        "--diffaugment",
+        action="store_true",
+        help="differentiable color/translation/cutout on D's inputs (Zhao et al. 2020)",
+    )
+    train.add_argument(
+        "--ttur", action="store_true", help="two time-scale update rule: D lr 4e-4, G lr 1e-4 (overrides --lr)"
+    )
     train.add_argument("--d-steps", type=positive_int, default=1, help="D updates per G update, each on its own batch")
-    train.add_argument("--ema", type=fraction, default=0.999, help="decay of the generator's moving average; 0 turns it off")
+    train.add_argument(
+        "--ema", type=fraction, default=0.999, help="decay of the generator's moving average; 0 turns it off"
+    )
     train.add_argument("--seed", type=non_negative_int, default=None, help="random seed [random, printed and saved]")
-    train.add_argument("--on-nan", choices=["stop", "rollback"], default="stop", help="on non-finite losses: stop, or reload the last checkpoint with a new seed")
-    train.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes under torchrun")
+    train.add_argument(
+        "--on-nan",
+        choices=["stop", "rollback"],
+        default="stop",
+        help="on non-finite losses: stop, or reload the last checkpoint with a new seed",
+    )
+    train.add_argument(
+        "--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes under torchrun"
+    )
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=["cifar10", "folder", "fake"], default="cifar10", help="cifar10 (downloaded), folder (any image folder) or fake (random, for smoke tests)")
+    data.add_argument(
+        "--dataset",
+        choices=["cifar10", "folder", "fake"],
+        default="cifar10",
+        help="cifar10 (downloaded), folder (any image folder) or fake (random, for smoke tests)",
+    )
     data.add_argument("--dataroot", default="data", help="where CIFAR-10 is downloaded, or the image folder")
     data.add_argument("--subset", type=positive_int, default=None, help="train on N randomly drawn images [all]")
-    data.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="processes decoding a folder dataset")
+    data.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="processes decoding a folder dataset",
+    )
     run = p.add_argument_group("run")
-    run.add_argument("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
-    run.add_argument("--no-compile", action="store_true", help="do not torch.compile the networks (compiled on CUDA by default)")
+    run.add_argument(
+        "--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu"
+    )
+    run.add_argument(
+        "--no-compile", action="store_true", help="do not torch.compile the networks (compiled on CUDA by default)"
+    )
     run.add_argument("--image-dir", default="images", help="folder for grids, plots and generated images")
     run.add_argument("--checkpoint-dir", default="checkpoints", help="folder for checkpoints and the metrics log")
-    run.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH", help="continue a run [PATH: the latest checkpoint in --checkpoint-dir]")
-    run.add_argument("--log-every", type=positive_int, default=100, help="steps between progress-bar updates and metrics-log rows")
-    run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (needs the tensorboard package)")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="continue a run [PATH: the latest checkpoint in --checkpoint-dir]",
+    )
+    run.add_argument(
+        "--log-every", type=positive_int, default=100, help="steps between progress-bar updates and metrics-log rows"
+    )
+    run.add_argument(
+        "--tensorboard", action="store_true", help="also log to TensorBoard (needs the tensorboard package)"
+    )
     after = p.add_argument_group("after training")
-    after.add_argument("--generate", type=positive_int, default=None, metavar="N", help="write N single images and a grid from a checkpoint, then exit")
-    after.add_argument("--interpolate", action="store_true", help="write latent walks (grid and GIF) from a checkpoint, then exit")
+    after.add_argument(
+        "--generate",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="write N single images and a grid from a checkpoint, then exit",
+    )
+    after.add_argument(
+        "--interpolate", action="store_true", help="write latent walks (grid and GIF) from a checkpoint, then exit"
+    )
     after.add_argument("--steps", type=positive_int, default=10, help="images per latent walk for --interpolate")
-    after.add_argument("--checkpoint", default=None, help="checkpoint for --generate/--interpolate/--evaluate [latest in --checkpoint-dir]")
+    after.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint for --generate/--interpolate/--evaluate [latest in --checkpoint-dir]",
+    )
     after.add_argument("--evaluate", action="store_true", help="FID, IS and KID of a checkpoint, then exit")
     after.add_argument("--eval-samples", type=positive_int, default=10_000, help="generated images per evaluation")
-    after.add_argument("--fid-every", type=non_negative_int, default=0, help="evaluate every E epochs while training; keeps best.pt [0: never]")
+    after.add_argument(
+        "--fid-every",
+        type=non_negative_int,
+        default=0,
+        help="evaluate every E epochs while training; keeps best.pt [0: never]",
+    )
     return p
 
 
@@ -560,7 +635,11 @@ class StopRequest:
             # the checkpoint on disk is only ever replaced atomically, so leaving now is safe
             os._exit(128 + signal_number)
         self.signal_number = signal_number
-        print(f"\n{signal.Signals(signal_number).name}: stopping after this step (again to quit at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signal_number).name}: stopping after this step (again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @property
     def requested(self):
@@ -629,11 +708,19 @@ class Trainer:
             # each rank draws its own noise; the saved RNG state is rank 0's
             torch.manual_seed(self.opts.seed + 7919 * state["step"] + self.runtime.rank)
         fixed = state.get("fixed_noise")
-        if isinstance(fixed, torch.Tensor) and fixed.shape == self.fixed_noise.shape and fixed.dtype == self.fixed_noise.dtype:
+        if (
+            isinstance(fixed, torch.Tensor)
+            and fixed.shape == self.fixed_noise.shape
+            and fixed.dtype == self.fixed_noise.dtype
+        ):
             self.fixed_noise = fixed
         self.progress = Progress(
-            epoch=state["epoch"], batch=state.get("batch", 0), step=state["step"], seed=self.opts.seed,
-            best_fid=state.get("best_fid", math.inf), rollbacks=state.get("rollbacks", 0),
+            epoch=state["epoch"],
+            batch=state.get("batch", 0),
+            step=state["step"],
+            seed=self.opts.seed,
+            best_fid=state.get("best_fid", math.inf),
+            rollbacks=state.get("rollbacks", 0),
         )
         if self.runtime.is_main:
             utils.truncate_metrics(self.log_path, self.progress.step)
@@ -647,7 +734,9 @@ class Trainer:
         if not runtime.is_main:
             images = utils.load_dataset(opts, runtime.device)
         self.real_uint8 = images
-        return utils.DeviceBatches(images, opts.batch_size, opts.image_size, opts.seed, runtime.rank, runtime.world_size)
+        return utils.DeviceBatches(
+            images, opts.batch_size, opts.image_size, opts.seed, runtime.rank, runtime.world_size
+        )
 
     def say(self, message):
         if self.runtime.is_main:
@@ -686,8 +775,12 @@ class Trainer:
         opts, progress = self.opts, self.progress
         started = time.perf_counter()
         bar = tqdm(
-            total=len(self.batches), initial=progress.batch, desc=f"epoch {progress.epoch + 1}/{opts.epochs}",
-            disable=not self.runtime.is_main, leave=False, dynamic_ncols=True,
+            total=len(self.batches),
+            initial=progress.batch,
+            desc=f"epoch {progress.epoch + 1}/{opts.epochs}",
+            disable=not self.runtime.is_main,
+            leave=False,
+            dynamic_ncols=True,
         )
         totals = torch.zeros(len(STAT_NAMES) + 1, device=self.runtime.device)  # the stats, then G updates
         logged_steps = 0
@@ -778,8 +871,12 @@ class Trainer:
         restore_state(self.nets, state, self.runtime, path)
         rollbacks = self.progress.rollbacks + 1
         self.progress = Progress(
-            epoch=state["epoch"], batch=state.get("batch", 0), step=state["step"], seed=self.opts.seed,
-            best_fid=state.get("best_fid", math.inf), rollbacks=rollbacks,
+            epoch=state["epoch"],
+            batch=state.get("batch", 0),
+            step=state["step"],
+            seed=self.opts.seed,
+            best_fid=state.get("best_fid", math.inf),
+            rollbacks=rollbacks,
         )
         new_seed = self.opts.seed + 1_000 * rollbacks
         torch.manual_seed(new_seed + self.runtime.rank)
@@ -862,7 +959,9 @@ class Trainer:
                 return
         from metrics import score_generator
 
-        scores = score_generator(self.metrics, generated_batches(self.sampling_generator(), opts.eval_samples, opts.nz, self.runtime))
+        scores = score_generator(
+            self.metrics, generated_batches(self.sampling_generator(), opts.eval_samples, opts.nz, self.runtime)
+        )
         self.last_fid = scores["fid"]
         utils.append_metrics(self.log_path, [{"epoch": self.progress.epoch, "step": self.progress.step, **scores}])
         utils.plot_fid(utils.read_metrics_log(self.log_path), self.image_dir / "fid.png")
@@ -958,7 +1057,9 @@ def load_generator_for_use(opts, explicit, runtime):
     flags = state["flags"]
     mismatched = [name for name in ARCHITECTURE_FLAGS if name in explicit and flags.get(name) != getattr(opts, name)]
     if mismatched:
-        given = ", ".join(f"--{n.replace('_', '-')} {getattr(opts, n)} (checkpoint: {flags.get(n)})" for n in mismatched)
+        given = ", ".join(
+            f"--{n.replace('_', '-')} {getattr(opts, n)} (checkpoint: {flags.get(n)})" for n in mismatched
+        )
         raise UserError(f"checkpoint {path} was trained with another architecture: {given}")
     try:
         G = build_generator(flags)
@@ -1010,12 +1111,16 @@ def interpolate(opts, explicit, runtime, walks=8):
     start = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
     end = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
     noise = slerp(start, end, torch.linspace(0, 1, opts.steps))  # (steps, walks, ...)
-    images = sample(G, noise.flatten(0, 1), runtime).view(opts.steps, walks, 3, flags["image_size"], flags["image_size"])
+    images = sample(G, noise.flatten(0, 1), runtime).view(
+        opts.steps, walks, 3, flags["image_size"], flags["image_size"]
+    )
     # rows are walks, columns are steps along them
     utils.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
     frames = [utils.grid_image(images[step], nrow=utils.grid_side(walks)) for step in range(opts.steps)]
     utils.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
-    print(f"wrote interpolation.png and interpolation.gif to {folder}/ ({walks} walks, {opts.steps} steps, seed {seed})")
+    print(
+        f"wrote interpolation.png and interpolation.gif to {folder}/ ({walks} walks, {opts.steps} steps, seed {seed})"
+    )
 
 
 def evaluate(opts, explicit, runtime):
@@ -1031,14 +1136,18 @@ def evaluate(opts, explicit, runtime):
     scorers = open_metrics(opts, runtime, real, during_training=False)
     import metrics
 
-    scores = metrics.score_generator(scorers, generated_batches(G, opts.eval_samples, flags["nz"], runtime, seed=opts.seed))
+    scores = metrics.score_generator(
+        scorers, generated_batches(G, opts.eval_samples, flags["nz"], runtime, seed=opts.seed)
+    )
     print(
         f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
         f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({opts.eval_samples} generated images)"
     )
     log_path = Path(opts.checkpoint_dir) / utils.METRICS_LOG_NAME
     utils.check_writable(log_path.parent)
-    utils.append_metrics(log_path, [{"evaluate": str(opts.checkpoint or latest_checkpoint(opts.checkpoint_dir)), **scores}])
+    utils.append_metrics(
+        log_path, [{"evaluate": str(opts.checkpoint or latest_checkpoint(opts.checkpoint_dir)), **scores}]
+    )
     return scores
 
 

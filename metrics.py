@@ -29,7 +29,9 @@ def build_metrics(device, eval_samples, feature=None):
         from torchmetrics.image.inception import InceptionScore
         from torchmetrics.image.kid import KernelInceptionDistance
     except ImportError as error:
-        raise MetricsUnavailable(f"metrics need torchmetrics[image] ({error}); pip install -r requirements.txt") from None
+        raise MetricsUnavailable(
+            f"metrics need torchmetrics[image] ({error}); pip install -r requirements.txt"
+        ) from None
     subset_size = min(1000, eval_samples)
     try:
         metrics = {
@@ -120,4 +122,3 @@ def _reset_fake(metric):
 
 def real_cache_path(folder, dataset, count, image_size):
     return Path(folder) / f"fid_real_{dataset}_{count}_{image_size}px.pt"
-

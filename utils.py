@@ -123,9 +123,7 @@ def _extract_cifar10(archive, root):
             shutil.rmtree(Path(root) / CIFAR_FOLDER, ignore_errors=True)
             os.replace(Path(scratch) / CIFAR_FOLDER, Path(root) / CIFAR_FOLDER)
     except (OSError, tarfile.TarError, EOFError) as error:
-        raise UserError(
-            f"{archive} is not a readable CIFAR-10 archive ({error}); delete it and run again"
-        ) from None
+        raise UserError(f"{archive} is not a readable CIFAR-10 archive ({error}); delete it and run again") from None
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -152,8 +150,7 @@ def _read_cifar_batch(path):
         pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     except Exception as error:  # a damaged batch can fail in pickle, numpy or a missing key
         raise UserError(
-            f"{path} is not a CIFAR-10 batch ({error.__class__.__name__}); "
-            f"delete {path.parent} and run again"
+            f"{path} is not a CIFAR-10 batch ({error.__class__.__name__}); delete {path.parent} and run again"
         ) from None
     return torch.from_numpy(pixels.copy())
 
@@ -235,9 +232,7 @@ def collate_readable(items):
 def load_folder(root, image_size, workers):
     """Decode a whole folder once into a uint8 tensor; warn once about skipped files."""
     dataset = FolderImages(root, image_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=256, num_workers=workers, collate_fn=collate_readable
-    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=collate_readable)
     chunks, skipped = [], 0
     for images, bad in loader:
         chunks.append(images)
@@ -260,7 +255,9 @@ def load_dataset(opts, device):
         images = load_folder(opts.dataroot, opts.image_size, opts.workers)
     else:
         generator = torch.Generator().manual_seed(opts.seed)
-        images = torch.randint(0, 256, (512, 3, opts.image_size, opts.image_size), generator=generator, dtype=torch.uint8)
+        images = torch.randint(
+            0, 256, (512, 3, opts.image_size, opts.image_size), generator=generator, dtype=torch.uint8
+        )
     if opts.subset is not None:
         if opts.subset > len(images):
             raise UserError(f"--subset {opts.subset} is larger than the dataset ({len(images)} images)")
