@@ -386,7 +386,7 @@ def build_nets(opts, runtime):
     D.to(runtime.device, memory_format=memory_format)
     lr_G, lr_D = (1e-4, 4e-4) if opts.ttur else (opts.lr, opts.lr)
     # fused Adam: one kernel per step; on CPU PyTorch's default is a per-tensor loop, and the
-    # fused kernel measured ~1.2x faster whole steps there (benchmarks/throughput.py)
+    # fused kernel made whole steps ~1.2x faster there on a loaded 2-core machine (BENCHMARKS.md)
     fused = True if runtime.device.type in ("cuda", "cpu") else None
     betas = (opts.beta1, opts.beta2)
     nets = Nets(
