@@ -207,12 +207,17 @@ def test_damaged_cifar10_archive(tmp_path, gan_main, no_download, damage):
     assert (dataroot / "cifar-10-python.tar.gz").read_bytes() == archive_bytes
 
 
-def test_cifar10_archive_with_a_damaged_batch(tmp_path, gan_main, no_download):
-    dataroot = tmp_path / "data"
+def extracted_cifar10(dataroot):
+    """A synthetic CIFAR-10 archive in dataroot, already extracted beside it."""
     dataroot.mkdir()
     write_cifar10_archive(dataroot, images_per_batch=4)
     with tarfile.open(dataroot / "cifar-10-python.tar.gz") as tar:
         tar.extractall(dataroot, filter="data")
+    return dataroot
+
+
+def test_cifar10_archive_with_a_damaged_batch(tmp_path, gan_main, no_download):
+    dataroot = extracted_cifar10(tmp_path / "data")
     batch = dataroot / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(pickle.dumps({"labels": [1, 2]}))  # no 'data'
     code, out, err = gan_main(cifar_args(dataroot))
@@ -230,11 +235,7 @@ class _WritesMarker:
 
 
 def test_cifar10_batch_that_would_run_code_is_refused(tmp_path, gan_main, no_download):
-    dataroot = tmp_path / "data"
-    dataroot.mkdir()
-    write_cifar10_archive(dataroot, images_per_batch=4)
-    with tarfile.open(dataroot / "cifar-10-python.tar.gz") as tar:
-        tar.extractall(dataroot, filter="data")
+    dataroot = extracted_cifar10(tmp_path / "data")
     marker = tmp_path / "code_ran"
     batch = dataroot / "cifar-10-batches-py" / "data_batch_1"
     batch.write_bytes(pickle.dumps({"data": _WritesMarker(marker), "labels": [1]}, protocol=2))
