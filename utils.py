@@ -27,6 +27,8 @@ CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
+# Flags that change the networks' shapes: a checkpoint only fits a net built with the same ones.
+ARCHITECTURE_FLAGS = ("image_size", "nz", "ngf", "ndf", "spectral_norm")
 
 
 class UserError(Exception):
@@ -481,6 +483,10 @@ def truncate_metrics(path, last_step):
 
 
 # ---------------------------------------------------------------- checkpoints
+
+
+def latest_checkpoint(checkpoint_dir):
+    return Path(checkpoint_dir) / CHECKPOINT_NAME
 
 
 def save_checkpoint(state, path):

@@ -12,6 +12,7 @@ from conftest import TINY_ARGS, check_ok, run_gan
 from PIL import Image
 
 import gan
+import sampling
 
 SIDE = 16  # TINY_ARGS' --image-size
 PADDING = 2  # utils.save_grid's padding between and around the images
@@ -91,14 +92,14 @@ def test_same_seed_gives_the_same_images(trained_run, gan_main, tmp_path):
 def test_generate_spans_several_internal_batches(trained_run, gan_main, monkeypatch, tmp_path):
     # the real internal batch is 500 images; 3 makes 7 images take batches of 3, 3 and 1
     batch_sizes = []
-    real_batches = gan.generated_batches
+    real_batches = sampling.generated_batches
 
     def small_batches(*args, **kwargs):
         for images in real_batches(*args, **{**kwargs, "batch_size": 3}):
             batch_sizes.append(len(images))
             yield images
 
-    monkeypatch.setattr(gan, "generated_batches", small_batches)
+    monkeypatch.setattr(sampling, "generated_batches", small_batches)
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
     code, out, err = gan_main(["--generate", 7, "--checkpoint", checkpoint, "--seed", 0])
     assert code == 0, err
@@ -182,7 +183,7 @@ def test_interpolation_columns_move_from_one_end_to_the_other(trained_run, gan_m
 def test_slerp_endpoints_are_the_inputs():
     generator = torch.Generator().manual_seed(0)
     start, end = torch.randn(3, 8, 1, 1, generator=generator), torch.randn(3, 8, 1, 1, generator=generator)
-    path = gan.slerp(start, end, torch.tensor([0.0, 1.0]))
+    path = sampling.slerp(start, end, torch.tensor([0.0, 1.0]))
     assert path.shape == (2, 3, 8, 1, 1)
     torch.testing.assert_close(path[0], start)
     torch.testing.assert_close(path[1], end)
@@ -192,7 +193,7 @@ def test_slerp_of_orthogonal_unit_vectors_by_hand():
     start = torch.tensor([[1.0, 0.0, 0.0]]).view(1, 3, 1, 1)
     end = torch.tensor([[0.0, 1.0, 0.0]]).view(1, 3, 1, 1)
     fractions = torch.tensor([0.0, 0.25, 0.5, 1.0])
-    path = gan.slerp(start, end, fractions).flatten(1)
+    path = sampling.slerp(start, end, fractions).flatten(1)
     torch.testing.assert_close(path[2], torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2))
     # on the unit circle at angle t * pi/2: (cos, sin), norm 1 all the way (a straight line dips to 0.71)
     for t, point in zip(fractions.tolist(), path):
@@ -207,7 +208,7 @@ def test_slerp_keeps_the_angle_proportional_to_the_fraction():
     end = end / end.norm() * start.norm()  # equal norms: the path stays on their sphere
     omega = torch.acos(torch.nn.functional.cosine_similarity(start.flatten(1), end.flatten(1))).item()
     fractions = torch.linspace(0, 1, 7)
-    path = gan.slerp(start, end, fractions).flatten(2)[:, 0]
+    path = sampling.slerp(start, end, fractions).flatten(2)[:, 0]
     for t, point in zip(fractions.tolist(), path):
         angle = torch.acos(torch.nn.functional.cosine_similarity(point, start.flatten(), dim=0).clamp(-1, 1)).item()
         assert angle == pytest.approx(t * omega, abs=1e-3)
@@ -218,7 +219,7 @@ def test_slerp_keeps_the_angle_proportional_to_the_fraction():
 def test_slerp_of_nearly_parallel_vectors_is_finite(offset):
     start = torch.randn(2, 16, 1, 1, generator=torch.Generator().manual_seed(2))
     end = start + offset
-    path = gan.slerp(start, end, torch.linspace(0, 1, 5))
+    path = sampling.slerp(start, end, torch.linspace(0, 1, 5))
     assert torch.isfinite(path).all()
     # so close together the arc is the straight line
     straight = torch.stack([(1 - t) * start + t * end for t in torch.linspace(0, 1, 5)])
@@ -308,9 +309,9 @@ def test_tensorboard_writes_event_files(tmp_path):
 def test_generate_file_names_are_padded_for_large_counts(trained_run, gan_main, monkeypatch, tmp_path):
     # 12,345 images would take minutes; only the names are checked, so stop after the first batch
     saved = []
-    monkeypatch.setattr(gan.utils, "save_png", lambda image, path: saved.append(path.name))
-    monkeypatch.setattr(gan.utils, "save_grid", lambda images, path, nrow=8: saved.append(path.name))
-    monkeypatch.setattr(gan, "generated_batches", functools.partial(_first_batch_only, gan.generated_batches))
+    monkeypatch.setattr(sampling.utils, "save_png", lambda image, path: saved.append(path.name))
+    monkeypatch.setattr(sampling.utils, "save_grid", lambda images, path, nrow=8: saved.append(path.name))
+    monkeypatch.setattr(sampling, "generated_batches", functools.partial(_first_batch_only, sampling.generated_batches))
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
     code, _, err = gan_main(["--generate", 12345, "--checkpoint", checkpoint, "--seed", 0])
     assert code == 0, err

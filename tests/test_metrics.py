@@ -13,8 +13,8 @@ import scipy.linalg
 import torch
 from torch import nn
 
-import gan
 import metrics
+import sampling
 
 EVAL_ARGS = ("--eval-samples", "16")
 
@@ -67,7 +67,7 @@ def pixel_sets(count=200):
 @pytest.fixture
 def stand_in(monkeypatch):
     feature = StandInFeatures()
-    monkeypatch.setattr(gan, "METRIC_FEATURE", feature)
+    monkeypatch.setattr(sampling, "METRIC_FEATURE", feature)
     return feature
 
 
@@ -200,7 +200,7 @@ def no_inception_weights(monkeypatch, tmp_path):
 
     monkeypatch.setattr(inception, "load_state_dict_from_url", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(gan, "METRIC_FEATURE", None)
+    monkeypatch.setattr(sampling, "METRIC_FEATURE", None)
     return tmp_path / "torch_home" / "hub" / "checkpoints"
 
 
