@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -499,7 +499,17 @@ class Progress:
     seed: int = 0
     best_fid: float = math.inf
     rollbacks: int = 0
-    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_checkpoint(cls, state, seed, rollbacks):
+        return cls(
+            epoch=state["epoch"],
+            batch=state.get("batch", 0),
+            step=state["step"],
+            seed=seed,
+            best_fid=state.get("best_fid", math.inf),
+            rollbacks=rollbacks,
+        )
 
 
 def checkpoint_state(nets, progress, fixed_noise, opts, runtime):
@@ -682,8 +692,7 @@ class Trainer:
                     f"{earlier} holds an earlier run: continue it with --resume, "
                     "or train into another --checkpoint-dir (or delete that folder)"
                 )
-            if opts.seed is None:
-                opts.seed = int.from_bytes(os.urandom(3), "little")
+            opts.seed = utils.seed_or_random(opts.seed)
             return None, None
         path = Path(opts.resume) if opts.resume else latest_checkpoint(opts.checkpoint_dir)
         if not opts.resume and not path.is_file():
@@ -695,7 +704,7 @@ class Trainer:
         return state, path
 
     def resume_from(self, state, path):
-        restore_state(self.nets, state, self.runtime, path)
+        self.restore_from(state, path, rollbacks=state.get("rollbacks", 0))
         if self.runtime.distributed:
             # each rank draws its own noise; the saved RNG state is rank 0's
             torch.manual_seed(self.opts.seed + 7919 * state["step"] + self.runtime.rank)
@@ -706,17 +715,14 @@ class Trainer:
             and fixed.dtype == self.fixed_noise.dtype
         ):
             self.fixed_noise = fixed
-        self.progress = Progress(
-            epoch=state["epoch"],
-            batch=state.get("batch", 0),
-            step=state["step"],
-            seed=self.opts.seed,
-            best_fid=state.get("best_fid", math.inf),
-            rollbacks=state.get("rollbacks", 0),
-        )
+        self.say(f"resuming {path}: {self.progress.epoch} epochs done, step {self.progress.step}")
+
+    def restore_from(self, state, path, rollbacks):
+        """Nets, optimizers, RNG and progress from a checkpoint; log rows after it are dropped."""
+        restore_state(self.nets, state, self.runtime, path)
+        self.progress = Progress.from_checkpoint(state, self.opts.seed, rollbacks)
         if self.runtime.is_main:
             utils.truncate_metrics(self.log_path, self.progress.step)
-        self.say(f"resuming {path}: {self.progress.epoch} epochs done, step {self.progress.step}")
 
     def load_batches(self):
         opts, runtime = self.opts, self.runtime
@@ -806,9 +812,22 @@ class Trainer:
         # every rank must stop at the same step, so they agree only at logging points
         if self.progress.step % self.opts.log_every:
             return False
+        return self.ranks_agree_to_stop()
+
+    def ranks_agree_to_stop(self):
+        """Whether any rank was signalled; every rank must call this at the same step."""
         flag = torch.tensor([float(self.stop.requested)], device=self.runtime.device)
         torch.distributed.all_reduce(flag)
         return bool(flag.item())
+
+    def interruption(self, what):
+        """The exception that ends an interrupted run, with the command that resumes it."""
+        code = 128 + (self.stop.signal_number or signal.SIGINT)
+        return Interrupted(
+            code,
+            f"{what}; saved {latest_checkpoint(self.checkpoint_dir)}. "
+            f"Resume with: python gan.py --resume --checkpoint-dir {self.checkpoint_dir}",
+        )
 
     def log_interval(self, totals, steps, bar):
         """The one host sync between logs: read the averaged statistics and check them."""
@@ -832,16 +851,10 @@ class Trainer:
 
     def interrupt(self, bar):
         bar.close()
-        code = 128 + (self.stop.signal_number or signal.SIGINT)
         name = signal.Signals(self.stop.signal_number or signal.SIGINT).name
-        path = self.checkpoint_dir / utils.CHECKPOINT_NAME
         if self.runtime.is_main:
             save_epoch_files(self.nets, self.progress, self.fixed_noise, self.opts, self.runtime)
-        raise Interrupted(
-            code,
-            f"{name}: stopped at epoch {self.progress.epoch + 1}, step {self.progress.step}; "
-            f"saved {path}. Resume with: python gan.py --resume --checkpoint-dir {self.checkpoint_dir}",
-        )
+        raise self.interruption(f"{name}: stopped at epoch {self.progress.epoch + 1}, step {self.progress.step}")
 
     def handle_divergence(self):
         opts, progress = self.opts, self.progress
@@ -860,20 +873,10 @@ class Trainer:
 
     def roll_back(self, path, where):
         state = utils.load_checkpoint(path)
-        restore_state(self.nets, state, self.runtime, path)
         rollbacks = self.progress.rollbacks + 1
-        self.progress = Progress(
-            epoch=state["epoch"],
-            batch=state.get("batch", 0),
-            step=state["step"],
-            seed=self.opts.seed,
-            best_fid=state.get("best_fid", math.inf),
-            rollbacks=rollbacks,
-        )
+        self.restore_from(state, path, rollbacks)
         new_seed = self.opts.seed + 1_000 * rollbacks
         torch.manual_seed(new_seed + self.runtime.rank)
-        if self.runtime.is_main:
-            utils.truncate_metrics(self.log_path, self.progress.step)
         self.say(f"{where}; rolled back to {path} (epoch {state['epoch']}) with noise seed {new_seed}")
         raise RolledBack()
 
@@ -891,7 +894,7 @@ class Trainer:
             self.say(self.epoch_summary(seconds))
         barrier(self.runtime)
         if self.stop_requested_at_epoch_end():
-            self.interrupt_after_epoch()
+            raise self.interruption(f"stopped after epoch {self.progress.epoch}")
 
     def check_weights_finite(self):
         finite = torch.stack([p.isfinite().all() for p in (*self.nets.G.parameters(), *self.nets.D.parameters())]).all()
@@ -899,18 +902,7 @@ class Trainer:
             self.handle_divergence()
 
     def stop_requested_at_epoch_end(self):
-        flag = torch.tensor([float(self.stop.requested)], device=self.runtime.device)
-        if self.runtime.distributed:
-            torch.distributed.all_reduce(flag)
-        return bool(flag.item())
-
-    def interrupt_after_epoch(self):
-        code = 128 + (self.stop.signal_number or signal.SIGINT)
-        raise Interrupted(
-            code,
-            f"stopped after epoch {self.progress.epoch}; saved {latest_checkpoint(self.opts.checkpoint_dir)}. "
-            f"Resume with: python gan.py --resume --checkpoint-dir {self.checkpoint_dir}",
-        )
+        return self.ranks_agree_to_stop() if self.runtime.distributed else self.stop.requested
 
     def epoch_summary(self, seconds):
         means = interval_means(self.epoch_totals, max(self.epoch_steps, 1))

@@ -4,7 +4,6 @@ Apart from gan.py so that the training file stays one sitting's read; the traini
 uses sample(), generated_batches() and open_metrics() from here for its grids and FID.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def generate(opts, explicit, runtime):
     G, flags = load_generator_for_use(opts, explicit, runtime)
     folder = Path(opts.image_dir) / "generated"
     utils.check_writable(folder)
-    seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(3), "little")
+    seed = utils.seed_or_random(opts.seed)
     digits = max(4, len(str(opts.generate - 1)))
     index, grid = 0, []
     for images in generated_batches(G, opts.generate, flags["nz"], runtime, seed=seed):
@@ -115,7 +114,7 @@ def interpolate(opts, explicit, runtime, walks=8):
     G, flags = load_generator_for_use(opts, explicit, runtime)
     folder = Path(opts.image_dir)
     utils.check_writable(folder)
-    seed = opts.seed if opts.seed is not None else int.from_bytes(os.urandom(3), "little")
+    seed = utils.seed_or_random(opts.seed)
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
     end = torch.randn(walks, flags["nz"], 1, 1, generator=generator)

@@ -73,6 +73,11 @@ def atomic_write_bytes(path, data):
     atomic_write(path, lambda file: file.write(data))
 
 
+def seed_or_random(seed):
+    """The given seed, or a fresh random one (small enough to print and retype)."""
+    return seed if seed is not None else int.from_bytes(os.urandom(3), "little")
+
+
 def check_writable(folder):
     """Fail early, before any training, if folder cannot be created or written."""
     folder = Path(folder)
@@ -447,10 +452,12 @@ def save_figure(figure, path):
 
 def read_metrics_log(path):
     path = Path(path)
-    if not path.is_file():
-        return []
+    return parse_metrics(path.read_text()) if path.is_file() else []
+
+
+def parse_metrics(text):
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -472,10 +479,10 @@ def append_metrics(path, rows):
 
 def truncate_metrics(path, last_step):
     """Drop rows logged after the checkpoint being resumed, so no step appears twice."""
-    rows = read_metrics_log(path)
+    text = Path(path).read_text() if Path(path).is_file() else ""
+    rows = parse_metrics(text)
     kept = [row for row in rows if row.get("step", 0) <= last_step]
     # a line torn by a crash mid-append would swallow the next row appended after it
-    text = Path(path).read_text() if Path(path).is_file() else ""
     torn = bool(text) and not text.endswith("\n")
     if len(kept) != len(rows) or torn:
         atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)), mode="w")
