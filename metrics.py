@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, save_checkpoint
+from checkpoint import save_checkpoint
+from utils import UserError
 
 KID_REAL_LIMIT = 10_000  # KID keeps every real feature; more than this adds memory, not accuracy
 WEIGHTS_HINT = (

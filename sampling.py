@@ -1,7 +1,8 @@
-"""Using a trained generator: sampling, --generate, --interpolate and --evaluate.
+"""Using a generator: sampling, FID while training, and the after-training modes --generate,
+--interpolate and --evaluate.
 
-Apart from gan.py so that the training file stays one sitting's read; the training loop
-uses sample(), generated_batches() and open_metrics() from here for its grids and FID.
+Every sampler draws its noise from its own torch.Generator, never from the global RNG: scoring
+FID in the middle of a run must not change what the run trains next.
 """
 
 import sys
@@ -10,9 +11,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import utils
+import artifacts
+import metrics
+from checkpoint import (
+    CHECKPOINT_NAME,
+    METRICS_LOG_NAME,
+    append_metrics,
+    latest_checkpoint,
+    load_checkpoint,
+    load_module_state,
+    save_checkpoint,
+)
 from models import Generator
-from utils import ARCHITECTURE_FLAGS, UserError, latest_checkpoint
+from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed
+from utils import UserError, check_writable, load_dataset
 
 
 def build_generator(flags):
@@ -29,39 +41,68 @@ def sample(G, noise, runtime):
     return images
 
 
-def generated_batches(G, count, nz, runtime, batch_size=500, seed=None):
+def generated_batches(G, count, nz, runtime, seed, batch_size=500):
     """Yield `count` generated images in batches, so any count fits in memory."""
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    generator = torch.Generator().manual_seed(seed)
     for start in range(0, count, batch_size):
         noise = torch.randn(min(batch_size, count - start), nz, 1, 1, generator=generator)
         yield sample(G, noise, runtime)
 
 
-def open_metrics(opts, runtime, real_uint8, during_training, feature=None):
-    """Metrics with the real statistics loaded; None (with a warning) if unavailable while training."""
-    import metrics
-
-    try:
-        scorers = metrics.build_metrics(runtime.device, opts.eval_samples, feature or METRIC_FEATURE)
-    except metrics.MetricsUnavailable as error:
-        if not during_training:
-            raise
-        print(f"warning: {error}; training goes on without FID", file=sys.stderr)
-        return None
+def open_metrics(opts, runtime, real_uint8, feature=None):
+    """FID, IS and KID with the real images' statistics loaded (cached on disk)."""
+    scorers = metrics.build_metrics(runtime.device, opts.eval_samples, feature)
     cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
     cache = metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), real_uint8.shape[-1])
     metrics.add_real_images(scorers, real_uint8, cache)
     return scorers
 
 
-METRIC_FEATURE = None  # tests put a small stand-in network here instead of Inception
+def score(scorers, G, opts, runtime, seed):
+    """FID, IS and KID of opts.eval_samples images; the global RNG is left as it was."""
+    devices = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
+        torch.manual_seed(seed)
+        return metrics.score_generator(scorers, generated_batches(G, opts.eval_samples, G.nz, runtime, seed))
+
+
+class TrainingEvaluator:
+    """--fid-every: scores at the end of some epochs, keeps best.pt; without Inception weights it
+    warns once and training goes on (the saved flags still say --fid-every, for a later resume)."""
+
+    def __init__(self, opts, runtime, real_uint8, feature=None):
+        self.opts, self.runtime, self.real_uint8, self.feature = opts, runtime, real_uint8, feature
+        self.scorers, self.unavailable = None, False
+
+    def due(self, epoch):
+        return bool(self.opts.fid_every) and epoch % self.opts.fid_every == 0 and not self.unavailable
+
+    def evaluate(self, G, epoch):
+        """The scores of G after an epoch, or None where the metrics cannot be had."""
+        if self.scorers is None:
+            try:
+                self.scorers = open_metrics(self.opts, self.runtime, self.real_uint8, self.feature)
+            except metrics.MetricsUnavailable as error:
+                print(f"warning: {error}; training goes on without FID", file=sys.stderr)
+                self.unavailable = True
+                return None
+        return score(self.scorers, G, self.opts, self.runtime, mixed_seed(self.opts.seed, epoch))
+
+
+def save_best(state, scores, progress, checkpoint_dir):
+    """best.pt when this evaluation beat every earlier one."""
+    if scores["fid"] < progress.best_fid:
+        progress.best_fid = scores["fid"]
+        save_checkpoint({**state, "best_fid": progress.best_fid}, Path(checkpoint_dir) / "best.pt")
+
+
+# ---------------------------------------------------------------- after training
 
 
 def load_generator_for_use(opts, explicit, runtime):
-    """The generator of a checkpoint (its EMA copy when it has one) for the modes below."""
+    """The generator of a checkpoint (its EMA copy when it has one) and the checkpoint's flags."""
     path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
-    state = utils.load_checkpoint(path)
+    state = load_checkpoint(path)
     flags = state["flags"]
     mismatched = [name for name in ARCHITECTURE_FLAGS if name in explicit and flags.get(name) != getattr(opts, name)]
     if mismatched:
@@ -74,7 +115,7 @@ def load_generator_for_use(opts, explicit, runtime):
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a negative size
         raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
     use_ema = state.get("netG_ema") is not None
-    utils.load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
+    load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
     print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} (epoch {state['epoch']})")
     return G.to(runtime.device).eval(), flags
 
@@ -82,16 +123,16 @@ def load_generator_for_use(opts, explicit, runtime):
 def generate(opts, explicit, runtime):
     G, flags = load_generator_for_use(opts, explicit, runtime)
     folder = Path(opts.image_dir) / "generated"
-    utils.check_writable(folder)
-    seed = utils.seed_or_random(opts.seed)
+    check_writable(folder)
+    seed = opts.seed if opts.seed is not None else random_seed()
     digits = max(4, len(str(opts.generate - 1)))
     index, grid = 0, []
-    for images in generated_batches(G, opts.generate, flags["nz"], runtime, seed=seed):
+    for images in generated_batches(G, opts.generate, flags["nz"], runtime, seed):
         for image in images.cpu():
-            utils.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
+            artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
             index += 1
         grid.extend(images[: 64 - len(grid)].cpu())
-    utils.save_grid(torch.stack(grid), folder / "grid.png", nrow=utils.grid_side(len(grid)))
+    artifacts.save_grid(torch.stack(grid), folder / "grid.png", nrow=artifacts.grid_side(len(grid)))
     print(f"wrote {index} images and grid.png to {folder}/ (seed {seed})")
 
 
@@ -113,47 +154,39 @@ def slerp(start, end, fractions):
 def interpolate(opts, explicit, runtime, walks=8):
     G, flags = load_generator_for_use(opts, explicit, runtime)
     folder = Path(opts.image_dir)
-    utils.check_writable(folder)
-    seed = utils.seed_or_random(opts.seed)
+    check_writable(folder)
+    seed = opts.seed if opts.seed is not None else random_seed()
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
     end = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
     noise = slerp(start, end, torch.linspace(0, 1, opts.steps))  # (steps, walks, ...)
-    images = sample(G, noise.flatten(0, 1), runtime).view(
-        opts.steps, walks, 3, flags["image_size"], flags["image_size"]
-    )
+    side = flags["image_size"]
+    images = sample(G, noise.flatten(0, 1), runtime).view(opts.steps, walks, 3, side, side)
     # rows are walks, columns are steps along them
-    utils.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
-    frames = [utils.grid_image(images[step], nrow=utils.grid_side(walks)) for step in range(opts.steps)]
-    utils.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
+    artifacts.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
+    frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walks)) for step in range(opts.steps)]
+    artifacts.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
     print(
         f"wrote interpolation.png and interpolation.gif to {folder}/ ({walks} walks, {opts.steps} steps, seed {seed})"
     )
 
 
-def evaluate(opts, explicit, runtime):
+def evaluate(opts, explicit, runtime, feature=None):
     G, flags = load_generator_for_use(opts, explicit, runtime)
-    # batch_size too: the dataset must hold one batch, and a tiny training set holds no default one
-    for name in ("dataset", "dataroot", "subset", "batch_size"):
-        if name not in explicit and name in flags:
-            setattr(opts, name, flags[name])
-    opts.image_size = flags["image_size"]
-    if opts.seed is None:
-        opts.seed = flags.get("seed") or 0
-    real = utils.load_dataset(opts, torch.device("cpu"))
-    scorers = open_metrics(opts, runtime, real, during_training=False)
-    import metrics
-
-    scores = metrics.score_generator(
-        scorers, generated_batches(G, opts.eval_samples, flags["nz"], runtime, seed=opts.seed)
-    )
+    # the data it trained on, unless typed now; batch_size too: the dataset must hold one batch
+    trained_on = {name: flags[name] for name in ("dataset", "dataroot", "subset", "batch_size") if name in flags}
+    typed = {name: getattr(opts, name) for name in explicit if name in trained_on}
+    seed = opts.seed if opts.seed is not None else (flags.get("seed") or 0)
+    eval_opts = opts.replace(**{**trained_on, **typed}, image_size=flags["image_size"], seed=seed)
+    real = load_dataset(eval_opts, torch.device("cpu"))
+    scorers = open_metrics(eval_opts, runtime, real, feature)
+    scores = score(scorers, G, eval_opts, runtime, seed)
     print(
         f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
         f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({opts.eval_samples} generated images)"
     )
-    log_path = Path(opts.checkpoint_dir) / utils.METRICS_LOG_NAME
-    utils.check_writable(log_path.parent)
-    utils.append_metrics(
-        log_path, [{"evaluate": str(opts.checkpoint or latest_checkpoint(opts.checkpoint_dir)), **scores}]
-    )
+    log_path = Path(opts.checkpoint_dir) / METRICS_LOG_NAME
+    check_writable(log_path.parent)
+    checkpoint = opts.checkpoint or str(Path(opts.checkpoint_dir) / CHECKPOINT_NAME)
+    append_metrics(log_path, [{"evaluate": str(checkpoint), **scores}])
     return scores

@@ -1,12 +1,8 @@
-"""Data, image grids, plots and checkpoint I/O for gan.py.
-
-Every file is written atomically (temp file, then os.replace) so a crash or a full
-disk never leaves a half-written file where a good one stood.
+"""The training images (CIFAR-10 or a folder) as batches on the device, the user-facing error
+type, and atomic file writes: a crash or a full disk never leaves a half-written file where a
+good one stood.
 """
 
-import io
-import json
-import math
 import os
 import pickle
 import shutil
@@ -25,10 +21,6 @@ CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_LOG_NAME = "metrics.jsonl"
-# Flags that change the networks' shapes: a checkpoint only fits a net built with the same ones.
-ARCHITECTURE_FLAGS = ("image_size", "nz", "ngf", "ndf", "spectral_norm")
 
 
 class UserError(Exception):
@@ -71,11 +63,6 @@ def current_umask():
 
 def atomic_write_bytes(path, data):
     atomic_write(path, lambda file: file.write(data))
-
-
-def seed_or_random(seed):
-    """The given seed, or a fresh random one (small enough to print and retype)."""
-    return seed if seed is not None else int.from_bytes(os.urandom(3), "little")
 
 
 def check_writable(folder):
@@ -239,7 +226,11 @@ def collate_readable(items):
 def load_folder(root, image_size, workers):
     """Decode a whole folder once into a uint8 tensor; warn once about skipped files."""
     dataset = FolderImages(root, image_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=collate_readable)
+    # its own generator: a DataLoader otherwise draws its workers' seed from the global RNG,
+    # which a resumed run has just restored
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=256, num_workers=workers, collate_fn=collate_readable, generator=torch.Generator()
+    )
     chunks, skipped = [], 0
     for images, bad in loader:
         chunks.append(images)
@@ -281,279 +272,51 @@ class DeviceBatches:
     The permutation of each epoch depends only on (seed, epoch), so a resumed run sees
     the same batches; under DDP each rank takes every world_size-th batch of it.
     The last incomplete batch is dropped so every step has the same shape.
+    Batches come in D's memory format and dtype, so real and fake batches share one D graph.
     """
 
-    def __init__(self, images, batch_size, image_size, seed, rank=0, world_size=1):
+    def __init__(
+        self,
+        images,
+        batch_size,
+        image_size,
+        seed,
+        rank=0,
+        world_size=1,
+        dtype=torch.float32,
+        memory_format=torch.contiguous_format,
+    ):
         self.images = images
         self.batch_size = batch_size
         self.image_size = image_size
         self.seed = seed
         self.rank, self.world_size = rank, world_size
+        self.dtype, self.memory_format = dtype, memory_format
 
     def __len__(self):
         return len(self.images) // (self.batch_size * self.world_size)
 
     def epoch(self, epoch, start=0):
         """Yield the float batches of one epoch in [-1, 1], skipping the first `start`."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.images), generator=generator).to(self.images.device)
+        order = epoch_order(len(self.images), self.seed, epoch).to(self.images.device)
         for index in range(start, len(self)):
             first = (index * self.world_size + self.rank) * self.batch_size
-            yield to_float_images(self.images[order[first : first + self.batch_size]], self.image_size)
+            images = to_float_images(self.images[order[first : first + self.batch_size]], self.image_size)
+            yield images.to(self.dtype, memory_format=self.memory_format)
+
+
+def epoch_order(count, seed, epoch):
+    """The permutation of an epoch; the seed arithmetic stays inside int64 for any seed."""
+    mixed = (seed * 1_000_003 + epoch) % (2**63 - 1)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(mixed))
 
 
 def to_float_images(uint8_images, image_size):
     """uint8 (N, 3, s, s) to float in [-1, 1] at image_size, on the images' device."""
     images = uint8_images.float().div_(127.5).sub_(1.0)
     if images.shape[-1] != image_size:
-        images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False, antialias=True)
+        # antialiasing only changes anything when shrinking; growing 32 -> 64 gives the same
+        # pixels through a slower kernel
+        shrinking = images.shape[-1] > image_size
+        images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False, antialias=shrinking)
     return images
-
-
-# ---------------------------------------------------------------- DiffAugment
-
-
-def diff_augment(images, generator=None):
-    """Color, translation and cutout on a batch (Zhao et al., 2020), differentiable.
-
-    Applied to real and fake images alike before D, so D never sees un-augmented data.
-    """
-    n = images.shape[0]
-
-    def uniform(*shape):
-        return torch.rand(*shape, device=images.device, generator=generator, dtype=images.dtype)
-
-    images = images + (uniform(n, 1, 1, 1) - 0.5)
-    mean = images.mean(dim=1, keepdim=True)
-    images = (images - mean) * (uniform(n, 1, 1, 1) * 2) + mean
-    mean = images.mean(dim=[1, 2, 3], keepdim=True)
-    images = (images - mean) * (uniform(n, 1, 1, 1) + 0.5) + mean
-    images = _translate(images, uniform(n, 2) * 0.25 - 0.125)
-    return _cutout(images, uniform(n, 2))
-
-
-def _translate(images, shift_fraction):
-    """Shift each image by up to 1/8 of its side, filling with zeros."""
-    n, _, height, width = images.shape
-    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-    theta[:, :, 2] = shift_fraction * 2
-    grid = F.affine_grid(theta, images.shape, align_corners=False)
-    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-
-
-def _cutout(images, centre_fraction):
-    """Zero a square of half the side at a random place in each image."""
-    n, _, height, width = images.shape
-    rows = torch.arange(height, device=images.device).view(1, -1, 1)
-    cols = torch.arange(width, device=images.device).view(1, 1, -1)
-    centre_row = (centre_fraction[:, 0] * height).view(-1, 1, 1)
-    centre_col = (centre_fraction[:, 1] * width).view(-1, 1, 1)
-    inside = ((rows - centre_row).abs() < height / 4) & ((cols - centre_col).abs() < width / 4)
-    return images * (~inside).unsqueeze(1).to(images.dtype)
-
-
-# ---------------------------------------------------------------- images and plots
-
-
-def grid_image(images, nrow=8):
-    """Images in [-1, 1] as one PIL grid with 2-pixel padding."""
-    from torchvision.utils import make_grid
-
-    return to_pil(make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1)))
-
-
-def save_grid(images, path, nrow=8):
-    """Save images in [-1, 1] as one PNG grid."""
-    save_pil(grid_image(images, nrow), path)
-
-
-def to_pil(image):
-    """One float (3, H, W) image in [0, 1] as a PIL image."""
-    from PIL import Image
-
-    return Image.fromarray(image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
-
-
-def save_png(image, path):
-    """Save one float (3, H, W) image in [0, 1] as PNG, atomically."""
-    save_pil(to_pil(image), path)
-
-
-def save_pil(image, path):
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def save_gif(frames, path, frame_seconds=0.4):
-    """An animated GIF of the given frames (PNG paths or PIL images), the last one held longer."""
-    from PIL import Image
-
-    frames = [frame if isinstance(frame, Image.Image) else Image.open(frame).convert("RGB") for frame in frames]
-    if not frames:
-        return
-    durations = [int(frame_seconds * 1000)] * (len(frames) - 1) + [2000]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def plot_losses(rows, path):
-    """Loss_D and Loss_G, and D(x) and D(G(z)), against training step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if "loss_d" in r]
-    steps = [r["step"] for r in rows]
-    figure, (loss_axes, score_axes) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    loss_axes.plot(steps, [r["loss_d"] for r in rows], label="Loss_D")
-    loss_axes.plot(steps, [r["loss_g"] for r in rows], label="Loss_G")
-    loss_axes.set_ylabel("loss")
-    loss_axes.legend()
-    score_axes.plot(steps, [r["d_real"] for r in rows], label="D(x)")
-    score_axes.plot(steps, [r["d_fake"] for r in rows], label="D(G(z))")
-    score_axes.set_ylabel("D output")
-    score_axes.set_xlabel("step")
-    score_axes.set_ylim(0, 1)
-    score_axes.legend()
-    save_figure(figure, path)
-
-
-def plot_fid(rows, path):
-    """FID against epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if "fid" in r]
-    figure, axes = plt.subplots(figsize=(6, 4))
-    axes.plot([r["epoch"] for r in rows], [r["fid"] for r in rows], marker="o")
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("FID (lower is better)")
-    save_figure(figure, path)
-
-
-def save_figure(figure, path):
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-# ---------------------------------------------------------------- metrics log
-
-
-def read_metrics_log(path):
-    path = Path(path)
-    return parse_metrics(path.read_text()) if path.is_file() else []
-
-
-def parse_metrics(text):
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return rows
-
-
-def append_metrics(path, rows):
-    """Append rows to the JSONL log. Appending is safe: a torn last line is skipped on read."""
-    if not rows:
-        return
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as file:
-            file.write("".join(json.dumps(row) + "\n" for row in rows))
-    except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
-
-
-def truncate_metrics(path, last_step):
-    """Drop rows logged after the checkpoint being resumed, so no step appears twice."""
-    text = Path(path).read_text() if Path(path).is_file() else ""
-    rows = parse_metrics(text)
-    kept = [row for row in rows if row.get("step", 0) <= last_step]
-    # a line torn by a crash mid-append would swallow the next row appended after it
-    torn = bool(text) and not text.endswith("\n")
-    if len(kept) != len(rows) or torn:
-        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept)), mode="w")
-    return kept
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(checkpoint_dir):
-    return Path(checkpoint_dir) / CHECKPOINT_NAME
-
-
-def save_checkpoint(state, path):
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def save_state_dict(module, path):
-    save_checkpoint({k: v.detach().cpu() for k, v in module.state_dict().items()}, path)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint of this program; never executes code from the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types; all mean "not ours"
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else error.__class__.__name__
-        raise UserError(f"cannot read checkpoint {path}: {reason}") from None
-    required = {"netG", "flags", "epoch", "step"}
-    if not isinstance(state, dict) or not required <= set(state):
-        raise UserError(f"{path} is not a checkpoint written by gan.py (it lacks {sorted(required)})")
-    if not isinstance(state["flags"], dict) or not isinstance(state["netG"], dict):
-        raise UserError(f"{path} is not a checkpoint written by gan.py")
-    damaged = _damaged_fields(state)
-    if damaged:
-        raise UserError(f"checkpoint {path} is damaged: unusable {', '.join(damaged)}")
-    return state
-
-
-def _damaged_fields(state):
-    """Fields whose type gan.py cannot use: caught here rather than deep inside training."""
-
-    def is_count(value):
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-    def is_weights(value):
-        return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
-
-    damaged = [k for k in ("epoch", "step", "batch", "seed", "rollbacks") if k in state and not is_count(state[k])]
-    damaged += [k for k in ("netG", "netD", "netG_ema") if state.get(k) is not None and not is_weights(state[k])]
-    damaged += [k for k in ("optG", "optD", "rng") if k in state and not isinstance(state[k], dict)]
-    damaged += [k for k in ("scalerG", "scalerD") if state.get(k) is not None and not isinstance(state[k], dict)]
-    if "best_fid" in state and not isinstance(state["best_fid"], (int, float)):
-        damaged.append("best_fid")
-    return damaged
-
-
-def load_module_state(module, state_dict, what, path):
-    """load_state_dict with a user-facing message when the shapes or keys differ."""
-    try:
-        module.load_state_dict(state_dict)
-    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
-        first = str(error).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])[:300]
-        raise UserError(f"checkpoint {path} does not fit this {what}: {detail}") from None
-
-
-def grid_side(count):
-    return max(1, int(math.sqrt(count)))

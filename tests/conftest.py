@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import faults
+
 ROOT = Path(__file__).resolve().parents[1]
 GAN_PY = ROOT / "gan.py"
 if str(ROOT) not in sys.path:
@@ -83,13 +85,13 @@ def gan_main(monkeypatch, capsys, tmp_path):
     import gan
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(gan.StopRequest, "install", lambda self: None)
+    monkeypatch.setattr(faults.StopRequest, "install", lambda self: None)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
 
-    def call(argv):
+    def call(argv, metric_feature=None):
         capsys.readouterr()
-        code = gan.main([str(a) for a in argv])
+        code = gan.main([str(a) for a in argv], metric_feature)
         out, err = capsys.readouterr()
         return code, out, err
 

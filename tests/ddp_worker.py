@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import checkpoint  # noqa: E402
 import gan  # noqa: E402
 import utils  # noqa: E402
 
@@ -21,7 +22,7 @@ import utils  # noqa: E402
 def main():
     out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     rank = int(os.environ.get("RANK", "0"))
-    seen = {"batches": [], "trainer": None}
+    seen = {"batches": [], "state": None}
 
     real_train_step = gan.train_step
 
@@ -35,29 +36,29 @@ def main():
     real_train = gan.train
 
     def recording_train(*args, **kwargs):
-        seen["trainer"] = real_train(*args, **kwargs)
-        return seen["trainer"]
+        seen["state"] = real_train(*args, **kwargs)
+        return seen["state"]
 
     gan.train = recording_train
 
     if os.environ.get("DDP_WORKER_FAIL_RANK") == str(rank):
-        real_load = utils.load_dataset
+        real_load = gan.load_dataset
 
         def failing_load(opts, device):
             real_load(opts, device)
             raise utils.UserError(f"injected data failure on rank {rank}")
 
-        utils.load_dataset = failing_load
+        gan.load_dataset = failing_load
 
     exit_code = gan.main(argv)
-    trainer = seen["trainer"]
-    if exit_code == 0 and trainer is not None:
-        nets = trainer.nets
+    state = seen["state"]
+    if exit_code == 0 and state is not None:
+        nets = state.nets
         state = {
             "batches": seen["batches"],
-            "G": gan.cpu_state(nets.G),
-            "D": gan.cpu_state(nets.D),
-            "G_ema": gan.cpu_state(nets.G_ema) if nets.G_ema is not None else None,
+            "G": checkpoint.cpu_state(nets.G),
+            "D": checkpoint.cpu_state(nets.D),
+            "G_ema": checkpoint.cpu_state(nets.G_ema) if nets.G_ema is not None else None,
             "G_params": [name for name, _ in nets.G.named_parameters()],
             "D_params": [name for name, _ in nets.D.named_parameters()],
         }

@@ -14,7 +14,10 @@ import pytest
 import torch
 from conftest import TINY_ARGS, subprocess_env
 
-import gan
+import options
+import steps
+import utils
+from runtime import Runtime
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 STEPS_PER_EPOCH = 2  # TINY_ARGS: 32 images, batches of 8, split over 2 ranks
@@ -94,7 +97,13 @@ def test_rank_zero_alone_writes_the_outputs(ddp_run):
     summaries = [line for line in stdout.splitlines() if line.startswith("[1/1] Loss_D")]
     assert len(summaries) == 1
     assert stderr.count("epoch 1/1:   0%") == 1, "one progress bar, rank 0's"
-    assert ddp_run["first_files"] == ["epoch_001.png", "losses.png", "progress.gif", "real_samples.png"]
+    assert ddp_run["first_files"] == [
+        "epoch_001.png",
+        "losses.png",
+        "progress.gif",
+        "real_samples.png",
+        "real_vs_fake.png",
+    ]
     # the metrics log has each logged step once, not once per rank
     assert ddp_run["first_metric_steps"] == [2]
     assert ddp_run["first_checkpoint"]["epoch"] == 1 and ddp_run["first_checkpoint"]["step"] == STEPS_PER_EPOCH
@@ -160,7 +169,7 @@ def test_a_bad_flag_stops_every_rank_with_its_message(tmp_path):
 
 
 def test_sync_bn_on_the_cpu_is_refused_before_wrapping():
-    opts, _ = gan.parse_options(["--device", "cpu", "--image-size", "16", "--ngf", "8", "--ndf", "8", "--sync-bn"])
-    runtime = gan.Runtime(torch.device("cpu"), rank=0, world_size=2)
-    with pytest.raises(gan.UserError, match="--sync-bn needs CUDA"):
-        gan.build_nets(opts, runtime)
+    opts, _ = options.parse_flags(["--device", "cpu", "--image-size", "16", "--ngf", "8", "--ndf", "8", "--sync-bn"])
+    runtime = Runtime(torch.device("cpu"), rank=0, world_size=2)
+    with pytest.raises(utils.UserError, match="--sync-bn needs CUDA"):
+        steps.build_nets(opts, runtime)

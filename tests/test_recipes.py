@@ -8,16 +8,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-import gan
-import utils
-from models import Discriminator, Generator, update_ema
+import options
+import steps
+from models import Discriminator, Generator
+from runtime import setup_runtime
 
 NET_ARGS = ["--device", "cpu", "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8"]
 
 
 def build(*flags):
-    opts, _ = gan.parse_options([*NET_ARGS, *flags])
-    return gan.build_nets(opts, gan.setup_runtime(opts))
+    opts, _ = options.parse_flags([*NET_ARGS, *flags])
+    return steps.build_nets(opts, setup_runtime(opts))
 
 
 # ---------------------------------------------------------------- losses
@@ -26,28 +27,28 @@ def build(*flags):
 def test_hinge_losses_on_hand_computed_logits():
     real_logits = torch.tensor([2.0, 0.5, -1.0])
     fake_logits = torch.tensor([-2.0, 0.0, 1.0])
-    d_loss, g_loss = gan.LOSSES["hinge"]
+    d_loss, g_loss = steps.LOSSES["hinge"]
     # relu(1 - real) = [0, 0.5, 2], mean 5/6; relu(1 + fake) = [0, 1, 2], mean 1
-    assert float(d_loss(real_logits, fake_logits, 0.0)) == pytest.approx(5 / 6 + 1)
+    assert float(d_loss(real_logits, fake_logits, steps.Recipe())) == pytest.approx(5 / 6 + 1)
     assert float(g_loss(fake_logits)) == pytest.approx(1 / 3)  # -mean(fake)
 
 
 def test_bce_losses_on_hand_computed_logits():
     real_logits, fake_logits = torch.tensor([2.0, -1.0]), torch.tensor([0.0, 1.0])
-    d_loss, g_loss = gan.LOSSES["bce"]
+    d_loss, g_loss = steps.LOSSES["bce"]
 
     def softplus(x):  # -log(sigmoid(-x)) = log(1 + e^x)
         return math.log1p(math.exp(x))
 
     expected_d = (softplus(-2.0) + softplus(1.0)) / 2 + (softplus(0.0) + softplus(1.0)) / 2
-    assert float(d_loss(real_logits, fake_logits, 0.0)) == pytest.approx(expected_d)
+    assert float(d_loss(real_logits, fake_logits, steps.Recipe())) == pytest.approx(expected_d)
     assert float(g_loss(fake_logits)) == pytest.approx((softplus(0.0) + softplus(-1.0)) / 2)
 
 
 def test_the_loss_flag_reaches_the_steps(monkeypatch, gan_main, tiny_args):
     seen = []
-    hinge_d = gan.LOSSES["hinge"][0]
-    monkeypatch.setitem(gan.LOSSES, "hinge", (lambda *a: seen.append(1) or hinge_d(*a), gan.LOSSES["hinge"][1]))
+    hinge_d = steps.LOSSES["hinge"][0]
+    monkeypatch.setitem(steps.LOSSES, "hinge", (lambda *a: seen.append(1) or hinge_d(*a), steps.LOSSES["hinge"][1]))
     code, _, err = gan_main([*tiny_args, "--epochs", "1", "--loss", "hinge"])
     assert code == 0, err
     assert len(seen) == 4  # one D update per step, 32 images in batches of 8
@@ -87,30 +88,67 @@ def test_the_spectral_norm_flag_builds_such_a_d():
 
 def test_diffaugment_changes_the_images_and_keeps_the_shape():
     images = torch.rand(6, 3, 16, 16) * 2 - 1
-    augmented = utils.diff_augment(images, torch.Generator().manual_seed(0))
+    augmented = steps.diff_augment(images, torch.Generator().manual_seed(0))
     assert augmented.shape == images.shape
     assert not torch.allclose(augmented, images)
-    again = utils.diff_augment(images, torch.Generator().manual_seed(0))
+    again = steps.diff_augment(images, torch.Generator().manual_seed(0))
     torch.testing.assert_close(augmented, again)  # the randomness is the generator's only
 
 
 def test_diffaugment_is_differentiable():
     images = (torch.rand(6, 3, 16, 16) * 2 - 1).requires_grad_(True)
-    utils.diff_augment(images, torch.Generator().manual_seed(1)).square().sum().backward()
+    steps.diff_augment(images, torch.Generator().manual_seed(1)).square().sum().backward()
     assert images.grad is not None
     assert torch.isfinite(images.grad).all()
     assert images.grad.abs().sum() > 0
 
 
+def test_translate_moves_whole_pixels_and_fills_with_zeros():
+    images = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4).expand(2, 3, 4, 4).contiguous() + 1
+    shifted = steps.translate(images, torch.tensor([[1, 0], [-1, 2]]))
+    # image 0: pixel (i, j) comes from (i + 1, j); its last row falls off the edge
+    torch.testing.assert_close(shifted[0, :, :3], images[0, :, 1:])
+    assert (shifted[0, :, 3] == 0).all()
+    # image 1: from (i - 1, j + 2)
+    torch.testing.assert_close(shifted[1, :, 1:, :2], images[1, :, :3, 2:])
+    assert (shifted[1, :, 0] == 0).all() and (shifted[1, :, :, 2:] == 0).all()
+
+
+def test_random_shifts_are_whole_pixels_up_to_an_eighth_of_the_side():
+    shifts = steps.random_shifts(torch.zeros(4000, 3, 32, 32), torch.Generator().manual_seed(0))
+    assert shifts.dtype == torch.int64
+    assert set(shifts.unique().tolist()) == set(range(-4, 5))  # int(32 * 0.125 + 0.5) = 4, as in the paper
+
+
+def test_cutout_zeroes_a_half_side_square_clipped_at_the_borders():
+    images = torch.ones(3, 3, 32, 32)
+    corners = torch.tensor([[0, 0], [20, 24], [-8, 10]])
+    cut = steps.cutout(images, corners)
+    assert (cut[0, :, :16, :16] == 0).all() and cut[0].sum() == 3 * (32 * 32 - 16 * 16)
+    assert (cut[1, :, 20:, 24:] == 0).all() and cut[1].sum() == 3 * (32 * 32 - 12 * 8)
+    assert (cut[2, :, :8, 10:26] == 0).all() and cut[2].sum() == 3 * (32 * 32 - 8 * 16)
+
+
+def test_diffaugment_of_bf16_and_fp32_images_shifts_the_same_whole_pixels():
+    """Under autocast the fakes are bf16: they must move exactly as fp32 reals would."""
+    images = torch.rand(64, 3, 64, 64) * 2 - 1
+    fp32 = steps.diff_augment(images, torch.Generator().manual_seed(3))
+    bf16 = steps.diff_augment(images.bfloat16(), torch.Generator().manual_seed(3))
+    assert bf16.dtype == torch.float32  # augmented in fp32
+    # the same pixels were moved and cut out: zeros in the same places, values within bf16 rounding
+    torch.testing.assert_close(bf16 == 0, fp32 == 0)
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.02)
+
+
 def test_the_diffaugment_flag_augments_what_d_sees(monkeypatch):
     calls = []
-    monkeypatch.setattr(utils, "diff_augment", lambda images: calls.append(images.shape) or images)
+    monkeypatch.setattr(steps, "diff_augment", lambda images: calls.append(images.shape) or images)
     nets = build("--diffaugment", "--batch-size", "4")
-    runtime = gan.setup_runtime(gan.parse_options(NET_ARGS)[0])
-    gan.train_step(nets, torch.zeros(4, 3, 16, 16), gan.Recipe("bce", 0.0, diffaugment=True), runtime)
+    runtime = setup_runtime(options.parse_flags(NET_ARGS)[0])
+    steps.train_step(nets, torch.zeros(4, 3, 16, 16), steps.Recipe("bce", 0.0, diffaugment=True), runtime)
     assert len(calls) == 3  # real and fake in the D step, fake in the G step
     calls.clear()
-    gan.train_step(nets, torch.zeros(4, 3, 16, 16), gan.Recipe("bce", 0.0, diffaugment=False), runtime)
+    steps.train_step(nets, torch.zeros(4, 3, 16, 16), steps.Recipe("bce", 0.0, diffaugment=False), runtime)
     assert calls == []
 
 
@@ -135,7 +173,7 @@ def test_without_ttur_both_use_lr():
 @pytest.mark.parametrize(("d_steps", "g_updates"), [(1, 8), (2, 4), (4, 2)])
 def test_d_steps_updates_g_every_kth_step(monkeypatch, gan_main, tiny_args, d_steps, g_updates):
     counts = {"d": 0, "g": 0}
-    d_step, g_step = gan.d_step, gan.g_step
+    d_step, g_step = steps.d_step, steps.g_step
 
     def counting_d_step(*args, **kwargs):
         counts["d"] += 1
@@ -145,23 +183,14 @@ def test_d_steps_updates_g_every_kth_step(monkeypatch, gan_main, tiny_args, d_st
         counts["g"] += 1
         return g_step(*args, **kwargs)
 
-    monkeypatch.setattr(gan, "d_step", counting_d_step)
-    monkeypatch.setattr(gan, "g_step", counting_g_step)
+    monkeypatch.setattr(steps, "d_step", counting_d_step)
+    monkeypatch.setattr(steps, "g_step", counting_g_step)
     code, _, err = gan_main([*tiny_args, "--epochs", "2", "--d-steps", d_steps])
     assert code == 0, err
     assert counts == {"d": 8, "g": g_updates}  # 2 epochs of 4 steps
 
 
 # ---------------------------------------------------------------- EMA
-
-
-def test_update_ema_is_the_moving_average():
-    net, ema = nn.Linear(2, 1), nn.Linear(2, 1)
-    with torch.no_grad():
-        net.weight.fill_(1.0)
-        ema.weight.fill_(3.0)
-    update_ema(ema, net, 0.75)
-    torch.testing.assert_close(ema.weight, torch.full((1, 2), 0.75 * 3.0 + 0.25 * 1.0))
 
 
 def test_ema_0_writes_no_ema_generator(gan_main, tiny_args, tmp_path):

@@ -12,17 +12,22 @@ from conftest import TINY_ARGS, check_ok, cifar_colour, copy_run, run_gan, write
 from PIL import Image
 
 import gan
+import options
+import sampling
+import steps
 import utils
+from models import ema_decay_at
+from runtime import Runtime, setup_runtime
 
 # ---------------------------------------------------------------- the training step, in-process
 
 
 def tiny_nets(*flags):
-    opts, _ = gan.parse_options(
+    opts, _ = options.parse_flags(
         ["--device", "cpu", "--no-compile", "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8", *flags]
     )
-    runtime = gan.setup_runtime(opts)
-    return gan.build_nets(opts, runtime), opts, runtime
+    runtime = setup_runtime(opts)
+    return steps.build_nets(opts, runtime), opts, runtime
 
 
 def parameters(module):
@@ -41,9 +46,9 @@ def real_batch(size=8, seed=0):
 def test_train_step_moves_both_networks(flags):
     torch.manual_seed(0)
     nets, opts, runtime = tiny_nets(*flags)
-    recipe = gan.Recipe(opts.loss, opts.label_smoothing, opts.diffaugment)
+    recipe = steps.Recipe.from_options(opts)
     G_before, D_before, ema_before = parameters(nets.G), parameters(nets.D), parameters(nets.G_ema)
-    stats = gan.train_step(nets, real_batch(), recipe, runtime, update_g=True, ema_decay=opts.ema)
+    stats = steps.train_step(nets, real_batch(), recipe, runtime, update_g=True, ema_decay=opts.ema)
     assert set(stats) == {"loss_d", "loss_g", "d_real", "d_fake"}
     for name, value in stats.items():
         assert value.shape == () and torch.isfinite(value), name
@@ -60,60 +65,94 @@ def test_bce_loss_at_the_start_is_near_log_4():
     # D outputs ~0.5 at init, so Loss_D ~ 2 log 2 and Loss_G ~ log 2, the numbers every DCGAN user knows
     torch.manual_seed(0)
     nets, opts, runtime = tiny_nets()
-    stats = gan.train_step(nets, real_batch(), gan.Recipe(), runtime)
+    stats = steps.train_step(nets, real_batch(), steps.Recipe(), runtime)
     assert stats["loss_d"].item() == pytest.approx(2 * np.log(2), abs=0.3)
     assert stats["loss_g"].item() == pytest.approx(np.log(2), abs=0.3)
 
 
-def test_hinge_losses_by_hand():
-    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
-    # relu(1 - real): 0, 0.5, 2 -> mean 5/6; relu(1 + fake): 0, 1, 2 -> mean 1
-    assert gan.hinge_d_loss(real, fake, 0.0).item() == pytest.approx(5 / 6 + 1)
-    assert gan.hinge_g_loss(fake).item() == pytest.approx(1 / 3)
+def bce(logit, target):
+    """Binary cross-entropy of one logit against a target, by hand."""
+    p = 1 / (1 + np.exp(-logit))
+    return -(target * np.log(p) + (1 - target) * np.log(1 - p))
 
 
-def test_label_smoothing_changes_the_real_target():
-    logits = torch.zeros(4)
-    plain = gan.bce_d_loss(logits, logits, 0.0).item()
-    smoothed = gan.bce_d_loss(torch.full((4,), 3.0), logits, 0.1).item()
-    assert plain == pytest.approx(2 * np.log(2))
-    # target 0.9 at logit 3: -0.9 log s(3) - 0.1 log(1 - s(3)), plus log 2 for the fakes
-    sigma = 1 / (1 + np.exp(-3.0))
-    assert smoothed == pytest.approx(-0.9 * np.log(sigma) - 0.1 * np.log(1 - sigma) + np.log(2), rel=1e-5)
+def test_label_smoothing_moves_the_real_target_only():
+    real, fake = torch.full((4,), 3.0), torch.full((4,), -2.0)
+    smoothed = steps.bce_d_loss(real, fake, steps.Recipe(label_smoothing=0.1)).item()
+    # real target 0.9, fake target still 0: smoothing the fakes too would change the second term
+    assert smoothed == pytest.approx(bce(3.0, 0.9) + bce(-2.0, 0.0), rel=1e-5)
+
+
+def test_label_noise_moves_each_target_a_random_amount_towards_the_other_class(monkeypatch):
+    targets = {}
+    real_bce = steps.F.binary_cross_entropy_with_logits
+
+    def recording_bce(logits, target):
+        targets.setdefault("real" if "real" not in targets else "fake", target.clone())
+        return real_bce(logits, target)
+
+    monkeypatch.setattr(steps.F, "binary_cross_entropy_with_logits", recording_bce)
+    torch.manual_seed(0)
+    logits = torch.zeros(20_000)
+    steps.bce_d_loss(logits, logits, steps.Recipe(label_smoothing=0.1, label_noise=0.2))
+    real, fake = targets["real"], targets["fake"]
+    # real targets in [1 - 0.1 - 0.2, 1 - 0.1], fake targets in [0, 0.2], uniform: means 0.8 and 0.1
+    assert real.min() >= 0.7 and real.max() <= 0.9 and fake.min() >= 0 and fake.max() <= 0.2
+    assert real.mean().item() == pytest.approx(0.8, abs=0.005)
+    assert fake.mean().item() == pytest.approx(0.1, abs=0.005)
+    assert real.std().item() == pytest.approx(0.2 / 12**0.5, rel=0.05)  # uniform, not a constant shift
+
+
+def test_ema_decay_warms_up_then_holds():
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    assert ema_decay_at(0.999, 90) == pytest.approx(91 / 100)
+    assert ema_decay_at(0.999, 10**6) == 0.999
+    assert ema_decay_at(0.5, 5) == pytest.approx(6 / 15)  # still ramping
+    assert ema_decay_at(0.5, 20) == 0.5  # the ramp never goes past the decay asked for
+    ramp = [ema_decay_at(0.999, step) for step in range(0, 20_000, 100)]
+    assert ramp == sorted(ramp)
+
+
+def test_g_step_leaves_d_gradients_and_weights_untouched():
+    torch.manual_seed(0)
+    nets, opts, runtime = tiny_nets()
+    fake = nets.G(torch.randn(8, 8, 1, 1))
+    D_before = parameters(nets.D)
+    for p in nets.D.parameters():
+        p.grad = torch.full_like(p, 7.0)  # what a D step could have left behind
+    steps.g_step(nets, fake, steps.Recipe(), runtime)
+    assert not any(changed(D_before, nets.D))
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in nets.D.parameters())
+    assert all(p.requires_grad for p in nets.D.parameters()), "D is unfrozen after the G step"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in nets.G.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_mixed_precision_step_on_the_cpu_is_finite_and_close_to_fp32(precision):
+    """The autocast step the GPU runs: finite, and its first losses within bf16/fp16 rounding of fp32."""
+    results = {}
+    for name in ("fp32", precision):
+        torch.manual_seed(0)
+        nets, opts, runtime = tiny_nets("--precision", name)
+        assert runtime.amp_dtype == {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        torch.manual_seed(1)
+        results[name] = {k: v.item() for k, v in steps.train_step(nets, real_batch(), steps.Recipe(), runtime).items()}
+        assert all(p.isfinite().all() for p in nets.G.parameters())
+    for key, value in results["fp32"].items():
+        assert results[precision][key] == pytest.approx(value, abs=0.03), key
 
 
 def test_d_only_step_leaves_the_generator_alone():
     torch.manual_seed(0)
     nets, opts, runtime = tiny_nets("--d-steps", "2")
     G_before, D_before, ema_before = parameters(nets.G), parameters(nets.D), parameters(nets.G_ema)
-    stats = gan.train_step(nets, real_batch(), gan.Recipe(), runtime, update_g=False, ema_decay=opts.ema)
+    stats = steps.train_step(nets, real_batch(), steps.Recipe(), runtime, update_g=False, ema_decay=opts.ema)
     assert "loss_g" not in stats
     assert torch.isfinite(stats["loss_d"])
     assert not any(changed(G_before, nets.G))
     assert not any(changed(ema_before, nets.G_ema))
     assert all(changed(D_before, nets.D))
     assert all(p.grad is None for p in nets.G.parameters())
-
-
-def test_diff_augment_keeps_shape_and_is_differentiable():
-    images = (torch.rand(6, 3, 16, 16) * 2 - 1).requires_grad_(True)
-    augmented = utils.diff_augment(images, generator=torch.Generator().manual_seed(0))
-    assert augmented.shape == images.shape
-    assert torch.isfinite(augmented).all()
-    assert not torch.allclose(augmented, images)
-    augmented.square().sum().backward()
-    assert images.grad is not None and images.grad.abs().sum() > 0
-    # the same generator seed gives the same augmentation
-    again = utils.diff_augment(images.detach(), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(again, augmented.detach())
-
-
-def test_diff_augment_cuts_out_a_quarter_of_each_image():
-    images = torch.ones(16, 3, 32, 32)
-    cut = utils._cutout(images, torch.rand(16, 2, generator=torch.Generator().manual_seed(0)))
-    zero_fraction = (cut == 0).float().mean(dim=(1, 2, 3))
-    # a 16x16 square, clipped at the borders: at most a quarter, at least a sixteenth
-    assert (zero_fraction <= 0.25).all() and (zero_fraction >= 1 / 16).all()
 
 
 # ---------------------------------------------------------------- device batches
@@ -191,6 +230,7 @@ def load(path):
 def test_a_run_writes_every_file(trained_run):
     images, checkpoints = trained_run / "images", trained_run / "checkpoints"
     expected_images = {"real_samples.png", "epoch_001.png", "epoch_002.png", "losses.png", "progress.gif"}
+    expected_images.add("real_vs_fake.png")  # at the end of training
     assert {p.name for p in images.iterdir()} == expected_images
     expected_checkpoints = {"checkpoint.pt", "netG.pth", "netD.pth", "netG_ema.pth", "flags.json", "metrics.jsonl"}
     assert {p.name for p in checkpoints.iterdir()} == expected_checkpoints
@@ -217,7 +257,7 @@ def test_a_run_writes_every_file(trained_run):
     # the plain state_dicts are the checkpoint's networks
     for name, key in [("netG.pth", "netG"), ("netD.pth", "netD"), ("netG_ema.pth", "netG_ema")]:
         torch.testing.assert_close(load(checkpoints / name), state[key])
-    G = gan.build_generator(flags)
+    G = sampling.build_generator(flags)
     G.load_state_dict(load(checkpoints / "netG_ema.pth"))
     assert G(state["fixed_noise"][:2]).shape == (2, 3, 16, 16)
 
@@ -339,3 +379,22 @@ def test_cifar10_upsampled_to_64(tmp_path, gan_main):
     code, out, err = gan_main(cifar_args(tmp_path / "cifar", 64))
     assert code == 0, err
     check_cifar_run(tmp_path, out, pixels, 64)
+
+
+# ---------------------------------------------------------------- logging
+
+
+def test_loss_g_is_averaged_over_g_updates_only():
+    """Under --d-steps 2 half the steps make no G update: their missing Loss_G is not a zero."""
+    meter = gan.Meter(torch.device("cpu"))
+    for loss_d, loss_g in [(1.0, 4.0), (3.0, None), (5.0, 2.0), (7.0, None)]:
+        stats = {"loss_d": torch.tensor(loss_d), "d_real": torch.tensor(0.5), "d_fake": torch.tensor(0.25)}
+        if loss_g is not None:
+            stats["loss_g"] = torch.tensor(loss_g)
+        meter.add(stats)
+    means = meter.read_interval(Runtime(torch.device("cpu")))
+    assert means == {"loss_d": 4.0, "loss_g": 3.0, "d_real": 0.5, "d_fake": 0.25}
+    assert meter.steps == 0  # read: a new interval starts
+    meter.add({"loss_d": torch.tensor(2.0), "d_real": torch.tensor(1.0), "d_fake": torch.tensor(0.0)})
+    assert meter.read_interval(Runtime(torch.device("cpu")))["loss_g"] is None  # no G update at all
+    assert meter.epoch_means()["loss_d"] == pytest.approx((1 + 3 + 5 + 7 + 2) / 5)

@@ -1,0 +1,284 @@
+"""The pictures a run draws: sample grids, the progress GIF, the loss and FID plots and the
+real-vs-fake figure. Each written atomically, except the progress GIF (see ProgressGif).
+
+Work per epoch stays constant as a run grows: the GIF gets one frame appended, never
+re-encoded, and the plots draw at most MAX_PLOT_POINTS points from rows kept in memory.
+"""
+
+import io
+import math
+import os
+import struct
+from pathlib import Path
+
+import matplotlib
+import torch
+from PIL import Image
+
+from utils import UserError, atomic_write_bytes
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+MAX_PLOT_POINTS = 1000
+FRAME_MS, LAST_FRAME_MS = 400, 2000
+
+
+# ---------------------------------------------------------------- grids
+
+
+def grid_image(images, nrow=8):
+    """Images in [-1, 1] as one PIL grid with 2-pixel padding."""
+    from torchvision.utils import make_grid
+
+    return to_pil(make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1)))
+
+
+def save_grid(images, path, nrow=8):
+    """Save images in [-1, 1] as one PNG grid."""
+    save_pil(grid_image(images, nrow), path)
+
+
+def to_pil(image):
+    """One float (3, H, W) image in [0, 1] as a PIL image."""
+    return Image.fromarray(image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def save_png(image, path):
+    """Save one float (3, H, W) image in [0, 1] as PNG, atomically."""
+    save_pil(to_pil(image), path)
+
+
+def save_pil(image, path):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def grid_side(count):
+    return max(1, int(math.sqrt(count)))
+
+
+def save_gif(frames, path, frame_seconds=0.4):
+    """An animated GIF of PIL images, the last one held longer (for --interpolate)."""
+    durations = [int(frame_seconds * 1000)] * (len(frames) - 1) + [LAST_FRAME_MS]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------- a training run's pictures
+
+
+class EpochPictures:
+    """images/: real_samples.png once, then per epoch a grid, a GIF frame and the loss plot."""
+
+    def __init__(self, image_dir, rows, epochs_done):
+        self.image_dir = Path(image_dir)
+        self.rows = rows  # the metrics log, kept in memory so a plot never re-reads it
+        self.gif = ProgressGif(self.image_dir / "progress.gif")
+        self.gif.open([self.grid_path(epoch) for epoch in range(1, epochs_done + 1) if self.grid_path(epoch).is_file()])
+
+    def grid_path(self, epoch):
+        return self.image_dir / f"epoch_{epoch:03d}.png"
+
+    def write_real_samples(self, real_uint8, image_size):
+        from utils import to_float_images
+
+        path = self.image_dir / "real_samples.png"
+        if not path.exists():
+            save_grid(to_float_images(real_uint8, image_size), path)
+
+    def add_epoch(self, samples, epoch):
+        grid = grid_image(samples)
+        save_pil(grid, self.grid_path(epoch))
+        self.gif.append(grid)
+        plot_losses(self.rows, self.image_dir / "losses.png")
+
+    def write_real_vs_fake(self, real_uint8, fake, image_size):
+        from utils import to_float_images
+
+        plot_real_vs_fake(to_float_images(real_uint8, image_size), fake, self.image_dir / "real_vs_fake.png")
+
+
+# ---------------------------------------------------------------- the progress GIF
+
+
+class ProgressGif:
+    """images/progress.gif, grown by one frame per epoch.
+
+    PIL can only write a whole GIF, which would re-encode every earlier frame each epoch. Here
+    each frame is encoded alone by PIL and its blocks are appended before the GIF's trailer, so
+    an epoch's cost does not depend on how many came before. Appending is not atomic: a GIF
+    torn by a crash (or of another length than the run's epochs) is rebuilt from the epoch
+    PNGs once, at start-up.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.last_delay_at = None  # file offset of the last frame's delay, held longer than the others
+
+    def open(self, frame_paths):
+        """Check the GIF holds exactly these frames; rebuild it from them if not."""
+        try:
+            count, self.last_delay_at = gif_frames(self.path.read_bytes())
+        except (OSError, ValueError):
+            count = None
+        if count != len(frame_paths):
+            self.rebuild(frame_paths)
+
+    def rebuild(self, frame_paths):
+        self.last_delay_at = None
+        if not frame_paths:
+            self.path.unlink(missing_ok=True)
+            return
+        with Image.open(frame_paths[0]) as first:
+            data = bytearray(gif_header(*first.size))
+        for index, frame_path in enumerate(frame_paths):
+            with Image.open(frame_path) as image:
+                block = encode_frame(image, FRAME_MS if index < len(frame_paths) - 1 else LAST_FRAME_MS)
+            self.last_delay_at = len(data) + 4
+            data += block
+        atomic_write_bytes(self.path, bytes(data) + b";")
+
+    def append(self, image):
+        """Add one PIL frame at the end; the previous last frame goes back to the usual delay."""
+        if self.last_delay_at is None or not self.path.is_file():  # the first frame, or the GIF was removed
+            atomic_write_bytes(self.path, gif_header(*image.size) + encode_frame(image, LAST_FRAME_MS) + b";")
+            self.last_delay_at = len(gif_header(*image.size)) + 4
+            return
+        block = encode_frame(image, LAST_FRAME_MS)
+        try:
+            with open(self.path, "r+b") as file:
+                file.seek(self.last_delay_at)
+                file.write(struct.pack("<H", FRAME_MS // 10))
+                end = file.seek(-1, os.SEEK_END)  # the trailer byte
+                file.write(block + b";")
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            raise UserError(f"cannot write {self.path}: {error.strerror or error}") from None
+        self.last_delay_at = end + 4
+
+
+def gif_header(width, height):
+    """GIF89a, a screen of the frames' size without a global palette, and loop forever."""
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    return b"GIF89a" + screen + b"\x21\xff\x0bNETSCAPE2.0\x03\x01\x00\x00\x00"
+
+
+def encode_frame(image, delay_ms):
+    """One frame's blocks: a graphic control extension, then PIL's image with its palette made local."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="GIF")
+    data = buffer.getvalue()
+    packed = data[10]
+    palette_size = 3 * 2 ** ((packed & 7) + 1) if packed & 0x80 else 0
+    palette = data[13 : 13 + palette_size]
+    position = skip_extensions(data, 13 + palette_size)
+    descriptor = bytearray(data[position : position + 10])
+    if descriptor[9] & 0x80 or not palette_size:
+        palette = b""  # the frame has its own palette already
+    else:  # the global palette becomes this frame's local one
+        descriptor[9] = (descriptor[9] & 0x40) | 0x80 | (packed & 7)
+    image_data = data[position + 10 : data.rindex(b";")]
+    control = b"\x21\xf9\x04\x04" + struct.pack("<H", delay_ms // 10) + b"\x00\x00"
+    return control + bytes(descriptor) + palette + image_data
+
+
+def skip_extensions(data, position):
+    """The offset of the next image descriptor, skipping extension blocks."""
+    while data[position] == 0x21:
+        position = skip_sub_blocks(data, position + 2)
+    if data[position] != 0x2C:
+        raise ValueError("no image descriptor where one was expected")
+    return position
+
+
+def skip_sub_blocks(data, position):
+    while data[position]:
+        position += data[position] + 1
+    return position + 1
+
+
+def gif_frames(data):
+    """(number of frames, offset of the last frame's delay) of a whole GIF; ValueError if torn."""
+    if data[:6] not in (b"GIF87a", b"GIF89a") or not data.endswith(b";"):
+        raise ValueError("not a whole GIF")
+    packed = data[10]
+    position = 13 + (3 * 2 ** ((packed & 7) + 1) if packed & 0x80 else 0)
+    frames, last_delay_at = 0, None
+    try:
+        while data[position] != 0x3B:
+            if data[position] == 0x21:
+                if data[position + 1] == 0xF9:
+                    last_delay_at = position + 4
+                position = skip_sub_blocks(data, position + 2)
+            elif data[position] == 0x2C:
+                local = data[position + 9]
+                position += 10 + (3 * 2 ** ((local & 7) + 1) if local & 0x80 else 0)
+                position = skip_sub_blocks(data, position + 1)  # after the LZW code size
+                frames += 1
+            else:
+                raise ValueError("unknown GIF block")
+    except IndexError:
+        raise ValueError("GIF ends inside a block") from None
+    return frames, last_delay_at
+
+
+# ---------------------------------------------------------------- plots
+
+
+def binned(values, points=MAX_PLOT_POINTS):
+    """At most `points` means of consecutive values: a plot's cost stays flat as a run grows."""
+    if len(values) <= points:
+        return list(values)
+    size = math.ceil(len(values) / points)
+    return [sum(values[i : i + size]) / len(values[i : i + size]) for i in range(0, len(values), size)]
+
+
+def plot_losses(rows, path):
+    """Loss_D and Loss_G, and D(x) and D(G(z)), against training step (rows with all four numbers)."""
+    keys = ("step", "loss_d", "loss_g", "d_real", "d_fake")
+    rows = [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in keys)]
+    column = {k: binned([r[k] for r in rows]) for k in keys}
+    figure, (loss_axes, score_axes) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    loss_axes.plot(column["step"], column["loss_d"], label="Loss_D")
+    loss_axes.plot(column["step"], column["loss_g"], label="Loss_G")
+    loss_axes.set_ylabel("loss")
+    loss_axes.legend()
+    score_axes.plot(column["step"], column["d_real"], label="D(x)")
+    score_axes.plot(column["step"], column["d_fake"], label="D(G(z))")
+    score_axes.set_ylabel("D output")
+    score_axes.set_xlabel("step")
+    score_axes.set_ylim(0, 1)
+    score_axes.legend()
+    save_figure(figure, path)
+
+
+def plot_fid(rows, path):
+    """FID against epoch."""
+    rows = [r for r in rows if isinstance(r.get("fid"), (int, float)) and isinstance(r.get("epoch"), int)]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot([r["epoch"] for r in rows], [r["fid"] for r in rows], marker="o")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("FID (lower is better)")
+    save_figure(figure, path)
+
+
+def plot_real_vs_fake(real_images, fake_images, path):
+    """The DCGAN tutorial's last figure: real images beside generated ones."""
+    figure, (real_axes, fake_axes) = plt.subplots(1, 2, figsize=(12, 6))
+    for axes, images, title in ((real_axes, real_images, "Real images"), (fake_axes, fake_images, "Fake images")):
+        axes.imshow(grid_image(images))
+        axes.set_title(title)
+        axes.axis("off")
+    save_figure(figure, path)
+
+
+def save_figure(figure, path):
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,83 @@
+"""When a run must stop early: Ctrl-C and SIGTERM turned into a request the loop reads between
+steps, and what to do when the losses or weights stop being finite.
+"""
+
+import os
+import signal
+import sys
+
+from utils import UserError
+
+EXIT_DIVERGED = 3
+MAX_ROLLBACKS = 3
+ROLL_BACK = "roll back"
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop reads between steps; a second one exits at once."""
+
+    def __init__(self):
+        self.signal_number = None
+
+    def install(self):
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signal_number, frame):
+        if self.signal_number is not None:
+            # the checkpoint on disk is only ever replaced atomically, so leaving now is safe
+            os._exit(128 + signal_number)
+        self.signal_number = signal_number
+        print(
+            f"\n{signal.Signals(signal_number).name}: stopping after this step (again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @property
+    def requested(self):
+        return self.signal_number is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signal_number or signal.SIGINT).name
+
+    @property
+    def exit_code(self):
+        return 128 + (self.signal_number or signal.SIGINT)
+
+
+class Diverged(UserError):
+    exit_code = EXIT_DIVERGED
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after saving its state; main() prints the message."""
+
+    def __init__(self, exit_code, message):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def interruption(stop, what, checkpoint_path, checkpoint_dir):
+    return Interrupted(
+        stop.exit_code,
+        f"{what}; saved {checkpoint_path}. Resume with: python gan.py --resume --checkpoint-dir {checkpoint_dir}",
+    )
+
+
+def on_divergence(where, on_nan, checkpoint_path, rollbacks):
+    """ROLL_BACK when --on-nan rollback has a checkpoint and tries left; else the Diverged error to raise."""
+    has_checkpoint = checkpoint_path.is_file()
+    if on_nan == "rollback" and has_checkpoint and rollbacks < MAX_ROLLBACKS:
+        return ROLL_BACK
+    if not has_checkpoint:
+        hint = "no checkpoint was written yet; try a lower --lr"
+    elif on_nan == "rollback":
+        hint = f"gave up after {MAX_ROLLBACKS} rollbacks; the last good checkpoint is {checkpoint_path}"
+    else:
+        hint = (
+            f"the last good checkpoint is {checkpoint_path}: resume it with --resume "
+            "(and --on-nan rollback to retry automatically)"
+        )
+    return Diverged(f"{where}; {hint}")

@@ -1,0 +1,322 @@
+"""The command line: every flag with its check, and the options a run uses, resolved once
+(a random seed drawn, a checkpoint's flags merged on --resume) and read-only from then on.
+"""
+
+import argparse
+import copy
+import math
+import os
+from pathlib import Path
+from types import MappingProxyType
+
+from models import IMAGE_SIZES
+from runtime import PRECISIONS
+from steps import LOSSES
+from utils import UserError
+
+# Flags that change the networks' shapes: a checkpoint only fits a net built with the same ones.
+ARCHITECTURE_FLAGS = ("image_size", "nz", "ngf", "ndf", "spectral_norm")
+# Flags that describe this invocation or this machine, never taken from a checkpoint.
+NOT_RESUMED_FLAGS = (
+    "resume",
+    "checkpoint",
+    "generate",
+    "interpolate",
+    "evaluate",
+    "device",
+    "compile",
+    "precision",
+    "workers",
+    "tensorboard",
+)
+MAX_SEED = 2**63 - 1
+EXAMPLES = """examples:
+  python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
+  python gan.py --dataset folder --dataroot celeba/ --image-size 64 --diffaugment
+                                                             any folder of images (e.g. CelebA)
+  python gan.py --resume                                     continue the run in checkpoints/
+  python gan.py --generate 1000 --seed 7                     images from the latest checkpoint
+  python gan.py --interpolate                                latent walks, grid and GIF
+  python gan.py --evaluate                                   FID, IS and KID of the latest checkpoint
+  torchrun --nproc_per_node=8 gan.py --epochs 25             8 GPUs, batch 128 each
+"""
+
+
+class Options:
+    """The resolved flags, read-only: a helper that wrote opts.x would change what the next resume reads."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values):
+        object.__setattr__(self, "_values", MappingProxyType(dict(values)))
+
+    def __getattr__(self, name):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"options are read-only (tried to set {name})")
+
+    def replace(self, **changes):
+        return Options({**self._values, **changes})
+
+    def as_dict(self):
+        """The values a checkpoint and flags.json keep: numbers, strings, booleans and None."""
+        return {k: v for k, v in self._values.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+# ---------------------------------------------------------------- value checks
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def seed(text):
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63-1, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def image_size(text):
+    value = int(text)
+    if value not in IMAGE_SIZES:
+        raise argparse.ArgumentTypeError(f"must be a power of two from 16 to 256, got {text}")
+    return value
+
+
+def device_name(text):
+    if text in ("auto", "cpu", "mps", "cuda") or (text.startswith("cuda:") and text[5:].isdecimal()):
+        return text
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, mps, cuda or cuda:N, got {text}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in --help, and the examples kept as written."""
+
+
+# ---------------------------------------------------------------- the flags
+
+
+def build_parser():
+    p = Parser(
+        description="Train a DCGAN and use the trained generator.", epilog=EXAMPLES, formatter_class=HelpFormatter
+    )
+    add_training_flags(p.add_argument_group("training"))
+    add_data_flags(p.add_argument_group("data"))
+    add_run_flags(p.add_argument_group("run"))
+    add_after_training_flags(p.add_argument_group("after training"))
+    return p
+
+
+def add_training_flags(group):
+    add = group.add_argument
+    add("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
+    add("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
+    add("--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256")
+    add("--nz", type=positive_int, default=100, help="length of the noise vector")
+    add("--ngf", type=positive_int, default=64, help="generator width (channels of its last stage)")
+    add("--ndf", type=positive_int, default=64, help="discriminator width (channels of its first stage)")
+    add("--lr", type=positive_float, default=2e-4, help="Adam learning rate of both networks")
+    add("--beta1", type=fraction, default=0.5, help="Adam beta1")
+    add("--beta2", type=fraction, default=0.999, help="Adam beta2")
+    add("--loss", choices=list(LOSSES), default="bce", help="bce: the DCGAN loss; hinge: as in SN-GAN")
+    add("--label-smoothing", type=fraction, default=0.0, help="real labels become 1-s (bce loss only)")
+    add(
+        "--label-noise",
+        type=fraction,
+        default=0.0,
+        help="each D label moves a random amount in [0, N] towards the other class (bce loss only)",
+    )
+    add("--spectral-norm", action="store_true", help="spectral normalisation on D's layers (drops D's BatchNorm)")
+    add("--diffaugment", action="store_true", help="differentiable color/translation/cutout on D's inputs")
+    add("--ttur", action="store_true", help="two time-scale update rule: D lr 4e-4, G lr 1e-4 (overrides --lr)")
+    add("--d-steps", type=positive_int, default=1, help="D updates per G update, each on its own batch")
+    add("--ema", type=fraction, default=0.999, help="decay of the generator's moving average; 0 turns it off")
+    add("--seed", type=seed, default=None, help="random seed [default: random, printed and saved]")
+    add(
+        "--on-nan",
+        choices=["stop", "rollback"],
+        default="stop",
+        help="on non-finite losses: stop, or reload the last checkpoint with a new seed",
+    )
+    add("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across processes under torchrun")
+
+
+def add_data_flags(group):
+    add = group.add_argument
+    add(
+        "--dataset",
+        choices=["cifar10", "folder", "fake"],
+        default="cifar10",
+        help="cifar10 (downloaded), folder (any image folder) or fake (random, for smoke tests)",
+    )
+    add("--dataroot", default="data", help="where CIFAR-10 is downloaded, or the image folder")
+    add("--subset", type=positive_int, default=None, help="train on N randomly drawn images [default: all]")
+    add("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="processes decoding a folder")
+
+
+def add_run_flags(group):
+    add = group.add_argument
+    add("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    add(
+        "--precision",
+        choices=["auto", *PRECISIONS],
+        default="auto",
+        help="auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere",
+    )
+    add("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the steps; auto: on CUDA only")
+    add("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
+    add("--image-dir", default="images", help="folder for grids, plots and generated images")
+    add("--checkpoint-dir", default="checkpoints", help="folder for checkpoints and the metrics log")
+    add(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="continue a run [PATH: the latest checkpoint in --checkpoint-dir]",
+    )
+    add("--log-every", type=positive_int, default=100, help="steps between progress-bar updates and metrics-log rows")
+    add("--tensorboard", action="store_true", help="also log to TensorBoard (needs the tensorboard package)")
+
+
+def add_after_training_flags(group):
+    add = group.add_argument
+    add("--generate", type=positive_int, default=None, metavar="N", help="write N images from a checkpoint, then exit")
+    add("--interpolate", action="store_true", help="write latent walks (grid and GIF) from a checkpoint, then exit")
+    add("--steps", type=positive_int, default=10, help="images per latent walk for --interpolate")
+    add("--checkpoint", default=None, help="checkpoint for --generate/--interpolate/--evaluate [default: latest]")
+    add("--evaluate", action="store_true", help="FID, IS and KID of a checkpoint, then exit")
+    add("--eval-samples", type=positive_int, default=10_000, help="generated images per evaluation")
+    add("--fid-every", type=non_negative_int, default=0, help="evaluate every E epochs while training; keeps best.pt")
+
+
+# ---------------------------------------------------------------- parsing and resolving
+
+
+def parse_flags(argv=None):
+    """The checked flags as Options, and the set of flags the user typed."""
+    parser = build_parser()
+    parsed = vars(parser.parse_args(argv))
+    for action in parser._actions:
+        if isinstance(parsed.get(action.dest), list):  # argparse turns "--flag=--" into [] unchecked
+            raise UserError(f"argument {'/'.join(action.option_strings)}: expected one argument")
+    explicit = explicit_flags(parser, argv)
+    modes = [parsed["generate"] is not None, parsed["interpolate"], parsed["evaluate"]]
+    if sum(modes) > 1:
+        raise UserError("choose one of --generate, --interpolate and --evaluate")
+    if parsed["resume"] is not None and any(modes):
+        raise UserError("--resume trains; use --checkpoint with --generate, --interpolate or --evaluate")
+    check_recipe(parsed)
+    return Options(parsed), explicit
+
+
+def check_recipe(flags):
+    if flags["loss"] != "bce":
+        for name in ("label_smoothing", "label_noise"):
+            if flags[name]:
+                raise UserError(f"--{name.replace('_', '-')} applies to --loss bce only")
+    if flags["label_smoothing"] + flags["label_noise"] >= 1:
+        raise UserError("--label-smoothing plus --label-noise must stay below 1")
+
+
+def explicit_flags(parser, argv):
+    """Names of the flags the user typed, found by parsing again with no defaults."""
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(bare.parse_args(argv)))
+
+
+def random_seed():
+    """A fresh seed, small enough to print and retype."""
+    return int.from_bytes(os.urandom(3), "little")
+
+
+def mixed_seed(*parts):
+    """A seed made of several numbers (seed, rank, step, ...) that stays in torch's range."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % MAX_SEED
+    return value
+
+
+def merge_resume_flags(opts, explicit, saved_flags, path):
+    """Options for a resumed run: flags not typed now come from the checkpoint.
+
+    Returns (options, the changes to report). Typed architecture changes are refused.
+    """
+    refused = [
+        f"--{name.replace('_', '-')} {getattr(opts, name)} (checkpoint: {saved_flags.get(name)})"
+        for name in ARCHITECTURE_FLAGS
+        if name in explicit and name in saved_flags and getattr(opts, name) != saved_flags[name]
+    ]
+    if refused:
+        raise UserError(f"cannot resume {path} with a different architecture: {', '.join(refused)}")
+    changed, merged, parser = [], {}, build_parser()
+    for name, saved in saved_flags.items():
+        if not hasattr(opts, name) or name in NOT_RESUMED_FLAGS:
+            continue
+        if name in explicit:
+            if getattr(opts, name) != saved:
+                changed.append(f"--{name.replace('_', '-')} {saved} -> {getattr(opts, name)}")
+        elif name != "seed":
+            if not saved_flag_is_valid(parser, name, saved):
+                raise UserError(f"checkpoint {path} is damaged: it says --{name.replace('_', '-')} {saved!r}")
+            merged[name] = saved
+    resolved = opts.replace(**merged)
+    check_recipe(resolved._values)
+    return resolved, changed
+
+
+def saved_flag_is_valid(parser, name, value):
+    """Whether a value read from a checkpoint is one the flag's parser could have produced."""
+    action = next((a for a in parser._actions if a.dest == name), None)
+    if action is None or value is None:
+        return action is None or action.default is None
+    if action.choices is not None:
+        return isinstance(value, str) and value in action.choices
+    if action.type is None:  # store_true flags and plain strings
+        return type(value) is type(action.default) or isinstance(value, str)
+    try:
+        return type(value) is not bool and action.type(str(value)) == value
+    except (argparse.ArgumentTypeError, ValueError, TypeError):
+        return False
+
+
+def resume_path(opts):
+    """The checkpoint --resume names, or the latest one in --checkpoint-dir."""
+    return Path(opts.resume) if opts.resume else Path(opts.checkpoint_dir) / "checkpoint.pt"

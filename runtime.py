@@ -1,0 +1,145 @@
+"""Where and how the numbers are computed: device, precision, compilation and torchrun's
+process group, decided once at start-up and passed to everything else.
+"""
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils import UserError
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None = None  # None: full fp32
+    compile: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def precision_name(self):
+        return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[self.amp_dtype]
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self):
+        # bf16 has fp32's range and needs no loss scaling; fp16 does
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    @property
+    def memory_format(self):
+        # channels_last pays on CUDA tensor cores and on the CPU's oneDNN convolutions (BENCHMARKS.md)
+        return torch.channels_last if self.device.type in ("cuda", "cpu") else torch.contiguous_format
+
+
+def choose_device(requested, local_rank=0):
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: no CUDA GPU is available here (try --device cpu)")
+        index = int(requested[5:]) if ":" in requested else local_rank
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) here")
+        return torch.device("cuda", index)
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: Apple's MPS backend is not available here")
+    return torch.device(requested)
+
+
+def choose_precision(requested, device):
+    """auto: bf16 on CUDA where supported, else fp16 with loss scaling; fp32 on CPU and MPS."""
+    if requested != "auto":
+        if requested == "fp16" and device.type == "mps":
+            raise UserError("--precision fp16 is not supported on MPS; use fp32")
+        return PRECISIONS[requested]
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def choose_compile(requested, device):
+    """auto: compiled on CUDA, where it pays; on the CPU it costs a minute of start-up."""
+    if requested == "off" or (requested == "auto" and device.type != "cuda"):
+        return False
+    if sys.platform == "win32":
+        if requested == "on":
+            raise UserError("--compile on: torch.compile does not run on Windows here; use --compile off")
+        return False
+    return True
+
+
+def setup_runtime(opts):
+    """Device, precision and compilation; joins the torchrun process group if there is one."""
+    rank, world_size, local_rank = start_distributed(opts.device)
+    device = choose_device(opts.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(
+        device, choose_precision(opts.precision, device), choose_compile(opts.compile, device), rank, world_size
+    )
+
+
+def start_distributed(requested_device):
+    """Join torchrun's process group when its variables are set; else (0, 1, 0)."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_nccl = requested_device != "cpu" and torch.cuda.is_available()
+    if use_nccl:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_nccl else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def stop_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(runtime):
+    if runtime.distributed:
+        dist.barrier()
+
+
+def broadcast_int(value, runtime):
+    """Rank 0's value of an integer on every rank (e.g. a seed drawn at random)."""
+    if not runtime.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag, runtime):
+    """Whether flag is true on any rank; every rank must call this at the same point."""
+    if not runtime.distributed:
+        return flag
+    tensor = torch.tensor([float(flag)], device=runtime.device)
+    dist.all_reduce(tensor)
+    return bool(tensor.item())

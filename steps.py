@@ -1,0 +1,255 @@
+"""The training maths: losses, DiffAugment, the networks with their optimizers, and the D and
+G updates. Plain functions of (nets, batch, recipe) that return device tensors; no I/O.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import Discriminator, Generator, init_weights, update_ema
+from utils import UserError
+
+# ---------------------------------------------------------------- losses
+
+
+def bce_d_loss(real_logits, fake_logits, recipe):
+    real_target = torch.full_like(real_logits, 1.0 - recipe.label_smoothing)
+    fake_target = torch.zeros_like(fake_logits)
+    if recipe.label_noise:
+        # each target moves a random amount towards the other class (Salimans et al., 2016)
+        real_target = real_target - recipe.label_noise * torch.rand_like(real_target)
+        fake_target = fake_target + recipe.label_noise * torch.rand_like(fake_target)
+    loss_real = F.binary_cross_entropy_with_logits(real_logits, real_target)
+    loss_fake = F.binary_cross_entropy_with_logits(fake_logits, fake_target)
+    return loss_real + loss_fake
+
+
+def bce_g_loss(fake_logits):
+    # the non-saturating loss of Goodfellow et al.: maximise log D(G(z))
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def hinge_d_loss(real_logits, fake_logits, recipe):
+    return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+
+
+def hinge_g_loss(fake_logits):
+    return -fake_logits.mean()
+
+
+LOSSES = {"bce": (bce_d_loss, bce_g_loss), "hinge": (hinge_d_loss, hinge_g_loss)}
+
+
+# ---------------------------------------------------------------- DiffAugment
+
+
+def diff_augment(images, generator=None):
+    """Color, translation and cutout on a batch (Zhao et al., 2020), differentiable.
+
+    Applied to real and fake images alike before D, so D never sees un-augmented data.
+    Computed in fp32 with whole-pixel shifts, as the paper's code does: under bf16 autocast
+    G's images are bf16, and a sampling grid rounded to bf16 would move some pixels of the
+    fakes only, a tell D could learn.
+    """
+    images = images.float()
+    n = images.shape[0]
+
+    def uniform():
+        return torch.rand(n, 1, 1, 1, device=images.device, generator=generator)
+
+    images = images + (uniform() - 0.5)
+    mean = images.mean(dim=1, keepdim=True)
+    images = (images - mean) * (uniform() * 2) + mean
+    mean = images.mean(dim=[1, 2, 3], keepdim=True)
+    images = (images - mean) * (uniform() + 0.5) + mean
+    images = translate(images, random_shifts(images, generator))
+    return cutout(images, random_cutout_corners(images, generator))
+
+
+def random_shifts(images, generator=None, ratio=0.125):
+    """Whole-pixel shifts (rows, cols) per image, up to ratio of the side each way."""
+    side = images.shape[-1]
+    limit = int(side * ratio + 0.5)
+    return torch.randint(-limit, limit + 1, (images.shape[0], 2), device=images.device, generator=generator)
+
+
+def translate(images, shifts):
+    """Shift each image by whole pixels, filling with zeros: pixel (i, j) comes from (i+dy, j+dx)."""
+    n, _, height, width = images.shape
+    batch = torch.arange(n, device=images.device).view(n, 1, 1)
+    # indices into the image padded by one zero pixel; anything outside lands on the padding
+    rows = (torch.arange(height, device=images.device).view(1, -1, 1) + shifts[:, 0].view(n, 1, 1) + 1).clamp(
+        0, height + 1
+    )
+    cols = (torch.arange(width, device=images.device).view(1, 1, -1) + shifts[:, 1].view(n, 1, 1) + 1).clamp(
+        0, width + 1
+    )
+    padded = F.pad(images, (1, 1, 1, 1)).permute(0, 2, 3, 1)
+    return padded[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def random_cutout_corners(images, generator=None, ratio=0.5):
+    """Top-left corners (row, col) of a square of ratio x side per image; it may overhang."""
+    side = images.shape[-1]
+    size = int(side * ratio + 0.5)
+    centres = torch.randint(0, side + (1 - size % 2), (images.shape[0], 2), device=images.device, generator=generator)
+    return centres - size // 2
+
+
+def cutout(images, corners, ratio=0.5):
+    """Zero a square of ratio x side at each image's corner (clipped at the borders)."""
+    n, _, height, width = images.shape
+    size = int(width * ratio + 0.5)
+    rows = torch.arange(height, device=images.device).view(1, -1, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, -1)
+    top, left = corners[:, 0].view(n, 1, 1), corners[:, 1].view(n, 1, 1)
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images * (~inside).unsqueeze(1).to(images.dtype)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the steps need from the flags."""
+
+    loss: str = "bce"
+    label_smoothing: float = 0.0
+    label_noise: float = 0.0
+    diffaugment: bool = False
+
+    @classmethod
+    def from_options(cls, opts):
+        return cls(opts.loss, opts.label_smoothing, opts.label_noise, opts.diffaugment)
+
+    def augment(self, images):
+        return diff_augment(images) if self.diffaugment else images
+
+
+# ---------------------------------------------------------------- the networks
+
+
+@dataclass
+class Nets:
+    """The two networks, their optimizers and the generator's moving average."""
+
+    G: nn.Module
+    D: nn.Module
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    scaler_G: torch.amp.GradScaler
+    scaler_D: torch.amp.GradScaler
+    G_ema: nn.Module | None = None
+    # what the steps call: compiled and/or DDP-wrapped views of G and D
+    G_train: nn.Module | None = None
+    D_train: nn.Module | None = None
+    D_no_sync: nn.Module | None = None
+
+
+def build_nets(opts, runtime):
+    G = Generator(opts.nz, opts.ngf, opts.image_size)
+    D = Discriminator(opts.ndf, opts.image_size, spectral_norm=opts.spectral_norm)
+    G.apply(init_weights)
+    D.apply(init_weights)
+    G.to(runtime.device, memory_format=runtime.memory_format)
+    D.to(runtime.device, memory_format=runtime.memory_format)
+    lr_G, lr_D = (1e-4, 4e-4) if opts.ttur else (opts.lr, opts.lr)
+    # fused Adam on CUDA: one kernel per step. On the CPU the foreach kernels are as fast and do not
+    # import torch._dynamo at start-up (1.8 s on a 2-core machine) as fused Adam does.
+    cuda = runtime.device.type == "cuda"
+    adam = {"betas": (opts.beta1, opts.beta2), "fused": True if cuda else None, "foreach": None if cuda else True}
+    nets = Nets(
+        G=G,
+        D=D,
+        opt_G=torch.optim.Adam(G.parameters(), lr=lr_G, **adam),
+        opt_D=torch.optim.Adam(D.parameters(), lr=lr_D, **adam),
+        scaler_G=runtime.grad_scaler(),
+        scaler_D=runtime.grad_scaler(),
+        G_ema=copy.deepcopy(G).eval().requires_grad_(False) if opts.ema > 0 else None,
+    )
+    wrap_for_training(nets, opts, runtime)
+    if nets.G_ema is not None and runtime.distributed:
+        # each rank initialised its own G; DDP has just broadcast rank 0's, so the EMA starts from that
+        nets.G_ema.load_state_dict(nets.G.state_dict())
+    return nets
+
+
+def wrap_for_training(nets, opts, runtime):
+    """DDP and torch.compile views of G and D; the plain modules stay for saving."""
+    G_train, D_train, D_no_sync = nets.G, nets.D, nets.D
+    if runtime.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if opts.sync_bn:
+            if runtime.device.type != "cuda":
+                raise UserError(f"--sync-bn needs CUDA GPUs; it does not run on {runtime.device.type}")
+            nets.G = nn.SyncBatchNorm.convert_sync_batchnorm(nets.G)
+            nets.D = nn.SyncBatchNorm.convert_sync_batchnorm(nets.D)
+            D_no_sync = nets.D
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        # D's running statistics are never used (D only ever runs in training mode), and broadcasting
+        # them in place between D's two forwards of one update breaks autograd on torch 2.11
+        G_train, D_train = DDP(nets.G, device_ids=ids), DDP(nets.D, device_ids=ids, broadcast_buffers=False)
+    if runtime.compile:
+        G_train, D_train, D_no_sync = (torch.compile(m) for m in (G_train, D_train, D_no_sync))
+    nets.G_train, nets.D_train, nets.D_no_sync = G_train, D_train, D_no_sync
+
+
+# ---------------------------------------------------------------- the two update steps
+
+
+def d_step(nets, real, fake, recipe, runtime):
+    """One D update on a real and a (detached) fake batch; returns device statistics."""
+    d_loss_fn = LOSSES[recipe.loss][0]
+    with runtime.autocast():
+        real_logits = nets.D_train(recipe.augment(real))
+        fake_logits = nets.D_train(recipe.augment(fake.detach()))
+        loss_d = d_loss_fn(real_logits.float(), fake_logits.float(), recipe)
+    nets.opt_D.zero_grad(set_to_none=True)
+    nets.scaler_D.scale(loss_d).backward()
+    nets.scaler_D.step(nets.opt_D)
+    nets.scaler_D.update()
+    return {
+        "loss_d": loss_d.detach(),
+        "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+        "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
+    }
+
+
+def g_step(nets, fake, recipe, runtime):
+    """One G update through D; D's weight gradients are never computed."""
+    g_loss_fn = LOSSES[recipe.loss][1]
+    # Frozen rather than backward(inputs=...): a compiled D's backward is one fused node that
+    # would still compute its weight gradients; a frozen D gets a graph without them.
+    nets.D.requires_grad_(False)
+    try:
+        with runtime.autocast():
+            # D outside DDP: it has no gradients to all-reduce here (with --sync-bn its
+            # BatchNorm layers still synchronise their statistics, on every rank alike)
+            fake_logits = nets.D_no_sync(recipe.augment(fake))
+            loss_g = g_loss_fn(fake_logits.float())
+        nets.opt_G.zero_grad(set_to_none=True)
+        nets.scaler_G.scale(loss_g).backward()
+    finally:
+        nets.D.requires_grad_(True)
+    nets.scaler_G.step(nets.opt_G)
+    nets.scaler_G.update()
+    return {"loss_g": loss_g.detach()}
+
+
+def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0):
+    """D step then (if update_g) G step on the same fake batch, as in the DCGAN example."""
+    noise = torch.randn(real.shape[0], nets.G.nz, 1, 1, device=real.device)
+    with torch.set_grad_enabled(update_g), runtime.autocast():
+        fake = nets.G_train(noise)
+    stats = d_step(nets, real, fake, recipe, runtime)
+    if update_g:
+        stats.update(g_step(nets, fake, recipe, runtime))
+        if nets.G_ema is not None:
+            update_ema(nets.G_ema, nets.G, ema_decay)
+    return stats
+
+
+# the statistics every step returns, with the labels the DCGAN example made familiar
+STAT_NAMES = {"loss_d": "Loss_D", "loss_g": "Loss_G", "d_real": "D(x)", "d_fake": "D(G(z))"}

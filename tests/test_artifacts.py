@@ -1,0 +1,132 @@
+"""The pictures of a run: the progress GIF grows by appending (constant work per epoch), a torn
+GIF is rebuilt, plots draw a bounded number of points and skip damaged log rows."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import artifacts
+import checkpoint
+
+
+def frame(value, size=(20, 12)):
+    """A solid grey frame whose value tells frames apart."""
+    return Image.new("RGB", size, (value, value, value))
+
+
+def gif_contents(path):
+    """(grey value of each frame, duration of each frame in ms), read back with PIL."""
+    values, durations = [], []
+    with Image.open(path) as gif:
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            values.append(int(np.asarray(gif.convert("RGB"))[0, 0, 0]))
+            durations.append(gif.info["duration"])
+    return values, durations
+
+
+def test_appended_frames_make_a_gif_pil_reads(tmp_path):
+    gif = artifacts.ProgressGif(tmp_path / "progress.gif")
+    gif.open([])
+    for value in (10, 120, 250):
+        gif.append(frame(value))
+    values, durations = gif_contents(tmp_path / "progress.gif")
+    assert values == [10, 120, 250]
+    assert durations == [artifacts.FRAME_MS, artifacts.FRAME_MS, artifacts.LAST_FRAME_MS]
+
+
+def test_appending_a_frame_never_reencodes_earlier_ones(tmp_path, monkeypatch):
+    """The work of an epoch's frame is one encode, whether it is the 2nd frame or the 60th."""
+    gif = artifacts.ProgressGif(tmp_path / "progress.gif")
+    gif.open([])
+    encodes = []
+    real_encode = artifacts.encode_frame
+    monkeypatch.setattr(artifacts, "encode_frame", lambda *a: encodes.append(1) or real_encode(*a))
+    monkeypatch.setattr(artifacts.Image, "open", lambda *a, **k: pytest.fail("an earlier frame was decoded"))
+    per_append = []
+    for value in range(60):
+        before = len(encodes)
+        gif.append(frame(value * 4))
+        per_append.append(len(encodes) - before)
+    assert per_append == [1] * 60
+    monkeypatch.undo()
+    values, _ = gif_contents(tmp_path / "progress.gif")
+    assert values == [value * 4 for value in range(60)]
+
+
+def save_frames(folder, count):
+    paths = []
+    for index in range(count):
+        paths.append(folder / f"epoch_{index + 1:03d}.png")
+        frame(20 * index + 5).save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("damage", ["torn", "missing", "too few frames", "not a gif"])
+def test_a_damaged_gif_is_rebuilt_from_the_epoch_grids_at_start(tmp_path, damage):
+    paths = save_frames(tmp_path, 3)
+    gif_path = tmp_path / "progress.gif"
+    gif = artifacts.ProgressGif(gif_path)
+    gif.open(paths[:3])
+    intact = gif_path.read_bytes()
+    if damage == "torn":  # a crash in the middle of an append
+        gif_path.write_bytes(intact[: len(intact) - 40])
+    elif damage == "missing":
+        gif_path.unlink()
+    elif damage == "too few frames":
+        artifacts.ProgressGif(gif_path).open(paths[:2])
+    else:
+        gif_path.write_text("not a gif")
+    reopened = artifacts.ProgressGif(gif_path)
+    reopened.open(paths)
+    assert gif_path.read_bytes() == intact
+    reopened.append(frame(200))
+    assert gif_contents(gif_path) == ([5, 25, 45, 200], [400, 400, 400, 2000])
+
+
+def test_an_intact_gif_is_kept_as_it_is(tmp_path, monkeypatch):
+    paths = save_frames(tmp_path, 2)
+    artifacts.ProgressGif(tmp_path / "progress.gif").open(paths)
+    monkeypatch.setattr(artifacts, "encode_frame", lambda *a: pytest.fail("re-encoded an intact GIF"))
+    artifacts.ProgressGif(tmp_path / "progress.gif").open(paths)
+
+
+def test_loss_plot_draws_a_bounded_number_of_points(tmp_path, monkeypatch):
+    drawn = []
+    real_plot = artifacts.plt.Axes.plot
+    monkeypatch.setattr(
+        artifacts.plt.Axes, "plot", lambda self, x, y, **k: drawn.append(len(x)) or real_plot(self, x, y, **k)
+    )
+    rows = [{"step": s, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.5, "d_fake": 0.5} for s in range(25_000)]
+    artifacts.plot_losses(rows, tmp_path / "losses.png")
+    assert drawn and max(drawn) <= artifacts.MAX_PLOT_POINTS
+    assert artifacts.binned([1, 2, 3, 4, 5, 6], points=3) == [1.5, 3.5, 5.5]
+
+
+def test_damaged_log_rows_are_skipped_with_one_warning(tmp_path):
+    log = tmp_path / checkpoint.METRICS_LOG_NAME
+    good = '{"epoch": 1, "step": 2, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.5, "d_fake": 0.4}\n'
+    log.write_bytes(
+        good.encode()
+        + b'{"epoch": 1, "step": 4, "loss_d": 1.0}\n'  # no loss_g: kept, but not plotted
+        + b'"a string"\n[1, 2]\n{"step": "4"}\n\xff\xfe not utf-8\n'
+        + good.replace('"step": 2', '"step": 6').encode()
+    )
+    with pytest.warns(UserWarning, match="skipped 4 damaged lines"):
+        rows = checkpoint.read_metrics_log(log)
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    artifacts.plot_losses(rows, tmp_path / "losses.png")  # does not fail on the incomplete row
+    assert (tmp_path / "losses.png").stat().st_size > 0
+
+
+def test_real_vs_fake_puts_the_two_grids_side_by_side(tmp_path):
+    import torch
+
+    real = torch.full((16, 3, 8, 8), -1.0)  # black
+    fake = torch.full((16, 3, 8, 8), 1.0)  # white
+    artifacts.plot_real_vs_fake(real, fake, tmp_path / "real_vs_fake.png")
+    picture = np.asarray(Image.open(tmp_path / "real_vs_fake.png").convert("L")).astype(int)
+    left, right = np.split(picture[:, : picture.shape[1] // 2 * 2], 2, axis=1)
+    assert (left < 30).mean() > 0.1, "the black real grid on the left"
+    assert right.mean() > left.mean() + 25, "the white fake grid on the right"
+    assert (right < 30).mean() < (left < 30).mean() / 2
