@@ -1,4 +1,4 @@
-"""DCGAN networks (Radford et al., 2015) and their weight initialisation.
+"""DCGAN networks (Radford et al., 2015), an upsample-convolution variant, and their init.
 
 Pure modules: no I/O, no flags, no device logic. Depth follows the image size:
 each factor of two above 4x4 adds one stage to both networks.
@@ -78,12 +78,114 @@ class Discriminator(nn.Module):
         return self.main(images).flatten()
 
 
+class UpsampleGenerator(nn.Module):
+    """Noise (nz x 1 x 1) to an image (nc x S x S) in [-1, 1], without transposed convolutions.
+
+    Each doubling is a nearest-neighbour upsample then a 3x3 convolution: every output pixel
+    gets the same number of kernel taps, so there is none of the uneven overlap that gives
+    transposed convolutions their checkerboard artifacts (Odena et al., 2016, "Deconvolution
+    and Checkerboard Artifacts", Distill, https://distill.pub/2016/deconv-checkerboard/).
+    Widths follow the DCGAN Generator, so the two are compared at the same ngf.
+    """
+
+    def __init__(self, nz=100, ngf=64, image_size=64, nc=3):
+        super().__init__()
+        stages = num_stages(image_size)
+        channels = ngf * 2 ** (stages - 1)
+        # nz x 1 x 1 -> (ngf*8) x 4 x 4 at 64x64; no bias as BatchNorm's beta takes its place
+        layers = [
+            nn.Flatten(),
+            nn.Linear(nz, channels * 4 * 4, bias=False),
+            nn.Unflatten(1, (channels, 4, 4)),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(True),
+        ]
+        # each block doubles the side and halves the channels: ... -> ngf x S/2 x S/2
+        for _ in range(stages - 1):
+            layers += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(channels, channels // 2, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(channels // 2),
+                nn.ReLU(True),
+            ]
+            channels //= 2
+        # ngf x S/2 x S/2 -> nc x S x S: the last doubling goes straight to colours, as DCGAN's
+        # does, so there are `stages` upsamplings; a further BatchNorm-ReLU block at full size
+        # and then a colour convolution would cost as many FLOPs as the block before it again
+        layers += [
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(channels, nc, 3, 1, 1, bias=False),
+            nn.Tanh(),
+        ]
+        self.main = nn.Sequential(*layers)
+        self.nz = nz
+
+    def forward(self, noise):
+        return self.main(noise)
+
+
+class UpsampleDiscriminator(nn.Module):
+    """An image (nc x S x S) to one logit per image: strided convolutions, then a linear layer.
+
+    Kernels are 4x4 at stride 2, a size the stride divides, so the gradient D sends back to G
+    has no checkerboard pattern either (Odena et al., 2016). A linear layer over a 4x4 map is a
+    4x4 convolution, so this is the DCGAN Discriminator plus one bias: the arch differs in G.
+    With spectral_norm the convolutions and the linear layer are spectrally normalised and
+    BatchNorm is left out.
+    """
+
+    def __init__(self, ndf=64, image_size=64, nc=3, spectral_norm=False):
+        super().__init__()
+        stages = num_stages(image_size)
+        wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
+        # nc x S x S -> ndf x S/2 x S/2, no BatchNorm on the input layer (DCGAN paper, section 3)
+        layers = [wrap(nn.Conv2d(nc, ndf, 4, 2, 1, bias=False)), nn.LeakyReLU(0.2, inplace=True)]
+        channels = ndf
+        # each block halves the side and doubles the channels: ... -> (ndf*8) x 4 x 4 at 64x64
+        for _ in range(stages - 1):
+            layers.append(wrap(nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False)))
+            if not spectral_norm:
+                layers.append(nn.BatchNorm2d(channels * 2))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            channels *= 2
+        # (ndf*8) x 4 x 4 -> (ndf*8*16) -> 1: a logit; the loss applies the sigmoid
+        layers += [nn.Flatten(), wrap(nn.Linear(channels * 4 * 4, 1))]
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, images):
+        return self.main(images).flatten()
+
+
+# A flag picks the pair by name; both generators take noise shaped (N, nz, 1, 1).
+ARCHITECTURES = {
+    "dcgan": (Generator, Discriminator),
+    "upsample": (UpsampleGenerator, UpsampleDiscriminator),
+}
+
+
+def _architecture(arch):
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
+    return ARCHITECTURES[arch]
+
+
+def build_generator(arch, nz, ngf, image_size):
+    return _architecture(arch)[0](nz, ngf, image_size)
+
+
+def build_discriminator(arch, ndf, image_size, spectral_norm=False):
+    return _architecture(arch)[1](ndf, image_size, spectral_norm=spectral_norm)
+
+
 def init_weights(module):
-    """DCGAN init: conv weights N(0, 0.02); BatchNorm gamma N(1, 0.02), beta 0."""
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+    """DCGAN init: conv and linear weights N(0, 0.02), linear bias 0; BatchNorm gamma N(1, 0.02), beta 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        # under spectral norm, .weight is computed from .original: initialise the raw weight
         weight = getattr(module, "parametrizations", None)
         target = weight.weight.original if weight is not None else module.weight
         nn.init.normal_(target, 0.0, 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
@@ -98,8 +200,9 @@ def update_ema(ema_net, net, decay):
     """
     ema_params = list(ema_net.parameters())
     torch._foreach_lerp_(ema_params, [p.detach() for p in net.parameters()], 1.0 - decay)
-    for ema_buffer, buffer in zip(ema_net.buffers(), net.buffers()):
-        ema_buffer.copy_(buffer)
+    ema_buffers = list(ema_net.buffers())
+    if ema_buffers:  # _foreach_copy_ refuses empty lists; a net may have no buffers
+        torch._foreach_copy_(ema_buffers, list(net.buffers()))
 
 
 def ema_decay_at(decay, step):

@@ -1,10 +1,24 @@
-"""The DCGAN networks: shapes at every size, depth, initialisation, spectral norm, EMA."""
+"""The networks (DCGAN and upsample): shapes at every size, depth, initialisation, spectral norm, EMA."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-from models import IMAGE_SIZES, Discriminator, Generator, init_weights, num_stages, update_ema
+from models import (
+    ARCHITECTURES,
+    IMAGE_SIZES,
+    Discriminator,
+    Generator,
+    UpsampleDiscriminator,
+    UpsampleGenerator,
+    build_discriminator,
+    build_generator,
+    init_weights,
+    num_stages,
+    update_ema,
+)
 
 
 def count(module, kind):
@@ -126,3 +140,170 @@ def test_update_ema_on_a_generator_converges_to_it():
     update_ema(ema, G, decay=0.5)
     for averaged, old, new in zip(ema.parameters(), before, G.parameters()):
         torch.testing.assert_close(averaged.detach(), (old + new.detach()) / 2)
+
+
+def test_update_ema_on_a_net_without_buffers():
+    net, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    update_ema(ema, net, decay=0.0)
+    torch.testing.assert_close(ema.weight.detach(), net.weight.detach())
+
+
+def test_update_ema_copies_every_buffer_of_an_upsample_generator():
+    torch.manual_seed(0)
+    G, ema = UpsampleGenerator(8, 4, 16), UpsampleGenerator(8, 4, 16)
+    G(torch.randn(4, 8, 1, 1))  # a training-mode forward moves G's running statistics
+    update_ema(ema, G, decay=0.9)
+    buffers = list(G.buffers())
+    assert len(buffers) == 3 * count(G, nn.BatchNorm2d)  # mean, var, num_batches_tracked
+    for ema_buffer, buffer in zip(ema.buffers(), buffers, strict=True):
+        torch.testing.assert_close(ema_buffer, buffer)
+
+
+# ---------------------------------------------------------------- the upsample architecture
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+@pytest.mark.parametrize("image_size", IMAGE_SIZES)
+def test_upsample_shapes_at_every_image_size(image_size, spectral_norm):
+    torch.manual_seed(0)
+    G = UpsampleGenerator(nz=8, ngf=4, image_size=image_size)
+    D = UpsampleDiscriminator(ndf=4, image_size=image_size, spectral_norm=spectral_norm)
+    G.apply(init_weights)
+    D.apply(init_weights)
+    images = G(torch.randn(2, 8, 1, 1))
+    assert images.shape == (2, 3, image_size, image_size)
+    assert images.min() >= -1 and images.max() <= 1  # tanh output
+    logits = D(images)
+    assert logits.shape == (2,)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("image_size", IMAGE_SIZES)
+def test_upsample_generator_upsamples_once_per_stage_without_transposed_convolutions(image_size):
+    G = UpsampleGenerator(8, 4, image_size)
+    stages = num_stages(image_size)
+    assert count(G, nn.ConvTranspose2d) == 0
+    upsamples = [m for m in G.modules() if isinstance(m, nn.Upsample)]
+    assert len(upsamples) == stages
+    assert all(m.scale_factor == 2 and m.mode == "nearest" for m in upsamples)
+    convs = [m for m in G.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == stages
+    assert all(c.kernel_size == (3, 3) and c.stride == (1, 1) and c.padding == (1, 1) for c in convs)
+    # BatchNorm after the linear layer and after every block but the last, which is the output
+    assert count(G, nn.BatchNorm2d) == stages
+    assert isinstance(G.main[-1], nn.Tanh) and convs[-1].out_channels == 3
+
+
+@pytest.mark.parametrize("image_size", IMAGE_SIZES)
+def test_upsample_discriminator_batchnorm_everywhere_but_the_first_block(image_size):
+    stages = num_stages(image_size)
+    D = UpsampleDiscriminator(4, image_size)
+    assert count(D, nn.Conv2d) == stages
+    assert count(D, nn.BatchNorm2d) == stages - 1
+    assert count(D, nn.Linear) == 1
+    assert count(UpsampleDiscriminator(4, image_size, spectral_norm=True), nn.BatchNorm2d) == 0
+
+
+def test_upsample_widths_follow_dcgan_at_64():
+    G = UpsampleGenerator(100, 64, 64)
+    (linear,) = [m for m in G.modules() if isinstance(m, nn.Linear)]
+    assert (linear.in_features, linear.out_features) == (100, 512 * 4 * 4)
+    convs = [m for m in G.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [256, 128, 64, 3]
+    D = UpsampleDiscriminator(64, 64)
+    convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 128, 256, 512]
+    (linear,) = [m for m in D.modules() if isinstance(m, nn.Linear)]
+    assert (linear.in_features, linear.out_features) == (512 * 4 * 4, 1)
+
+
+def test_upsample_generator_parameters_in_the_ballpark_of_dcgan():
+    for image_size in (32, 64):
+        dcgan = sum(p.numel() for p in Generator(100, 64, image_size).parameters())
+        upsample = sum(p.numel() for p in UpsampleGenerator(100, 64, image_size).parameters())
+        assert 0.5 * dcgan < upsample < 1.0 * dcgan  # 3x3 kernels where DCGAN has 4x4
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_init_weights_reaches_linear_layers(spectral_norm):
+    torch.manual_seed(0)
+    G = UpsampleGenerator(100, 32, 32)
+    D = UpsampleDiscriminator(32, 32, spectral_norm=spectral_norm)
+    G.apply(init_weights)
+    D.apply(init_weights)
+    (g_linear,) = [m for m in G.modules() if isinstance(m, nn.Linear)]
+    (d_linear,) = [m for m in D.modules() if isinstance(m, nn.Linear)]
+    assert g_linear.bias is None  # it would precede BatchNorm, whose beta does its work
+    # under spectral norm .weight is computed from the raw weight, which init must reach
+    d_raw = d_linear.parametrizations.weight.original if spectral_norm else d_linear.weight
+    for raw in (g_linear.weight, d_raw):
+        assert raw.mean().item() == pytest.approx(0.0, abs=1e-3)
+        assert raw.std().item() == pytest.approx(0.02, abs=1e-3)
+    # PyTorch's default bias is uniform, not zero
+    assert torch.equal(d_linear.bias.detach(), torch.zeros_like(d_linear.bias))
+
+
+@pytest.mark.parametrize("image_size", (16, 32))
+def test_upsample_spectral_norm_discriminator_is_normalised_everywhere(image_size):
+    torch.manual_seed(0)
+    D = UpsampleDiscriminator(ndf=4, image_size=image_size, spectral_norm=True)
+    D.apply(init_weights)
+    assert count(D, nn.BatchNorm2d) == 0
+    layers = [m for m in D.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == num_stages(image_size) + 1
+    assert all(parametrize.is_parametrized(layer, "weight") for layer in layers)
+    images = torch.rand(4, 3, image_size, image_size) * 2 - 1
+    for _ in range(25):  # one power iteration per training-mode forward
+        logits = D(images)
+    logits.sum().backward()
+    assert all(layer.parametrizations.weight.original.grad is not None for layer in layers)
+    D.eval()
+    for layer in layers:
+        sigma = torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2).item()
+        assert sigma == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_upsample_gradients_reach_every_parameter(spectral_norm):
+    torch.manual_seed(0)
+    G = UpsampleGenerator(8, 4, 16)
+    D = UpsampleDiscriminator(4, 16, spectral_norm=spectral_norm)
+    G.apply(init_weights)
+    D.apply(init_weights)
+    logits = D(G(torch.randn(4, 8, 1, 1)))
+    F.softplus(-logits).mean().backward()  # the non-saturating generator loss
+    for name, parameter in (*G.named_parameters(), *D.named_parameters()):
+        assert parameter.grad is not None, name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_upsample_generator_depends_on_the_noise():
+    torch.manual_seed(0)
+    G = UpsampleGenerator(8, 4, 16)
+    G.apply(init_weights)
+    noise = torch.randn(4, 8, 1, 1)
+    # training mode: BatchNorm uses the batch's statistics, so the images must differ within a batch
+    images = G(noise)
+    assert (images[0] - images[1:]).abs().amax() > 1e-3
+    G.eval()
+    first, again, other = G(noise), G(noise.clone()), G(torch.randn(4, 8, 1, 1))
+    torch.testing.assert_close(first, again)
+    assert (first - other).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every image changed
+
+
+def test_architectures_registry_builds_either_pair():
+    assert list(ARCHITECTURES) == ["dcgan", "upsample"]
+    noise = torch.randn(2, 8, 1, 1)
+    for arch, (generator_class, discriminator_class) in ARCHITECTURES.items():
+        G = build_generator(arch, nz=8, ngf=4, image_size=32)
+        D = build_discriminator(arch, ndf=4, image_size=32, spectral_norm=True)
+        assert type(G) is generator_class and type(D) is discriminator_class
+        assert G.nz == 8
+        assert count(D, nn.BatchNorm2d) == 0  # spectral_norm was passed through
+        assert D(G(noise)).shape == (2,)  # the same noise and images fit both architectures
+    assert type(build_discriminator("upsample", 4, 32)) is UpsampleDiscriminator
+    assert count(build_discriminator("upsample", 4, 32), nn.BatchNorm2d) == 2
+    with pytest.raises(ValueError, match="arch"):
+        build_generator("stylegan", 8, 4, 32)
+    with pytest.raises(ValueError, match="arch"):
+        build_discriminator("stylegan", 4, 32, False)
