@@ -9,13 +9,13 @@ import os
 from pathlib import Path
 from types import MappingProxyType
 
-from models import IMAGE_SIZES
+from models import ARCHITECTURES, IMAGE_SIZES
 from runtime import PRECISIONS
 from steps import LOSSES
 from utils import UserError
 
 # Flags that change the networks' shapes: a checkpoint only fits a net built with the same ones.
-ARCHITECTURE_FLAGS = ("image_size", "nz", "ngf", "ndf", "spectral_norm")
+ARCHITECTURE_FLAGS = ("arch", "image_size", "nz", "ngf", "ndf", "spectral_norm")
 # Flags that describe this invocation or this machine, never taken from a checkpoint.
 NOT_RESUMED_FLAGS = (
     "resume",
@@ -143,6 +143,13 @@ def build_parser():
 
 def add_training_flags(group):
     add = group.add_argument
+    add(
+        "--arch",
+        choices=list(ARCHITECTURES),
+        default="dcgan",
+        help="dcgan: transposed convolutions (Radford et al.); upsample: a linear layer, then upsample + "
+        "convolution blocks, free of checkerboard artifacts (Odena et al., 2016)",
+    )
     add("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
     add("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
     add("--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import artifacts
 import metrics
+import models
 from checkpoint import (
     CHECKPOINT_NAME,
     METRICS_LOG_NAME,
@@ -22,13 +23,13 @@ from checkpoint import (
     load_module_state,
     save_checkpoint,
 )
-from models import Generator
 from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed
 from utils import UserError, check_writable, load_dataset
 
 
-def build_generator(flags):
-    return Generator(flags["nz"], flags["ngf"], flags["image_size"])
+def generator_of(flags):
+    """The generator a checkpoint's flags describe (checkpoints from before --arch are dcgan)."""
+    return models.build_generator(flags.get("arch", "dcgan"), flags["nz"], flags["ngf"], flags["image_size"])
 
 
 @torch.no_grad()
@@ -111,7 +112,7 @@ def load_generator_for_use(opts, explicit, runtime):
         )
         raise UserError(f"checkpoint {path} was trained with another architecture: {given}")
     try:
-        G = build_generator(flags)
+        G = generator_of(flags)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a negative size
         raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
     use_ema = state.get("netG_ema") is not None

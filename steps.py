@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import Discriminator, Generator, init_weights, update_ema
+from models import build_discriminator, build_generator, init_weights, update_ema
 from utils import UserError
 
 # ---------------------------------------------------------------- losses
@@ -148,8 +148,8 @@ class Nets:
 
 
 def build_nets(opts, runtime):
-    G = Generator(opts.nz, opts.ngf, opts.image_size)
-    D = Discriminator(opts.ndf, opts.image_size, spectral_norm=opts.spectral_norm)
+    G = build_generator(opts.arch, opts.nz, opts.ngf, opts.image_size)
+    D = build_discriminator(opts.arch, opts.ndf, opts.image_size, opts.spectral_norm)
     G.apply(init_weights)
     D.apply(init_weights)
     G.to(runtime.device, memory_format=runtime.memory_format)

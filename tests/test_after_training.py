@@ -176,7 +176,7 @@ def test_interpolation_rows_walk_from_the_start_noise_to_the_end_noise(trained_r
     assert code == 0, err
     # the ends of each walk, drawn independently: --seed 2 gives the start noise, then the end noise
     state = torch.load(checkpoint, weights_only=True)
-    G = sampling.build_generator(state["flags"])
+    G = sampling.generator_of(state["flags"])
     G.load_state_dict(state["netG_ema"])
     generator = torch.Generator().manual_seed(2)
     ends = [torch.randn(8, state["flags"]["nz"], 1, 1, generator=generator) for _ in range(2)]

@@ -257,7 +257,7 @@ def test_a_run_writes_every_file(trained_run):
     # the plain state_dicts are the checkpoint's networks
     for name, key in [("netG.pth", "netG"), ("netD.pth", "netD"), ("netG_ema.pth", "netG_ema")]:
         torch.testing.assert_close(load(checkpoints / name), state[key])
-    G = sampling.build_generator(flags)
+    G = sampling.generator_of(flags)
     G.load_state_dict(load(checkpoints / "netG_ema.pth"))
     assert G(state["fixed_noise"][:2]).shape == (2, 3, 16, 16)
 
@@ -318,7 +318,8 @@ def test_resume_allows_and_reports_new_training_flags(run_copy, gan_main):
 
 
 @pytest.mark.parametrize(
-    "flag, value, saved", [("--image-size", 32, 16), ("--nz", 16, 8), ("--ngf", 16, 8), ("--ndf", 4, 8)]
+    "flag, value, saved",
+    [("--image-size", 32, 16), ("--nz", 16, 8), ("--ngf", 16, 8), ("--ndf", 4, 8), ("--arch", "upsample", "dcgan")],
 )
 def test_resume_refuses_another_architecture(run_copy, gan_main, flag, value, saved):
     before = {p: p.read_bytes() for p in (run_copy / "checkpoints").iterdir()}
@@ -398,3 +399,22 @@ def test_loss_g_is_averaged_over_g_updates_only():
     meter.add({"loss_d": torch.tensor(2.0), "d_real": torch.tensor(1.0), "d_fake": torch.tensor(0.0)})
     assert meter.read_interval(Runtime(torch.device("cpu")))["loss_g"] is None  # no G update at all
     assert meter.epoch_means()["loss_d"] == pytest.approx((1 + 3 + 5 + 7 + 2) / 5)
+
+
+def test_the_upsample_architecture_trains_resumes_and_generates(gan_main, tiny_args, tmp_path):
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--arch", "upsample"])
+    assert code == 0, err
+    state = load(tmp_path / "checkpoints" / "checkpoint.pt")
+    assert state["flags"]["arch"] == "upsample"
+    assert any(weight.dim() == 2 for weight in state["netG"].values())  # its first layer is a linear one
+    G = sampling.generator_of(state["flags"])
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in G.modules())
+    G.load_state_dict(state["netG_ema"])
+    code, out, err = gan_main(["--resume", "--epochs", "2"])  # --arch comes from the checkpoint
+    assert code == 0, err
+    assert load(tmp_path / "checkpoints" / "checkpoint.pt")["epoch"] == 2
+    code, out, err = gan_main(["--generate", "3", "--seed", "0"])
+    assert code == 0, err
+    assert len(list((tmp_path / "images" / "generated").glob("000*.png"))) == 3
+    code, out, err = gan_main(["--generate", "3", "--arch", "dcgan"])
+    assert code == 2 and "--arch dcgan (checkpoint: upsample)" in err
