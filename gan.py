@@ -28,7 +28,7 @@ from models import ema_decay_at
 from options import MAX_SEED, merge_resume_flags, mixed_seed, parse_flags, random_seed, resume_path
 from runtime import any_rank, barrier, broadcast_int, setup_runtime, stop_distributed
 from steps import STAT_NAMES, Nets, Recipe, build_nets, train_step
-from utils import DeviceBatches, UserError, check_writable, load_dataset
+from utils import UserError, check_writable, load_dataset, make_batches
 
 # ---------------------------------------------------------------- setting up a run
 
@@ -90,16 +90,16 @@ def restore(state, saved, path, runtime):
 
 
 def load_batches(opts, runtime):
-    """The training images on the device (rank 0 downloads first) and their batches."""
+    """The training images (rank 0 downloads first) and their batches, on the device if they fit."""
     if not runtime.is_main:
         barrier(runtime)  # wait for rank 0 to download and extract; then read its files
-    images = load_dataset(opts, runtime.device)
+    images = load_dataset(opts, runtime.device, cache_dir=opts.checkpoint_dir, say=lambda text: say(runtime, text))
     if runtime.is_main:
         barrier(runtime)
     dtype = runtime.amp_dtype if runtime.device.type == "cuda" and runtime.amp_dtype else torch.float32
-    batches = DeviceBatches(
-        images, opts.batch_size, opts.image_size, opts.seed, runtime.rank, runtime.world_size, dtype,
-        runtime.memory_format,
+    batches = make_batches(
+        images, opts.batch_size, opts.image_size, opts.seed, runtime.rank, runtime.world_size, runtime.device,
+        dtype=dtype, memory_format=runtime.memory_format,
     )  # fmt: skip
     return images, batches
 
@@ -169,7 +169,7 @@ def train(opts, explicit, runtime, metric_feature=None):
     outputs = RunOutputs(opts, runtime, images, state.progress, metric_feature) if runtime.is_main else None
     if outputs is not None:
         outputs.pictures.write_real_samples(images[:64], opts.image_size)
-    say(runtime, describe(opts, runtime, len(images), len(batches)))
+    say(runtime, describe(opts, runtime, len(images), batches))
     stop = StopRequest()
     stop.install()
     train_epochs(state, batches, opts, runtime, outputs, stop)
@@ -343,11 +343,11 @@ def format_stat(value, digits):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def describe(opts, runtime, image_count, steps_per_epoch):
+def describe(opts, runtime, image_count, batches):
     processes = f", {runtime.world_size} processes" if runtime.distributed else ""
     return (
         f"training on {runtime.device} ({runtime.precision_name}{', compiled' if runtime.compile else ''}"
-        f"{processes}): {image_count} images, {steps_per_epoch} steps per epoch, seed {opts.seed}"
+        f"{processes}): {image_count} images ({batches.describe()}), {len(batches)} steps per epoch, seed {opts.seed}"
     )
 
 

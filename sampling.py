@@ -179,7 +179,7 @@ def evaluate(opts, explicit, runtime, feature=None):
     typed = {name: getattr(opts, name) for name in explicit if name in trained_on}
     seed = opts.seed if opts.seed is not None else (flags.get("seed") or 0)
     eval_opts = opts.replace(**{**trained_on, **typed}, image_size=flags["image_size"], seed=seed)
-    real = load_dataset(eval_opts, torch.device("cpu"))
+    real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=opts.checkpoint_dir, say=print)
     scorers = open_metrics(eval_opts, runtime, real, feature)
     scores = score(scorers, G, eval_opts, runtime, seed)
     print(

@@ -44,8 +44,8 @@ def main():
     if os.environ.get("DDP_WORKER_FAIL_RANK") == str(rank):
         real_load = gan.load_dataset
 
-        def failing_load(opts, device):
-            real_load(opts, device)
+        def failing_load(opts, device, **kwargs):
+            real_load(opts, device, **kwargs)
             raise utils.UserError(f"injected data failure on rank {rank}")
 
         gan.load_dataset = failing_load

@@ -1,0 +1,425 @@
+"""The decoded-image cache of folder datasets, streaming folders too large for the device, and
+the "did you mean --dataset folder?" check. All in-process on the CPU with tiny images.
+"""
+
+import argparse
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.utils
+from conftest import snapshot, write_cifar10_archive
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import utils
+
+REAL_READ_IMAGE = utils.read_image
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def write_png(path, seed, size=(20, 24)):
+    """Noise pixels at an odd size, so resizing and cropping both matter."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def write_folder(folder, count, broken=0):
+    for index in range(count):
+        write_png(folder / ("sub" if index % 3 == 0 else "") / f"image_{index}.png", seed=index)
+    for index in range(broken):
+        (folder / f"broken_{index}.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def fresh_decode(folder, image_size):
+    """What the folder decodes to without any cache: read_image over the files, broken ones left out."""
+    images = [REAL_READ_IMAGE(path, image_size) for path in utils.list_images(folder)]
+    return torch.stack([image for image in images if image is not None])
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The paths read_image decodes, in order."""
+    seen = []
+
+    def counting_read_image(path, image_size):
+        seen.append(path)
+        return REAL_READ_IMAGE(path, image_size)
+
+    monkeypatch.setattr(utils, "read_image", counting_read_image)
+    return seen
+
+
+def load(folder, image_size, **options):
+    """load_folder in-process; returns (images, the lines it said)."""
+    said = []
+    images = utils.load_folder(folder, image_size, 0, say=said.append, **options)
+    return images, said
+
+
+def cache_files(folder):
+    return sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+
+
+def folder_opts(dataroot, **changes):
+    options = dict(dataset="folder", dataroot=dataroot, image_size=8, workers=0, subset=None, batch_size=2, seed=3)
+    return argparse.Namespace(**{**options, **changes})
+
+
+# ---------------------------------------------------------------- the decoded-image cache
+
+
+def test_first_start_builds_the_cache_and_the_second_reuses_it(tmp_path, reads):
+    data = write_folder(tmp_path / "data", 5)
+    first, said = load(data, 8)
+    assert len(reads) == 5
+    assert len(said) == 1 and said[0].startswith("image cache: no cache yet, building one; decoding 5 files")
+    cache = data / utils.FOLDER_CACHE_NAME
+    npy = next(cache.glob("*.npy"))
+    assert cache_files(cache) == [npy.with_suffix(".json").name, npy.name]  # no temp file left
+
+    second, said = load(data, 8)
+    assert len(reads) == 5  # nothing decoded again
+    assert said == [f"image cache: reusing {npy} (5 images)"]
+    assert torch.equal(second, first)
+
+
+def test_cached_images_are_byte_identical_to_a_fresh_decode(tmp_path, reads):
+    data = write_folder(tmp_path / "data", 6, broken=2)
+    expected = fresh_decode(data, 12)
+    for start in ("built", "reused"):
+        # the unreadable files stay skipped, with the same one warning, cached or not
+        with pytest.warns(UserWarning, match=f"^skipped 2 of 8 files in {data} that are not readable images$"):
+            images, said = load(data, 12)
+        assert images.dtype == torch.uint8 and images.shape == (6, 3, 12, 12)
+        assert torch.equal(images, expected), start
+    assert len(reads) == 8
+
+
+def touch(data):
+    stat = (data / "image_1.png").stat()
+    os.utime(data / "image_1.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+CHANGES = {
+    "touched": touch,
+    "added": lambda data: write_png(data / "sub" / "new.png", seed=99),
+    "removed": lambda data: (data / "image_2.png").unlink(),
+    "rewritten, same size": lambda data: write_png(data / "image_4.png", seed=77),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_changed_folder_rebuilds_the_cache(change, tmp_path, reads):
+    data = write_folder(tmp_path / "data", 5)
+    load(data, 8)
+    old_mtime = (data / "image_4.png").stat().st_mtime_ns
+    CHANGES[change](data)
+    if change == "rewritten, same size":  # a rewrite within the clock's resolution still counts
+        os.utime(data / "image_4.png", ns=(old_mtime, old_mtime + 1))
+    reads.clear()
+    images, said = load(data, 8)
+    assert len(said) == 1 and said[0].startswith("image cache: the files changed since the cache was made, rebuilding")
+    assert len(reads) == len(utils.list_images(data))
+    assert torch.equal(images, fresh_decode(data, 8))
+    assert len(cache_files(data / utils.FOLDER_CACHE_NAME)) == 2  # the stale cache is gone
+
+
+def test_another_image_size_builds_its_own_cache(tmp_path, reads):
+    data = write_folder(tmp_path / "data", 4)
+    load(data, 8)
+    images, said = load(data, 10)
+    assert said[0].startswith("image cache: no cache for --image-size 10 yet, building one")
+    assert len(reads) == 8 and images.shape == (4, 3, 10, 10)
+    assert torch.equal(images, fresh_decode(data, 10))
+    _, said = load(data, 8)  # the 8px cache is kept
+    assert said[0].startswith("image cache: reusing") and len(reads) == 8
+
+
+def cut_in_half(npy, sidecar):
+    npy.write_bytes(npy.read_bytes()[: npy.stat().st_size // 2])
+
+
+def extended(npy, sidecar):
+    npy.write_bytes(npy.read_bytes() + bytes(192))
+
+
+def garbage_header(npy, sidecar):
+    npy.write_bytes(b"\x93NUMPY\x01\x00" + b"garbage" * 20 + npy.read_bytes()[148:])
+
+
+def no_sidecar(npy, sidecar):  # a crash after the .npy was renamed into place, before its sidecar
+    sidecar.unlink()
+
+
+def garbage_sidecar(npy, sidecar):
+    sidecar.write_text('{"key": ')
+
+
+def wrong_row_count(npy, sidecar):
+    sidecar.write_text(sidecar.read_text().replace('"rows": 5', '"rows": 4'))
+
+
+@pytest.mark.parametrize(
+    "damage", [cut_in_half, extended, garbage_header, no_sidecar, garbage_sidecar, wrong_row_count]
+)
+def test_a_damaged_cache_is_rebuilt_not_trusted(damage, tmp_path, reads):
+    data = write_folder(tmp_path / "data", 5)
+    load(data, 8)
+    npy = next((data / utils.FOLDER_CACHE_NAME).glob("*.npy"))
+    damage(npy, npy.with_suffix(".json"))
+    reads.clear()
+    images, said = load(data, 8)
+    assert said[0].startswith("image cache: the cache is incomplete or damaged, rebuilding it")
+    assert len(reads) == 5
+    assert torch.equal(images, fresh_decode(data, 8))
+    _, said = load(data, 8)
+    assert said[0].startswith("image cache: reusing")
+
+
+def test_a_build_cut_short_leaves_nothing_that_is_trusted(tmp_path, monkeypatch):
+    data = write_folder(tmp_path / "data", 5)
+    calls = []
+
+    def interrupted_read_image(path, image_size):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return REAL_READ_IMAGE(path, image_size)
+
+    monkeypatch.setattr(utils, "read_image", interrupted_read_image)
+    with pytest.raises(KeyboardInterrupt):
+        load(data, 8)
+    assert cache_files(data / utils.FOLDER_CACHE_NAME) == []
+    monkeypatch.setattr(utils, "read_image", REAL_READ_IMAGE)
+    images, said = load(data, 8)
+    assert said[0].startswith("image cache: no cache yet")
+    assert torch.equal(images, fresh_decode(data, 8))
+
+
+def test_a_build_removes_the_leftovers_of_abandoned_builds(tmp_path):
+    data = write_folder(tmp_path / "data", 3)
+    cache = data / utils.FOLDER_CACHE_NAME
+    cache.mkdir()
+    abandoned, recent = cache / ".images-8px-0123.npy.abc.tmp", cache / ".images-8px-4567.npy.def.tmp"
+    for path in (abandoned, recent):
+        path.write_bytes(bytes(100))
+    hours_ago = time.time() - 2 * utils.ABANDONED_BUILD_SECONDS
+    os.utime(abandoned, (hours_ago, hours_ago))
+    load(data, 8)
+    assert not abandoned.exists()
+    assert recent.exists()  # it may belong to a build still running beside this one
+
+
+def test_a_read_only_data_folder_caches_in_cache_dir(tmp_path, reads):
+    data = write_folder(tmp_path / "data", 4)
+    (data / utils.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go: mkdir fails")
+    before = snapshot(data)
+    fallback = tmp_path / "checkpoints" / utils.FOLDER_CACHE_NAME
+    first, said = load(data, 8, cache_dir=tmp_path / "checkpoints")
+    assert said[0].startswith("image cache: no cache yet") and f"into {fallback}/images-8px-" in said[0]
+    second, said = load(data, 8, cache_dir=tmp_path / "checkpoints")
+    assert said[0].startswith(f"image cache: reusing {fallback}/images-8px-")
+    assert len(reads) == 4 and torch.equal(second, first)
+    assert snapshot(data) == before
+
+
+def test_without_any_writable_cache_folder_the_folder_is_decoded_into_memory(tmp_path, reads):
+    data = write_folder(tmp_path / "data", 4)
+    (data / utils.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
+    for _ in range(2):
+        images, said = load(data, 8)
+        assert said[0].startswith(f"image cache: none ({data / utils.FOLDER_CACHE_NAME} is not writable")
+        assert said[0].endswith("decoding 4 files into memory")
+        assert torch.equal(images, fresh_decode(data, 8))
+    assert len(reads) == 8
+
+
+def test_without_a_cache_a_folder_too_large_for_memory_is_a_clear_error(tmp_path, monkeypatch):
+    data = write_folder(tmp_path / "data", 4)
+    (data / utils.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
+    monkeypatch.setattr(utils, "available_ram_bytes", lambda: 1000)
+    with pytest.raises(utils.UserError, match="no folder can take the decoded-image cache"):
+        load(data, 8)
+
+
+def test_a_folder_of_only_broken_files_leaves_no_cache(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nshort")
+    with pytest.warns(UserWarning, match="skipped 1 of 1 files"):
+        with pytest.raises(utils.UserError, match="holds no readable images"):
+            load(data, 8)
+    assert sorted(path.name for path in data.iterdir()) == ["broken.png"]
+
+
+def test_load_dataset_gives_what_it_gave_before_the_cache(tmp_path):
+    data = write_folder(tmp_path / "data", 9, broken=1)
+    expected = fresh_decode(data, 8)
+    expected = expected[torch.randperm(len(expected), generator=torch.Generator().manual_seed(3))[:5]]
+    for _ in ("built", "reused"):
+        with pytest.warns(UserWarning, match="skipped 1 of 10"):
+            images = utils.load_dataset(folder_opts(data, subset=5), torch.device("cpu"))
+        assert isinstance(images, torch.Tensor) and torch.equal(images, expected)
+
+
+# ---------------------------------------------------------------- folders larger than the device
+
+
+@pytest.mark.parametrize(
+    "subset, rank, world_size, start, image_size",
+    [(None, 0, 1, 0, 8), (None, 1, 2, 1, 8), (9, 0, 1, 2, 8), (9, 1, 2, 0, 6)],
+)
+def test_streamed_batches_equal_device_batches(subset, rank, world_size, start, image_size, tmp_path):
+    data = write_folder(tmp_path / "data", 14)
+    opts = folder_opts(data, subset=subset)
+    resident = utils.load_dataset(opts, "cpu")
+    streamed = utils.load_dataset(opts, "cpu", memory_limit_bytes=100)
+    assert isinstance(resident, torch.Tensor) and isinstance(streamed, utils.HostImages)
+    on_device = utils.make_batches(resident, 2, image_size, opts.seed, rank, world_size)
+    from_cache = utils.make_batches(streamed, 2, image_size, opts.seed, rank, world_size, device="cpu")
+    assert isinstance(on_device, utils.DeviceBatches) and isinstance(from_cache, utils.StreamedBatches)
+    assert len(from_cache) == len(on_device) == len(resident) // (2 * world_size)
+    for epoch in (0, 1):
+        expected = list(on_device.epoch(epoch, start))
+        got = list(from_cache.epoch(epoch, start))
+        assert len(got) == len(expected) == len(on_device) - start
+        for batch, reference in zip(got, expected):
+            assert batch.dtype == torch.float32 and batch.shape == (2, 3, image_size, image_size)
+            assert torch.equal(batch, reference)  # bitwise
+
+
+def test_streamed_batches_split_ranks_disjointly(tmp_path):
+    data = write_folder(tmp_path / "data", 8)
+    streamed = utils.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
+    ranks = [utils.make_batches(streamed, 2, 8, 0, rank, world_size=2) for rank in (0, 1)]
+    seen = [torch.cat(list(batches.epoch(0))) for batches in ranks]
+    assert seen[0].shape == seen[1].shape == (4, 3, 8, 8)
+    everything = {image.numpy().tobytes() for image in torch.cat(seen)}
+    assert len(everything) == 8  # each image once, on one rank
+
+
+def test_streamed_batches_describe_where_they_come_from(tmp_path):
+    data = write_folder(tmp_path / "data", 4)
+    said = []
+    streamed = utils.load_dataset(folder_opts(data), "cpu", say=said.append, memory_limit_bytes=100)
+    npy = next((data / utils.FOLDER_CACHE_NAME).glob("*.npy"))
+    assert streamed.source == npy
+    assert said[-1] == f"the images (0.0 MiB) exceed the 0.0 MiB budget on cpu: streaming batches from {npy}"
+    assert utils.make_batches(streamed, 2, 8, 0).describe() == f"streamed from {npy}"
+    resident = utils.load_dataset(folder_opts(data), "cpu")
+    assert utils.make_batches(resident, 2, 8, 0).describe() == "held on cpu"
+    # what the trainer reads from the real images besides batches: length, shape, slices
+    assert len(streamed) == 4 and streamed.shape == (4, 3, 8, 8)
+    assert torch.equal(streamed[1:3], resident[1:3]) and torch.equal(streamed[2], resident[2])
+
+
+def test_a_stopped_epoch_stops_its_gathering_thread(tmp_path):
+    data = write_folder(tmp_path / "data", 8)
+    streamed = utils.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
+    epoch = utils.make_batches(streamed, 2, 8, 0).epoch(0)
+    next(epoch)
+    assert any(thread.name.startswith("gather-batches") for thread in threading.enumerate())
+    epoch.close()
+    assert not any(thread.name.startswith("gather-batches") for thread in threading.enumerate())
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any torch operation allocates while it is active.
+
+    Views (slicing, wrapping the file's mapping with from_numpy) copy nothing: they do not count.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if all(output.alias_info is None for output in func._schema.returns):
+            sizes = [t.numel() for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+        return result
+
+
+def test_a_folder_too_large_for_the_device_is_never_held_whole(tmp_path, monkeypatch):
+    data = write_folder(tmp_path / "data", 12)
+    monkeypatch.setattr(utils, "DECODE_CHUNK_FILES", 3)
+    monkeypatch.setattr(utils.HostImages, "to_device", lambda *args: pytest.fail("materialised the images"))
+    one_image = 3 * 8 * 8
+    with LargestTensor() as largest:
+        streamed = utils.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=12 * one_image - 1)
+        batches = list(utils.make_batches(streamed, 2, 8, 0).epoch(0))
+    assert len(batches) == 6
+    assert largest.numel == 3 * one_image  # a decoded chunk; the whole folder is 12 images
+    assert isinstance(streamed, utils.HostImages)
+    # the rows are read from the cache file's mapping, not from a copy in memory
+    assert any(start <= streamed.array.data_ptr() < end for start, end in mappings_of(streamed.source))
+
+
+def mappings_of(path):
+    """The address ranges where this process maps the file at path (Linux)."""
+    ranges = []
+    for line in open("/proc/self/maps").read().splitlines():
+        if line.endswith(str(path)):
+            start, end = line.split()[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def test_the_device_memory_budget_is_a_share_of_free_memory(monkeypatch):
+    monkeypatch.setattr(utils, "available_ram_bytes", lambda: 8_000)
+    assert utils.device_memory_budget("cpu") == int(8_000 * utils.DEVICE_MEMORY_SHARE)
+    monkeypatch.setattr(utils, "available_ram_bytes", lambda: None)
+    assert utils.device_memory_budget("cpu") is None
+
+
+# ---------------------------------------------------------------- --dataset cifar10 on an image folder
+
+
+def refuse_download(*args, **kwargs):
+    pytest.fail("tried to download CIFAR-10 into an image folder")
+
+
+def everything_under(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def test_cifar10_on_an_image_folder_asks_for_dataset_folder(tmp_path, monkeypatch):
+    data = write_folder(tmp_path / "my_images", 2)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse_download)
+    before, files = everything_under(data), snapshot(data)
+    message = rf"^{data} holds image files but no CIFAR-10: did you mean --dataset folder\?$"
+    for load_cifar in (
+        lambda: utils.load_cifar10(data),
+        lambda: utils.load_cifar10(data, download=False),
+        lambda: utils.load_dataset(folder_opts(data, dataset="cifar10", image_size=32), "cpu"),
+    ):
+        with pytest.raises(utils.UserError, match=message):
+            load_cifar()
+    assert everything_under(data) == before and snapshot(data) == files
+
+
+def test_cifar10_beside_images_still_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse_download)
+    expected = write_cifar10_archive(tmp_path / "data", images_per_batch=2)
+    write_png(tmp_path / "data" / "preview.png", seed=0)
+    images = utils.load_cifar10(tmp_path / "data")
+    assert torch.equal(images, torch.from_numpy(expected))
+
+
+def test_the_cli_asks_for_dataset_folder(tmp_path, gan_main, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse_download)
+    before = everything_under(write_folder(tmp_path / "my_images", 2))
+    code, out, err = gan_main(["--dataroot", "my_images", "--device", "cpu", "--epochs", "1", "--no-compile"])
+    assert code == 2
+    assert "error: my_images holds image files but no CIFAR-10: did you mean --dataset folder?" in err
+    assert everything_under(tmp_path / "my_images") == before
