@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARGS, run_gan, snapshot, write_cifar10_archive
+from conftest import TINY_ARGS, RunsCode, run_gan, snapshot, write_cifar10_archive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -228,21 +228,11 @@ def test_cifar10_archive_with_a_damaged_batch(tmp_path, gan_main, no_download):
     assert_user_error(code, err, f"{batch} is not a CIFAR-10 batch (KeyError); delete {batch.parent} and run again")
 
 
-class _WritesMarker:
-    """Unpickling this would create a file: the CIFAR-10 reader must refuse it."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_cifar10_batch_that_would_run_code_is_refused(tmp_path, gan_main, no_download):
     dataroot = extracted_cifar10(tmp_path / "data")
     marker = tmp_path / "code_ran"
     batch = dataroot / "cifar-10-batches-py" / "data_batch_1"
-    batch.write_bytes(pickle.dumps({"data": _WritesMarker(marker), "labels": [1]}, protocol=2))
+    batch.write_bytes(pickle.dumps({"data": RunsCode(marker), "labels": [1]}, protocol=2))
     code, out, err = gan_main(cifar_args(dataroot))
     assert_user_error(code, err, f"{batch} is not a CIFAR-10 batch (UnpicklingError)")
     assert not marker.exists()
@@ -396,16 +386,6 @@ def test_generate_from_a_checkpoint_with_unusable_flags(run_copy, gan_main, flag
     assert snapshot(run_copy) == before
 
 
-class MakeMarker:
-    """Unpickling this object would create the marker folder: proof that code ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("container", ["torch.save", "plain pickle"])
 def test_a_checkpoint_that_would_run_code_is_refused_unrun(run_copy, gan_main, tmp_path, container):
@@ -413,7 +393,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(run_copy, gan_main, t
 
     def write(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        state["netG"]["main.0.weight"] = MakeMarker(marker)
+        state["netG"]["main.0.weight"] = RunsCode(marker)
         if container == "torch.save":
             torch.save(state, path)
         else:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GAN_PY, TINY_ARGS, check_ok, run_gan, snapshot, subprocess_env
+from conftest import GAN_PY, TINY_ARGS, RunsCode, check_ok, run_gan, snapshot, subprocess_env
 from PIL import Image
 
 import checkpoint
@@ -357,18 +357,8 @@ def test_atomic_write_keeps_the_old_file_when_fsync_fails(monkeypatch, tmp_path)
 # ---------------------------------------------------------------- checkpoints never run code
 
 
-class CreatesMarker:
-    """Unpickling this calls open(marker, 'w'): the file appears if code runs."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def malicious_checkpoint(kind, marker):
-    payload = CreatesMarker(marker)
+    payload = RunsCode(marker)
     if kind == "pickle":
         return pickle.dumps(payload, protocol=2)  # what torch.load expects, so only the payload is refused
     buffer = io.BytesIO()
@@ -379,7 +369,7 @@ def malicious_checkpoint(kind, marker):
 @pytest.mark.parametrize("kind", ["pickle", "torch", "torch-dict"])
 def test_a_checkpoint_that_runs_code_is_refused(kind, gan_main, tmp_path):
     marker = tmp_path / "pwned"
-    pickle.loads(pickle.dumps(CreatesMarker(marker))).close()  # the payload is live ...
+    pickle.loads(pickle.dumps(RunsCode(marker))).close()  # the payload is live ...
     assert marker.exists()
     marker.unlink()
     evil = tmp_path / "evil.pt"
@@ -484,7 +474,7 @@ def test_folder_dataset_skips_broken_files_with_one_warning(tmp_path):
     readable, total = len(READABLE), len(READABLE) + len(UNREADABLE)
     args = [*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--subset", readable, "--batch-size", 5]
     result = check_ok(run_gan([*args, "--epochs", "1"], tmp_path))
-    assert f"{readable} images, 2 steps per epoch" in result.stdout
+    assert f"{readable} images (held on cpu), 2 steps per epoch" in result.stdout
     warnings = [line for line in result.stderr.splitlines() if "skipped" in line]
     assert warnings == [f"warning: skipped {len(UNREADABLE)} of {total} files in data that are not readable images"]
     assert "Traceback" not in result.stderr

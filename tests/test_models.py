@@ -132,14 +132,19 @@ def test_update_ema_by_hand():
 
 
 def test_update_ema_on_a_generator_converges_to_it():
+    """Repeated updates towards a fixed G: the average halves its distance to G every time."""
     torch.manual_seed(0)
     G, ema = Generator(8, 4, 16), Generator(8, 4, 16)
     G.apply(init_weights)
     ema.apply(init_weights)
-    before = [p.detach().clone() for p in ema.parameters()]
-    update_ema(ema, G, decay=0.5)
-    for averaged, old, new in zip(ema.parameters(), before, G.parameters()):
-        torch.testing.assert_close(averaged.detach(), (old + new.detach()) / 2)
+    start = [p.detach().clone() for p in ema.parameters()]
+    for updates in range(1, 31):
+        update_ema(ema, G, decay=0.5)
+        if updates in (1, 2):
+            for averaged, old, new in zip(ema.parameters(), start, G.parameters()):
+                torch.testing.assert_close(averaged, new.detach() + 0.5**updates * (old - new.detach()))
+    for averaged, new in zip(ema.parameters(), G.parameters()):
+        torch.testing.assert_close(averaged, new.detach(), rtol=0, atol=1e-9)
 
 
 def test_update_ema_on_a_net_without_buffers():

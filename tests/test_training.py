@@ -342,7 +342,7 @@ def test_resume_with_the_same_architecture_flags_is_fine(run_copy, gan_main):
 
 
 def check_cifar_run(tmp_path, stdout, pixels, image_size):
-    assert "50 images, 6 steps per epoch" in stdout
+    assert "50 images (held on cpu), 6 steps per epoch" in stdout
     assert summary_lines(stdout) == [("1", "1")]
     folder = tmp_path / "cifar" / "cifar-10-batches-py"
     assert {p.name for p in folder.iterdir()} >= {f"data_batch_{i}" for i in range(1, 6)} | {"batches.meta"}
