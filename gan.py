@@ -23,12 +23,13 @@ import checkpoint
 import faults
 import sampling
 from checkpoint import Progress, latest_checkpoint
+from data import load_dataset, make_batches
 from faults import ROLL_BACK, Interrupted, StopRequest
 from models import ema_decay_at
 from options import MAX_SEED, merge_resume_flags, mixed_seed, parse_flags, random_seed, resume_path
 from runtime import any_rank, barrier, broadcast_int, setup_runtime, stop_distributed
 from steps import STAT_NAMES, Nets, Recipe, build_nets, train_step
-from utils import UserError, check_writable, load_dataset, make_batches
+from utils import UserError, check_writable
 
 # ---------------------------------------------------------------- setting up a run
 

@@ -23,8 +23,9 @@ from checkpoint import (
     load_module_state,
     save_checkpoint,
 )
+from data import load_dataset
 from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed
-from utils import UserError, check_writable, load_dataset
+from utils import UserError, check_writable
 
 
 def generator_of(flags):

@@ -8,10 +8,10 @@ process, in alternating timed rounds after a warm-up; the table gives median ima
     python benchmarks/throughput.py --device cpu --ngf 16 --ndf 16 --image-sizes 32 --batch-sizes 64 \
         --steps 5 --rounds 3 --warmup 2                                        # < 1 min on 2 cores
 
-The program's path is the one `python gan.py` trains with: options from gan.parse_options,
-gan.setup_runtime (AMP, torch.compile, channels_last and fused Adam on CUDA), gan.build_nets
-(with the default EMA), utils.DeviceBatches over a device-resident uint8 tensor and
-gan.train_step, with statistics summed on the device and read every --log-every steps.
+The program's path is the one `python gan.py` trains with: options from options.parse_flags,
+runtime.setup_runtime (AMP, torch.compile, channels_last and fused Adam on CUDA), steps.build_nets
+(with the default EMA), data.DeviceBatches over a device-resident uint8 tensor and
+steps.train_step, with statistics summed on the device and read every --log-every steps.
 The classic path follows pytorch/examples dcgan/main.py: a CIFAR10-like dataset of uint8
 arrays turned into PIL images, Resize/ToTensor/Normalize per image, DataLoader(num_workers=2,
 shuffle=True), fp32, D ending in Sigmoid with BCELoss, D on real then fake, then G through D
@@ -34,8 +34,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import gan  # noqa: E402
-import utils  # noqa: E402
+import data  # noqa: E402
+import options  # noqa: E402
+import runtime  # noqa: E402
+import steps as update_steps  # noqa: E402
 from models import Discriminator, Generator, init_weights  # noqa: E402
 
 CIFAR_TRAIN_SIZE = 50_000
@@ -54,12 +56,12 @@ class ProgramPipeline:
             "--batch-size", str(batch_size), "--ngf", str(args.ngf), "--ndf", str(args.ndf),
             "--log-every", str(args.log_every), "--seed", "0",
         ]  # fmt: skip
-        opts, _ = gan.parse_options(flags + (["--no-compile"] if no_compile else []))
-        self.opts, self.runtime = opts, gan.setup_runtime(opts)
+        opts, _ = options.parse_flags(flags + (["--no-compile"] if no_compile else []))
+        self.opts, self.runtime = opts, runtime.setup_runtime(opts)
         torch.manual_seed(0)
-        self.nets = gan.build_nets(opts, self.runtime)
-        self.recipe = gan.Recipe(opts.loss, opts.label_smoothing, opts.diffaugment)
-        self.batches = utils.DeviceBatches(images_uint8.to(self.runtime.device), batch_size, image_size, opts.seed)
+        self.nets = update_steps.build_nets(opts, self.runtime)
+        self.recipe = update_steps.Recipe.from_options(opts)
+        self.batches = data.DeviceBatches(images_uint8.to(self.runtime.device), batch_size, image_size, opts.seed)
         self.device = self.runtime.device
         self.real_batches = self.endless_batches()
         self.totals = torch.zeros(4, device=self.device)
@@ -75,7 +77,7 @@ class ProgramPipeline:
     def run(self, steps):
         opts = self.opts
         for _ in range(steps):
-            stats = gan.train_step(self.nets, next(self.real_batches), self.recipe, self.runtime, True, opts.ema)
+            stats = update_steps.train_step(self.nets, next(self.real_batches), self.recipe, self.runtime, True, opts.ema)
             self.totals += torch.stack([stats["loss_d"], stats["loss_g"], stats["d_real"], stats["d_fake"]])
             self.step += 1
             if self.step % opts.log_every == 0:
@@ -316,7 +318,7 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.device_resolved = str(gan.choose_device(args.device))
+    args.device_resolved = str(runtime.choose_device(args.device))
     on_cuda = args.device_resolved.startswith("cuda")
     args.steps = args.steps or (200 if on_cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (50 if on_cuda else 2)

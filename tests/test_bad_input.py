@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import checkpoint
+import data
 import options
-import utils
 from utils import UserError
 
 
@@ -166,7 +166,7 @@ def test_cifar10_offline(tmp_path, gan_main, no_download):
     assert_user_error(code, err, "could not download CIFAR-10 (URLError")
     assert "cifar-10-python.tar.gz" in err and str(dataroot.resolve()) in err
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in err
-    assert no_download == [utils.CIFAR_URL]
+    assert no_download == [data.CIFAR_URL]
     assert not (dataroot / "cifar-10-python.tar.gz").exists()
 
 
@@ -502,8 +502,8 @@ def test_fuzz_the_checkpoint_reader(trained_run, tmp_path):
         candidates.append(bytes(damaged))
     path = tmp_path / "checkpoint.pt"
     outcomes = {"loaded": 0, "refused": 0}
-    for data in candidates:
-        path.write_bytes(data)
+    for candidate in candidates:
+        path.write_bytes(candidate)
         try:
             state = checkpoint.load_checkpoint(path)
         except UserError as error:

@@ -16,9 +16,11 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import data
+import folders
 import utils
 
-REAL_READ_IMAGE = utils.read_image
+REAL_READ_IMAGE = folders.read_image
 
 
 # ---------------------------------------------------------------- helpers
@@ -41,7 +43,7 @@ def write_folder(folder, count, broken=0):
 
 def fresh_decode(folder, image_size):
     """What the folder decodes to without any cache: read_image over the files, broken ones left out."""
-    images = [REAL_READ_IMAGE(path, image_size) for path in utils.list_images(folder)]
+    images = [REAL_READ_IMAGE(path, image_size) for path in folders.list_images(folder)]
     return torch.stack([image for image in images if image is not None])
 
 
@@ -54,14 +56,14 @@ def reads(monkeypatch):
         seen.append(path)
         return REAL_READ_IMAGE(path, image_size)
 
-    monkeypatch.setattr(utils, "read_image", counting_read_image)
+    monkeypatch.setattr(folders, "read_image", counting_read_image)
     return seen
 
 
 def load(folder, image_size, **options):
     """load_folder in-process; returns (images, the lines it said)."""
     said = []
-    images = utils.load_folder(folder, image_size, 0, say=said.append, **options)
+    images = folders.load_folder(folder, image_size, 0, say=said.append, **options)
     return images, said
 
 
@@ -82,7 +84,7 @@ def test_first_start_builds_the_cache_and_the_second_reuses_it(tmp_path, reads):
     first, said = load(data, 8)
     assert len(reads) == 5
     assert len(said) == 1 and said[0].startswith("image cache: no cache yet, building one; decoding 5 files")
-    cache = data / utils.FOLDER_CACHE_NAME
+    cache = data / folders.FOLDER_CACHE_NAME
     npy = next(cache.glob("*.npy"))
     assert cache_files(cache) == [npy.with_suffix(".json").name, npy.name]  # no temp file left
 
@@ -128,9 +130,9 @@ def test_a_changed_folder_rebuilds_the_cache(change, tmp_path, reads):
     reads.clear()
     images, said = load(data, 8)
     assert len(said) == 1 and said[0].startswith("image cache: the files changed since the cache was made, rebuilding")
-    assert len(reads) == len(utils.list_images(data))
+    assert len(reads) == len(folders.list_images(data))
     assert torch.equal(images, fresh_decode(data, 8))
-    assert len(cache_files(data / utils.FOLDER_CACHE_NAME)) == 2  # the stale cache is gone
+    assert len(cache_files(data / folders.FOLDER_CACHE_NAME)) == 2  # the stale cache is gone
 
 
 def test_another_image_size_builds_its_own_cache(tmp_path, reads):
@@ -174,7 +176,7 @@ def wrong_row_count(npy, sidecar):
 def test_a_damaged_cache_is_rebuilt_not_trusted(damage, tmp_path, reads):
     data = write_folder(tmp_path / "data", 5)
     load(data, 8)
-    npy = next((data / utils.FOLDER_CACHE_NAME).glob("*.npy"))
+    npy = next((data / folders.FOLDER_CACHE_NAME).glob("*.npy"))
     damage(npy, npy.with_suffix(".json"))
     reads.clear()
     images, said = load(data, 8)
@@ -195,11 +197,11 @@ def test_a_build_cut_short_leaves_nothing_that_is_trusted(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return REAL_READ_IMAGE(path, image_size)
 
-    monkeypatch.setattr(utils, "read_image", interrupted_read_image)
+    monkeypatch.setattr(folders, "read_image", interrupted_read_image)
     with pytest.raises(KeyboardInterrupt):
         load(data, 8)
-    assert cache_files(data / utils.FOLDER_CACHE_NAME) == []
-    monkeypatch.setattr(utils, "read_image", REAL_READ_IMAGE)
+    assert cache_files(data / folders.FOLDER_CACHE_NAME) == []
+    monkeypatch.setattr(folders, "read_image", REAL_READ_IMAGE)
     images, said = load(data, 8)
     assert said[0].startswith("image cache: no cache yet")
     assert torch.equal(images, fresh_decode(data, 8))
@@ -207,12 +209,12 @@ def test_a_build_cut_short_leaves_nothing_that_is_trusted(tmp_path, monkeypatch)
 
 def test_a_build_removes_the_leftovers_of_abandoned_builds(tmp_path):
     data = write_folder(tmp_path / "data", 3)
-    cache = data / utils.FOLDER_CACHE_NAME
+    cache = data / folders.FOLDER_CACHE_NAME
     cache.mkdir()
     abandoned, recent = cache / ".images-8px-0123.npy.abc.tmp", cache / ".images-8px-4567.npy.def.tmp"
     for path in (abandoned, recent):
         path.write_bytes(bytes(100))
-    hours_ago = time.time() - 2 * utils.ABANDONED_BUILD_SECONDS
+    hours_ago = time.time() - 2 * folders.ABANDONED_BUILD_SECONDS
     os.utime(abandoned, (hours_ago, hours_ago))
     load(data, 8)
     assert not abandoned.exists()
@@ -221,9 +223,9 @@ def test_a_build_removes_the_leftovers_of_abandoned_builds(tmp_path):
 
 def test_a_read_only_data_folder_caches_in_cache_dir(tmp_path, reads):
     data = write_folder(tmp_path / "data", 4)
-    (data / utils.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go: mkdir fails")
+    (data / folders.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go: mkdir fails")
     before = snapshot(data)
-    fallback = tmp_path / "checkpoints" / utils.FOLDER_CACHE_NAME
+    fallback = tmp_path / "checkpoints" / folders.FOLDER_CACHE_NAME
     first, said = load(data, 8, cache_dir=tmp_path / "checkpoints")
     assert said[0].startswith("image cache: no cache yet") and f"into {fallback}/images-8px-" in said[0]
     second, said = load(data, 8, cache_dir=tmp_path / "checkpoints")
@@ -234,10 +236,10 @@ def test_a_read_only_data_folder_caches_in_cache_dir(tmp_path, reads):
 
 def test_without_any_writable_cache_folder_the_folder_is_decoded_into_memory(tmp_path, reads):
     data = write_folder(tmp_path / "data", 4)
-    (data / utils.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
+    (data / folders.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
     for _ in range(2):
         images, said = load(data, 8)
-        assert said[0].startswith(f"image cache: none ({data / utils.FOLDER_CACHE_NAME} is not writable")
+        assert said[0].startswith(f"image cache: none ({data / folders.FOLDER_CACHE_NAME} is not writable")
         assert said[0].endswith("decoding 4 files into memory")
         assert torch.equal(images, fresh_decode(data, 8))
     assert len(reads) == 8
@@ -245,8 +247,8 @@ def test_without_any_writable_cache_folder_the_folder_is_decoded_into_memory(tmp
 
 def test_without_a_cache_a_folder_too_large_for_memory_is_a_clear_error(tmp_path, monkeypatch):
     data = write_folder(tmp_path / "data", 4)
-    (data / utils.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
-    monkeypatch.setattr(utils, "available_ram_bytes", lambda: 1000)
+    (data / folders.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
+    monkeypatch.setattr(folders, "available_ram_bytes", lambda: 1000)
     with pytest.raises(utils.UserError, match="no folder can take the decoded-image cache"):
         load(data, 8)
 
@@ -267,7 +269,7 @@ def test_load_dataset_gives_what_it_gave_before_the_cache(tmp_path):
     expected = expected[torch.randperm(len(expected), generator=torch.Generator().manual_seed(3))[:5]]
     for _ in ("built", "reused"):
         with pytest.warns(UserWarning, match="skipped 1 of 10"):
-            images = utils.load_dataset(folder_opts(data, subset=5), torch.device("cpu"))
+            images = data.load_dataset(folder_opts(data, subset=5), torch.device("cpu"))
         assert isinstance(images, torch.Tensor) and torch.equal(images, expected)
 
 
@@ -281,12 +283,12 @@ def test_load_dataset_gives_what_it_gave_before_the_cache(tmp_path):
 def test_streamed_batches_equal_device_batches(subset, rank, world_size, start, image_size, tmp_path):
     data = write_folder(tmp_path / "data", 14)
     opts = folder_opts(data, subset=subset)
-    resident = utils.load_dataset(opts, "cpu")
-    streamed = utils.load_dataset(opts, "cpu", memory_limit_bytes=100)
-    assert isinstance(resident, torch.Tensor) and isinstance(streamed, utils.HostImages)
-    on_device = utils.make_batches(resident, 2, image_size, opts.seed, rank, world_size)
-    from_cache = utils.make_batches(streamed, 2, image_size, opts.seed, rank, world_size, device="cpu")
-    assert isinstance(on_device, utils.DeviceBatches) and isinstance(from_cache, utils.StreamedBatches)
+    resident = data.load_dataset(opts, "cpu")
+    streamed = data.load_dataset(opts, "cpu", memory_limit_bytes=100)
+    assert isinstance(resident, torch.Tensor) and isinstance(streamed, folders.HostImages)
+    on_device = data.make_batches(resident, 2, image_size, opts.seed, rank, world_size)
+    from_cache = data.make_batches(streamed, 2, image_size, opts.seed, rank, world_size, device="cpu")
+    assert isinstance(on_device, data.DeviceBatches) and isinstance(from_cache, data.StreamedBatches)
     assert len(from_cache) == len(on_device) == len(resident) // (2 * world_size)
     for epoch in (0, 1):
         expected = list(on_device.epoch(epoch, start))
@@ -299,8 +301,8 @@ def test_streamed_batches_equal_device_batches(subset, rank, world_size, start, 
 
 def test_streamed_batches_split_ranks_disjointly(tmp_path):
     data = write_folder(tmp_path / "data", 8)
-    streamed = utils.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
-    ranks = [utils.make_batches(streamed, 2, 8, 0, rank, world_size=2) for rank in (0, 1)]
+    streamed = data.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
+    ranks = [data.make_batches(streamed, 2, 8, 0, rank, world_size=2) for rank in (0, 1)]
     seen = [torch.cat(list(batches.epoch(0))) for batches in ranks]
     assert seen[0].shape == seen[1].shape == (4, 3, 8, 8)
     everything = {image.numpy().tobytes() for image in torch.cat(seen)}
@@ -310,13 +312,13 @@ def test_streamed_batches_split_ranks_disjointly(tmp_path):
 def test_streamed_batches_describe_where_they_come_from(tmp_path):
     data = write_folder(tmp_path / "data", 4)
     said = []
-    streamed = utils.load_dataset(folder_opts(data), "cpu", say=said.append, memory_limit_bytes=100)
-    npy = next((data / utils.FOLDER_CACHE_NAME).glob("*.npy"))
+    streamed = data.load_dataset(folder_opts(data), "cpu", say=said.append, memory_limit_bytes=100)
+    npy = next((data / folders.FOLDER_CACHE_NAME).glob("*.npy"))
     assert streamed.source == npy
     assert said[-1] == f"the images (0.0 MiB) exceed the 0.0 MiB budget on cpu: streaming batches from {npy}"
-    assert utils.make_batches(streamed, 2, 8, 0).describe() == f"streamed from {npy}"
-    resident = utils.load_dataset(folder_opts(data), "cpu")
-    assert utils.make_batches(resident, 2, 8, 0).describe() == "held on cpu"
+    assert data.make_batches(streamed, 2, 8, 0).describe() == f"streamed from {npy}"
+    resident = data.load_dataset(folder_opts(data), "cpu")
+    assert data.make_batches(resident, 2, 8, 0).describe() == "held on cpu"
     # what the trainer reads from the real images besides batches: length, shape, slices
     assert len(streamed) == 4 and streamed.shape == (4, 3, 8, 8)
     assert torch.equal(streamed[1:3], resident[1:3]) and torch.equal(streamed[2], resident[2])
@@ -324,8 +326,8 @@ def test_streamed_batches_describe_where_they_come_from(tmp_path):
 
 def test_a_stopped_epoch_stops_its_gathering_thread(tmp_path):
     data = write_folder(tmp_path / "data", 8)
-    streamed = utils.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
-    epoch = utils.make_batches(streamed, 2, 8, 0).epoch(0)
+    streamed = data.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
+    epoch = data.make_batches(streamed, 2, 8, 0).epoch(0)
     next(epoch)
     assert any(thread.name.startswith("gather-batches") for thread in threading.enumerate())
     epoch.close()
@@ -352,15 +354,15 @@ class LargestTensor(TorchDispatchMode):
 
 def test_a_folder_too_large_for_the_device_is_never_held_whole(tmp_path, monkeypatch):
     data = write_folder(tmp_path / "data", 12)
-    monkeypatch.setattr(utils, "DECODE_CHUNK_FILES", 3)
-    monkeypatch.setattr(utils.HostImages, "to_device", lambda *args: pytest.fail("materialised the images"))
+    monkeypatch.setattr(folders, "DECODE_CHUNK_FILES", 3)
+    monkeypatch.setattr(folders.HostImages, "to_device", lambda *args: pytest.fail("materialised the images"))
     one_image = 3 * 8 * 8
     with LargestTensor() as largest:
-        streamed = utils.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=12 * one_image - 1)
-        batches = list(utils.make_batches(streamed, 2, 8, 0).epoch(0))
+        streamed = data.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=12 * one_image - 1)
+        batches = list(data.make_batches(streamed, 2, 8, 0).epoch(0))
     assert len(batches) == 6
     assert largest.numel == 3 * one_image  # a decoded chunk; the whole folder is 12 images
-    assert isinstance(streamed, utils.HostImages)
+    assert isinstance(streamed, folders.HostImages)
     # the rows are read from the cache file's mapping, not from a copy in memory
     assert any(start <= streamed.array.data_ptr() < end for start, end in mappings_of(streamed.source))
 
@@ -376,10 +378,10 @@ def mappings_of(path):
 
 
 def test_the_device_memory_budget_is_a_share_of_free_memory(monkeypatch):
-    monkeypatch.setattr(utils, "available_ram_bytes", lambda: 8_000)
-    assert utils.device_memory_budget("cpu") == int(8_000 * utils.DEVICE_MEMORY_SHARE)
-    monkeypatch.setattr(utils, "available_ram_bytes", lambda: None)
-    assert utils.device_memory_budget("cpu") is None
+    monkeypatch.setattr(folders, "available_ram_bytes", lambda: 8_000)
+    assert data.device_memory_budget("cpu") == int(8_000 * data.DEVICE_MEMORY_SHARE)
+    monkeypatch.setattr(folders, "available_ram_bytes", lambda: None)
+    assert data.device_memory_budget("cpu") is None
 
 
 # ---------------------------------------------------------------- --dataset cifar10 on an image folder
@@ -399,9 +401,9 @@ def test_cifar10_on_an_image_folder_asks_for_dataset_folder(tmp_path, monkeypatc
     before, files = everything_under(data), snapshot(data)
     message = rf"^{data} holds image files but no CIFAR-10: did you mean --dataset folder\?$"
     for load_cifar in (
-        lambda: utils.load_cifar10(data),
-        lambda: utils.load_cifar10(data, download=False),
-        lambda: utils.load_dataset(folder_opts(data, dataset="cifar10", image_size=32), "cpu"),
+        lambda: data.load_cifar10(data),
+        lambda: data.load_cifar10(data, download=False),
+        lambda: data.load_dataset(folder_opts(data, dataset="cifar10", image_size=32), "cpu"),
     ):
         with pytest.raises(utils.UserError, match=message):
             load_cifar()
@@ -412,7 +414,7 @@ def test_cifar10_beside_images_still_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse_download)
     expected = write_cifar10_archive(tmp_path / "data", images_per_batch=2)
     write_png(tmp_path / "data" / "preview.png", seed=0)
-    images = utils.load_cifar10(tmp_path / "data")
+    images = data.load_cifar10(tmp_path / "data")
     assert torch.equal(images, torch.from_numpy(expected))
 
 

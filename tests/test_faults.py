@@ -25,6 +25,7 @@ from PIL import Image
 
 import checkpoint
 import faults
+import folders
 import gan
 import steps
 import utils
@@ -444,7 +445,7 @@ UNREADABLE = {
 def test_read_image_converts_every_mode_to_rgb(name, tmp_path):
     path = tmp_path / name
     path.write_bytes(READABLE[name][0]())
-    image = utils.read_image(path, 16)
+    image = folders.read_image(path, 16)
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
     expected = READABLE[name][1]
     if expected is not None:
@@ -460,7 +461,7 @@ def test_read_image_converts_every_mode_to_rgb(name, tmp_path):
 def test_read_image_returns_none_for_broken_files(name, tmp_path):
     path = tmp_path / name
     path.write_bytes(UNREADABLE[name]())
-    assert utils.read_image(path, 16) is None
+    assert folders.read_image(path, 16) is None
 
 
 def write_image_folder(folder):

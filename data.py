@@ -1,0 +1,303 @@
+"""The training images as batches on the device: CIFAR-10 from its archive, an image folder
+(through folders.py), or random data; shuffled per (seed, epoch), held on the device when they
+fit and streamed from the host when they do not.
+"""
+
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes, ignore_message, open_folder, size_text
+from utils import UserError
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+# batches and FID's Inception need the rest. A larger dataset is streamed from the cache.
+# The images may take this share of the device's free memory; the nets, their activations, the
+DEVICE_MEMORY_SHARE = 0.5
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+def load_cifar10(root, download=True):
+    """CIFAR-10's 50k training images as a uint8 tensor (N, 3, 32, 32) on the CPU."""
+    root = Path(root)
+    folder = root / CIFAR_FOLDER
+    archive = root / CIFAR_ARCHIVE
+    if not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):
+        if not archive.is_file():
+            refuse_image_folder(root)
+            if not download:
+                raise UserError(f"CIFAR-10 not found: put {CIFAR_ARCHIVE} in {root}/")
+            _download_cifar10(root)
+        _extract_cifar10(archive, root)
+    return torch.cat([_read_cifar_batch(folder / name) for name in CIFAR_TRAIN_BATCHES])
+
+
+def refuse_image_folder(root):
+    """--dataroot my_images/ without --dataset folder would download CIFAR-10 into the user's images."""
+    if (root / CIFAR_FOLDER).exists() or (root / CIFAR_ARCHIVE).exists() or not root.is_dir():
+        return
+    if any(path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() for path in root.rglob("*")):
+        raise UserError(f"{root} holds image files but no CIFAR-10: did you mean --dataset folder?")
+
+
+def _download_cifar10(root):
+    from torchvision.datasets.utils import download_url
+
+    try:
+        download_url(CIFAR_URL, str(root), CIFAR_ARCHIVE, CIFAR_MD5)
+    except Exception as error:  # urllib, socket and checksum errors all mean the same to a user
+        (Path(root) / CIFAR_ARCHIVE).unlink(missing_ok=True)
+        raise UserError(
+            f"could not download CIFAR-10 ({error.__class__.__name__}: {error}). "
+            f"Download {CIFAR_URL} by hand and put {CIFAR_ARCHIVE} in {Path(root).resolve()}/"
+        ) from None
+
+
+def _extract_cifar10(archive, root):
+    """Extract into a temp folder, then rename: a cut-short extraction leaves no half folder."""
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".cifar-extract-") as scratch:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(scratch, filter="data")
+            if not (Path(scratch) / CIFAR_FOLDER).is_dir():
+                raise tarfile.TarError(f"it holds no {CIFAR_FOLDER}/ folder")
+            shutil.rmtree(Path(root) / CIFAR_FOLDER, ignore_errors=True)
+            os.replace(Path(scratch) / CIFAR_FOLDER, Path(root) / CIFAR_FOLDER)
+    except (OSError, tarfile.TarError, EOFError) as error:
+        raise UserError(f"{archive} is not a readable CIFAR-10 archive ({error}); delete it and run again") from None
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's dicts of numpy arrays and refuses anything that could run code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),  # protocol-2 pickles store bytes this way
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path):
+    try:
+        with open(path, "rb") as file:
+            batch = _ArrayUnpickler(file, encoding="latin1").load()
+        pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    except Exception as error:  # a damaged batch can fail in pickle, numpy or a missing key
+        raise UserError(
+            f"{path} is not a CIFAR-10 batch ({error.__class__.__name__}); delete {path.parent} and run again"
+        ) from None
+    return torch.from_numpy(pixels.copy())
+
+
+# ---------------------------------------------------------------- batches on the device
+
+
+def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None):
+    """The training images: a uint8 tensor on the device, or HostImages when a folder is too large for it.
+
+    cache_dir: where a folder's decoded-image cache goes when the data folder is not writable (the
+    run's checkpoint folder); say: gets the lines about the cache and about streaming;
+    memory_limit_bytes: the bytes of images the device may hold (None: a share of its free memory).
+    Train from the result with make_batches.
+    """
+    if opts.dataset == "cifar10":
+        images = load_cifar10(opts.dataroot)
+    elif opts.dataset == "folder":
+        images = open_folder(opts.dataroot, opts.image_size, opts.workers, cache_dir, say)
+    else:
+        generator = torch.Generator().manual_seed(opts.seed)
+        images = torch.randint(
+            0, 256, (512, 3, opts.image_size, opts.image_size), generator=generator, dtype=torch.uint8
+        )
+    images = choose_subset(images, opts.subset, opts.seed)
+    if len(images) < opts.batch_size:
+        raise UserError(f"the dataset has {len(images)} images, fewer than --batch-size {opts.batch_size}")
+    if isinstance(images, HostImages):
+        return place_on_device(images, device, memory_limit_bytes, say or ignore_message)
+    return images.to(device)
+
+
+def choose_subset(images, subset, seed):
+    """The first `subset` images of a shuffle seeded by seed (so a resumed run gets the same ones)."""
+    if subset is None:
+        return images
+    if subset > len(images):
+        raise UserError(f"--subset {subset} is larger than the dataset ({len(images)} images)")
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:subset]
+    return images.select(chosen) if isinstance(images, HostImages) else images[chosen]
+
+
+def place_on_device(images, device, memory_limit_bytes, say):
+    """The images as one device tensor when they fit in its memory budget; else left where they are, to stream."""
+    budget = memory_limit_bytes if memory_limit_bytes is not None else device_memory_budget(device)
+    if budget is None or images.nbytes <= budget:
+        return images.to_device(device)
+    where = images.source or "host memory"
+    say(
+        f"the images ({size_text(images.nbytes)}) exceed the {size_text(budget)} budget on {device}: streaming batches from {where}"
+    )
+    return images
+
+
+def device_memory_budget(device):
+    """Bytes of images worth holding on the device: a share of its free memory; None when unknown."""
+    device = torch.device(device)
+    free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_ram_bytes()
+    return None if free_bytes is None else int(free_bytes * DEVICE_MEMORY_SHARE)
+
+
+def epoch_order(seed, epoch, count):
+    """The shuffled order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same batches."""
+    mixed = (seed * 1_000_003 + epoch) % (2**63 - 1)  # inside torch's seed range for any --seed
+    return torch.randperm(count, generator=torch.Generator().manual_seed(mixed))
+
+
+def batch_rows(order, index, batch_size, rank, world_size):
+    """The rows of batch `index` for this rank: under DDP each rank takes every world_size-th batch."""
+    first = (index * world_size + rank) * batch_size
+    return order[first : first + batch_size]
+
+
+class DeviceBatches:
+    """Shuffled batches sliced from a device-resident uint8 tensor, as in airbench.
+
+    The permutation of each epoch depends only on (seed, epoch), so a resumed run sees
+    the same batches; under DDP each rank takes every world_size-th batch of it.
+    The last incomplete batch is dropped so every step has the same shape.
+    Batches come in D's memory format and dtype, so real and fake batches share one D graph.
+    """
+
+    def __init__(
+        self, images, batch_size, image_size, seed, rank=0, world_size=1, dtype=torch.float32,
+        memory_format=torch.contiguous_format,
+    ):  # fmt: skip
+        self.images = images
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.dtype, self.memory_format = dtype, memory_format
+
+    def __len__(self):
+        return len(self.images) // (self.batch_size * self.world_size)
+
+    def epoch(self, epoch, start=0):
+        """Yield the float batches of one epoch in [-1, 1], skipping the first `start`."""
+        order = epoch_order(self.seed, epoch, len(self.images)).to(self.images.device)
+        for index in range(start, len(self)):
+            rows = batch_rows(order, index, self.batch_size, self.rank, self.world_size)
+            images = to_float_images(self.images[rows], self.image_size)
+            yield images.to(self.dtype, memory_format=self.memory_format)
+
+    def describe(self):
+        return f"held on {self.images.device}"
+
+
+class StreamedBatches:
+    """DeviceBatches' batches for images too large for the device, gathered from HostImages.
+
+    Same interface, same batches (order, sharding, dropped last batch). A background thread
+    gathers the next batch's rows (the page faults and disk reads of a mapped cache) into a
+    pinned buffer while the device trains on the current one; the copy to the device is
+    non-blocking. The copy is queued on the current stream, behind the step before it: at
+    batch sizes of DCGAN it takes microseconds, and the gather is what needs hiding.
+    """
+
+    def __init__(
+        self, images, batch_size, image_size, seed, rank=0, world_size=1, device="cpu", dtype=torch.float32,
+        memory_format=torch.contiguous_format,
+    ):  # fmt: skip
+        self.images = images
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.dtype, self.memory_format = dtype, memory_format
+
+    def __len__(self):
+        return len(self.images) // (self.batch_size * self.world_size)
+
+    def describe(self):
+        return f"streamed from {self.images.source or 'host memory'}"
+
+    def epoch(self, epoch, start=0):
+        """Yield the float batches of one epoch in [-1, 1] on the device, skipping the first `start`."""
+        order = epoch_order(self.seed, epoch, len(self.images))
+        buffers = [self.host_buffer(), self.host_buffer()]  # one being gathered into while the other is copied
+        copied = [None, None]  # per buffer: the event after which its last copy to the device is done
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gather-batches") as gatherer:
+
+            def gather_later(index):
+                slot = index % 2
+                return gatherer.submit(self.gather, order, index, buffers[slot], copied[slot])
+
+            pending = gather_later(start) if start < len(self) else None
+            for index in range(start, len(self)):
+                host_batch = pending.result()
+                device_batch = host_batch.to(self.device, non_blocking=True)
+                copied[index % 2] = self.copy_done_event()
+                if index + 1 < len(self):
+                    pending = gather_later(index + 1)
+                # converted before yielding: on the CPU, device_batch is the buffer itself
+                images = to_float_images(device_batch, self.image_size)
+                yield images.to(self.dtype, memory_format=self.memory_format)
+
+    def host_buffer(self):
+        shape = (self.batch_size, *self.images.shape[1:])
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
+    def gather(self, order, index, buffer, copied):
+        if copied is not None:
+            copied.synchronize()  # the buffer's previous batch must reach the device before it is overwritten
+        rows = batch_rows(order, index, self.batch_size, self.rank, self.world_size)
+        return self.images.gather(rows, out=buffer)
+
+    def copy_done_event(self):
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+def make_batches(images, batch_size, image_size, seed, rank=0, world_size=1, device="cpu", **layout):
+    """The batch source for what load_dataset returned: DeviceBatches, or StreamedBatches for HostImages.
+
+    layout: dtype and memory_format of the batches (D's, so real and fake batches share one graph).
+    """
+    if isinstance(images, HostImages):
+        return StreamedBatches(images, batch_size, image_size, seed, rank, world_size, device, **layout)
+    return DeviceBatches(images, batch_size, image_size, seed, rank, world_size, **layout)
+
+
+def to_float_images(uint8_images, image_size):
+    """uint8 (N, 3, s, s) to float in [-1, 1] at image_size, on the images' device."""
+    images = uint8_images.float().div_(127.5).sub_(1.0)
+    if images.shape[-1] != image_size:
+        # antialiasing only changes anything when shrinking; growing 32 -> 64 gives the same
+        # pixels through a slower kernel
+        shrinking = images.shape[-1] > image_size
+        images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return images

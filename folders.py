@@ -1,0 +1,435 @@
+"""Image folders: listing and decoding the images, and the decoded-image cache that makes every
+start after the first fast (CelebA's 202,599 JPEGs take minutes to decode).
+
+Apart from data.py because the cache (keys, sidecars, crash safety, read-only folders) is a
+sitting's read of its own.
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import UserError, atomic_write
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+FOLDER_CACHE_NAME = ".dcgan-cache"
+# Bump when read_image's pixels change, so caches made by older code are rebuilt, not trusted.
+FOLDER_CACHE_VERSION = 1
+DECODE_CHUNK_FILES = 256
+# The cache must leave this much disk free, for the checkpoints and samples written after it.
+DISK_SPARE_BYTES = 1 << 30
+ABANDONED_BUILD_SECONDS = 3600
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def list_images(root):
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"data folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def read_image(path, image_size):
+    """One image as uint8 (3, S, S): converted to RGB, resized and center-cropped.
+
+    Returns None for a file that cannot be decoded (truncated, not an image).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = _to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        return None
+    scale = image_size / min(image.size)
+    width, height = max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))
+    image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (width - image_size) // 2, (height - image_size) // 2
+    image = image.crop((left, top, left + image_size, top + image_size))
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _to_rgb(image):
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit and float greyscale: scale to 8 bits instead of clipping at 255
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            peak = 65535.0  # the bit depth is known: no guessing from the values
+        elif image.mode == "I":
+            peak = 65535.0 if values.max() > 255 else 255.0
+        else:
+            peak = max(values.max(), 1.0)
+        image = Image.fromarray(np.clip(values / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """Images of a folder (searched recursively) or of a list of files as uint8 tensors; broken files give None."""
+
+    def __init__(self, root, image_size, files=None):
+        self.files = list_images(root) if files is None else files
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        return read_image(self.files[index], self.image_size)
+
+
+def collate_readable(items):
+    """Stack the decodable images; also return how many were skipped."""
+    images = [item for item in items if item is not None]
+    stacked = torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
+    return stacked, len(items) - len(images)
+
+
+def collate_with_mask(items):
+    """Stack the decodable images; also return which of the items they were."""
+    readable = torch.tensor([item is not None for item in items], dtype=torch.bool)
+    images, _ = collate_readable(items)
+    return images, readable
+
+
+def decode_files(files, image_size, workers, skipped):
+    """Yield the readable files' images in file order, a chunk at a time; append the unreadable files to skipped."""
+    dataset = FolderImages(None, image_size, files)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=DECODE_CHUNK_FILES,
+        num_workers=workers,
+        collate_fn=collate_with_mask,
+        # its own generator: a DataLoader otherwise draws its workers' seed from the global RNG,
+        # which a resumed run has just restored
+        generator=torch.Generator(),
+    )
+    done = 0
+    for images, readable in loader:
+        skipped.extend(files[done + i] for i in (~readable).nonzero().flatten().tolist())
+        done += len(readable)
+        if len(images):
+            yield images
+
+
+def report_skipped(root, skipped_count, file_count):
+    """The one warning about unreadable files (at every start, cached or not); an error if none was readable."""
+    if skipped_count:
+        warnings.warn(
+            f"skipped {skipped_count} of {file_count} files in {root} that are not readable images", stacklevel=2
+        )
+    if skipped_count == file_count:
+        raise UserError(f"data folder {root} holds no readable images")
+
+
+def load_folder(root, image_size, workers, cache_dir=None, say=None):
+    """Decode a whole folder into a uint8 CPU tensor (N, 3, S, S), through the decoded-image cache."""
+    return open_folder(root, image_size, workers, cache_dir, say).to_device("cpu")
+
+
+# ---------------------------------------------------------------- the decoded-image cache
+# Decoding CelebA's 202,599 JPEGs with PIL takes minutes, so the decoded images are kept in
+# <dataroot>/.dcgan-cache/images-<S>px-<key>.npy, or in <cache_dir>/.dcgan-cache/ when the data
+# folder is read-only. The key digests every file's name, size and mtime, the image size and the
+# decoder: any change gives another name. The JSON sidecar is written last, once the .npy is
+# complete, and a cache whose sidecar is missing or does not match it is never trusted.
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """What a folder's decoded images depend on: its image files, the image size, and their digest."""
+
+    root: Path
+    files: list
+    image_size: int
+    key: str
+
+    @classmethod
+    def of(cls, root, image_size):
+        root = Path(root)
+        files = list_images(root)
+        return cls(root, files, image_size, folder_cache_key(root, files, image_size))
+
+    @property
+    def stem(self):
+        return f"images-{self.image_size}px-{self.key}"
+
+    @property
+    def decoded_bytes(self):
+        return len(self.files) * 3 * self.image_size**2
+
+
+def folder_cache_key(root, files, image_size):
+    from PIL import __version__ as pil_version
+
+    digest = hashlib.sha256(f"{FOLDER_CACHE_VERSION} {pil_version} {image_size}\n".encode())
+    for path in files:
+        try:
+            stat = path.stat()
+            size, mtime_ns = stat.st_size, stat.st_mtime_ns
+        except OSError:  # removed since it was listed: it will be skipped as unreadable
+            size = mtime_ns = -1
+        digest.update(f"{path.relative_to(root)}\0{size}\0{mtime_ns}\n".encode(errors="surrogateescape"))
+    return digest.hexdigest()[:20]
+
+
+def cache_folders(root, cache_dir):
+    """Where the cache may live, in order: beside the data, then the caller's folder."""
+    folders = [Path(root) / FOLDER_CACHE_NAME]
+    if cache_dir is not None and Path(cache_dir) / FOLDER_CACHE_NAME != folders[0]:
+        folders.append(Path(cache_dir) / FOLDER_CACHE_NAME)
+    return folders
+
+
+def cache_paths(folder, listing):
+    return folder / f"{listing.stem}.npy", folder / f"{listing.stem}.json"
+
+
+def open_folder(root, image_size, workers, cache_dir=None, say=None):
+    """A folder's readable images as HostImages mapped from the decoded-image cache, built first if needed.
+
+    cache_dir: the folder to cache in when the data folder is not writable (the cache goes in
+    cache_dir/.dcgan-cache/); say: gets the one line saying whether the cache was reused or built.
+    """
+    say = say or ignore_message
+    listing = FolderListing.of(root, image_size)
+    folders = cache_folders(listing.root, cache_dir)
+    for folder in folders:
+        cached = read_folder_cache(folder, listing)
+        if cached is not None:
+            images, skipped = cached
+            report_skipped(listing.root, len(skipped), len(listing.files))
+            say(f"image cache: reusing {images.source} ({len(images)} images)")
+            return images
+    reason = rebuild_reason(folders, listing)
+    problems = []
+    for folder in folders:
+        problem = cache_folder_problem(folder, listing.decoded_bytes)
+        if problem is None:
+            say(
+                f"image cache: {reason}; decoding {len(listing.files)} files "
+                f"({size_text(listing.decoded_bytes)}) into {cache_paths(folder, listing)[0]}"
+            )
+            return build_folder_cache(folder, listing, workers)
+        problems.append(problem)
+    return decode_without_cache(listing, workers, "; ".join(problems), say)
+
+
+def ignore_message(message):
+    pass
+
+
+def read_folder_cache(folder, listing):
+    """(HostImages, skipped file names) of a complete cache, or None: no cache, or one not to trust."""
+    npy, sidecar = cache_paths(folder, listing)
+    expected_shape = (len(listing.files), 3, listing.image_size, listing.image_size)
+    try:
+        meta = json.loads(sidecar.read_text())
+        array = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never written back
+        rows, skipped = meta["rows"], list(meta["skipped"])
+        trusted = (
+            meta["key"] == listing.key
+            and array.dtype == np.uint8
+            and array.shape == expected_shape
+            and npy.stat().st_size == array.offset + array.nbytes  # not cut short, nothing appended
+            and isinstance(rows, int)
+            and 0 < rows == len(listing.files) - len(skipped)
+        )
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError, AttributeError):
+        return None  # unreadable JSON or .npy header, a truncated file: all mean "rebuild"
+    return (HostImages(torch.from_numpy(array)[:rows], source=npy), skipped) if trusted else None
+
+
+def rebuild_reason(folders, listing):
+    """Why no cache could be reused, for the line announcing the build."""
+
+    def present(pattern):
+        return any(any(folder.glob(pattern)) for folder in folders)
+
+    if present(f"{listing.stem}.*"):
+        return "the cache is incomplete or damaged, rebuilding it"
+    if present(f"images-{listing.image_size}px-*.json"):
+        return "the files changed since the cache was made, rebuilding it"
+    if present("images-*px-*.json"):
+        return f"no cache for --image-size {listing.image_size} yet, building one"
+    return "no cache yet, building one"
+
+
+def cache_folder_problem(folder, needed_bytes):
+    """Why folder cannot take a cache of needed_bytes, or None when it can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        free_bytes = shutil.disk_usage(folder).free
+    except OSError as error:
+        return f"{folder} is not writable ({error.strerror or error})"
+    if free_bytes < needed_bytes + DISK_SPARE_BYTES:
+        remove_if_empty(folder)
+        return f"{folder} has {size_text(free_bytes)} free, the cache needs {size_text(needed_bytes)}"
+    return None
+
+
+def build_folder_cache(folder, listing, workers):
+    """Decode the folder into the cache a chunk at a time (never all in memory), then write its sidecar."""
+    npy, sidecar = cache_paths(folder, listing)
+    remove_stale_caches(folder, listing)
+    skipped = []
+    try:
+        atomic_write(npy, lambda file: write_decoded(file, listing, workers, skipped))
+    except BaseException:
+        remove_if_empty(folder)
+        raise
+    meta = {
+        "key": listing.key,
+        "root": str(listing.root.resolve()),
+        "rows": len(listing.files) - len(skipped),
+        "skipped": [str(path.relative_to(listing.root)) for path in skipped],
+    }
+    atomic_write(sidecar, lambda file: json.dump(meta, file), mode="w")
+    cached = read_folder_cache(folder, listing)
+    if cached is None:
+        raise UserError(f"the decoded-image cache {npy} could not be read back; delete {folder} and run again")
+    return cached[0]
+
+
+def write_decoded(file, listing, workers, skipped):
+    """The .npy format written by hand, so rows go to disk as they are decoded."""
+    shape = (len(listing.files), 3, listing.image_size, listing.image_size)
+    np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    end = file.tell() + math.prod(shape)
+    for images in decode_files(listing.files, listing.image_size, workers, skipped):
+        file.write(images.numpy().data)
+    report_skipped(listing.root, len(skipped), len(listing.files))  # raises before a cache of nothing is kept
+    file.truncate(end)  # rows for the unreadable files, at the end: zeros, never read
+
+
+def remove_stale_caches(folder, listing):
+    """Free the disk before a build: older caches of this data at this size, and leftovers of crashed builds."""
+    beside_data = folder == listing.root / FOLDER_CACHE_NAME
+    root = str(listing.root.resolve())
+    for sidecar in folder.glob(f"images-{listing.image_size}px-*.json"):
+        if sidecar.stem != listing.stem and (beside_data or sidecar_root(sidecar) == root):
+            sidecar.unlink(missing_ok=True)
+            sidecar.with_suffix(".npy").unlink(missing_ok=True)
+    # a build in progress rewrites its temp file every few seconds; one left alone this long is dead
+    cutoff = time.time() - ABANDONED_BUILD_SECONDS
+    orphans = [p for p in folder.glob(f"images-{listing.image_size}px-*.npy") if not p.with_suffix(".json").exists()]
+    for path in [*folder.glob(f".images-{listing.image_size}px-*.tmp"), *orphans]:
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+
+
+def sidecar_root(sidecar):
+    try:
+        return json.loads(sidecar.read_text()).get("root")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def remove_if_empty(folder):
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def decode_without_cache(listing, workers, problems, say):
+    """The fallback when no folder can take the cache: decode into memory, again at every start."""
+    available = available_ram_bytes()
+    # torch.cat holds the chunks and their concatenation: twice the decoded size at the peak
+    if available is not None and 2 * listing.decoded_bytes > available:
+        raise UserError(
+            f"the images of {listing.root} need {size_text(2 * listing.decoded_bytes)} of memory to decode, "
+            f"{size_text(available)} are available, and no folder can take the decoded-image cache ({problems})"
+        )
+    say(f"image cache: none ({problems}); decoding {len(listing.files)} files into memory")
+    skipped = []
+    chunks = list(decode_files(listing.files, listing.image_size, workers, skipped))
+    report_skipped(listing.root, len(skipped), len(listing.files))
+    return HostImages(torch.cat(chunks))
+
+
+def size_text(size_bytes):
+    """A size for people: GiB, or MiB below one GiB."""
+    return f"{size_bytes / 2**30:.1f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.1f} MiB"
+
+
+class HostImages:
+    """uint8 images (N, 3, S, S) in host memory or in a memory-mapped cache file, read by rows on demand.
+
+    What load_dataset returns for a folder too large for the device: StreamedBatches gathers
+    each batch's rows from it, and nothing reads the whole array at once. Slicing gives a
+    CPU tensor, so the real-sample grid and FID's real statistics read it like a tensor.
+    """
+
+    def __init__(self, array, source=None, rows=None):
+        self.array = array  # a CPU uint8 tensor, backed by the mapped cache file when source is set
+        self.source = source  # the cache file, or None for images decoded into memory
+        self.rows = rows  # the rows of array in use (a --subset), or None for all
+
+    def __len__(self):
+        return len(self.array) if self.rows is None else len(self.rows)
+
+    @property
+    def shape(self):
+        return torch.Size((len(self), *self.array.shape[1:]))
+
+    @property
+    def nbytes(self):
+        return math.prod(self.shape)
+
+    def select(self, rows):
+        """The images at rows (a LongTensor), still unread."""
+        return HostImages(self.array, self.source, rows if self.rows is None else self.rows[rows])
+
+    def gather(self, rows, out=None):
+        """The images at rows (a LongTensor) as a CPU tensor, written into out when given."""
+        return torch.index_select(self.array, 0, rows if self.rows is None else self.rows[rows], out=out)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.gather(torch.arange(*index.indices(len(self))))
+        rows = torch.as_tensor(index)
+        return self.gather(rows.view(1))[0] if rows.dim() == 0 else self.gather(rows)
+
+    def to_device(self, device, chunk_rows=4096):
+        """All the images as one tensor on device, copied a chunk at a time (never a second full copy in RAM)."""
+        if self.source is None and self.rows is None and self.array.device == torch.device(device):
+            return self.array
+        images = torch.empty(self.shape, dtype=torch.uint8, device=device)
+        for start in range(0, len(self), chunk_rows):
+            images[start : start + chunk_rows] = self[start : start + chunk_rows]
+        return images
+
+
+def available_ram_bytes():
+    """RAM the OS can give without swapping (Linux's MemAvailable), or None when unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
