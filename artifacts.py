@@ -15,6 +15,7 @@ import matplotlib
 import torch
 from PIL import Image
 
+from data import to_float_images
 from utils import UserError, atomic_write_bytes
 
 matplotlib.use("Agg")  # files only, never a window
@@ -83,7 +84,6 @@ class EpochPictures:
         return self.image_dir / f"epoch_{epoch:03d}.png"
 
     def write_real_samples(self, real_uint8, image_size):
-        from utils import to_float_images
 
         path = self.image_dir / "real_samples.png"
         if not path.exists():
@@ -96,7 +96,6 @@ class EpochPictures:
         plot_losses(self.rows, self.image_dir / "losses.png")
 
     def write_real_vs_fake(self, real_uint8, fake, image_size):
-        from utils import to_float_images
 
         plot_real_vs_fake(to_float_images(real_uint8, image_size), fake, self.image_dir / "real_vs_fake.png")
 

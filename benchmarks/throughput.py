@@ -77,7 +77,9 @@ class ProgramPipeline:
     def run(self, steps):
         opts = self.opts
         for _ in range(steps):
-            stats = update_steps.train_step(self.nets, next(self.real_batches), self.recipe, self.runtime, True, opts.ema)
+            stats = update_steps.train_step(
+                self.nets, next(self.real_batches), self.recipe, self.runtime, True, opts.ema
+            )
             self.totals += torch.stack([stats["loss_d"], stats["loss_g"], stats["d_real"], stats["d_fake"]])
             self.step += 1
             if self.step % opts.log_every == 0:

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import data
+import data as datasets
 import folders
 import utils
 
@@ -269,7 +269,7 @@ def test_load_dataset_gives_what_it_gave_before_the_cache(tmp_path):
     expected = expected[torch.randperm(len(expected), generator=torch.Generator().manual_seed(3))[:5]]
     for _ in ("built", "reused"):
         with pytest.warns(UserWarning, match="skipped 1 of 10"):
-            images = data.load_dataset(folder_opts(data, subset=5), torch.device("cpu"))
+            images = datasets.load_dataset(folder_opts(data, subset=5), torch.device("cpu"))
         assert isinstance(images, torch.Tensor) and torch.equal(images, expected)
 
 
@@ -283,12 +283,12 @@ def test_load_dataset_gives_what_it_gave_before_the_cache(tmp_path):
 def test_streamed_batches_equal_device_batches(subset, rank, world_size, start, image_size, tmp_path):
     data = write_folder(tmp_path / "data", 14)
     opts = folder_opts(data, subset=subset)
-    resident = data.load_dataset(opts, "cpu")
-    streamed = data.load_dataset(opts, "cpu", memory_limit_bytes=100)
+    resident = datasets.load_dataset(opts, "cpu")
+    streamed = datasets.load_dataset(opts, "cpu", memory_limit_bytes=100)
     assert isinstance(resident, torch.Tensor) and isinstance(streamed, folders.HostImages)
-    on_device = data.make_batches(resident, 2, image_size, opts.seed, rank, world_size)
-    from_cache = data.make_batches(streamed, 2, image_size, opts.seed, rank, world_size, device="cpu")
-    assert isinstance(on_device, data.DeviceBatches) and isinstance(from_cache, data.StreamedBatches)
+    on_device = datasets.make_batches(resident, 2, image_size, opts.seed, rank, world_size)
+    from_cache = datasets.make_batches(streamed, 2, image_size, opts.seed, rank, world_size, device="cpu")
+    assert isinstance(on_device, datasets.DeviceBatches) and isinstance(from_cache, datasets.StreamedBatches)
     assert len(from_cache) == len(on_device) == len(resident) // (2 * world_size)
     for epoch in (0, 1):
         expected = list(on_device.epoch(epoch, start))
@@ -301,8 +301,8 @@ def test_streamed_batches_equal_device_batches(subset, rank, world_size, start, 
 
 def test_streamed_batches_split_ranks_disjointly(tmp_path):
     data = write_folder(tmp_path / "data", 8)
-    streamed = data.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
-    ranks = [data.make_batches(streamed, 2, 8, 0, rank, world_size=2) for rank in (0, 1)]
+    streamed = datasets.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
+    ranks = [datasets.make_batches(streamed, 2, 8, 0, rank, world_size=2) for rank in (0, 1)]
     seen = [torch.cat(list(batches.epoch(0))) for batches in ranks]
     assert seen[0].shape == seen[1].shape == (4, 3, 8, 8)
     everything = {image.numpy().tobytes() for image in torch.cat(seen)}
@@ -312,13 +312,13 @@ def test_streamed_batches_split_ranks_disjointly(tmp_path):
 def test_streamed_batches_describe_where_they_come_from(tmp_path):
     data = write_folder(tmp_path / "data", 4)
     said = []
-    streamed = data.load_dataset(folder_opts(data), "cpu", say=said.append, memory_limit_bytes=100)
+    streamed = datasets.load_dataset(folder_opts(data), "cpu", say=said.append, memory_limit_bytes=100)
     npy = next((data / folders.FOLDER_CACHE_NAME).glob("*.npy"))
     assert streamed.source == npy
     assert said[-1] == f"the images (0.0 MiB) exceed the 0.0 MiB budget on cpu: streaming batches from {npy}"
-    assert data.make_batches(streamed, 2, 8, 0).describe() == f"streamed from {npy}"
-    resident = data.load_dataset(folder_opts(data), "cpu")
-    assert data.make_batches(resident, 2, 8, 0).describe() == "held on cpu"
+    assert datasets.make_batches(streamed, 2, 8, 0).describe() == f"streamed from {npy}"
+    resident = datasets.load_dataset(folder_opts(data), "cpu")
+    assert datasets.make_batches(resident, 2, 8, 0).describe() == "held on cpu"
     # what the trainer reads from the real images besides batches: length, shape, slices
     assert len(streamed) == 4 and streamed.shape == (4, 3, 8, 8)
     assert torch.equal(streamed[1:3], resident[1:3]) and torch.equal(streamed[2], resident[2])
@@ -326,8 +326,8 @@ def test_streamed_batches_describe_where_they_come_from(tmp_path):
 
 def test_a_stopped_epoch_stops_its_gathering_thread(tmp_path):
     data = write_folder(tmp_path / "data", 8)
-    streamed = data.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
-    epoch = data.make_batches(streamed, 2, 8, 0).epoch(0)
+    streamed = datasets.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
+    epoch = datasets.make_batches(streamed, 2, 8, 0).epoch(0)
     next(epoch)
     assert any(thread.name.startswith("gather-batches") for thread in threading.enumerate())
     epoch.close()
@@ -358,8 +358,8 @@ def test_a_folder_too_large_for_the_device_is_never_held_whole(tmp_path, monkeyp
     monkeypatch.setattr(folders.HostImages, "to_device", lambda *args: pytest.fail("materialised the images"))
     one_image = 3 * 8 * 8
     with LargestTensor() as largest:
-        streamed = data.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=12 * one_image - 1)
-        batches = list(data.make_batches(streamed, 2, 8, 0).epoch(0))
+        streamed = datasets.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=12 * one_image - 1)
+        batches = list(datasets.make_batches(streamed, 2, 8, 0).epoch(0))
     assert len(batches) == 6
     assert largest.numel == 3 * one_image  # a decoded chunk; the whole folder is 12 images
     assert isinstance(streamed, folders.HostImages)
@@ -378,10 +378,10 @@ def mappings_of(path):
 
 
 def test_the_device_memory_budget_is_a_share_of_free_memory(monkeypatch):
-    monkeypatch.setattr(folders, "available_ram_bytes", lambda: 8_000)
-    assert data.device_memory_budget("cpu") == int(8_000 * data.DEVICE_MEMORY_SHARE)
-    monkeypatch.setattr(folders, "available_ram_bytes", lambda: None)
-    assert data.device_memory_budget("cpu") is None
+    monkeypatch.setattr(datasets, "available_ram_bytes", lambda: 8_000)
+    assert datasets.device_memory_budget("cpu") == int(8_000 * datasets.DEVICE_MEMORY_SHARE)
+    monkeypatch.setattr(datasets, "available_ram_bytes", lambda: None)
+    assert datasets.device_memory_budget("cpu") is None
 
 
 # ---------------------------------------------------------------- --dataset cifar10 on an image folder
@@ -401,9 +401,9 @@ def test_cifar10_on_an_image_folder_asks_for_dataset_folder(tmp_path, monkeypatc
     before, files = everything_under(data), snapshot(data)
     message = rf"^{data} holds image files but no CIFAR-10: did you mean --dataset folder\?$"
     for load_cifar in (
-        lambda: data.load_cifar10(data),
-        lambda: data.load_cifar10(data, download=False),
-        lambda: data.load_dataset(folder_opts(data, dataset="cifar10", image_size=32), "cpu"),
+        lambda: datasets.load_cifar10(data),
+        lambda: datasets.load_cifar10(data, download=False),
+        lambda: datasets.load_dataset(folder_opts(data, dataset="cifar10", image_size=32), "cpu"),
     ):
         with pytest.raises(utils.UserError, match=message):
             load_cifar()
@@ -414,7 +414,7 @@ def test_cifar10_beside_images_still_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse_download)
     expected = write_cifar10_archive(tmp_path / "data", images_per_batch=2)
     write_png(tmp_path / "data" / "preview.png", seed=0)
-    images = data.load_cifar10(tmp_path / "data")
+    images = datasets.load_cifar10(tmp_path / "data")
     assert torch.equal(images, torch.from_numpy(expected))
 
 

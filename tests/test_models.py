@@ -144,7 +144,7 @@ def test_update_ema_on_a_generator_converges_to_it():
             for averaged, old, new in zip(ema.parameters(), start, G.parameters()):
                 torch.testing.assert_close(averaged, new.detach() + 0.5**updates * (old - new.detach()))
     for averaged, new in zip(ema.parameters(), G.parameters()):
-        torch.testing.assert_close(averaged, new.detach(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(averaged, new.detach(), rtol=0, atol=1e-6)  # from ~0.02 apart
 
 
 def test_update_ema_on_a_net_without_buffers():
