@@ -4,6 +4,7 @@ process group, decided once at start-up and passed to everything else.
 
 import contextlib
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -80,14 +81,24 @@ def choose_precision(requested, device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def choose_compile(requested, device):
-    """auto: compiled on CUDA, where it pays; on the CPU it costs a minute of start-up."""
-    if requested == "off" or (requested == "auto" and device.type != "cuda"):
+def choose_compile(requested, device, sync_bn=False):
+    """auto: compiled on CUDA, where it pays; on the CPU it costs a minute of start-up.
+
+    Not with --sync-bn: dynamo breaks its graphs at SyncBatchNorm, and compile + DDP + SyncBatchNorm
+    has open upstream error reports; auto leaves such a run uncompiled.
+    """
+    if requested == "off" or (requested == "auto" and (device.type != "cuda" or sync_bn)):
         return False
+    if sync_bn:
+        raise UserError("--sync-bn does not work with --compile on; use --compile off (or auto)")
     if sys.platform == "win32":
-        if requested == "on":
-            raise UserError("--compile on: torch.compile does not run on Windows here; use --compile off")
-        return False
+        raise UserError("--compile on: torch.compile does not run on Windows here; use --compile off")
+    if device.type == "cpu" and not any(
+        shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++")
+    ):
+        raise UserError(
+            "--compile on needs a C++ compiler on the CPU (torch.compile's inductor): install g++ or use --compile off"
+        )
     return True
 
 
@@ -101,7 +112,11 @@ def setup_runtime(opts):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(
-        device, choose_precision(opts.precision, device), choose_compile(opts.compile, device), rank, world_size
+        device,
+        choose_precision(opts.precision, device),
+        choose_compile(opts.compile, device, opts.sync_bn),
+        rank,
+        world_size,
     )
 
 

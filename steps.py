@@ -3,6 +3,7 @@ G updates. Plain functions of (nets, batch, recipe) that return device tensors; 
 """
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,10 +142,13 @@ class Nets:
     scaler_G: torch.amp.GradScaler
     scaler_D: torch.amp.GradScaler
     G_ema: nn.Module | None = None
-    # what the steps call: compiled and/or DDP-wrapped views of G and D
+    # what the steps call: compiled and/or DDP-wrapped views of G and D, and the forward halves
+    # of the two updates (compiled as whole graphs on a single device)
     G_train: nn.Module | None = None
     D_train: nn.Module | None = None
     D_no_sync: nn.Module | None = None
+    d_forward: Callable = None
+    g_forward: Callable = None
 
 
 def build_nets(opts, runtime):
@@ -178,6 +182,7 @@ def build_nets(opts, runtime):
 def wrap_for_training(nets, opts, runtime):
     """DDP and torch.compile views of G and D; the plain modules stay for saving."""
     G_train, D_train, D_no_sync = nets.G, nets.D, nets.D
+    d_step_forward, g_step_forward = d_forward, g_forward
     if runtime.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -191,35 +196,52 @@ def wrap_for_training(nets, opts, runtime):
         # D's running statistics are never used (D only ever runs in training mode), and broadcasting
         # them in place between D's two forwards of one update breaks autograd on torch 2.11
         G_train, D_train = DDP(nets.G, device_ids=ids), DDP(nets.D, device_ids=ids, broadcast_buffers=False)
-    if runtime.compile:
-        G_train, D_train, D_no_sync = (torch.compile(m) for m in (G_train, D_train, D_no_sync))
+    if runtime.compile and runtime.distributed:
+        # dynamo splits a compiled DDP module at its gradient buckets, so that the all-reduces
+        # overlap the backward; it does that only for the DDP module itself, not inside a bigger graph
+        G_train, D_train, D_no_sync = (torch.compile(m, dynamic=False) for m in (G_train, D_train, D_no_sync))
+    elif runtime.compile:
+        # each update's augment + forward + loss + statistics as one graph (its backward is compiled
+        # with it), static shapes: the last incomplete batch of an epoch is dropped
+        G_train = torch.compile(G_train, dynamic=False)
+        d_step_forward, g_step_forward = (
+            torch.compile(d_forward, dynamic=False),
+            torch.compile(g_forward, dynamic=False),
+        )
     nets.G_train, nets.D_train, nets.D_no_sync = G_train, D_train, D_no_sync
+    nets.d_forward, nets.g_forward = d_step_forward, g_step_forward
 
 
 # ---------------------------------------------------------------- the two update steps
 
 
+def d_forward(D, real, fake, recipe):
+    """D's loss on a real and a fake batch, and its mean outputs as probabilities."""
+    real_logits = D(recipe.augment(real))
+    fake_logits = D(recipe.augment(fake))
+    loss = LOSSES[recipe.loss][0](real_logits.float(), fake_logits.float(), recipe)
+    d_real = torch.sigmoid(real_logits.detach().float()).mean()
+    return loss, d_real, torch.sigmoid(fake_logits.detach().float()).mean()
+
+
+def g_forward(D, fake, recipe):
+    """G's loss: what D makes of its (augmented) images."""
+    return LOSSES[recipe.loss][1](D(recipe.augment(fake)).float())
+
+
 def d_step(nets, real, fake, recipe, runtime):
     """One D update on a real and a (detached) fake batch; returns device statistics."""
-    d_loss_fn = LOSSES[recipe.loss][0]
     with runtime.autocast():
-        real_logits = nets.D_train(recipe.augment(real))
-        fake_logits = nets.D_train(recipe.augment(fake.detach()))
-        loss_d = d_loss_fn(real_logits.float(), fake_logits.float(), recipe)
+        loss_d, d_real, d_fake = nets.d_forward(nets.D_train, real, fake.detach(), recipe)
     nets.opt_D.zero_grad(set_to_none=True)
     nets.scaler_D.scale(loss_d).backward()
     nets.scaler_D.step(nets.opt_D)
     nets.scaler_D.update()
-    return {
-        "loss_d": loss_d.detach(),
-        "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
-        "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
-    }
+    return {"loss_d": loss_d.detach(), "d_real": d_real, "d_fake": d_fake}
 
 
 def g_step(nets, fake, recipe, runtime):
     """One G update through D; D's weight gradients are never computed."""
-    g_loss_fn = LOSSES[recipe.loss][1]
     # Frozen rather than backward(inputs=...): a compiled D's backward is one fused node that
     # would still compute its weight gradients; a frozen D gets a graph without them.
     nets.D.requires_grad_(False)
@@ -227,8 +249,7 @@ def g_step(nets, fake, recipe, runtime):
         with runtime.autocast():
             # D outside DDP: it has no gradients to all-reduce here (with --sync-bn its
             # BatchNorm layers still synchronise their statistics, on every rank alike)
-            fake_logits = nets.D_no_sync(recipe.augment(fake))
-            loss_g = g_loss_fn(fake_logits.float())
+            loss_g = nets.g_forward(nets.D_no_sync, fake, recipe)
         nets.opt_G.zero_grad(set_to_none=True)
         nets.scaler_G.scale(loss_g).backward()
     finally:

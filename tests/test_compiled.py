@@ -1,0 +1,99 @@
+"""The GPU's code path, run on the CPU: torch.compile (inductor) over whole updates, in bf16 autocast.
+
+Compiling costs tens of seconds on a small CPU, so these few tests share one image size and width
+(inductor's cache then serves the later ones) and check several things each.
+"""
+
+import shutil
+
+import pytest
+import torch
+from conftest import TINY_ARGS
+
+import options
+import steps
+from runtime import setup_runtime
+
+pytestmark = pytest.mark.skipif(
+    not shutil.which("g++") and not shutil.which("c++"), reason="inductor needs a C++ compiler"
+)
+
+NET_FLAGS = ["--device", "cpu", "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8"]
+
+
+def build(*flags):
+    opts, _ = options.parse_flags([*NET_FLAGS, *flags])
+    runtime = setup_runtime(opts)
+    torch.manual_seed(0)
+    return steps.build_nets(opts, runtime), opts, runtime
+
+
+def run_steps(nets, opts, runtime, count=3):
+    recipe = steps.Recipe.from_options(opts)
+    generator = torch.Generator().manual_seed(5)
+    history = []
+    for step in range(count):
+        real = (torch.rand(8, 3, 16, 16, generator=generator) * 2 - 1).contiguous(memory_format=runtime.memory_format)
+        torch.manual_seed(100 + step)
+        stats = steps.train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.5)
+        history.append({name: value.item() for name, value in stats.items()})
+    return history
+
+
+def test_compiled_bf16_steps_agree_with_eager_ones():
+    """Whole compiled updates (DiffAugment, both D forwards, the losses, their backward) give the
+    statistics and weights of the eager updates, within bf16 rounding."""
+    import torch._inductor.config
+
+    eager, opts, runtime = build("--precision", "bf16", "--diffaugment", "--compile", "off")
+    compiled, opts_c, runtime_c = build("--precision", "bf16", "--diffaugment", "--compile", "on")
+    assert runtime_c.compile and not runtime.compile and runtime_c.amp_dtype == torch.bfloat16
+    eager_history = run_steps(eager, opts, runtime)
+    with torch._inductor.config.patch(fallback_random=True):  # DiffAugment's draws as in eager
+        compiled_history = run_steps(compiled, opts_c, runtime_c)
+    for eager_stats, compiled_stats in zip(eager_history, compiled_history):
+        assert set(compiled_stats) == {"loss_d", "loss_g", "d_real", "d_fake"}
+        for name, value in eager_stats.items():
+            assert compiled_stats[name] == pytest.approx(value, abs=0.02), name
+    for mine, theirs in zip(compiled.G.parameters(), eager.G.parameters()):
+        torch.testing.assert_close(mine, theirs, atol=2e-3, rtol=0.05)
+
+
+def test_the_cli_compiles_a_bounded_number_of_graphs(gan_main, tmp_path):
+    """Two epochs with --d-steps 2 and DiffAugment, the epoch pictures (sampling), a resume: a fixed
+    set of graphs, none of them split by a graph break, and no recompilation as the run goes on."""
+    import torch._inductor.config
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # compiled code of earlier tests would be reused and not counted
+    counters.clear()
+    flags = ["--precision", "bf16", "--compile", "on", "--diffaugment", "--d-steps", "2"]
+    with torch._inductor.config.patch(fallback_random=True):  # the graphs of the test above: cached
+        code, out, err = gan_main([*TINY_ARGS, *flags, "--epochs", "2"])
+    assert code == 0, err
+    assert "bf16 autocast, compiled" in out
+    # G with gradients, G without (the D-only steps), the D update, the G update
+    first_run = counters["stats"]["unique_graphs"]
+    assert 3 <= first_run <= 4, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    with torch._inductor.config.patch(fallback_random=True):
+        code, out, err = gan_main(["--resume", "--epochs", "3", "--device", "cpu"])
+    assert code == 0, err
+    # a resumed run in the same process builds new nets: at most the same graphs once more
+    assert counters["stats"]["unique_graphs"] <= 2 * first_run
+    assert not counters["graph_break"]
+
+
+def test_fp16_with_loss_scaling_resumes_an_fp32_checkpoint(gan_main, tmp_path):
+    """A V100 or T4 (fp16 + GradScaler) resuming a run saved in fp32 or bf16, which has no scaler state."""
+    code, _, err = gan_main([*TINY_ARGS, "--epochs", "1", "--precision", "fp32"])
+    assert code == 0, err
+    code, out, err = gan_main(["--resume", "--epochs", "2", "--precision", "fp16", "--device", "cpu"])
+    assert code == 0, err
+    assert "fp16 autocast" in out
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["scalerG"]["scale"] > 0  # the fp16 run's scaler is saved
+    assert all(torch.isfinite(v).all() for v in state["netG"].values() if v.is_floating_point())
+    # and back: an fp32 run ignores the fp16 run's scaler state
+    code, _, err = gan_main(["--resume", "--epochs", "3", "--precision", "fp32", "--device", "cpu"])
+    assert code == 0, err
