@@ -5,6 +5,7 @@ parameters and a fingerprint of the batches it trained on, so the ranks can be c
 """
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -61,7 +62,9 @@ def metric_steps(folder):
 def ddp_run(tmp_path_factory):
     """A 1-epoch two-process run, then its resume to 2 epochs; the outputs of both."""
     folder = tmp_path_factory.mktemp("ddp_run")
-    first = check_ok(torchrun([*TINY_ARGS, "--epochs", "1", "--ema", "0.9"], folder))
+    # without --seed: each rank would draw its own random seed unless rank 0's reaches them all
+    unseeded = [arg for arg in TINY_ARGS if arg not in ("--seed", TINY_ARGS[TINY_ARGS.index("--seed") + 1])]
+    first = check_ok(torchrun([*unseeded, "--epochs", "1", "--ema", "0.9"], folder))
     first_states = [rank_state(folder, rank) for rank in (0, 1)]
     first_metric_steps = metric_steps(folder)
     first_files = sorted(p.name for p in (folder / "images").iterdir())
@@ -89,6 +92,13 @@ def assert_same_parameters(states, what):
     assert names
     for name in names:
         torch.testing.assert_close(rank0[what][name], rank1[what][name], rtol=0, atol=0, msg=f"{what}.{name}")
+
+
+def test_without_seed_every_rank_trains_on_rank_zeros_random_seed(ddp_run):
+    seeds = re.findall(r"seed (\d+)$", ddp_run["first"].stdout, re.M)
+    assert len(seeds) == 1  # printed once, by rank 0
+    assert ddp_run["first_checkpoint"]["seed"] == int(seeds[0])
+    # one seed on both ranks: one permutation, split into disjoint shards (test_each_rank_trains_on_its_own_shard)
 
 
 def test_rank_zero_alone_writes_the_outputs(ddp_run):
