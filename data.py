@@ -26,6 +26,7 @@ CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 # batches and FID's Inception need the rest. A larger dataset is streamed from the cache.
 # The images may take this share of the device's free memory; the nets, their activations, the
 DEVICE_MEMORY_SHARE = 0.5
+FAKE_IMAGES = 512
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -126,9 +127,11 @@ def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None
     elif opts.dataset == "folder":
         images = open_folder(opts.dataroot, opts.image_size, opts.workers, cache_dir, say)
     else:
+        # as many random images as --subset asks for (512 by default): --subset 50000 is CIFAR-10-sized
+        count = max(FAKE_IMAGES, opts.subset or 0)
         generator = torch.Generator().manual_seed(opts.seed)
         images = torch.randint(
-            0, 256, (512, 3, opts.image_size, opts.image_size), generator=generator, dtype=torch.uint8
+            0, 256, (count, 3, opts.image_size, opts.image_size), generator=generator, dtype=torch.uint8
         )
     images = choose_subset(images, opts.subset, opts.seed)
     if len(images) < opts.batch_size:

@@ -97,11 +97,16 @@ def load_batches(opts, runtime):
     images = load_dataset(opts, runtime.device, cache_dir=opts.checkpoint_dir, say=lambda text: say(runtime, text))
     if runtime.is_main:
         barrier(runtime)
-    dtype = runtime.amp_dtype if runtime.device.type == "cuda" and runtime.amp_dtype else torch.float32
     batches = make_batches(
-        images, opts.batch_size, opts.image_size, opts.seed, runtime.rank, runtime.world_size, runtime.device,
-        dtype=dtype, memory_format=runtime.memory_format,
-    )  # fmt: skip
+        images,
+        opts.batch_size,
+        opts.image_size,
+        opts.seed,
+        runtime.rank,
+        runtime.world_size,
+        runtime.device,
+        **runtime.batch_layout,
+    )
     return images, batches
 
 

@@ -188,7 +188,7 @@ def add_data_flags(group):
         "--dataset",
         choices=["cifar10", "folder", "fake"],
         default="cifar10",
-        help="cifar10 (downloaded), folder (any image folder) or fake (random, for smoke tests)",
+        help="cifar10 (downloaded), folder (any image folder) or fake (random images, 512 or --subset of them)",
     )
     add("--dataroot", default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--subset", type=positive_int, default=None, help="train on N randomly drawn images [default: all]")

@@ -23,6 +23,7 @@ class Runtime:
     compile: bool = False
     rank: int = 0
     world_size: int = 1
+    compile_mode: str | None = None  # torch.compile's mode; None is its default (benchmarks try others)
 
     @property
     def is_main(self):
@@ -44,6 +45,12 @@ class Runtime:
     def grad_scaler(self):
         # bf16 has fp32's range and needs no loss scaling; fp16 does
         return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+    @property
+    def batch_layout(self):
+        """dtype and memory format of the real batches: D's, so real and fake batches share one D graph."""
+        dtype = self.amp_dtype if self.device.type == "cuda" and self.amp_dtype else torch.float32
+        return {"dtype": dtype, "memory_format": self.memory_format}
 
     @property
     def memory_format(self):

@@ -199,7 +199,7 @@ def wrap_for_training(nets, opts, runtime):
     if runtime.compile and runtime.distributed:
         # dynamo splits a compiled DDP module at its gradient buckets, so that the all-reduces
         # overlap the backward; it does that only for the DDP module itself, not inside a bigger graph
-        G_train, D_train, D_no_sync = (torch.compile(m, dynamic=False) for m in (G_train, D_train, D_no_sync))
+        G_train, D_train, D_no_sync = (compiled(m, runtime) for m in (G_train, D_train, D_no_sync))
     elif runtime.compile:
         # each update's augment + forward + loss + statistics as one graph (its backward is compiled
         # with it), static shapes: the last incomplete batch of an epoch is dropped
@@ -210,6 +210,10 @@ def wrap_for_training(nets, opts, runtime):
         )
     nets.G_train, nets.D_train, nets.D_no_sync = G_train, D_train, D_no_sync
     nets.d_forward, nets.g_forward = d_step_forward, g_step_forward
+
+
+def compiled(function, runtime):
+    return torch.compile(function, dynamic=False, mode=runtime.compile_mode)
 
 
 # ---------------------------------------------------------------- the two update steps

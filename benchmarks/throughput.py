@@ -4,7 +4,7 @@ Both pipelines train the same networks on the same synthetic CIFAR-shaped data, 
 process, in alternating timed rounds after a warm-up; the table gives median images/s.
 
     python benchmarks/throughput.py --device cpu --markdown                  # BENCHMARKS.md, CPU
-    python benchmarks/throughput.py --device cuda --steps 200 --rounds 5 --markdown   # on a GPU
+    python benchmarks/throughput.py --device cuda --batch-sizes 128 512 --markdown    # on a GPU
     python benchmarks/throughput.py --device cpu --ngf 16 --ndf 16 --image-sizes 32 --batch-sizes 64 \
         --steps 5 --rounds 3 --warmup 2                                        # < 1 min on 2 cores
 
@@ -20,6 +20,7 @@ The example's image saving every 100 steps is left out of both.
 """
 
 import argparse
+import dataclasses
 import os
 import platform
 import resource
@@ -41,7 +42,11 @@ import steps as update_steps  # noqa: E402
 from models import Discriminator, Generator, init_weights  # noqa: E402
 
 CIFAR_TRAIN_SIZE = 50_000
-PROGRAM, PROGRAM_NO_COMPILE, CLASSIC = "gan.py", "gan.py --no-compile", "classic (pytorch/examples)"
+PROGRAM_EAGER, CLASSIC = "gan.py --compile off", "classic (pytorch/examples)"
+
+
+def program_name(compile_mode):
+    return f"gan.py --compile on ({compile_mode})"
 
 
 # ---------------------------------------------------------------- this program's path
@@ -50,18 +55,20 @@ PROGRAM, PROGRAM_NO_COMPILE, CLASSIC = "gan.py", "gan.py --no-compile", "classic
 class ProgramPipeline:
     """gan.py's training loop without the epoch bookkeeping: batches, train_step, device sums."""
 
-    def __init__(self, args, images_uint8, image_size, batch_size, no_compile=False):
+    def __init__(self, args, images_uint8, image_size, batch_size, compile_mode=None):
         flags = [
             "--device", args.device, "--dataset", "fake", "--image-size", str(image_size),
             "--batch-size", str(batch_size), "--ngf", str(args.ngf), "--ndf", str(args.ndf),
             "--log-every", str(args.log_every), "--seed", "0",
         ]  # fmt: skip
-        opts, _ = options.parse_flags(flags + (["--no-compile"] if no_compile else []))
-        self.opts, self.runtime = opts, runtime.setup_runtime(opts)
+        opts, _ = options.parse_flags(flags + ["--compile", "off" if compile_mode is None else "on"])
+        mode = None if compile_mode in (None, "default") else compile_mode
+        self.opts, self.runtime = opts, dataclasses.replace(runtime.setup_runtime(opts), compile_mode=mode)
         torch.manual_seed(0)
         self.nets = update_steps.build_nets(opts, self.runtime)
         self.recipe = update_steps.Recipe.from_options(opts)
-        self.batches = data.DeviceBatches(images_uint8.to(self.runtime.device), batch_size, image_size, opts.seed)
+        device_images = images_uint8.to(self.runtime.device)
+        self.batches = data.DeviceBatches(device_images, batch_size, image_size, opts.seed, **self.runtime.batch_layout)
         self.device = self.runtime.device
         self.real_batches = self.endless_batches()
         self.totals = torch.zeros(4, device=self.device)
@@ -217,22 +224,36 @@ def peak_memory_mib(device):
 
 
 def memory_source(device):
+    what = "per pipeline: what building and warming it up added, plus its round's peak above the round's start"
     if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated"
+        return f"{what} (torch.cuda memory_allocated / max_memory_allocated)"
     if Path("/proc/self/status").exists():
-        return "process peak RSS (Linux VmHWM, reset before each round; DataLoader workers not counted)"
-    return "process peak RSS (resource.getrusage ru_maxrss over the whole run)"
+        return f"{what} (Linux VmRSS / VmHWM; DataLoader workers not counted)"
+    return "not measured on this platform"
 
 
 def time_round(pipeline, steps, batch_size):
-    """Images per second of `steps` steps, and the peak memory during them."""
+    """Images per second of `steps` steps, and the memory the round needed above what it started with."""
     synchronize(pipeline.device)
     reset_peak_memory(pipeline.device)
+    base = current_memory_mib(pipeline.device)
     started = time.perf_counter()
     pipeline.run(steps)
     synchronize(pipeline.device)
     seconds = time.perf_counter() - started
-    return steps * batch_size / seconds, peak_memory_mib(pipeline.device)
+    return steps * batch_size / seconds, max(0.0, peak_memory_mib(pipeline.device) - base)
+
+
+def current_memory_mib(device):
+    """CUDA: memory allocated now. CPU: this process's resident set now (Linux), else 0."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def synthetic_cifar(count, seed=0):
@@ -243,19 +264,27 @@ def synthetic_cifar(count, seed=0):
 
 def benchmark_setting(args, image_size, batch_size, images_uint8, images_hwc):
     """Median images/s and peak memory of each pipeline at one image and batch size."""
-    pipelines = {PROGRAM: ProgramPipeline(args, images_uint8, image_size, batch_size)}
-    if args.device_resolved.startswith("cuda"):
-        pipelines[PROGRAM_NO_COMPILE] = ProgramPipeline(args, images_uint8, image_size, batch_size, no_compile=True)
-    pipelines[CLASSIC] = ClassicPipeline(args, images_hwc, image_size, batch_size)
-    for pipeline in pipelines.values():
-        pipeline.run(args.warmup)
+    # a fresh start per setting: compiled code of the last setting would recompile here, and past
+    # dynamo's recompile limit a pipeline silently runs eagerly
+    torch._dynamo.reset()
+    pipelines, resident = {}, {}
+    builders = {name: (lambda mode=mode: ProgramPipeline(args, images_uint8, image_size, batch_size, mode))
+                for name, mode in [(program_name(m), m) for m in args.compile_modes]}  # fmt: skip
+    builders[PROGRAM_EAGER] = lambda: ProgramPipeline(args, images_uint8, image_size, batch_size)
+    builders[CLASSIC] = lambda: ClassicPipeline(args, images_hwc, image_size, batch_size)
+    device = torch.device(args.device_resolved)
+    for name, build in builders.items():
+        before = current_memory_mib(device)
+        pipelines[name] = build()
+        pipelines[name].run(args.warmup)
+        resident[name] = current_memory_mib(device) - before  # its weights, optimizer state and data
     speeds = {name: [] for name in pipelines}
     peaks = {name: 0.0 for name in pipelines}
     for _ in range(args.rounds):
         for name, pipeline in pipelines.items():
-            images_per_s, peak_mib = time_round(pipeline, args.steps, batch_size)
+            images_per_s, working_mib = time_round(pipeline, args.steps, batch_size)
             speeds[name].append(images_per_s)
-            peaks[name] = max(peaks[name], peak_mib)
+            peaks[name] = max(peaks[name], resident[name] + working_mib)
     classic = statistics.median(speeds[CLASSIC])
     rows = []
     for name in pipelines:
@@ -312,18 +341,31 @@ def build_parser():
     p.add_argument(
         "--dataset-size", type=int, default=CIFAR_TRAIN_SIZE, help="synthetic 32x32 images [CIFAR-10's 50,000]"
     )
+    p.add_argument(
+        "--compile-modes",
+        nargs="*",
+        default=None,
+        help="torch.compile modes to measure gan.py with (default, reduce-overhead, max-autotune) [CUDA: all "
+        "three; CPU: none]; gan.py --compile off and the classic pipeline are always measured",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     return p
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
+    return finish_args(build_parser().parse_args(argv))
+
+
+def finish_args(args):
+    """Defaults that depend on the device."""
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device_resolved = str(runtime.choose_device(args.device))
     on_cuda = args.device_resolved.startswith("cuda")
     args.steps = args.steps or (200 if on_cuda else 5)
     args.warmup = args.warmup if args.warmup is not None else (50 if on_cuda else 2)
+    if args.compile_modes is None:
+        args.compile_modes = ["default", "reduce-overhead", "max-autotune"] if on_cuda else []
     return args
 
 

@@ -16,6 +16,7 @@ import torch
 from conftest import TINY_ARGS, RunsCode, run_gan, snapshot, write_cifar10_archive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 import checkpoint
 import data
@@ -73,7 +74,6 @@ BAD_FLAGS = [
     (["--epochs"], "--epochs: expected one argument"),
     (["--generate", "4", "--evaluate"], "choose one of --generate, --interpolate and --evaluate"),
     (["--resume", "--generate", "4"], "--resume trains"),
-    (["--subset", "10000"], "--subset 10000 is larger than the dataset (512 images)"),
     (["--batch-size", "64"], "the dataset has 32 images, fewer than --batch-size 64"),
 ]
 
@@ -138,6 +138,15 @@ def test_data_folder_without_images(tmp_path, gan_main):
     code, out, err = gan_main(folder_args(data))
     assert_user_error(code, err, f"data folder {data} holds no images (.bmp, .gif")
     assert snapshot(data) == before
+
+
+def test_subset_larger_than_the_folder(tmp_path, gan_main):
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(3):
+        Image.new("RGB", (16, 16), (index, 0, 0)).save(data / f"{index}.png")
+    code, out, err = gan_main([*folder_args(data), "--subset", "10", "--batch-size", "2"])
+    assert_user_error(code, err, "--subset 10 is larger than the dataset (3 images)")
 
 
 def test_data_folder_of_broken_images(tmp_path, gan_main):
