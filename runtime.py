@@ -24,6 +24,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     compile_mode: str | None = None  # torch.compile's mode; None is its default (benchmarks try others)
+    channels_last: bool = True  # benchmarks compare it with the contiguous layout
 
     @property
     def is_main(self):
@@ -55,7 +56,8 @@ class Runtime:
     @property
     def memory_format(self):
         # channels_last pays on CUDA tensor cores and on the CPU's oneDNN convolutions (BENCHMARKS.md)
-        return torch.channels_last if self.device.type in ("cuda", "cpu") else torch.contiguous_format
+        wins = self.channels_last and self.device.type in ("cuda", "cpu")
+        return torch.channels_last if wins else torch.contiguous_format
 
 
 def choose_device(requested, local_rank=0):

@@ -43,6 +43,7 @@ from models import Discriminator, Generator, init_weights  # noqa: E402
 
 CIFAR_TRAIN_SIZE = 50_000
 PROGRAM_EAGER, CLASSIC = "gan.py --compile off", "classic (pytorch/examples)"
+PROGRAM_CONTIGUOUS = "gan.py --compile off, NCHW contiguous"
 
 
 def program_name(compile_mode):
@@ -55,7 +56,7 @@ def program_name(compile_mode):
 class ProgramPipeline:
     """gan.py's training loop without the epoch bookkeeping: batches, train_step, device sums."""
 
-    def __init__(self, args, images_uint8, image_size, batch_size, compile_mode=None):
+    def __init__(self, args, images_uint8, image_size, batch_size, compile_mode=None, channels_last=True):
         flags = [
             "--device", args.device, "--dataset", "fake", "--image-size", str(image_size),
             "--batch-size", str(batch_size), "--ngf", str(args.ngf), "--ndf", str(args.ndf),
@@ -63,7 +64,8 @@ class ProgramPipeline:
         ]  # fmt: skip
         opts, _ = options.parse_flags(flags + ["--compile", "off" if compile_mode is None else "on"])
         mode = None if compile_mode in (None, "default") else compile_mode
-        self.opts, self.runtime = opts, dataclasses.replace(runtime.setup_runtime(opts), compile_mode=mode)
+        setup = runtime.setup_runtime(opts)
+        self.opts, self.runtime = opts, dataclasses.replace(setup, compile_mode=mode, channels_last=channels_last)
         torch.manual_seed(0)
         self.nets = update_steps.build_nets(opts, self.runtime)
         self.recipe = update_steps.Recipe.from_options(opts)
@@ -271,6 +273,10 @@ def benchmark_setting(args, image_size, batch_size, images_uint8, images_hwc):
     builders = {name: (lambda mode=mode: ProgramPipeline(args, images_uint8, image_size, batch_size, mode))
                 for name, mode in [(program_name(m), m) for m in args.compile_modes]}  # fmt: skip
     builders[PROGRAM_EAGER] = lambda: ProgramPipeline(args, images_uint8, image_size, batch_size)
+    if args.contiguous:
+        builders[PROGRAM_CONTIGUOUS] = lambda: ProgramPipeline(
+            args, images_uint8, image_size, batch_size, channels_last=False
+        )
     builders[CLASSIC] = lambda: ClassicPipeline(args, images_hwc, image_size, batch_size)
     device = torch.device(args.device_resolved)
     for name, build in builders.items():
@@ -347,6 +353,9 @@ def build_parser():
         default=None,
         help="torch.compile modes to measure gan.py with (default, reduce-overhead, max-autotune) [CUDA: all "
         "three; CPU: none]; gan.py --compile off and the classic pipeline are always measured",
+    )
+    p.add_argument(
+        "--contiguous", action="store_true", help="also gan.py eager with NCHW contiguous tensors (channels_last off)"
     )
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
     return p
