@@ -1,0 +1,68 @@
+"""Device, precision and compilation choices, and the layout of the real batches (no GPU needed:
+the choices are plain functions of the requested values and a torch.device)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import runtime
+from utils import UserError
+
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
+
+
+@pytest.mark.parametrize(
+    "requested, device, expected",
+    [("auto", CPU, None), ("auto", MPS, None), ("fp32", CUDA, None), ("bf16", CPU, torch.bfloat16),
+     ("fp16", CPU, torch.float16), ("bf16", CUDA, torch.bfloat16)],
+)  # fmt: skip
+def test_precision_choices(requested, device, expected):
+    assert runtime.choose_precision(requested, device) == expected
+
+
+def test_auto_precision_on_cuda_falls_back_to_fp16_without_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4
+    assert runtime.choose_precision("auto", CUDA) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert runtime.choose_precision("auto", CUDA) == torch.bfloat16
+
+
+def test_compile_choices():
+    assert runtime.choose_compile("auto", CUDA) is True
+    assert runtime.choose_compile("auto", CPU) is False
+    assert runtime.choose_compile("off", CUDA) is False
+    assert runtime.choose_compile("on", CPU) is True  # this machine has a C++ compiler
+    # --sync-bn: auto leaves it uncompiled, an explicit --compile on is refused
+    assert runtime.choose_compile("auto", CUDA, sync_bn=True) is False
+    with pytest.raises(UserError, match="--sync-bn does not work with --compile on"):
+        runtime.choose_compile("on", CUDA, sync_bn=True)
+
+
+def test_compile_on_without_a_cpp_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
+        runtime.choose_compile("on", CPU)
+
+
+def test_real_batches_come_in_ds_layout_and_dtype():
+    """On CUDA with bf16, real batches are bf16 and channels_last like G's output, so D has one graph."""
+    cuda_bf16 = runtime.Runtime(CUDA, torch.bfloat16)
+    assert cuda_bf16.batch_layout == {"dtype": torch.bfloat16, "memory_format": torch.channels_last}
+    cpu_bf16 = runtime.Runtime(CPU, torch.bfloat16)
+    assert cpu_bf16.batch_layout == {"dtype": torch.float32, "memory_format": torch.channels_last}
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    batch = next(
+        data.DeviceBatches(images, 8, 8, seed=0, dtype=torch.bfloat16, memory_format=torch.channels_last).epoch(0)
+    )
+    assert batch.dtype == torch.bfloat16 and batch.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_upsampling_without_antialiasing_gives_the_same_pixels():
+    """Antialiasing only matters when shrinking: 32 -> 64 is the same without its slower kernel."""
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    grown = data.to_float_images(images, 64)
+    reference = F.interpolate(images.float() / 127.5 - 1, size=64, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(grown, reference, atol=1e-6, rtol=0)
+    shrunk = data.to_float_images(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), 32)
+    assert shrunk.shape == (4, 3, 32, 32)
