@@ -14,6 +14,7 @@ from pathlib import Path
 import matplotlib
 import torch
 from PIL import Image
+from torchvision.utils import make_grid
 
 from data import to_float_images
 from utils import UserError, atomic_write_bytes
@@ -30,8 +31,6 @@ FRAME_MS, LAST_FRAME_MS = 400, 2000
 
 def grid_image(images, nrow=8):
     """Images in [-1, 1] as one PIL grid with 2-pixel padding."""
-    from torchvision.utils import make_grid
-
     return to_pil(make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1)))
 
 

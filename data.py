@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.datasets.utils
 
 from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes, ignore_message, open_folder, size_text
 from utils import UserError
@@ -56,10 +57,8 @@ def refuse_image_folder(root):
 
 
 def _download_cifar10(root):
-    from torchvision.datasets.utils import download_url
-
     try:
-        download_url(CIFAR_URL, str(root), CIFAR_ARCHIVE, CIFAR_MD5)
+        torchvision.datasets.utils.download_url(CIFAR_URL, str(root), CIFAR_ARCHIVE, CIFAR_MD5)
     except Exception as error:  # urllib, socket and checksum errors all mean the same to a user
         (Path(root) / CIFAR_ARCHIVE).unlink(missing_ok=True)
         raise UserError(

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
+from PIL import Image
 
 from utils import UserError, atomic_write
 
@@ -50,8 +52,6 @@ def read_image(path, image_size):
 
     Returns None for a file that cannot be decoded (truncated, not an image).
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -67,8 +67,6 @@ def read_image(path, image_size):
 
 
 def _to_rgb(image):
-    from PIL import Image
-
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # 16-bit and float greyscale: scale to 8 bits instead of clipping at 255
         values = np.asarray(image, dtype=np.float64)
@@ -181,9 +179,7 @@ class FolderListing:
 
 
 def folder_cache_key(root, files, image_size):
-    from PIL import __version__ as pil_version
-
-    digest = hashlib.sha256(f"{FOLDER_CACHE_VERSION} {pil_version} {image_size}\n".encode())
+    digest = hashlib.sha256(f"{FOLDER_CACHE_VERSION} {PIL.__version__} {image_size}\n".encode())
     for path in files:
         try:
             stat = path.stat()

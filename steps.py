@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models import build_discriminator, build_generator, init_weights, update_ema
 from utils import UserError
@@ -184,8 +185,6 @@ def wrap_for_training(nets, opts, runtime):
     G_train, D_train, D_no_sync = nets.G, nets.D, nets.D
     d_step_forward, g_step_forward = d_forward, g_forward
     if runtime.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         if opts.sync_bn:
             if runtime.device.type != "cuda":
                 raise UserError(f"--sync-bn needs CUDA GPUs; it does not run on {runtime.device.type}")
