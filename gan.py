@@ -186,8 +186,9 @@ def train(opts, explicit, runtime, metric_feature=None):
 
 
 def train_epochs(state, batches, opts, runtime, outputs, stop):
-    """The epochs: D and G steps, a log row every --log-every steps, pictures and a checkpoint after each."""
+    """The epochs: D and G steps, a log row every log_every_steps, pictures and a checkpoint after each."""
     recipe = Recipe.from_options(opts)
+    log_every = log_every_steps(opts, len(batches))
     while state.progress.epoch < opts.epochs:
         progress, meter, started = state.progress, Meter(runtime.device), time.perf_counter()
         first_batch = progress.batch
@@ -199,9 +200,9 @@ def train_epochs(state, batches, opts, runtime, outputs, stop):
             progress.step += 1
             progress.batch += 1
             bar.update(1)
-            if progress.step % opts.log_every == 0 and not log_interval(state, meter, bar, opts, runtime, outputs):
+            if progress.step % log_every == 0 and not log_interval(state, meter, bar, opts, runtime, outputs):
                 break  # rolled back to the last checkpoint: train its next epoch again
-            if stop_requested(stop, progress.step, opts, runtime):
+            if stop_requested(stop, progress.step, log_every, runtime):
                 save_and_stop(state, stop, bar, opts, runtime, f"stopped at epoch {progress.epoch + 1}")
         else:
             if log_interval(state, meter, bar, opts, runtime, outputs) and weights_finite(
@@ -223,6 +224,17 @@ def progress_bar(progress, steps_per_epoch, opts, runtime):
         leave=False,
         dynamic_ncols=True,
     )
+
+
+def log_every_steps(opts, steps_per_epoch):
+    """Steps between log rows: --log-every, or a third of an epoch when that is shorter (2 at the least).
+
+    A small folder's 22-step epoch would otherwise show no numbers until its last step and plot one
+    point per epoch; 2 steps at the least, so the GPU never waits for a read at every step. The one
+    place that says the interval: torchrun's ranks agree to stop at logging points, and a resumed
+    run (same flags, same data) must log at the steps a run in one go does.
+    """
+    return min(opts.log_every, max(2, steps_per_epoch // 3))
 
 
 class Meter:
@@ -303,11 +315,11 @@ def handle_divergence(state, what, opts, runtime, outputs):
     return False
 
 
-def stop_requested(stop, step, opts, runtime):
+def stop_requested(stop, step, log_every, runtime):
     if not runtime.distributed:
         return stop.requested
     # every rank must stop at the same step, so they agree only at logging points
-    return step % opts.log_every == 0 and any_rank(stop.requested, runtime)
+    return step % log_every == 0 and any_rank(stop.requested, runtime)
 
 
 def save_and_stop(state, stop, bar, opts, runtime, what):
@@ -353,7 +365,8 @@ def describe(opts, runtime, image_count, batches):
     processes = f", {runtime.world_size} processes" if runtime.distributed else ""
     return (
         f"training on {runtime.device} ({runtime.precision_name}{', compiled' if runtime.compile else ''}"
-        f"{processes}): {image_count} images ({batches.describe()}), {len(batches)} steps per epoch, seed {opts.seed}"
+        f"{processes}): {image_count} images ({batches.describe()}), {len(batches)} steps per epoch "
+        f"(logged every {log_every_steps(opts, len(batches))}), seed {opts.seed}"
     )
 
 

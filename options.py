@@ -34,6 +34,8 @@ EXAMPLES = """examples:
   python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
   python gan.py --dataset folder --dataroot celeba/ --image-size 64 --diffaugment
                                                              any folder of images (e.g. CelebA)
+  python gan.py --arch upsample --image-size 32 --nz 256 --lr 0.005 --beta2 0.99 --batch-size 64 --subset 2500 --epochs 250
+                                                             the upsample recipe: 2,500 CIFAR-10 images, a high lr
   python gan.py --resume                                     continue the run in checkpoints/
   python gan.py --generate 1000 --seed 7                     images from the latest checkpoint
   python gan.py --interpolate                                latent walks, grid and GIF
@@ -126,6 +128,12 @@ def device_name(text):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every flag's default in --help, and the examples kept as written."""
 
+    def _get_help_string(self, action):
+        # "(default: False)" on a switch and "(default: None)" say nothing; those helps say it in words
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
 
 # ---------------------------------------------------------------- the flags
 
@@ -216,7 +224,13 @@ def add_run_flags(group):
         metavar="PATH",
         help="continue a run [PATH: the latest checkpoint in --checkpoint-dir]",
     )
-    add("--log-every", type=positive_int, default=100, help="steps between progress-bar updates and metrics-log rows")
+    add(
+        "--log-every",
+        type=positive_int,
+        default=100,
+        help="steps between progress-bar updates and metrics-log rows; shorter epochs log every third of an "
+        "epoch instead (every 2 steps at the least), so their numbers move within the first epoch",
+    )
     add("--tensorboard", action="store_true", help="also log to TensorBoard (needs the tensorboard package)")
 
 

@@ -1,0 +1,145 @@
+"""First start vs second start on a large folder of JPEGs: what the decoded-image cache saves.
+
+Writes a folder of CelebA-sized JPEGs (178x218, random crops of scikit-learn's two sample
+photos), then times `python gan.py --dataset folder ...` from launch to its start line
+("training on ...", printed just before the first step), and stops it there:
+  - first start: the folder's cache is deleted before the run, so every JPEG is decoded;
+  - second start: the cache the previous start left is reused;
+  - no folder: `--dataset fake`, the floor (importing torch, building the networks).
+Then the same two cases for data.load_dataset alone, in this process, for all the images (no
+--subset: the whole cache is copied into the tensor a run trains from).
+
+    python benchmarks/folder_cache.py                        # 20,000 JPEGs, 3 rounds
+    python benchmarks/folder_cache.py --images 202599        # as many as CelebA
+"""
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CELEBA_SIZE = (178, 218)  # width, height of CelebA's aligned faces
+START_LINE = "training on "
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=20_000, help="JPEGs in the folder")
+    p.add_argument("--rounds", type=int, default=3, help="first and second starts timed, each")
+    p.add_argument("--image-size", type=int, default=64, help="gan.py's --image-size")
+    p.add_argument("--workers", type=int, default=None, help="gan.py's --workers [its default]")
+    p.add_argument("--folder", default=None, help="where the JPEGs go [a temp folder; reused when complete]")
+    return p.parse_args(argv)
+
+
+def make_folder(folder, count, seed=0):
+    """count JPEGs of CelebA's size: random crops (scale, position, flip) of the two sample photos."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(list(folder.glob("*.jpg"))) == count:
+        return
+    photos = [Image.fromarray(image) for image in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    width, height = CELEBA_SIZE
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        scale = rng.uniform(0.5, min(photo.width / width, photo.height / height))
+        crop_w, crop_h = int(width * scale), int(height * scale)
+        left, top = rng.integers(0, photo.width - crop_w + 1), rng.integers(0, photo.height - crop_h + 1)
+        crop = photo.resize((width, height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        crop.save(folder / f"{index + 1:06d}.jpg", quality=90)
+
+
+def seconds_to_start(flags, work):
+    """Seconds from launching gan.py to its start line, and the line about the image cache (if any)."""
+    run_dir = Path(tempfile.mkdtemp(dir=work))
+    command = [sys.executable, str(ROOT / "gan.py"), *flags, "--device", "cpu", "--no-compile", "--seed", "0"]
+    command += ["--checkpoint-dir", str(run_dir / "checkpoints"), "--image-dir", str(run_dir / "images")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    cache_line, seconds = "", None
+    for line in process.stdout:
+        if line.startswith("image cache:"):
+            cache_line = line.strip()
+        if line.startswith(START_LINE):
+            seconds = time.perf_counter() - started
+            break
+    process.kill()  # the start-up is what is timed; the training step is not
+    output = process.stdout.read()
+    process.wait()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if seconds is None:
+        raise RuntimeError(f"{' '.join(command)} printed no start line:\n{output[-2000:]}")
+    return seconds, cache_line
+
+
+def seconds_to_load(folder, image_size, workers):
+    """Seconds data.load_dataset takes for the whole folder, on the CPU."""
+    sys.path.insert(0, str(ROOT))
+    from data import load_dataset
+    from options import parse_flags
+
+    flags = ["--dataset", "folder", "--dataroot", str(folder), "--image-size", str(image_size), "--seed", "0"]
+    opts, _ = parse_flags(flags + (["--workers", str(workers)] if workers is not None else []))
+    started = time.perf_counter()
+    images = load_dataset(opts, "cpu")
+    seconds = time.perf_counter() - started
+    assert len(images) == len(list(folder.glob("*.jpg")))
+    return seconds
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    folder = Path(args.folder or Path(tempfile.gettempdir()) / f"dcgan-folder-cache-{args.images}")
+    started = time.perf_counter()
+    make_folder(folder, args.images)
+    print(
+        f"{args.images} JPEGs of {CELEBA_SIZE[0]}x{CELEBA_SIZE[1]} in {folder} ({time.perf_counter() - started:.0f}s)"
+    )
+    print(f"torch run by {sys.executable}; {platform.machine()}, {os.cpu_count()} CPUs; load {os.getloadavg()}")
+    common = ["--epochs", "1", "--subset", "64", "--batch-size", "64", "--image-size", str(args.image_size)]
+    common += ["--ngf", "16", "--ndf", "16"] + (["--workers", str(args.workers)] if args.workers is not None else [])
+    folder_flags = ["--dataset", "folder", "--dataroot", str(folder), *common]
+    print(f"command: python gan.py {' '.join(folder_flags)} --device cpu --no-compile --seed 0 (+ run folders)")
+    starts = {
+        "first start (cache deleted)": folder_flags,
+        "second start (cache reused)": folder_flags,
+        "no folder (--dataset fake)": ["--dataset", "fake", *common],
+    }
+    loads = ("load_dataset, first (decodes)", "load_dataset, second (reads the cache)")
+    times = {name: [] for name in [*starts, *loads]}
+    with tempfile.TemporaryDirectory() as work:
+        for round_index in range(args.rounds):
+            shutil.rmtree(folder / ".dcgan-cache", ignore_errors=True)
+            for name, flags in starts.items():
+                seconds, cache_line = seconds_to_start(flags, work)
+                times[name].append(seconds)
+                print(f"round {round_index + 1} {name}: {seconds:.1f}s  {cache_line}", flush=True)
+        for round_index in range(args.rounds):
+            shutil.rmtree(folder / ".dcgan-cache", ignore_errors=True)
+            for name in loads:
+                times[name].append(seconds_to_load(folder, args.image_size, args.workers))
+                print(f"round {round_index + 1} {name}: {times[name][-1]:.2f}s", flush=True)
+    print(f"load after: {os.getloadavg()}")
+    print()
+    print("| start | seconds to the start line, or in load_dataset (median) | min | max | runs |")
+    print("|---|---:|---:|---:|---:|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} | {len(values)} |")
+
+
+if __name__ == "__main__":
+    main()

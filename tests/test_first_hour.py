@@ -1,0 +1,105 @@
+"""What a new user meets first: --help with every default and examples, and numbers that move
+within the first epoch of a small dataset (the logging interval of short epochs)."""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from conftest import GAN_PY, TINY_ARGS, subprocess_env
+
+import gan
+import options
+
+
+def help_entries(text):
+    """{option string: its help text on one line} from --help output."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        flag = re.match(r"  (-[-\w]+)", line)
+        if flag:
+            current = entries.setdefault(flag.group(1), [])
+        elif not line.startswith("   "):
+            current = None  # a group title, a blank line, the epilog
+        if current is not None:
+            current.append(line.strip())
+    return {flag: " ".join(lines) for flag, lines in entries.items()}
+
+
+def test_help_shows_every_default_and_examples():
+    done = subprocess.run(
+        [sys.executable, str(GAN_PY), "--help"], env=subprocess_env(COLUMNS="100"), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    entries = help_entries(done.stdout)
+    shown = 0
+    for action in options.build_parser()._actions:
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS) or action.default is False:
+            continue  # no value to show: a switch that is off, or a flag whose help says it in words
+        entry = entries[action.option_strings[0]]
+        assert f"(default: {action.default})" in entry, entry
+        shown += 1
+    assert shown >= 25  # every flag that takes a value and has one by default
+    assert "(default: None)" not in done.stdout and "(default: False)" not in done.stdout  # noise
+    assert "[default: random" in entries["--seed"] and "[default: all]" in entries["--subset"]
+    examples = done.stdout.split("examples:")[1]
+    for wanted in (
+        "CIFAR-10",
+        "--dataset folder --dataroot",
+        "--arch upsample --image-size 32 --nz 256 --lr 0.005 --beta2 0.99 --batch-size 64 --subset 2500 --epochs 250",
+        "--resume",
+        "--generate",
+        "torchrun --nproc_per_node",
+    ):
+        assert wanted in examples, wanted
+
+
+@pytest.mark.parametrize(
+    "log_every, steps_per_epoch, expected",
+    [
+        (100, 4, 2),  # 4 steps: rows at steps 2 and 4, never one every step
+        (100, 22, 7),  # a 1,432-image folder at batch 64: 4 rows per epoch (7, 14, 21, 22)
+        (100, 1, 2),  # one step per epoch: its end-of-epoch row only
+        (100, 390, 100),  # CIFAR-10 at batch 128 keeps the flag exactly
+        (5, 64, 5),
+        (1, 4, 1),  # asked for every step: every step
+    ],
+)
+def test_log_every_steps(log_every, steps_per_epoch, expected):
+    assert gan.log_every_steps(SimpleNamespace(log_every=log_every), steps_per_epoch) == expected
+
+
+def logged_steps(folder):
+    rows = [json.loads(line) for line in (folder / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    return [(row["epoch"], row["step"]) for row in rows]
+
+
+def tiny_args_without_log_every():
+    args = list(TINY_ARGS)
+    del args[args.index("--log-every") : args.index("--log-every") + 2]
+    return args
+
+
+@pytest.mark.parametrize(
+    "flags, start_line, rows",
+    [
+        # the default --log-every 100 on 4-step epochs: numbers within epoch 1, two rows per epoch
+        (["--epochs", "2"], "4 steps per epoch (logged every 2)", [(1, 2), (1, 4), (2, 6), (2, 8)]),
+        # an epoch of at least 3 intervals keeps --log-every as given
+        (
+            ["--epochs", "1", "--subset", "160", "--log-every", "5"],
+            "20 steps per epoch (logged every 5)",
+            [(1, 5), (1, 10), (1, 15), (1, 20)],
+        ),
+    ],
+)
+def test_short_epochs_log_within_the_first_epoch(gan_main, tmp_path, flags, start_line, rows):
+    code, out, err = gan_main([*tiny_args_without_log_every(), *flags])
+    assert code == 0, err
+    assert start_line in out
+    assert logged_steps(tmp_path) == rows
+    saved = json.loads((tmp_path / "checkpoints" / "flags.json").read_text())["log_every"]
+    assert saved == (5 if "--log-every" in flags else 100)  # the flag as typed is saved, not the interval
