@@ -6,7 +6,9 @@ No network, no GPU, no Inception weights: a small CNN trained here on the 1797 b
   - FD: the Frechet distance between generated and real digits in the classifier's
     penultimate features (torchmetrics' FrechetInceptionDistance with that feature net);
   - coverage: how many of the 10 digits get at least 1% of the samples, and the
-    normalised entropy of the predicted-class histogram (1.0: all ten equally often).
+    normalised entropy of the predicted-class histogram (1.0: all ten equally often);
+  - spectral: the distance between the generated and real mean log power spectra
+    (benchmarks/scores.py; rises with checkerboard artifacts).
 
     python benchmarks/quality.py                      # 8 recipes, 2 seeds (about 20 min on 2 busy cores)
     python benchmarks/quality.py --seeds 0 --recipes plain combined
@@ -28,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scores import mean_log_spectrum, spectral_distance, spectral_score
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +167,7 @@ def train_classifier(images, labels, path, epochs=15, seed=0):
 
 
 class Scorer:
-    """FD against all real digits (real statistics computed once) and class coverage."""
+    """FD and spectral score against all real digits (real statistics computed once), class coverage."""
 
     def __init__(self, classifier, real_images):
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -172,6 +175,7 @@ class Scorer:
         self.classifier = classifier
         self.fid = FrechetInceptionDistance(feature=PenultimateFeatures(classifier), reset_real_features=False)
         self.fid.update(real_images, real=True)
+        self.real_spectrum = mean_log_spectrum(real_images)
 
     @torch.no_grad()
     def __call__(self, images_uint8):
@@ -185,26 +189,31 @@ class Scorer:
             "fd": float(self.fid.compute()),
             "found": int((shares >= COVERAGE_SHARE).sum()),
             "entropy": entropy,
+            "spectral": spectral_distance(mean_log_spectrum(images_uint8), self.real_spectrum),
         }
 
 
 def real_floor(classifier, real_images, seed=0):
-    """FD between two random halves of the real digits: what a perfect generator scores."""
+    """FD and spectral score between two random halves of the real digits: what a perfect generator scores."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     order = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(seed))
     half = len(order) // 2
+    first, second = real_images[order[:half]], real_images[order[half:]]
     fid = FrechetInceptionDistance(feature=PenultimateFeatures(classifier))
-    fid.update(real_images[order[:half]], real=True)
-    fid.update(real_images[order[half:]], real=False)
-    return float(fid.compute())
+    fid.update(first, real=True)
+    fid.update(second, real=False)
+    return {"fd": float(fid.compute()), "spectral": spectral_score(second, first)}
 
 
 # ---------------------------------------------------------------- training through the CLI
 
 
-def train_and_sample(recipe, seed, args, digits_dir, runs_dir):
-    """Train one recipe with gan.py, then write args.samples digits with --generate."""
+def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_SIZE, flags=None, program=None):
+    """Train one recipe with gan.py on the PNGs in digits_dir, then write args.samples images with --generate.
+
+    flags replace RECIPES[recipe]; program replaces `python gan.py` (benchmarks/lattice.py runs a patched gan.py).
+    """
     run_dir = runs_dir / f"{recipe}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed or appended one
     run_dir.mkdir(parents=True)
@@ -217,16 +226,16 @@ def train_and_sample(recipe, seed, args, digits_dir, runs_dir):
         str(run_dir / "images"),
     ]
     train = [
-        "--dataset", "folder", "--dataroot", str(digits_dir), "--image-size", str(IMAGE_SIZE),
+        "--dataset", "folder", "--dataroot", str(digits_dir), "--image-size", str(image_size),
         "--ngf", str(args.width), "--ndf", str(args.width), "--batch-size", str(args.batch_size),
         "--epochs", str(args.epochs), "--seed", str(seed), "--workers", "0", "--log-every", "1000",
-        *RECIPES[recipe],
+        *(RECIPES[recipe] if flags is None else flags),
     ]  # fmt: skip
     generate = ["--generate", str(args.samples), "--seed", "12345"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
-    for flags in (train, generate):
-        command = [sys.executable, str(ROOT / "gan.py"), *flags, *common]
+    for step_flags in (train, generate):
+        command = [*(program or [sys.executable, str(ROOT / "gan.py")]), *step_flags, *common]
         done = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -245,18 +254,22 @@ def print_table(results, args, floor, accuracy):
     print(
         f"{steps} steps per run (batch {args.batch_size}, ngf=ndf={args.width}), {args.samples} samples, seeds {args.seeds}"
     )
-    print(f"classifier held-out accuracy {accuracy:.3f}; real-vs-real FD floor {floor:.2f}")
+    print(
+        f"classifier held-out accuracy {accuracy:.3f}; real-vs-real floors: FD {floor['fd']:.2f}, "
+        f"spectral {floor['spectral']:.4f}"
+    )
     print()
     print(
-        "| recipe | flags | FD (lower is better) | digits found (of 10) | class entropy (1 = even) | seconds per run |"
+        "| recipe | flags | FD (lower is better) | digits found (of 10) | class entropy (1 = even) "
+        "| spectral (lower is better) | seconds per run |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for recipe, rows in results.items():
-        cells = [summarise([row[key] for row in rows]) for key in ("fd", "found", "entropy", "seconds")]
-        fd, found, entropy, seconds = cells
+        cells = [summarise([row[key] for row in rows]) for key in ("fd", "found", "entropy", "spectral", "seconds")]
+        fd, found, entropy, spectral, seconds = cells
         print(
             f"| {recipe} | `{' '.join(RECIPES[recipe])}` | {fd[0]:.2f} ± {fd[1]:.2f} | {found[0]:.1f} ± {found[1]:.1f} | "
-            f"{entropy[0]:.3f} ± {entropy[1]:.3f} | {seconds[0]:.0f} |"
+            f"{entropy[0]:.3f} ± {entropy[1]:.3f} | {spectral[0]:.3f} ± {spectral[1]:.3f} | {seconds[0]:.0f} |"
         )
 
 
@@ -281,7 +294,7 @@ def main(argv=None):
             results[recipe].append(scores)
             print(
                 f"{recipe:12s} seed {seed}: FD {scores['fd']:.2f}  found {scores['found']}  "
-                f"entropy {scores['entropy']:.3f}  ({seconds:.0f}s)",
+                f"entropy {scores['entropy']:.3f}  spectral {scores['spectral']:.3f}  ({seconds:.0f}s)",
                 flush=True,
             )
     print_table(results, args, floor, accuracy)

@@ -1,0 +1,128 @@
+"""Scores shared by the offline quality benchmarks: the spectral artifact score and a random conv net.
+
+Pure functions of uint8 image tensors (N, 3, H, W); no files, no training. quality.py (digits) and
+photos.py (crops of photographs) import them, and tests/test_benchmark_scores.py checks them.
+"""
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+# ITU-R BT.601 luma: the greyscale both spectra are taken of
+LUMA = (0.299, 0.587, 0.114)
+LOG_FLOOR = 1e-10  # keeps log10 finite for flat images (no power at all)
+
+
+# ---------------------------------------------------------------- spectral artifact score
+
+
+def radius_bins(height, width):
+    """Integer radius of every 2-D FFT frequency (unshifted layout), in cycles per image."""
+    rows = np.fft.fftfreq(height) * height
+    cols = np.fft.fftfreq(width) * width
+    return np.rint(np.hypot(rows[:, None], cols[None, :])).astype(np.int64)
+
+
+def radial_average(power):
+    """Azimuthal average of (..., H, W) power spectra over integer-radius rings: (..., R+1).
+
+    Rings run from 0 (DC) out to the corners of the spectrum (radius about H/sqrt(2)), so a
+    period-2 checkerboard, whose power sits at the corner frequency (H/2, W/2), is seen.
+    """
+    power = np.asarray(power, dtype=np.float64)
+    bins = radius_bins(*power.shape[-2:]).ravel()
+    counts = np.bincount(bins)
+    flat = power.reshape(-1, bins.size)
+    sums = np.stack([np.bincount(bins, weights=row, minlength=counts.size) for row in flat])
+    return (sums / counts).reshape(*power.shape[:-2], counts.size)
+
+
+def log_spectra(images_uint8):
+    """Per image: log10 of the azimuthally averaged power spectrum of its greyscale, normalised.
+
+    The mean grey level is removed and each spectrum is divided by its total power, so the score
+    compares the shape of the spectrum (how power falls off with frequency), not brightness or
+    contrast. The DC ring (radius 0) is dropped. Returns (N, R) float64.
+    """
+    images = np.asarray(images_uint8, dtype=np.float64) / 255.0
+    grey = np.tensordot(np.asarray(LUMA), images, axes=([0], [1])) if images.shape[1] == 3 else images[:, 0]
+    grey = grey - grey.mean(axis=(-2, -1), keepdims=True)
+    power = np.abs(np.fft.fft2(grey)) ** 2
+    power = power / (power.sum(axis=(-2, -1), keepdims=True) + LOG_FLOOR)
+    return np.log10(radial_average(power)[:, 1:] + LOG_FLOOR)
+
+
+def mean_log_spectrum(images_uint8, batch_size=1024):
+    """The set's mean of log_spectra, computed in batches to bound memory."""
+    chunks = [
+        log_spectra(images_uint8[start : start + batch_size]) for start in range(0, len(images_uint8), batch_size)
+    ]
+    return np.concatenate(chunks).mean(axis=0)
+
+
+def spectral_distance(mean_spectrum_a, mean_spectrum_b):
+    """Mean absolute difference of two mean log10 spectra over the frequency rings.
+
+    In decades of power: 0.1 means the generated set's power is off by a factor 10**0.1 = 1.26
+    on average over the rings. Every ring weighs the same, so the outer half of the rings (the
+    high frequencies where up-convolution artifacts sit, Durall et al. 2020) is half the score.
+    """
+    return float(np.mean(np.abs(np.asarray(mean_spectrum_a) - np.asarray(mean_spectrum_b))))
+
+
+def spectral_score(generated_uint8, real_uint8):
+    """Spectral artifact score of a generated set against a real set (0: the same mean spectrum)."""
+    return spectral_distance(mean_log_spectrum(generated_uint8), mean_log_spectrum(real_uint8))
+
+
+# ---------------------------------------------------------------- random features for a Frechet distance
+
+
+class RandomFeatures(nn.Module):
+    """A fixed, randomly initialised conv net: uint8 (N, 3, H, W) -> (N, num_features) float.
+
+    Three stages of 3x3 convolution + ReLU on the RGB image in [-1, 1], each followed by 2x2
+    average pooling; the features are the global average of every stage's channels (multi-scale:
+    the first stage sees pixel-level texture and colour, the last one 8x8 neighbourhoods).
+    Kaiming-normal weights from a seeded torch.Generator, so the same seed gives the same net on
+    every machine without touching the global RNG.
+    """
+
+    def __init__(self, seed=0, widths=(32, 64, 128)):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        stages, channels = [], 3
+        for width in widths:
+            conv = nn.utils.skip_init(nn.Conv2d, channels, width, 3, padding=1)  # no draw from the global RNG
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu", generator=generator)
+            bound = 1.0 / math.sqrt(channels * 9)
+            nn.init.uniform_(conv.bias, -bound, bound, generator=generator)
+            stages.append(nn.Sequential(conv, nn.ReLU()))
+            channels = width
+        self.stages = nn.ModuleList(stages)
+        self.num_features = sum(widths)
+        self.requires_grad_(False).eval()
+
+    def forward(self, images_uint8):
+        x = images_uint8.float().div(127.5).sub(1.0)
+        features = []
+        for index, stage in enumerate(self.stages):
+            if index:
+                x = nn.functional.avg_pool2d(x, 2)
+            x = stage(x)
+            features.append(x.mean(dim=(2, 3)))
+        return torch.cat(features, dim=1)
+
+
+def frechet_distance(feature, real_uint8, generated_uint8, batch_size=512):
+    """torchmetrics' FrechetInceptionDistance with `feature` in place of Inception."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=feature)
+    with torch.no_grad():
+        for images, real in ((real_uint8, True), (generated_uint8, False)):
+            for batch in images.split(batch_size):
+                fid.update(batch, real=real)
+    return float(fid.compute())

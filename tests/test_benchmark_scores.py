@@ -1,0 +1,102 @@
+"""The pure scoring functions of benchmarks/scores.py: radial average, spectral score, random features.
+
+frechet_distance is left out: it only feeds torchmetrics, whose import alone takes ~10 s here.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCORES_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "scores.py"
+
+
+@pytest.fixture(scope="module")
+def scores():
+    spec = importlib.util.spec_from_file_location("scores", SCORES_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def smooth_images(count, size=16, seed=0):
+    """Random low-frequency RGB images (upsampled 4x4 noise), uint8 (N, 3, size, size)."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(count, 3, 4, 4, generator=generator)
+    images = torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+    return images.mul(200).add(28).round().to(torch.uint8)
+
+
+def checkerboard(size, period, amplitude):
+    rows, cols = np.mgrid[:size, :size]
+    return torch.from_numpy(np.where((rows // (period // 2) + cols // (period // 2)) % 2 == 0, amplitude, -amplitude))
+
+
+def test_radius_bins_by_hand(scores):
+    # 4x4 FFT frequencies in numpy's order are 0, 1, -2, -1 along each axis
+    expected = np.array(
+        [
+            [0, 1, 2, 1],  # (0,0) (0,1) (0,-2) (0,-1)
+            [1, 1, 2, 1],  # (1,1): sqrt 2 -> 1; (1,-2): sqrt 5 -> 2
+            [2, 2, 3, 2],  # (-2,-2): sqrt 8 = 2.83 -> 3
+            [1, 1, 2, 1],
+        ]
+    )
+    np.testing.assert_array_equal(scores.radius_bins(4, 4), expected)
+
+
+def test_radial_average_of_a_known_pattern(scores):
+    power = np.arange(16, dtype=np.float64).reshape(4, 4)
+    # rings from test_radius_bins_by_hand: r0 = {0}; r1 = {1, 3, 4, 5, 7, 12, 13, 15};
+    # r2 = {2, 6, 8, 9, 11, 14}; r3 = {10}
+    expected = [0.0, (1 + 3 + 4 + 5 + 7 + 12 + 13 + 15) / 8, (2 + 6 + 8 + 9 + 11 + 14) / 6, 10.0]
+    np.testing.assert_allclose(scores.radial_average(power), expected)
+    batched = scores.radial_average(np.stack([power, 2 * power]))
+    np.testing.assert_allclose(batched, [expected, [2 * value for value in expected]])
+
+
+def test_a_cosine_puts_its_power_in_one_ring(scores):
+    cols = np.arange(8)
+    image = np.tile(np.cos(2 * np.pi * 2 * cols / 8), (8, 1))  # 2 cycles along x
+    ring = scores.radial_average(np.abs(np.fft.fft2(image)) ** 2)
+    # |F| = 64 / 2 = 32 at (0, 2) and (0, -2); ring 2 has 12 frequencies (4 axial, 8 at sqrt 5)
+    assert ring[2] == pytest.approx(2 * 32**2 / 12)
+    np.testing.assert_allclose(np.delete(ring, 2), 0.0, atol=1e-20)
+
+
+def test_identical_sets_score_zero(scores):
+    images = smooth_images(8)
+    assert scores.spectral_score(images, images.clone()) == 0.0
+
+
+def test_spectral_score_is_blind_to_brightness_and_contrast(scores):
+    images = smooth_images(8) // 2 * 2  # even values: halving them below is exact
+    brighter = images + 20
+    flatter = images // 2 + 60
+    assert scores.spectral_score(brighter, images) == pytest.approx(0.0, abs=1e-9)
+    assert scores.spectral_score(flatter, images) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("period", [2, 4])
+def test_checkerboard_scores_clearly_worse_than_clean(scores, period):
+    real, clean = smooth_images(32, seed=0), smooth_images(32, seed=1)
+    lattice = (clean.float() + checkerboard(16, period, 12)).clamp(0, 255).round().to(torch.uint8)
+    clean_score = scores.spectral_score(clean, real)
+    lattice_score = scores.spectral_score(lattice, real)
+    assert clean_score < 0.1
+    # a period-4 lattice puts its power in a few rings only, so it moves the mean less than period 2
+    assert lattice_score > 3 * clean_score
+    assert lattice_score > clean_score + 0.15
+
+
+def test_random_features_are_fixed_by_the_seed(scores):
+    images = smooth_images(4)
+    state = torch.get_rng_state()
+    first, again, other = scores.RandomFeatures(seed=3), scores.RandomFeatures(seed=3), scores.RandomFeatures(seed=4)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    features = first(images)
+    assert features.shape == (4, first.num_features)
+    torch.testing.assert_close(again(images), features)
+    assert not torch.allclose(other(images), features)
