@@ -34,6 +34,8 @@ DEVICE_MEMORY_SHARE = 0.5
 def load_cifar10(root, download=True):
     """CIFAR-10's 50k training images as a uint8 tensor (N, 3, 32, 32) on the CPU."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--dataroot {root} is a file: it names the folder CIFAR-10 is (or goes) in")
     folder = root / CIFAR_FOLDER
     archive = root / CIFAR_ARCHIVE
     if not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):

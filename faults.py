@@ -59,11 +59,8 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
-def interruption(stop, what, checkpoint_path, checkpoint_dir):
-    return Interrupted(
-        stop.exit_code,
-        f"{what}; saved {checkpoint_path}. Resume with: python gan.py --resume --checkpoint-dir {checkpoint_dir}",
-    )
+def interruption(stop, what, checkpoint_path, resume_command):
+    return Interrupted(stop.exit_code, f"{what}; saved {checkpoint_path}. Resume with: {resume_command}")
 
 
 def on_divergence(where, on_nan, checkpoint_path, rollbacks):

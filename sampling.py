@@ -15,7 +15,6 @@ import artifacts
 import metrics
 import models
 from checkpoint import (
-    CHECKPOINT_NAME,
     METRICS_LOG_NAME,
     append_metrics,
     latest_checkpoint,
@@ -24,7 +23,8 @@ from checkpoint import (
     save_checkpoint,
 )
 from data import load_dataset
-from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed
+from faults import Interrupted
+from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
 from utils import UserError, check_writable
 
 
@@ -129,11 +129,16 @@ def generate(opts, explicit, runtime):
     seed = opts.seed if opts.seed is not None else random_seed()
     digits = max(4, len(str(opts.generate - 1)))
     index, grid = 0, []
-    for images in generated_batches(G, opts.generate, flags["nz"], runtime, seed):
-        for image in images.cpu():
-            artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
-            index += 1
-        grid.extend(images[: 64 - len(grid)].cpu())
+    try:
+        for images in generated_batches(G, opts.generate, flags["nz"], runtime, seed):
+            for image in images.cpu():
+                artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
+                index += 1
+            grid.extend(images[: 64 - len(grid)].cpu())
+    except KeyboardInterrupt:
+        raise Interrupted(
+            130, f"interrupted: wrote {index} of {opts.generate} images to {folder}/ (seed {seed})"
+        ) from None
     artifacts.save_grid(torch.stack(grid), folder / "grid.png", nrow=artifacts.grid_side(len(grid)))
     print(f"wrote {index} images and grid.png to {folder}/ (seed {seed})")
 
@@ -175,20 +180,25 @@ def interpolate(opts, explicit, runtime, walks=8):
 
 def evaluate(opts, explicit, runtime, feature=None):
     G, flags = load_generator_for_use(opts, explicit, runtime)
+    path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
+    refuse_saved_folders(flags, opts, explicit, path, ("dataroot",))
     # the data it trained on, unless typed now; batch_size too: the dataset must hold one batch
-    trained_on = {name: flags[name] for name in ("dataset", "dataroot", "subset", "batch_size") if name in flags}
+    trained_on = {name: flags[name] for name in ("dataset", "subset", "batch_size") if name in flags}
     typed = {name: getattr(opts, name) for name in explicit if name in trained_on}
     seed = opts.seed if opts.seed is not None else (flags.get("seed") or 0)
-    eval_opts = opts.replace(**{**trained_on, **typed}, image_size=flags["image_size"], seed=seed)
-    real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=opts.checkpoint_dir, say=print)
+    # the log row and the real statistics go beside the checkpoint evaluated, unless told otherwise
+    folder = opts.checkpoint_dir if "checkpoint_dir" in explicit else str(path.parent)
+    eval_opts = opts.replace(
+        **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
+    )
+    real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=folder, say=print)
     scorers = open_metrics(eval_opts, runtime, real, feature)
     scores = score(scorers, G, eval_opts, runtime, seed)
     print(
         f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
         f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({opts.eval_samples} generated images)"
     )
-    log_path = Path(opts.checkpoint_dir) / METRICS_LOG_NAME
+    log_path = Path(folder) / METRICS_LOG_NAME
     check_writable(log_path.parent)
-    checkpoint = opts.checkpoint or str(Path(opts.checkpoint_dir) / CHECKPOINT_NAME)
-    append_metrics(log_path, [{"evaluate": str(checkpoint), **scores}])
+    append_metrics(log_path, [{"evaluate": str(path), **scores}])
     return scores

@@ -81,10 +81,12 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("flags, phrase", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flags(run_copy, gan_main, flags, phrase):
     before = snapshot(run_copy)
-    # a new --checkpoint-dir: the earlier run's own would be refused before the flag is checked
-    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--checkpoint-dir", "new_run", *flags])
+    # new output folders: the earlier run's own would be refused before the flag is checked
+    new_folders = ["--checkpoint-dir", "new_run", "--image-dir", "new_run_images"]
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", *new_folders, *flags])
     assert_user_error(code, err, phrase)
     assert snapshot(run_copy) == before
+    assert not (run_copy / "new_run").exists() and not (run_copy / "new_run_images").exists()
 
 
 def test_fresh_run_over_an_earlier_one_is_refused(run_copy, gan_main):
