@@ -174,7 +174,11 @@ def damaged_fields(state):
 
 
 def load_module_state(module, state_dict, what, path):
-    """load_state_dict with a user-facing message when the shapes or keys differ."""
+    """load_state_dict with a user-facing message when the shapes, keys or kinds of number differ."""
+    own = module.state_dict()
+    for name, value in state_dict.items():
+        if name in own and value.is_floating_point() != own[name].is_floating_point() or value.is_complex():
+            raise UserError(f"checkpoint {path} does not fit this {what}: {name} holds {value.dtype} values")
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, KeyError, TypeError, AttributeError) as error:
@@ -227,6 +231,8 @@ def optimizer_state_problem(saved, optimizer):
         if not isinstance(indices, list) or len(indices) != len(group["params"]):
             return "param_groups"
         pairs += zip(indices, group["params"])
+    if not set(states) <= {index for index, _ in pairs if isinstance(index, int)}:
+        return "state of parameters it does not have"
     for index, parameter in pairs:
         entry = states.get(index) if isinstance(index, int) else None
         if entry is None:
@@ -245,8 +251,9 @@ def optimizer_state_problem(saved, optimizer):
 
 
 def is_step_count(step):
-    if isinstance(step, torch.Tensor):
-        return step.numel() == 1 and not step.is_complex() and math.isfinite(step.item()) and step.item() >= 0
+    if isinstance(step, torch.Tensor):  # Adam's kernels take float32 or float64 steps only
+        float_step = step.dtype in (torch.float32, torch.float64) and step.numel() == 1
+        return float_step and math.isfinite(step.item()) and step.item() >= 0
     return isinstance(step, numbers.Real) and not isinstance(step, bool) and math.isfinite(step) and step >= 0
 
 
@@ -254,6 +261,12 @@ def restore_scaler(scaler, saved):
     """A loss scaler's state, where both sides use one: a run saved in bf16 or fp32 has none,
     and an fp16 run (a V100 or T4) resuming it starts its scale afresh."""
     if scaler.is_enabled() and saved:
+        numbers_ok = all(
+            isinstance(saved.get(key), numbers.Real) and math.isfinite(saved[key]) and saved[key] > 0
+            for key in ("scale", "growth_factor", "backoff_factor", "growth_interval")
+        )
+        if not numbers_ok:  # a NaN scale would skip every step: training that trains nothing
+            raise ValueError(f"loss scale {saved.get('scale')!r}")
         scaler.load_state_dict(saved)
 
 

@@ -61,6 +61,9 @@ def _download_cifar10(root):
 
     try:
         download_url(CIFAR_URL, str(root), CIFAR_ARCHIVE, CIFAR_MD5)
+    except KeyboardInterrupt:
+        (Path(root) / CIFAR_ARCHIVE).unlink(missing_ok=True)  # half an archive would fail the next run
+        raise
     except Exception as error:  # urllib, socket and checksum errors all mean the same to a user
         (Path(root) / CIFAR_ARCHIVE).unlink(missing_ok=True)
         raise UserError(

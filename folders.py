@@ -428,13 +428,12 @@ class HostImages:
         return images
 
 
-def available_ram_bytes():
-    """RAM the OS can give without swapping (Linux's MemAvailable), or None when unknown."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
+def available_ram_bytes(with_swap=False):
+    """RAM the OS can give without swapping (Linux's MemAvailable), plus free swap if asked; None when unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo if line.strip()}
+        return fields["MemAvailable"] + (fields.get("SwapFree", 0) if with_swap else 0)
     with contextlib.suppress(AttributeError, OSError, ValueError):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return None

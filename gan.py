@@ -191,6 +191,9 @@ def train(opts, explicit, runtime, metric_feature=None):
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
     if problem:
         raise UserError(problem)
+    if opts.dataset == "folder" and Path(opts.image_dir).resolve().is_relative_to(Path(opts.dataroot).resolve()):
+        # the folder is searched recursively: the next start would train on this run's grids
+        raise UserError(f"--image-dir {opts.image_dir} is inside --dataroot {opts.dataroot}: give one outside it")
     outputs = ((opts.checkpoint_dir, "--checkpoint-dir"), (opts.image_dir, "--image-dir")) if runtime.is_main else ()
     for folder, _ in outputs:
         check_writable(folder)

@@ -231,9 +231,11 @@ def count_values(arch, nz, ngf, ndf, image_size):
 
 
 def layer_outputs(layers, shape):
-    """The number of values the layers output for one input of shape (C, H, W), and the last shape."""
+    """The number of values the layers output for one input of shape (C, H, W), and the last shape;
+    in-place activations and reshapes are not counted, as they take no memory of their own."""
     total = 0
     for layer in layers:
+        new_values = not getattr(layer, "inplace", False) and not isinstance(layer, (nn.Flatten, nn.Unflatten))
         if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
             (kernel, _), (stride, _), (padding, _) = layer.kernel_size, layer.stride, layer.padding
             side = shape[-1]
@@ -250,5 +252,5 @@ def layer_outputs(layers, shape):
             shape = tuple(layer.unflattened_size)
         elif isinstance(layer, nn.Flatten):
             shape = (math.prod(shape),)
-        total += math.prod(shape)
+        total += math.prod(shape) if new_values else 0
     return total, shape

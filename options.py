@@ -36,6 +36,7 @@ NOT_RESUMED_FLAGS = (
     *PATH_FLAGS,
 )
 MAX_SEED = 2**63 - 1
+MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
 EXAMPLES = """examples:
   python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
   python gan.py --dataset folder --dataroot celeba/ --image-size 64 --diffaugment
@@ -99,6 +100,20 @@ def seed(text):
     value = int(text)
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be from 0 to 2**63-1, got {text}")
+    return value
+
+
+def folder(text):
+    """A folder's name; an empty one ("$UNSET_VARIABLE") would mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty name")
+    return text
+
+
+def walk_steps(text):
+    value = positive_int(text)
+    if value > MAX_WALK_STEPS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_WALK_STEPS}, got {text}")
     return value
 
 
@@ -196,7 +211,7 @@ def add_data_flags(group):
         default="cifar10",
         help="cifar10 (downloaded), folder (any image folder) or fake (random, for smoke tests)",
     )
-    add("--dataroot", default="data", help="where CIFAR-10 is downloaded, or the image folder")
+    add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--subset", type=positive_int, default=None, help="train on N randomly drawn images [default: all]")
     add("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="processes decoding a folder")
 
@@ -212,8 +227,8 @@ def add_run_flags(group):
     )
     add("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the steps; auto: on CUDA only")
     add("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
-    add("--image-dir", default="images", help="folder for grids, plots and generated images")
-    add("--checkpoint-dir", default="checkpoints", help="folder for checkpoints and the metrics log")
+    add("--image-dir", type=folder, default="images", help="folder for grids, plots and generated images")
+    add("--checkpoint-dir", type=folder, default="checkpoints", help="folder for checkpoints and the metrics log")
     add(
         "--resume",
         nargs="?",
@@ -238,7 +253,12 @@ def add_after_training_flags(group):
     add = group.add_argument
     add("--generate", type=positive_int, default=None, metavar="N", help="write N images from a checkpoint, then exit")
     add("--interpolate", action="store_true", help="write latent walks (grid and GIF) from a checkpoint, then exit")
-    add("--steps", type=positive_int, default=10, help="images per latent walk for --interpolate")
+    add(
+        "--steps",
+        type=walk_steps,
+        default=10,
+        help=f"images per latent walk for --interpolate (at most {MAX_WALK_STEPS})",
+    )
     add("--checkpoint", default=None, help="checkpoint for --generate/--interpolate/--evaluate [default: latest]")
     add("--evaluate", action="store_true", help="FID, IS and KID of a checkpoint, then exit")
     add("--eval-samples", type=positive_int, default=10_000, help="generated images per evaluation")
@@ -383,7 +403,7 @@ def training_memory_problem(opts, device, half_precision=False):
 
     A lower bound, so that no run that fits is refused: fp32 weights, gradients, Adam's two
     moments and G's average, plus each layer's output once for a batch; free memory as the
-    OS or CUDA reports it (unknown on MPS: not checked).
+    OS (RAM and swap) or CUDA reports it (unknown on MPS: not checked).
     """
     available = free_memory_bytes(device)
     if available is None:
@@ -417,4 +437,4 @@ def free_memory_bytes(device):
         import torch
 
         return torch.cuda.mem_get_info(device)[0]
-    return available_ram_bytes() if device.type == "cpu" else None
+    return available_ram_bytes(with_swap=True) if device.type == "cpu" else None

@@ -168,7 +168,9 @@ def interpolate(opts, explicit, runtime, walks=8):
     end = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
     noise = slerp(start, end, torch.linspace(0, 1, opts.steps))  # (steps, walks, ...)
     side = flags["image_size"]
-    images = sample(G, noise.flatten(0, 1), runtime).view(opts.steps, walks, 3, side, side)
+    # in batches, as --generate: a long walk must not need G's activations for all its images at once
+    batches = noise.flatten(0, 1).split(500)
+    images = torch.cat([sample(G, batch, runtime) for batch in batches]).view(opts.steps, walks, 3, side, side)
     # rows are walks, columns are steps along them
     artifacts.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
     frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walks)) for step in range(opts.steps)]
@@ -182,12 +184,13 @@ def evaluate(opts, explicit, runtime, feature=None):
     G, flags = load_generator_for_use(opts, explicit, runtime)
     path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
     refuse_saved_folders(flags, opts, explicit, path, ("dataroot",))
+    # the log row and the real statistics go beside the checkpoint evaluated, unless told otherwise
+    folder = opts.checkpoint_dir if "checkpoint_dir" in explicit else str(path.parent)
+    check_writable(folder)  # before the minutes of scoring, not after
     # the data it trained on, unless typed now; batch_size too: the dataset must hold one batch
     trained_on = {name: flags[name] for name in ("dataset", "subset", "batch_size") if name in flags}
     typed = {name: getattr(opts, name) for name in explicit if name in trained_on}
     seed = opts.seed if opts.seed is not None else (flags.get("seed") or 0)
-    # the log row and the real statistics go beside the checkpoint evaluated, unless told otherwise
-    folder = opts.checkpoint_dir if "checkpoint_dir" in explicit else str(path.parent)
     eval_opts = opts.replace(
         **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
     )
@@ -199,6 +202,5 @@ def evaluate(opts, explicit, runtime, feature=None):
         f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({opts.eval_samples} generated images)"
     )
     log_path = Path(folder) / METRICS_LOG_NAME
-    check_writable(log_path.parent)
     append_metrics(log_path, [{"evaluate": str(path), **scores}])
     return scores

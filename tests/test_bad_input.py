@@ -72,6 +72,13 @@ BAD_FLAGS = [
     (["--seed", "-1"], "--seed: must be from 0 to 2**63-1, got -1"),
     (["--seed", "18446744073709551616"], "--seed: must be from 0 to 2**63-1"),
     (["--seed", "9223372036854775808"], "--seed: must be from 0 to 2**63-1, got 9223372036854775808"),
+    (["--image-dir", ""], "--image-dir: must name a folder, got an empty name"),
+    (["--dataroot", " "], "--dataroot: must name a folder, got an empty name"),
+    (["--steps", "5000000"], "--steps: must be from 1 to 1000, got 5000000"),
+    (
+        ["--dataset", "folder", "--dataroot", ".", "--image-dir", "pictures"],
+        "--image-dir pictures is inside --dataroot .",
+    ),
     (["--image-size=--"], "argument --image-size: expected one argument"),
     (["--epochs"], "--epochs: expected one argument"),
     (["--generate", "4", "--evaluate"], "choose one of --generate, --interpolate and --evaluate"),
@@ -129,7 +136,8 @@ def test_sizes_that_cannot_fit_are_refused_naming_the_flag(gan_main, tmp_path, f
 
 
 def test_the_memory_estimate_is_a_lower_bound():
-    """What it counts (parameters and layer outputs) is what the networks have."""
+    """What it counts is what the networks have: their parameters, and the outputs of their layers
+    that take memory of their own (not in-place activations, not reshapes)."""
     from models import build_discriminator, build_generator, count_values
 
     for arch in ("dcgan", "upsample"):
@@ -137,7 +145,8 @@ def test_the_memory_estimate_is_a_lower_bound():
         outputs = []
 
         def record(module, inputs, output, outputs=outputs):
-            outputs.append(output[0].numel())
+            if output.data_ptr() != inputs[0].data_ptr():
+                outputs.append(output[0].numel())
 
         for layer in [*G.main, *D.main]:
             layer.register_forward_hook(record)
@@ -222,19 +231,23 @@ def test_cifar10_offline(tmp_path, gan_main, no_download):
     assert not any(tmp_path.iterdir())  # not even an empty data/, images/ or checkpoints/
 
 
-def test_cifar10_offline_keeps_a_partial_download_out_of_the_way(tmp_path, gan_main, monkeypatch):
+@pytest.mark.parametrize("cut", [ConnectionResetError("connection reset by peer"), KeyboardInterrupt()], ids=repr)
+def test_cifar10_offline_keeps_a_partial_download_out_of_the_way(tmp_path, gan_main, monkeypatch, cut):
     import torchvision.datasets.utils
 
     def half_download(url, root, filename=None, md5=None, **kwargs):
         Path(root).mkdir(parents=True, exist_ok=True)
         (Path(root) / filename).write_bytes(b"\x1f\x8b" + os.urandom(100))
-        raise ConnectionResetError("connection reset by peer")
+        raise cut
 
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", half_download)
     code, out, err = gan_main(cifar_args(tmp_path / "data"))
-    assert_user_error(code, err, "could not download CIFAR-10 (ConnectionResetError")
+    if isinstance(cut, KeyboardInterrupt):
+        assert (code, err) == (130, "interrupted; nothing was written\n")
+    else:
+        assert_user_error(code, err, "could not download CIFAR-10 (ConnectionResetError")
     # a half-written archive would fail the next run with a misleading message
-    assert not (tmp_path / "data" / "cifar-10-python.tar.gz").exists()
+    assert not any(tmp_path.iterdir())
 
 
 def damage_random_bytes(archive):
@@ -396,6 +409,16 @@ def drop_key(state, net, prefix):
         (lambda s: s.pop("rng"), "is incomplete or damaged (KeyError"),
         (lambda s: s.pop("netG"), "is not a checkpoint written by gan.py"),
         (lambda s: s.update(flags=[1, 2]), "is not a checkpoint written by gan.py"),
+        (
+            lambda s: s["netG"].update({"main.0.weight": s["netG"]["main.0.weight"].bool()}),
+            "main.0.weight holds torch.bool",
+        ),
+        (
+            lambda s: s.update(
+                scalerD={"scale": math.nan, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 9}
+            ),
+            "(ValueError: loss scale nan)",
+        ),
     ],
     ids=[
         "G missing keys",
@@ -406,10 +429,13 @@ def drop_key(state, net, prefix):
         "no rng",
         "no netG",
         "flags not a dict",
+        "G weights not floating point",
+        "fp16 loss scale nan",
     ],
 )
 def test_resume_from_a_mismatched_checkpoint(run_copy, gan_main, edit, phrase):
-    code, out, err = resume_with(run_copy, gan_main, edited_checkpoint(edit), "--epochs", "3")
+    # --precision fp16 (loss scaling, on the CPU too) reads the loss scalers' state
+    code, out, err = resume_with(run_copy, gan_main, edited_checkpoint(edit), "--epochs", "3", "--precision", "fp16")
     assert_user_error(code, err, phrase)
 
 
@@ -474,6 +500,15 @@ def test_a_checkpoint_never_chooses_a_folder(run_copy, gan_main, flag):
     assert not (run_copy / "elsewhere").exists()
 
 
+def test_evaluate_checks_its_output_folder_before_scoring(run_copy, gan_main):
+    (run_copy / "blocker").write_text("a file")
+    code, out, err = gan_main(
+        ["--evaluate", "--checkpoint", "checkpoints/checkpoint.pt", "--checkpoint-dir", "blocker"]
+    )
+    assert_user_error(code, err, "output folder blocker is not writable")
+    assert "FID" not in out
+
+
 def test_resume_into_the_checkpoint_dir_of_another_run_is_refused(run_copy, gan_main):
     shutil.copytree(run_copy / "checkpoints", run_copy / "copy")
     before = snapshot(run_copy)
@@ -491,9 +526,24 @@ def test_resume_into_the_checkpoint_dir_of_another_run_is_refused(run_copy, gan_
         (lambda s: s["optG"]["state"][0].update(step=str(i for i in [])), "step of parameter 0 is not a count"),
         (lambda s: s["optD"]["state"][0].update(step=torch.tensor(-1.0)), "step of parameter 0 is not a count"),
         (lambda s: s["optG"]["param_groups"][0]["params"].pop(), "unusable optG (param_groups)"),
+        (lambda s: s["optD"]["state"][0].update(step=torch.tensor(True)), "step of parameter 0 is not a count"),
+        (
+            lambda s: s["optG"].update(state={str(k): v for k, v in s["optG"]["state"].items()}),
+            "parameters it does not",
+        ),
         (lambda s: s["optG"]["param_groups"][0].update(eps="x", amsgrad=True), None),  # this run's settings win
     ],
-    ids=["moment shape", "moment dtype", "moment nan", "step string", "step negative", "params", "settings"],
+    ids=[
+        "moment shape",
+        "moment dtype",
+        "moment nan",
+        "step string",
+        "step negative",
+        "params",
+        "step bool",
+        "state keys",
+        "settings",
+    ],
 )
 def test_resume_checks_the_optimizer_state(run_copy, gan_main, edit, phrase):
     edited_checkpoint(edit)(checkpoint_path(run_copy))
