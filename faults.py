@@ -51,6 +51,21 @@ class Diverged(UserError):
     exit_code = EXIT_DIVERGED
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (which has its StopRequest): the program stops as for a Ctrl-C."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def raise_terminated(signal_number, frame):
+    raise Terminated
+
+
+def exit_code_of(interrupt):
+    """130 for a Ctrl-C, 143 for a SIGTERM."""
+    return getattr(interrupt, "exit_code", 128 + signal.SIGINT)
+
+
 class Interrupted(Exception):
     """A run stopped by a signal after saving its state; main() prints the message."""
 

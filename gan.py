@@ -10,6 +10,7 @@ lives in steps.py; flags in options.py; checkpoints in checkpoint.py; pictures i
 """
 
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -444,6 +445,8 @@ def run_mode(opts, explicit, runtime, metric_feature):
 
 def main(argv=None, metric_feature=None):
     """Exit code of one invocation; metric_feature replaces Inception (tests use a tiny net)."""
+    # until training installs its own handlers, a SIGTERM stops the program as a Ctrl-C does
+    previous_handler = signal.signal(signal.SIGTERM, faults.raise_terminated)
     try:
         run(argv, metric_feature)
     except UserError as error:
@@ -452,9 +455,11 @@ def main(argv=None, metric_feature=None):
     except Interrupted as interruption:
         print(interruption, file=sys.stderr)
         return interruption.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return faults.exit_code_of(interrupt)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 

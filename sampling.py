@@ -23,7 +23,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from data import load_dataset
-from faults import Interrupted
+from faults import Interrupted, exit_code_of
 from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
 from utils import UserError, check_writable
 
@@ -135,11 +135,11 @@ def generate(opts, explicit, runtime):
                 artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
                 index += 1
             grid.extend(images[: 64 - len(grid)].cpu())
-    except KeyboardInterrupt:
+        artifacts.save_grid(torch.stack(grid), folder / "grid.png", nrow=artifacts.grid_side(len(grid)))
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
         raise Interrupted(
-            130, f"interrupted: wrote {index} of {opts.generate} images to {folder}/ (seed {seed})"
+            exit_code_of(interrupt), f"interrupted: wrote {index} of {opts.generate} images to {folder}/ (seed {seed})"
         ) from None
-    artifacts.save_grid(torch.stack(grid), folder / "grid.png", nrow=artifacts.grid_side(len(grid)))
     print(f"wrote {index} images and grid.png to {folder}/ (seed {seed})")
 
 
@@ -172,9 +172,13 @@ def interpolate(opts, explicit, runtime, walks=8):
     batches = noise.flatten(0, 1).split(500)
     images = torch.cat([sample(G, batch, runtime) for batch in batches]).view(opts.steps, walks, 3, side, side)
     # rows are walks, columns are steps along them
-    artifacts.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
     frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walks)) for step in range(opts.steps)]
-    artifacts.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
+    try:
+        artifacts.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
+        artifacts.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
+    except KeyboardInterrupt as interrupt:
+        written = "interpolation.png" if (folder / "interpolation.png").is_file() else "nothing"
+        raise Interrupted(exit_code_of(interrupt), f"interrupted: wrote {written} to {folder}/") from None
     print(
         f"wrote interpolation.png and interpolation.gif to {folder}/ ({walks} walks, {opts.steps} steps, seed {seed})"
     )

@@ -588,7 +588,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(run_copy, gan_main, t
 
     code, out, err = resume_with(run_copy, gan_main, write)
     assert_user_error(
-        code, err, "cannot read checkpoint checkpoints/checkpoint.pt: it is not a checkpoint of this program (it holds"
+        code, err, "cannot read checkpoint checkpoints/checkpoint.pt: it is not a checkpoint of this program"
     )
     assert "weights_only" not in err  # never the advice to load it unsafely
     assert not marker.exists()

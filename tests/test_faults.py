@@ -28,6 +28,7 @@ import checkpoint
 import faults
 import folders
 import gan
+import options
 import steps
 import utils
 
@@ -657,16 +658,43 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["torch.py"]
 
 
-def test_ctrl_c_during_generate_says_how_many_images_were_written(run_copy, monkeypatch, gan_main):
-    real_save_png, saved = artifacts.save_png, []
+@pytest.mark.parametrize("interrupted, written", [("save_png", 3), ("save_grid", 10)])
+def test_ctrl_c_during_generate_says_how_many_images_were_written(
+    run_copy, monkeypatch, gan_main, interrupted, written
+):
+    real_function, calls = getattr(artifacts, interrupted), []
 
-    def save_png(*args):
-        if len(saved) == 3:
+    def interrupt_after_3(*args, **kwargs):
+        if len(calls) == 3 or interrupted == "save_grid":
             raise KeyboardInterrupt
-        saved.append(real_save_png(*args))
+        calls.append(real_function(*args, **kwargs))
 
-    monkeypatch.setattr(artifacts, "save_png", save_png)
+    monkeypatch.setattr(artifacts, interrupted, interrupt_after_3)
     code, out, err = gan_main(["--generate", "10", "--seed", "4", "--device", "cpu"])
     assert code == 130
-    assert err == f"interrupted: wrote 3 of 10 images to {Path('images') / 'generated'}/ (seed 4)\n"
-    assert len(list((run_copy / "images" / "generated").glob("*.png"))) == 3
+    assert err == f"interrupted: wrote {written} of 10 images to {Path('images') / 'generated'}/ (seed 4)\n"
+    assert len(list((run_copy / "images" / "generated").glob("0*.png"))) == written
+
+
+def test_sigterm_before_training_is_one_line_and_leaves_nothing(monkeypatch, gan_main, tmp_path):
+    real_load_batches = gan.load_batches
+
+    def load_batches(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, while the data loads
+        time.sleep(5)
+        return real_load_batches(*args)
+
+    monkeypatch.setattr(gan, "load_batches", load_batches)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert (code, err) == (143, "interrupted; nothing was written\n")
+    assert not any(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back as it was
+
+
+def test_the_resume_command_names_the_folders_a_checkpoint_never_chooses():
+    opts, _ = options.parse_flags(["--dataset", "folder", "--dataroot", "my data", "--image-dir", "pics"])
+    assert options.resume_command(opts.replace(checkpoint_dir="ck")) == (
+        "python gan.py --resume --checkpoint-dir ck --image-dir pics --dataroot 'my data'"
+    )
+    defaults, _ = options.parse_flags([])
+    assert options.resume_command(defaults) == "python gan.py --resume --checkpoint-dir checkpoints"
