@@ -327,6 +327,12 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
     ]
     if refused:
         raise UserError(f"cannot resume {path} with a different architecture: {', '.join(refused)}")
+    if "seed" in explicit and saved_flags.get("seed") not in (None, opts.seed):
+        # the run goes on from its saved RNG state and data order: another seed would change nothing but the report
+        raise UserError(
+            f"cannot resume {path} with --seed {opts.seed} (checkpoint: {saved_flags['seed']}); "
+            "a run keeps its seed: start a fresh run for another one"
+        )
     refuse_saved_folders(saved_flags, opts, explicit, path, ("dataroot", "image_dir"))
     changed, merged, parser = [], {}, build_parser()
     for name, saved in saved_flags.items():

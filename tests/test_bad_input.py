@@ -509,6 +509,15 @@ def test_evaluate_checks_its_output_folder_before_scoring(run_copy, gan_main):
     assert "FID" not in out
 
 
+def test_resume_with_another_seed_is_refused_not_reported_as_changed(run_copy, gan_main):
+    before = snapshot(run_copy)
+    code, out, err = gan_main(["--resume", "--epochs", "3", "--seed", "5"])
+    assert_user_error(code, err, "cannot resume checkpoints/checkpoint.pt with --seed 5 (checkpoint: 1)")
+    assert snapshot(run_copy) == before
+    code, out, err = gan_main(["--resume", "--epochs", "3", "--seed", "1"])  # the same seed is no change
+    assert code == 0 and "--seed" not in out, err
+
+
 def test_resume_into_the_checkpoint_dir_of_another_run_is_refused(run_copy, gan_main):
     shutil.copytree(run_copy / "checkpoints", run_copy / "copy")
     before = snapshot(run_copy)
