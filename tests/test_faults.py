@@ -698,3 +698,25 @@ def test_the_resume_command_names_the_folders_a_checkpoint_never_chooses():
     )
     defaults, _ = options.parse_flags([])
     assert options.resume_command(defaults) == "python gan.py --resume --checkpoint-dir checkpoints"
+
+
+@pytest.mark.parametrize("saving", ["ctrl-c", "save-every"])
+def test_non_finite_weights_are_never_saved_over_the_last_good_checkpoint(saving, monkeypatch, gan_main, tmp_path):
+    real_train_step, calls = gan.train_step, []
+
+    def train_step(nets, *args, **kwargs):
+        stats = real_train_step(nets, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == STEPS_PER_EPOCH + 1:  # step 5: the weights diverge, between two log points
+            next(nets.G.parameters()).data.fill_(math.nan)
+        return stats
+
+    monkeypatch.setattr(gan, "train_step", train_step)
+    if saving == "ctrl-c":
+        monkeypatch.setattr(gan, "stop_requested", lambda stop, step, opts, runtime: step == STEPS_PER_EPOCH + 1)
+    flags = ["--save-every", "1"] if saving == "save-every" else []
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", *flags])
+    assert code == faults.EXIT_DIVERGED, err
+    assert "weights became non-finite at step 5" in err
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
+    assert state["step"] == STEPS_PER_EPOCH
