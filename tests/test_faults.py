@@ -646,6 +646,16 @@ def test_a_damaged_metrics_log_costs_no_epoch(run_copy, gan_main):
     assert (run_copy / "images" / "losses.png").stat().st_size > 0
 
 
+def test_a_damaged_epoch_grid_costs_no_epoch(run_copy, gan_main):
+    # the GIF is rebuilt from the grids at start-up: a grid that is no image must not stop the run
+    (run_copy / "images" / "epoch_001.png").write_bytes(b"not a png")
+    (run_copy / "images" / "progress.gif").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="could not draw images/progress.gif .*UnidentifiedImageError"):
+        code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert code == 0, err
+    assert checkpoint.load_checkpoint(run_copy / CHECKPOINT)["epoch"] == 3
+
+
 # ---------------------------------------------------------------- Ctrl-C outside training
 
 
