@@ -2,9 +2,11 @@
 steps, and what to do when the losses or weights stop being finite.
 """
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 
 from utils import UserError
 
@@ -55,6 +57,20 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM outside training (which has its StopRequest): the program stops as for a Ctrl-C."""
 
     exit_code = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Until training installs its StopRequest, a SIGTERM stops the program as a Ctrl-C does
+    (one line, nothing left behind); the handler before is put back at the end."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def raise_terminated(signal_number, frame):

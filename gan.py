@@ -10,7 +10,6 @@ lives in steps.py; flags in options.py; checkpoints in checkpoint.py; pictures i
 """
 
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -445,10 +444,9 @@ def run_mode(opts, explicit, runtime, metric_feature):
 
 def main(argv=None, metric_feature=None):
     """Exit code of one invocation; metric_feature replaces Inception (tests use a tiny net)."""
-    # until training installs its own handlers, a SIGTERM stops the program as a Ctrl-C does
-    previous_handler = signal.signal(signal.SIGTERM, faults.raise_terminated)
     try:
-        run(argv, metric_feature)
+        with faults.sigterm_as_ctrl_c():
+            run(argv, metric_feature)
     except UserError as error:
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
@@ -458,8 +456,6 @@ def main(argv=None, metric_feature=None):
     except KeyboardInterrupt as interrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return faults.exit_code_of(interrupt)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 
