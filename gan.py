@@ -157,8 +157,9 @@ class RunOutputs:
     def epoch_pictures(self, samples, epoch):
         self.pictures.add_epoch(samples, epoch)
         if self.tensorboard is not None:
-            self.tensorboard.add_images("samples", samples.float().add(1).div(2).clamp(0, 1), epoch)
-            self.tensorboard.flush()
+            with artifacts.drawing("the TensorBoard samples"):
+                self.tensorboard.add_images("samples", samples.float().add(1).div(2).clamp(0, 1), epoch)
+                self.tensorboard.flush()
 
     def evaluate(self, state, G, opts, runtime):
         """FID after this epoch if it is due: logged, plotted, and best.pt kept. Returns the FID or None."""
