@@ -3,12 +3,15 @@ real-vs-fake figure. Each written atomically, except the progress GIF (see Progr
 
 Work per epoch stays constant as a run grows: the GIF gets one frame appended, never
 re-encoded, and the plots draw at most MAX_PLOT_POINTS points from rows kept in memory.
+Drawing never loses training: a picture that fails to draw is a warning (a full disk is not).
 """
 
+import contextlib
 import io
 import math
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -24,6 +27,38 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 MAX_PLOT_POINTS = 1000
 FRAME_MS, LAST_FRAME_MS = 400, 2000
+# What a training run (or --generate/--interpolate after it) leaves in --image-dir; a fresh run
+# never mixes its pictures with these. real_samples.png alone, from a run stopped before its
+# first epoch ended, is replaced instead.
+RUN_PICTURES = (
+    "epoch_[0-9][0-9][0-9]*.png", "progress.gif", "losses.png", "fid.png", "real_vs_fake.png",
+    "interpolation.png", "interpolation.gif", "generated",
+)  # fmt: skip
+
+
+def earlier_run_pictures(image_dir):
+    """Names of an earlier run's pictures in image_dir (the first few, then how many more)."""
+    folder = Path(image_dir)
+    if not folder.is_dir():
+        return []
+    found = sorted({p.name for pattern in RUN_PICTURES for p in folder.glob(pattern) if not is_empty_folder(p)})
+    return found[:3] + ([f"{len(found) - 3} more"] if len(found) > 3 else [])
+
+
+def is_empty_folder(path):
+    return path.is_dir() and not any(path.iterdir())
+
+
+@contextlib.contextmanager
+def drawing(path):
+    """A picture's drawing: any failure but a disk error (UserError) becomes a warning, so that
+    nothing that only draws a picture can lose a trained epoch."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        warnings.warn(f"could not draw {path} ({error.__class__.__name__}: {error}); training goes on", stacklevel=3)
 
 
 # ---------------------------------------------------------------- grids
@@ -77,26 +112,31 @@ class EpochPictures:
         self.image_dir = Path(image_dir)
         self.rows = rows  # the metrics log, kept in memory so a plot never re-reads it
         self.gif = ProgressGif(self.image_dir / "progress.gif")
-        self.gif.open([self.grid_path(epoch) for epoch in range(1, epochs_done + 1) if self.grid_path(epoch).is_file()])
+        with drawing(self.gif.path):
+            self.gif.open([self.grid_path(e) for e in range(1, epochs_done + 1) if self.grid_path(e).is_file()])
 
     def grid_path(self, epoch):
         return self.image_dir / f"epoch_{epoch:03d}.png"
 
-    def write_real_samples(self, real_uint8, image_size):
-
+    def write_real_samples(self, real_uint8, image_size, replace=False):
+        """Once per run: a resumed run keeps it, a fresh one (replace) writes its own."""
         path = self.image_dir / "real_samples.png"
-        if not path.exists():
-            save_grid(to_float_images(real_uint8, image_size), path)
+        if replace or not path.exists():
+            with drawing(path):
+                save_grid(to_float_images(real_uint8, image_size), path)
 
     def add_epoch(self, samples, epoch):
-        grid = grid_image(samples)
-        save_pil(grid, self.grid_path(epoch))
-        self.gif.append(grid)
-        plot_losses(self.rows, self.image_dir / "losses.png")
+        with drawing(self.grid_path(epoch)):
+            grid = grid_image(samples)
+            save_pil(grid, self.grid_path(epoch))
+            self.gif.append(grid)
+        with drawing(self.image_dir / "losses.png"):
+            plot_losses(self.rows, self.image_dir / "losses.png")
 
     def write_real_vs_fake(self, real_uint8, fake, image_size):
-
-        plot_real_vs_fake(to_float_images(real_uint8, image_size), fake, self.image_dir / "real_vs_fake.png")
+        path = self.image_dir / "real_vs_fake.png"
+        with drawing(path):
+            plot_real_vs_fake(to_float_images(real_uint8, image_size), fake, path)
 
 
 # ---------------------------------------------------------------- the progress GIF

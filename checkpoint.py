@@ -8,6 +8,8 @@ one never runs code from it.
 import io
 import json
 import math
+import numbers
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,13 +103,20 @@ def save_run_files(nets, progress, fixed_noise, opts, runtime):
 def load_checkpoint(path):
     """Load a checkpoint of this program; never executes code from the file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(
+            f"checkpoint {path} is a folder: give the checkpoint file in it (e.g. {path / CHECKPOINT_NAME})"
+        )
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types; all mean "not ours"
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else error.__class__.__name__
-        raise UserError(f"cannot read checkpoint {path}: {reason}") from None
+        # torch's message ends in advice to load with weights_only=False: for a file of unknown
+        # origin that would run its code, so it is never passed on
+        raise UserError(
+            f"cannot read checkpoint {path}: it is not a checkpoint of this program ({why_unreadable(error)})"
+        ) from None
     required = {"netG", "flags", "epoch", "step"}
     if not isinstance(state, dict) or not required <= set(state):
         raise UserError(f"{path} is not a checkpoint written by gan.py (it lacks {sorted(required)})")
@@ -116,7 +125,34 @@ def load_checkpoint(path):
     damaged = damaged_fields(state)
     if damaged:
         raise UserError(f"checkpoint {path} is damaged: unusable {', '.join(damaged)}")
+    non_finite = non_finite_weights(state)
+    if non_finite:
+        raise UserError(
+            f"checkpoint {path} holds non-finite weights ({', '.join(non_finite)}): it cannot be used; "
+            "resume an earlier checkpoint"
+        )
     return state
+
+
+def why_unreadable(error):
+    if isinstance(error, pickle.UnpicklingError) and "global" in str(error).lower():  # "... not an allowed global"
+        return "it holds Python objects besides tensors and numbers, and loading those could run code"
+    return "not a PyTorch file, or one cut short"
+
+
+def non_finite_weights(state):
+    """The networks (and fixed noise) holding NaN or infinite values: a diverged run's weights."""
+    named = {k: state.get(k) for k in ("netG", "netD", "netG_ema")}
+    found = [
+        f"{net}.{name}"
+        for net, weights in named.items()
+        for name, value in (weights or {}).items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    noise = state.get("fixed_noise")
+    if isinstance(noise, torch.Tensor) and noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
+        found.append("fixed_noise")
+    return found[:3] + ([f"{len(found) - 3} more"] if len(found) > 3 else [])
 
 
 def damaged_fields(state):
@@ -138,7 +174,11 @@ def damaged_fields(state):
 
 
 def load_module_state(module, state_dict, what, path):
-    """load_state_dict with a user-facing message when the shapes or keys differ."""
+    """load_state_dict with a user-facing message when the shapes, keys or kinds of number differ."""
+    own = module.state_dict()
+    for name, value in state_dict.items():
+        if name in own and value.is_floating_point() != own[name].is_floating_point() or value.is_complex():
+            raise UserError(f"checkpoint {path} does not fit this {what}: {name} holds {value.dtype} values")
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, KeyError, TypeError, AttributeError) as error:
@@ -153,8 +193,14 @@ def restore_state(nets, state, runtime, path):
     load_module_state(nets.D, state.get("netD", {}), "discriminator", path)
     if nets.G_ema is not None:
         load_module_state(nets.G_ema, state.get("netG_ema") or state["netG"], "generator", path)
-    # load_state_dict also restores the saved lr and betas; the ones of this run's flags win
-    hyper = [[{k: g[k] for k in ("lr", "betas")} for g in opt.param_groups] for opt in (nets.opt_G, nets.opt_D)]
+    for name, optimizer in (("optG", nets.opt_G), ("optD", nets.opt_D)):
+        problem = optimizer_state_problem(state[name], optimizer) if name in state else None
+        if problem:
+            raise UserError(f"checkpoint {path} is damaged: unusable {name} ({problem})")
+    # load_state_dict also restores the saved settings (lr, betas, eps, ...); those this run built win
+    hyper = [
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in (nets.opt_G, nets.opt_D)
+    ]
     try:
         nets.opt_G.load_state_dict(state["optG"])
         nets.opt_D.load_state_dict(state["optD"])
@@ -170,10 +216,57 @@ def restore_state(nets, state, runtime, path):
         raise UserError(f"checkpoint {path} is incomplete or damaged ({error.__class__.__name__}: {error})") from None
 
 
+def optimizer_state_problem(saved, optimizer):
+    """What in a saved Adam state_dict does not fit optimizer's parameters, or None.
+
+    load_state_dict checks only the number of parameters: a moment of another shape crashes
+    Adam's kernels later (a segfault on torch 2.14), and a step that is no number fails.
+    """
+    groups, states = saved.get("param_groups"), saved.get("state")
+    if not isinstance(groups, list) or not isinstance(states, dict) or len(groups) != len(optimizer.param_groups):
+        return "param_groups"
+    pairs = []
+    for saved_group, group in zip(groups, optimizer.param_groups):
+        indices = saved_group.get("params") if isinstance(saved_group, dict) else None
+        if not isinstance(indices, list) or len(indices) != len(group["params"]):
+            return "param_groups"
+        pairs += zip(indices, group["params"])
+    if not set(states) <= {index for index, _ in pairs if isinstance(index, int)}:
+        return "state of parameters it does not have"
+    for index, parameter in pairs:
+        entry = states.get(index) if isinstance(index, int) else None
+        if entry is None:
+            continue  # never updated: its moments start at zero
+        if not isinstance(entry, dict):
+            return f"state of parameter {index}"
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = entry.get(key)
+            if not isinstance(moment, torch.Tensor) or moment.shape != parameter.shape:
+                return f"{key} of parameter {index} is not a tensor of its shape {list(parameter.shape)}"
+            if not moment.is_floating_point() or not bool(torch.isfinite(moment).all()):
+                return f"{key} of parameter {index} is not finite floating point"
+        if not is_step_count(entry.get("step")):
+            return f"step of parameter {index} is not a count"
+    return None
+
+
+def is_step_count(step):
+    if isinstance(step, torch.Tensor):  # Adam's kernels take float32 or float64 steps only
+        float_step = step.dtype in (torch.float32, torch.float64) and step.numel() == 1
+        return float_step and math.isfinite(step.item()) and step.item() >= 0
+    return isinstance(step, numbers.Real) and not isinstance(step, bool) and math.isfinite(step) and step >= 0
+
+
 def restore_scaler(scaler, saved):
     """A loss scaler's state, where both sides use one: a run saved in bf16 or fp32 has none,
     and an fp16 run (a V100 or T4) resuming it starts its scale afresh."""
     if scaler.is_enabled() and saved:
+        numbers_ok = all(
+            isinstance(saved.get(key), numbers.Real) and math.isfinite(saved[key]) and saved[key] > 0
+            for key in ("scale", "growth_factor", "backoff_factor", "growth_interval")
+        )
+        if not numbers_ok:  # a NaN scale would skip every step: training that trains nothing
+            raise ValueError(f"loss scale {saved.get('scale')!r}")
         scaler.load_state_dict(saved)
 
 

@@ -36,6 +36,8 @@ FAKE_IMAGES = 512
 def load_cifar10(root, download=True):
     """CIFAR-10's 50k training images as a uint8 tensor (N, 3, 32, 32) on the CPU."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--dataroot {root} is a file: it names the folder CIFAR-10 is (or goes) in")
     folder = root / CIFAR_FOLDER
     archive = root / CIFAR_ARCHIVE
     if not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):
@@ -59,6 +61,9 @@ def refuse_image_folder(root):
 def _download_cifar10(root):
     try:
         torchvision.datasets.utils.download_url(CIFAR_URL, str(root), CIFAR_ARCHIVE, CIFAR_MD5)
+    except KeyboardInterrupt:
+        (Path(root) / CIFAR_ARCHIVE).unlink(missing_ok=True)  # half an archive would fail the next run
+        raise
     except Exception as error:  # urllib, socket and checksum errors all mean the same to a user
         (Path(root) / CIFAR_ARCHIVE).unlink(missing_ok=True)
         raise UserError(

@@ -2,9 +2,11 @@
 steps, and what to do when the losses or weights stop being finite.
 """
 
+import contextlib
 import os
 import signal
 import sys
+import threading
 
 from utils import UserError
 
@@ -51,6 +53,35 @@ class Diverged(UserError):
     exit_code = EXIT_DIVERGED
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (which has its StopRequest): the program stops as for a Ctrl-C."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Until training installs its StopRequest, a SIGTERM stops the program as a Ctrl-C does
+    (one line, nothing left behind); the handler before is put back at the end."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def raise_terminated(signal_number, frame):
+    raise Terminated
+
+
+def exit_code_of(interrupt):
+    """130 for a Ctrl-C, 143 for a SIGTERM."""
+    return getattr(interrupt, "exit_code", 128 + signal.SIGINT)
+
+
 class Interrupted(Exception):
     """A run stopped by a signal after saving its state; main() prints the message."""
 
@@ -59,11 +90,8 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
-def interruption(stop, what, checkpoint_path, checkpoint_dir):
-    return Interrupted(
-        stop.exit_code,
-        f"{what}; saved {checkpoint_path}. Resume with: python gan.py --resume --checkpoint-dir {checkpoint_dir}",
-    )
+def interruption(stop, what, checkpoint_path, resume_command):
+    return Interrupted(stop.exit_code, f"{what}; saved {checkpoint_path}. Resume with: {resume_command}")
 
 
 def on_divergence(where, on_nan, checkpoint_path, rollbacks):

@@ -39,6 +39,8 @@ ABANDONED_BUILD_SECONDS = 3600
 
 def list_images(root):
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data folder {root} is a file: --dataroot names the folder that holds the images")
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -367,8 +369,11 @@ def decode_without_cache(listing, workers, problems, say):
 
 
 def size_text(size_bytes):
-    """A size for people: GiB, or MiB below one GiB."""
-    return f"{size_bytes / 2**30:.1f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.1f} MiB"
+    """A size for people: MiB below one GiB, else GiB, TiB, ... up to EiB."""
+    if size_bytes < 2**30:
+        return f"{size_bytes / 2**20:.1f} MiB"
+    power = min(int(math.log(size_bytes, 2**10)), 6)
+    return f"{size_bytes / 2 ** (10 * power):.1f} {'KMGTPE'[power - 1]}iB"
 
 
 class HostImages:
@@ -419,13 +424,12 @@ class HostImages:
         return images
 
 
-def available_ram_bytes():
-    """RAM the OS can give without swapping (Linux's MemAvailable), or None when unknown."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
+def available_ram_bytes(with_swap=False):
+    """RAM the OS can give without swapping (Linux's MemAvailable), plus free swap if asked; None when unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo if line.strip()}
+        return fields["MemAvailable"] + (fields.get("SwapFree", 0) if with_swap else 0)
     with contextlib.suppress(AttributeError, OSError, ValueError):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return None

@@ -15,21 +15,36 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a traceback
+    import torch
+    from tqdm import tqdm
 
-import artifacts
-import checkpoint
-import faults
-import sampling
-from checkpoint import Progress, latest_checkpoint
-from data import load_dataset, make_batches
-from faults import ROLL_BACK, Interrupted, StopRequest
-from models import ema_decay_at
-from options import MAX_SEED, merge_resume_flags, mixed_seed, parse_flags, random_seed, resume_path
-from runtime import any_rank, barrier, broadcast_int, setup_runtime, stop_distributed
-from steps import STAT_NAMES, Nets, Recipe, build_nets, train_step
-from utils import UserError, check_writable
+    import artifacts
+    import checkpoint
+    import faults
+    import sampling
+    from checkpoint import Progress, latest_checkpoint
+    from data import load_dataset, make_batches
+    from faults import ROLL_BACK, Interrupted, StopRequest
+    from models import ema_decay_at
+    from options import (
+        MAX_SEED,
+        merge_resume_flags,
+        mixed_seed,
+        parse_flags,
+        random_seed,
+        resume_command,
+        resume_path,
+        training_memory_problem,
+    )
+    from runtime import any_rank, barrier, broadcast_int, setup_runtime, stop_distributed
+    from steps import STAT_NAMES, Meter, Nets, Recipe, build_nets, epoch_summary, format_stat, train_step
+    from utils import UserError, check_writable, locked_folders, no_new_empty_folders
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 # ---------------------------------------------------------------- setting up a run
 
@@ -44,6 +59,13 @@ def resolve_training_options(opts, explicit, runtime):
                 f"{earlier} holds an earlier run: continue it with --resume, "
                 "or train into another --checkpoint-dir (or delete that folder)"
             )
+        pictures = artifacts.earlier_run_pictures(opts.image_dir)
+        if pictures:
+            # a fresh run would overwrite some of that run's grids and leave the others beside its own
+            raise UserError(
+                f"{opts.image_dir} holds an earlier run's pictures ({', '.join(pictures)}): "
+                "train into another --image-dir, or move them away first"
+            )
         # under torchrun every rank must train on rank 0's seed, or their shards would overlap
         seed = opts.seed if opts.seed is not None else broadcast_int(random_seed(), runtime)
         return opts.replace(seed=seed), None
@@ -54,6 +76,13 @@ def resolve_training_options(opts, explicit, runtime):
     opts, changes = merge_resume_flags(opts, explicit, state["flags"], path)
     for change in changes:
         say(runtime, f"resume: changed {change}")
+    if "checkpoint_dir" not in explicit:  # the run goes on beside the checkpoint it resumes
+        opts = opts.replace(checkpoint_dir=str(path.parent))
+    elif latest_checkpoint(opts.checkpoint_dir).is_file() and not latest_checkpoint(opts.checkpoint_dir).samefile(path):
+        raise UserError(
+            f"{latest_checkpoint(opts.checkpoint_dir)} holds another run: resuming {path} there would replace it; "
+            "give another --checkpoint-dir"
+        )
     return opts.replace(seed=state.get("seed", opts.seed)), (state, path)
 
 
@@ -133,8 +162,9 @@ class RunOutputs:
     def epoch_pictures(self, samples, epoch):
         self.pictures.add_epoch(samples, epoch)
         if self.tensorboard is not None:
-            self.tensorboard.add_images("samples", samples.float().add(1).div(2).clamp(0, 1), epoch)
-            self.tensorboard.flush()
+            with artifacts.drawing("the TensorBoard samples"):
+                self.tensorboard.add_images("samples", samples.float().add(1).div(2).clamp(0, 1), epoch)
+                self.tensorboard.flush()
 
     def evaluate(self, state, G, opts, runtime):
         """FID after this epoch if it is due: logged, plotted, and best.pt kept. Returns the FID or None."""
@@ -142,7 +172,8 @@ class RunOutputs:
         if not self.evaluator.due(epoch) or (scores := self.evaluator.evaluate(G, epoch)) is None:
             return None
         self.log({"epoch": epoch, "step": state.progress.step, **scores})
-        artifacts.plot_fid(self.pictures.rows, self.image_dir / "fid.png")
+        with artifacts.drawing(self.image_dir / "fid.png"):
+            artifacts.plot_fid(self.pictures.rows, self.image_dir / "fid.png")
         saved = checkpoint.checkpoint_state(state.nets, state.progress, state.fixed_noise, opts, runtime)
         sampling.save_best(saved, scores, state.progress, self.checkpoint_dir)
         return scores["fid"]
@@ -163,9 +194,20 @@ def open_tensorboard(opts):
 
 def train(opts, explicit, runtime, metric_feature=None):
     opts, resumed = resolve_training_options(opts, explicit, runtime)
-    if runtime.is_main:
-        for folder in (opts.image_dir, opts.checkpoint_dir):
-            check_writable(folder)
+    problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
+    if problem:
+        raise UserError(problem)
+    if opts.dataset == "folder" and Path(opts.image_dir).resolve().is_relative_to(Path(opts.dataroot).resolve()):
+        # the folder is searched recursively: the next start would train on this run's grids
+        raise UserError(f"--image-dir {opts.image_dir} is inside --dataroot {opts.dataroot}: give one outside it")
+    outputs = ((opts.checkpoint_dir, "--checkpoint-dir"), (opts.image_dir, "--image-dir")) if runtime.is_main else ()
+    for folder, _ in outputs:
+        check_writable(folder)
+    with locked_folders(outputs):  # one run at a time in a folder
+        return train_in_locked_folders(opts, resumed, runtime, metric_feature)
+
+
+def train_in_locked_folders(opts, resumed, runtime, metric_feature):
     open_tensorboard(opts)  # fail fast, before the data, when it is missing
     images, batches = load_batches(opts, runtime)
     state = start_state(opts, runtime, resumed)
@@ -174,7 +216,7 @@ def train(opts, explicit, runtime, metric_feature=None):
         return state
     outputs = RunOutputs(opts, runtime, images, state.progress, metric_feature) if runtime.is_main else None
     if outputs is not None:
-        outputs.pictures.write_real_samples(images[:64], opts.image_size)
+        outputs.pictures.write_real_samples(images[:64], opts.image_size, replace=resumed is None)
     say(runtime, describe(opts, runtime, len(images), batches))
     stop = StopRequest()
     stop.install()
@@ -202,8 +244,10 @@ def train_epochs(state, batches, opts, runtime, outputs, stop):
             bar.update(1)
             if progress.step % log_every == 0 and not log_interval(state, meter, bar, opts, runtime, outputs):
                 break  # rolled back to the last checkpoint: train its next epoch again
+            if save_due(progress, len(batches), opts) and not save_mid_epoch(state, opts, runtime, outputs):
+                break
             if stop_requested(stop, progress.step, log_every, runtime):
-                save_and_stop(state, stop, bar, opts, runtime, f"stopped at epoch {progress.epoch + 1}")
+                save_and_stop(state, stop, bar, opts, runtime, outputs, f"stopped at epoch {progress.epoch + 1}")
         else:
             if log_interval(state, meter, bar, opts, runtime, outputs) and weights_finite(
                 state, opts, runtime, outputs
@@ -235,44 +279,6 @@ def log_every_steps(opts, steps_per_epoch):
     run (same flags, same data) must log at the steps a run in one go does.
     """
     return min(opts.log_every, max(2, steps_per_epoch // 3))
-
-
-class Meter:
-    """Sums of the step statistics on the device, read (one host sync) only when logging."""
-
-    def __init__(self, device):
-        self.interval = torch.zeros(len(STAT_NAMES) + 1, device=device)  # the stats, then G updates
-        self.epoch = torch.zeros_like(self.interval)
-        self.steps = self.epoch_steps = 0
-
-    def add(self, stats):
-        g_updates = torch.ones_like(stats["loss_d"]) if "loss_g" in stats else torch.zeros_like(stats["loss_d"])
-        values = [stats.get(name, torch.zeros_like(stats["loss_d"])) for name in STAT_NAMES]
-        self.interval += torch.stack([*values, g_updates])
-        self.steps += 1
-
-    def read_interval(self, runtime):
-        """Means over the steps since the last read (every rank's under torchrun); then starts afresh."""
-        if runtime.distributed:
-            torch.distributed.all_reduce(self.interval)
-            self.interval /= runtime.world_size
-        means = interval_means(self.interval, self.steps)
-        self.epoch += self.interval
-        self.epoch_steps += self.steps
-        self.interval.zero_()
-        self.steps = 0
-        return means
-
-    def epoch_means(self):
-        return interval_means(self.epoch, max(self.epoch_steps, 1))
-
-
-def interval_means(totals, steps):
-    """Means of summed statistics; Loss_G averages over the G updates only (--d-steps)."""
-    *sums, g_updates = totals.tolist()
-    means = {name: value / steps for name, value in zip(STAT_NAMES, sums)}
-    means["loss_g"] = sums[1] / g_updates if g_updates else None  # None: no G update in the interval
-    return means
 
 
 def log_interval(state, meter, bar, opts, runtime, outputs):
@@ -322,15 +328,30 @@ def stop_requested(stop, step, log_every, runtime):
     return step % log_every == 0 and any_rank(stop.requested, runtime)
 
 
-def save_and_stop(state, stop, bar, opts, runtime, what):
-    bar.close()
+def save_due(progress, steps_per_epoch, opts):
+    """--save-every N: after every N-th step, except an epoch's last (its end saves anyway)."""
+    return bool(opts.save_every) and progress.step % opts.save_every == 0 and progress.batch < steps_per_epoch
+
+
+def save_mid_epoch(state, opts, runtime, outputs):
+    """The checkpoint a Ctrl-C writes, of finite weights only; False when they were not and the run rolled back."""
+    if not weights_finite(state, opts, runtime, outputs):
+        return False
     if runtime.is_main:
+        checkpoint.save_run_files(state.nets, state.progress, state.fixed_noise, opts, runtime)
+    return True
+
+
+def save_and_stop(state, stop, bar, opts, runtime, outputs, what):
+    bar.close()
+    # non-finite weights are not saved over the last good checkpoint (on_nan stop raises Diverged here)
+    if weights_finite(state, opts, runtime, outputs) and runtime.is_main:
         checkpoint.save_run_files(state.nets, state.progress, state.fixed_noise, opts, runtime)
     raise stopped(stop, f"{stop.name}: {what}, step {state.progress.step}", opts)
 
 
 def stopped(stop, what, opts):
-    return faults.interruption(stop, what, latest_checkpoint(opts.checkpoint_dir), opts.checkpoint_dir)
+    return faults.interruption(stop, what, latest_checkpoint(opts.checkpoint_dir), resume_command(opts))
 
 
 def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
@@ -349,16 +370,6 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
 
 def generator_for_samples(nets):
     return nets.G_ema if nets.G_ema is not None else nets.G
-
-
-def epoch_summary(means, epoch, epochs, seconds, images_done, fid):
-    stats = "  ".join(f"{label} {format_stat(means[name], 4)}" for name, label in STAT_NAMES.items())
-    fid_text = f"  FID {fid:.2f}" if fid is not None else ""
-    return f"[{epoch}/{epochs}] {stats}  {seconds:.1f}s  {images_done / max(seconds, 1e-9):.0f} img/s{fid_text}"
-
-
-def format_stat(value, digits):
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def describe(opts, runtime, image_count, batches):
@@ -381,6 +392,13 @@ def say(runtime, message):
 def run(argv=None, metric_feature=None):
     opts, explicit = parse_flags(argv)
     runtime = setup_runtime(opts)
+    # folders made on the way to an error (or a Ctrl-C) are not left behind empty
+    made_here = (opts.dataroot, opts.image_dir, opts.checkpoint_dir) if runtime.is_main else ()
+    with no_new_empty_folders(made_here):
+        return run_mode(opts, explicit, runtime, metric_feature)
+
+
+def run_mode(opts, explicit, runtime, metric_feature):
     try:
         if runtime.distributed and (opts.generate or opts.interpolate or opts.evaluate):
             raise UserError("--generate, --interpolate and --evaluate run in one process: start them without torchrun")
@@ -398,16 +416,17 @@ def run(argv=None, metric_feature=None):
 def main(argv=None, metric_feature=None):
     """Exit code of one invocation; metric_feature replaces Inception (tests use a tiny net)."""
     try:
-        run(argv, metric_feature)
+        with faults.sigterm_as_ctrl_c():
+            run(argv, metric_feature)
     except UserError as error:
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
     except Interrupted as interruption:
         print(interruption, file=sys.stderr)
         return interruption.exit_code
-    except KeyboardInterrupt:
-        print("interrupted before training started; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return faults.exit_code_of(interrupt)
     return 0
 
 

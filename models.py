@@ -213,3 +213,44 @@ def ema_decay_at(decay, step):
     Same schedule as TensorFlow's ExponentialMovingAverage with num_updates.
     """
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def count_values(arch, nz, ngf, ndf, image_size):
+    """(parameters of G and D, values their layers output for one image), counted on the meta
+    device so that nothing is allocated; None where a layer is too large to count (over 2**63)."""
+    try:
+        with torch.device("meta"):
+            G = build_generator(arch, nz, ngf, image_size)
+            D = build_discriminator(arch, ndf, image_size)  # spectral norm adds two vectors per layer
+    except RuntimeError:  # "Storage size calculation overflowed"
+        return None
+    parameters = sum(p.numel() for net in (G, D) for p in net.parameters())
+    g_outputs, image_shape = layer_outputs(G.main, (nz, 1, 1))
+    d_outputs, _ = layer_outputs(D.main, image_shape)
+    return parameters, g_outputs + d_outputs
+
+
+def layer_outputs(layers, shape):
+    """The number of values the layers output for one input of shape (C, H, W), and the last shape;
+    in-place activations and reshapes are not counted, as they take no memory of their own."""
+    total = 0
+    for layer in layers:
+        new_values = not getattr(layer, "inplace", False) and not isinstance(layer, (nn.Flatten, nn.Unflatten))
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            (kernel, _), (stride, _), (padding, _) = layer.kernel_size, layer.stride, layer.padding
+            side = shape[-1]
+            if isinstance(layer, nn.ConvTranspose2d):
+                side = (side - 1) * stride - 2 * padding + kernel
+            else:
+                side = (side + 2 * padding - kernel) // stride + 1
+            shape = (layer.out_channels, side, side)
+        elif isinstance(layer, nn.Upsample):
+            shape = (shape[0], *(int(side * layer.scale_factor) for side in shape[1:]))
+        elif isinstance(layer, nn.Linear):
+            shape = (layer.out_features,)
+        elif isinstance(layer, nn.Unflatten):
+            shape = tuple(layer.unflattened_size)
+        elif isinstance(layer, nn.Flatten):
+            shape = (math.prod(shape),)
+        total += math.prod(shape) if new_values else 0
+    return total, shape

@@ -6,16 +6,21 @@ import argparse
 import copy
 import math
 import os
+import shlex
 from pathlib import Path
 from types import MappingProxyType
 
-from models import ARCHITECTURES, IMAGE_SIZES
+from folders import available_ram_bytes, size_text
+from models import ARCHITECTURES, IMAGE_SIZES, count_values
 from runtime import PRECISIONS
 from steps import LOSSES
 from utils import UserError
 
 # Flags that change the networks' shapes: a checkpoint only fits a net built with the same ones.
 ARCHITECTURE_FLAGS = ("arch", "image_size", "nz", "ngf", "ndf", "spectral_norm")
+# Folders a checkpoint never chooses: a copied or downloaded checkpoint must not decide where
+# files are read or written. A resumed run writes beside the checkpoint it resumes.
+PATH_FLAGS = ("dataroot", "image_dir", "checkpoint_dir")
 # Flags that describe this invocation or this machine, never taken from a checkpoint.
 NOT_RESUMED_FLAGS = (
     "resume",
@@ -28,8 +33,10 @@ NOT_RESUMED_FLAGS = (
     "precision",
     "workers",
     "tensorboard",
+    *PATH_FLAGS,
 )
 MAX_SEED = 2**63 - 1
+MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
 EXAMPLES = """examples:
   python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
   python gan.py --dataset folder --dataroot celeba/ --image-size 64 --diffaugment
@@ -95,6 +102,20 @@ def seed(text):
     value = int(text)
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be from 0 to 2**63-1, got {text}")
+    return value
+
+
+def folder(text):
+    """A folder's name; an empty one ("$UNSET_VARIABLE") would mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty name")
+    return text
+
+
+def walk_steps(text):
+    value = positive_int(text)
+    if value > MAX_WALK_STEPS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_WALK_STEPS}, got {text}")
     return value
 
 
@@ -198,7 +219,7 @@ def add_data_flags(group):
         default="cifar10",
         help="cifar10 (downloaded), folder (any image folder) or fake (random images, 512 or --subset of them)",
     )
-    add("--dataroot", default="data", help="where CIFAR-10 is downloaded, or the image folder")
+    add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--subset", type=positive_int, default=None, help="train on N randomly drawn images [default: all]")
     add("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="processes decoding a folder")
 
@@ -214,8 +235,8 @@ def add_run_flags(group):
     )
     add("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the steps; auto: on CUDA only")
     add("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
-    add("--image-dir", default="images", help="folder for grids, plots and generated images")
-    add("--checkpoint-dir", default="checkpoints", help="folder for checkpoints and the metrics log")
+    add("--image-dir", type=folder, default="images", help="folder for grids, plots and generated images")
+    add("--checkpoint-dir", type=folder, default="checkpoints", help="folder for checkpoints and the metrics log")
     add(
         "--resume",
         nargs="?",
@@ -231,6 +252,14 @@ def add_run_flags(group):
         help="steps between progress-bar updates and metrics-log rows; shorter epochs log every third of an "
         "epoch instead (every 2 steps at the least), so their numbers move within the first epoch",
     )
+    add(
+        "--save-every",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="also write the checkpoint every N steps, as a Ctrl-C does (a kill -9 then loses at most N steps); "
+        "0: at the end of each epoch only",
+    )
     add("--tensorboard", action="store_true", help="also log to TensorBoard (needs the tensorboard package)")
 
 
@@ -238,7 +267,12 @@ def add_after_training_flags(group):
     add = group.add_argument
     add("--generate", type=positive_int, default=None, metavar="N", help="write N images from a checkpoint, then exit")
     add("--interpolate", action="store_true", help="write latent walks (grid and GIF) from a checkpoint, then exit")
-    add("--steps", type=positive_int, default=10, help="images per latent walk for --interpolate")
+    add(
+        "--steps",
+        type=walk_steps,
+        default=10,
+        help=f"images per latent walk for --interpolate (at most {MAX_WALK_STEPS})",
+    )
     add("--checkpoint", default=None, help="checkpoint for --generate/--interpolate/--evaluate [default: latest]")
     add("--evaluate", action="store_true", help="FID, IS and KID of a checkpoint, then exit")
     add("--eval-samples", type=positive_int, default=10_000, help="generated images per evaluation")
@@ -307,8 +341,17 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
     ]
     if refused:
         raise UserError(f"cannot resume {path} with a different architecture: {', '.join(refused)}")
+    if "seed" in explicit and saved_flags.get("seed") not in (None, opts.seed):
+        # the run goes on from its saved RNG state and data order: another seed would change nothing but the report
+        raise UserError(
+            f"cannot resume {path} with --seed {opts.seed} (checkpoint: {saved_flags['seed']}); "
+            "a run keeps its seed: start a fresh run for another one"
+        )
+    refuse_saved_folders(saved_flags, opts, explicit, path, ("dataroot", "image_dir"))
     changed, merged, parser = [], {}, build_parser()
     for name, saved in saved_flags.items():
+        if name in PATH_FLAGS and name in explicit and name != "checkpoint_dir" and getattr(opts, name) != saved:
+            changed.append(f"--{name.replace('_', '-')} {saved} -> {getattr(opts, name)}")
         if not hasattr(opts, name) or name in NOT_RESUMED_FLAGS:
             continue
         if name in explicit:
@@ -321,6 +364,23 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
     resolved = opts.replace(**merged)
     check_recipe(resolved._values)
     return resolved, changed
+
+
+def refuse_saved_folders(saved_flags, opts, explicit, path, names):
+    """A checkpoint trained with another folder than this run's default: the user must type it
+    again (or another one), as the checkpoint never chooses where files are read or written."""
+    dataset = opts.dataset if "dataset" in explicit else saved_flags.get("dataset", opts.dataset)
+    for name in names:
+        saved = saved_flags.get(name)
+        if name in explicit or not isinstance(saved, str) or saved == getattr(opts, name):
+            continue
+        if name == "dataroot" and dataset == "fake":
+            continue  # fake data reads no folder
+        flag = f"--{name.replace('_', '-')}"
+        raise UserError(
+            f"{path} was trained with {flag} {saved}: a checkpoint never chooses folders, "
+            f"so type {flag} again (that one, or another)"
+        )
 
 
 def saved_flag_is_valid(parser, name, value):
@@ -338,6 +398,63 @@ def saved_flag_is_valid(parser, name, value):
         return False
 
 
+def resume_command(opts):
+    """The command that resumes this run, with the folders a checkpoint never chooses."""
+    parser = build_parser()
+    words = ["python", "gan.py", "--resume", "--checkpoint-dir", opts.checkpoint_dir]
+    for name in ("image_dir", "dataroot"):
+        if getattr(opts, name) != parser.get_default(name) and not (name == "dataroot" and opts.dataset == "fake"):
+            words += [f"--{name.replace('_', '-')}", getattr(opts, name)]
+    return shlex.join(words)
+
+
 def resume_path(opts):
     """The checkpoint --resume names, or the latest one in --checkpoint-dir."""
     return Path(opts.resume) if opts.resume else Path(opts.checkpoint_dir) / "checkpoint.pt"
+
+
+# ---------------------------------------------------------------- sizes that cannot fit
+
+SIZE_FLAGS = ("nz", "ngf", "ndf", "batch_size", "image_size")
+
+
+def training_memory_problem(opts, device, half_precision=False):
+    """Why the networks of these flags cannot train on device (naming the flag to lower), or None.
+
+    A lower bound, so that no run that fits is refused: fp32 weights, gradients, Adam's two
+    moments and G's average, plus each layer's output once for a batch; free memory as the
+    OS (RAM and swap) or CUDA reports it (unknown on MPS: not checked).
+    """
+    available = free_memory_bytes(device)
+    if available is None:
+        return None
+    flags = opts.as_dict()
+    needed = training_bytes(flags, half_precision)
+    if needed is not None and needed <= available:
+        return None
+    defaults = build_parser()
+    # the flag to name: the one whose default would shrink the need the most
+    lowered = {name: training_bytes({**flags, name: defaults.get_default(name)}, half_precision) for name in SIZE_FLAGS}
+    flag = min(SIZE_FLAGS, key=lambda name: math.inf if lowered[name] is None else lowered[name])
+    need_text = f"at least {size_text(needed)}" if needed is not None else "more than 8 EiB"
+    return (
+        f"--{flag.replace('_', '-')} {getattr(opts, flag)} is too large: training would need {need_text} of memory, "
+        f"and {device} has {size_text(available)} free"
+    )
+
+
+def training_bytes(flags, half_precision):
+    counts = count_values(flags["arch"], flags["nz"], flags["ngf"], flags["ndf"], flags["image_size"])
+    if counts is None:
+        return None
+    parameters, outputs_per_image = counts
+    weights = 4 * parameters * (4 + (1 if flags["ema"] > 0 else 0))  # weights, gradients, 2 Adam moments, EMA
+    return weights + (2 if half_precision else 4) * outputs_per_image * flags["batch_size"]
+
+
+def free_memory_bytes(device):
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    return available_ram_bytes(with_swap=True) if device.type == "cpu" else None

@@ -15,7 +15,6 @@ import artifacts
 import metrics
 import models
 from checkpoint import (
-    CHECKPOINT_NAME,
     METRICS_LOG_NAME,
     append_metrics,
     latest_checkpoint,
@@ -24,7 +23,8 @@ from checkpoint import (
     save_checkpoint,
 )
 from data import load_dataset
-from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed
+from faults import Interrupted, exit_code_of
+from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
 from utils import UserError, check_writable
 
 
@@ -129,12 +129,17 @@ def generate(opts, explicit, runtime):
     seed = opts.seed if opts.seed is not None else random_seed()
     digits = max(4, len(str(opts.generate - 1)))
     index, grid = 0, []
-    for images in generated_batches(G, opts.generate, flags["nz"], runtime, seed):
-        for image in images.cpu():
-            artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
-            index += 1
-        grid.extend(images[: 64 - len(grid)].cpu())
-    artifacts.save_grid(torch.stack(grid), folder / "grid.png", nrow=artifacts.grid_side(len(grid)))
+    try:
+        for images in generated_batches(G, opts.generate, flags["nz"], runtime, seed):
+            for image in images.cpu():
+                artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
+                index += 1
+            grid.extend(images[: 64 - len(grid)].cpu())
+        artifacts.save_grid(torch.stack(grid), folder / "grid.png", nrow=artifacts.grid_side(len(grid)))
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
+        raise Interrupted(
+            exit_code_of(interrupt), f"interrupted: wrote {index} of {opts.generate} images to {folder}/ (seed {seed})"
+        ) from None
     print(f"wrote {index} images and grid.png to {folder}/ (seed {seed})")
 
 
@@ -163,11 +168,17 @@ def interpolate(opts, explicit, runtime, walks=8):
     end = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
     noise = slerp(start, end, torch.linspace(0, 1, opts.steps))  # (steps, walks, ...)
     side = flags["image_size"]
-    images = sample(G, noise.flatten(0, 1), runtime).view(opts.steps, walks, 3, side, side)
+    # in batches, as --generate: a long walk must not need G's activations for all its images at once
+    batches = noise.flatten(0, 1).split(500)
+    images = torch.cat([sample(G, batch, runtime) for batch in batches]).view(opts.steps, walks, 3, side, side)
     # rows are walks, columns are steps along them
-    artifacts.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
     frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walks)) for step in range(opts.steps)]
-    artifacts.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
+    try:
+        artifacts.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
+        artifacts.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
+    except KeyboardInterrupt as interrupt:
+        written = "interpolation.png" if (folder / "interpolation.png").is_file() else "nothing"
+        raise Interrupted(exit_code_of(interrupt), f"interrupted: wrote {written} to {folder}/") from None
     print(
         f"wrote interpolation.png and interpolation.gif to {folder}/ ({walks} walks, {opts.steps} steps, seed {seed})"
     )
@@ -175,20 +186,25 @@ def interpolate(opts, explicit, runtime, walks=8):
 
 def evaluate(opts, explicit, runtime, feature=None):
     G, flags = load_generator_for_use(opts, explicit, runtime)
+    path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
+    refuse_saved_folders(flags, opts, explicit, path, ("dataroot",))
+    # the log row and the real statistics go beside the checkpoint evaluated, unless told otherwise
+    folder = opts.checkpoint_dir if "checkpoint_dir" in explicit else str(path.parent)
+    check_writable(folder)  # before the minutes of scoring, not after
     # the data it trained on, unless typed now; batch_size too: the dataset must hold one batch
-    trained_on = {name: flags[name] for name in ("dataset", "dataroot", "subset", "batch_size") if name in flags}
+    trained_on = {name: flags[name] for name in ("dataset", "subset", "batch_size") if name in flags}
     typed = {name: getattr(opts, name) for name in explicit if name in trained_on}
     seed = opts.seed if opts.seed is not None else (flags.get("seed") or 0)
-    eval_opts = opts.replace(**{**trained_on, **typed}, image_size=flags["image_size"], seed=seed)
-    real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=opts.checkpoint_dir, say=print)
+    eval_opts = opts.replace(
+        **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
+    )
+    real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=folder, say=print)
     scorers = open_metrics(eval_opts, runtime, real, feature)
     scores = score(scorers, G, eval_opts, runtime, seed)
     print(
         f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
         f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({opts.eval_samples} generated images)"
     )
-    log_path = Path(opts.checkpoint_dir) / METRICS_LOG_NAME
-    check_writable(log_path.parent)
-    checkpoint = opts.checkpoint or str(Path(opts.checkpoint_dir) / CHECKPOINT_NAME)
-    append_metrics(log_path, [{"evaluate": str(checkpoint), **scores}])
+    log_path = Path(folder) / METRICS_LOG_NAME
+    append_metrics(log_path, [{"evaluate": str(path), **scores}])
     return scores

@@ -1,5 +1,6 @@
-"""The training maths: losses, DiffAugment, the networks with their optimizers, and the D and
-G updates. Plain functions of (nets, batch, recipe) that return device tensors; no I/O.
+"""The training maths: losses, DiffAugment, the networks with their optimizers, the D and G
+updates (plain functions of (nets, batch, recipe) that return device tensors) and the sums of
+their statistics between two logs. No I/O.
 """
 
 import copy
@@ -275,5 +276,55 @@ def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0):
     return stats
 
 
+# ---------------------------------------------------------------- their statistics
+
 # the statistics every step returns, with the labels the DCGAN example made familiar
 STAT_NAMES = {"loss_d": "Loss_D", "loss_g": "Loss_G", "d_real": "D(x)", "d_fake": "D(G(z))"}
+
+
+class Meter:
+    """Sums of the step statistics on the device, read (one host sync) only when logging."""
+
+    def __init__(self, device):
+        self.interval = torch.zeros(len(STAT_NAMES) + 1, device=device)  # the stats, then G updates
+        self.epoch = torch.zeros_like(self.interval)
+        self.steps = self.epoch_steps = 0
+
+    def add(self, stats):
+        g_updates = torch.ones_like(stats["loss_d"]) if "loss_g" in stats else torch.zeros_like(stats["loss_d"])
+        values = [stats.get(name, torch.zeros_like(stats["loss_d"])) for name in STAT_NAMES]
+        self.interval += torch.stack([*values, g_updates])
+        self.steps += 1
+
+    def read_interval(self, runtime):
+        """Means over the steps since the last read (every rank's under torchrun); then starts afresh."""
+        if runtime.distributed:
+            torch.distributed.all_reduce(self.interval)
+            self.interval /= runtime.world_size
+        means = interval_means(self.interval, self.steps)
+        self.epoch += self.interval
+        self.epoch_steps += self.steps
+        self.interval.zero_()
+        self.steps = 0
+        return means
+
+    def epoch_means(self):
+        return interval_means(self.epoch, max(self.epoch_steps, 1))
+
+
+def interval_means(totals, steps):
+    """Means of summed statistics; Loss_G averages over the G updates only (--d-steps)."""
+    *sums, g_updates = totals.tolist()
+    means = {name: value / steps for name, value in zip(STAT_NAMES, sums)}
+    means["loss_g"] = sums[1] / g_updates if g_updates else None  # None: no G update in the interval
+    return means
+
+
+def epoch_summary(means, epoch, epochs, seconds, images_done, fid):
+    stats = "  ".join(f"{label} {format_stat(means[name], 4)}" for name, label in STAT_NAMES.items())
+    fid_text = f"  FID {fid:.2f}" if fid is not None else ""
+    return f"[{epoch}/{epochs}] {stats}  {seconds:.1f}s  {images_done / max(seconds, 1e-9):.0f} img/s{fid_text}"
+
+
+def format_stat(value, digits):
+    return "-" if value is None else f"{value:.{digits}f}"

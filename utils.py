@@ -1,10 +1,19 @@
-"""Shared by the modules: the user-facing error type, and atomic file writes, so a crash or a
-full disk never leaves a half-written file where a good one stood.
+"""Shared by the modules: the user-facing error type; atomic file writes, so a crash or a
+full disk never leaves a half-written file where a good one stood; and a run's claim on its
+output folders (a lock, and the folders it made removed again if it leaves them empty).
 """
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked against each other there
+    fcntl = None
+
+LOCK_NAME = ".gan.lock"
 
 
 class UserError(Exception):
@@ -58,3 +67,104 @@ def check_writable(folder):
             pass
     except OSError as error:
         raise UserError(f"output folder {folder} is not writable: {error.strerror or error}") from None
+
+
+# ---------------------------------------------------------------- a run's folders
+
+
+class FolderLock:
+    """A folder claimed by one process: LOCK_NAME in it holds the PID and is flock()ed.
+
+    The kernel drops a flock when its process dies, even by kill -9, so a lock file left by a
+    dead run is simply taken over; release() removes the file.
+    """
+
+    def __init__(self, folder, flag):
+        self.path = Path(folder) / LOCK_NAME
+        self.fd = None
+        if fcntl is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while self.fd is None:
+                self.fd = self.try_lock(flag)
+        except OSError as error:
+            raise UserError(f"output folder {folder} is not writable: {error.strerror or error}") from None
+
+    def try_lock(self, flag):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{self.path.parent} is in use by another run (process {holder}): wait for it to end, "
+                f"or give another {flag}"
+            ) from None
+        except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
+            pass
+        if not same_file(fd, self.path):  # its holder released it (and removed the file) meanwhile
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # removed before unlocking: a waiting run retries on a new file
+                self.path.unlink()
+            os.close(self.fd)
+            self.fd = None
+
+
+def same_file(fd, path):
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def locked_folders(folders_and_flags):
+    """Lock each (folder, flag) in turn (a folder given twice once); released however the block ends."""
+    with contextlib.ExitStack() as stack:
+        seen = set()
+        for folder, flag in folders_and_flags:
+            key = os.path.realpath(folder)
+            if key not in seen:
+                seen.add(key)
+                stack.callback(FolderLock(folder, flag).release)
+        yield
+
+
+def missing_ancestor(folder):
+    """The outermost of folder and its parents that does not exist yet, or None if folder exists."""
+    missing = None
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing = path
+    return missing
+
+
+@contextlib.contextmanager
+def no_new_empty_folders(folders):
+    """Folders among these (and their parents) that the block creates and leaves empty are removed:
+    a run that stops on bad input leaves nothing behind, not even empty data/ or images/."""
+    created = {path for path in map(missing_ancestor, folders) if path is not None}
+    try:
+        yield
+    finally:
+        for top in created:
+            remove_empty_folders(top)
+
+
+def remove_empty_folders(top):
+    """top and the folders under it that hold no file (bottom up); files are never touched."""
+    if not top.is_dir() or top.is_symlink():
+        return
+    for folder, _, _ in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import faults
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 GAN_PY = ROOT / "gan.py"
@@ -130,9 +131,11 @@ def run_copy(trained_run, tmp_path):
 
 
 def snapshot(folder):
-    """{relative path: bytes} of every file under folder, to prove nothing was touched."""
+    """{relative path: bytes} of every file under folder, to prove nothing was touched (but the
+    lock file a run holds while it runs)."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != utils.LOCK_NAME)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
 # ---------------------------------------------------------------- synthetic CIFAR-10

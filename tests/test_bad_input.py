@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import tarfile
 import urllib.error
 from pathlib import Path
@@ -43,6 +44,7 @@ def no_download(monkeypatch):
 
     def offline(url, root, filename=None, md5=None, **kwargs):
         calls.append(url)
+        Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision does before it connects
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
@@ -70,6 +72,14 @@ BAD_FLAGS = [
     (["--device", "cuda:²"], "--device: must be auto, cpu, mps, cuda or cuda:N, got cuda:²"),
     (["--seed", "-1"], "--seed: must be from 0 to 2**63-1, got -1"),
     (["--seed", "18446744073709551616"], "--seed: must be from 0 to 2**63-1"),
+    (["--seed", "9223372036854775808"], "--seed: must be from 0 to 2**63-1, got 9223372036854775808"),
+    (["--image-dir", ""], "--image-dir: must name a folder, got an empty name"),
+    (["--dataroot", " "], "--dataroot: must name a folder, got an empty name"),
+    (["--steps", "5000000"], "--steps: must be from 1 to 1000, got 5000000"),
+    (
+        ["--dataset", "folder", "--dataroot", ".", "--image-dir", "pictures"],
+        "--image-dir pictures is inside --dataroot .",
+    ),
     (["--image-size=--"], "argument --image-size: expected one argument"),
     (["--epochs"], "--epochs: expected one argument"),
     (["--generate", "4", "--evaluate"], "choose one of --generate, --interpolate and --evaluate"),
@@ -81,10 +91,12 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("flags, phrase", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
 def test_bad_flags(run_copy, gan_main, flags, phrase):
     before = snapshot(run_copy)
-    # a new --checkpoint-dir: the earlier run's own would be refused before the flag is checked
-    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--checkpoint-dir", "new_run", *flags])
+    # new output folders: the earlier run's own would be refused before the flag is checked
+    new_folders = ["--checkpoint-dir", "new_run", "--image-dir", "new_run_images"]
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", *new_folders, *flags])
     assert_user_error(code, err, phrase)
     assert snapshot(run_copy) == before
+    assert not (run_copy / "new_run").exists() and not (run_copy / "new_run_images").exists()
 
 
 def test_fresh_run_over_an_earlier_one_is_refused(run_copy, gan_main):
@@ -92,6 +104,55 @@ def test_fresh_run_over_an_earlier_one_is_refused(run_copy, gan_main):
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
     assert_user_error(code, err, "checkpoints/checkpoint.pt holds an earlier run: continue it with --resume")
     assert snapshot(run_copy) == before
+
+
+def test_fresh_run_into_the_pictures_of_an_earlier_run_is_refused(run_copy, gan_main):
+    before = snapshot(run_copy)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--checkpoint-dir", "other_run"])
+    assert_user_error(
+        code, err, "images holds an earlier run's pictures (epoch_001.png, epoch_002.png, losses.png, 2 more)"
+    )
+    assert snapshot(run_copy) == before
+    assert not (run_copy / "other_run").exists()
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, 20_000_000_000_000])
+def test_large_seeds_train_to_the_end(gan_main, tmp_path, seed):
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--seed", seed])
+    assert code == 0, err
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "checkpoint.pt")["seed"] == seed
+
+
+@pytest.mark.parametrize(
+    "flag, value, need",
+    [("--nz", 2_000_000_000, "at least"), ("--ngf", 1_000_000_000, "more than 8 EiB"),
+     ("--ndf", 100_000_000_000, "more than 8 EiB"), ("--batch-size", 100_000_000, "at least")],
+)  # fmt: skip
+def test_sizes_that_cannot_fit_are_refused_naming_the_flag(gan_main, tmp_path, flag, value, need):
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", flag, value])
+    assert_user_error(code, err, f"{flag} {value} is too large: training would need {need}")
+    assert "of memory, and cpu has" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_memory_estimate_is_a_lower_bound():
+    """What it counts is what the networks have: their parameters, and the outputs of their layers
+    that take memory of their own (not in-place activations, not reshapes)."""
+    from models import build_discriminator, build_generator, count_values
+
+    for arch in ("dcgan", "upsample"):
+        G, D = build_generator(arch, 8, 8, 32), build_discriminator(arch, 8, 32)
+        outputs = []
+
+        def record(module, inputs, output, outputs=outputs):
+            if output.data_ptr() != inputs[0].data_ptr():
+                outputs.append(output[0].numel())
+
+        for layer in [*G.main, *D.main]:
+            layer.register_forward_hook(record)
+        D(G(torch.zeros(2, 8, 1, 1)))
+        parameters = sum(p.numel() for net in (G, D) for p in net.parameters())
+        assert count_values(arch, 8, 8, 8, 32) == (parameters, sum(outputs))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -176,22 +237,26 @@ def test_cifar10_offline(tmp_path, gan_main, no_download):
     assert "cifar-10-python.tar.gz" in err and str(dataroot.resolve()) in err
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in err
     assert no_download == [data.CIFAR_URL]
-    assert not (dataroot / "cifar-10-python.tar.gz").exists()
+    assert not any(tmp_path.iterdir())  # not even an empty data/, images/ or checkpoints/
 
 
-def test_cifar10_offline_keeps_a_partial_download_out_of_the_way(tmp_path, gan_main, monkeypatch):
+@pytest.mark.parametrize("cut", [ConnectionResetError("connection reset by peer"), KeyboardInterrupt()], ids=repr)
+def test_cifar10_offline_keeps_a_partial_download_out_of_the_way(tmp_path, gan_main, monkeypatch, cut):
     import torchvision.datasets.utils
 
     def half_download(url, root, filename=None, md5=None, **kwargs):
         Path(root).mkdir(parents=True, exist_ok=True)
         (Path(root) / filename).write_bytes(b"\x1f\x8b" + os.urandom(100))
-        raise ConnectionResetError("connection reset by peer")
+        raise cut
 
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", half_download)
     code, out, err = gan_main(cifar_args(tmp_path / "data"))
-    assert_user_error(code, err, "could not download CIFAR-10 (ConnectionResetError")
+    if isinstance(cut, KeyboardInterrupt):
+        assert (code, err) == (130, "interrupted; nothing was written\n")
+    else:
+        assert_user_error(code, err, "could not download CIFAR-10 (ConnectionResetError")
     # a half-written archive would fail the next run with a misleading message
-    assert not (tmp_path / "data" / "cifar-10-python.tar.gz").exists()
+    assert not any(tmp_path.iterdir())
 
 
 def damage_random_bytes(archive):
@@ -314,6 +379,17 @@ def write_foreign_list(path):
 def test_resume_from_a_file_that_is_not_a_checkpoint(run_copy, gan_main, write, phrase):
     code, out, err = resume_with(run_copy, gan_main, write)
     assert_user_error(code, err, phrase)
+    assert "weights_only" not in err
+
+
+@pytest.mark.parametrize("dataset", ["folder", "cifar10"])
+def test_a_dataroot_that_is_a_file(tmp_path, gan_main, dataset):
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--dataset", dataset, "--dataroot", image])
+    assert_user_error(code, err, f"{image} is a file")
+    assert "does not exist" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
 
 
 def edited_checkpoint(edit):
@@ -342,6 +418,16 @@ def drop_key(state, net, prefix):
         (lambda s: s.pop("rng"), "is incomplete or damaged (KeyError"),
         (lambda s: s.pop("netG"), "is not a checkpoint written by gan.py"),
         (lambda s: s.update(flags=[1, 2]), "is not a checkpoint written by gan.py"),
+        (
+            lambda s: s["netG"].update({"main.0.weight": s["netG"]["main.0.weight"].bool()}),
+            "main.0.weight holds torch.bool",
+        ),
+        (
+            lambda s: s.update(
+                scalerD={"scale": math.nan, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 9}
+            ),
+            "(ValueError: loss scale nan)",
+        ),
     ],
     ids=[
         "G missing keys",
@@ -352,10 +438,13 @@ def drop_key(state, net, prefix):
         "no rng",
         "no netG",
         "flags not a dict",
+        "G weights not floating point",
+        "fp16 loss scale nan",
     ],
 )
 def test_resume_from_a_mismatched_checkpoint(run_copy, gan_main, edit, phrase):
-    code, out, err = resume_with(run_copy, gan_main, edited_checkpoint(edit), "--epochs", "3")
+    # --precision fp16 (loss scaling, on the CPU too) reads the loss scalers' state
+    code, out, err = resume_with(run_copy, gan_main, edited_checkpoint(edit), "--epochs", "3", "--precision", "fp16")
     assert_user_error(code, err, phrase)
 
 
@@ -395,6 +484,113 @@ def test_generate_from_a_checkpoint_with_unusable_flags(run_copy, gan_main, flag
     assert snapshot(run_copy) == before
 
 
+def test_resuming_a_copy_writes_beside_the_copy(run_copy, gan_main):
+    shutil.copytree(run_copy / "checkpoints", run_copy / "copy")
+    original = snapshot(run_copy / "checkpoints")
+    code, out, err = gan_main(["--resume", "copy/checkpoint.pt", "--epochs", "3"])
+    assert code == 0, err
+    assert snapshot(run_copy / "checkpoints") == original
+    assert checkpoint.load_checkpoint(run_copy / "copy" / "checkpoint.pt")["epoch"] == 3
+
+
+@pytest.mark.parametrize("flag", ["--image-dir", "--dataroot"])
+def test_a_checkpoint_never_chooses_a_folder(run_copy, gan_main, flag):
+    name = flag[2:].replace("-", "_")
+    edited_checkpoint(lambda s: s["flags"].update({name: "elsewhere", "dataset": "folder"}))(checkpoint_path(run_copy))
+    before = snapshot(run_copy)
+    code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert_user_error(
+        code, err, f"checkpoints/checkpoint.pt was trained with {flag} elsewhere: a checkpoint never chooses folders"
+    )
+    if flag == "--dataroot":  # the same holds for --evaluate, which reads the training data
+        code, out, err = gan_main(["--evaluate", "--device", "cpu"])
+        assert_user_error(code, err, "was trained with --dataroot elsewhere")
+    assert snapshot(run_copy) == before
+    assert not (run_copy / "elsewhere").exists()
+
+
+def test_evaluate_checks_its_output_folder_before_scoring(run_copy, gan_main):
+    (run_copy / "blocker").write_text("a file")
+    code, out, err = gan_main(
+        ["--evaluate", "--checkpoint", "checkpoints/checkpoint.pt", "--checkpoint-dir", "blocker"]
+    )
+    assert_user_error(code, err, "output folder blocker is not writable")
+    assert "FID" not in out
+
+
+def test_resume_with_another_seed_is_refused_not_reported_as_changed(run_copy, gan_main):
+    before = snapshot(run_copy)
+    code, out, err = gan_main(["--resume", "--epochs", "3", "--seed", "5"])
+    assert_user_error(code, err, "cannot resume checkpoints/checkpoint.pt with --seed 5 (checkpoint: 1)")
+    assert snapshot(run_copy) == before
+    code, out, err = gan_main(["--resume", "--epochs", "3", "--seed", "1"])  # the same seed is no change
+    assert code == 0 and "--seed" not in out, err
+
+
+def test_resume_into_the_checkpoint_dir_of_another_run_is_refused(run_copy, gan_main):
+    shutil.copytree(run_copy / "checkpoints", run_copy / "copy")
+    before = snapshot(run_copy)
+    code, out, err = gan_main(["--resume", "copy/checkpoint.pt", "--checkpoint-dir", "checkpoints", "--epochs", "3"])
+    assert_user_error(code, err, "checkpoints/checkpoint.pt holds another run: resuming copy/checkpoint.pt there")
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize(
+    "edit, phrase",
+    [
+        (lambda s: s["optG"]["state"][0].update(exp_avg=torch.zeros(3)), "exp_avg of parameter 0 is not a tensor"),
+        (lambda s: s["optD"]["state"][1].update(exp_avg_sq=s["optD"]["state"][1]["exp_avg_sq"].long()), "not finite"),
+        (lambda s: s["optG"]["state"][2]["exp_avg"].fill_(math.nan), "exp_avg of parameter 2 is not finite floating"),
+        (lambda s: s["optG"]["state"][0].update(step=str(i for i in [])), "step of parameter 0 is not a count"),
+        (lambda s: s["optD"]["state"][0].update(step=torch.tensor(-1.0)), "step of parameter 0 is not a count"),
+        (lambda s: s["optG"]["param_groups"][0]["params"].pop(), "unusable optG (param_groups)"),
+        (lambda s: s["optD"]["state"][0].update(step=torch.tensor(True)), "step of parameter 0 is not a count"),
+        (
+            lambda s: s["optG"].update(state={str(k): v for k, v in s["optG"]["state"].items()}),
+            "parameters it does not",
+        ),
+        (lambda s: s["optG"]["param_groups"][0].update(eps="x", amsgrad=True), None),  # this run's settings win
+    ],
+    ids=[
+        "moment shape",
+        "moment dtype",
+        "moment nan",
+        "step string",
+        "step negative",
+        "params",
+        "step bool",
+        "state keys",
+        "settings",
+    ],
+)
+def test_resume_checks_the_optimizer_state(run_copy, gan_main, edit, phrase):
+    edited_checkpoint(edit)(checkpoint_path(run_copy))
+    code, out, err = gan_main(["--resume", "--epochs", "3"])
+    if phrase is None:
+        assert code == 0, err
+        return
+    assert_user_error(code, err, "checkpoints/checkpoint.pt is damaged: unusable opt")
+    assert phrase in err
+
+
+def make_non_finite(state):
+    state["netG_ema"]["main.0.weight"][0, 0, 0, 0] = math.inf
+    state["netD"]["main.0.weight"][0, 0, 0, 0] = math.nan
+
+
+@pytest.mark.parametrize(
+    "argv", [["--resume", "--epochs", "3"], ["--generate", "2"], ["--interpolate"], ["--evaluate", "--device", "cpu"]]
+)
+def test_a_checkpoint_with_non_finite_weights_is_refused(run_copy, gan_main, argv):
+    edited_checkpoint(make_non_finite)(checkpoint_path(run_copy))
+    before = snapshot(run_copy)
+    code, out, err = gan_main(argv)
+    assert_user_error(
+        code, err, "checkpoints/checkpoint.pt holds non-finite weights (netD.main.0.weight, netG_ema.main.0.weight)"
+    )
+    assert snapshot(run_copy) == before
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("container", ["torch.save", "plain pickle"])
 def test_a_checkpoint_that_would_run_code_is_refused_unrun(run_copy, gan_main, tmp_path, container):
@@ -409,7 +605,10 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(run_copy, gan_main, t
             path.write_bytes(pickle.dumps(state))
 
     code, out, err = resume_with(run_copy, gan_main, write)
-    assert_user_error(code, err, "cannot read checkpoint checkpoints/checkpoint.pt")
+    assert_user_error(
+        code, err, "cannot read checkpoint checkpoints/checkpoint.pt: it is not a checkpoint of this program"
+    )
+    assert "weights_only" not in err  # never the advice to load it unsafely
     assert not marker.exists()
     # the file really is malicious: a plain pickle.load would have run it
     if container == "plain pickle":

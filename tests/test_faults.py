@@ -23,10 +23,12 @@ import torch
 from conftest import GAN_PY, TINY_ARGS, RunsCode, check_ok, run_gan, snapshot, subprocess_env
 from PIL import Image
 
+import artifacts
 import checkpoint
 import faults
 import folders
 import gan
+import options
 import steps
 import utils
 
@@ -490,3 +492,244 @@ def test_folder_of_only_broken_files_is_a_clear_error(gan_main, tmp_path):
         code, out, err = gan_main([*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--epochs", "1"])
     assert code == 2
     assert "gan.py: error: data folder data holds no readable images" in err
+
+
+# ---------------------------------------------------------------- one run per folder
+
+
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import utils
+lock = utils.FolderLock(sys.argv[2], "--checkpoint-dir")
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_in_a_checkpoint_dir_in_use_exits_2_naming_the_first(gan_main, tmp_path):
+    # the first run: a process holding the folder's lock as training does (without torch: fast)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(GAN_PY.parent), "checkpoints"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+        assert code == 2
+        assert err == (
+            f"gan.py: error: checkpoints is in use by another run (process {holder.pid}): "
+            "wait for it to end, or give another --checkpoint-dir\n"
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]  # no images/ made either
+    finally:
+        holder.kill()
+        holder.wait()
+    # killed with -9, its lock file stays behind: the next run takes it over, and removes it at the end
+    assert (tmp_path / "checkpoints" / utils.LOCK_NAME).read_text() == f"{holder.pid}\n"
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 0, err
+    assert not (tmp_path / "checkpoints" / utils.LOCK_NAME).exists()
+    assert not (tmp_path / "images" / utils.LOCK_NAME).exists()
+
+
+def test_the_image_dir_is_locked_too(gan_main, tmp_path):
+    lock = utils.FolderLock(tmp_path / "images", "--image-dir")
+    try:
+        code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    finally:
+        lock.release()
+    assert code == 2 and f"images is in use by another run (process {os.getpid()})" in err
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------- --save-every, and runs killed early
+
+
+class Killed(BaseException):
+    """Stands in for kill -9 in-process: nothing in gan.py catches it."""
+
+
+def kill_at_step(monkeypatch, step):
+    """Make the step-th call of gan.train_step (1-based) end the run before it trains; returns a
+    function that disarms it."""
+    real_train_step, calls = gan.train_step, []
+
+    def train_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            raise Killed
+        return real_train_step(*args, **kwargs)
+
+    monkeypatch.setattr(gan, "train_step", train_step)
+    return lambda: monkeypatch.setattr(gan, "train_step", real_train_step)
+
+
+def test_kill_9_with_save_every_loses_at_most_n_steps(start_gan, gan_main, tmp_path):
+    process = start_gan([*ENDLESS_ARGS, "--save-every", "1"])
+    # mid-epoch 2: only --save-every can have saved the steps of the epoch in progress
+    wait_until(reached_step(tmp_path, STEPS_PER_EPOCH + 2), process, tmp_path, "step 6")
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
+    assert_consistent(state)
+    assert 0 <= max(logged_steps(tmp_path)) - state["step"] <= 1
+    assert state["step"] >= STEPS_PER_EPOCH + 1
+    target_epochs = state["epoch"] + 1
+    code, out, err = gan_main(["--resume", "--epochs", target_epochs, "--device", "cpu", "--workers", "0"])
+    assert code == 0, err
+    assert f"step {state['step']}" in out
+    assert logged_steps(tmp_path) == list(range(1, target_epochs * STEPS_PER_EPOCH + 1))
+
+
+def test_a_save_every_checkpoint_resumes_exactly(trained_run, monkeypatch, gan_main, tmp_path):
+    """--save-every 3, killed at step 7: resuming its step-6 checkpoint ends with the very weights
+    of the 2 epochs of trained_run (no --save-every): saving draws no random number either."""
+    disarm = kill_at_step(monkeypatch, 7)
+    with pytest.raises(Killed):
+        gan_main([*TINY_ARGS, "--epochs", "2", "--save-every", "3"])
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 2, 6)
+    disarm()
+    code, out, err = gan_main(["--resume", "--device", "cpu", "--workers", "0"])
+    assert code == 0, err
+    resumed, reference = (torch.load(run / CHECKPOINT) for run in (tmp_path, trained_run))
+    for key in ("netG", "netD", "netG_ema", "optG", "optD"):
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+    log = Path("checkpoints") / checkpoint.METRICS_LOG_NAME
+    assert (tmp_path / log).read_text() == (trained_run / log).read_text()
+
+
+def test_the_same_command_after_a_run_killed_in_its_first_epoch(monkeypatch, gan_main, tmp_path):
+    """No checkpoint yet: the command starts afresh, over the killed run's log and real_samples.png,
+    and no step is logged twice then or after a later resume."""
+    disarm = kill_at_step(monkeypatch, 4)
+    with pytest.raises(Killed):
+        gan_main([*TINY_ARGS, "--epochs", "1", "--seed", "5"])
+    assert logged_steps(tmp_path) == [2] and not (tmp_path / CHECKPOINT).exists()
+    stale_samples = (tmp_path / "images" / "real_samples.png").read_bytes()
+    disarm()
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 0, err
+    assert logged_steps(tmp_path) == [2, 4]
+    assert (tmp_path / "images" / "real_samples.png").read_bytes() != stale_samples  # this run's images
+    code, out, err = gan_main(["--resume", "--epochs", "2"])
+    assert code == 0, err
+    assert logged_steps(tmp_path) == [2, 4, 6, 8]
+
+
+# ---------------------------------------------------------------- pictures never lose training
+
+
+def test_a_picture_that_fails_to_draw_is_a_warning(monkeypatch, gan_main, tmp_path):
+    def broken(*args, **kwargs):
+        raise ValueError("cannot draw this")
+
+    for name in ("grid_image", "plot_losses", "plot_real_vs_fake"):
+        monkeypatch.setattr(artifacts, name, broken)
+    with pytest.warns(UserWarning) as caught:
+        code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
+    assert code == 0, err
+    drawn = [str(warning.message) for warning in caught]
+    assert "could not draw images/epoch_001.png (ValueError: cannot draw this); training goes on" in drawn
+    assert "could not draw images/real_vs_fake.png (ValueError: cannot draw this); training goes on" in drawn
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2
+
+
+def test_a_damaged_metrics_log_costs_no_epoch(run_copy, gan_main):
+    log = run_copy / "checkpoints" / checkpoint.METRICS_LOG_NAME
+    with open(log, "ab") as file:  # rows a hand edit or another program could leave
+        file.write(b'{"epoch": 2, "step": 7, "loss_d": 1.0}\n[1, 2]\n"text"\n{"step": "8"}\n\xff\xfe\n')
+    with pytest.warns(UserWarning, match="skipped 4 damaged lines"):
+        code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert code == 0, err
+    assert checkpoint.load_checkpoint(run_copy / CHECKPOINT)["epoch"] == 3
+    assert (run_copy / "images" / "losses.png").stat().st_size > 0
+
+
+def test_a_damaged_epoch_grid_costs_no_epoch(run_copy, gan_main):
+    # the GIF is rebuilt from the grids at start-up: a grid that is no image must not stop the run
+    (run_copy / "images" / "epoch_001.png").write_bytes(b"not a png")
+    (run_copy / "images" / "progress.gif").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="could not draw images/progress.gif .*UnidentifiedImageError"):
+        code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert code == 0, err
+    assert checkpoint.load_checkpoint(run_copy / CHECKPOINT)["epoch"] == 3
+
+
+# ---------------------------------------------------------------- Ctrl-C outside training
+
+
+def test_ctrl_c_while_importing_is_one_line(tmp_path):
+    # a torch that is interrupted while it loads: the first thing gan.py imports
+    (tmp_path / "torch.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
+    result = run_gan([*TINY_ARGS, "--epochs", "1"], tmp_path, timeout=60, PYTHONPATH=str(tmp_path))
+    assert result.returncode == 130
+    assert result.stderr == "interrupted while starting; nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torch.py"]
+
+
+@pytest.mark.parametrize("interrupted, written", [("save_png", 3), ("save_grid", 10)])
+def test_ctrl_c_during_generate_says_how_many_images_were_written(
+    run_copy, monkeypatch, gan_main, interrupted, written
+):
+    real_function, calls = getattr(artifacts, interrupted), []
+
+    def interrupt_after_3(*args, **kwargs):
+        if len(calls) == 3 or interrupted == "save_grid":
+            raise KeyboardInterrupt
+        calls.append(real_function(*args, **kwargs))
+
+    monkeypatch.setattr(artifacts, interrupted, interrupt_after_3)
+    code, out, err = gan_main(["--generate", "10", "--seed", "4", "--device", "cpu"])
+    assert code == 130
+    assert err == f"interrupted: wrote {written} of 10 images to {Path('images') / 'generated'}/ (seed 4)\n"
+    assert len(list((run_copy / "images" / "generated").glob("0*.png"))) == written
+
+
+def test_sigterm_before_training_is_one_line_and_leaves_nothing(monkeypatch, gan_main, tmp_path):
+    real_load_batches = gan.load_batches
+
+    def load_batches(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, while the data loads
+        time.sleep(5)
+        return real_load_batches(*args)
+
+    monkeypatch.setattr(gan, "load_batches", load_batches)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert (code, err) == (143, "interrupted; nothing was written\n")
+    assert not any(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back as it was
+
+
+def test_the_resume_command_names_the_folders_a_checkpoint_never_chooses():
+    opts, _ = options.parse_flags(["--dataset", "folder", "--dataroot", "my data", "--image-dir", "pics"])
+    assert options.resume_command(opts.replace(checkpoint_dir="ck")) == (
+        "python gan.py --resume --checkpoint-dir ck --image-dir pics --dataroot 'my data'"
+    )
+    defaults, _ = options.parse_flags([])
+    assert options.resume_command(defaults) == "python gan.py --resume --checkpoint-dir checkpoints"
+
+
+@pytest.mark.parametrize("saving", ["ctrl-c", "save-every"])
+def test_non_finite_weights_are_never_saved_over_the_last_good_checkpoint(saving, monkeypatch, gan_main, tmp_path):
+    real_train_step, calls = gan.train_step, []
+
+    def train_step(nets, *args, **kwargs):
+        stats = real_train_step(nets, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == STEPS_PER_EPOCH + 1:  # step 5: the weights diverge, between two log points
+            next(nets.G.parameters()).data.fill_(math.nan)
+        return stats
+
+    monkeypatch.setattr(gan, "train_step", train_step)
+    if saving == "ctrl-c":
+        monkeypatch.setattr(gan, "stop_requested", lambda stop, step, opts, runtime: step == STEPS_PER_EPOCH + 1)
+    flags = ["--save-every", "1"] if saving == "save-every" else []
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", *flags])
+    assert code == faults.EXIT_DIVERGED, err
+    assert "weights became non-finite at step 5" in err
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
+    assert state["step"] == STEPS_PER_EPOCH

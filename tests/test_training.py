@@ -12,7 +12,6 @@ from conftest import TINY_ARGS, check_ok, cifar_colour, copy_run, run_gan, write
 from PIL import Image
 
 import data
-import gan
 import options
 import sampling
 import steps
@@ -387,7 +386,7 @@ def test_cifar10_upsampled_to_64(tmp_path, gan_main):
 
 def test_loss_g_is_averaged_over_g_updates_only():
     """Under --d-steps 2 half the steps make no G update: their missing Loss_G is not a zero."""
-    meter = gan.Meter(torch.device("cpu"))
+    meter = steps.Meter(torch.device("cpu"))
     for loss_d, loss_g in [(1.0, 4.0), (3.0, None), (5.0, 2.0), (7.0, None)]:
         stats = {"loss_d": torch.tensor(loss_d), "d_real": torch.tensor(0.5), "d_fake": torch.tensor(0.25)}
         if loss_g is not None:

@@ -1,0 +1,67 @@
+"""Exact resume for every kind of dataset: 1 epoch and a resume to 2 give bitwise the weights,
+optimizer state and metrics log of 2 epochs in one go (CPU, one thread, fixed seed).
+
+Every run decodes its data afresh (the decoded-image cache is removed first), so that a data
+loader drawing from the global RNG after the checkpoint's RNG state was restored would show.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_ARGS, write_cifar10_archive
+from PIL import Image
+
+import folders
+
+
+def write_image_folder(folder, count=32):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"image_{index:02d}.png")
+
+
+def dataset_flags(kind, tmp_path):
+    if kind == "fake":
+        return ["--dataset", "fake"]
+    data = tmp_path / "data"
+    if kind == "cifar10":
+        data.mkdir()
+        write_cifar10_archive(data, images_per_batch=8)
+        return ["--dataset", "cifar10", "--dataroot", data]
+    write_image_folder(data)
+    return ["--dataset", "folder", "--dataroot", data, "--workers", kind.split("-")[1]]
+
+
+def drop_decoded_caches(tmp_path):
+    for cache in tmp_path.rglob(folders.FOLDER_CACHE_NAME):
+        shutil.rmtree(cache)
+
+
+def folders_of(name):
+    return ["--checkpoint-dir", name, "--image-dir", f"{name}_images"]
+
+
+@pytest.mark.parametrize("kind", ["fake", "folder-0", "folder-2", "cifar10"])
+def test_one_epoch_and_a_resume_equal_two_epochs_in_one_go(kind, gan_main, tmp_path):
+    data = dataset_flags(kind, tmp_path)
+    runs = [
+        [*TINY_ARGS, *data, "--epochs", "2", *folders_of("straight")],
+        [*TINY_ARGS, *data, "--epochs", "1", *folders_of("resumed")],
+        # only what a user types to resume: the folders a checkpoint never chooses, and the new end
+        ["--resume", *data[2:], *folders_of("resumed"), "--epochs", "2", "--device", "cpu", "--no-compile"],
+    ]
+    for argv in runs:
+        drop_decoded_caches(tmp_path)
+        code, out, err = gan_main(argv)
+        assert code == 0, err
+    assert "resuming" in out
+    straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt") for name in ("straight", "resumed"))
+    assert resumed["step"] == straight["step"] == 8
+    for key in ("netG", "netD", "netG_ema", "optG", "optD", "fixed_noise", "rng"):
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+    log = "metrics.jsonl"
+    assert (tmp_path / "resumed" / log).read_text() == (tmp_path / "straight" / log).read_text()
