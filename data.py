@@ -221,7 +221,7 @@ class DeviceBatches:
         return f"held on {self.images.device}"
 
 
-class StreamedBatches:
+class StreamedBatches(DeviceBatches):
     """DeviceBatches' batches for images too large for the device, gathered from HostImages.
 
     Same interface, same batches (order, sharding, dropped last batch). A background thread
@@ -231,20 +231,9 @@ class StreamedBatches:
     batch sizes of DCGAN it takes microseconds, and the gather is what needs hiding.
     """
 
-    def __init__(
-        self, images, batch_size, image_size, seed, rank=0, world_size=1, device="cpu", dtype=torch.float32,
-        memory_format=torch.contiguous_format,
-    ):  # fmt: skip
-        self.images = images
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.seed = seed
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, images, batch_size, image_size, seed, rank=0, world_size=1, device="cpu", **layout):
+        super().__init__(images, batch_size, image_size, seed, rank, world_size, **layout)
         self.device = torch.device(device)
-        self.dtype, self.memory_format = dtype, memory_format
-
-    def __len__(self):
-        return len(self.images) // (self.batch_size * self.world_size)
 
     def describe(self):
         return f"streamed from {self.images.source or 'host memory'}"

@@ -58,18 +58,8 @@ class Discriminator(nn.Module):
 
     def __init__(self, ndf=64, image_size=64, nc=3, spectral_norm=False):
         super().__init__()
-        stages = num_stages(image_size)
         wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
-        # nc x S x S -> ndf x S/2 x S/2, no BatchNorm on the input layer (paper, section 3)
-        layers = [wrap(nn.Conv2d(nc, ndf, 4, 2, 1, bias=False)), nn.LeakyReLU(0.2, inplace=True)]
-        channels = ndf
-        # each stage halves the side and doubles the channels: ... -> (ndf*8) x 4 x 4 at 64x64
-        for _ in range(stages - 1):
-            layers.append(wrap(nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False)))
-            if not spectral_norm:
-                layers.append(nn.BatchNorm2d(channels * 2))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
-            channels *= 2
+        layers, channels = strided_convolutions(nc, ndf, image_size, wrap, batch_norm=not spectral_norm)
         # (ndf*8) x 4 x 4 -> 1 x 1 x 1: a logit; the loss applies the sigmoid
         layers.append(wrap(nn.Conv2d(channels, 1, 4, 1, 0, bias=False)))
         self.main = nn.Sequential(*layers)
@@ -136,18 +126,8 @@ class UpsampleDiscriminator(nn.Module):
 
     def __init__(self, ndf=64, image_size=64, nc=3, spectral_norm=False):
         super().__init__()
-        stages = num_stages(image_size)
         wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
-        # nc x S x S -> ndf x S/2 x S/2, no BatchNorm on the input layer (DCGAN paper, section 3)
-        layers = [wrap(nn.Conv2d(nc, ndf, 4, 2, 1, bias=False)), nn.LeakyReLU(0.2, inplace=True)]
-        channels = ndf
-        # each block halves the side and doubles the channels: ... -> (ndf*8) x 4 x 4 at 64x64
-        for _ in range(stages - 1):
-            layers.append(wrap(nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False)))
-            if not spectral_norm:
-                layers.append(nn.BatchNorm2d(channels * 2))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
-            channels *= 2
+        layers, channels = strided_convolutions(nc, ndf, image_size, wrap, batch_norm=not spectral_norm)
         # (ndf*8) x 4 x 4 -> (ndf*8*16) -> 1: a logit; the loss applies the sigmoid
         layers += [nn.Flatten(), wrap(nn.Linear(channels * 4 * 4, 1))]
         self.main = nn.Sequential(*layers)
@@ -175,6 +155,24 @@ def build_generator(arch, nz, ngf, image_size):
 
 def build_discriminator(arch, ndf, image_size, spectral_norm=False):
     return _architecture(arch)[1](ndf, image_size, spectral_norm=spectral_norm)
+
+
+def strided_convolutions(nc, ndf, image_size, wrap, batch_norm):
+    """Both discriminators' body: 4x4 stride-2 convolutions from S x S down to 4 x 4.
+
+    Returns the layers and the channels they end with (ndf * 2**(stages-1)).
+    """
+    # nc x S x S -> ndf x S/2 x S/2, no BatchNorm on the input layer (DCGAN paper, section 3)
+    layers = [wrap(nn.Conv2d(nc, ndf, 4, 2, 1, bias=False)), nn.LeakyReLU(0.2, inplace=True)]
+    channels = ndf
+    # each stage halves the side and doubles the channels: ... -> (ndf*8) x 4 x 4 at 64x64
+    for _ in range(num_stages(image_size) - 1):
+        layers.append(wrap(nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False)))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(channels * 2))
+        layers.append(nn.LeakyReLU(0.2, inplace=True))
+        channels *= 2
+    return layers, channels
 
 
 def init_weights(module):
