@@ -191,7 +191,12 @@ def add_training_flags(group):
         help="each D label moves a random amount in [0, N] towards the other class (bce loss only)",
     )
     add("--spectral-norm", action="store_true", help="spectral normalisation on D's layers (drops D's BatchNorm)")
-    add("--diffaugment", action="store_true", help="differentiable color/translation/cutout on D's inputs")
+    add(
+        "--diffaugment",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="differentiable color/translation/cutout on D's inputs ; --no-diffaugment turns it off under a --recipe",
+    )
     add("--ttur", action="store_true", help="two time-scale update rule: D lr 4e-4, G lr 1e-4 (overrides --lr)")
     add("--d-steps", type=positive_int, default=1, help="D updates per G update, each on its own batch")
     add("--ema", type=fraction, default=0.999, help="decay of the generator's moving average; 0 turns it off")

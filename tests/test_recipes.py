@@ -242,6 +242,13 @@ def test_a_typed_flag_wins_over_the_recipe(order):
     assert changed_from_defaults(argv) == {"recipe": "improved", "diffaugment": True, "ema": 0.99}
 
 
+def test_no_diffaugment_wins_over_the_recipe():
+    assert changed_from_defaults(["--recipe", "improved", "--no-diffaugment"]) == {
+        "recipe": "improved",
+        "arch": "upsample",
+    }
+
+
 def test_help_documents_the_recipes():
     text = " ".join(options.build_parser().format_help().split())
     assert "--recipe {dcgan,improved}" in text
