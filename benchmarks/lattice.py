@@ -1,13 +1,16 @@
 """Where does the lattice in --diffaugment samples come from? The measurements behind issue 13.
 
-Not a test and not part of the benchmark tables. gan.py and utils.py are used as they are: the
-augmentation variants are applied by a worker that patches utils.diff_augment (and, to emulate
+Not a test and not part of the benchmark tables. gan.py and steps.py are used as they are: the
+augmentation variants are applied by a worker that patches steps.diff_augment (and, to emulate
 CUDA's bf16 autocast on a CPU, the generator's output dtype) and then calls gan.main().
 
-    python benchmarks/lattice.py translate                 # does _translate move every pixel by one integer?
+    python benchmarks/lattice.py translate                 # steps.translate: whole-pixel, uniform shifts?
     python benchmarks/lattice.py augment                   # spectra of augmented vs un-augmented real crops
     python benchmarks/lattice.py train --variants plain diffaugment colour translation cutout
     python benchmarks/lattice.py analyse /tmp/dcgan-photo-benchmark/lattice/*/*-seed0
+
+The analysis also scores an untrained generator of each --arch (step 0), where the lattice of
+the transposed convolutions is plainest.
 """
 
 import argparse
@@ -23,7 +26,7 @@ from quality import ROOT, read_pngs, train_and_sample, write_pngs
 from scores import RandomFeatures, frechet_distance, mean_log_spectrum, spectral_distance
 
 NO_EMA = ["--ema", "0"]
-# name: (gan.py flags, augmentation the worker installs in place of utils.diff_augment)
+# name: (gan.py flags, augmentation the worker installs in place of steps.diff_augment)
 VARIANTS = {
     "plain": (NO_EMA, None),
     "diffaugment": ([*NO_EMA, "--diffaugment"], None),
@@ -34,16 +37,17 @@ VARIANTS = {
     "hinge+sn": ([*NO_EMA, "--loss", "hinge", "--spectral-norm"], None),
     "diffaugment-long": ([*NO_EMA, "--diffaugment"], None),
     "plain-long": (NO_EMA, None),
+    "upsample": ([*NO_EMA, "--arch", "upsample"], None),
+    "upsample-diffaugment": ([*NO_EMA, "--arch", "upsample", "--diffaugment"], None),
     # bf16 autocast as on CUDA: G's output is bf16 and the augmentation runs under autocast
     "autocast": ([*NO_EMA, "--diffaugment"], "autocast"),
-    "autocast-integer": ([*NO_EMA, "--diffaugment"], "autocast-integer"),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    translate = sub.add_parser("translate", help="per-image shift uniformity of utils._translate")
+    translate = sub.add_parser("translate", help="steps.translate: whole-pixel moves, uniform shifts")
     translate.add_argument("--images", type=int, default=2000, help="coordinate images shifted per setting")
     augment = sub.add_parser("augment", help="spectral score of augmented real crops")
     train = sub.add_parser("train", help="train variants on the photo crops and analyse them")
@@ -61,7 +65,7 @@ def parse_args(argv=None):
             "--work-dir", default=str(Path(tempfile.gettempdir()) / "dcgan-photo-benchmark"), help="crops and runs"
         )
     worker = sub.add_parser("worker", help="(internal) gan.py with a patched augmentation")
-    worker.add_argument("patch", help="augmentation patch: none, colour, translation, cutout, no-colour, autocast...")
+    worker.add_argument("patch", help="augmentation patch: none, colour, translation, cutout, no-colour, autocast")
     worker.add_argument("gan_args", nargs=argparse.REMAINDER, help="-- then gan.py's flags")
     return p.parse_args(argv)
 
@@ -69,59 +73,59 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- augmentation variants
 
 
-def uniform(images, *shape):
-    return torch.rand(*shape, device=images.device, dtype=images.dtype)
-
-
 def colour(images):
-    """utils.diff_augment's three colour operations alone (brightness, saturation, contrast)."""
+    """steps.diff_augment's three colour operations alone (brightness, saturation, contrast)."""
     n = images.shape[0]
-    images = images + (uniform(images, n, 1, 1, 1) - 0.5)
+
+    def uniform():
+        return torch.rand(n, 1, 1, 1, device=images.device, dtype=images.dtype)
+
+    images = images + (uniform() - 0.5)
     mean = images.mean(dim=1, keepdim=True)
-    images = (images - mean) * (uniform(images, n, 1, 1, 1) * 2) + mean
+    images = (images - mean) * (uniform() * 2) + mean
     mean = images.mean(dim=[1, 2, 3], keepdim=True)
-    return (images - mean) * (uniform(images, n, 1, 1, 1) + 0.5) + mean
+    return (images - mean) * (uniform() + 0.5) + mean
 
 
-def translate(images):
-    """utils._translate with utils.diff_augment's random shifts."""
-    import utils
+def translation(images):
+    """steps.translate with steps.diff_augment's random shifts."""
+    import steps
 
-    return utils._translate(images, uniform(images, images.shape[0], 2) * 0.25 - 0.125)
+    return steps.translate(images, steps.random_shifts(images))
 
 
-def translate_integer(images, shift_fraction):
-    """Shift each image by one whole number of pixels per axis, zero fill (what DiffAugment's paper code does)."""
+def random_cutout(images):
+    import steps
+
+    return steps.cutout(images, steps.random_cutout_corners(images))
+
+
+def reference_translate(images, shifts):
+    """The DiffAugment paper's rand_translation with given shifts: pad by side//8 + 1 with zeros, then index."""
     n, _, height, width = images.shape
-    # shift_fraction is (x, y) as in utils._translate's affine matrix
-    shifts = (shift_fraction.float() * torch.tensor([width, height], device=images.device)).round().long()
     pad = max(height, width) // 8 + 1
     padded = F.pad(images, [pad, pad, pad, pad])
-    rows = (torch.arange(height, device=images.device) + pad).view(1, -1) + shifts[:, 1:]
-    cols = (torch.arange(width, device=images.device) + pad).view(1, -1) + shifts[:, :1]
+    rows = (torch.arange(height, device=images.device) + pad).view(1, -1) + shifts[:, :1]
+    cols = (torch.arange(width, device=images.device) + pad).view(1, -1) + shifts[:, 1:]
     batch = torch.arange(n, device=images.device).view(-1, 1, 1)
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def install_patch(name):
-    """Replace utils.diff_augment (and for autocast the generator's output dtype) before gan.main runs."""
+    """Replace steps.diff_augment (and for autocast the generator's output dtype) before gan.main runs."""
     import models
-    import utils
+    import steps
 
-    original = utils.diff_augment
+    original = steps.diff_augment
     if name == "colour":
-        utils.diff_augment = lambda images, generator=None: colour(images)
+        steps.diff_augment = lambda images, generator=None: colour(images)
     elif name == "translation":
-        utils.diff_augment = lambda images, generator=None: translate(images)
+        steps.diff_augment = lambda images, generator=None: translation(images)
     elif name == "cutout":
-        utils.diff_augment = lambda images, generator=None: utils._cutout(images, uniform(images, images.shape[0], 2))
+        steps.diff_augment = lambda images, generator=None: random_cutout(images)
     elif name == "no-colour":
-        utils.diff_augment = lambda images, generator=None: utils._cutout(
-            translate(images), uniform(images, images.shape[0], 2)
-        )
-    elif name.startswith("autocast"):
-        if name == "autocast-integer":
-            utils._translate = translate_integer
+        steps.diff_augment = lambda images, generator=None: random_cutout(translation(images))
+    elif name == "autocast":
         generator_forward = models.Generator.forward
 
         def bf16_forward(self, noise):
@@ -135,7 +139,7 @@ def install_patch(name):
             return augmented.float()  # D itself stays fp32: CPU bf16 convolutions are 25x slower here
 
         models.Generator.forward = bf16_forward
-        utils.diff_augment = augment_under_autocast
+        steps.diff_augment = augment_under_autocast
     elif name != "none":
         raise ValueError(name)
 
@@ -148,7 +152,7 @@ def run_worker(args):
     sys.exit(gan.main([a for a in args.gan_args if a != "--"]))
 
 
-# ---------------------------------------------------------------- 1. does _translate split images?
+# ---------------------------------------------------------------- 1. does steps.translate move whole pixels?
 
 
 def coordinate_images(count, size):
@@ -158,54 +162,46 @@ def coordinate_images(count, size):
     return torch.cat([cols, rows], 1) + 1
 
 
-def shift_report(moved, source):
-    """Per image: does every inside pixel move by the same integer? Plus where the seams fall."""
+def split_images(moved, source):
+    """How many images have inside pixels that do not all move by the same integer."""
     inside = (moved > 0).all(dim=1)
     delta = (moved - source).round().long()
-    split, seams = 0, np.zeros(source.shape[-1], dtype=np.int64)
+    split = 0
     for k in range(len(moved)):
-        col_steps = delta[k, 0][inside[k]].unique().numel()
-        row_steps = delta[k, 1][inside[k]].unique().numel()
-        if col_steps > 1 or row_steps > 1:
+        if delta[k, 0][inside[k]].unique().numel() > 1 or delta[k, 1][inside[k]].unique().numel() > 1:
             split += 1
-            middle = source.shape[-1] // 2  # the middle row's column shifts, inside pixels only
-            row, kept = delta[k, 0, middle], inside[k, middle]
-            seams[1:][((row[1:] != row[:-1]) & kept[1:] & kept[:-1]).numpy()] += 1
-    return split, seams
+    return split
 
 
 def translate_table(args):
-    import utils
+    import steps
 
     torch.manual_seed(0)
-    print("| size | setting | images whose pixels do not all move by one integer | seam columns (most frequent) |")
-    print("|---|---|---|---|")
+    print(
+        "| size | images | split images (pixels not all moved by one integer) | equals the paper's code | shifts drawn |"
+    )
+    print("|---|---|---|---|---|")
     for size in (32, 64):
         source = coordinate_images(args.images, size)
-        shift = torch.rand(args.images, 2) * 0.25 - 0.125
+        shifts = steps.random_shifts(source)
+        values, counts = shifts.flatten().unique(return_counts=True)
+        drawn = f"{int(values.min())}..{int(values.max())}, each {100 * counts.min() / counts.sum():.1f}-{100 * counts.max() / counts.sum():.1f}%"
         settings = {
-            "fp32 (CPU; CUDA without autocast)": utils._translate,
-            "bf16 images (G's output under CUDA autocast)": lambda images, by: utils._translate(
-                images.bfloat16(), by.bfloat16()
-            ),
-            "fp32 images under bf16 autocast (real batches on CUDA)": autocast_translate,
-            "integer shifts (reference), bf16 images": lambda images, by: translate_integer(
-                images.bfloat16(), by.bfloat16()
-            ),
+            "fp32": source,
+            "bf16 (G's output under CUDA autocast)": source.bfloat16(),
         }
-        for name, shift_images in settings.items():
-            split, seams = shift_report(shift_images(source, shift).float(), source)
-            top = ", ".join(str(c) for c in np.argsort(-seams)[:6] if seams[c] > 0) or "-"
-            print(f"| {size} | {name} | {split} / {args.images} ({100 * split / args.images:.1f}%) | {top} |")
-    same = torch.equal(utils._translate(source, shift), translate_integer(source, shift))
-    print(f"\nfp32 _translate equals an integer shift of round(shift * size) with zero fill: {same}")
-
-
-def autocast_translate(images, shift):
-    import utils
-
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        return utils._translate(images, shift)
+        for name, images in settings.items():
+            moved = steps.translate(images, shifts)
+            reference = reference_translate(images, shifts)
+            split = split_images(moved.float(), source)
+            same = torch.equal(moved, reference)
+            print(f"| {size} | {name} | {split} / {args.images} | {same} | {drawn} |")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = steps.translate(source, shifts)
+        split = split_images(under.float(), source)
+        same = torch.equal(under, reference_translate(source, shifts))
+        print(f"| {size} | fp32 under bf16 autocast | {split} / {args.images} | {same} | {drawn} |")
+    print("\nbf16 values of 1..64 are exact, so a whole-pixel gather cannot split an image in any precision.")
 
 
 # ---------------------------------------------------------------- 2. spectra of augmented real crops
@@ -223,20 +219,20 @@ def to_uint8(images):
 
 
 def augment_table(args):
-    import utils
+    import steps
 
     _, reference, held_out = crops_and_halves(args)
     real = held_out.float().div(127.5).sub(1)
     torch.manual_seed(0)
-    shift = torch.rand(len(real), 2) * 0.25 - 0.125
+    shifts = steps.random_shifts(real)
     ops = {
         "none (real-vs-real floor)": lambda: real,
-        "translate, fp32": lambda: utils._translate(real, shift),
-        "translate, bf16 images": lambda: utils._translate(real.bfloat16(), shift.bfloat16()),
-        "translate, integer (reference)": lambda: translate_integer(real, shift),
+        "steps.translate, fp32": lambda: steps.translate(real, shifts),
+        "steps.translate, bf16 images": lambda: steps.translate(real.bfloat16(), shifts),
+        "translate as the paper's code": lambda: reference_translate(real, shifts),
         "colour": lambda: colour(real),
-        "cutout": lambda: utils._cutout(real, torch.rand(len(real), 2)),
-        "diff_augment, fp32": lambda: utils.diff_augment(real),
+        "cutout": lambda: random_cutout(real),
+        "steps.diff_augment": lambda: steps.diff_augment(real),
     }
     reference_spectrum = mean_log_spectrum(reference)
     print("| augmentation of the held-out real crops | spectral score vs reference crops | rings most changed |")
@@ -332,13 +328,13 @@ def peak_frequencies(images_uint8, reference, count=4):
 
 
 @torch.no_grad()
-def untrained_samples(count, width, seed=0):
+def untrained_samples(count, width, arch="dcgan", seed=0):
     """Samples of a freshly initialised generator (BatchNorm on batch statistics, as in training)."""
     import models
 
     with torch.random.fork_rng(devices=[]):  # leaves the global RNG as it was
         torch.manual_seed(seed)
-        generator = models.Generator(100, width, 32)
+        generator = models.build_generator(arch, 100, width, 32)
         generator.apply(models.init_weights)
         images = generator.train()(torch.randn(count, 100, 1, 1))
     return to_uint8(images)
@@ -356,7 +352,10 @@ def analyse_runs(args, runs):
     )
     print("|---|---|---|---|---|---|---|")
     grid_dir = Path(args.work_dir) / "lattice-grids"
-    samples = {"untrained G (step 0)": (untrained_samples(len(held_out), args.width), None)}
+    samples = {
+        f"untrained-{arch} G (step 0)": (untrained_samples(len(held_out), args.width, arch), None)
+        for arch in ("dcgan", "upsample")
+    }
     for run in map(Path, runs):
         samples[f"{run.parent.name}/{run.name}"] = (read_pngs(run / "images" / "generated"), run)
     for name, (generated, run) in samples.items():
@@ -392,7 +391,7 @@ def save_detail(mean_detail, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))  # gan.py, utils.py and models.py
+    sys.path.insert(0, str(ROOT))  # gan.py, steps.py and models.py
     if args.command == "worker":
         run_worker(args)
     torch.set_num_threads(1)

@@ -49,6 +49,12 @@ RECIPES = {
     "d-steps2": ["--ema", "0", "--d-steps", "2"],
     "combined": ["--loss", "hinge", "--spectral-norm", "--diffaugment", "--ttur", "--ema", "0.999"],
     "combined-ema0": ["--loss", "hinge", "--spectral-norm", "--diffaugment", "--ttur", "--ema", "0"],
+    "upsample": ["--ema", "0", "--arch", "upsample"],
+    "upsample+diffaugment": ["--ema", "0", "--arch", "upsample", "--diffaugment"],
+    "upsample+ema": ["--arch", "upsample", "--ema", "0.999"],
+    "upsample+diffaugment+ema": ["--arch", "upsample", "--diffaugment", "--ema", "0.999"],
+    "dcgan-recipe": ["--recipe", "dcgan"],  # the defaults: plain DCGAN plus the EMA
+    "improved": ["--recipe", "improved"],
 }
 # the default set fits in about 20 minutes on 2 busy CPU cores (5 on idle ones)
 DEFAULT_RECIPES = ["plain", "hinge+sn", "diffaugment", "ttur", "d-steps2", "ema", "combined", "combined-ema0"]

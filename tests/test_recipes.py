@@ -1,6 +1,7 @@
 """The recipe options each do what their help says: --loss, --spectral-norm, --diffaugment,
 --ttur, --d-steps and --ema. Tiny nets on the CPU."""
 
+import json
 import math
 
 import pytest
@@ -211,3 +212,66 @@ def test_ema_keeps_an_averaged_generator_apart_from_g(gan_main, tiny_args, tmp_p
     first_conv = "main.0.weight"
     torch.testing.assert_close(state["netG_ema"][first_conv], ema_state[first_conv])
     assert not torch.equal(state["netG_ema"][first_conv], state["netG"][first_conv])
+
+
+# ---------------------------------------------------------------- --recipe
+
+# what the README and --help promise `--recipe improved` turns on
+IMPROVED = {"recipe": "improved", "arch": "upsample"}
+
+
+def changed_from_defaults(argv):
+    defaults, _ = options.parse_flags([])
+    opts, _ = options.parse_flags(argv)
+    return {k: v for k, v in opts.as_dict().items() if v != getattr(defaults, k)}
+
+
+def test_recipe_improved_sets_exactly_what_it_says():
+    assert changed_from_defaults(["--recipe", "improved"]) == IMPROVED
+
+
+def test_recipe_dcgan_changes_nothing():
+    assert changed_from_defaults(["--recipe", "dcgan"]) == {}
+    assert options.parse_flags([])[0].recipe == "dcgan"
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_a_typed_flag_wins_over_the_recipe(order):
+    typed = ["--arch", "dcgan", "--diffaugment", "--ema", "0.99"]
+    argv = [*typed, "--recipe", "improved"] if order == "before" else ["--recipe", "improved", *typed]
+    assert changed_from_defaults(argv) == {"recipe": "improved", "diffaugment": True, "ema": 0.99}
+
+
+def test_help_documents_the_recipes():
+    text = " ".join(options.build_parser().format_help().split())
+    assert "--recipe {dcgan,improved}" in text
+    assert "improved: --arch upsample (default: dcgan)" in text
+    assert "dcgan: the DCGAN paper's settings" in text
+
+
+def saved_flags(argv):
+    return options.parse_flags(argv)[0].as_dict()
+
+
+def test_a_resume_keeps_the_recipes_flags():
+    opts, explicit = options.parse_flags(["--resume", "--epochs", "9"])
+    merged, changes = options.merge_resume_flags(opts, explicit, saved_flags(["--recipe", "improved"]), "ckpt")
+    assert {name: getattr(merged, name) for name in IMPROVED} == IMPROVED
+    assert merged.epochs == 9 and changes == ["--epochs 25 -> 9"]
+
+
+def test_a_resume_with_a_typed_recipe_of_another_architecture_is_refused():
+    opts, explicit = options.parse_flags(["--resume", "--recipe", "dcgan"])
+    with pytest.raises(options.UserError, match="different architecture: --arch dcgan"):
+        options.merge_resume_flags(opts, explicit, saved_flags(["--recipe", "improved"]), "ckpt")
+
+
+def test_the_checkpoint_saves_the_recipe_and_its_flags(gan_main, tiny_args, tmp_path):
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--recipe", "improved"])
+    assert code == 0, err
+    saved = json.loads((tmp_path / "checkpoints" / "flags.json").read_text())
+    assert {name: saved[name] for name in IMPROVED} == IMPROVED
+    code, _, err = gan_main([*tiny_args, "--epochs", "2", "--resume"])
+    assert code == 0, err
+    saved = json.loads((tmp_path / "checkpoints" / "flags.json").read_text())
+    assert {name: saved[name] for name in IMPROVED} == IMPROVED and saved["epochs"] == 2
