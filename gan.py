@@ -10,6 +10,7 @@ lives in steps.py; flags in options.py; checkpoints in checkpoint.py; pictures i
 """
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -431,8 +432,6 @@ def main(argv=None, metric_feature=None):
 
 
 def error_prefix():
-    import os
-
     rank = os.environ.get("RANK")
     return f"gan.py (rank {rank})" if rank not in (None, "0") else "gan.py"
 
