@@ -175,19 +175,27 @@ class RunOutputs:
         self.log({"epoch": epoch, "step": state.progress.step, **scores})
         with artifacts.drawing(self.image_dir / "fid.png"):
             artifacts.plot_fid(self.pictures.rows, self.image_dir / "fid.png")
-        saved = checkpoint.checkpoint_state(state.nets, state.progress, state.fixed_noise, opts, runtime)
-        sampling.save_best(saved, scores, state.progress, self.checkpoint_dir)
+        if scores["fid"] < state.progress.best_fid:  # best.pt: the state of the best evaluation so far
+            state.progress.best_fid = scores["fid"]
+            saved = checkpoint.checkpoint_state(state.nets, state.progress, state.fixed_noise, opts, runtime)
+            checkpoint.save_checkpoint(saved, self.checkpoint_dir / "best.pt")
         return scores["fid"]
 
 
 def open_tensorboard(opts):
+    """Rank 0's TensorBoard writer, or None without --tensorboard."""
     if not opts.tensorboard:
         return None
+    return summary_writer_class()(log_dir=str(Path(opts.checkpoint_dir) / "tensorboard"))
+
+
+def summary_writer_class():
+    """TensorBoard's writer class; a clear error when --tensorboard asks for a package that is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(log_dir=str(Path(opts.checkpoint_dir) / "tensorboard"))
+    return SummaryWriter
 
 
 # ---------------------------------------------------------------- the loop
@@ -209,7 +217,8 @@ def train(opts, explicit, runtime, metric_feature=None):
 
 
 def train_in_locked_folders(opts, resumed, runtime, metric_feature):
-    open_tensorboard(opts)  # fail fast, before the data, when it is missing
+    if opts.tensorboard:
+        summary_writer_class()  # fail fast, before the data, when it is missing; no event file yet
     images, batches = load_batches(opts, runtime)
     state = start_state(opts, runtime, resumed)
     if state.progress.epoch >= opts.epochs:

@@ -20,7 +20,6 @@ from checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_module_state,
-    save_checkpoint,
 )
 from data import load_dataset
 from faults import Interrupted, exit_code_of
@@ -89,13 +88,6 @@ class TrainingEvaluator:
                 self.unavailable = True
                 return None
         return score(self.scorers, G, self.opts, self.runtime, mixed_seed(self.opts.seed, epoch))
-
-
-def save_best(state, scores, progress, checkpoint_dir):
-    """best.pt when this evaluation beat every earlier one."""
-    if scores["fid"] < progress.best_fid:
-        progress.best_fid = scores["fid"]
-        save_checkpoint({**state, "best_fid": progress.best_fid}, Path(checkpoint_dir) / "best.pt")
 
 
 # ---------------------------------------------------------------- after training
