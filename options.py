@@ -10,6 +10,8 @@ import shlex
 from pathlib import Path
 from types import MappingProxyType
 
+import torch
+
 from folders import available_ram_bytes, size_text
 from models import ARCHITECTURES, IMAGE_SIZES, count_values
 from runtime import PRECISIONS
@@ -493,7 +495,5 @@ def training_bytes(flags, half_precision):
 
 def free_memory_bytes(device):
     if device.type == "cuda":
-        import torch
-
         return torch.cuda.mem_get_info(device)[0]
     return available_ram_bytes(with_swap=True) if device.type == "cpu" else None
