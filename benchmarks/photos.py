@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quality import RECIPES, summarise, train_and_sample, write_pngs
-from scores import RandomFeatures, frechet_distance, spectral_score
+from quality import RECIPES, spread_line, summarise, train_and_sample, write_pngs
+from scores import RandomFeatures, frechet_distance, spectral_score, spectral_spread
 
 # photographs inside scikit-image's wheel (skimage.data loads them without pooch)
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -135,6 +135,7 @@ def print_table(results, args, floor, photo_names):
     print(
         f"real-vs-real floors ({args.samples} vs {args.samples} crops): FD {floor['fd']:.3f}, spectral {floor['spectral']:.4f}"
     )
+    print(spread_line(floor["spread"]))
     print()
     print(
         "| recipe | flags | FD ↓ (per seed) | FD mean ± std | spectral ↓ (per seed) | spectral mean ± std | seconds per run |"
@@ -162,7 +163,7 @@ def main(argv=None):
     order = torch.randperm(len(crops), generator=torch.Generator().manual_seed(args.crop_seed))
     reference, held_out = crops[order[: args.samples]], crops[order[args.samples : 2 * args.samples]]
     scorer = PhotoScorer(reference, args.feature_seed)
-    floor = scorer(held_out)
+    floor = {**scorer(held_out), "spread": spectral_spread(crops)}
     save_grid(held_out, grid_dir / "real.png")
     results = {recipe: [] for recipe in args.recipes}
     for recipe in args.recipes:

@@ -100,3 +100,14 @@ def test_random_features_are_fixed_by_the_seed(scores):
     assert features.shape == (4, first.num_features)
     torch.testing.assert_close(again(images), features)
     assert not torch.allclose(other(images), features)
+
+
+def test_spectral_spread_is_the_score_of_each_half_split(scores):
+    images = smooth_images(40, seed=3)
+    spread = scores.spectral_spread(images, splits=5, seed=7)
+    rng = np.random.default_rng(7)
+    for value in spread:
+        order = torch.from_numpy(rng.permutation(40))
+        assert value == pytest.approx(scores.spectral_score(images[order[:20]], images[order[20:]]))
+    assert len(set(spread)) == 5  # five different splits
+    assert spread == scores.spectral_spread(images, splits=5, seed=7)
