@@ -262,7 +262,7 @@ def train_variants(args):
         flags, patch = VARIANTS[variant]
         epochs = args.long_epochs if variant.endswith("-long") else args.epochs
         run_args = argparse.Namespace(
-            width=args.width, batch_size=args.batch_size, epochs=epochs, samples=args.crops // 2
+            width=args.width, batch_size=args.batch_size, epochs=epochs, samples=args.crops // 2, device="cpu"
         )
         program = [sys.executable, str(Path(__file__).resolve()), "worker", patch or "none", "--"]
         runs_dir = Path(args.work_dir) / "lattice" / variant

@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default=None, help="where crops and runs go [a temp folder]")
     p.add_argument("--grid-dir", default=None, help="where the sample grids go [WORK_DIR/grids]")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's checkpoints and samples")
+    p.add_argument("--device", default="cpu", help="gan.py's --device for the training runs (cuda: longer budgets)")
     args = p.parse_args(argv)
     args.samples = args.crops // 2  # as many as the floor's half, so both FDs have the same bias
     return args

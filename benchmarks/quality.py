@@ -70,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=500, help="generated digits scored per run")
     p.add_argument("--jobs", type=int, default=3, help="training runs in parallel, one CPU thread each")
     p.add_argument("--work-dir", default=None, help="where digits, runs and the classifier go [a temp folder]")
+    p.add_argument("--device", default="cpu", help="gan.py's --device for the training runs (cuda: longer budgets)")
     return p.parse_args(argv)
 
 
@@ -229,7 +230,7 @@ def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_
     run_dir.mkdir(parents=True)
     common = [
         "--device",
-        "cpu",
+        args.device,
         "--checkpoint-dir",
         str(run_dir / "checkpoints"),
         "--image-dir",
