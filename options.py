@@ -137,6 +137,13 @@ def positive_float(text):
     return value
 
 
+def non_negative_float(text):
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def fraction(text):
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -213,6 +220,12 @@ def add_training_flags(group):
         type=fraction,
         default=0.0,
         help="each D label moves a random amount in [0, N] towards the other class (bce loss only)",
+    )
+    add(
+        "--spectral-loss",
+        type=non_negative_float,
+        default=0.0,
+        help="weight of a G loss that matches its images' power spectrum to the real batch's; 0 turns it off",
     )
     add("--spectral-norm", action="store_true", help="spectral normalisation on D's layers (drops D's BatchNorm)")
     add("--diffaugment", action="store_true", help="differentiable color/translation/cutout on D's inputs")

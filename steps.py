@@ -113,6 +113,30 @@ def cutout(images, corners, ratio=0.5):
     return images * (~inside).unsqueeze(1).to(images.dtype)
 
 
+# ---------------------------------------------------------------- the spectral loss
+
+# as the benchmarks' spectral score: ITU-R BT.601 luma, and a floor that keeps log10 finite
+LUMA = (0.299, 0.587, 0.114)
+LOG_FLOOR = 1e-10
+
+
+def mean_log_spectrum(images):
+    """The batch's mean log10 power at every 2-D frequency but DC, of the greyscale with its
+    mean removed and normalised to unit power: the shape of the spectrum, not its brightness."""
+    grey = (images.float() * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1)
+    grey = grey - grey.mean(dim=(1, 2), keepdim=True)
+    power = torch.fft.fft2(grey).abs().square().flatten(1)
+    power = power / (power.sum(dim=1, keepdim=True) + LOG_FLOOR)
+    return torch.log10(power[:, 1:] + LOG_FLOOR).mean(dim=0)
+
+
+def spectral_loss(fake, real):
+    """How far G's mean log power spectrum is from the real batch's, in decades (Durall et al.,
+    2020, "Watch your up-convolution"). Per 2-D frequency rather than per ring: matched per ring,
+    G met the loss with one fixed plaid added to every sample (BENCHMARKS.md)."""
+    return (mean_log_spectrum(fake) - mean_log_spectrum(real).detach()).abs().mean()
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What the steps need from the flags."""
@@ -121,10 +145,11 @@ class Recipe:
     label_smoothing: float = 0.0
     label_noise: float = 0.0
     diffaugment: bool = False
+    spectral_loss: float = 0.0
 
     @classmethod
     def from_options(cls, opts):
-        return cls(opts.loss, opts.label_smoothing, opts.label_noise, opts.diffaugment)
+        return cls(opts.loss, opts.label_smoothing, opts.label_noise, opts.diffaugment, opts.spectral_loss)
 
     def augment(self, images):
         return diff_augment(images) if self.diffaugment else images
@@ -228,9 +253,12 @@ def d_forward(D, real, fake, recipe):
     return loss, d_real, torch.sigmoid(fake_logits.detach().float()).mean()
 
 
-def g_forward(D, fake, recipe):
-    """G's loss: what D makes of its (augmented) images."""
-    return LOSSES[recipe.loss][1](D(recipe.augment(fake)).float())
+def g_forward(D, real, fake, recipe):
+    """G's loss: what D makes of its (augmented) images, plus the weighted spectral loss."""
+    loss = LOSSES[recipe.loss][1](D(recipe.augment(fake)).float())
+    if recipe.spectral_loss:
+        loss = loss + recipe.spectral_loss * spectral_loss(fake, real)
+    return loss
 
 
 def d_step(nets, real, fake, recipe, runtime):
@@ -244,7 +272,7 @@ def d_step(nets, real, fake, recipe, runtime):
     return {"loss_d": loss_d.detach(), "d_real": d_real, "d_fake": d_fake}
 
 
-def g_step(nets, fake, recipe, runtime):
+def g_step(nets, real, fake, recipe, runtime):
     """One G update through D; D's weight gradients are never computed."""
     # Frozen rather than backward(inputs=...): a compiled D's backward is one fused node that
     # would still compute its weight gradients; a frozen D gets a graph without them.
@@ -253,7 +281,7 @@ def g_step(nets, fake, recipe, runtime):
         with runtime.autocast():
             # D outside DDP: it has no gradients to all-reduce here (with --sync-bn its
             # BatchNorm layers still synchronise their statistics, on every rank alike)
-            loss_g = nets.g_forward(nets.D_no_sync, fake, recipe)
+            loss_g = nets.g_forward(nets.D_no_sync, real, fake, recipe)
         nets.opt_G.zero_grad(set_to_none=True)
         nets.scaler_G.scale(loss_g).backward()
     finally:
@@ -270,7 +298,7 @@ def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0):
         fake = nets.G_train(noise)
     stats = d_step(nets, real, fake, recipe, runtime)
     if update_g:
-        stats.update(g_step(nets, fake, recipe, runtime))
+        stats.update(g_step(nets, real, fake, recipe, runtime))
         if nets.G_ema is not None:
             update_ema(nets.G_ema, nets.G, ema_decay)
     return stats

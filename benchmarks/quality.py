@@ -55,6 +55,7 @@ RECIPES = {
     "upsample+diffaugment+ema": ["--arch", "upsample", "--diffaugment", "--ema", "0.999"],
     "dcgan-recipe": ["--recipe", "dcgan"],  # the defaults: plain DCGAN plus the EMA
     "improved": ["--recipe", "improved"],
+    "upsample+ema+spectral": ["--arch", "upsample", "--ema", "0.999", "--spectral-loss", "1"],
 }
 # the default set fits in about 20 minutes on 2 busy CPU cores (5 on idle ones)
 DEFAULT_RECIPES = ["plain", "hinge+sn", "diffaugment", "ttur", "d-steps2", "ema", "combined", "combined-ema0"]

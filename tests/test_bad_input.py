@@ -65,6 +65,8 @@ BAD_FLAGS = [
     (["--lr", "inf"], "--lr: must be a positive number, got inf"),
     (["--beta1", "1.5"], "--beta1: must be in [0, 1), got 1.5"),
     (["--label-smoothing", "1"], "--label-smoothing: must be in [0, 1), got 1"),
+    (["--spectral-loss", "-0.5"], "--spectral-loss: must be a number >= 0, got -0.5"),
+    (["--spectral-loss", "nan"], "--spectral-loss: must be a number >= 0, got nan"),
     (["--label-smoothing", "0.1", "--loss", "hinge"], "--label-smoothing applies to --loss bce only"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--dataset", "other"], "--dataset: invalid choice: 'other'"),

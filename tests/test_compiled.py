@@ -19,6 +19,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 NET_FLAGS = ["--device", "cpu", "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8"]
+# the same in every test, so that inductor's cache serves the later ones
+STEP_FLAGS = ["--precision", "bf16", "--diffaugment", "--spectral-loss", "1"]
 
 
 def build(*flags):
@@ -41,12 +43,12 @@ def run_steps(nets, opts, runtime, count=3):
 
 
 def test_compiled_bf16_steps_agree_with_eager_ones():
-    """Whole compiled updates (DiffAugment, both D forwards, the losses, their backward) give the
-    statistics and weights of the eager updates, within bf16 rounding."""
+    """Whole compiled updates (DiffAugment, both D forwards, the losses with the spectral loss's
+    FFT, their backward) give the statistics and weights of the eager updates, within bf16 rounding."""
     import torch._inductor.config
 
-    eager, opts, runtime = build("--precision", "bf16", "--diffaugment", "--compile", "off")
-    compiled, opts_c, runtime_c = build("--precision", "bf16", "--diffaugment", "--compile", "on")
+    eager, opts, runtime = build(*STEP_FLAGS, "--compile", "off")
+    compiled, opts_c, runtime_c = build(*STEP_FLAGS, "--compile", "on")
     assert runtime_c.compile and not runtime.compile and runtime_c.amp_dtype == torch.bfloat16
     eager_history = run_steps(eager, opts, runtime)
     with torch._inductor.config.patch(fallback_random=True):  # DiffAugment's draws as in eager
@@ -67,7 +69,7 @@ def test_the_cli_compiles_a_bounded_number_of_graphs(gan_main, tmp_path):
 
     torch._dynamo.reset()  # compiled code of earlier tests would be reused and not counted
     counters.clear()
-    flags = ["--precision", "bf16", "--compile", "on", "--diffaugment", "--d-steps", "2"]
+    flags = [*STEP_FLAGS, "--compile", "on", "--d-steps", "2"]
     with torch._inductor.config.patch(fallback_random=True):  # the graphs of the test above: cached
         code, out, err = gan_main([*TINY_ARGS, *flags, "--epochs", "2"])
     assert code == 0, err

@@ -1,9 +1,10 @@
 """The recipe options each do what their help says: --loss, --spectral-norm, --diffaugment,
---ttur, --d-steps and --ema. Tiny nets on the CPU."""
+--spectral-loss, --ttur, --d-steps and --ema. Tiny nets on the CPU."""
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -151,6 +152,98 @@ def test_the_diffaugment_flag_augments_what_d_sees(monkeypatch):
     calls.clear()
     steps.train_step(nets, torch.zeros(4, 3, 16, 16), steps.Recipe("bce", 0.0, diffaugment=False), runtime)
     assert calls == []
+
+
+# ---------------------------------------------------------------- --spectral-loss
+
+
+def smooth_batch(count=8, seed=0):
+    """Low-frequency images in [-1, 1]: 4x4 noise upsampled bilinearly to 16x16."""
+    coarse = torch.rand(count, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return nn.functional.interpolate(coarse, size=16, mode="bilinear", align_corners=False) * 2 - 1
+
+
+def with_checkerboard(images, amplitude=0.2):
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    return images + amplitude * ((rows + cols) % 2 * 2 - 1)
+
+
+def test_spectral_loss_is_zero_for_the_same_spectra_and_blind_to_brightness_and_contrast():
+    images = smooth_batch()
+    assert float(steps.spectral_loss(images, images)) == 0.0
+    # the spectrum's shape only: brightness and contrast change its total power, not its shape
+    assert float(steps.spectral_loss(images * 0.5 + 0.2, images)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_spectral_loss_by_hand_with_numpy():
+    real, fake = smooth_batch(4, seed=1).double().numpy(), with_checkerboard(smooth_batch(4, seed=0)).double().numpy()
+
+    def mean_log_power(images):
+        grey = np.tensordot([0.299, 0.587, 0.114], images, axes=([0], [1]))
+        grey = grey - grey.mean(axis=(1, 2), keepdims=True)
+        power = np.abs(np.fft.fft2(grey)) ** 2
+        power = (power / power.sum(axis=(1, 2), keepdims=True)).reshape(len(images), -1)[:, 1:]  # DC left out
+        return np.log10(power + 1e-10).mean(axis=0)
+
+    expected = np.abs(mean_log_power(fake) - mean_log_power(real)).mean()
+    loss = steps.spectral_loss(torch.from_numpy(fake).float(), torch.from_numpy(real).float())
+    assert float(loss) == pytest.approx(expected, rel=1e-3)
+
+
+def with_grain(images, seed, sigma=0.1):
+    """Images with white noise added, as a camera's grain: power at every frequency."""
+    return images + sigma * torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_spectral_loss_tells_grainy_images_from_too_smooth_ones():
+    real = with_grain(smooth_batch(32, seed=1), seed=2)
+    like_real = float(steps.spectral_loss(with_grain(smooth_batch(32, seed=0), seed=3), real))
+    too_smooth = float(steps.spectral_loss(smooth_batch(32, seed=0), real))
+    assert too_smooth > 3 * like_real  # 0.57 against 0.12 when written
+
+
+def test_spectral_loss_gradient_moves_the_spectrum_towards_the_real_one():
+    real = with_grain(smooth_batch(seed=1), seed=2)
+    fake = smooth_batch(seed=0).requires_grad_(True)
+    optimizer = torch.optim.Adam([fake], lr=0.01)
+    losses = []
+    for _ in range(30):
+        loss = steps.spectral_loss(fake, real)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+class ConstantD(nn.Module):
+    """A D that says 0 to everything: G's adversarial loss is then log 2, whatever the images."""
+
+    def forward(self, images):
+        return images.sum(dim=(1, 2, 3)) * 0
+
+
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_the_spectral_loss_weight_is_added_to_gs_loss(weight):
+    real, fake = smooth_batch(seed=1), with_checkerboard(smooth_batch(seed=0))
+    plain = steps.g_forward(ConstantD(), real, fake, steps.Recipe())
+    weighted = steps.g_forward(ConstantD(), real, fake, steps.Recipe(spectral_loss=weight))
+    assert float(plain) == pytest.approx(math.log(2))
+    assert float(weighted - plain) == pytest.approx(weight * float(steps.spectral_loss(fake, real)))
+
+
+def test_the_spectral_loss_flag_reaches_the_steps(monkeypatch, gan_main, tiny_args):
+    seen = []
+    loss = steps.spectral_loss
+    monkeypatch.setattr(steps, "spectral_loss", lambda fake, real: seen.append(fake.shape) or loss(fake, real))
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--spectral-loss", "0.5"])
+    assert code == 0, err
+    assert seen == [torch.Size([8, 3, 16, 16])] * 4  # one G update per step, 32 images in batches of 8
+    assert options.parse_flags(["--spectral-loss", "0.5"])[0].spectral_loss == 0.5
+    seen.clear()
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--checkpoint-dir", "off", "--image-dir", "off-images"])
+    assert code == 0, err
+    assert seen == []  # off by default
 
 
 # ---------------------------------------------------------------- TTUR

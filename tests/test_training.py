@@ -116,10 +116,11 @@ def test_g_step_leaves_d_gradients_and_weights_untouched():
     torch.manual_seed(0)
     nets, opts, runtime = tiny_nets()
     fake = nets.G(torch.randn(8, 8, 1, 1))
+    real = torch.rand_like(fake) * 2 - 1
     D_before = parameters(nets.D)
     for p in nets.D.parameters():
         p.grad = torch.full_like(p, 7.0)  # what a D step could have left behind
-    steps.g_step(nets, fake, steps.Recipe(), runtime)
+    steps.g_step(nets, real, fake, steps.Recipe(), runtime)
     assert not any(changed(D_before, nets.D))
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in nets.D.parameters())
     assert all(p.requires_grad for p in nets.D.parameters()), "D is unfrozen after the G step"
