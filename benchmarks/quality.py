@@ -150,11 +150,14 @@ def train_classifier(images, labels, path, epochs=15, seed=0):
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
     held_out, train = order[: len(images) // 5], order[len(images) // 5 :]
-    classifier = DigitClassifier()
     if path.is_file():
+        classifier = DigitClassifier()
         classifier.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
+        # the initial weights from the seed too: drawn from whatever state the global RNG was in,
+        # every work folder had another classifier, so another feature space for its FDs
         torch.manual_seed(seed)
+        classifier = DigitClassifier()
         optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
         for _ in range(epochs):
             for batch in torch.randperm(len(train), generator=generator).split(64):
@@ -299,7 +302,8 @@ def main(argv=None):
     images, labels = load_digits_uint8()
     digits_dir = work_dir / "digits"
     write_pngs(images, digits_dir)
-    classifier, accuracy = train_classifier(images, labels, work_dir / "classifier.pt")
+    # not classifier.pt: classifiers trained before the seed fix were each different
+    classifier, accuracy = train_classifier(images, labels, work_dir / "classifier-seed0.pt")
     print(f"digit classifier: held-out accuracy {accuracy:.3f} ({len(images) // 5} digits)")
     scorer = Scorer(classifier, images)
     floor = real_floor(classifier, images)
