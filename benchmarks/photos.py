@@ -34,7 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from quality import RECIPES, spread_line, summarise, train_and_sample, write_pngs
+from quality import (
+    RECIPES,
+    mean_and_spread,
+    mean_only,
+    per_seed,
+    print_recipe_table,
+    spread_line,
+    train_and_sample,
+    write_pngs,
+)
 from scores import RandomFeatures, frechet_distance, spectral_score, spectral_spread
 
 # photographs inside scikit-image's wheel (skimage.data loads them without pooch)
@@ -138,18 +147,16 @@ def print_table(results, args, floor, photo_names):
     )
     print(spread_line(floor["spread"]))
     print()
-    print(
-        "| recipe | flags | FD ↓ (per seed) | FD mean ± std | spectral ↓ (per seed) | spectral mean ± std | seconds per run |"
+    print_recipe_table(
+        results,
+        [
+            ("FD ↓ (per seed)", "fd", per_seed(".3f")),
+            ("FD mean ± std", "fd", mean_and_spread(".3f")),
+            ("spectral ↓ (per seed)", "spectral", per_seed(".3f")),
+            ("spectral mean ± std", "spectral", mean_and_spread(".3f")),
+            ("seconds per run", "seconds", mean_only(".0f")),
+        ],
     )
-    print("|---|---|---|---|---|---|---|")
-    for recipe, rows in results.items():
-        fds, spectrals = [row["fd"] for row in rows], [row["spectral"] for row in rows]
-        (fd, fd_std), (spectral, spectral_std) = summarise(fds), summarise(spectrals)
-        seconds = summarise([row["seconds"] for row in rows])[0]
-        print(
-            f"| {recipe} | `{' '.join(RECIPES[recipe])}` | {' / '.join(f'{v:.3f}' for v in fds)} | {fd:.3f} ± {fd_std:.3f} "
-            f"| {' / '.join(f'{v:.3f}' for v in spectrals)} | {spectral:.3f} ± {spectral_std:.3f} | {seconds:.0f} |"
-        )
 
 
 def main(argv=None):

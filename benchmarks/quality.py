@@ -281,18 +281,41 @@ def print_table(results, args, floor, accuracy):
     )
     print(spread_line(floor["spread"]))
     print()
-    print(
-        "| recipe | flags | FD (lower is better) | digits found (of 10) | class entropy (1 = even) "
-        "| spectral (lower is better) | seconds per run |"
+    print_recipe_table(
+        results,
+        [
+            ("FD (lower is better)", "fd", mean_and_spread(".2f")),
+            ("digits found (of 10)", "found", mean_and_spread(".1f")),
+            ("class entropy (1 = even)", "entropy", mean_and_spread(".3f")),
+            ("spectral (lower is better)", "spectral", mean_and_spread(".3f")),
+            ("seconds per run", "seconds", mean_only(".0f")),
+        ],
     )
-    print("|---|---|---|---|---|---|---|")
+
+
+# ---------------------------------------------------------------- the tables both benchmarks print
+
+
+def per_seed(spec):
+    return lambda values: " / ".join(f"{value:{spec}}" for value in values)
+
+
+def mean_and_spread(spec):
+    return lambda values: "{0:{spec}} ± {1:{spec}}".format(*summarise(values), spec=spec)
+
+
+def mean_only(spec):
+    return lambda values: f"{summarise(values)[0]:{spec}}"
+
+
+def print_recipe_table(results, columns):
+    """A markdown table with a row per recipe and its flags; columns are (title, key, render),
+    render turning the recipe's per-seed values of key into the cell."""
+    print("| " + " | ".join(["recipe", "flags", *(title for title, _, _ in columns)]) + " |")
+    print("|" + "---|" * (len(columns) + 2))
     for recipe, rows in results.items():
-        cells = [summarise([row[key] for row in rows]) for key in ("fd", "found", "entropy", "spectral", "seconds")]
-        fd, found, entropy, spectral, seconds = cells
-        print(
-            f"| {recipe} | `{' '.join(RECIPES[recipe])}` | {fd[0]:.2f} ± {fd[1]:.2f} | {found[0]:.1f} ± {found[1]:.1f} | "
-            f"{entropy[0]:.3f} ± {entropy[1]:.3f} | {spectral[0]:.3f} ± {spectral[1]:.3f} | {seconds[0]:.0f} |"
-        )
+        cells = [render([row[key] for row in rows]) for _, key, render in columns]
+        print("| " + " | ".join([recipe, f"`{' '.join(RECIPES[recipe])}`", *cells]) + " |")
 
 
 def main(argv=None):
