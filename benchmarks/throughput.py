@@ -216,11 +216,9 @@ def peak_memory_mib(device):
     Linux, else getrusage's ru_maxrss (the whole run); DataLoader workers are not counted."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+    peak = process_status_mib("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
@@ -250,12 +248,18 @@ def current_memory_mib(device):
     """CUDA: memory allocated now. CPU: this process's resident set now (Linux), else 0."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
+    resident = process_status_mib("VmRSS")
+    return 0.0 if resident is None else resident
+
+
+def process_status_mib(field):
+    """A kB field of Linux's /proc/self/status in MiB; None where there is no such file."""
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-    return 0.0
+    return None
 
 
 def synthetic_cifar(count, seed=0):
