@@ -111,7 +111,10 @@ def load_generator_for_use(opts, explicit, runtime):
     use_ema = state.get("netG_ema") is not None
     load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
     print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} (epoch {state['epoch']})")
-    return G.to(runtime.device).eval(), flags
+    G.to(runtime.device)
+    if use_ema:  # checkpoints saved mid-epoch, or by older versions, hold the trained G's statistics
+        models.estimate_batch_norm(G, flags["nz"], runtime.device)
+    return G.eval(), flags
 
 
 def generate(opts, explicit, runtime):

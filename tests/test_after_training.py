@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_ARGS, check_ok, run_gan
 from PIL import Image
 
+import models
 import options
 import sampling
 import steps
@@ -260,6 +261,44 @@ def test_training_keeps_an_ema_generator(trained_run):
     weights = [name for name in state["netG"] if name.endswith("weight")]
     differing = [name for name in weights if not torch.allclose(state["netG_ema"][name], state["netG"][name])]
     assert differing == weights, "after 8 steps the average lags behind every weight of G"
+
+
+def test_the_saved_ema_generator_has_batchnorm_statistics_of_its_own(trained_run, raw_run):
+    """The average's statistics are estimated from its own samples before the epoch's pictures
+    and the checkpoint; the trained G keeps the running statistics of its training batches."""
+    state = torch.load(trained_run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    G = sampling.generator_of(state["flags"])
+    G.load_state_dict(state["netG_ema"])
+    statistics = [name for name in state["netG"] if "running" in name]
+    assert statistics
+    assert all(not torch.allclose(state["netG_ema"][name], state["netG"][name]) for name in statistics)
+    models.estimate_batch_norm(G, state["flags"]["nz"], torch.device("cpu"))
+    for name in statistics:
+        torch.testing.assert_close(G.state_dict()[name], state["netG_ema"][name])
+    raw = torch.load(raw_run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    G.load_state_dict(raw["netG"])
+    models.estimate_batch_norm(G, raw["flags"]["nz"], torch.device("cpu"))
+    assert all(not torch.allclose(G.state_dict()[name], raw["netG"][name]) for name in statistics)
+
+
+def test_generate_gives_an_ema_generator_its_own_statistics_whatever_the_checkpoint_holds(
+    trained_run, gan_main, tmp_path
+):
+    """A checkpoint saved mid-epoch, or by an older version, holds the trained G's statistics
+    in netG_ema: --generate draws the same images as from one with the average's own."""
+    state = torch.load(trained_run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    statistics = [name for name in state["netG"] if "running" in name]
+    copied = {**state, "netG_ema": {**state["netG_ema"], **{k: state["netG"][k] for k in statistics}}}
+    torch.save(copied, tmp_path / "copied.pt")
+    for checkpoint, folder in (
+        (trained_run / "checkpoints" / "checkpoint.pt", "own"),
+        (tmp_path / "copied.pt", "copied"),
+    ):
+        code, _, err = gan_main(["--generate", 4, "--checkpoint", checkpoint, "--seed", 2, "--image-dir", folder])
+        assert code == 0, err
+    for index in range(4):
+        name = f"generated/{index:04d}.png"
+        np.testing.assert_array_equal(pixels(tmp_path / "own" / name), pixels(tmp_path / "copied" / name))
 
 
 def test_ema_zero_keeps_no_average(raw_run):

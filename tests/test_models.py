@@ -15,6 +15,7 @@ from models import (
     UpsampleGenerator,
     build_discriminator,
     build_generator,
+    estimate_batch_norm,
     init_weights,
     num_stages,
     update_ema,
@@ -165,6 +166,57 @@ def test_update_ema_copies_every_buffer_of_an_upsample_generator():
     assert len(buffers) == 3 * count(G, nn.BatchNorm2d)  # mean, var, num_batches_tracked
     for ema_buffer, buffer in zip(ema.buffers(), buffers, strict=True):
         torch.testing.assert_close(ema_buffer, buffer)
+
+
+def batch_norm_inputs(G, noise):
+    """What each BatchNorm layer of G sees on this noise in training mode, flattened to (N*H*W, C)."""
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].transpose(0, 1).flatten(1).T))
+        for m in G.modules()
+        if isinstance(m, nn.BatchNorm2d)
+    ]
+    with torch.no_grad():
+        G.train()(noise)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_estimate_batch_norm_gives_a_generator_the_statistics_of_its_own_outputs(arch):
+    torch.manual_seed(0)
+    G = build_generator(arch, nz=8, ngf=4, image_size=16).apply(init_weights).eval()
+    for m in G.modules():  # statistics that belong to some other network
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(3.0)
+            m.running_var.fill_(0.01)
+    estimate_batch_norm(G, 8, torch.device("cpu"), samples=512, batch_size=128, seed=5)
+    assert not G.training  # left in the mode it was in
+    noise = torch.Generator().manual_seed(5)
+    inputs = batch_norm_inputs(G, torch.cat([torch.randn(128, 8, 1, 1, generator=noise) for _ in range(4)]))
+    layers = [m for m in G.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(inputs) == len(layers) > 0
+    for m, seen in zip(layers, inputs):
+        torch.testing.assert_close(m.running_mean, seen.mean(0), rtol=1e-3, atol=2e-4)  # equal batches: the mean
+        torch.testing.assert_close(m.running_var, seen.var(0), rtol=0.05, atol=1e-6)  # mean of batch variances
+
+
+def test_estimate_batch_norm_is_seeded_and_leaves_the_weights_alone():
+    torch.manual_seed(0)
+    G = Generator(8, 4, 16).apply(init_weights)
+    weights = {k: v.clone() for k, v in G.state_dict().items() if "running" not in k and "num_batches" not in k}
+    first, second = Generator(8, 4, 16), Generator(8, 4, 16)
+    for copy_ in (first, second):
+        copy_.load_state_dict(G.state_dict())
+    G(torch.randn(4, 8, 1, 1))  # moves G's own statistics, which the estimate must not depend on
+    for net in (first, second, G):
+        estimate_batch_norm(net, 8, torch.device("cpu"), samples=256, batch_size=64)
+    for a, b, c in zip(first.buffers(), second.buffers(), G.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    for name, value in weights.items():
+        torch.testing.assert_close(G.state_dict()[name], value, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- the upsample architecture
