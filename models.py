@@ -212,7 +212,7 @@ def estimate_batch_norm(G, nz, device, samples=4096, batch_size=256, seed=0):
     """Replace G's BatchNorm running statistics with those of its own outputs on seeded noise.
 
     An EMA generator's weights are an average, so the statistics it copied from the trained G
-    do not fit it; drawn in eval mode with them, its samples scored 1.4-7x the Frechet distance
+    do not fit it; drawn in eval mode with them, its samples scored 1.3-8x the Frechet distance
     of the same weights with their own statistics (BENCHMARKS.md; BigGAN's "standing statistics",
     Brock et al., 2018). Seeded, so the same weights always get the same statistics.
     """
