@@ -335,13 +335,44 @@ def test_upsample_generator_depends_on_the_noise():
     assert (first - other).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every image changed
 
 
+def colour_convolution_input(G, noise):
+    """What G's last convolution, the one to colours, is given."""
+    last = [m for m in G.modules() if isinstance(m, nn.Conv2d)][-1]
+    seen = []
+    hook = last.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+    G(noise)
+    hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("image_size", [16, 64])
+def test_upsample_fullres_convolves_at_full_size_before_the_colours(image_size):
+    """The plain upsample G's colour convolution only filters a nearest-neighbour doubling (every
+    2x2 block equal: no power at the highest frequencies); the full-size block's ReLU gives it
+    detail at the full size. Otherwise the two are the same network, one block longer."""
+    torch.manual_seed(0)
+    plain = build_generator("upsample", nz=8, ngf=4, image_size=image_size).apply(init_weights)
+    full = build_generator("upsample-fullres", nz=8, ngf=4, image_size=image_size).apply(init_weights)
+    noise = torch.randn(4, 8, 1, 1)
+    blocky = colour_convolution_input(plain, noise)
+    assert blocky.shape[-1] == image_size
+    torch.testing.assert_close(blocky, F.interpolate(blocky[..., ::2, ::2], scale_factor=2, mode="nearest"))
+    detailed = colour_convolution_input(full, noise)
+    assert detailed.shape == blocky.shape
+    assert (detailed - F.interpolate(detailed[..., ::2, ::2], scale_factor=2, mode="nearest")).abs().amax() > 1e-3
+    assert count(full, nn.Conv2d) == count(plain, nn.Conv2d) + 1
+    assert count(full, nn.BatchNorm2d) == count(plain, nn.BatchNorm2d) + 1
+    assert count(full, nn.Upsample) == count(plain, nn.Upsample) == num_stages(image_size)
+    assert full(noise).shape == (4, 3, image_size, image_size)
+
+
 def test_architectures_registry_builds_either_pair():
-    assert list(ARCHITECTURES) == ["dcgan", "upsample"]
+    assert list(ARCHITECTURES) == ["dcgan", "upsample", "upsample-fullres"]
     noise = torch.randn(2, 8, 1, 1)
     for arch, (generator_class, discriminator_class) in ARCHITECTURES.items():
         G = build_generator(arch, nz=8, ngf=4, image_size=32)
         D = build_discriminator(arch, ndf=4, image_size=32, spectral_norm=True)
-        assert type(G) is generator_class and type(D) is discriminator_class
+        assert type(G) is getattr(generator_class, "func", generator_class) and type(D) is discriminator_class
         assert G.nz == 8
         assert count(D, nn.BatchNorm2d) == 0  # spectral_norm was passed through
         assert D(G(noise)).shape == (2,)  # the same noise and images fit both architectures

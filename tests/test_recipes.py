@@ -310,7 +310,7 @@ def test_ema_keeps_an_averaged_generator_apart_from_g(gan_main, tiny_args, tmp_p
 # ---------------------------------------------------------------- --recipe
 
 # what the README and --help promise `--recipe improved` turns on
-IMPROVED = {"recipe": "improved", "arch": "upsample", "spectral_loss": 1.0}
+IMPROVED = {"recipe": "improved", "arch": "upsample-fullres", "spectral_loss": 3.0}
 
 
 def changed_from_defaults(argv):
@@ -338,7 +338,7 @@ def test_a_typed_flag_wins_over_the_recipe(order):
 def test_help_documents_the_recipes():
     text = " ".join(options.build_parser().format_help().split())
     assert "--recipe {dcgan,improved}" in text
-    assert "improved: --arch upsample --spectral-loss 1.0 (default: dcgan)" in text
+    assert "improved: --arch upsample-fullres --spectral-loss 3.0 (default: dcgan)" in text
     assert "dcgan: the DCGAN paper's settings" in text
 
 
