@@ -232,7 +232,7 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature):
     stop.install()
     train_epochs(state, batches, opts, runtime, outputs, stop)
     if outputs is not None:
-        fake = sampling.sample(generator_for_samples(state.nets, opts, runtime), state.fixed_noise, runtime)
+        fake = sampling.sample(generator_for_samples(state.nets), state.fixed_noise, runtime)
         outputs.pictures.write_real_vs_fake(images[:64], fake, opts.image_size)
     return state
 
@@ -370,7 +370,9 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     progress.epoch += 1
     progress.batch = 0
     if runtime.is_main:
-        G = generator_for_samples(state.nets, opts, runtime)
+        if state.nets.G_ema is not None:  # its own BatchNorm statistics, for the pictures, FID and the checkpoint
+            estimate_batch_norm(state.nets.G_ema, opts.nz, runtime.device)
+        G = generator_for_samples(state.nets)
         outputs.epoch_pictures(sampling.sample(G, state.fixed_noise, runtime), progress.epoch)
         fid = outputs.evaluate(state, G, opts, runtime)
         checkpoint.save_run_files(state.nets, progress, state.fixed_noise, opts, runtime)
@@ -378,12 +380,8 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     barrier(runtime)
 
 
-def generator_for_samples(nets, opts, runtime):
-    """The EMA generator with its own BatchNorm statistics (they are saved with it), or G."""
-    if nets.G_ema is None:
-        return nets.G
-    estimate_batch_norm(nets.G_ema, opts.nz, runtime.device)
-    return nets.G_ema
+def generator_for_samples(nets):
+    return nets.G_ema if nets.G_ema is not None else nets.G
 
 
 def describe(opts, runtime, image_count, batches):
