@@ -168,19 +168,21 @@ def test_update_ema_copies_every_buffer_of_an_upsample_generator():
         torch.testing.assert_close(ema_buffer, buffer)
 
 
-def batch_norm_inputs(G, noise):
-    """What each BatchNorm layer of G sees on this noise in training mode, flattened to (N*H*W, C)."""
+@torch.no_grad()
+def layer_inputs(G, noise, layers):
+    """What each of G's given layers is given when G runs on this noise, in G's order."""
     seen = []
-    hooks = [
-        m.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].transpose(0, 1).flatten(1).T))
-        for m in G.modules()
-        if isinstance(m, nn.BatchNorm2d)
-    ]
-    with torch.no_grad():
-        G.train()(noise)
+    hooks = [layer.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0])) for layer in layers]
+    G(noise)
     for hook in hooks:
         hook.remove()
     return seen
+
+
+def batch_norm_inputs(G, noise):
+    """What each BatchNorm layer of G sees on this noise in training mode, flattened to (N*H*W, C)."""
+    layers = [m for m in G.modules() if isinstance(m, nn.BatchNorm2d)]
+    return [seen.transpose(0, 1).flatten(1).T for seen in layer_inputs(G.train(), noise, layers)]
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
@@ -338,11 +340,7 @@ def test_upsample_generator_depends_on_the_noise():
 def colour_convolution_input(G, noise):
     """What G's last convolution, the one to colours, is given."""
     last = [m for m in G.modules() if isinstance(m, nn.Conv2d)][-1]
-    seen = []
-    hook = last.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
-    G(noise)
-    hook.remove()
-    return seen[0]
+    return layer_inputs(G, noise, [last])[0]
 
 
 @pytest.mark.parametrize("image_size", [16, 64])
