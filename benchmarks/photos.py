@@ -44,7 +44,14 @@ from quality import (
     train_and_sample,
     write_pngs,
 )
-from scores import RandomFeatures, frechet_distance, spectral_score, spectral_spread
+from scores import (
+    RandomFeatures,
+    fixed_detail_share,
+    frechet_distance,
+    spectral_score,
+    spectral_spread,
+    strongest_peak,
+)
 
 # photographs inside scikit-image's wheel (skimage.data loads them without pooch)
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -122,7 +129,7 @@ def save_grid(images_uint8, path, scale=2):
 
 
 class PhotoScorer:
-    """FD in random-conv features and spectral score against the reference half of the crops."""
+    """FD in random-conv features, spectral score and the lattice measures against the reference half."""
 
     def __init__(self, reference, feature_seed):
         self.reference = reference
@@ -132,6 +139,8 @@ class PhotoScorer:
         return {
             "fd": frechet_distance(self.feature, self.reference, images_uint8),
             "spectral": spectral_score(images_uint8, self.reference),
+            "fixed": fixed_detail_share(images_uint8),
+            "peak": strongest_peak(images_uint8, self.reference),
         }
 
 
@@ -143,7 +152,8 @@ def print_table(results, args, floor, photo_names):
         f"(batch {args.batch_size}, ngf=ndf={args.width}), {args.samples} samples, seeds {args.seeds}"
     )
     print(
-        f"real-vs-real floors ({args.samples} vs {args.samples} crops): FD {floor['fd']:.3f}, spectral {floor['spectral']:.4f}"
+        f"real-vs-real floors ({args.samples} vs {args.samples} crops): FD {floor['fd']:.3f}, "
+        f"spectral {floor['spectral']:.4f}, fixed-detail share {floor['fixed']:.4f}"
     )
     print(spread_line(floor["spread"]))
     print()
@@ -154,6 +164,8 @@ def print_table(results, args, floor, photo_names):
             ("FD mean ± std", "fd", mean_and_spread(".3f")),
             ("spectral ↓ (per seed)", "spectral", per_seed(".3f")),
             ("spectral mean ± std", "spectral", mean_and_spread(".3f")),
+            ("fixed-detail share", "fixed", per_seed(".3f")),
+            ("strongest peak (gen/real power)", "peak", per_seed("s")),
             ("seconds per run", "seconds", mean_only(".0f")),
         ],
     )
@@ -183,7 +195,8 @@ def main(argv=None):
             if not args.keep_runs:
                 shutil.rmtree(work_dir / "runs" / f"{recipe}-seed{seed}")
             print(
-                f"{recipe:12s} seed {seed}: FD {scores['fd']:.3f}  spectral {scores['spectral']:.4f}  ({seconds:.0f}s)",
+                f"{recipe:12s} seed {seed}: FD {scores['fd']:.3f}  spectral {scores['spectral']:.4f}  "
+                f"fixed {scores['fixed']:.3f}  peak {scores['peak']}  ({seconds:.0f}s)",
                 flush=True,
             )
     print_table(results, args, floor, [name for name, _ in photos])
