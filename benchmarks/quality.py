@@ -10,7 +10,7 @@ No network, no GPU, no Inception weights: a small CNN trained here on the 1797 b
   - spectral: the distance between the generated and real mean log power spectra
     (benchmarks/scores.py; rises with checkerboard artifacts).
 
-    python benchmarks/quality.py                      # 8 recipes, 2 seeds (about 20 min on 2 busy cores)
+    python benchmarks/quality.py                      # 8 recipes, 2 seeds: about 20 minutes on 2 busy CPU cores
     python benchmarks/quality.py --seeds 0 --recipes plain combined
 """
 

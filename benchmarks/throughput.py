@@ -17,6 +17,7 @@ arrays turned into PIL images, Resize/ToTensor/Normalize per image, DataLoader(n
 shuffle=True), fp32, D ending in Sigmoid with BCELoss, D on real then fake, then G through D
 (with D's weight gradients), `.item()` on the losses and D outputs and a print every step.
 The example's image saving every 100 steps is left out of both.
+About 4 minutes on 2 CPU cores with the CPU defaults (32 and 64 px, batch 128, 5 rounds of 5 steps).
 """
 
 import argparse
