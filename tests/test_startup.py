@@ -5,13 +5,13 @@ import subprocess
 import sys
 
 import torch
+from conftest import GAN_PY, ROOT, subprocess_env
 
 import artifacts
 import models
 import options
 import runtime
 import steps
-from conftest import GAN_PY, ROOT, subprocess_env
 
 # Run in a fresh interpreter: this test process has long imported torchvision and friends.
 PROBE = """
