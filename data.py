@@ -167,13 +167,15 @@ def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None
     memory_limit_bytes: the bytes of images the device may hold (None: a share of its free memory).
     Train from the result with make_batches.
     """
-    return load_training_data(opts, device, cache_dir, say, memory_limit_bytes).images
+    return load_training_data(opts, device, cache_dir, say, memory_limit_bytes, with_labels=False).images
 
 
-def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_bytes=None):
-    """load_dataset's images as TrainingData, with their labels when opts.conditional asks for them."""
-    images, labels, class_names = read_images_and_labels(opts, cache_dir, say)
-    if not opts.conditional:
+def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_bytes=None, with_labels=None):
+    """load_dataset's images as TrainingData, with their labels when with_labels (default:
+    opts.conditional) asks for them."""
+    with_labels = opts.conditional if with_labels is None else with_labels
+    images, labels, class_names = read_images_and_labels(opts, with_labels, cache_dir, say)
+    if not with_labels:
         labels = class_names = None
     images, labels = choose_subset(images, opts.subset, opts.seed, labels)
     if len(images) < opts.batch_size:
@@ -185,13 +187,13 @@ def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_byte
     return TrainingData(images, labels, class_names)
 
 
-def read_images_and_labels(opts, cache_dir, say):
-    """All the data set's images, and (under --conditional) their labels and class names."""
+def read_images_and_labels(opts, with_labels, cache_dir, say):
+    """All the data set's images, and (with_labels) their labels and class names."""
     if opts.dataset == "cifar10":
         return load_cifar10_labelled(opts.dataroot)
     if opts.dataset == "folder":
         images = open_folder(opts.dataroot, opts.image_size, opts.workers, cache_dir, say)
-        if not opts.conditional:
+        if not with_labels:
             return images, None, None
         labels, class_names = folder_labels(opts.dataroot, images.files)
         return images, labels, class_names
