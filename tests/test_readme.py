@@ -91,11 +91,12 @@ def test_flag_table_drift_is_found():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     cores = os.cpu_count() or 1
     parser = options.build_parser()
+    already = set(table_drift(readme, parser, cores))  # the test above reports these
     parser.add_argument("--new-flag", type=int, default=3, help="added without a row")
     broken = readme.replace("| `--ttur` |", "| `--tturbo` |").replace("| `--nz` | 100 |", "| `--nz` | 128 |")
-    assert table_drift(broken, parser, cores) == [
+    assert set(table_drift(broken, parser, cores)) - already == {
         "in --help, not in the README's flag table: --new-flag",
         "in --help, not in the README's flag table: --ttur",
         "in the README's flag table, not a flag: --tturbo",
         "--nz: README says '128', --help 100",
-    ]
+    }
