@@ -61,7 +61,7 @@ EXAMPLES = """examples:
   python gan.py --resume                                     continue the run in checkpoints/
   python gan.py --generate 1000 --seed 7                     images from the latest checkpoint
   python gan.py --interpolate                                latent walks, grid and GIF
-  python gan.py --evaluate                                   FID, IS and KID of the latest checkpoint
+  python gan.py --evaluate                                   FID, IS, KID, precision/recall of the latest checkpoint
   torchrun --nproc_per_node=8 gan.py --epochs 25             8 GPUs, batch 128 each
 """
 
@@ -310,7 +310,7 @@ def add_after_training_flags(group):
         help=f"images per latent walk for --interpolate (at most {MAX_WALK_STEPS})",
     )
     add("--checkpoint", default=None, help="checkpoint for --generate/--interpolate/--evaluate [default: latest]")
-    add("--evaluate", action="store_true", help="FID, IS and KID of a checkpoint, then exit")
+    add("--evaluate", action="store_true", help="FID, IS, KID, precision, recall, density and coverage of a checkpoint, then exit")
     add("--eval-samples", type=positive_int, default=10_000, help="generated images per evaluation")
     add("--fid-every", type=non_negative_int, default=0, help="evaluate every E epochs while training; keeps best.pt")
 

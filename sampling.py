@@ -55,12 +55,13 @@ def open_metrics(opts, runtime, real_uint8, feature=None):
     scorers = metrics.build_metrics(runtime.device, opts.eval_samples, feature)
     cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
     cache = metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), real_uint8.shape[-1])
-    metrics.add_real_images(scorers, real_uint8, cache)
+    # precision and recall compare as many real images as generated ones: keep that many features
+    metrics.add_real_images(scorers, real_uint8, cache, keep_real=max(metrics.KID_REAL_LIMIT, opts.eval_samples))
     return scorers
 
 
 def score(scorers, G, opts, runtime, seed):
-    """FID, IS and KID of opts.eval_samples images; the global RNG is left as it was."""
+    """FID, IS, KID, precision, recall, density and coverage of opts.eval_samples images; the global RNG is left as it was."""
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
         torch.manual_seed(seed)
@@ -179,6 +180,17 @@ def interpolate(opts, explicit, runtime, walks=8):
     )
 
 
+def scores_line(scores, generated_count):
+    """The line --evaluate prints: FID, IS, KID, then precision, recall, density and coverage."""
+    neighbours = "".join(
+        f"  {name} {scores[name]:.3f}" for name in ("precision", "recall", "density", "coverage") if name in scores
+    )
+    return (
+        f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
+        f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}{neighbours}  ({generated_count} generated images)"
+    )
+
+
 def evaluate(opts, explicit, runtime, feature=None):
     G, flags = load_generator_for_use(opts, explicit, runtime)
     path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
@@ -196,10 +208,7 @@ def evaluate(opts, explicit, runtime, feature=None):
     real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=folder, say=print)
     scorers = open_metrics(eval_opts, runtime, real, feature)
     scores = score(scorers, G, eval_opts, runtime, seed)
-    print(
-        f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
-        f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({opts.eval_samples} generated images)"
-    )
+    print(scores_line(scores, opts.eval_samples))
     log_path = Path(folder) / METRICS_LOG_NAME
     append_metrics(log_path, [{"evaluate": str(path), **scores}])
     return scores
