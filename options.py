@@ -310,7 +310,11 @@ def add_after_training_flags(group):
         help=f"images per latent walk for --interpolate (at most {MAX_WALK_STEPS})",
     )
     add("--checkpoint", default=None, help="checkpoint for --generate/--interpolate/--evaluate [default: latest]")
-    add("--evaluate", action="store_true", help="FID, IS, KID, precision, recall, density and coverage of a checkpoint, then exit")
+    add(
+        "--evaluate",
+        action="store_true",
+        help="FID, IS, KID, precision, recall, density and coverage of a checkpoint, then exit",
+    )
     add("--eval-samples", type=positive_int, default=10_000, help="generated images per evaluation")
     add("--fid-every", type=non_negative_int, default=0, help="evaluate every E epochs while training; keeps best.pt")
 
