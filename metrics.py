@@ -19,9 +19,12 @@ PRECISION_RECALL_K = 3  # Kynkaanniemi et al. 2019, and StyleGAN2-ADA's pr50k3
 DENSITY_COVERAGE_K = 5  # Naeem et al. 2020, and StudioGAN
 DISTANCE_CHUNK_VALUES = 1 << 25  # distances held at once (128 MiB in fp32): 50k x 50k never is
 REAL_ORDER_SEED = 0  # the real images are fed in one fixed shuffled order (see add_real_images)
+INCEPTION_URL = (  # torch-fidelity's FID Inception weights, as torchmetrics downloads them
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 WEIGHTS_HINT = (
     "the Inception weights could not be loaded ({reason}). They are downloaded on first use "
-    "into {folder}; on an offline machine copy weights-inception-2015-12-05-6726825d.pth there"
+    "into {folder}; on an offline machine download " + INCEPTION_URL + " elsewhere and copy it there"
 )
 
 
@@ -104,15 +107,19 @@ def _restore_real(fid, kid, cached, real_kept):
     kid.real_features = [cached["kid_features"].to(kid.device)]
 
 
-@torch.no_grad()
 def score_generator(metrics, sample_batches):
     """FID, IS, KID, precision, recall, density and coverage of generated images;
     sample_batches yields float images in [-1, 1]."""
+    return score_images(metrics, (images.float().add(1).mul(127.5).round().clamp(0, 255) for images in sample_batches))
+
+
+@torch.no_grad()
+def score_images(metrics, batches):
+    """The scores of score_generator for batches of images with values 0..255 (uint8 or float)."""
     for metric in metrics.values():
         _reset_fake(metric)
-    for images in sample_batches:
-        images_uint8 = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-        images_uint8 = images_uint8.to(metrics["fid"].device)
+    for images in batches:
+        images_uint8 = images.to(metrics["fid"].device, torch.uint8)
         metrics["fid"].update(images_uint8, real=False)
         metrics["kid"].update(images_uint8, real=False)
         metrics["is"].update(images_uint8)

@@ -13,6 +13,7 @@ import pytest
 import scipy.linalg
 import scipy.spatial
 import torch
+from conftest import snapshot, write_cifar10_archive
 from torch import nn
 
 import artifacts
@@ -354,3 +355,79 @@ def test_scoring_fid_while_training_changes_nothing_the_run_trains(gan_main, sta
     for name in ("fid_b", "no_fid"):
         for key in ("netG", "netD", "netG_ema", "optG"):
             torch.testing.assert_close(states[name][key], states["fid_a"][key], rtol=0, atol=0, msg=f"{name} {key}")
+
+
+# ---------------------------------------------------------------- --evaluate --images DIR
+
+
+def write_colour_pngs(folder, colours, size):
+    """One solid-colour PNG per colour (width x height = size), under folder and a subfolder."""
+    from PIL import Image
+
+    for index, colour in enumerate(colours):
+        path = folder / ("more" if index % 2 else "") / f"{index:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, tuple(int(c) for c in colour)).save(path)
+
+
+def test_evaluate_images_scores_a_folder_against_cifar10_train_at_32_px(gan_main, stand_in, tmp_path):
+    """The default protocol: CIFAR-10's training images. A folder holding those same images at
+    64 x 48 px is resized to 32 px (solid colours come through exactly): the same set, so FID 0 and
+    precision, recall and coverage 1."""
+    training = write_cifar10_archive(tmp_path / "data", images_per_batch=6)  # 30 training images
+    write_colour_pngs(tmp_path / "theirs", training[:, :, 0, 0], (64, 48))
+    code, out, err = gan_main(["--evaluate", "--images", "theirs", "--device", "cpu"], stand_in)
+    assert code == 0, err
+    assert stand_in.batch_sizes[:2] == [30, 30]  # real: FID and KID; the test batch is not read
+    row = read_rows(tmp_path / "checkpoints" / "metrics.jsonl")[-1]
+    assert row["images"] == "theirs" and row["count"] == 30
+    assert row["fid"] == pytest.approx(0, abs=1e-3)
+    assert (row["precision"], row["recall"], row["coverage"]) == (1.0, 1.0, 1.0)
+    assert "30 images of theirs at 32 px, against 30 real" in out
+    assert f"precision {row['precision']:.3f}" in out
+
+
+@pytest.mark.parametrize(
+    "make, argv_end, message",
+    [
+        (lambda root: None, [], "--images theirs does not exist"),
+        (lambda root: (root / "theirs").write_text("x"), [], "--images theirs is a file"),
+        (lambda root: (root / "theirs").mkdir(), [], "holds 0 image files"),
+        (
+            lambda root: write_colour_pngs(root / "theirs", [(1, 2, 3)] * 3, (8, 8)),
+            ["--eval-samples", "9"],
+            "--eval-samples does not apply",
+        ),
+    ],
+)
+def test_evaluate_images_refuses_a_bad_folder_in_one_line(gan_main, stand_in, tmp_path, make, argv_end, message):
+    make(tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = gan_main(["--evaluate", "--images", "theirs", "--device", "cpu", *argv_end], stand_in)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before and not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluate_images_refuses_a_folder_of_unreadable_files(gan_main, stand_in, tiny_args, tmp_path):
+    write_colour_pngs(tmp_path / "real", [(i, 2 * i, 3 * i) for i in range(8)], (16, 16))
+    (tmp_path / "theirs").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "theirs" / name).write_bytes(b"not an image")
+    argv = ["--evaluate", "--images", "theirs", "--device", "cpu", "--dataset", "folder", "--dataroot", "real"]
+    code, _, err = gan_main([*argv, "--image-size", "16", "--workers", "0"], stand_in)
+    assert code == 2
+    assert "--images theirs holds 0 readable images" in err
+
+
+def test_images_needs_evaluate(gan_main, tmp_path):
+    code, _, err = gan_main(["--images", "theirs", "--epochs", "1"])
+    assert code == 2 and "--images DIR goes with --evaluate" in err
+
+
+def test_evaluate_images_without_weights_names_the_file_and_folder(gan_main, no_inception_weights, tmp_path):
+    write_colour_pngs(tmp_path / "real", [(i, 2 * i, 3 * i) for i in range(8)], (16, 16))
+    argv = ["--evaluate", "--images", "real", "--device", "cpu", "--dataset", "folder", "--dataroot", "real"]
+    code, _, err = gan_main([*argv, "--image-size", "16", "--workers", "0"])
+    assert code == 2
+    assert str(no_inception_weights) in err and metrics.INCEPTION_URL in err
