@@ -20,6 +20,12 @@ class UserError(Exception):
     """A problem with the user's input or environment: printed without a traceback, exit 2."""
 
 
+def error_prefix():
+    """What starts an error line: the program, and under torchrun the rank that had the error."""
+    rank = os.environ.get("RANK")
+    return f"gan.py (rank {rank})" if rank not in (None, "0") else "gan.py"
+
+
 # ---------------------------------------------------------------- atomic files
 
 
