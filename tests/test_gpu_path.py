@@ -12,6 +12,7 @@ from conftest import TINY_ARGS, run_gan
 from torch import nn
 
 import checkpoint
+import data
 import gan
 import models
 import options
@@ -161,7 +162,8 @@ def test_one_named_gpu_for_every_process_of_a_machine_is_refused(monkeypatch, jo
 def test_each_machine_prepares_its_data_before_its_other_processes_read_it(monkeypatch, rank, local_rank, turns):
     order = []
     monkeypatch.setattr(gan, "barrier", lambda runtime: order.append("barrier"))
-    monkeypatch.setattr(gan, "load_dataset", lambda *args, **kwargs: order.append("load") or torch.zeros(8, 3, 16, 16))
+    loaded = data.TrainingData(torch.zeros(8, 3, 16, 16, dtype=torch.uint8), None, None)
+    monkeypatch.setattr(gan, "load_training_data", lambda *args, **kwargs: order.append("load") or loaded)
     opts, _ = options.parse_flags([*TINY_ARGS])
     two_machines = runtime.Runtime(CPU, rank=rank, world_size=4, local_rank=local_rank)
     gan.load_batches(opts, two_machines)
