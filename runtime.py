@@ -186,13 +186,13 @@ def gpu_of_process(requested_device, local_rank):
             "GPU; give --device cuda (or auto): each process takes the GPU of its LOCAL_RANK"
         )
     count = torch.cuda.device_count()
-    if index >= count and index == local_rank:
+    if index >= count and requested_device.startswith("cuda:"):
+        raise UserError(f"--device {requested_device}: only {count} GPU(s) here")
+    if index >= count:
         raise UserError(
             f"this machine has {count} GPU(s) visible but starts process LOCAL_RANK={local_rank}: "
             f"start at most {count} processes per machine (torchrun --nproc_per_node={count})"
         )
-    if index >= count:
-        raise UserError(f"--device {requested_device}: only {count} GPU(s) here")
     return index
 
 

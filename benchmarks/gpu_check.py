@@ -128,7 +128,7 @@ class Checks:
             versions += [
                 f"CUDA {torch.version.cuda}",
                 f"cuDNN {torch.backends.cudnn.version()}",
-                f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}",
+                f"NCCL {dotted(torch.cuda.nccl.version())}",
                 f"Triton {module_version('triton')}",
                 f"bf16 {'native' if torch.cuda.is_bf16_supported(including_emulation=False) else 'emulated only'}",
                 f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(self.device)}",
@@ -194,7 +194,8 @@ class Checks:
         self.run_ok(flags)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            state = gan.run(["--resume", "--epochs", "2", "--device", str(self.device), *map(str, self.folders(name))])
+            resume = ["--resume", "--epochs", "2", "--device", str(self.device), "--compile", "off"]
+            state = gan.run([*resume, *map(str, self.folders(name))])
         misplaced = [
             f"{key} on {value.device}"
             for optimizer in (state.nets.opt_G, state.nets.opt_D)
@@ -315,6 +316,10 @@ def fid_logged(folder):
     expect(len(scores) == 1 and scores[0]["fid"] >= 0, f"FID rows: {scores}")
     expect((folder / "checkpoints" / "best.pt").is_file(), "no best.pt")
     return f"FID {scores[0]['fid']:.2f} logged at step {scores[0]['step']}; best.pt kept"
+
+
+def dotted(version):
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
 def module_version(name):
