@@ -42,6 +42,9 @@ NOT_RESUMED_FLAGS = (
     "precision",
     "workers",
     "tensorboard",
+    "class_name",
+    "to_class",
+    "truncation",
     *PATH_FLAGS,
     *DATA_TRAITS,
 )
@@ -323,6 +326,29 @@ def add_after_training_flags(group):
         default=10,
         help=f"images per latent walk for --interpolate (at most {MAX_WALK_STEPS})",
     )
+    add(
+        "--class",
+        dest="class_name",
+        default=None,
+        metavar="NAME",
+        help="with --generate or --interpolate on a --conditional checkpoint: the class to draw, by name or "
+        "index [default: --generate writes N of every class, one sub-folder each; --interpolate walks one "
+        "class per row]",
+    )
+    add(
+        "--to-class",
+        default=None,
+        metavar="NAME",
+        help="with --interpolate --class A: walk from class A to this class at fixed noise",
+    )
+    add(
+        "--truncation",
+        type=positive_float,
+        default=None,
+        metavar="T",
+        help="draw the noise from a normal truncated to [-T, T] (the truncation trick: lower T, more typical "
+        "images, less variety) for --generate, --interpolate and --evaluate [default: not truncated]",
+    )
     add("--checkpoint", default=None, help="checkpoint for --generate/--interpolate/--evaluate [default: latest]")
     add("--evaluate", action="store_true", help="FID, IS and KID of a checkpoint, then exit")
     add("--eval-samples", type=positive_int, default=10_000, help="generated images per evaluation")
@@ -345,6 +371,7 @@ def parse_flags(argv=None):
         raise UserError("choose one of --generate, --interpolate and --evaluate")
     if parsed["resume"] is not None and any(modes):
         raise UserError("--resume trains; use --checkpoint with --generate, --interpolate or --evaluate")
+    check_sampling_flags(parsed)
     from_recipe = recipe_values(parser, parsed["recipe"], explicit)
     parsed.update(from_recipe)
     if "recipe" in explicit:
@@ -367,6 +394,17 @@ def answer_help_and_flag_errors(argv):
     except UserError as error:
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_sampling_flags(flags):
+    """--class, --to-class and --truncation apply to the modes that draw from a checkpoint."""
+    drawing = flags["generate"] is not None or flags["interpolate"]
+    if flags["class_name"] is not None and not drawing:
+        raise UserError("--class applies to --generate and --interpolate")
+    if flags["to_class"] is not None and (not flags["interpolate"] or flags["class_name"] is None):
+        raise UserError("--to-class applies to --interpolate, with --class naming where the walk starts")
+    if flags["truncation"] is not None and not (drawing or flags["evaluate"]):
+        raise UserError("--truncation applies to --generate, --interpolate and --evaluate")
 
 
 def recipe_values(parser, name, explicit):

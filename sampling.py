@@ -6,6 +6,7 @@ FID in the middle of a run must not change what the run trains next.
 """
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,9 +130,9 @@ def score(scorers, G, opts, runtime, seed):
     with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
         torch.manual_seed(seed)
         labels = balanced_labels(opts.eval_samples, G.num_classes)
-        return metrics.score_generator(
-            scorers, generated_batches(G, opts.eval_samples, G.nz, runtime, seed, labels=labels)
-        )
+        truncation = opts.truncation
+        batches = generated_batches(G, opts.eval_samples, G.nz, runtime, seed, labels=labels, truncation=truncation)
+        return metrics.score_generator(scorers, batches)
 
 
 class TrainingEvaluator:
@@ -194,25 +195,84 @@ def saved_class_names(state, path):
     return tuple(names)
 
 
+def checkpoint_path(opts):
+    return Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
+
+
+def class_index(G, name, path, flag="--class"):
+    """The index of the class a user named (by name, or by index), or a UserError listing the classes."""
+    if not G.num_classes:
+        raise UserError(f"{flag} {name}: {path} was trained without --conditional, so it has no classes")
+    if name in G.class_names:
+        return G.class_names.index(name)
+    if name.isdecimal() and int(name) < G.num_classes:
+        return int(name)
+    listed = ", ".join(f"{index}: {class_name}" for index, class_name in enumerate(G.class_names))
+    raise UserError(f"{flag} {name}: no such class in {path}; its classes are {listed}")
+
+
 def generate(opts, explicit, runtime):
+    """N images: of one class (--class), of every class (one sub-folder each), or unconditional."""
     G, flags = load_generator_for_use(opts, explicit, runtime)
+    if opts.class_name is not None:
+        classes = [class_index(G, opts.class_name, checkpoint_path(opts))]
+    else:
+        classes = list(range(G.num_classes)) or [None]
     folder = Path(opts.image_dir) / "generated"
     check_writable(folder)
     seed = opts.seed if opts.seed is not None else random_seed()
-    digits = max(4, len(str(opts.generate - 1)))
-    index, grid = 0, []
+    written, firsts = 0, []
     try:
-        for images in generated_batches(G, opts.generate, flags["nz"], runtime, seed):
-            for image in images.cpu():
-                artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
-                index += 1
-            grid.extend(images[: 64 - len(grid)].cpu())
-        artifacts.save_grid(torch.stack(grid), folder / "grid.png", nrow=artifacts.grid_side(len(grid)))
+        for label in classes:
+            target = folder if label is None else folder / G.class_names[label]
+            first = write_generated(G, label, opts, flags["nz"], runtime, seed, target)
+            written += opts.generate
+            firsts.append(first)
+        save_generated_grid(G, classes, firsts, folder / "grid.png")
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
         raise Interrupted(
-            exit_code_of(interrupt), f"interrupted: wrote {index} of {opts.generate} images to {folder}/ (seed {seed})"
+            exit_code_of(interrupt), f"interrupted: wrote {written} complete classes' images to {folder}/ (seed {seed})"
         ) from None
-    print(f"wrote {index} images and grid.png to {folder}/ (seed {seed})")
+    if classes == [None]:
+        print(f"wrote {opts.generate} images and grid.png to {folder}/ (seed {seed})")
+    elif len(classes) == 1:
+        name = G.class_names[classes[0]]
+        print(f"wrote {opts.generate} images of class {name} into {folder / name}/, and grid.png (seed {seed})")
+    else:
+        names = ", ".join(G.class_names[label] for label in classes)
+        print(
+            f"wrote {opts.generate} images of each class ({names}) into {folder}/<class>/, and grid.png (seed {seed})"
+        )
+
+
+def write_generated(G, label, opts, nz, runtime, seed, folder):
+    """opts.generate images of class label (None: unconditional) as PNGs in folder; returns the first 64.
+
+    Every class is drawn from the same noise (the same seed): image k of each class shares its noise.
+    """
+    digits = max(4, len(str(opts.generate - 1)))
+    labels = None if label is None else torch.full((opts.generate,), label)
+    index, first = 0, []
+    for images in generated_batches(G, opts.generate, nz, runtime, seed, labels=labels, truncation=opts.truncation):
+        for image in images.cpu():
+            artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
+            index += 1
+        first.extend(images[: 64 - len(first)].cpu())
+    return first
+
+
+def save_generated_grid(G, classes, firsts, path):
+    """grid.png: the first 64 images of one class (or of an unconditional G), or a labelled row
+    of each class (up to MAX_GRID_ROWS of them)."""
+    if len(classes) == 1:
+        images = torch.stack(firsts[0])
+        artifacts.save_grid(images, path, nrow=artifacts.grid_side(len(images)))
+        return
+    shown = classes[:MAX_GRID_ROWS]
+    columns = min(GRID_COLUMNS, len(firsts[0]))
+    images = torch.stack([image for first in firsts[: len(shown)] for image in first[:columns]])
+    grid = artifacts.labelled_grid_image(images, [G.class_names[label] for label in shown], nrow=columns)
+    artifacts.save_pil(grid, path)
 
 
 def slerp(start, end, fractions):
@@ -231,29 +291,86 @@ def slerp(start, end, fractions):
 
 
 def interpolate(opts, explicit, runtime, walks=8):
+    """Latent walks as a grid (a row per walk) and a GIF: between noise vectors, within one class
+    (--class) or one class per row (a conditional G), or from --class to --to-class at fixed noise."""
     G, flags = load_generator_for_use(opts, explicit, runtime)
+    walk = plan_walks(G, opts, flags, walks)
     folder = Path(opts.image_dir)
     check_writable(folder)
     seed = opts.seed if opts.seed is not None else random_seed()
-    generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
-    end = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
-    noise = slerp(start, end, torch.linspace(0, 1, opts.steps))  # (steps, walks, ...)
-    side = flags["image_size"]
+    noise, labels = walk_inputs(walk, flags["nz"], opts, seed)
     # in batches, as --generate: a long walk must not need G's activations for all its images at once
-    batches = noise.flatten(0, 1).split(500)
-    images = torch.cat([sample(G, batch, runtime) for batch in batches]).view(opts.steps, walks, 3, side, side)
+    flat_labels = [None] * len(noise.flatten(0, 1).split(500)) if labels is None else labels.split(500)
+    images = torch.cat([sample(G, batch, runtime, y) for batch, y in zip(noise.flatten(0, 1).split(500), flat_labels)])
+    images = images.view(opts.steps, walk.count, *images.shape[1:])
     # rows are walks, columns are steps along them
-    frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walks)) for step in range(opts.steps)]
+    frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walk.count)) for step in range(opts.steps)]
     try:
-        artifacts.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
+        rows = images.transpose(0, 1).flatten(0, 1)
+        if walk.row_names is None:
+            artifacts.save_grid(rows, folder / "interpolation.png", nrow=opts.steps)
+        else:
+            grid = artifacts.labelled_grid_image(rows, walk.row_names, nrow=opts.steps)
+            artifacts.save_pil(grid, folder / "interpolation.png")
         artifacts.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
     except KeyboardInterrupt as interrupt:
         written = "interpolation.png" if (folder / "interpolation.png").is_file() else "nothing"
         raise Interrupted(exit_code_of(interrupt), f"interrupted: wrote {written} to {folder}/") from None
     print(
-        f"wrote interpolation.png and interpolation.gif to {folder}/ ({walks} walks, {opts.steps} steps, seed {seed})"
+        f"wrote interpolation.png and interpolation.gif to {folder}/ ({walk.count} walks{walk.what}, "
+        f"{opts.steps} steps, seed {seed})"
     )
+
+
+@dataclass(frozen=True)
+class Walks:
+    """What --interpolate walks: count walks, each in a class (classes, or None) or from one class
+    to another at fixed noise (start_class to end_class); rows named by class, or not."""
+
+    count: int
+    classes: torch.Tensor | None = None
+    start_class: int | None = None
+    end_class: int | None = None
+    num_classes: int = 0
+    row_names: list | None = None
+    what: str = ""
+
+
+def plan_walks(G, opts, flags, walks):
+    path = checkpoint_path(opts)
+    if opts.class_name is None:
+        if not G.num_classes:
+            return Walks(walks)
+        classes = grid_classes(G.num_classes, flags.get("seed") or 0)
+        names = [G.class_names[label] for label in classes.tolist()]
+        return Walks(len(classes), classes, row_names=names, what=", one per class")
+    start = class_index(G, opts.class_name, path)
+    if opts.to_class is None:
+        return Walks(walks, torch.full((walks,), start), what=f" within {G.class_names[start]}")
+    end = class_index(G, opts.to_class, path, "--to-class")
+    what = f" from {G.class_names[start]} to {G.class_names[end]}"
+    return Walks(walks, start_class=start, end_class=end, num_classes=G.num_classes, what=what)
+
+
+def walk_inputs(walk, nz, opts, seed):
+    """The noise (steps, walks, nz, 1, 1) and the labels of the flattened walks (None: unconditional).
+
+    Labels are class indices, or for a walk between classes, weights over the classes that move
+    from one to the other while the noise holds still.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    start = draw_noise(walk.count, nz, generator, opts.truncation)
+    end = draw_noise(walk.count, nz, generator, opts.truncation)
+    fractions = torch.linspace(0, 1, opts.steps)
+    if walk.end_class is None:
+        noise = slerp(start, end, fractions)  # (steps, walks, ...)
+        labels = None if walk.classes is None else walk.classes.repeat(opts.steps)
+        return noise, labels
+    noise = start.unsqueeze(0).expand(opts.steps, *start.shape)
+    weights = torch.zeros(opts.steps, walk.num_classes)
+    weights[:, walk.start_class] += 1 - fractions
+    weights[:, walk.end_class] += fractions
+    return noise, weights.repeat_interleave(walk.count, dim=0)
 
 
 def evaluate(opts, explicit, runtime, feature=None):

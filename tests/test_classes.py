@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_ARGS, snapshot, write_cifar10_archive
+from conftest import TINY_ARGS, check_ok, run_gan, snapshot, write_cifar10_archive
 from PIL import Image
 
 import artifacts
@@ -315,3 +315,165 @@ def test_conditional_training_with_every_option_saves_the_class_names(gan_main, 
     assert saved["netD"]["embed.parametrizations.weight.original"].shape == (10, 16)
     with Image.open(tmp_path / "images" / "epoch_001.png") as grid:
         assert grid.height == 10 * 18 + 2 and grid.width > 8 * 18 + 2
+
+
+# ---------------------------------------------------------------- drawing a class after training
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    """A 1-epoch --conditional run on CIFAR-10-format data (classes airplane ... truck)."""
+    folder = tmp_path_factory.mktemp("conditional_run")
+    (folder / "data").mkdir()
+    write_cifar10_archive(folder / "data", images_per_batch=8)
+    check_ok(
+        run_gan([*TINY_ARGS, "--dataset", "cifar10", "--dataroot", "data", "--conditional", "--epochs", 1], folder)
+    )
+    return folder
+
+
+def trained_generator(run):
+    """The run's EMA generator as --generate uses it, built here by hand."""
+    saved = torch.load(run / "checkpoints" / "checkpoint.pt")
+    G = models.build_generator("dcgan", 8, 8, 16, num_classes=len(saved["class_names"]))
+    G.load_state_dict(saved["netG_ema"])
+    models.estimate_batch_norm(G, 8, "cpu", num_classes=len(saved["class_names"]))
+    return G.eval(), saved["class_names"]
+
+
+def png_pixels(path):
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).int()
+
+
+def as_pixels(images):
+    return images.add(1).div(2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).int()
+
+
+def test_generate_writes_each_class_into_its_own_folder_as_image_folder_reads_it(conditional_run, gan_main, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    checkpoint = conditional_run / "checkpoints" / "checkpoint.pt"
+    code, out, err = gan_main(["--generate", 3, "--checkpoint", checkpoint, "--seed", 5])
+    assert code == 0, err
+    generated = tmp_path / "images" / "generated"
+    dataset = ImageFolder(generated)
+    G, names = trained_generator(conditional_run)
+    assert dataset.classes == sorted(names) and len(dataset) == 30
+    assert sorted(dataset.targets) == [target for target in range(10) for _ in range(3)]
+    noise = torch.randn(3, 8, 1, 1, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for label in (0, 3):  # image k of each class: the seed's k-th noise vector drawn as that class
+            expected = as_pixels(G(noise, torch.full((3,), label)))
+            for index in range(3):
+                got = png_pixels(generated / names[label] / f"{index:04d}.png")
+                assert (got - expected[index]).abs().max() <= 1
+    assert f"of each class ({', '.join(names)})" in out
+    with Image.open(generated / "grid.png") as grid:
+        assert grid.height == 10 * 18 + 2  # a labelled row per class, 3 columns
+        assert grid.width > 3 * 18 + 2
+
+
+def test_generate_one_class_by_name_or_by_index(conditional_run, gan_main, tmp_path):
+    checkpoint = conditional_run / "checkpoints" / "checkpoint.pt"
+    for name, folder in (("cat", "by_name"), ("3", "by_index")):
+        code, out, err = gan_main(["--generate", 2, "--class", name, "--checkpoint", checkpoint, "--seed", 5,
+                                   "--image-dir", folder])  # fmt: skip
+        assert code == 0, err
+        assert sorted(p.name for p in (tmp_path / folder / "generated").iterdir()) == ["cat", "grid.png"]
+    assert snapshot(tmp_path / "by_name") == snapshot(tmp_path / "by_index")
+    G, _ = trained_generator(conditional_run)
+    noise = torch.randn(2, 8, 1, 1, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = as_pixels(G(noise, torch.full((2,), 3)))
+    assert (png_pixels(tmp_path / "by_name" / "generated" / "cat" / "0001.png") - expected[1]).abs().max() <= 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--generate", 2, "--class", "zebra"], "no such class in"),
+        (["--interpolate", "--class", "cat", "--to-class", "10"], "--to-class 10: no such class"),
+    ],
+)
+def test_an_unknown_class_lists_the_classes_and_writes_nothing(flags, message, conditional_run, gan_main, tmp_path):
+    code, out, err = gan_main([*flags, "--checkpoint", conditional_run / "checkpoints" / "checkpoint.pt"])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert "its classes are 0: airplane, 1: automobile, 2: bird, 3: cat," in err and "9: truck" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_class_on_an_unconditional_checkpoint_is_refused(trained_run, gan_main, tmp_path):
+    for mode in (["--generate", 2], ["--interpolate"]):
+        code, out, err = gan_main(
+            [*mode, "--class", "cat", "--checkpoint", trained_run / "checkpoints" / "checkpoint.pt"]
+        )
+        assert code == 2 and "was trained without --conditional, so it has no classes" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--generate", 2, "--truncation", 0], "--truncation: must be a positive number, got 0"),
+        (["--generate", 2, "--truncation", -1], "--truncation: must be a positive number, got -1"),
+        (["--truncation", 1, "--epochs", 1], "--truncation applies to --generate, --interpolate and --evaluate"),
+        (["--class", "cat", "--evaluate"], "--class applies to --generate and --interpolate"),
+        (["--generate", 2, "--to-class", "cat"], "--to-class applies to --interpolate"),
+    ],
+)
+def test_bad_sampling_flags_are_one_line_and_exit_2(flags, message, gan_main, tmp_path):
+    code, out, err = gan_main(flags)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_noise_stays_within_its_bounds():
+    noise = sampling.draw_noise(4000, 8, torch.Generator().manual_seed(0), truncation=0.7)
+    assert noise.abs().max() <= 0.7 and noise.abs().max() > 0.69 and noise.shape == (4000, 8, 1, 1)
+    assert noise.std().item() == pytest.approx(0.38, abs=0.02)  # a unit normal cut at 0.7 sigma: std 0.38
+    plain = sampling.draw_noise(4000, 8, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain, torch.randn(4000, 8, 1, 1, generator=torch.Generator().manual_seed(0)))
+
+
+def test_truncation_reaches_the_generated_images(trained_run, gan_main, tmp_path):
+    """At a tiny T every noise vector is about zero: every image is G's image of the zero vector."""
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    code, out, err = gan_main(["--generate", 2, "--truncation", 1e-6, "--checkpoint", checkpoint, "--seed", 1])
+    assert code == 0, err
+    saved = torch.load(checkpoint)
+    G = models.build_generator("dcgan", 8, 8, 16)
+    G.load_state_dict(saved["netG_ema"])
+    models.estimate_batch_norm(G, 8, "cpu")
+    with torch.no_grad():
+        expected = as_pixels(G.eval()(torch.zeros(1, 8, 1, 1)))[0]
+    for name in ("0000.png", "0001.png"):
+        assert (png_pixels(tmp_path / "images" / "generated" / name) - expected).abs().max() <= 1
+
+
+def test_a_walk_between_classes_holds_the_noise_and_moves_the_class(conditional_run, gan_main, tmp_path):
+    G, names = trained_generator(conditional_run)
+    walk = sampling.Walks(2, start_class=1, end_class=3, num_classes=10)
+    noise, weights = sampling.walk_inputs(walk, 8, parsed("--interpolate", "--steps", 5), seed=0)
+    assert noise.shape == (5, 2, 8, 1, 1) and torch.equal(noise[0], noise[4]) and torch.equal(noise[1], noise[3])
+    assert weights.shape == (10, 10)
+    assert weights[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0] and weights[-1].tolist() == [0, 0, 0, 1] + [0] * 6
+    assert weights[4].tolist() == pytest.approx([0, 0.5, 0, 0.5] + [0] * 6)  # the middle step, both walks
+    with torch.no_grad():  # a one-hot weight row draws exactly the class it names
+        torch.testing.assert_close(G(noise[0], weights[:2]), G(noise[0], torch.tensor([1, 1])), rtol=0, atol=0)
+    code, out, err = gan_main(["--interpolate", "--class", "automobile", "--to-class", "cat", "--steps", 5,
+                               "--checkpoint", conditional_run / "checkpoints" / "checkpoint.pt"])  # fmt: skip
+    assert code == 0, err
+    assert "8 walks from automobile to cat, 5 steps" in out
+    with Image.open(tmp_path / "images" / "interpolation.png") as grid:
+        assert grid.size == (5 * 18 + 2, 8 * 18 + 2)
+
+
+def test_a_conditional_interpolation_walks_one_class_per_labelled_row(conditional_run, gan_main, tmp_path):
+    code, out, err = gan_main(
+        ["--interpolate", "--steps", 3, "--checkpoint", conditional_run / "checkpoints" / "checkpoint.pt"]
+    )
+    assert code == 0, err
+    assert "10 walks, one per class, 3 steps" in out
+    with Image.open(tmp_path / "images" / "interpolation.png") as grid:
+        assert grid.height == 10 * 18 + 2 and grid.width > 3 * 18 + 2  # the names' margin
