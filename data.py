@@ -37,7 +37,9 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 # The images may take this share of the device's free memory; the nets, their activations, the
 DEVICE_MEMORY_SHARE = 0.5
 FAKE_IMAGES = 512
-FAKE_CLASSES = 10  # --dataset fake --conditional: random images labelled 0, 1, ..., 9, 0, 1, ...
+FAKE_CLASSES = 10
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: --channels 1 trains on this mix of colour images' channels
+GREY_CHECK_ROWS = 4096  # --dataset fake --conditional: random images labelled 0, 1, ..., 9, 0, 1, ...
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -158,6 +160,7 @@ class TrainingData:
     images: object
     labels: torch.Tensor | None = None
     class_names: tuple | None = None
+    channels: int = 3  # what the networks see: 1 for greyscale data (the images stay stored as RGB)
 
 
 def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None):
@@ -178,6 +181,7 @@ def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_byte
     images, labels, class_names = read_images_and_labels(opts, with_labels, cache_dir, say)
     if not with_labels:
         labels = class_names = None
+    channels = int(opts.channels) if opts.channels != "auto" else (1 if all_greyscale(images) else 3)
     images, labels = choose_subset(images, opts.subset, opts.seed, labels)
     if len(images) < opts.batch_size:
         raise UserError(f"the dataset has {len(images)} images, fewer than --batch-size {opts.batch_size}")
@@ -185,7 +189,17 @@ def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_byte
         images = place_on_device(images, device, memory_limit_bytes, say or ignore_message)
     else:
         images = images.to(device)
-    return TrainingData(images, labels, class_names)
+    return TrainingData(images, labels, class_names, channels)
+
+
+def all_greyscale(images):
+    """Whether every image has three equal channels (a greyscale file decodes so), read a chunk at
+    a time and stopping at the first colour image: a photo folder costs one chunk."""
+    for start in range(0, len(images), GREY_CHECK_ROWS):
+        chunk = images[start : start + GREY_CHECK_ROWS]
+        if not (torch.equal(chunk[:, 0], chunk[:, 1]) and torch.equal(chunk[:, 1], chunk[:, 2])):
+            return False
+    return True
 
 
 def read_images_and_labels(opts, with_labels, cache_dir, say):
@@ -283,9 +297,10 @@ class DeviceBatches:
 
     def __init__(
         self, images, batch_size, image_size, seed, rank=0, world_size=1, dtype=torch.float32,
-        memory_format=torch.contiguous_format, labels=None,
+        memory_format=torch.contiguous_format, labels=None, channels=3,
     ):  # fmt: skip
         self.images = images
+        self.channels = channels
         self.labels = None if labels is None else labels.to(self.label_device)
         self.batch_size = batch_size
         self.image_size = image_size
@@ -310,7 +325,7 @@ class DeviceBatches:
         order = epoch_order(self.seed, epoch, len(self.images)).to(self.images.device)
         for index in range(start, len(self)):
             rows = batch_rows(order, index, self.batch_size, self.rank, self.world_size)
-            images = to_float_images(self.images[rows], self.image_size)
+            images = to_float_images(self.images[rows], self.image_size, self.channels)
             yield images.to(self.dtype, memory_format=self.memory_format), self.labels_of(rows)
 
     def labels_of(self, rows):
@@ -360,7 +375,7 @@ class StreamedBatches(DeviceBatches):
                 if index + 1 < len(self):
                     pending = gather_later(index + 1)
                 # converted before yielding: on the CPU, device_batch is the buffer itself
-                images = to_float_images(device_batch, self.image_size)
+                images = to_float_images(device_batch, self.image_size, self.channels)
                 labels = self.labels_of(batch_rows(order, index, self.batch_size, self.rank, self.world_size))
                 yield (
                     images.to(self.dtype, memory_format=self.memory_format),
@@ -389,16 +404,20 @@ def make_batches(images, batch_size, image_size, seed, rank=0, world_size=1, dev
     """The batch source for what load_dataset returned: DeviceBatches, or StreamedBatches for HostImages.
 
     layout: dtype and memory_format of the batches (D's, so real and fake batches share one graph),
-    and labels (the images' classes) where there are any.
+    labels (the images' classes) where there are any, and channels (1: the images' luma).
     """
     if isinstance(images, HostImages):
         return StreamedBatches(images, batch_size, image_size, seed, rank, world_size, device, **layout)
     return DeviceBatches(images, batch_size, image_size, seed, rank, world_size, **layout)
 
 
-def to_float_images(uint8_images, image_size):
-    """uint8 (N, 3, s, s) to float in [-1, 1] at image_size, on the images' device."""
-    images = uint8_images.float().div_(127.5).sub_(1.0)
+def to_float_images(uint8_images, image_size, channels=3):
+    """uint8 (N, 3, s, s) to float in [-1, 1] at image_size, on the images' device; with channels=1,
+    their luma (N, 1, S, S), which is the grey value itself for greyscale images."""
+    images = uint8_images.float()
+    if channels == 1 and images.shape[1] == 3:
+        images = (images * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    images = images.div_(127.5).sub_(1.0)
     if images.shape[-1] != image_size:
         # antialiasing only changes anything when shrinking; growing 32 -> 64 gives the same
         # pixels through a slower kernel

@@ -139,22 +139,29 @@ def load_batches(opts, runtime):
         runtime.world_size,
         runtime.device,
         labels=data.labels,
+        channels=data.channels,
         **runtime.batch_layout,
     )
     return data, batches
 
 
 def with_data_traits(opts, data, resumed):
-    """The options completed by what the data says: its classes (under --conditional)."""
+    """The options completed by what the data says: its classes (under --conditional) and channels."""
     names = data.class_names or ()
     if resumed is not None:
+        saved_channels = resumed[0]["flags"].get("nc", 3)
+        if saved_channels != data.channels:
+            raise UserError(
+                f"{resumed[1]} was trained on {saved_channels}-channel images; the data now gives "
+                f"{data.channels} (--channels {saved_channels} trains on them as it did)"
+            )
         saved_names = tuple(resumed[0].get("class_names") or ())
         if saved_names != names:
             raise UserError(
                 f"{resumed[1]} was trained on the classes {class_list(saved_names)}; "
                 f"the data now has {class_list(names)}"
             )
-    return opts.replace(num_classes=len(names), class_names=names)
+    return opts.replace(num_classes=len(names), class_names=names, nc=data.channels)
 
 
 def class_list(names):
@@ -412,6 +419,7 @@ def generator_for_samples(nets):
 def describe(opts, runtime, image_count, batches):
     processes = f", {runtime.world_size} processes" if runtime.distributed else ""
     classes = f" of {opts.num_classes} classes" if opts.num_classes else ""
+    classes += ", greyscale (1 channel)" if opts.nc == 1 else ""
     return (
         f"training on {runtime.device} ({runtime.precision_name}{', compiled' if runtime.compile else ''}"
         f"{processes}): {image_count} images{classes} ({batches.describe()}), {len(batches)} steps per epoch "

@@ -96,6 +96,7 @@ def score_generator(metrics, sample_batches):
         _reset_fake(metric)
     for images in sample_batches:
         images_uint8 = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+        images_uint8 = images_uint8.expand(-1, 3, -1, -1)  # greyscale images as the RGB files they decode to
         images_uint8 = images_uint8.to(metrics["fid"].device)
         metrics["fid"].update(images_uint8, real=False)
         metrics["kid"].update(images_uint8, real=False)

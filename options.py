@@ -274,6 +274,13 @@ def add_data_flags(group):
     )
     add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--subset", type=positive_int, default=None, help="train on N randomly drawn images [default: all]")
+    add(
+        "--channels",
+        choices=["auto", "1", "3"],
+        default="auto",
+        help="colour channels of the networks: auto: 1 when every image of the data is greyscale (a folder of "
+        "MNIST PNGs), else 3; 1 trains on the images' luma",
+    )
     add("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="processes decoding a folder")
 
 

@@ -123,7 +123,10 @@ LOG_FLOOR = 1e-10
 def mean_log_spectrum(images):
     """The batch's mean log10 power at every 2-D frequency but DC, of the greyscale with its
     mean removed and normalised to unit power: the shape of the spectrum, not its brightness."""
-    grey = (images.float() * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1)
+    if images.shape[1] == 1:
+        grey = images[:, 0].float()
+    else:
+        grey = (images.float() * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1)
     grey = grey - grey.mean(dim=(1, 2), keepdim=True)
     power = torch.fft.fft2(grey).abs().square().flatten(1)
     power = power / (power.sum(dim=1, keepdim=True) + LOG_FLOOR)

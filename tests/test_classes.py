@@ -477,3 +477,49 @@ def test_a_conditional_interpolation_walks_one_class_per_labelled_row(conditiona
     assert "10 walks, one per class, 3 steps" in out
     with Image.open(tmp_path / "images" / "interpolation.png") as grid:
         assert grid.height == 10 * 18 + 2 and grid.width > 3 * 18 + 2  # the names' margin
+
+
+# ---------------------------------------------------------------- greyscale folders
+
+
+def grey_folder(root, count=16, colour_file=False):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), "L").save(root / f"{index:02d}.png")
+    if colour_file:
+        Image.fromarray(np.full((20, 20, 3), (200, 10, 10), np.uint8)).save(root / "colour.png")
+    return root
+
+
+def test_a_greyscale_folder_trains_and_draws_with_one_channel(gan_main, tmp_path):
+    grey_folder(tmp_path / "data")
+    code, out, err = gan_main([*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--subset", 16, "--epochs", 1])
+    assert code == 0, err
+    assert "16 images, greyscale (1 channel)" in out
+    saved = torch.load(tmp_path / "checkpoints" / "checkpoint.pt")
+    assert saved["flags"]["nc"] == 1 and saved["flags"]["channels"] == "auto"
+    assert saved["netG"]["main.6.weight"].shape[1] == 1 and saved["netD"]["main.0.weight"].shape[1] == 1
+    grid = png_pixels(tmp_path / "images" / "epoch_001.png")
+    assert torch.equal(grid[0], grid[1]) and torch.equal(grid[1], grid[2])
+    code, out, err = gan_main(["--generate", 2, "--seed", 1])
+    assert code == 0, err
+    with Image.open(tmp_path / "images" / "generated" / "0001.png") as image:
+        assert image.mode == "L" and image.size == (16, 16)
+    code, out, err = gan_main(["--resume", "--dataroot", "data", "--channels", "3", "--epochs", 2, "--device", "cpu"])
+    assert code == 2 and "was trained on 1-channel images; the data now gives 3" in err
+
+
+def test_one_colour_image_keeps_three_channels_and_the_flag_decides_over_the_data(tmp_path):
+    mixed, grey = grey_folder(tmp_path / "mixed", colour_file=True), grey_folder(tmp_path / "grey")
+    channels = {}
+    for root, flag in ((mixed, "auto"), (mixed, "1"), (grey, "auto"), (grey, "3")):
+        opts = parsed("--dataset", "folder", "--dataroot", root, "--channels", flag, "--subset", 16)
+        channels[root.name, flag] = data.load_training_data(opts, torch.device("cpu")).channels
+    assert channels == {("mixed", "auto"): 3, ("mixed", "1"): 1, ("grey", "auto"): 1, ("grey", "3"): 3}
+    colour = torch.tensor([200, 10, 10], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    luma = data.to_float_images(colour, 4, channels=1)
+    assert luma.shape == (2, 1, 4, 4)
+    assert luma[0, 0, 0, 0].item() == pytest.approx((0.299 * 200 + 0.587 * 10 + 0.114 * 10) / 127.5 - 1)
+    batch = next(data.DeviceBatches(colour[:, :, :, :].clone(), 2, 4, seed=0, channels=1).epoch(0))
+    torch.testing.assert_close(batch, luma)
