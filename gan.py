@@ -171,14 +171,14 @@ def class_list(names):
 class RunOutputs:
     """Everything rank 0 writes besides checkpoints: the log, pictures, TensorBoard and FID."""
 
-    def __init__(self, opts, runtime, real_uint8, progress, metric_feature=None):
+    def __init__(self, opts, runtime, real_uint8, progress, metric_feature=None, labels=None):
         self.opts = opts
         self.image_dir, self.checkpoint_dir = Path(opts.image_dir), Path(opts.checkpoint_dir)
         self.log_path = self.checkpoint_dir / checkpoint.METRICS_LOG_NAME
         rows = checkpoint.truncate_metrics(self.log_path, progress.step)
         self.pictures = artifacts.EpochPictures(self.image_dir, rows, progress.epoch)
         self.tensorboard = open_tensorboard(opts)
-        self.evaluator = sampling.TrainingEvaluator(opts, runtime, real_uint8, metric_feature)
+        self.evaluator = sampling.TrainingEvaluator(opts, runtime, real_uint8, metric_feature, labels)
 
     def log(self, row):
         checkpoint.append_metrics(self.log_path, [row])
@@ -253,7 +253,9 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature):
     if state.progress.epoch >= opts.epochs:
         say(runtime, f"already trained {state.progress.epoch} epochs; raise --epochs to train more")
         return state
-    outputs = RunOutputs(opts, runtime, images, state.progress, metric_feature) if runtime.is_main else None
+    outputs = (
+        RunOutputs(opts, runtime, images, state.progress, metric_feature, data.labels) if runtime.is_main else None
+    )
     if outputs is not None:
         outputs.pictures.write_real_samples(images[:64], opts.image_size, replace=resumed is None)
         # real_vs_fake.png's real half, in the fake half's layout (rows of classes under --conditional)

@@ -22,7 +22,7 @@ from checkpoint import (
     load_checkpoint,
     load_module_state,
 )
-from data import load_dataset
+from data import load_training_data
 from faults import Interrupted, exit_code_of
 from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
 from utils import UserError, check_writable
@@ -118,30 +118,48 @@ def real_grid_images(images, labels, opts):
 def open_metrics(opts, runtime, real_uint8, feature=None):
     """FID, IS and KID with the real images' statistics loaded (cached on disk)."""
     scorers = metrics.build_metrics(runtime.device, opts.eval_samples, feature)
-    cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
-    cache = metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), real_uint8.shape[-1])
-    metrics.add_real_images(scorers, real_uint8, cache)
+    metrics.add_real_images(scorers, real_uint8, real_cache(opts, real_uint8))
     return scorers
 
 
-def score(scorers, G, opts, runtime, seed):
-    """FID, IS and KID of opts.eval_samples images; the global RNG is left as it was."""
+def real_cache(opts, real_uint8):
+    cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
+    return metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), real_uint8.shape[-1])
+
+
+def open_class_scorer(opts, scorers, real_uint8, labels, num_classes):
+    """Intra-FID and class consistency for a conditional run (None for an unconditional one)."""
+    if not num_classes:
+        return None
+    cache = metrics.class_cache_path(real_cache(opts, real_uint8))
+    return metrics.ClassScorer(scorers["fid"].inception, real_uint8, labels, num_classes, cache)
+
+
+def score(scorers, G, opts, runtime, seed, class_scorer=None):
+    """FID, IS and KID of opts.eval_samples images (of every class in turn, for a conditional G,
+    with intra-FID and class consistency where class_scorer is given); the global RNG is left as it was."""
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
         torch.manual_seed(seed)
         labels = balanced_labels(opts.eval_samples, G.num_classes)
         truncation = opts.truncation
         batches = generated_batches(G, opts.eval_samples, G.nz, runtime, seed, labels=labels, truncation=truncation)
-        return metrics.score_generator(scorers, batches)
+        if class_scorer is not None:
+            batches = class_scorer.observe(batches, labels)
+        scores = metrics.score_generator(scorers, batches)
+    if class_scorer is not None:
+        scores.update(class_scorer.compute())
+    return scores
 
 
 class TrainingEvaluator:
     """--fid-every: scores at the end of some epochs, keeps best.pt; without Inception weights it
     warns once and training goes on (the saved flags still say --fid-every, for a later resume)."""
 
-    def __init__(self, opts, runtime, real_uint8, feature=None):
+    def __init__(self, opts, runtime, real_uint8, feature=None, labels=None):
         self.opts, self.runtime, self.real_uint8, self.feature = opts, runtime, real_uint8, feature
-        self.scorers, self.unavailable = None, False
+        self.labels = labels  # the real images' classes, for intra-FID and class consistency
+        self.scorers, self.class_scorer, self.unavailable = None, None, False
 
     def due(self, epoch):
         return bool(self.opts.fid_every) and epoch % self.opts.fid_every == 0 and not self.unavailable
@@ -155,7 +173,10 @@ class TrainingEvaluator:
                 print(f"warning: {error}; training goes on without FID", file=sys.stderr)
                 self.unavailable = True
                 return None
-        return score(self.scorers, G, self.opts, self.runtime, mixed_seed(self.opts.seed, epoch))
+            num_classes = self.opts.num_classes if self.labels is not None else 0
+            self.class_scorer = open_class_scorer(self.opts, self.scorers, self.real_uint8, self.labels, num_classes)
+        seed = mixed_seed(self.opts.seed, epoch)
+        return score(self.scorers, G, self.opts, self.runtime, seed, self.class_scorer)
 
 
 # ---------------------------------------------------------------- after training
@@ -387,12 +408,24 @@ def evaluate(opts, explicit, runtime, feature=None):
     eval_opts = opts.replace(
         **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
     )
-    real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=folder, say=print)
-    scorers = open_metrics(eval_opts, runtime, real, feature)
-    scores = score(scorers, G, eval_opts, runtime, seed)
+    real = load_training_data(
+        eval_opts, torch.device("cpu"), cache_dir=folder, say=print, with_labels=bool(G.num_classes)
+    )
+    if real.class_names is not None and real.class_names != G.class_names:
+        raise UserError(
+            f"{path} was trained on the classes {', '.join(G.class_names)}; the data has {', '.join(real.class_names)}"
+        )
+    scorers = open_metrics(eval_opts, runtime, real.images, feature)
+    class_scorer = open_class_scorer(eval_opts, scorers, real.images, real.labels, G.num_classes)
+    scores = score(scorers, G, eval_opts, runtime, seed, class_scorer)
+    classes = (
+        f"  intra-FID {scores['intra_fid']:.2f}  class consistency {scores['class_consistency']:.3f}"
+        if class_scorer is not None
+        else ""
+    )
     print(
         f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
-        f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({opts.eval_samples} generated images)"
+        f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}{classes}  ({opts.eval_samples} generated images)"
     )
     log_path = Path(folder) / METRICS_LOG_NAME
     append_metrics(log_path, [{"evaluate": str(path), **scores}])

@@ -12,6 +12,7 @@ from PIL import Image
 
 import artifacts
 import data
+import metrics
 import models
 import options
 import sampling
@@ -523,3 +524,53 @@ def test_one_colour_image_keeps_three_channels_and_the_flag_decides_over_the_dat
     assert luma[0, 0, 0, 0].item() == pytest.approx((0.299 * 200 + 0.587 * 10 + 0.114 * 10) / 127.5 - 1)
     batch = next(data.DeviceBatches(colour[:, :, :, :].clone(), 2, 4, seed=0, channels=1).epoch(0))
     torch.testing.assert_close(batch, luma)
+
+
+# ---------------------------------------------------------------- intra-FID and class consistency
+
+
+def class_pixels(rng, count, centre):
+    """count 1x1 RGB images around centre, with correlated channels."""
+    values = rng.normal(centre, 20, size=(count, 3)) + rng.normal(0, 10, size=(count, 1))
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+def test_intra_fid_is_the_mean_per_class_frechet_distance_and_consistency_the_nearest_class(tmp_path):
+    from test_metrics import PixelFeatures, frechet_by_hand
+
+    rng = np.random.default_rng(0)
+    centres = [(60, 60, 60), (190, 120, 60), (60, 120, 200)]
+    real = [class_pixels(rng, 80, centre) for centre in centres]
+    fake = [class_pixels(rng, 60, np.add(centre, 12)) for centre in centres]
+    real_labels = torch.arange(3).repeat_interleave(80)
+    real_uint8 = torch.from_numpy(np.concatenate(real)).view(-1, 3, 1, 1)
+    scorer = metrics.ClassScorer(PixelFeatures(), real_uint8, real_labels, 3, tmp_path / "classes.pt")
+    fake_labels = torch.arange(3).repeat(60)  # drawn as the classes in turn, as the evaluation draws them
+    by_class = [iter(fake[label]) for label in range(3)]
+    fake_uint8 = torch.from_numpy(np.stack([next(by_class[label]) for label in fake_labels.tolist()]))
+    fake_images = fake_uint8.float().view(-1, 3, 1, 1).div(127.5).sub(1)
+    passed = list(scorer.observe(iter(fake_images.split(50)), fake_labels))
+    assert torch.equal(torch.cat(passed), fake_images)  # the batches go on to FID unchanged
+    scores = scorer.compute()
+    expected = np.mean([frechet_by_hand(real[k].astype(float), fake[k].astype(float)) for k in range(3)])
+    assert scores["intra_fid"] == pytest.approx(expected, rel=1e-4)
+    assert scores["class_consistency"] == 1.0
+    list(scorer.observe(iter(fake_images.split(50)), (fake_labels + 1) % 3))  # every sample asked as another class
+    assert scorer.compute()["class_consistency"] == 0.0
+    cached = metrics.ClassScorer(PixelFeatures(), real_uint8[:3], real_labels[:3], 3, tmp_path / "classes.pt")
+    torch.testing.assert_close(cached.real_means, scorer.real_means)  # read back, not recomputed from 3 images
+
+
+def test_fid_every_and_evaluate_report_intra_fid_and_class_consistency(gan_main, tmp_path):
+    from test_metrics import StandInFeatures
+
+    run = [*TINY_ARGS, "--conditional", "--eval-samples", 40, "--epochs", 1, "--fid-every", 1]
+    code, out, err = gan_main(run, StandInFeatures())
+    assert code == 0, err
+    rows = [__import__("json").loads(line) for line in (tmp_path / "checkpoints" / "metrics.jsonl").open()]
+    scored = [row for row in rows if "fid" in row]
+    assert len(scored) == 1 and 0 <= scored[0]["class_consistency"] <= 1 and scored[0]["intra_fid"] > 0
+    code, out, err = gan_main(["--evaluate", "--eval-samples", 40, "--device", "cpu", "--seed", 3], StandInFeatures())
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("FID"))
+    assert "intra-FID" in line and "class consistency" in line
