@@ -56,6 +56,10 @@ RECIPES = {
     "dcgan-recipe": ["--recipe", "dcgan"],  # the defaults: plain DCGAN plus the EMA
     "improved": ["--recipe", "improved"],
     "upsample+ema+spectral": ["--arch", "upsample", "--ema", "0.999", "--spectral-loss", "1"],
+    "improved-spectral1": ["--recipe", "improved", "--spectral-loss", "1"],
+    "improved-spectral0.3": ["--recipe", "improved", "--spectral-loss", "0.3"],
+    "improved-spectral0": ["--recipe", "improved", "--spectral-loss", "0"],
+    "improved+diffaugment": ["--recipe", "improved", "--diffaugment"],
     # trained on the digits sorted into one sub-folder per digit; sampled with --generate per class
     "improved+conditional": ["--recipe", "improved", "--conditional"],
     # trained on the same digits written as greyscale PNGs: gan.py trains them with 1 channel
