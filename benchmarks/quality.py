@@ -62,6 +62,10 @@ RECIPES = {
     "improved+diffaugment": ["--recipe", "improved", "--diffaugment"],
     # trained on the digits sorted into one sub-folder per digit; sampled with --generate per class
     "improved+conditional": ["--recipe", "improved", "--conditional"],
+    "improved+conditional+hinge+sn": ["--recipe", "improved", "--conditional", "--loss", "hinge", "--spectral-norm"],
+    "improved+conditional+lr2e-3": ["--recipe", "improved", "--conditional", "--lr", "0.002", "--beta2", "0.99"],
+    # the digits PNGs are RGB files of grey digits: --channels 3 keeps the 3 channels auto would drop
+    "rgb-improved": ["--recipe", "improved", "--channels", "3"],
     # trained on the same digits written as greyscale PNGs: gan.py trains them with 1 channel
     "grey-improved": ["--recipe", "improved"],
     "grey-improved+conditional": ["--recipe", "improved", "--conditional"],
@@ -69,6 +73,8 @@ RECIPES = {
 # the digits' folder each recipe trains on (the others: digits/, RGB PNGs in one folder)
 LAYOUTS = {
     "improved+conditional": "digits-by-class",
+    "improved+conditional+hinge+sn": "digits-by-class",
+    "improved+conditional+lr2e-3": "digits-by-class",
     "grey-improved": "digits-grey",
     "grey-improved+conditional": "digits-grey-by-class",
 }
