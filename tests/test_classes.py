@@ -176,15 +176,15 @@ def conditional_pair(arch="dcgan", spectral_norm=False, classes=4):
     D = models.build_discriminator(arch, 8, 16, spectral_norm=spectral_norm, num_classes=classes)
     G.apply(models.init_weights)
     D.apply(models.init_weights)
-    for layer in G.modules():  # distinct gains and biases per class, so a wrong row shows
+    for layer in G.modules():  # gains and biases far apart per class, so a wrong class shows
         if isinstance(layer, models.ConditionalBatchNorm2d):
-            layer.gain.weight.data = torch.rand(layer.gain.weight.shape) + 0.5
-            layer.bias.weight.data = torch.randn(layer.bias.weight.shape)
+            layer.gain.weight.data = torch.randn(layer.gain.weight.shape) * 0.05
+            layer.bias.weight.data = torch.randn(layer.bias.weight.shape) * 0.1
     return G, D
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "upsample-fullres"])
-def test_the_class_picks_its_rows_of_gs_conditional_batch_norm(arch):
+def test_the_class_sets_the_gain_and_bias_of_gs_conditional_batch_norm(arch):
     G, _ = conditional_pair(arch)
     G.eval()
     calls = []
@@ -195,14 +195,14 @@ def test_the_class_picks_its_rows_of_gs_conditional_batch_norm(arch):
     labels = torch.tensor([3, 0, 2])
     G(torch.randn(3, 8, 1, 1), labels)
     assert [call[0] for call in calls] == layers and len(layers) == (2 if arch == "dcgan" else 3)
-    for layer, features, used_labels, output in calls:
-        assert used_labels is labels
+    vectors = G.embed.weight[labels]  # the classes' rows of G's shared embedding
+    for layer, features, used_vectors, output in calls:
+        torch.testing.assert_close(used_vectors, vectors, rtol=0, atol=0)
         norm = layer.norm
         normalised = F.batch_norm(features, norm.running_mean, norm.running_var, eps=norm.eps)
-        expected = normalised * layer.gain.weight[labels].view(3, -1, 1, 1) + layer.bias.weight[labels].view(
-            3, -1, 1, 1
-        )
-        torch.testing.assert_close(output, expected)
+        gain = 1 + vectors @ layer.gain.weight.T  # BigGAN's 1 + W_gain e_y
+        bias = vectors @ layer.bias.weight.T
+        torch.testing.assert_close(output, normalised * gain.view(3, -1, 1, 1) + bias.view(3, -1, 1, 1))
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "upsample"])
@@ -240,12 +240,11 @@ def test_a_training_step_reaches_only_the_classes_of_its_batch():
     opts = parsed("--conditional", "--ema", "0").replace(num_classes=4)
     torch.manual_seed(0)
     nets = steps.build_nets(opts, CPU)
-    cbn = next(m for m in nets.G.modules() if isinstance(m, models.ConditionalBatchNorm2d))
-    gain, embed = cbn.gain.weight.detach().clone(), nets.D.embed.weight.detach().clone()
+    g_embed, d_embed = nets.G.embed.weight.detach().clone(), nets.D.embed.weight.detach().clone()
     steps.train_step(nets, torch.rand(8, 3, 16, 16) * 2 - 1, steps.Recipe(), CPU, labels=torch.full((8,), 2))
     moved = lambda old, new: (new.detach() != old).any(dim=1).tolist()  # noqa: E731
-    assert moved(gain, cbn.gain.weight) == [False, False, True, False]
-    assert moved(embed, nets.D.embed.weight) == [False, False, True, False]
+    assert moved(g_embed, nets.G.embed.weight) == [False, False, True, False]
+    assert moved(d_embed, nets.D.embed.weight) == [False, False, True, False]
 
 
 def test_the_ema_batch_norm_statistics_are_estimated_over_balanced_classes():
