@@ -37,9 +37,12 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 # The images may take this share of the device's free memory; the nets, their activations, the
 DEVICE_MEMORY_SHARE = 0.5
 FAKE_IMAGES = 512
-FAKE_CLASSES = 10
+FAKE_CLASSES = 10  # --dataset fake --conditional: random images labelled 0, 1, ..., 9, 0, 1, ...
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: --channels 1 trains on this mix of colour images' channels
-GREY_CHECK_ROWS = 4096  # --dataset fake --conditional: random images labelled 0, 1, ..., 9, 0, 1, ...
+GREY_CHECK_ROWS = 4096  # images all_greyscale reads at a time
+# GAN_STREAM_BATCHES=1 streams any dataset's batches from host memory, as for a folder too large for
+# the device: the self-check compares the two paths, and a user can keep the device's memory free
+STREAM_VARIABLE = "GAN_STREAM_BATCHES"
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -185,6 +188,8 @@ def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_byte
     images, labels = choose_subset(images, opts.subset, opts.seed, labels)
     if len(images) < opts.batch_size:
         raise UserError(f"the dataset has {len(images)} images, fewer than --batch-size {opts.batch_size}")
+    if streaming_forced():
+        images, memory_limit_bytes = images if isinstance(images, HostImages) else HostImages(images), 0
     if isinstance(images, HostImages):
         images = place_on_device(images, device, memory_limit_bytes, say or ignore_message)
     else:
@@ -200,6 +205,14 @@ def all_greyscale(images):
         if not (torch.equal(chunk[:, 0], chunk[:, 1]) and torch.equal(chunk[:, 1], chunk[:, 2])):
             return False
     return True
+
+
+def streaming_forced():
+    """Whether GAN_STREAM_BATCHES=1 asks for streamed batches."""
+    value = os.environ.get(STREAM_VARIABLE, "")
+    if value not in ("", "0", "1"):
+        raise UserError(f"{STREAM_VARIABLE}={value}: give 1 (stream the batches from host memory) or 0")
+    return value == "1"
 
 
 def read_images_and_labels(opts, with_labels, cache_dir, say):
@@ -260,9 +273,12 @@ def place_on_device(images, device, memory_limit_bytes, say):
     if budget is None or images.nbytes <= budget:
         return images.to_device(device)
     where = images.source or "host memory"
-    say(
-        f"the images ({size_text(images.nbytes)}) exceed the {size_text(budget)} budget on {device}: streaming batches from {where}"
-    )
+    if streaming_forced():
+        say(f"{STREAM_VARIABLE}=1: streaming batches from {where}")
+    else:
+        say(
+            f"the images ({size_text(images.nbytes)}) exceed the {size_text(budget)} budget on {device}: streaming batches from {where}"
+        )
     return images
 
 

@@ -60,6 +60,7 @@ RECIPES = {
     "improved-spectral0.3": ["--recipe", "improved", "--spectral-loss", "0.3"],
     "improved-spectral0": ["--recipe", "improved", "--spectral-loss", "0"],
     "improved+diffaugment": ["--recipe", "improved", "--diffaugment"],
+    "improved-ema0": ["--recipe", "improved", "--ema", "0"],
     # trained on the digits sorted into one sub-folder per digit; sampled with --generate per class
     "improved+conditional": ["--recipe", "improved", "--conditional"],
     "improved+conditional+hinge+sn": ["--recipe", "improved", "--conditional", "--loss", "hinge", "--spectral-norm"],
