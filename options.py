@@ -79,7 +79,7 @@ EXAMPLES = """examples:
 
 
 class Options:
-    """The resolved flags, read-only: a helper that wrote opts.x would change what the next resume reads."""
+    """The resolved flags, read-only: a function that wrote opts.x would change what the next resume reads."""
 
     __slots__ = ("_values",)
 
@@ -340,8 +340,8 @@ def add_after_training_flags(group):
         default=None,
         metavar="NAME",
         help="with --generate or --interpolate on a --conditional checkpoint: the class to draw, by name or "
-        "index [default: --generate writes N of every class, one sub-folder each; --interpolate walks one "
-        "class per row]",
+        "index; without it --generate writes N of every class (one sub-folder each) and --interpolate walks "
+        "one class per row [default: every class]",
     )
     add(
         "--to-class",
