@@ -315,7 +315,7 @@ def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_
         "--epochs", str(args.epochs), "--seed", str(seed), "--workers", "0", "--log-every", "1000",
         *RECIPES[recipe],
     ]  # fmt: skip
-    conditional = "--conditional" in (RECIPES[recipe] if flags is None else flags)
+    conditional = "--conditional" in RECIPES[recipe]
     generate = ["--generate", str(args.class_samples if conditional else args.samples), "--seed", "12345"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
