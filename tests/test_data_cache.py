@@ -23,7 +23,7 @@ import utils
 REAL_READ_IMAGE = folders.read_image
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- functions the tests share
 
 
 def write_png(path, seed, size=(20, 24)):

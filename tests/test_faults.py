@@ -42,7 +42,7 @@ CHECKPOINT = Path("checkpoints") / checkpoint.CHECKPOINT_NAME
 ENDLESS_ARGS = (*TINY_ARGS, "--epochs", "1000", "--log-every", "1")
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- functions the tests share
 
 
 @pytest.fixture
