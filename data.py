@@ -16,8 +16,16 @@ import torch
 import torch.nn.functional as F
 import torchvision.datasets.utils
 
-from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes, ignore_message, open_folder, size_text
-from utils import UserError
+from folders import (
+    IMAGE_SUFFIXES,
+    FolderListing,
+    HostImages,
+    available_ram_bytes,
+    ignore_message,
+    open_folder,
+    size_text,
+)
+from utils import UserError, count_text
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -118,18 +126,19 @@ def _read_cifar_batch(path):
 # ---------------------------------------------------------------- batches on the device
 
 
-def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None):
+def load_dataset(opts, device, say=None, memory_limit_bytes=None):
     """The training images: a uint8 tensor on the device, or HostImages when a folder is too large for it.
 
-    cache_dir: where a folder's decoded-image cache goes when the data folder is not writable (the
-    run's checkpoint folder); say: gets the lines about the cache and about streaming;
-    memory_limit_bytes: the bytes of images the device may hold (None: a share of its free memory).
-    Train from the result with make_batches.
+    A folder's images come through the decoded-image cache in --cache-dir; say: gets the lines
+    about the cache and about streaming; memory_limit_bytes: the bytes of images the device may
+    hold (None: a share of its free memory). Train from the result with make_batches.
     """
     if opts.dataset == "cifar10":
         images = load_cifar10(opts.dataroot)
     elif opts.dataset == "folder":
-        images = open_folder(opts.dataroot, opts.image_size, opts.workers, cache_dir, say)
+        listing = FolderListing.of(opts.dataroot, opts.image_size)
+        check_image_count(len(listing.files), opts, f"data folder {opts.dataroot} holds")  # before minutes of decoding
+        images = open_folder(listing, opts.workers, opts.cache_dir, say)
     else:
         # as many random images as --subset asks for (512 by default): --subset 50000 is CIFAR-10-sized
         count = max(FAKE_IMAGES, opts.subset or 0)
@@ -139,10 +148,20 @@ def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None
         )
     images = choose_subset(images, opts.subset, opts.seed)
     if len(images) < opts.batch_size:
-        raise UserError(f"the dataset has {len(images)} images, fewer than --batch-size {opts.batch_size}")
+        raise UserError(
+            f"the dataset has {count_text(len(images), 'image')}, fewer than --batch-size {opts.batch_size}"
+        )
     if isinstance(images, HostImages):
         return place_on_device(images, device, memory_limit_bytes, say or ignore_message)
     return images.to(device)
+
+
+def check_image_count(count, opts, what):
+    """--subset and one batch must fit in count images: checked on a folder's file count before it is decoded."""
+    if opts.subset is not None and opts.subset > count:
+        raise UserError(f"--subset {opts.subset} is larger than the dataset: {what} {count_text(count, 'image')}")
+    if min(count, opts.subset or count) < opts.batch_size:
+        raise UserError(f"{what} {count_text(count, 'image')}, fewer than --batch-size {opts.batch_size}")
 
 
 def choose_subset(images, subset, seed):

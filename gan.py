@@ -120,12 +120,18 @@ def restore(state, saved, path, runtime):
         state.fixed_noise = fixed.to(state.fixed_noise.dtype)
 
 
+def builds_data_files(runtime):
+    """Whether this process downloads CIFAR-10 and builds the decoded-image cache while the others wait."""
+    return runtime.is_main
+
+
 def load_batches(opts, runtime):
-    """The training images (rank 0 downloads first) and their batches, on the device if they fit."""
-    if not runtime.is_main:
-        barrier(runtime)  # wait for rank 0 to download and extract; then read its files
-    images = load_dataset(opts, runtime.device, cache_dir=opts.checkpoint_dir, say=lambda text: say(runtime, text))
-    if runtime.is_main:
+    """The training images (downloaded and cached by one process first) and their batches, on the device if they fit."""
+    builder = builds_data_files(runtime)
+    if not builder:
+        barrier(runtime)  # wait for the builder to download, extract and cache; then read its files
+    images = load_dataset(opts, runtime.device, say=lambda text: say(runtime, text))
+    if builder:
         barrier(runtime)
     batches = make_batches(
         images,

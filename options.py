@@ -35,6 +35,7 @@ NOT_RESUMED_FLAGS = (
     "precision",
     "workers",
     "tensorboard",
+    "cache_dir",
     *PATH_FLAGS,
 )
 MAX_SEED = 2**63 - 1
@@ -258,6 +259,13 @@ def add_data_flags(group):
     add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--subset", type=positive_int, default=None, help="train on N randomly drawn images [default: all]")
     add("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="processes decoding a folder")
+    add(
+        "--cache-dir",
+        type=folder,
+        default=None,
+        help="where a folder's decoded images are cached [default: $DCGAN_CACHE_DIR, else $XDG_CACHE_HOME/dcgan, "
+        "else ~/.cache/dcgan]; delete it at any time to free the disk",
+    )
 
 
 def add_run_flags(group):

@@ -50,9 +50,9 @@ def generated_batches(G, count, nz, runtime, seed, batch_size=500):
         yield sample(G, noise, runtime)
 
 
-def open_metrics(opts, runtime, real_uint8, feature=None):
-    """FID, IS and KID with the real images' statistics loaded (cached on disk)."""
-    scorers = metrics.build_metrics(runtime.device, opts.eval_samples, feature)
+def open_metrics(opts, runtime, real_uint8, feature=None, scorers=None):
+    """FID, IS and KID (scorers, when already built) with the real images' statistics loaded (cached on disk)."""
+    scorers = scorers or metrics.build_metrics(runtime.device, opts.eval_samples, feature)
     cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
     cache = metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), real_uint8.shape[-1])
     metrics.add_real_images(scorers, real_uint8, cache)
@@ -193,8 +193,10 @@ def evaluate(opts, explicit, runtime, feature=None):
     eval_opts = opts.replace(
         **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
     )
-    real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=folder, say=print)
-    scorers = open_metrics(eval_opts, runtime, real, feature)
+    # Inception first: offline without its weights, fail before minutes of decoding the data
+    scorers = metrics.build_metrics(runtime.device, eval_opts.eval_samples, feature)
+    real = load_dataset(eval_opts, torch.device("cpu"), say=print)
+    scorers = open_metrics(eval_opts, runtime, real, feature, scorers)
     scores = score(scorers, G, eval_opts, runtime, seed)
     print(
         f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "

@@ -5,6 +5,7 @@ A small stand-in feature net replaces Inception (no download, no GPU).
 """
 
 import json
+import shutil
 import urllib.error
 
 import numpy as np
@@ -207,6 +208,22 @@ def test_evaluate_without_weights_exits_2_naming_where_they_go(gan_main, no_ince
     assert code == 2
     assert str(no_inception_weights) in err
     assert "weights-inception-2015-12-05-6726825d.pth" in err
+
+
+def test_evaluate_without_weights_decodes_no_folder_first(
+    gan_main, no_inception_weights, tmp_path, cache_dir, monkeypatch
+):
+    import folders
+    from test_data_cache import folder_run, write_folder
+
+    data = write_folder(tmp_path / "data", 8)
+    code, _, err = gan_main(folder_run(data))
+    assert code == 0, err
+    shutil.rmtree(cache_dir / folders.FOLDER_CACHE_NAME)
+    monkeypatch.setattr(folders, "read_image", lambda *args: pytest.fail("decoded before loading Inception"))
+    code, out, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu", "--dataroot", data])
+    assert code == 2 and "weights-inception-2015-12-05-6726825d.pth" in err
+    assert list(cache_dir.iterdir()) == []
 
 
 def test_training_without_weights_warns_once_and_trains_on(gan_main, no_inception_weights, tiny_args, tmp_path):
