@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from test_data_cache import folder_run, write_folder
 from torch import nn
 
+import folders
 import metrics
 
 EVAL_ARGS = ("--eval-samples", "16")
@@ -213,9 +215,6 @@ def test_evaluate_without_weights_exits_2_naming_where_they_go(gan_main, no_ince
 def test_evaluate_without_weights_decodes_no_folder_first(
     gan_main, no_inception_weights, tmp_path, cache_dir, monkeypatch
 ):
-    import folders
-    from test_data_cache import folder_run, write_folder
-
     data = write_folder(tmp_path / "data", 8)
     code, _, err = gan_main(folder_run(data))
     assert code == 0, err
