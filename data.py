@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.datasets.utils
 
 from folders import (
     IMAGE_SUFFIXES,
@@ -67,6 +66,8 @@ def refuse_image_folder(root):
 
 
 def _download_cifar10(root):
+    import torchvision.datasets.utils  # here, not at start-up: importing torchvision takes seconds
+
     try:
         torchvision.datasets.utils.download_url(CIFAR_URL, str(root), CIFAR_ARCHIVE, CIFAR_MD5)
     except KeyboardInterrupt:

@@ -10,13 +10,16 @@ lives in steps.py; flags in options.py; checkpoints in checkpoint.py; pictures i
 """
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a traceback
+    from options import answer_help_and_flag_errors
+
+    if __name__ == "__main__":
+        answer_help_and_flag_errors(sys.argv[1:])  # before torch is imported: at once
     import torch
     from tqdm import tqdm
 
@@ -40,7 +43,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     )
     from runtime import any_rank, barrier, broadcast_int, setup_runtime, stop_distributed
     from steps import STAT_NAMES, Meter, Nets, Recipe, build_nets, epoch_summary, format_stat, train_step
-    from utils import UserError, check_writable, locked_folders, no_new_empty_folders
+    from utils import UserError, check_writable, error_prefix, locked_folders, no_new_empty_folders
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -446,11 +449,6 @@ def main(argv=None, metric_feature=None):
         print("interrupted; nothing was written", file=sys.stderr)
         return faults.exit_code_of(interrupt)
     return 0
-
-
-def error_prefix():
-    rank = os.environ.get("RANK")
-    return f"gan.py (rank {rank})" if rank not in (None, "0") else "gan.py"
 
 
 if __name__ == "__main__":

@@ -7,16 +7,19 @@ import copy
 import math
 import os
 import shlex
+import sys
 from pathlib import Path
 from types import MappingProxyType
 
-import torch
+from utils import UserError, error_prefix
 
-from folders import available_ram_bytes, size_text
-from models import ARCHITECTURES, IMAGE_SIZES, count_values
-from runtime import PRECISIONS
-from steps import LOSSES
-from utils import UserError
+# This module imports no torch (seconds): --help and flag errors answer at once. So the choices
+# are named here; their implementations are models.ARCHITECTURES, steps.LOSSES and
+# runtime.PRECISIONS, and tests/test_startup.py checks that the names agree.
+ARCHITECTURES = ("dcgan", "upsample", "upsample-fullres")
+LOSSES = ("bce", "hinge")
+PRECISIONS = ("fp32", "bf16", "fp16")
+IMAGE_SIZES = tuple(2**k for k in range(4, 9))  # 16 .. 256, as models.IMAGE_SIZES
 
 # Flags that change the networks' shapes: a checkpoint only fits a net built with the same ones.
 ARCHITECTURE_FLAGS = ("arch", "image_size", "nz", "ngf", "ndf", "spectral_norm")
@@ -348,6 +351,19 @@ def parse_flags(argv=None):
     return Options(parsed), explicit
 
 
+def answer_help_and_flag_errors(argv):
+    """Print --help (exit 0) or a flag error (exit 2) and exit; return when the flags parse.
+
+    gan.py calls this before it imports torch, which takes seconds: a newcomer's --help or typo
+    is answered at once. The flags are parsed again, as usual, once torch is there.
+    """
+    try:
+        parse_flags(argv)
+    except UserError as error:
+        print(f"{error_prefix()}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def recipe_values(parser, name, explicit):
     """The flags --recipe NAME sets, less those the user typed.
 
@@ -503,6 +519,8 @@ def training_memory_problem(opts, device, half_precision=False):
     # the flag to name: the one whose default would shrink the need the most
     lowered = {name: training_bytes({**flags, name: defaults.get_default(name)}, half_precision) for name in SIZE_FLAGS}
     flag = min(SIZE_FLAGS, key=lambda name: math.inf if lowered[name] is None else lowered[name])
+    from folders import size_text
+
     need_text = f"at least {size_text(needed)}" if needed is not None else "more than 8 EiB"
     return (
         f"--{flag.replace('_', '-')} {getattr(opts, flag)} is too large: training would need {need_text} of memory, "
@@ -511,6 +529,8 @@ def training_memory_problem(opts, device, half_precision=False):
 
 
 def training_bytes(flags, half_precision):
+    from models import count_values
+
     counts = count_values(flags["arch"], flags["nz"], flags["ngf"], flags["ndf"], flags["image_size"])
     if counts is None:
         return None
@@ -520,6 +540,10 @@ def training_bytes(flags, half_precision):
 
 
 def free_memory_bytes(device):
+    import torch
+
+    from folders import available_ram_bytes
+
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return available_ram_bytes(with_swap=True) if device.type == "cpu" else None

@@ -25,6 +25,12 @@ def count_text(count, noun):
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
+def error_prefix():
+    """What starts an error line: the program, and under torchrun the rank that had the error."""
+    rank = os.environ.get("RANK")
+    return f"gan.py (rank {rank})" if rank not in (None, "0") else "gan.py"
+
+
 # ---------------------------------------------------------------- atomic files
 
 

@@ -92,11 +92,11 @@ def test_an_intact_gif_is_kept_as_it_is(tmp_path, monkeypatch):
 
 
 def test_loss_plot_draws_a_bounded_number_of_points(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
     drawn = []
-    real_plot = artifacts.plt.Axes.plot
-    monkeypatch.setattr(
-        artifacts.plt.Axes, "plot", lambda self, x, y, **k: drawn.append(len(x)) or real_plot(self, x, y, **k)
-    )
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, y, **k: drawn.append(len(x)) or real_plot(self, x, y, **k))
     rows = [{"step": s, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.5, "d_fake": 0.5} for s in range(25_000)]
     artifacts.plot_losses(rows, tmp_path / "losses.png")
     assert drawn and max(drawn) <= artifacts.MAX_PLOT_POINTS
