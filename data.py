@@ -56,9 +56,14 @@ def load_cifar10_labelled(root, download=True):
         raise UserError(f"--dataroot {root} is a file: it names the folder CIFAR-10 is (or goes) in")
     folder = root / CIFAR_FOLDER
     archive = root / CIFAR_ARCHIVE
-    if not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):
+    if all((root / name).is_file() for name in CIFAR_TRAIN_BATCHES):
+        folder = root  # --dataroot names the extracted cifar-10-batches-py itself
+    elif not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):
         if not archive.is_file():
             refuse_image_folder(root)
+            if root.name == CIFAR_FOLDER:  # an extracted folder with batches missing: no download into it
+                missing = [name for name in CIFAR_TRAIN_BATCHES if not (root / name).is_file()]
+                raise UserError(f"{root} lacks {', '.join(missing)}: extract CIFAR-10 again, or give its parent folder")
             if not download:
                 raise UserError(f"CIFAR-10 not found: put {CIFAR_ARCHIVE} in {root}/")
             _download_cifar10(root)
@@ -214,7 +219,9 @@ def check_image_count(count, opts, what):
     """--subset and one batch must fit in count images: checked on a folder's file count before it is decoded."""
     if opts.subset is not None and opts.subset > count:
         raise UserError(f"--subset {opts.subset} is larger than the dataset: {what} {count_text(count, 'image')}")
-    if min(count, opts.subset or count) < opts.batch_size:
+    if opts.subset is not None and opts.subset < opts.batch_size:
+        raise UserError(f"--subset {opts.subset} is fewer images than one batch (--batch-size {opts.batch_size})")
+    if count < opts.batch_size:
         raise UserError(f"{what} {count_text(count, 'image')}, fewer than --batch-size {opts.batch_size}")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from utils import UserError, atomic_write, count_text, no_new_empty_folders
 
@@ -29,7 +29,7 @@ CACHE_APP_NAME = "dcgan"
 CACHE_ENV = "DCGAN_CACHE_DIR"
 FOLDER_CACHE_NAME = "folders"
 # Bump when read_image's pixels change, so caches made by older code are rebuilt, not trusted.
-FOLDER_CACHE_VERSION = 1
+FOLDER_CACHE_VERSION = 2
 DECODE_CHUNK_FILES = 256
 # The cache must leave this much disk free, for the checkpoints and samples written after it.
 DISK_SPARE_BYTES = 1 << 30
@@ -59,7 +59,8 @@ def read_image(path, image_size):
     try:
         with Image.open(path) as image:
             image.load()
-            image = _to_rgb(image)
+            # the EXIF orientation, as every viewer applies it: phone photos are stored sideways
+            image = _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return None
     scale = image_size / min(image.size)
@@ -443,9 +444,9 @@ def decode_without_cache(listing, workers, problem, say):
 
 
 def size_text(size_bytes):
-    """A size for people: MiB below one GiB, else GiB, TiB, ... up to EiB."""
-    if size_bytes < 2**30:
-        return f"{size_bytes / 2**20:.1f} MiB"
+    """A size for people: bytes below a KiB, else KiB, MiB, GiB, ... up to EiB, with one decimal."""
+    if size_bytes < 2**10:
+        return count_text(size_bytes, "byte")
     power = min(int(math.log(size_bytes, 2**10)), 6)
     return f"{size_bytes / 2 ** (10 * power):.1f} {'KMGTPE'[power - 1]}iB"
 

@@ -43,7 +43,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     )
     from runtime import any_rank, barrier, broadcast_int, setup_runtime, stop_distributed
     from steps import STAT_NAMES, Meter, Nets, Recipe, build_nets, epoch_summary, format_stat, train_step
-    from utils import UserError, check_writable, error_prefix, locked_folders, no_new_empty_folders
+    from utils import UserError, check_writable, count_text, error_prefix, locked_folders, no_new_empty_folders
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -420,7 +420,8 @@ def describe(opts, runtime, image_count, batches):
     classes = f" of {opts.num_classes} classes" if opts.num_classes else ""
     return (
         f"training on {runtime.device} ({runtime.precision_name}{', compiled' if runtime.compile else ''}"
-        f"{processes}): {image_count} images{classes} ({batches.describe()}), {len(batches)} steps per epoch "
+        f"{processes}): {count_text(image_count, 'image')}{classes} ({batches.describe()}), "
+        f"{count_text(len(batches), 'step')} per epoch "
         f"(logged every {log_every_steps(opts, len(batches))}), seed {opts.seed}"
     )
 
@@ -463,15 +464,23 @@ def main(argv=None, metric_feature=None):
         with faults.sigterm_as_ctrl_c():
             run(argv, metric_feature)
     except UserError as error:
+        close_progress_bars()
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
     except Interrupted as interruption:
+        close_progress_bars()
         print(interruption, file=sys.stderr)
         return interruption.exit_code
     except KeyboardInterrupt as interrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return faults.exit_code_of(interrupt)
     return 0
+
+
+def close_progress_bars():
+    """A bar still open when a run stops would put the message at the end of its line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ from checkpoint import (
     METRICS_LOG_NAME,
     append_metrics,
     latest_checkpoint,
-    load_checkpoint,
+    load_generator_file,
     load_module_state,
 )
 from data import load_dataset
 from faults import Interrupted, exit_code_of
 from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
-from utils import UserError, check_writable
+from utils import UserError, check_writable, count_text
 
 GRID_COLUMNS = 8  # a class-row grid: one noise vector per column, drawn as every row's class
 MAX_GRID_ROWS = 10
@@ -163,7 +163,7 @@ class TrainingEvaluator:
 def load_generator_for_use(opts, explicit, runtime):
     """The generator of a checkpoint (its EMA copy when it has one) and the checkpoint's flags."""
     path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
-    state = load_checkpoint(path)
+    state = load_generator_file(path)
     flags = state["flags"]
     mismatched = [name for name in ARCHITECTURE_FLAGS if name in explicit and flags.get(name) != getattr(opts, name)]
     if mismatched:
@@ -178,7 +178,8 @@ def load_generator_for_use(opts, explicit, runtime):
         raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
     use_ema = state.get("netG_ema") is not None
     load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
-    print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} (epoch {state['epoch']})")
+    trained = f"flags from {path.parent / 'flags.json'}" if state.get("plain") else f"epoch {state['epoch']}"
+    print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} ({trained})")
     G.to(runtime.device)
     if use_ema:  # checkpoints saved mid-epoch, or by older versions, hold the trained G's statistics
         models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
@@ -212,7 +213,7 @@ def generate(opts, explicit, runtime):
         raise Interrupted(
             exit_code_of(interrupt), f"interrupted: wrote {index} of {opts.generate} images to {folder}/ (seed {seed})"
         ) from None
-    print(f"wrote {index} images and grid.png to {folder}/ (seed {seed})")
+    print(f"wrote {count_text(index, 'image')} and grid.png to {folder}/ (seed {seed})")
 
 
 def slerp(start, end, fractions):

@@ -322,7 +322,7 @@ def test_streamed_batches_describe_where_they_come_from(tmp_path, cached):
     streamed = datasets.load_dataset(folder_opts(data), "cpu", say=said.append, memory_limit_bytes=100)
     npy = next(cached.glob("*.npy"))
     assert streamed.source == npy
-    assert said[-1] == f"the images (0.0 MiB) exceed the 0.0 MiB budget on cpu: streaming batches from {npy}"
+    assert said[-1] == f"the images (768 bytes) exceed the 100 bytes budget on cpu: streaming batches from {npy}"
     assert datasets.make_batches(streamed, 2, 8, 0).describe() == f"streamed from {npy}"
     resident = datasets.load_dataset(folder_opts(data), "cpu")
     assert datasets.make_batches(resident, 2, 8, 0).describe() == "held on cpu"
@@ -472,7 +472,7 @@ def test_training_on_a_folder_caches_in_the_cache_folder_and_never_in_the_data(t
     assert f"into {npy}" in out
     code, out, err = gan_main(folder_run(data, "--cache-dir", "by_flag", "--checkpoint-dir", "c2", "--image-dir", "i2"))
     assert code == 0, err
-    assert f"image cache: no cache yet, building one; decoding 8 files (0.0 MiB) into by_flag/folders/{npy.name}" in out
+    assert f"image cache: no cache yet, building one; decoding 8 files (6.0 KiB) into by_flag/folders/{npy.name}" in out
     assert (everything_under(data), snapshot(data)) == before
 
 
@@ -554,3 +554,39 @@ def test_each_part_of_a_files_identity_alone_changes_the_cache_key(field, tmp_pa
     changed = {"name": FakeFile("c.png")} if field == "name" else {}
     other = changed.get("name") or FakeFile("b.png", **{field: 1 + FakeFile("b.png").stat_values[field]})
     assert key(FakeFile("a.png"), other) != base
+
+
+def test_a_folder_streamed_through_the_cli_trains_exactly_as_one_held_in_memory(tmp_path, gan_main, monkeypatch):
+    data = write_folder(tmp_path / "data", 12)
+    code, out, err = gan_main(folder_run(data, "--checkpoint-dir", "held", "--image-dir", "held_images"))
+    assert code == 0, err
+    assert "12 images (held on cpu), 3 steps per epoch" in out
+    monkeypatch.setattr(datasets, "DEVICE_MEMORY_SHARE", 1e-15)  # no room: the batches come from the cache file
+    code, out, err = gan_main(folder_run(data, "--checkpoint-dir", "streamed", "--image-dir", "streamed_images"))
+    assert code == 0, err
+    npy = next(Path(os.environ[folders.CACHE_ENV], folders.FOLDER_CACHE_NAME).glob("*.npy"))
+    assert f"12 images (streamed from {npy}), 3 steps per epoch" in out
+    held, streamed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("held", "streamed"))
+    for key in ("netG", "netD", "netG_ema"):
+        torch.testing.assert_close(streamed[key], held[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("orientation, top, bottom", [(1, None, None), (6, "red", "blue"), (8, "blue", "red")])
+def test_a_photo_is_decoded_the_way_its_exif_orientation_says(orientation, top, bottom, tmp_path):
+    """Stored 40x20, red left and blue right; orientation 6 (a phone held upright) displays it turned a
+    quarter clockwise, red on top; 8 a quarter anticlockwise, blue on top; 1 as stored."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    image = folders.read_image(tmp_path / "photo.jpg", 16).int()
+    colours = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+
+    def near(pixels, colour):
+        return (pixels - torch.tensor(colours[colour]).view(3, 1, 1)).abs().max() < 40
+
+    if orientation == 1:  # left and right halves, as stored
+        assert near(image[:, :, :6], "red") and near(image[:, :, 10:], "blue")
+    else:
+        assert near(image[:, :6, :], top) and near(image[:, 10:, :], bottom)

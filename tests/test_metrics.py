@@ -17,6 +17,8 @@ from torch import nn
 
 import folders
 import metrics
+import models
+import sampling
 
 EVAL_ARGS = ("--eval-samples", "16")
 
@@ -263,3 +265,30 @@ def test_scoring_fid_while_training_changes_nothing_the_run_trains(gan_main, sta
     for name in ("fid_b", "no_fid"):
         for key in ("netG", "netD", "netG_ema", "optG"):
             torch.testing.assert_close(states[name][key], states["fid_a"][key], rtol=0, atol=0, msg=f"{name} {key}")
+
+
+def test_the_ema_has_its_own_batchnorm_statistics_before_the_grid_and_fid(
+    monkeypatch, gan_main, stand_in, tiny_args, tmp_path
+):
+    """Every sample drawn at the epoch's end (its grid, FID's images, the final comparison) comes from the
+    average with the statistics estimate_batch_norm gives its weights, not the trained G's."""
+    drawn = []
+    real_sample = sampling.sample
+
+    def recording(G, noise, runtime, *labels):
+        drawn.append({name: value.clone() for name, value in G.state_dict().items()})
+        return real_sample(G, noise, runtime, *labels)
+
+    monkeypatch.setattr(sampling, "sample", recording)
+    code, _, err = gan_main([*tiny_args, *EVAL_ARGS, "--epochs", "1", "--fid-every", "1", "--ema", "0.5"], stand_in)
+    assert code == 0, err
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    G = sampling.generator_of(state["flags"])
+    G.load_state_dict(state["netG_ema"])
+    models.estimate_batch_norm(G, state["flags"]["nz"], torch.device("cpu"))
+    statistics = [name for name in state["netG"] if "running" in name]
+    assert len(drawn) >= 3  # the grid, FID's 16 images, the final real-vs-fake picture
+    for index, weights in enumerate(drawn):
+        for name, value in G.state_dict().items():
+            torch.testing.assert_close(weights[name], value, msg=f"{index} of {len(drawn)}: {name}")
+    assert all(not torch.allclose(state["netG"][name], G.state_dict()[name]) for name in statistics)
