@@ -326,12 +326,13 @@ def log_interval(state, meter, bar, opts, runtime, outputs):
     """Log the interval's means; False when they were not finite and the run rolled back."""
     if meter.steps == 0:
         return True
+    averaged = meter.steps  # fewer than the interval's after a resume inside it: the row says so
     means = meter.read_interval(runtime)
     if not all(math.isfinite(v) for v in means.values() if v is not None):
         return handle_divergence(state, "losses", opts, runtime, outputs)
     bar.set_postfix({label: format_stat(means[name], 3) for name, label in STAT_NAMES.items()})
     if outputs is not None:
-        outputs.log({"epoch": state.progress.epoch + 1, "step": state.progress.step, **means})
+        outputs.log({"epoch": state.progress.epoch + 1, "step": state.progress.step, "steps": averaged, **means})
     return True
 
 

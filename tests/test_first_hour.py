@@ -153,3 +153,16 @@ def test_the_resume_command_names_the_script_as_it_was_run(monkeypatch):
     assert options.resume_command(opts) == "python ../dcgan/gan.py --resume --checkpoint-dir runs/a --cache-dir /tmp/c"
     monkeypatch.setattr(sys, "argv", ["/usr/bin/pytest"])
     assert options.resume_command(opts) == "python gan.py --resume --checkpoint-dir runs/a --cache-dir /tmp/c"
+
+
+def test_the_row_after_a_resume_inside_an_interval_says_how_many_steps_it_averages(monkeypatch, gan_main, tiny_args):
+    # logged every 2 steps; stopped (as by Ctrl-C) after step 3, inside the interval of steps 3-4
+    stop_at = [3]
+    monkeypatch.setattr(gan, "stop_requested", lambda stop, step, *args: step in stop_at)
+    code, out, err = gan_main([*tiny_args, "--epochs", "2"])
+    assert code == 130 and "saved checkpoints/checkpoint.pt" in err
+    stop_at.clear()
+    code, out, err = gan_main(["--resume", "--epochs", "2", "--device", "cpu", "--no-compile"])
+    assert code == 0, err
+    rows = [json.loads(line) for line in open("checkpoints/metrics.jsonl")]
+    assert [(row["step"], row["steps"]) for row in rows] == [(2, 2), (4, 1), (6, 2), (8, 2)]
