@@ -415,7 +415,7 @@ def test_generate_from_a_plain_state_dict_beside_flags_json(name, kind, trained_
     with torch.no_grad():
         expected = G.eval()(noise).add(1).div(2).clamp(0, 1).mul(255).round().to(torch.uint8)
     for index in range(3):
-        drawn = torch.from_numpy(pixels(tmp_path / "plain" / "generated" / f"{index:04d}.png")).permute(2, 0, 1)
+        drawn = torch.from_numpy(pixels(tmp_path / "plain" / "generated" / f"{index:04d}.png").copy()).permute(2, 0, 1)
         assert (drawn.int() - expected[index].int()).abs().max() <= 1  # PNG's rounding of the same floats
 
 

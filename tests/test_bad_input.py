@@ -695,7 +695,10 @@ INVALID_VALUES = {
     options.device_name: ["tpu", "cuda:x"],
 }
 MODE_FLAGS = {"generate", "interpolate", "evaluate", "resume"}
-ACTIONS = [a for a in options.build_parser()._actions if a.option_strings and a.dest not in MODE_FLAGS | {"help"}]
+# --images has its own tests (test_metrics.py): it turns --evaluate into another kind of run
+ACTIONS = [
+    a for a in options.build_parser()._actions if a.option_strings and a.dest not in MODE_FLAGS | {"help", "images"}
+]
 
 
 def valid_value(action):
