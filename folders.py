@@ -45,10 +45,24 @@ def list_images(root):
         raise UserError(f"data folder {root} is a file: --dataroot names the folder that holds the images")
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UserError(f"data folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
+
+
+def files_under(root):
+    """Every file under root, through symbolic links to folders too (a folder of links to others is
+    common), each real folder once: a link back up the tree is not followed round."""
+    seen = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()  # the same path for a folder reached twice, at every start
+        yield from (Path(folder) / name for name in names)
 
 
 def read_image(path, image_size):

@@ -590,3 +590,15 @@ def test_a_photo_is_decoded_the_way_its_exif_orientation_says(orientation, top, 
         assert near(image[:, :, :6], "red") and near(image[:, :, 10:], "blue")
     else:
         assert near(image[:, :6, :], top) and near(image[:, 10:, :], bottom)
+
+
+def test_a_symlinked_sub_folder_is_read_and_a_link_back_up_is_not_followed_round(tmp_path):
+    elsewhere = write_folder(tmp_path / "elsewhere", 3)
+    data = write_folder(tmp_path / "data", 2)
+    (data / "linked").symlink_to(elsewhere)
+    (data / "sub" / "up").symlink_to("..")  # back to data: would list data/sub/up/sub/up/... for ever
+    files = [str(path.relative_to(data)) for path in folders.list_images(data)]
+    expected_linked = sorted(f"linked/{path.relative_to(elsewhere)}" for path in folders.list_images(elsewhere))
+    assert sorted(files) == sorted(["image_1.png", "sub/image_0.png", *expected_linked])
+    images, _ = load(data, 8)
+    assert len(images) == 5
