@@ -233,7 +233,7 @@ def choose_subset(images, subset, seed, labels=None):
     if subset is None:
         return images, labels
     if subset > len(images):
-        raise UserError(f"--subset {subset} is larger than the dataset ({len(images)} images)")
+        raise UserError(f"--subset {subset} is larger than the dataset ({count_text(len(images), 'image')})")
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     if labels is not None:
         chosen = balanced_first(chosen, labels, subset)

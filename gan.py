@@ -107,7 +107,8 @@ def start_state(opts, runtime, resumed):
     state = TrainState(nets, Progress(), fixed_noise)
     if resumed is not None:
         restore(state, *resumed, runtime)
-        say(runtime, f"resuming {resumed[1]}: {state.progress.epoch} epochs done, step {state.progress.step}")
+        done = count_text(state.progress.epoch, "epoch")
+        say(runtime, f"resuming {resumed[1]}: {done} done, step {state.progress.step}")
     if resumed is None or runtime.distributed:
         # each rank draws its own noise for the steps; a checkpoint's RNG state is rank 0's alone
         torch.manual_seed(mixed_seed(opts.seed, state.progress.step, runtime.rank))
@@ -268,7 +269,7 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
     opts, images = with_data_traits(opts, data, resumed), data.images
     state = start_state(opts, runtime, resumed)
     if state.progress.epoch >= opts.epochs:
-        say(runtime, f"already trained {state.progress.epoch} epochs; raise --epochs to train more")
+        say(runtime, f"already trained {count_text(state.progress.epoch, 'epoch')}; raise --epochs to train more")
         return state
     outputs = RunOutputs(opts, runtime, images, state.progress, locks, metric_feature) if runtime.is_main else None
     if outputs is not None:

@@ -214,7 +214,8 @@ def generate(opts, explicit, runtime):
         artifacts.save_grid(torch.stack(grid), folder / "grid.png", nrow=artifacts.grid_side(len(grid)))
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
         raise Interrupted(
-            exit_code_of(interrupt), f"interrupted: wrote {index} of {opts.generate} images to {folder}/ (seed {seed})"
+            exit_code_of(interrupt),
+            f"interrupted: wrote {index} of {count_text(opts.generate, 'image')} to {folder}/ (seed {seed})",
         ) from None
     print(f"wrote {count_text(index, 'image')} and grid.png to {folder}/ (seed {seed})")
 

@@ -188,7 +188,7 @@ def test_second_ctrl_c_during_the_save_exits_at_once_and_keeps_the_last_whole_ch
 
     code, out, err = gan_main(["--resume", "--device", "cpu", "--workers", "0"])
     assert code == 0, err
-    assert f"resuming {CHECKPOINT}: 1 epochs done, step {STEPS_PER_EPOCH}" in out
+    assert f"resuming {CHECKPOINT}: 1 epoch done, step {STEPS_PER_EPOCH}" in out
     assert checkpoint_temp_files(tmp_path) == [] and foreign.is_file()
     assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["step"] == 3 * STEPS_PER_EPOCH
     assert logged_steps(tmp_path) == list(range(1, 3 * STEPS_PER_EPOCH + 1))

@@ -166,3 +166,12 @@ def test_the_row_after_a_resume_inside_an_interval_says_how_many_steps_it_averag
     assert code == 0, err
     rows = [json.loads(line) for line in open("checkpoints/metrics.jsonl")]
     assert [(row["step"], row["steps"]) for row in rows] == [(2, 2), (4, 1), (6, 2), (8, 2)]
+
+
+def test_one_epoch_reads_as_one(gan_main, tiny_args):
+    code, out, err = gan_main([*tiny_args, "--epochs", "1"])
+    assert code == 0, err
+    code, out, err = gan_main(["--resume", "--epochs", "1", "--device", "cpu", "--no-compile"])
+    assert code == 0, err
+    assert "resuming checkpoints/checkpoint.pt: 1 epoch done, step 4" in out
+    assert "already trained 1 epoch; raise --epochs to train more" in out
