@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from folders import (
     IMAGE_SUFFIXES,
+    FolderListing,
     HostImages,
     available_ram_bytes,
     folder_labels,
@@ -25,7 +26,7 @@ from folders import (
     open_folder,
     size_text,
 )
-from utils import UserError
+from utils import UserError, count_text
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -60,9 +61,14 @@ def load_cifar10_labelled(root, download=True):
         raise UserError(f"--dataroot {root} is a file: it names the folder CIFAR-10 is (or goes) in")
     folder = root / CIFAR_FOLDER
     archive = root / CIFAR_ARCHIVE
-    if not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):
+    if all((root / name).is_file() for name in CIFAR_TRAIN_BATCHES):
+        folder = root  # --dataroot names the extracted cifar-10-batches-py itself
+    elif not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):
         if not archive.is_file():
             refuse_image_folder(root)
+            if root.name == CIFAR_FOLDER:  # an extracted folder with batches missing: no download into it
+                missing = [name for name in CIFAR_TRAIN_BATCHES if not (root / name).is_file()]
+                raise UserError(f"{root} lacks {', '.join(missing)}: extract CIFAR-10 again, or give its parent folder")
             if not download:
                 raise UserError(f"CIFAR-10 not found: put {CIFAR_ARCHIVE} in {root}/")
             _download_cifar10(root)
@@ -166,28 +172,29 @@ class TrainingData:
     channels: int = 3  # what the networks see: 1 for greyscale data (the images stay stored as RGB)
 
 
-def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None):
+def load_dataset(opts, device, say=None, memory_limit_bytes=None):
     """The training images: a uint8 tensor on the device, or HostImages when a folder is too large for it.
 
-    cache_dir: where a folder's decoded-image cache goes when the data folder is not writable (the
-    run's checkpoint folder); say: gets the lines about the cache and about streaming;
-    memory_limit_bytes: the bytes of images the device may hold (None: a share of its free memory).
-    Train from the result with make_batches.
+    A folder's images come through the decoded-image cache in --cache-dir; say: gets the lines
+    about the cache and about streaming; memory_limit_bytes: the bytes of images the device may
+    hold (None: a share of its free memory). Train from the result with make_batches.
     """
-    return load_training_data(opts, device, cache_dir, say, memory_limit_bytes, with_labels=False).images
+    return load_training_data(opts, device, say, memory_limit_bytes, with_labels=False).images
 
 
-def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_bytes=None, with_labels=None):
+def load_training_data(opts, device, say=None, memory_limit_bytes=None, with_labels=None):
     """load_dataset's images as TrainingData, with their labels when with_labels (default:
     opts.conditional) asks for them."""
     with_labels = opts.conditional if with_labels is None else with_labels
-    images, labels, class_names = read_images_and_labels(opts, with_labels, cache_dir, say)
+    images, labels, class_names = read_images_and_labels(opts, with_labels, say)
     if not with_labels:
         labels = class_names = None
     channels = int(opts.channels) if opts.channels != "auto" else (1 if all_greyscale(images) else 3)
     images, labels = choose_subset(images, opts.subset, opts.seed, labels)
     if len(images) < opts.batch_size:
-        raise UserError(f"the dataset has {len(images)} images, fewer than --batch-size {opts.batch_size}")
+        raise UserError(
+            f"the dataset has {count_text(len(images), 'image')}, fewer than --batch-size {opts.batch_size}"
+        )
     if streaming_forced():
         images, memory_limit_bytes = images if isinstance(images, HostImages) else HostImages(images), 0
     if isinstance(images, HostImages):
@@ -215,12 +222,14 @@ def streaming_forced():
     return value == "1"
 
 
-def read_images_and_labels(opts, with_labels, cache_dir, say):
+def read_images_and_labels(opts, with_labels, say):
     """All the data set's images, and (with_labels) their labels and class names."""
     if opts.dataset == "cifar10":
         return load_cifar10_labelled(opts.dataroot)
     if opts.dataset == "folder":
-        images = open_folder(opts.dataroot, opts.image_size, opts.workers, cache_dir, say)
+        listing = FolderListing.of(opts.dataroot, opts.image_size)
+        check_image_count(len(listing.files), opts, f"data folder {opts.dataroot} holds")  # before minutes of decoding
+        images = open_folder(listing, opts.workers, opts.cache_dir, say)
         if not with_labels:
             return images, None, None
         labels, class_names = folder_labels(opts.dataroot, images.files)
@@ -233,6 +242,16 @@ def read_images_and_labels(opts, with_labels, cache_dir, say):
     return images, labels, tuple(str(index) for index in range(FAKE_CLASSES))
 
 
+def check_image_count(count, opts, what):
+    """--subset and one batch must fit in count images: checked on a folder's file count before it is decoded."""
+    if opts.subset is not None and opts.subset > count:
+        raise UserError(f"--subset {opts.subset} is larger than the dataset: {what} {count_text(count, 'image')}")
+    if opts.subset is not None and opts.subset < opts.batch_size:
+        raise UserError(f"--subset {opts.subset} is fewer images than one batch (--batch-size {opts.batch_size})")
+    if count < opts.batch_size:
+        raise UserError(f"{what} {count_text(count, 'image')}, fewer than --batch-size {opts.batch_size}")
+
+
 def choose_subset(images, subset, seed, labels=None):
     """The first `subset` images of a shuffle seeded by seed (so a resumed run gets the same ones).
 
@@ -241,7 +260,7 @@ def choose_subset(images, subset, seed, labels=None):
     if subset is None:
         return images, labels
     if subset > len(images):
-        raise UserError(f"--subset {subset} is larger than the dataset ({len(images)} images)")
+        raise UserError(f"--subset {subset} is larger than the dataset ({count_text(len(images), 'image')})")
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     if labels is not None:
         chosen = balanced_first(chosen, labels, subset)

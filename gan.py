@@ -43,7 +43,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     )
     from runtime import any_rank, barrier, broadcast_int, setup_runtime, stop_distributed
     from steps import STAT_NAMES, Meter, Nets, Recipe, build_nets, epoch_summary, format_stat, train_step
-    from utils import UserError, check_writable, error_prefix, locked_folders, no_new_empty_folders
+    from utils import UserError, check_writable, count_text, error_prefix, locked_folders, no_new_empty_folders
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -107,7 +107,8 @@ def start_state(opts, runtime, resumed):
     state = TrainState(nets, Progress(), fixed_noise)
     if resumed is not None:
         restore(state, *resumed, runtime)
-        say(runtime, f"resuming {resumed[1]}: {state.progress.epoch} epochs done, step {state.progress.step}")
+        done = count_text(state.progress.epoch, "epoch")
+        say(runtime, f"resuming {resumed[1]}: {done} done, step {state.progress.step}")
     if resumed is None or runtime.distributed:
         # each rank draws its own noise for the steps; a checkpoint's RNG state is rank 0's alone
         torch.manual_seed(mixed_seed(opts.seed, state.progress.step, runtime.rank))
@@ -127,9 +128,7 @@ def load_batches(opts, runtime):
     """The training data and its batches, on the device if they fit; under torchrun the processes
     take turns to download or decode it (prepared_in_turns)."""
     data = prepared_in_turns(
-        lambda: load_training_data(
-            opts, runtime.device, cache_dir=opts.checkpoint_dir, say=lambda text: say(runtime, text)
-        ),
+        lambda: load_training_data(opts, runtime.device, say=lambda text: say(runtime, text)),
         runtime,
     )
     batches = make_batches(
@@ -288,7 +287,7 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
     opts, images = with_data_traits(opts, data, resumed), data.images
     state = start_state(opts, runtime, resumed)
     if state.progress.epoch >= opts.epochs:
-        say(runtime, f"already trained {state.progress.epoch} epochs; raise --epochs to train more")
+        say(runtime, f"already trained {count_text(state.progress.epoch, 'epoch')}; raise --epochs to train more")
         return state
     outputs = (
         RunOutputs(opts, runtime, images, state.progress, locks, metric_feature, data.labels)
@@ -369,12 +368,13 @@ def log_interval(state, meter, bar, opts, runtime, outputs):
     """Log the interval's means; False when they were not finite and the run rolled back."""
     if meter.steps == 0:
         return True
+    averaged = meter.steps  # fewer than the interval's after a resume inside it: the row says so
     means = meter.read_interval(runtime)
     if not all(math.isfinite(v) for v in means.values() if v is not None):
         return handle_divergence(state, "losses", opts, runtime, outputs)
     bar.set_postfix({label: format_stat(means[name], 3) for name, label in STAT_NAMES.items()})
     if outputs is not None:
-        outputs.log({"epoch": state.progress.epoch + 1, "step": state.progress.step, **means})
+        outputs.log({"epoch": state.progress.epoch + 1, "step": state.progress.step, "steps": averaged, **means})
     return True
 
 
@@ -469,7 +469,8 @@ def describe(opts, runtime, image_count, batches):
     classes += ", greyscale (1 channel)" if opts.nc == 1 else ""
     return (
         f"training on {runtime.device} ({runtime.precision_name}{', compiled' if runtime.compile else ''}"
-        f"{processes}): {image_count} images{classes} ({batches.describe()}), {len(batches)} steps per epoch "
+        f"{processes}): {count_text(image_count, 'image')}{classes} ({batches.describe()}), "
+        f"{count_text(len(batches), 'step')} per epoch "
         f"(logged every {log_every_steps(opts, len(batches))}), seed {opts.seed}"
     )
 
@@ -514,15 +515,23 @@ def main(argv=None, metric_feature=None):
         with faults.sigterm_as_ctrl_c():
             run(argv, metric_feature)
     except UserError as error:
+        close_progress_bars()
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
     except Interrupted as interruption:
+        close_progress_bars()
         print(interruption, file=sys.stderr)
         return interruption.exit_code
     except KeyboardInterrupt as interrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return faults.exit_code_of(interrupt)
     return 0
+
+
+def close_progress_bars():
+    """A bar still open when a run stops would put the message at the end of its line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

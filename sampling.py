@@ -20,14 +20,14 @@ from checkpoint import (
     METRICS_LOG_NAME,
     append_metrics,
     latest_checkpoint,
-    load_checkpoint,
+    load_generator_file,
     load_module_state,
 )
 from data import load_dataset, load_training_data
 from faults import Interrupted, exit_code_of
 from folders import IMAGE_SUFFIXES, decode_files
 from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
-from utils import UserError, check_writable
+from utils import UserError, check_writable, count_text
 
 GRID_COLUMNS = 8  # a class-row grid: one noise vector per column, drawn as every row's class
 MAX_GRID_ROWS = 10
@@ -117,9 +117,9 @@ def real_grid_images(images, labels, opts):
     return images[torch.cat(rows).to(images.device) if isinstance(images, torch.Tensor) else torch.cat(rows)]
 
 
-def open_metrics(opts, runtime, real_uint8, feature=None):
-    """FID, IS and KID with the real images' statistics loaded (cached on disk)."""
-    scorers = metrics.build_metrics(runtime.device, opts.eval_samples, feature)
+def open_metrics(opts, runtime, real_uint8, feature=None, scorers=None):
+    """FID, IS and KID (scorers, when already built) with the real images' statistics loaded (cached on disk)."""
+    scorers = scorers or metrics.build_metrics(runtime.device, opts.eval_samples, feature)
     # precision and recall compare as many real images as generated ones: keep that many features
     keep_real = max(metrics.KID_REAL_LIMIT, opts.eval_samples)
     metrics.add_real_images(scorers, real_uint8, real_cache(opts, real_uint8), keep_real=keep_real)
@@ -190,7 +190,7 @@ class TrainingEvaluator:
 def load_generator_for_use(opts, explicit, runtime):
     """The generator of a checkpoint (its EMA copy when it has one) and the checkpoint's flags."""
     path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
-    state = load_checkpoint(path)
+    state = load_generator_file(path)
     flags = state["flags"]
     mismatched = [name for name in ARCHITECTURE_FLAGS if name in explicit and flags.get(name) != getattr(opts, name)]
     if mismatched:
@@ -205,7 +205,8 @@ def load_generator_for_use(opts, explicit, runtime):
         raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
     use_ema = state.get("netG_ema") is not None
     load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
-    print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} (epoch {state['epoch']})")
+    trained = f"flags from {path.parent / 'flags.json'}" if state.get("plain") else f"epoch {state['epoch']}"
+    print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} ({trained})")
     G.to(runtime.device)
     if use_ema:  # checkpoints saved mid-epoch, or by older versions, hold the trained G's statistics
         models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
@@ -260,7 +261,7 @@ def generate(opts, explicit, runtime):
             exit_code_of(interrupt), f"interrupted: wrote {written} complete classes' images to {folder}/ (seed {seed})"
         ) from None
     if classes == [None]:
-        print(f"wrote {opts.generate} images and grid.png to {folder}/ (seed {seed})")
+        print(f"wrote {count_text(opts.generate, 'image')} and grid.png to {folder}/ (seed {seed})")
     elif len(classes) == 1:
         name = G.class_names[classes[0]]
         print(f"wrote {opts.generate} images of class {name} into {folder / name}/, and grid.png (seed {seed})")
@@ -424,14 +425,14 @@ def evaluate(opts, explicit, runtime, feature=None):
     eval_opts = opts.replace(
         **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
     )
-    real = load_training_data(
-        eval_opts, torch.device("cpu"), cache_dir=folder, say=print, with_labels=bool(G.num_classes)
-    )
+    # Inception first: offline without its weights, fail before minutes of decoding the data
+    scorers = metrics.build_metrics(runtime.device, eval_opts.eval_samples, feature)
+    real = load_training_data(eval_opts, torch.device("cpu"), say=print, with_labels=bool(G.num_classes))
     if real.class_names is not None and real.class_names != G.class_names:
         raise UserError(
             f"{path} was trained on the classes {', '.join(G.class_names)}; the data has {', '.join(real.class_names)}"
         )
-    scorers = open_metrics(eval_opts, runtime, real.images, feature)
+    scorers = open_metrics(eval_opts, runtime, real.images, feature, scorers)
     class_scorer = open_class_scorer(eval_opts, scorers, real.images, real.labels, G.num_classes)
     scores = score(scorers, G, eval_opts, runtime, seed, class_scorer)
     classes = (
@@ -459,10 +460,13 @@ def evaluate_images(opts, explicit, runtime, feature=None):
     check_writable(folder)
     # the subset is drawn as training draws it; the dataset must hold one image, not a batch
     real_opts = opts.replace(batch_size=1, seed=opts.seed if opts.seed is not None else 0, eval_samples=len(files))
-    real = load_dataset(real_opts, torch.device("cpu"), cache_dir=folder, say=print)
+    # Inception first: offline without its weights, fail before minutes of decoding (KID's subsets
+    # shrink to the images there are when scored)
+    scorers = metrics.build_metrics(runtime.device, real_opts.eval_samples, feature)
+    real = load_dataset(real_opts, torch.device("cpu"), say=print)
     side = real.shape[-1]
     images = decode_images(opts.images, files, side, opts.workers)
-    scorers = open_metrics(real_opts.replace(eval_samples=len(images)), runtime, real, feature)
+    scorers = open_metrics(real_opts.replace(eval_samples=len(images)), runtime, real, feature, scorers)
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
         torch.manual_seed(real_opts.seed)

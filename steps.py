@@ -349,7 +349,8 @@ class Meter:
         return means
 
     def epoch_means(self):
-        return interval_means(self.epoch, max(self.epoch_steps, 1))
+        """The epoch's means, or None when it made no step (resumed after its last batch)."""
+        return interval_means(self.epoch, self.epoch_steps) if self.epoch_steps else None
 
 
 def interval_means(totals, steps):
@@ -361,6 +362,8 @@ def interval_means(totals, steps):
 
 
 def epoch_summary(means, epoch, epochs, seconds, images_done, fid):
+    if means is None:
+        return f"[{epoch}/{epochs}] no steps left in this epoch (resumed after its last batch)"
     stats = "  ".join(f"{label} {format_stat(means[name], 4)}" for name, label in STAT_NAMES.items())
     fid_text = f"  FID {fid:.2f}" if fid is not None else ""
     return f"[{epoch}/{epochs}] {stats}  {seconds:.1f}s  {images_done / max(seconds, 1e-9):.0f} img/s{fid_text}"

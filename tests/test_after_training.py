@@ -261,6 +261,29 @@ def test_training_keeps_an_ema_generator(trained_run):
     weights = [name for name in state["netG"] if name.endswith("weight")]
     differing = [name for name in weights if not torch.allclose(state["netG_ema"][name], state["netG"][name])]
     assert differing == weights, "after 8 steps the average lags behind every weight of G"
+    # and it moved with G: the warm-up decays (0.1 at step 0, 0.47 at step 7) leave 0.01% of the
+    # initial weights in it, so it sits far nearer G's last weights than G's first
+    start, ema, last = (
+        flat(weights_of) for weights_of in (initial_generator(state["flags"]), state["netG_ema"], state["netG"])
+    )
+    assert torch.dist(ema, last) < 0.5 * torch.dist(start, last)
+
+
+def initial_generator(flags):
+    """The generator a run with these flags starts from (seeded from --seed, as gan.start_state does)."""
+    typed = {name: flags[name] for name in (*options.ARCHITECTURE_FLAGS, "seed")}
+    argv = [
+        f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}")
+        for name, value in typed.items()
+        if value is not False
+    ]
+    opts, _ = options.parse_flags(argv)
+    torch.manual_seed(opts.seed)
+    return steps.build_nets(opts, Runtime(torch.device("cpu"))).G.state_dict()
+
+
+def flat(state_dict):
+    return torch.cat([value.flatten() for name, value in state_dict.items() if name.endswith(("weight", "bias"))])
 
 
 def test_the_saved_ema_generator_has_batchnorm_statistics_of_its_own(trained_run, raw_run):
@@ -272,6 +295,7 @@ def test_the_saved_ema_generator_has_batchnorm_statistics_of_its_own(trained_run
     statistics = [name for name in state["netG"] if "running" in name]
     assert statistics
     assert all(not torch.allclose(state["netG_ema"][name], state["netG"][name]) for name in statistics)
+    assert not torch.allclose(flat(state["netG_ema"]), flat(initial_generator(state["flags"])))  # an average that moved
     models.estimate_batch_norm(G, state["flags"]["nz"], torch.device("cpu"))
     for name in statistics:
         torch.testing.assert_close(G.state_dict()[name], state["netG_ema"][name])
@@ -370,3 +394,39 @@ def test_generate_file_names_are_padded_for_large_counts(trained_run, gan_main, 
 
 def _first_batch_only(real_batches, *args, **kwargs):
     yield next(real_batches(*args, **kwargs))
+
+
+# ---------------------------------------------------------------- --generate from the plain state_dicts
+
+
+@pytest.mark.parametrize("name, kind", [("netG_ema.pth", "EMA"), ("netG.pth", "raw")])
+def test_generate_from_a_plain_state_dict_beside_flags_json(name, kind, trained_run, gan_main, tmp_path):
+    """netG.pth and netG_ema.pth are gan.py's files too: they draw what checkpoint.pt's generators draw."""
+    folder = trained_run / "checkpoints"
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    code, out, err = gan_main(["--generate", 3, "--checkpoint", folder / name, "--seed", 5, "--image-dir", "plain"])
+    assert code == 0, err
+    assert f"using the {kind} generator of {folder / name} (flags from {folder / 'flags.json'})" in out
+    G = sampling.generator_of(state["flags"])
+    G.load_state_dict(state["netG_ema"] if kind == "EMA" else state["netG"])
+    if kind == "EMA":
+        models.estimate_batch_norm(G, state["flags"]["nz"], torch.device("cpu"))
+    noise = torch.randn(3, state["flags"]["nz"], 1, 1, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = G.eval()(noise).add(1).div(2).clamp(0, 1).mul(255).round().to(torch.uint8)
+    for index in range(3):
+        drawn = torch.from_numpy(pixels(tmp_path / "plain" / "generated" / f"{index:04d}.png").copy()).permute(2, 0, 1)
+        assert (drawn.int() - expected[index].int()).abs().max() <= 1  # PNG's rounding of the same floats
+
+
+def test_generate_from_a_plain_state_dict_without_flags_json_says_what_to_give(trained_run, gan_main, tmp_path):
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "netG.pth").write_bytes((trained_run / "checkpoints" / "netG.pth").read_bytes())
+    code, out, err = gan_main(["--generate", 3, "--checkpoint", tmp_path / "alone" / "netG.pth"])
+    assert code == 2 and "Traceback" not in err
+    assert (
+        f"holds only a network's weights, and the sizes to build it come from {tmp_path / 'alone' / 'flags.json'}"
+        in err
+    )
+    assert "give checkpoint.pt instead" in err
+    assert not (tmp_path / "images").exists()

@@ -147,7 +147,7 @@ def test_each_rank_trains_on_its_own_shard(ddp_run):
 
 def test_resume_under_torchrun_continues_from_the_checkpoint(ddp_run):
     stdout = ddp_run["resumed"].stdout
-    assert stdout.count("resuming checkpoints/checkpoint.pt: 1 epochs done, step 2") == 1
+    assert stdout.count("resuming checkpoints/checkpoint.pt: 1 epoch done, step 2") == 1
     assert [line[:5] for line in stdout.splitlines() if line.startswith("[")] == ["[2/2]"]
     state = torch.load(ddp_run["folder"] / "checkpoints" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * STEPS_PER_EPOCH
