@@ -695,10 +695,10 @@ INVALID_VALUES = {
     options.device_name: ["tpu", "cuda:x"],
 }
 MODE_FLAGS = {"generate", "interpolate", "evaluate", "resume"}
-# --images has its own tests (test_metrics.py): it turns --evaluate into another kind of run
-ACTIONS = [
-    a for a in options.build_parser()._actions if a.option_strings and a.dest not in MODE_FLAGS | {"help", "images"}
-]
+# --images has its own tests (test_metrics.py): it turns --evaluate into another kind of run; --class and
+# --to-class take a conditional checkpoint's class names (test_classes.py)
+OWN_TESTS = {"help", "images", "class_name", "to_class"}
+ACTIONS = [a for a in options.build_parser()._actions if a.option_strings and a.dest not in MODE_FLAGS | OWN_TESTS]
 
 
 def valid_value(action):
