@@ -180,7 +180,10 @@ class RunOutputs:
             artifacts.plot_fid(self.pictures.rows, self.image_dir / "fid.png")
         if scores["fid"] < state.progress.best_fid:  # best.pt: the state of the best evaluation so far
             state.progress.best_fid = scores["fid"]
-            saved = checkpoint.checkpoint_state(state.nets, state.progress, state.fixed_noise, opts, runtime)
+            # evaluated on the epoch's end, after the EMA's statistics were estimated
+            saved = checkpoint.checkpoint_state(
+                state.nets, state.progress, state.fixed_noise, opts, runtime, ema_statistics_estimated=True
+            )
             checkpoint.save_checkpoint(saved, self.checkpoint_dir / "best.pt")
         return scores["fid"]
 
@@ -373,14 +376,28 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     progress.epoch += 1
     progress.batch = 0
     if runtime.is_main:
-        if state.nets.G_ema is not None:  # its own BatchNorm statistics, for the pictures, FID and the checkpoint
-            estimate_batch_norm(state.nets.G_ema, opts.nz, runtime.device)
+        estimated = estimate_ema_statistics(state.nets, opts, runtime)
         G = generator_for_samples(state.nets)
         outputs.epoch_pictures(sampling.sample(G, state.fixed_noise, runtime), progress.epoch)
         fid = outputs.evaluate(state, G, opts, runtime)
-        checkpoint.save_run_files(state.nets, progress, state.fixed_noise, opts, runtime)
+        checkpoint.save_run_files(state.nets, progress, state.fixed_noise, opts, runtime, estimated)
         say(runtime, epoch_summary(meter.epoch_means(), progress.epoch, opts.epochs, seconds, images_done, fid))
     barrier(runtime)
+
+
+def estimate_ema_statistics(nets, opts, runtime):
+    """The EMA generator's own BatchNorm statistics, for the epoch's pictures, FID and checkpoint.
+
+    Only where something draws with them: checkpoints saved mid-epoch or on a Ctrl-C skip it and
+    say so (netG_ema_own_statistics), and whatever loads them estimates then. Run as training
+    runs (autocast, memory format), so the pictures see the statistics of the forward they use.
+    Returns whether it estimated (False without an EMA).
+    """
+    if nets.G_ema is None:
+        return False
+    with runtime.autocast():
+        estimate_batch_norm(nets.G_ema, opts.nz, runtime.device)
+    return True
 
 
 def generator_for_samples(nets):
