@@ -22,6 +22,7 @@ from data import to_float_images
 from utils import UserError, atomic_write_bytes
 
 MAX_PLOT_POINTS = 1000
+GRID_PADDING = 2
 FRAME_MS, LAST_FRAME_MS = 400, 2000
 # What a training run (or --generate/--interpolate after it) leaves in --image-dir; a fresh run
 # never mixes its pictures with these. real_samples.png alone, from a run stopped before its
@@ -62,7 +63,7 @@ def drawing(path):
 
 def grid_image(images, nrow=8):
     """Images in [-1, 1] as one PIL grid with 2-pixel padding."""
-    return to_pil(tile(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow))
+    return to_pil(tile(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow, GRID_PADDING))
 
 
 def tile(images, nrow, padding=2):
@@ -80,6 +81,30 @@ def tile(images, nrow, padding=2):
     grid = cells.view(rows, columns, channels, height + padding, width + padding).permute(2, 0, 3, 1, 4)
     grid = grid.reshape(channels, rows * (height + padding), columns * (width + padding))
     return F.pad(grid, (0, padding, 0, padding))  # and below and right of the last row and column
+
+
+def labelled_grid_image(images, row_names, nrow=8):
+    """grid_image with each row's name written in a margin on its left (a class-row grid)."""
+    from PIL import ImageDraw, ImageFont
+
+    grid = grid_image(images, nrow)
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(grid)
+    boxes = [measure.textbbox((0, 0), name, font=font) for name in row_names]
+    margin = max(box[2] for box in boxes) + 6
+    canvas = Image.new("RGB", (grid.width + margin, grid.height))
+    canvas.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_pixels = (grid.height - GRID_PADDING) / len(row_names)
+    for row, (name, box) in enumerate(zip(row_names, boxes)):
+        middle = GRID_PADDING + row * row_pixels + (row_pixels - GRID_PADDING) / 2
+        draw.text((3, middle - (box[1] + box[3]) / 2), name, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+def epoch_grid_image(images, row_names=None):
+    """An epoch's grid: 8 x 8 samples, or a labelled row per class."""
+    return grid_image(images) if row_names is None else labelled_grid_image(images, row_names)
 
 
 def save_grid(images, path, nrow=8):
@@ -138,18 +163,19 @@ class EpochPictures:
             with drawing(path):
                 save_grid(to_float_images(real_uint8, image_size), path)
 
-    def add_epoch(self, samples, epoch):
+    def add_epoch(self, samples, epoch, row_names=None):
+        """The epoch's grid (labelled rows of classes with row_names) as a PNG and a GIF frame."""
         with drawing(self.grid_path(epoch)):
-            grid = grid_image(samples)
+            grid = epoch_grid_image(samples, row_names)
             save_pil(grid, self.grid_path(epoch))
             self.gif.append(grid)
         with drawing(self.image_dir / "losses.png"):
             plot_losses(self.rows, self.image_dir / "losses.png")
 
-    def write_real_vs_fake(self, real_uint8, fake, image_size):
+    def write_real_vs_fake(self, real_uint8, fake, image_size, row_names=None):
         path = self.image_dir / "real_vs_fake.png"
         with drawing(path):
-            plot_real_vs_fake(to_float_images(real_uint8, image_size), fake, path)
+            plot_real_vs_fake(to_float_images(real_uint8, image_size), fake, path, row_names)
 
 
 # ---------------------------------------------------------------- the progress GIF
@@ -317,11 +343,11 @@ def plot_fid(rows, path):
     save_figure(figure, path)
 
 
-def plot_real_vs_fake(real_images, fake_images, path):
-    """The DCGAN tutorial's last figure: real images beside generated ones."""
+def plot_real_vs_fake(real_images, fake_images, path, row_names=None):
+    """The DCGAN tutorial's last figure: real images beside generated ones (rows of classes with row_names)."""
     figure, (real_axes, fake_axes) = new_figure((12, 6), 1, 2)
     for axes, images, title in ((real_axes, real_images, "Real images"), (fake_axes, fake_images, "Fake images")):
-        axes.imshow(grid_image(images))
+        axes.imshow(epoch_grid_image(images, row_names))
         axes.set_title(title)
         axes.axis("off")
     save_figure(figure, path)

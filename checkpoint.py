@@ -77,6 +77,7 @@ def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_
         "fixed_noise": fixed_noise.cpu(),
         "rng": rng,
         "flags": opts.as_dict(),
+        **({"class_names": list(opts.class_names)} if opts.num_classes else {}),
     }
 
 

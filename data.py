@@ -9,13 +9,22 @@ import shutil
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes, ignore_message, open_folder, size_text
+from folders import (
+    IMAGE_SUFFIXES,
+    HostImages,
+    available_ram_bytes,
+    folder_labels,
+    ignore_message,
+    open_folder,
+    size_text,
+)
 from utils import UserError
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -23,10 +32,12 @@ CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # batches and FID's Inception need the rest. A larger dataset is streamed from the cache.
 # The images may take this share of the device's free memory; the nets, their activations, the
 DEVICE_MEMORY_SHARE = 0.5
 FAKE_IMAGES = 512
+FAKE_CLASSES = 10  # --dataset fake --conditional: random images labelled 0, 1, ..., 9, 0, 1, ...
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -34,6 +45,11 @@ FAKE_IMAGES = 512
 
 def load_cifar10(root, download=True):
     """CIFAR-10's 50k training images as a uint8 tensor (N, 3, 32, 32) on the CPU."""
+    return load_cifar10_labelled(root, download)[0]
+
+
+def load_cifar10_labelled(root, download=True):
+    """CIFAR-10's training images (uint8 (N, 3, 32, 32)), their labels (N,) and the ten class names."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise UserError(f"--dataroot {root} is a file: it names the folder CIFAR-10 is (or goes) in")
@@ -46,7 +62,19 @@ def load_cifar10(root, download=True):
                 raise UserError(f"CIFAR-10 not found: put {CIFAR_ARCHIVE} in {root}/")
             _download_cifar10(root)
         _extract_cifar10(archive, root)
-    return torch.cat([_read_cifar_batch(folder / name) for name in CIFAR_TRAIN_BATCHES])
+    images, labels = zip(*(_read_cifar_batch(folder / name) for name in CIFAR_TRAIN_BATCHES))
+    return torch.cat(images), torch.cat(labels), cifar_class_names(folder)
+
+
+def cifar_class_names(folder):
+    """The names batches.meta gives the labels 0..9 (CIFAR-10's own when it is missing or unusable)."""
+    try:
+        with open(folder / "batches.meta", "rb") as file:
+            names = tuple(_ArrayUnpickler(file, encoding="latin1").load()["label_names"])
+    except Exception:  # the training batches are what gan.py needs; the names have a known default
+        return CIFAR_CLASSES
+    usable = len(names) == len(CIFAR_CLASSES) and all(isinstance(name, str) and name for name in names)
+    return names if usable else CIFAR_CLASSES
 
 
 def refuse_image_folder(root):
@@ -109,14 +137,27 @@ def _read_cifar_batch(path):
         with open(path, "rb") as file:
             batch = _ArrayUnpickler(file, encoding="latin1").load()
         pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch["labels"], dtype=np.int64).reshape(-1)
+        if len(labels) != len(pixels) or not ((labels >= 0) & (labels < len(CIFAR_CLASSES))).all():
+            raise ValueError("labels do not fit the images")
     except Exception as error:  # a damaged batch can fail in pickle, numpy or a missing key
         raise UserError(
             f"{path} is not a CIFAR-10 batch ({error.__class__.__name__}); delete {path.parent} and run again"
         ) from None
-    return torch.from_numpy(pixels.copy())
+    return torch.from_numpy(pixels.copy()), torch.from_numpy(labels.copy())
 
 
 # ---------------------------------------------------------------- batches on the device
+
+
+@dataclass
+class TrainingData:
+    """The training images (a device tensor, or HostImages to stream), with labels and class names
+    under --conditional (labels: a CPU LongTensor of class indices; None otherwise)."""
+
+    images: object
+    labels: torch.Tensor | None = None
+    class_names: tuple | None = None
 
 
 def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None):
@@ -127,33 +168,76 @@ def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None
     memory_limit_bytes: the bytes of images the device may hold (None: a share of its free memory).
     Train from the result with make_batches.
     """
-    if opts.dataset == "cifar10":
-        images = load_cifar10(opts.dataroot)
-    elif opts.dataset == "folder":
-        images = open_folder(opts.dataroot, opts.image_size, opts.workers, cache_dir, say)
-    else:
-        # as many random images as --subset asks for (512 by default): --subset 50000 is CIFAR-10-sized
-        count = max(FAKE_IMAGES, opts.subset or 0)
-        generator = torch.Generator().manual_seed(opts.seed)
-        images = torch.randint(
-            0, 256, (count, 3, opts.image_size, opts.image_size), generator=generator, dtype=torch.uint8
-        )
-    images = choose_subset(images, opts.subset, opts.seed)
+    return load_training_data(opts, device, cache_dir, say, memory_limit_bytes, with_labels=False).images
+
+
+def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_bytes=None, with_labels=None):
+    """load_dataset's images as TrainingData, with their labels when with_labels (default:
+    opts.conditional) asks for them."""
+    with_labels = opts.conditional if with_labels is None else with_labels
+    images, labels, class_names = read_images_and_labels(opts, with_labels, cache_dir, say)
+    if not with_labels:
+        labels = class_names = None
+    images, labels = choose_subset(images, opts.subset, opts.seed, labels)
     if len(images) < opts.batch_size:
         raise UserError(f"the dataset has {len(images)} images, fewer than --batch-size {opts.batch_size}")
     if isinstance(images, HostImages):
-        return place_on_device(images, device, memory_limit_bytes, say or ignore_message)
-    return images.to(device)
+        images = place_on_device(images, device, memory_limit_bytes, say or ignore_message)
+    else:
+        images = images.to(device)
+    return TrainingData(images, labels, class_names)
 
 
-def choose_subset(images, subset, seed):
-    """The first `subset` images of a shuffle seeded by seed (so a resumed run gets the same ones)."""
+def read_images_and_labels(opts, with_labels, cache_dir, say):
+    """All the data set's images, and (with_labels) their labels and class names."""
+    if opts.dataset == "cifar10":
+        return load_cifar10_labelled(opts.dataroot)
+    if opts.dataset == "folder":
+        images = open_folder(opts.dataroot, opts.image_size, opts.workers, cache_dir, say)
+        if not with_labels:
+            return images, None, None
+        labels, class_names = folder_labels(opts.dataroot, images.files)
+        return images, labels, class_names
+    # as many random images as --subset asks for (512 by default): --subset 50000 is CIFAR-10-sized
+    count = max(FAKE_IMAGES, opts.subset or 0)
+    generator = torch.Generator().manual_seed(opts.seed)
+    images = torch.randint(0, 256, (count, 3, opts.image_size, opts.image_size), generator=generator, dtype=torch.uint8)
+    labels = torch.arange(count) % FAKE_CLASSES
+    return images, labels, tuple(str(index) for index in range(FAKE_CLASSES))
+
+
+def choose_subset(images, subset, seed, labels=None):
+    """The first `subset` images of a shuffle seeded by seed (so a resumed run gets the same ones).
+
+    Returns (images, labels); with labels, each class keeps its share of the images (to within one).
+    """
     if subset is None:
-        return images
+        return images, labels
     if subset > len(images):
         raise UserError(f"--subset {subset} is larger than the dataset ({len(images)} images)")
-    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:subset]
-    return images.select(chosen) if isinstance(images, HostImages) else images[chosen]
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    if labels is not None:
+        chosen = balanced_first(chosen, labels, subset)
+    chosen = chosen[:subset]
+    images = images.select(chosen) if isinstance(images, HostImages) else images[chosen]
+    return images, (None if labels is None else labels[chosen])
+
+
+def balanced_first(order, labels, subset):
+    """order rearranged so that its first `subset` rows hold each class in its share of the data.
+
+    Each row's key is how far down its own class it comes in order, as a fraction of the class's
+    size; rows are taken by that key, so every class is cut at (about) the same fraction.
+    """
+    ordered_labels = labels[order]
+    counts = torch.bincount(labels)
+    if subset < int((counts > 0).sum()):
+        raise UserError(f"--subset {subset} is smaller than the number of classes ({int((counts > 0).sum())})")
+    rank_in_class = torch.empty(len(order), dtype=torch.float64)
+    for label in ordered_labels.unique():
+        rows = (ordered_labels == label).nonzero().flatten()
+        rank_in_class[rows] = (torch.arange(len(rows), dtype=torch.float64) + 0.5) / len(rows)
+    return order[torch.sort(rank_in_class, stable=True).indices]
 
 
 def place_on_device(images, device, memory_limit_bytes, say):
@@ -194,29 +278,43 @@ class DeviceBatches:
     the same batches; under DDP each rank takes every world_size-th batch of it.
     The last incomplete batch is dropped so every step has the same shape.
     Batches come in D's memory format and dtype, so real and fake batches share one D graph.
+    labels (optional): each image's class, kept on the device beside the images.
     """
 
     def __init__(
         self, images, batch_size, image_size, seed, rank=0, world_size=1, dtype=torch.float32,
-        memory_format=torch.contiguous_format,
+        memory_format=torch.contiguous_format, labels=None,
     ):  # fmt: skip
         self.images = images
+        self.labels = None if labels is None else labels.to(self.label_device)
         self.batch_size = batch_size
         self.image_size = image_size
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.dtype, self.memory_format = dtype, memory_format
 
+    @property
+    def label_device(self):
+        return self.images.device
+
     def __len__(self):
         return len(self.images) // (self.batch_size * self.world_size)
 
     def epoch(self, epoch, start=0):
         """Yield the float batches of one epoch in [-1, 1], skipping the first `start`."""
+        for images, _ in self.labelled_epoch(epoch, start):
+            yield images
+
+    def labelled_epoch(self, epoch, start=0):
+        """Yield (images, labels) as epoch() yields images; labels is None without labels."""
         order = epoch_order(self.seed, epoch, len(self.images)).to(self.images.device)
         for index in range(start, len(self)):
             rows = batch_rows(order, index, self.batch_size, self.rank, self.world_size)
             images = to_float_images(self.images[rows], self.image_size)
-            yield images.to(self.dtype, memory_format=self.memory_format)
+            yield images.to(self.dtype, memory_format=self.memory_format), self.labels_of(rows)
+
+    def labels_of(self, rows):
+        return None if self.labels is None else self.labels[rows]
 
     def describe(self):
         return f"held on {self.images.device}"
@@ -236,11 +334,15 @@ class StreamedBatches(DeviceBatches):
         super().__init__(images, batch_size, image_size, seed, rank, world_size, **layout)
         self.device = torch.device(device)
 
+    @property
+    def label_device(self):
+        return torch.device("cpu")  # indexed by the host's order; a batch's labels are copied with its images
+
     def describe(self):
         return f"streamed from {self.images.source or 'host memory'}"
 
-    def epoch(self, epoch, start=0):
-        """Yield the float batches of one epoch in [-1, 1] on the device, skipping the first `start`."""
+    def labelled_epoch(self, epoch, start=0):
+        """Yield the (images, labels) of one epoch, images float in [-1, 1] on the device, skipping the first `start`."""
         order = epoch_order(self.seed, epoch, len(self.images))
         buffers = [self.host_buffer(), self.host_buffer()]  # one being gathered into while the other is copied
         copied = [None, None]  # per buffer: the event after which its last copy to the device is done
@@ -259,7 +361,11 @@ class StreamedBatches(DeviceBatches):
                     pending = gather_later(index + 1)
                 # converted before yielding: on the CPU, device_batch is the buffer itself
                 images = to_float_images(device_batch, self.image_size)
-                yield images.to(self.dtype, memory_format=self.memory_format)
+                labels = self.labels_of(batch_rows(order, index, self.batch_size, self.rank, self.world_size))
+                yield (
+                    images.to(self.dtype, memory_format=self.memory_format),
+                    None if labels is None else labels.to(self.device),
+                )
 
     def host_buffer(self):
         shape = (self.batch_size, *self.images.shape[1:])
@@ -282,7 +388,8 @@ class StreamedBatches(DeviceBatches):
 def make_batches(images, batch_size, image_size, seed, rank=0, world_size=1, device="cpu", **layout):
     """The batch source for what load_dataset returned: DeviceBatches, or StreamedBatches for HostImages.
 
-    layout: dtype and memory_format of the batches (D's, so real and fake batches share one graph).
+    layout: dtype and memory_format of the batches (D's, so real and fake batches share one graph),
+    and labels (the images' classes) where there are any.
     """
     if isinstance(images, HostImages):
         return StreamedBatches(images, batch_size, image_size, seed, rank, world_size, device, **layout)

@@ -133,6 +133,31 @@ def decode_files(files, image_size, workers, skipped):
             yield images
 
 
+def folder_labels(root, files):
+    """The class of each file, from the sub-folder of root it is in, and the class names.
+
+    Classes are root's immediate sub-folders, sorted by name as torchvision's ImageFolder sorts
+    them, so class i here is class i there. A file directly in root, or a sub-folder without
+    images, is an error: one sub-folder per class, each holding that class's images.
+    """
+    root = Path(root)
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and entry.name != FOLDER_CACHE_NAME)
+    loose = [path.name for path in files if path.parent == root]
+    if loose:
+        raise UserError(
+            f"--conditional: {root} holds images directly in it ({loose[0]}{', ...' if len(loose) > 1 else ''}); "
+            "it needs one sub-folder per class, each holding that class's images"
+        )
+    index = {name: number for number, name in enumerate(names)}
+    labels = torch.tensor([index[path.relative_to(root).parts[0]] for path in files], dtype=torch.long)
+    empty = [name for name, count in zip(names, torch.bincount(labels, minlength=len(names)).tolist()) if not count]
+    if empty:
+        raise UserError(f"--conditional: class folder {root / empty[0]} holds no readable images")
+    if len(names) < 2:
+        raise UserError(f"--conditional: {root} has {len(names)} class sub-folder(s); it needs at least 2")
+    return labels, tuple(names)
+
+
 def report_skipped(root, skipped_count, file_count):
     """The one warning about unreadable files (at every start, cached or not); an error if none was readable."""
     if skipped_count:
@@ -219,7 +244,7 @@ def open_folder(root, image_size, workers, cache_dir=None, say=None):
             images, skipped = cached
             report_skipped(listing.root, len(skipped), len(listing.files))
             say(f"image cache: reusing {images.source} ({len(images)} images)")
-            return images
+            return with_files(images, skipped, listing)
     reason = rebuild_reason(folders, listing)
     problems = []
     for folder in folders:
@@ -229,9 +254,16 @@ def open_folder(root, image_size, workers, cache_dir=None, say=None):
                 f"image cache: {reason}; decoding {len(listing.files)} files "
                 f"({size_text(listing.decoded_bytes)}) into {cache_paths(folder, listing)[0]}"
             )
-            return build_folder_cache(folder, listing, workers)
+            return with_files(*build_folder_cache(folder, listing, workers), listing=listing)
         problems.append(problem)
-    return decode_without_cache(listing, workers, "; ".join(problems), say)
+    return with_files(*decode_without_cache(listing, workers, "; ".join(problems), say), listing=listing)
+
+
+def with_files(images, skipped, listing):
+    """images with .files: the readable files, one per row (skipped: the others, as paths or names)."""
+    unreadable = {str(Path(name)) for name in skipped} | {str(listing.root / name) for name in skipped}
+    images.files = [path for path in listing.files if str(path) not in unreadable]
+    return images
 
 
 def ignore_message(message):
@@ -309,7 +341,7 @@ def build_folder_cache(folder, listing, workers):
     cached = read_folder_cache(folder, listing)
     if cached is None:
         raise UserError(f"the decoded-image cache {npy} could not be read back; delete {folder} and run again")
-    return cached[0]
+    return cached
 
 
 def write_decoded(file, listing, workers, skipped):
@@ -365,7 +397,7 @@ def decode_without_cache(listing, workers, problems, say):
     skipped = []
     chunks = list(decode_files(listing.files, listing.image_size, workers, skipped))
     report_skipped(listing.root, len(skipped), len(listing.files))
-    return HostImages(torch.cat(chunks))
+    return HostImages(torch.cat(chunks)), skipped
 
 
 def size_text(size_bytes):
@@ -385,6 +417,7 @@ class HostImages:
     """
 
     def __init__(self, array, source=None, rows=None):
+        self.files = None  # the readable files, one per row of array, where a folder's listing is known
         self.array = array  # a CPU uint8 tensor, backed by the mapped cache file when source is set
         self.source = source  # the cache file, or None for images decoded into memory
         self.rows = rows  # the rows of array in use (a --subset), or None for all

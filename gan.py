@@ -28,7 +28,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     import faults
     import sampling
     from checkpoint import Progress, latest_checkpoint
-    from data import load_dataset, make_batches
+    from data import load_training_data, make_batches
     from faults import ROLL_BACK, Interrupted, StopRequest
     from models import ema_decay_at, estimate_batch_norm
     from options import (
@@ -124,23 +124,41 @@ def restore(state, saved, path, runtime):
 
 
 def load_batches(opts, runtime):
-    """The training images (rank 0 downloads first) and their batches, on the device if they fit."""
+    """The training data (rank 0 downloads first) and its batches, on the device if they fit."""
     if not runtime.is_main:
         barrier(runtime)  # wait for rank 0 to download and extract; then read its files
-    images = load_dataset(opts, runtime.device, cache_dir=opts.checkpoint_dir, say=lambda text: say(runtime, text))
+    data = load_training_data(opts, runtime.device, cache_dir=opts.checkpoint_dir, say=lambda text: say(runtime, text))
     if runtime.is_main:
         barrier(runtime)
     batches = make_batches(
-        images,
+        data.images,
         opts.batch_size,
         opts.image_size,
         opts.seed,
         runtime.rank,
         runtime.world_size,
         runtime.device,
+        labels=data.labels,
         **runtime.batch_layout,
     )
-    return images, batches
+    return data, batches
+
+
+def with_data_traits(opts, data, resumed):
+    """The options completed by what the data says: its classes (under --conditional)."""
+    names = data.class_names or ()
+    if resumed is not None:
+        saved_names = tuple(resumed[0].get("class_names") or ())
+        if saved_names != names:
+            raise UserError(
+                f"{resumed[1]} was trained on the classes {class_list(saved_names)}; "
+                f"the data now has {class_list(names)}"
+            )
+    return opts.replace(num_classes=len(names), class_names=names)
+
+
+def class_list(names):
+    return ", ".join(names) if names else "none (unconditional)"
 
 
 class RunOutputs:
@@ -164,7 +182,7 @@ class RunOutputs:
                     self.tensorboard.add_scalar(name, row[name], row["step"])
 
     def epoch_pictures(self, samples, epoch):
-        self.pictures.add_epoch(samples, epoch)
+        self.pictures.add_epoch(samples, epoch, sampling.grid_row_names(self.opts))
         if self.tensorboard is not None:
             with artifacts.drawing("the TensorBoard samples"):
                 self.tensorboard.add_images("samples", samples.float().add(1).div(2).clamp(0, 1), epoch)
@@ -225,7 +243,8 @@ def train(opts, explicit, runtime, metric_feature=None):
 def train_in_locked_folders(opts, resumed, runtime, metric_feature):
     if opts.tensorboard:
         summary_writer_class()  # fail fast, before the data, when it is missing; no event file yet
-    images, batches = load_batches(opts, runtime)
+    data, batches = load_batches(opts, runtime)
+    opts, images = with_data_traits(opts, data, resumed), data.images
     state = start_state(opts, runtime, resumed)
     if state.progress.epoch >= opts.epochs:
         say(runtime, f"already trained {state.progress.epoch} epochs; raise --epochs to train more")
@@ -233,13 +252,15 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature):
     outputs = RunOutputs(opts, runtime, images, state.progress, metric_feature) if runtime.is_main else None
     if outputs is not None:
         outputs.pictures.write_real_samples(images[:64], opts.image_size, replace=resumed is None)
+        # real_vs_fake.png's real half, in the fake half's layout (rows of classes under --conditional)
+        outputs.real_rows = sampling.real_grid_images(images, data.labels, opts)
     say(runtime, describe(opts, runtime, len(images), batches))
     stop = StopRequest()
     stop.install()
     train_epochs(state, batches, opts, runtime, outputs, stop)
     if outputs is not None:
-        fake = sampling.sample(generator_for_samples(state.nets), state.fixed_noise, runtime)
-        outputs.pictures.write_real_vs_fake(images[:64], fake, opts.image_size)
+        fake = sampling.grid_samples(generator_for_samples(state.nets), state.fixed_noise, opts, runtime)
+        outputs.pictures.write_real_vs_fake(outputs.real_rows, fake, opts.image_size, sampling.grid_row_names(opts))
     return state
 
 
@@ -251,9 +272,10 @@ def train_epochs(state, batches, opts, runtime, outputs, stop):
         progress, meter, started = state.progress, Meter(runtime.device), time.perf_counter()
         first_batch = progress.batch
         bar = progress_bar(progress, len(batches), opts, runtime)
-        for real in batches.epoch(progress.epoch, start=progress.batch):
+        for real, labels in batches.labelled_epoch(progress.epoch, start=progress.batch):
             update_g = (progress.step + 1) % opts.d_steps == 0
-            stats = train_step(state.nets, real, recipe, runtime, update_g, ema_decay_at(opts.ema, progress.step))
+            decay = ema_decay_at(opts.ema, progress.step)
+            stats = train_step(state.nets, real, recipe, runtime, update_g, decay, labels)
             meter.add(stats)
             progress.step += 1
             progress.batch += 1
@@ -378,7 +400,7 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     if runtime.is_main:
         estimated = estimate_ema_statistics(state.nets, opts, runtime)
         G = generator_for_samples(state.nets)
-        outputs.epoch_pictures(sampling.sample(G, state.fixed_noise, runtime), progress.epoch)
+        outputs.epoch_pictures(sampling.grid_samples(G, state.fixed_noise, opts, runtime), progress.epoch)
         fid = outputs.evaluate(state, G, opts, runtime)
         checkpoint.save_run_files(state.nets, progress, state.fixed_noise, opts, runtime, estimated)
         say(runtime, epoch_summary(meter.epoch_means(), progress.epoch, opts.epochs, seconds, images_done, fid))
@@ -396,7 +418,7 @@ def estimate_ema_statistics(nets, opts, runtime):
     if nets.G_ema is None:
         return False
     with runtime.autocast():
-        estimate_batch_norm(nets.G_ema, opts.nz, runtime.device)
+        estimate_batch_norm(nets.G_ema, opts.nz, runtime.device, num_classes=opts.num_classes)
     return True
 
 
@@ -406,9 +428,10 @@ def generator_for_samples(nets):
 
 def describe(opts, runtime, image_count, batches):
     processes = f", {runtime.world_size} processes" if runtime.distributed else ""
+    classes = f" of {opts.num_classes} classes" if opts.num_classes else ""
     return (
         f"training on {runtime.device} ({runtime.precision_name}{', compiled' if runtime.compile else ''}"
-        f"{processes}): {image_count} images ({batches.describe()}), {len(batches)} steps per epoch "
+        f"{processes}): {image_count} images{classes} ({batches.describe()}), {len(batches)} steps per epoch "
         f"(logged every {log_every_steps(opts, len(batches))}), seed {opts.seed}"
     )
 

@@ -1,7 +1,8 @@
 """DCGAN networks (Radford et al., 2015), an upsample-convolution variant, and their init.
 
 Pure modules: no I/O, no flags, no device logic. Depth follows the image size:
-each factor of two above 4x4 adds one stage to both networks.
+each factor of two above 4x4 adds one stage to both networks. With num_classes, G takes the
+class through conditional BatchNorm and D through a projection; without, they are plain DCGAN.
 """
 
 import functools
@@ -21,24 +22,68 @@ def num_stages(image_size):
     return int(math.log2(image_size)) - 2
 
 
-class Generator(nn.Module):
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose gain and bias are rows of a per-class table (SN-GAN, Miyato & Koyama 2018;
+    BigGAN): the statistics are shared by all classes, the affine map is the class's own.
+
+    labels: class indices (N,), or weights over the classes (N, num_classes) that mix the rows
+    (a walk from one class to another).
+    """
+
+    def __init__(self, num_features, num_classes):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_features, affine=False)
+        self.gain = nn.Embedding(num_classes, num_features)
+        self.bias = nn.Embedding(num_classes, num_features)
+
+    def forward(self, features, labels):
+        if labels.is_floating_point():
+            gain, bias = labels @ self.gain.weight, labels @ self.bias.weight
+        else:
+            gain, bias = self.gain(labels), self.bias(labels)
+        shape = (len(features), -1, 1, 1)
+        return self.norm(features) * gain.view(shape) + bias.view(shape)
+
+
+def batch_norm_of(num_classes):
+    """G's BatchNorm layer: the plain one, or the conditional one with num_classes."""
+    return functools.partial(ConditionalBatchNorm2d, num_classes=num_classes) if num_classes else nn.BatchNorm2d
+
+
+class ClassGenerator(nn.Module):
+    """What both generators share: forward through self.main, with the class for the
+    conditional BatchNorm layers when num_classes is set."""
+
+    def forward(self, noise, labels=None):
+        if not self.num_classes:
+            return self.main(noise)
+        if labels is None:
+            raise ValueError("a class-conditional generator needs labels")
+        features = noise
+        for layer in self.main:
+            features = layer(features, labels) if isinstance(layer, ConditionalBatchNorm2d) else layer(features)
+        return features
+
+
+class Generator(ClassGenerator):
     """Noise (nz x 1 x 1) to an image (nc x S x S) in [-1, 1]."""
 
-    def __init__(self, nz=100, ngf=64, image_size=64, nc=3):
+    def __init__(self, nz=100, ngf=64, image_size=64, nc=3, num_classes=0):
         super().__init__()
+        norm = batch_norm_of(num_classes)
         stages = num_stages(image_size)
         channels = ngf * 2 ** (stages - 1)
         # nz x 1 x 1 -> (ngf*8) x 4 x 4 at 64x64
         layers = [
             nn.ConvTranspose2d(nz, channels, 4, 1, 0, bias=False),
-            nn.BatchNorm2d(channels),
+            norm(channels),
             nn.ReLU(True),
         ]
         # each stage doubles the side and halves the channels: ... -> ngf x S/2 x S/2
         for _ in range(stages - 1):
             layers += [
                 nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(channels // 2),
+                norm(channels // 2),
                 nn.ReLU(True),
             ]
             channels //= 2
@@ -46,31 +91,54 @@ class Generator(nn.Module):
         layers += [nn.ConvTranspose2d(channels, nc, 4, 2, 1, bias=False), nn.Tanh()]
         self.main = nn.Sequential(*layers)
         self.nz = nz
-
-    def forward(self, noise):
-        return self.main(noise)
+        self.num_classes = num_classes
 
 
-class Discriminator(nn.Module):
+class ProjectionDiscriminator(nn.Module):
+    """What both discriminators share: self.main ends in `head_layers` layers that make the logit
+    from the last features. With num_classes, the projection discriminator (Miyato & Koyama,
+    2018): the logit gains <embed(y), features summed over the 4x4 map>."""
+
+    head_layers = 1
+
+    def add_projection(self, channels, num_classes, wrap):
+        # a plain attribute when unconditional: no parameters, the state_dict's keys as before
+        self.embed = wrap(nn.Embedding(num_classes, channels)) if num_classes else None
+
+    def forward(self, images, labels=None):
+        if self.embed is None:
+            return self.main(images).flatten()
+        if labels is None:
+            raise ValueError("a class-conditional discriminator needs labels")
+        features = self.main[: -self.head_layers](images)
+        logits = self.main[-self.head_layers :](features).flatten()
+        return logits + projection(self.embed, labels, features.sum(dim=(2, 3)))
+
+
+def projection(embed, labels, pooled):
+    """<embed(y), pooled> per image; labels as indices (N,) or class weights (N, num_classes)."""
+    rows = labels.to(embed.weight.dtype) @ embed.weight if labels.is_floating_point() else embed(labels)
+    return (rows * pooled).sum(dim=1)
+
+
+class Discriminator(ProjectionDiscriminator):
     """An image (nc x S x S) to one logit per image.
 
     With spectral_norm the convolutions are spectrally normalised (Miyato et al., 2018)
     and BatchNorm is left out, as in SN-GAN's discriminator.
     """
 
-    def __init__(self, ndf=64, image_size=64, nc=3, spectral_norm=False):
+    def __init__(self, ndf=64, image_size=64, nc=3, spectral_norm=False, num_classes=0):
         super().__init__()
         wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         layers, channels = strided_convolutions(nc, ndf, image_size, wrap, batch_norm=not spectral_norm)
         # (ndf*8) x 4 x 4 -> 1 x 1 x 1: a logit; the loss applies the sigmoid
         layers.append(wrap(nn.Conv2d(channels, 1, 4, 1, 0, bias=False)))
         self.main = nn.Sequential(*layers)
-
-    def forward(self, images):
-        return self.main(images).flatten()
+        self.add_projection(channels, num_classes, wrap)
 
 
-class UpsampleGenerator(nn.Module):
+class UpsampleGenerator(ClassGenerator):
     """Noise (nz x 1 x 1) to an image (nc x S x S) in [-1, 1], without transposed convolutions.
 
     Each doubling is a nearest-neighbour upsample then a 3x3 convolution: every output pixel
@@ -80,8 +148,9 @@ class UpsampleGenerator(nn.Module):
     Widths follow the DCGAN Generator, so the two are compared at the same ngf.
     """
 
-    def __init__(self, nz=100, ngf=64, image_size=64, nc=3, full_size_block=False):
+    def __init__(self, nz=100, ngf=64, image_size=64, nc=3, full_size_block=False, num_classes=0):
         super().__init__()
+        norm = batch_norm_of(num_classes)
         stages = num_stages(image_size)
         channels = ngf * 2 ** (stages - 1)
         # nz x 1 x 1 -> (ngf*8) x 4 x 4 at 64x64; no bias as BatchNorm's beta takes its place
@@ -89,7 +158,7 @@ class UpsampleGenerator(nn.Module):
             nn.Flatten(),
             nn.Linear(nz, channels * 4 * 4, bias=False),
             nn.Unflatten(1, (channels, 4, 4)),
-            nn.BatchNorm2d(channels),
+            norm(channels),
             nn.ReLU(True),
         ]
         # each block doubles the side and halves the channels: ... -> ngf x S/2 x S/2
@@ -97,7 +166,7 @@ class UpsampleGenerator(nn.Module):
             layers += [
                 nn.Upsample(scale_factor=2, mode="nearest"),
                 nn.Conv2d(channels, channels // 2, 3, 1, 1, bias=False),
-                nn.BatchNorm2d(channels // 2),
+                norm(channels // 2),
                 nn.ReLU(True),
             ]
             channels //= 2
@@ -109,16 +178,14 @@ class UpsampleGenerator(nn.Module):
         # 30% more time per step at ngf=32, 32 px).
         layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
         if full_size_block:
-            layers += [nn.Conv2d(channels, channels, 3, 1, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(True)]
+            layers += [nn.Conv2d(channels, channels, 3, 1, 1, bias=False), norm(channels), nn.ReLU(True)]
         layers += [nn.Conv2d(channels, nc, 3, 1, 1, bias=False), nn.Tanh()]
         self.main = nn.Sequential(*layers)
         self.nz = nz
-
-    def forward(self, noise):
-        return self.main(noise)
+        self.num_classes = num_classes
 
 
-class UpsampleDiscriminator(nn.Module):
+class UpsampleDiscriminator(ProjectionDiscriminator):
     """An image (nc x S x S) to one logit per image: strided convolutions, then a linear layer.
 
     Kernels are 4x4 at stride 2, a size the stride divides, so the gradient D sends back to G
@@ -128,16 +195,16 @@ class UpsampleDiscriminator(nn.Module):
     BatchNorm is left out.
     """
 
-    def __init__(self, ndf=64, image_size=64, nc=3, spectral_norm=False):
+    head_layers = 2  # Flatten, Linear
+
+    def __init__(self, ndf=64, image_size=64, nc=3, spectral_norm=False, num_classes=0):
         super().__init__()
         wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         layers, channels = strided_convolutions(nc, ndf, image_size, wrap, batch_norm=not spectral_norm)
         # (ndf*8) x 4 x 4 -> (ndf*8*16) -> 1: a logit; the loss applies the sigmoid
         layers += [nn.Flatten(), wrap(nn.Linear(channels * 4 * 4, 1))]
         self.main = nn.Sequential(*layers)
-
-    def forward(self, images):
-        return self.main(images).flatten()
+        self.add_projection(channels, num_classes, wrap)
 
 
 # A flag picks the pair by name; both generators take noise shaped (N, nz, 1, 1).
@@ -154,12 +221,12 @@ def _architecture(arch):
     return ARCHITECTURES[arch]
 
 
-def build_generator(arch, nz, ngf, image_size):
-    return _architecture(arch)[0](nz, ngf, image_size)
+def build_generator(arch, nz, ngf, image_size, nc=3, num_classes=0):
+    return _architecture(arch)[0](nz, ngf, image_size, nc=nc, num_classes=num_classes)
 
 
-def build_discriminator(arch, ndf, image_size, spectral_norm=False):
-    return _architecture(arch)[1](ndf, image_size, spectral_norm=spectral_norm)
+def build_discriminator(arch, ndf, image_size, spectral_norm=False, nc=3, num_classes=0):
+    return _architecture(arch)[1](ndf, image_size, nc=nc, spectral_norm=spectral_norm, num_classes=num_classes)
 
 
 def strided_convolutions(nc, ndf, image_size, wrap, batch_norm):
@@ -181,7 +248,17 @@ def strided_convolutions(nc, ndf, image_size, wrap, batch_norm):
 
 
 def init_weights(module):
-    """DCGAN init: conv and linear weights N(0, 0.02), linear bias 0; BatchNorm gamma N(1, 0.02), beta 0."""
+    """DCGAN init: conv and linear weights N(0, 0.02), linear bias 0; BatchNorm gamma N(1, 0.02), beta 0.
+
+    Conditional BatchNorm's per-class gains and biases start as BatchNorm's gamma and beta; the
+    projection's class embedding as a linear layer's weights.
+    """
+    if isinstance(module, ConditionalBatchNorm2d):
+        nn.init.normal_(module.gain.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias.weight)
+    elif isinstance(module, ProjectionDiscriminator) and module.embed is not None:
+        weight = getattr(module.embed, "parametrizations", None)
+        nn.init.normal_(weight.weight.original if weight is not None else module.embed.weight, 0.0, 0.02)
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         # under spectral norm, .weight is computed from .original: initialise the raw weight
         weight = getattr(module, "parametrizations", None)
@@ -189,7 +266,7 @@ def init_weights(module):
         nn.init.normal_(target, 0.0, 0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, nn.BatchNorm2d) and module.affine:
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
@@ -217,17 +294,32 @@ EMA_STATISTICS_SAMPLES = 1024
 
 
 @torch.no_grad()
-def estimate_batch_norm(G, nz, device, samples=EMA_STATISTICS_SAMPLES, batch_size=256, seed=0):
+def estimate_batch_norm(G, nz, device, samples=EMA_STATISTICS_SAMPLES, batch_size=256, seed=0, num_classes=0):
     """Replace G's BatchNorm running statistics with those of its own outputs on seeded noise.
 
     An EMA generator's weights are an average, so the statistics it copied from the trained G
     do not fit it; drawn in eval mode with them, its samples scored 1.3-8x the Frechet distance
     of the same weights with their own statistics (BENCHMARKS.md; BigGAN's "standing statistics",
-    Brock et al., 2018). Seeded, so the same weights always get the same statistics.
+    Brock et al., 2018). Seeded, so the same weights always get the same statistics. A
+    class-conditional G draws the classes in turn, so every class weighs the same.
     """
     noise = torch.Generator().manual_seed(seed)
     batches = [torch.randn(batch_size, nz, 1, 1, generator=noise) for _ in range(math.ceil(samples / batch_size))]
-    update_bn(batches, G, device=device)
+    update_bn(batches, BalancedClasses(G, num_classes) if num_classes else G, device=device)
+
+
+class BalancedClasses(nn.Module):
+    """G called on noise alone, its classes taken in turn (0, 1, ..., K-1, 0, ...) across calls:
+    what torch's update_bn, which passes one tensor, needs to run a conditional G."""
+
+    def __init__(self, G, num_classes):
+        super().__init__()
+        self.G, self.num_classes, self.drawn = G, num_classes, 0
+
+    def forward(self, noise):
+        labels = (self.drawn + torch.arange(len(noise), device=noise.device)) % self.num_classes
+        self.drawn += len(noise)
+        return self.G(noise, labels)
 
 
 def ema_decay_at(decay, step):

@@ -22,7 +22,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 IMAGE_SIZES = tuple(2**k for k in range(4, 9))  # 16 .. 256, as models.IMAGE_SIZES
 
 # Flags that change the networks' shapes: a checkpoint only fits a net built with the same ones.
-ARCHITECTURE_FLAGS = ("arch", "image_size", "nz", "ngf", "ndf", "spectral_norm")
+ARCHITECTURE_FLAGS = ("arch", "image_size", "nz", "ngf", "ndf", "spectral_norm", "conditional")
+# Resolved from the data, not typed: the number of classes (0 without --conditional) and of colour
+# channels. Saved with the flags so a checkpoint says the shapes of its networks; never resumed
+# from there, as the data is read again.
+DATA_TRAITS = {"num_classes": 0, "nc": 3}
 # Folders a checkpoint never chooses: a copied or downloaded checkpoint must not decide where
 # files are read or written. A resumed run writes beside the checkpoint it resumes.
 PATH_FLAGS = ("dataroot", "image_dir", "checkpoint_dir")
@@ -39,6 +43,7 @@ NOT_RESUMED_FLAGS = (
     "workers",
     "tensorboard",
     *PATH_FLAGS,
+    *DATA_TRAITS,
 )
 MAX_SEED = 2**63 - 1
 MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
@@ -212,6 +217,12 @@ def add_training_flags(group):
         help="a set of training flags in one; flags you type win. "
         + "; ".join(f"{name}: {recipe_summary(name)}" for name in RECIPES),
     )
+    add(
+        "--conditional",
+        action="store_true",
+        help="learn the data's classes (CIFAR-10's labels, or a folder's sub-folders, one per class) so that "
+        "any class can be drawn: conditional BatchNorm in G, a projection discriminator",
+    )
     add("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
     add("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
     add("--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256")
@@ -340,6 +351,8 @@ def parse_flags(argv=None):
         # typing --recipe is typing its flags: a resume keeps them, or refuses an --arch change
         explicit = explicit | frozenset(from_recipe)
     check_recipe(parsed)
+    # the data says these, once it is read; class_names is a tuple, so flags.json never holds it
+    parsed.update(DATA_TRAITS, class_names=())
     return Options(parsed), explicit
 
 

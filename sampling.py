@@ -26,28 +26,92 @@ from faults import Interrupted, exit_code_of
 from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
 from utils import UserError, check_writable
 
+GRID_COLUMNS = 8  # a class-row grid: one noise vector per column, drawn as every row's class
+MAX_GRID_ROWS = 10
 
-def generator_of(flags):
+
+def generator_of(flags, num_classes=0):
     """The generator a checkpoint's flags describe (checkpoints from before --arch are dcgan)."""
-    return models.build_generator(flags.get("arch", "dcgan"), flags["nz"], flags["ngf"], flags["image_size"])
+    return models.build_generator(
+        flags.get("arch", "dcgan"), flags["nz"], flags["ngf"], flags["image_size"], flags.get("nc", 3), num_classes
+    )
 
 
 @torch.no_grad()
-def sample(G, noise, runtime):
+def sample(G, noise, runtime, labels=None):
+    """G's images (eval mode) for noise, of the classes in labels where G is class-conditional."""
     was_training = G.training
     G.eval()
     with runtime.autocast():
-        images = G(noise.to(runtime.device)).float()
+        noise = noise.to(runtime.device)
+        images = (G(noise) if labels is None else G(noise, labels.to(runtime.device))).float()
     G.train(was_training)
     return images
 
 
-def generated_batches(G, count, nz, runtime, seed, batch_size=500):
-    """Yield `count` generated images in batches, so any count fits in memory."""
+def draw_noise(count, nz, generator, truncation=None):
+    """count noise vectors from generator: normal, or normal truncated to [-T, T] (the truncation trick)."""
+    if truncation is None:
+        return torch.randn(count, nz, 1, 1, generator=generator)
+    noise = torch.empty(count, nz, 1, 1)
+    return torch.nn.init.trunc_normal_(noise, 0.0, 1.0, -truncation, truncation, generator=generator)
+
+
+def generated_batches(G, count, nz, runtime, seed, batch_size=500, labels=None, truncation=None):
+    """Yield `count` generated images in batches, so any count fits in memory.
+
+    labels: the class of each image (count of them) for a class-conditional G.
+    """
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, count, batch_size):
-        noise = torch.randn(min(batch_size, count - start), nz, 1, 1, generator=generator)
-        yield sample(G, noise, runtime)
+        noise = draw_noise(min(batch_size, count - start), nz, generator, truncation)
+        yield sample(G, noise, runtime, None if labels is None else labels[start : start + len(noise)])
+
+
+def balanced_labels(count, num_classes):
+    """count class labels taking the classes in turn (None for an unconditional G)."""
+    return torch.arange(count) % num_classes if num_classes else None
+
+
+# ---------------------------------------------------------------- grids of classes
+
+
+def grid_classes(num_classes, seed):
+    """The classes of a grid's rows: every class up to MAX_GRID_ROWS, else a sample of them fixed
+    by the run's seed (in class order), so every epoch's grid shows the same ones."""
+    if num_classes <= MAX_GRID_ROWS:
+        return torch.arange(num_classes)
+    chosen = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))[:MAX_GRID_ROWS]
+    return chosen.sort().values
+
+
+def grid_row_names(opts):
+    """The class name of each row of the run's grids, or None for an unconditional run."""
+    if not opts.num_classes:
+        return None
+    return [opts.class_names[index] for index in grid_classes(opts.num_classes, opts.seed).tolist()]
+
+
+def grid_samples(G, fixed_noise, opts, runtime):
+    """The epoch grid's images: the 64 fixed noise vectors, or under --conditional one row per
+    grid class, the first GRID_COLUMNS fixed vectors in every row (a column is one vector)."""
+    if not opts.num_classes:
+        return sample(G, fixed_noise, runtime)
+    classes = grid_classes(opts.num_classes, opts.seed)
+    noise = fixed_noise[:GRID_COLUMNS].repeat(len(classes), 1, 1, 1)
+    return sample(G, noise, runtime, classes.repeat_interleave(GRID_COLUMNS))
+
+
+def real_grid_images(images, labels, opts):
+    """Real images laid out as grid_samples' fakes: the first 64, or each grid class's first
+    GRID_COLUMNS (repeated where a class has fewer)."""
+    if not opts.num_classes:
+        return images[:64]
+    rows = []
+    for label in grid_classes(opts.num_classes, opts.seed).tolist():
+        members = (labels == label).nonzero().flatten()
+        rows.append(members.repeat(GRID_COLUMNS)[:GRID_COLUMNS])
+    return images[torch.cat(rows).to(images.device) if isinstance(images, torch.Tensor) else torch.cat(rows)]
 
 
 def open_metrics(opts, runtime, real_uint8, feature=None):
@@ -64,7 +128,10 @@ def score(scorers, G, opts, runtime, seed):
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
         torch.manual_seed(seed)
-        return metrics.score_generator(scorers, generated_batches(G, opts.eval_samples, G.nz, runtime, seed))
+        labels = balanced_labels(opts.eval_samples, G.num_classes)
+        return metrics.score_generator(
+            scorers, generated_batches(G, opts.eval_samples, G.nz, runtime, seed, labels=labels)
+        )
 
 
 class TrainingEvaluator:
@@ -104,8 +171,9 @@ def load_generator_for_use(opts, explicit, runtime):
             f"--{n.replace('_', '-')} {getattr(opts, n)} (checkpoint: {flags.get(n)})" for n in mismatched
         )
         raise UserError(f"checkpoint {path} was trained with another architecture: {given}")
+    class_names = saved_class_names(state, path)
     try:
-        G = generator_of(flags)
+        G = generator_of(flags, len(class_names))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a negative size
         raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
     use_ema = state.get("netG_ema") is not None
@@ -115,8 +183,17 @@ def load_generator_for_use(opts, explicit, runtime):
     if use_ema and not state.get("netG_ema_own_statistics"):
         # saved mid-epoch or on a Ctrl-C, or by an older version: the trained G's statistics
         with runtime.autocast():  # as training estimates them at an epoch's end
-            models.estimate_batch_norm(G, flags["nz"], runtime.device)
+            models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
+    G.class_names = class_names
     return G.eval(), flags
+
+
+def saved_class_names(state, path):
+    """The class names a checkpoint keeps (an empty tuple for an unconditional run)."""
+    names = state.get("class_names") or ()
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) and name for name in names):
+        raise UserError(f"checkpoint {path} is damaged: unusable class_names")
+    return tuple(names)
 
 
 def generate(opts, explicit, runtime):

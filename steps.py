@@ -179,8 +179,8 @@ class Nets:
 
 
 def build_nets(opts, runtime):
-    G = build_generator(opts.arch, opts.nz, opts.ngf, opts.image_size)
-    D = build_discriminator(opts.arch, opts.ndf, opts.image_size, opts.spectral_norm)
+    G = build_generator(opts.arch, opts.nz, opts.ngf, opts.image_size, opts.nc, opts.num_classes)
+    D = build_discriminator(opts.arch, opts.ndf, opts.image_size, opts.spectral_norm, opts.nc, opts.num_classes)
     G.apply(init_weights)
     D.apply(init_weights)
     G.to(runtime.device, memory_format=runtime.memory_format)
@@ -244,27 +244,35 @@ def compiled(function, runtime):
 # ---------------------------------------------------------------- the two update steps
 
 
-def d_forward(D, real, fake, recipe):
-    """D's loss on a real and a fake batch, and its mean outputs as probabilities."""
-    real_logits = D(recipe.augment(real))
-    fake_logits = D(recipe.augment(fake))
+def judge(D, images, labels):
+    """D's logits for images, of the classes in labels (None: an unconditional D)."""
+    return D(images) if labels is None else D(images, labels)
+
+
+def d_forward(D, real, fake, recipe, labels=None):
+    """D's loss on a real and a fake batch, and its mean outputs as probabilities.
+
+    labels: the classes of both batches (fakes are drawn as the real batch's classes), or None.
+    """
+    real_logits = judge(D, recipe.augment(real), labels)
+    fake_logits = judge(D, recipe.augment(fake), labels)
     loss = LOSSES[recipe.loss][0](real_logits.float(), fake_logits.float(), recipe)
     d_real = torch.sigmoid(real_logits.detach().float()).mean()
     return loss, d_real, torch.sigmoid(fake_logits.detach().float()).mean()
 
 
-def g_forward(D, real, fake, recipe):
+def g_forward(D, real, fake, recipe, labels=None):
     """G's loss: what D makes of its (augmented) images, plus the weighted spectral loss."""
-    loss = LOSSES[recipe.loss][1](D(recipe.augment(fake)).float())
+    loss = LOSSES[recipe.loss][1](judge(D, recipe.augment(fake), labels).float())
     if recipe.spectral_loss:
         loss = loss + recipe.spectral_loss * spectral_loss(fake, real)
     return loss
 
 
-def d_step(nets, real, fake, recipe, runtime):
+def d_step(nets, real, fake, recipe, runtime, labels=None):
     """One D update on a real and a (detached) fake batch; returns device statistics."""
     with runtime.autocast():
-        loss_d, d_real, d_fake = nets.d_forward(nets.D_train, real, fake.detach(), recipe)
+        loss_d, d_real, d_fake = nets.d_forward(nets.D_train, real, fake.detach(), recipe, labels)
     nets.opt_D.zero_grad(set_to_none=True)
     nets.scaler_D.scale(loss_d).backward()
     nets.scaler_D.step(nets.opt_D)
@@ -272,7 +280,7 @@ def d_step(nets, real, fake, recipe, runtime):
     return {"loss_d": loss_d.detach(), "d_real": d_real, "d_fake": d_fake}
 
 
-def g_step(nets, real, fake, recipe, runtime):
+def g_step(nets, real, fake, recipe, runtime, labels=None):
     """One G update through D; D's weight gradients are never computed."""
     # Frozen rather than backward(inputs=...): a compiled D's backward is one fused node that
     # would still compute its weight gradients; a frozen D gets a graph without them.
@@ -281,7 +289,7 @@ def g_step(nets, real, fake, recipe, runtime):
         with runtime.autocast():
             # D outside DDP: it has no gradients to all-reduce here (with --sync-bn its
             # BatchNorm layers still synchronise their statistics, on every rank alike)
-            loss_g = nets.g_forward(nets.D_no_sync, real, fake, recipe)
+            loss_g = nets.g_forward(nets.D_no_sync, real, fake, recipe, labels)
         nets.opt_G.zero_grad(set_to_none=True)
         nets.scaler_G.scale(loss_g).backward()
     finally:
@@ -291,14 +299,18 @@ def g_step(nets, real, fake, recipe, runtime):
     return {"loss_g": loss_g.detach()}
 
 
-def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0):
-    """D step then (if update_g) G step on the same fake batch, as in the DCGAN example."""
+def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0, labels=None):
+    """D step then (if update_g) G step on the same fake batch, as in the DCGAN example.
+
+    labels: the real batch's classes for a class-conditional pair; G draws its fakes as the same
+    classes, so D sees real and fake batches of one class mix (the data's own balance).
+    """
     noise = torch.randn(real.shape[0], nets.G.nz, 1, 1, device=real.device)
     with torch.set_grad_enabled(update_g), runtime.autocast():
-        fake = nets.G_train(noise)
-    stats = d_step(nets, real, fake, recipe, runtime)
+        fake = nets.G_train(noise) if labels is None else nets.G_train(noise, labels)
+    stats = d_step(nets, real, fake, recipe, runtime, labels)
     if update_g:
-        stats.update(g_step(nets, real, fake, recipe, runtime))
+        stats.update(g_step(nets, real, fake, recipe, runtime, labels))
         if nets.G_ema is not None:
             update_ema(nets.G_ema, nets.G, ema_decay)
     return stats

@@ -152,8 +152,8 @@ def write_cifar10_archive(root, images_per_batch=10):
     Like the real archive it holds cifar-10-batches-py/ with data_batch_1..5, test_batch
     and batches.meta; each batch is a pickled dict with 'data' (uint8, (n, 3072), the
     1024 red, then green, then blue values of each row) and 'labels'. Training image i
-    (in batch order) has colour cifar_colour(i). Returns the training images as uint8
-    (N, 3, 32, 32), the array gan.py should read back.
+    (in batch order) has colour cifar_colour(i) and label i % 10. Returns the training images
+    as uint8 (N, 3, 32, 32), the array gan.py should read back.
     """
     root = Path(root)
     staging = root / "_staging" / "cifar-10-batches-py"
@@ -162,7 +162,8 @@ def write_cifar10_archive(root, images_per_batch=10):
     images = np.broadcast_to(colours[:, :, None, None], (len(colours), 3, 32, 32)).copy()
     for number in range(1, 6):
         chunk = images[(number - 1) * images_per_batch : number * images_per_batch]
-        _write_cifar_pickle(staging / f"data_batch_{number}", chunk, f"training batch {number} of 5")
+        first = (number - 1) * images_per_batch
+        _write_cifar_pickle(staging / f"data_batch_{number}", chunk, f"training batch {number} of 5", first)
     _write_cifar_pickle(
         staging / "test_batch", np.zeros((images_per_batch, 3, 32, 32), np.uint8), "testing batch 1 of 1"
     )
@@ -174,10 +175,10 @@ def write_cifar10_archive(root, images_per_batch=10):
     return images
 
 
-def _write_cifar_pickle(path, images, label):
+def _write_cifar_pickle(path, images, label, first=0):
     batch = {
         "batch_label": label,
-        "labels": [i % 10 for i in range(len(images))],
+        "labels": [(first + i) % 10 for i in range(len(images))],
         "data": images.reshape(len(images), 3072),
         "filenames": [f"image_{i}.png" for i in range(len(images))],
     }

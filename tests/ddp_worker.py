@@ -42,13 +42,13 @@ def main():
     gan.train = recording_train
 
     if os.environ.get("DDP_WORKER_FAIL_RANK") == str(rank):
-        real_load = gan.load_dataset
+        real_load = gan.load_training_data
 
         def failing_load(opts, device, **kwargs):
             real_load(opts, device, **kwargs)
             raise utils.UserError(f"injected data failure on rank {rank}")
 
-        gan.load_dataset = failing_load
+        gan.load_training_data = failing_load
 
     exit_code = gan.main(argv)
     state = seen["state"]

@@ -28,10 +28,16 @@ def dataset_flags(kind, tmp_path):
     if kind == "fake":
         return ["--dataset", "fake"]
     data = tmp_path / "data"
-    if kind == "cifar10":
+    if kind.startswith("cifar10"):
         data.mkdir()
         write_cifar10_archive(data, images_per_batch=8)
-        return ["--dataset", "cifar10", "--dataroot", data]
+        return [
+            "--dataset",
+            "cifar10",
+            "--dataroot",
+            data,
+            *(["--conditional"] if kind.endswith("conditional") else []),
+        ]
     write_image_folder(data)
     return ["--dataset", "folder", "--dataroot", data, "--workers", kind.split("-")[1]]
 
@@ -45,7 +51,7 @@ def folders_of(name):
     return ["--checkpoint-dir", name, "--image-dir", f"{name}_images"]
 
 
-@pytest.mark.parametrize("kind", ["fake", "folder-0", "folder-2", "cifar10"])
+@pytest.mark.parametrize("kind", ["fake", "folder-0", "folder-2", "cifar10", "cifar10-conditional"])
 def test_one_epoch_and_a_resume_equal_two_epochs_in_one_go(kind, gan_main, tmp_path):
     data = dataset_flags(kind, tmp_path)
     runs = [
@@ -61,6 +67,8 @@ def test_one_epoch_and_a_resume_equal_two_epochs_in_one_go(kind, gan_main, tmp_p
     assert "resuming" in out
     straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt") for name in ("straight", "resumed"))
     assert resumed["step"] == straight["step"] == 8
+    assert resumed.get("class_names") == straight.get("class_names")
+    assert ("class_names" in straight) == kind.endswith("conditional")
     for key in ("netG", "netD", "netG_ema", "optG", "optD", "fixed_noise", "rng"):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
     log = "metrics.jsonl"
