@@ -56,6 +56,9 @@ RECIPES = {
     "dcgan-recipe": ["--recipe", "dcgan"],  # the defaults: plain DCGAN plus the EMA
     "improved": ["--recipe", "improved"],
     "upsample+ema+spectral": ["--arch", "upsample", "--ema", "0.999", "--spectral-loss", "1"],
+    # the CPU's bf16 against fp32, typed so that neither depends on what --precision auto picks
+    "improved-fp32": ["--recipe", "improved", "--precision", "fp32"],
+    "improved-bf16": ["--recipe", "improved", "--precision", "bf16"],
 }
 # the default set fits in about 20 minutes on 2 busy CPU cores (5 on idle ones)
 DEFAULT_RECIPES = ["plain", "hinge+sn", "diffaugment", "ttur", "d-steps2", "ema", "combined", "combined-ema0"]
