@@ -3,7 +3,8 @@ real-vs-fake figure. Each written atomically, except the progress GIF (see Progr
 
 Work per epoch stays constant as a run grows: the GIF gets one frame appended, never
 re-encoded, and the plots draw at most MAX_PLOT_POINTS points from rows kept in memory.
-Drawing never loses training: a picture that fails to draw is a warning (a full disk is not).
+Drawing never loses training: a picture that fails to draw is a warning (a full disk is not), and
+an epoch's pictures are drawn after its checkpoint is saved.
 """
 
 import contextlib
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import to_float_images
-from utils import UserError, atomic_write_bytes
+from utils import WriteError, atomic_write_bytes
 
 MAX_PLOT_POINTS = 1000
 GRID_PADDING = 2
@@ -48,12 +49,14 @@ def is_empty_folder(path):
 
 @contextlib.contextmanager
 def drawing(path):
-    """A picture's drawing: any failure but a disk error (UserError) becomes a warning, so that
-    nothing that only draws a picture can lose a trained epoch."""
+    """A picture's drawing: any failure but a full disk becomes a warning, so that nothing that
+    only draws a picture can lose a trained epoch (a full disk would fail the next checkpoint too)."""
     try:
         yield
-    except UserError:
-        raise
+    except WriteError as error:
+        if error.disk_full:
+            raise
+        warnings.warn(f"could not draw {path} ({error}); training goes on", stacklevel=3)
     except Exception as error:
         warnings.warn(f"could not draw {path} ({error.__class__.__name__}: {error}); training goes on", stacklevel=3)
 
@@ -234,7 +237,7 @@ class ProgressGif:
                 file.flush()
                 os.fsync(file.fileno())
         except OSError as error:
-            raise UserError(f"cannot write {self.path}: {error.strerror or error}") from None
+            raise WriteError(self.path, error) from None
         self.last_delay_at = end + 4
 
 
@@ -333,13 +336,24 @@ def plot_losses(rows, path):
     save_figure(figure, path)
 
 
+NEIGHBOUR_METRICS = ("precision", "recall", "density", "coverage")
+
+
 def plot_fid(rows, path):
-    """FID against epoch."""
+    """FID against epoch, and beside it precision, recall, density and coverage (higher is better)."""
     rows = [r for r in rows if isinstance(r.get("fid"), (int, float)) and isinstance(r.get("epoch"), int)]
-    figure, axes = new_figure((6, 4))
-    axes.plot([r["epoch"] for r in rows], [r["fid"] for r in rows], marker="o")
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("FID (lower is better)")
+    figure, (fid_axes, neighbour_axes) = new_figure((11, 4), 1, 2)
+    fid_axes.plot([r["epoch"] for r in rows], [r["fid"] for r in rows], marker="o")
+    fid_axes.set_xlabel("epoch")
+    fid_axes.set_ylabel("FID (lower is better)")
+    for name in NEIGHBOUR_METRICS:
+        scored = [r for r in rows if isinstance(r.get(name), (int, float))]
+        if scored:
+            neighbour_axes.plot([r["epoch"] for r in scored], [r[name] for r in scored], marker="o", label=name)
+    neighbour_axes.set_xlabel("epoch")
+    neighbour_axes.set_ylabel("higher is better (density: 1 matches the data)")
+    if neighbour_axes.lines:
+        neighbour_axes.legend()
     save_figure(figure, path)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError, atomic_write, atomic_write_bytes
+from utils import UserError, WriteError, atomic_write, atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
@@ -319,7 +319,7 @@ def append_metrics(path, rows):
         with open(path, "a") as file:
             file.write("".join(json.dumps(row) + "\n" for row in rows))
     except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+        raise WriteError(path, error) from None
 
 
 def truncate_metrics(path, last_step):

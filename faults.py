@@ -1,5 +1,5 @@
-"""When a run must stop early: Ctrl-C and SIGTERM turned into a request the loop reads between
-steps, and what to do when the losses or weights stop being finite.
+"""When a run must stop early: Ctrl-C, SIGTERM and SIGHUP (a closed terminal) turned into a
+request the loop reads between steps, and what to do when the losses or weights stop being finite.
 """
 
 import contextlib
@@ -13,28 +13,34 @@ from utils import UserError
 EXIT_DIVERGED = 3
 MAX_ROLLBACKS = 3
 ROLL_BACK = "roll back"
+# SIGHUP: the terminal was closed (or an ssh session ended); the run saves and stops as for SIGTERM
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop reads between steps; a second one exits at once."""
+    """Turns SIGINT/SIGTERM/SIGHUP into a flag the loop reads between steps; a second one exits at once."""
 
     def __init__(self):
         self.signal_number = None
 
     def install(self):
-        signal.signal(signal.SIGINT, self.handle)
-        signal.signal(signal.SIGTERM, self.handle)
+        for number in STOP_SIGNALS:
+            signal.signal(number, self.handle)
 
     def handle(self, signal_number, frame):
         if self.signal_number is not None:
-            # the checkpoint on disk is only ever replaced atomically, so leaving now is safe
+            # the checkpoint on disk is only ever replaced atomically (the temp file a write
+            # leaves is removed by the next start), so leaving now is safe
             os._exit(128 + signal_number)
         self.signal_number = signal_number
-        print(
-            f"\n{signal.Signals(signal_number).name}: stopping after this step (again to quit at once)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if signal_number == getattr(signal, "SIGHUP", None):
+            forgive_closed_terminal()
+        with contextlib.suppress(OSError):
+            print(
+                f"\n{signal.Signals(signal_number).name}: stopping after this step (again to quit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @property
     def requested(self):
@@ -53,32 +59,65 @@ class Diverged(UserError):
     exit_code = EXIT_DIVERGED
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside training (which has its StopRequest): the program stops as for a Ctrl-C."""
+class ForgivingStream:
+    """A stdout or stderr whose writes may fail (the terminal behind it was closed: EIO) without
+    stopping the program: what it would have printed is lost, the checkpoint is not."""
 
-    exit_code = 128 + signal.SIGTERM
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        with contextlib.suppress(OSError, ValueError):
+            return self.stream.write(text)
+        return len(text)
+
+    def flush(self):
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def forgive_closed_terminal():
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, ForgivingStream):
+            setattr(sys, name, ForgivingStream(stream))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP outside training (which has its StopRequest): the program stops as for a Ctrl-C."""
+
+    def __init__(self, signal_number=signal.SIGTERM):
+        super().__init__()
+        self.exit_code = 128 + signal_number
 
 
 @contextlib.contextmanager
 def sigterm_as_ctrl_c():
-    """Until training installs its StopRequest, a SIGTERM stops the program as a Ctrl-C does
-    (one line, nothing left behind); the handler before is put back at the end."""
+    """Until training installs its StopRequest, a SIGTERM or SIGHUP stops the program as a Ctrl-C
+    does (one line, nothing left behind); the handlers before are put back at the end."""
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    numbers = [number for number in STOP_SIGNALS if number != signal.SIGINT]
+    previous = {number: signal.signal(number, raise_terminated) for number in numbers}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 def raise_terminated(signal_number, frame):
-    raise Terminated
+    if signal_number == getattr(signal, "SIGHUP", None):
+        forgive_closed_terminal()
+    raise Terminated(signal_number)
 
 
 def exit_code_of(interrupt):
-    """130 for a Ctrl-C, 143 for a SIGTERM."""
+    """130 for a Ctrl-C, 143 for a SIGTERM, 129 for a SIGHUP."""
     return getattr(interrupt, "exit_code", 128 + signal.SIGINT)
 
 

@@ -164,16 +164,31 @@ def class_list(names):
 class RunOutputs:
     """Everything rank 0 writes besides checkpoints: the log, pictures, TensorBoard and FID."""
 
-    def __init__(self, opts, runtime, real_uint8, progress, metric_feature=None):
-        self.opts = opts
+    def __init__(self, opts, runtime, real_uint8, progress, locks, metric_feature=None):
+        self.opts, self.runtime = opts, runtime
         self.image_dir, self.checkpoint_dir = Path(opts.image_dir), Path(opts.checkpoint_dir)
+        self.locks = locks
         self.log_path = self.checkpoint_dir / checkpoint.METRICS_LOG_NAME
         rows = checkpoint.truncate_metrics(self.log_path, progress.step)
         self.pictures = artifacts.EpochPictures(self.image_dir, rows, progress.epoch)
         self.tensorboard = open_tensorboard(opts)
         self.evaluator = sampling.TrainingEvaluator(opts, runtime, real_uint8, metric_feature)
 
+    def check_folders(self, *folders):
+        """The run still holds these output folders (all when none given): none was removed or replaced."""
+        for lock in self.locks:
+            if not folders or any(lock.path.parent == Path(folder) for folder in folders):
+                lock.check_held()
+
+    def save_checkpoint(self, state, ema_statistics_estimated=False):
+        """The checkpoint and the files beside it, into the folder this run still holds."""
+        self.check_folders(self.checkpoint_dir)
+        checkpoint.save_run_files(
+            state.nets, state.progress, state.fixed_noise, self.opts, self.runtime, ema_statistics_estimated
+        )
+
     def log(self, row):
+        self.check_folders(self.checkpoint_dir)
         checkpoint.append_metrics(self.log_path, [row])
         self.pictures.rows.append(row)
         if self.tensorboard is not None:
@@ -181,23 +196,28 @@ class RunOutputs:
                 if row.get(name) is not None:
                     self.tensorboard.add_scalar(name, row[name], row["step"])
 
-    def epoch_pictures(self, samples, epoch):
+    def epoch_pictures(self, samples, epoch, scored):
+        """The epoch's grid, GIF frame and plots (the FID plot when it was scored): drawn after its
+        checkpoint, so a drawing never costs it."""
+        self.check_folders(self.image_dir)
         self.pictures.add_epoch(samples, epoch, sampling.grid_row_names(self.opts))
+        if scored:
+            with artifacts.drawing(self.image_dir / "fid.png"):
+                artifacts.plot_fid(self.pictures.rows, self.image_dir / "fid.png")
         if self.tensorboard is not None:
             with artifacts.drawing("the TensorBoard samples"):
                 self.tensorboard.add_images("samples", samples.float().add(1).div(2).clamp(0, 1), epoch)
                 self.tensorboard.flush()
 
     def evaluate(self, state, G, opts, runtime):
-        """FID after this epoch if it is due: logged, plotted, and best.pt kept. Returns the FID or None."""
+        """FID after this epoch if it is due: logged, and best.pt kept. Returns the FID or None."""
         epoch = state.progress.epoch
         if not self.evaluator.due(epoch) or (scores := self.evaluator.evaluate(G, epoch)) is None:
             return None
         self.log({"epoch": epoch, "step": state.progress.step, **scores})
-        with artifacts.drawing(self.image_dir / "fid.png"):
-            artifacts.plot_fid(self.pictures.rows, self.image_dir / "fid.png")
         if scores["fid"] < state.progress.best_fid:  # best.pt: the state of the best evaluation so far
             state.progress.best_fid = scores["fid"]
+            self.check_folders(self.checkpoint_dir)
             # evaluated on the epoch's end, after the EMA's statistics were estimated
             saved = checkpoint.checkpoint_state(
                 state.nets, state.progress, state.fixed_noise, opts, runtime, ema_statistics_estimated=True
@@ -236,11 +256,11 @@ def train(opts, explicit, runtime, metric_feature=None):
     outputs = ((opts.checkpoint_dir, "--checkpoint-dir"), (opts.image_dir, "--image-dir")) if runtime.is_main else ()
     for folder, _ in outputs:
         check_writable(folder)
-    with locked_folders(outputs):  # one run at a time in a folder
-        return train_in_locked_folders(opts, resumed, runtime, metric_feature)
+    with locked_folders(outputs) as locks:  # one run at a time in a folder
+        return train_in_locked_folders(opts, resumed, runtime, metric_feature, locks)
 
 
-def train_in_locked_folders(opts, resumed, runtime, metric_feature):
+def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
     if opts.tensorboard:
         summary_writer_class()  # fail fast, before the data, when it is missing; no event file yet
     data, batches = load_batches(opts, runtime)
@@ -249,7 +269,7 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature):
     if state.progress.epoch >= opts.epochs:
         say(runtime, f"already trained {state.progress.epoch} epochs; raise --epochs to train more")
         return state
-    outputs = RunOutputs(opts, runtime, images, state.progress, metric_feature) if runtime.is_main else None
+    outputs = RunOutputs(opts, runtime, images, state.progress, locks, metric_feature) if runtime.is_main else None
     if outputs is not None:
         outputs.pictures.write_real_samples(images[:64], opts.image_size, replace=resumed is None)
         # real_vs_fake.png's real half, in the fake half's layout (rows of classes under --conditional)
@@ -259,6 +279,7 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature):
     stop.install()
     train_epochs(state, batches, opts, runtime, outputs, stop)
     if outputs is not None:
+        outputs.check_folders(outputs.image_dir)
         fake = sampling.grid_samples(generator_for_samples(state.nets), state.fixed_noise, opts, runtime)
         outputs.pictures.write_real_vs_fake(outputs.real_rows, fake, opts.image_size, sampling.grid_row_names(opts))
     return state
@@ -375,16 +396,16 @@ def save_mid_epoch(state, opts, runtime, outputs):
     """The checkpoint a Ctrl-C writes, of finite weights only; False when they were not and the run rolled back."""
     if not weights_finite(state, opts, runtime, outputs):
         return False
-    if runtime.is_main:
-        checkpoint.save_run_files(state.nets, state.progress, state.fixed_noise, opts, runtime)
+    if outputs is not None:
+        outputs.save_checkpoint(state)
     return True
 
 
 def save_and_stop(state, stop, bar, opts, runtime, outputs, what):
     bar.close()
     # non-finite weights are not saved over the last good checkpoint (on_nan stop raises Diverged here)
-    if weights_finite(state, opts, runtime, outputs) and runtime.is_main:
-        checkpoint.save_run_files(state.nets, state.progress, state.fixed_noise, opts, runtime)
+    if weights_finite(state, opts, runtime, outputs) and outputs is not None:
+        outputs.save_checkpoint(state)
     raise stopped(stop, f"{stop.name}: {what}, step {state.progress.step}", opts)
 
 
@@ -393,16 +414,21 @@ def stopped(stop, what, opts):
 
 
 def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
-    """Pictures, FID and the checkpoint (rank 0), and the epoch's summary line."""
+    """FID, the checkpoint, then the pictures (rank 0), and the epoch's summary line.
+
+    The checkpoint comes before the pictures: a picture that fails (or a full disk) then never
+    costs the epoch, and no picture on disk belongs to an epoch without its checkpoint.
+    """
     progress = state.progress
     progress.epoch += 1
     progress.batch = 0
     if runtime.is_main:
         estimated = estimate_ema_statistics(state.nets, opts, runtime)
         G = generator_for_samples(state.nets)
-        outputs.epoch_pictures(sampling.grid_samples(G, state.fixed_noise, opts, runtime), progress.epoch)
-        fid = outputs.evaluate(state, G, opts, runtime)
-        checkpoint.save_run_files(state.nets, progress, state.fixed_noise, opts, runtime, estimated)
+        fid = outputs.evaluate(state, G, opts, runtime)  # before the checkpoint, which keeps its best FID
+        outputs.save_checkpoint(state, estimated)
+        samples = sampling.grid_samples(G, state.fixed_noise, opts, runtime)
+        outputs.epoch_pictures(samples, progress.epoch, fid is not None)
         say(runtime, epoch_summary(meter.epoch_means(), progress.epoch, opts.epochs, seconds, images_done, fid))
     barrier(runtime)
 
@@ -461,6 +487,8 @@ def run_mode(opts, explicit, runtime, metric_feature):
             return sampling.generate(opts, explicit, runtime)
         if opts.interpolate:
             return sampling.interpolate(opts, explicit, runtime)
+        if opts.evaluate and opts.images is not None:
+            return sampling.evaluate_images(opts, explicit, runtime, metric_feature)
         if opts.evaluate:
             return sampling.evaluate(opts, explicit, runtime, metric_feature)
         return train(opts, explicit, runtime, metric_feature)

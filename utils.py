@@ -4,7 +4,9 @@ output folders (a lock, and the folders it made removed again if it leaves them 
 """
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ except ImportError:  # Windows: runs are not locked against each other there
     fcntl = None
 
 LOCK_NAME = ".gan.lock"
+TEMP_SUFFIX = ".tmp"
 
 
 class UserError(Exception):
@@ -34,9 +37,21 @@ def atomic_write(path, write_fn, mode="wb"):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        # the folder held open: its temp file is removed even if the folder is moved or replaced meanwhile
+        folder_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as error:
-        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
+        raise WriteError(path, error) from None
+    try:
+        write_through_temp_file(path, write_fn, mode, folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def write_through_temp_file(path, write_fn, mode, folder_fd):
+    try:
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as error:
+        raise WriteError(path, error) from None
     try:
         with os.fdopen(handle, mode) as file:
             write_fn(file)
@@ -45,13 +60,32 @@ def atomic_write(path, write_fn, mode="wb"):
         os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
         os.replace(tmp_name, path)
     except OSError as error:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise UserError(
-            f"cannot write {path}: {error.strerror or error}; the previous file, if any, is intact"
-        ) from None
+        remove_temp_file(tmp_name, folder_fd)
+        raise WriteError(path, error, "; the previous file, if any, is intact") from None
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        remove_temp_file(tmp_name, folder_fd)
         raise
+
+
+def remove_temp_file(tmp_name, folder_fd):
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.basename(tmp_name), dir_fd=folder_fd)
+
+
+class WriteError(UserError):
+    """A file that could not be written; errno says why (a full disk is ENOSPC or EDQUOT)."""
+
+    def __init__(self, path, error, note=""):
+        self.errno = error.errno
+        reason = error.strerror or str(error)
+        if error.errno in (errno.ENOENT, errno.ENOTDIR) and not Path(path).parent.is_dir():
+            reason = f"its folder {Path(path).parent} was removed or replaced"
+            note = ""
+        super().__init__(f"cannot write {path}: {reason}{note}")
+
+    @property
+    def disk_full(self):
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def current_umask():
@@ -87,6 +121,7 @@ class FolderLock:
 
     def __init__(self, folder, flag):
         self.path = Path(folder) / LOCK_NAME
+        self.flag = flag
         self.fd = None
         if fcntl is None:
             return
@@ -117,6 +152,15 @@ class FolderLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
 
+    def check_held(self):
+        """Raise UserError when the folder (or its lock file) was removed or replaced since it was
+        locked: another run may have locked the new one, and writing there would mix the two."""
+        if self.fd is not None and not same_file(self.fd, self.path):
+            raise UserError(
+                f"output folder {self.path.parent} ({self.flag}) was removed or replaced while this run used it, "
+                "and its lock with it: stopped so as not to write into a folder another run may now hold"
+            )
+
     def release(self):
         if self.fd is not None:
             with contextlib.suppress(OSError):  # removed before unlocking: a waiting run retries on a new file
@@ -134,15 +178,35 @@ def same_file(fd, path):
 
 @contextlib.contextmanager
 def locked_folders(folders_and_flags):
-    """Lock each (folder, flag) in turn (a folder given twice once); released however the block ends."""
+    """Lock each (folder, flag) in turn (a folder given twice once), and remove the temp files a
+    run of this program stopped mid-write left there; yields the FolderLocks, released however
+    the block ends."""
     with contextlib.ExitStack() as stack:
-        seen = set()
+        seen, locks = set(), []
         for folder, flag in folders_and_flags:
             key = os.path.realpath(folder)
             if key not in seen:
                 seen.add(key)
-                stack.callback(FolderLock(folder, flag).release)
-        yield
+                locks.append(FolderLock(folder, flag))
+                stack.callback(locks[-1].release)
+                remove_stale_temp_files(folder)
+        yield locks
+
+
+# atomic_write's temp files: "." + the file's name + mkstemp's 8 random characters + ".tmp"
+TEMP_FILE_NAME = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+OWN_SUFFIXES = (".pt", ".pth", ".json", ".jsonl", ".png", ".gif", ".npz")
+
+
+def remove_stale_temp_files(folder):
+    """Temp files of atomic_write left in folder (or a generated*/ folder in it) by a run killed or
+    stopped by a second Ctrl-C mid-write; called with the folder locked, so none is in use."""
+    folder = Path(folder)
+    for path in [*folder.glob(f".*{TEMP_SUFFIX}"), *folder.glob(f"generated*/.*{TEMP_SUFFIX}")]:
+        match = TEMP_FILE_NAME.fullmatch(path.name)
+        if match and match["name"].endswith(OWN_SUFFIXES) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def missing_ancestor(folder):

@@ -56,6 +56,10 @@ RECIPES = {
     "dcgan-recipe": ["--recipe", "dcgan"],  # the defaults: plain DCGAN plus the EMA
     "improved": ["--recipe", "improved"],
     "upsample+ema+spectral": ["--arch", "upsample", "--ema", "0.999", "--spectral-loss", "1"],
+    "improved-spectral1": ["--recipe", "improved", "--spectral-loss", "1"],
+    "improved-spectral0.3": ["--recipe", "improved", "--spectral-loss", "0.3"],
+    "improved-spectral0": ["--recipe", "improved", "--spectral-loss", "0"],
+    "improved+diffaugment": ["--recipe", "improved", "--diffaugment"],
     # the CPU's bf16 against fp32, typed so that neither depends on what --precision auto picks
     "improved-fp32": ["--recipe", "improved", "--precision", "fp32"],
     "improved-bf16": ["--recipe", "improved", "--precision", "bf16"],

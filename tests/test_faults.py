@@ -5,15 +5,18 @@ Signals are sent to a real gan.py subprocess; the faults that need a precise mom
 (NaN losses, ENOSPC) are injected in-process by wrapping gan.py's own functions.
 """
 
+import contextlib
 import errno
 import io
 import math
 import os
 import pickle
+import pty
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +36,7 @@ import steps
 import utils
 
 STEPS_PER_EPOCH = 4  # TINY_ARGS: 32 images in batches of 8
+FAULT_WORKER = Path(__file__).resolve().parent / "fault_worker.py"
 CHECKPOINT = Path("checkpoints") / checkpoint.CHECKPOINT_NAME
 # a run far longer than any test waits for: only a signal ends it
 ENDLESS_ARGS = (*TINY_ARGS, "--epochs", "1000", "--log-every", "1")
@@ -68,7 +72,8 @@ def start_gan(tmp_path):
 
 
 def stderr_of(folder):
-    return (Path(folder) / "stderr.txt").read_text()
+    path = Path(folder) / "stderr.txt"
+    return path.read_text() if path.is_file() else ""
 
 
 def logged_steps(folder):
@@ -148,19 +153,80 @@ def test_signal_saves_a_resumable_checkpoint(signal_number, start_gan, gan_main,
     assert logged_steps(tmp_path) == list(range(1, resumed["step"] + 1))
 
 
-def test_second_sigint_exits_at_once_and_keeps_the_checkpoint(start_gan, tmp_path):
-    process = start_gan(ENDLESS_ARGS)
-    wait_until(reached_step(tmp_path, STEPS_PER_EPOCH + 1), process, tmp_path, "step 5")
-    before = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
-    os.kill(process.pid, signal.SIGINT)
-    # the second one must arrive after the first was handled, or the two merge into one
-    wait_until(lambda: "stopping after this step" in stderr_of(tmp_path), process, tmp_path, "the first SIGINT")
-    os.kill(process.pid, signal.SIGINT)
-    assert process.wait(timeout=60) == 130
-    assert "Traceback" not in stderr_of(tmp_path)
-    after = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)  # old or new, never half-written
-    assert_consistent(after)
-    assert after["step"] >= before["step"]
+def run_with_fault(args, cwd, **env):
+    """gan.py's CLI through tests/fault_worker.py, which sends a signal at an exact moment (see there)."""
+    return subprocess.run(
+        [sys.executable, str(FAULT_WORKER), *map(str, args)],
+        cwd=cwd,
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def checkpoint_temp_files(folder):
+    return sorted(p.name for p in (Path(folder) / "checkpoints").glob(".checkpoint.pt.*.tmp"))
+
+
+def test_second_ctrl_c_during_the_save_exits_at_once_and_keeps_the_last_whole_checkpoint(gan_main, tmp_path):
+    # Ctrl-C after step 6; the second arrives halfway through writing the checkpoint it asked for
+    result = run_with_fault(
+        [*TINY_ARGS, "--epochs", "3", "--log-every", "1"],
+        tmp_path,
+        FAULT_AT_STEP="6:INT",
+        FAULT_WRITE="checkpoint.pt:2:INT",
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.count("SIGINT: stopping after this step") == 1
+    assert "Traceback" not in result.stderr and "Resume with" not in result.stderr  # it did not finish the save
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)  # epoch 1's, whole: the new one was half written
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, STEPS_PER_EPOCH)
+    assert len(checkpoint_temp_files(tmp_path)) == 1  # the half-written one, which the next start removes
+    foreign = tmp_path / "checkpoints" / ".notes.txt.abcdefgh.tmp"  # not this program's: left alone
+    foreign.write_text("someone else's")
+
+    code, out, err = gan_main(["--resume", "--device", "cpu", "--workers", "0"])
+    assert code == 0, err
+    assert f"resuming {CHECKPOINT}: 1 epochs done, step {STEPS_PER_EPOCH}" in out
+    assert checkpoint_temp_files(tmp_path) == [] and foreign.is_file()
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["step"] == 3 * STEPS_PER_EPOCH
+    assert logged_steps(tmp_path) == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+
+
+def test_closing_the_terminal_saves_and_stops_as_sigterm_does(tmp_path):
+    """SIGHUP with stdout and stderr on a terminal that is gone (writes fail with EIO)."""
+    leader, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, str(GAN_PY), *ENDLESS_ARGS],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+        start_new_session=True,
+    )
+    os.close(terminal)
+    try:
+        reader = threading.Thread(target=drain, args=(leader,), daemon=True)  # a terminal shows what comes
+        reader.start()
+        wait_until(reached_step(tmp_path, STEPS_PER_EPOCH + 2), process, tmp_path, "step 6")
+        os.kill(process.pid, signal.SIGHUP)
+        os.close(leader)  # the terminal window is gone: later writes to it fail
+        assert process.wait(timeout=60) == 128 + signal.SIGHUP
+    finally:
+        if process.poll() is None:
+            process.kill()
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
+    assert_consistent(state)
+    assert state["step"] == max(logged_steps(tmp_path)) >= STEPS_PER_EPOCH + 2  # saved where it stopped
+    assert sorted(tmp_path.rglob(utils.LOCK_NAME)) == [] and leftover_temp_files(tmp_path) == []
+
+
+def drain(fd):
+    with contextlib.suppress(OSError):
+        while os.read(fd, 4096):
+            pass
 
 
 def test_second_signal_calls_os_exit_with_the_signal_code(monkeypatch, capsys):
@@ -177,26 +243,23 @@ def test_second_signal_calls_os_exit_with_the_signal_code(monkeypatch, capsys):
 # ---------------------------------------------------------------- kill -9
 
 
-def test_kill_9_loses_at_most_the_epoch_in_progress(start_gan, gan_main, tmp_path):
-    process = start_gan(ENDLESS_ARGS)
-    wait_until(lambda: (tmp_path / CHECKPOINT).is_file(), process, tmp_path, "the first checkpoint")
-    # a fixed moment a few epochs on (a random one would make a failure unrepeatable): by then the
-    # run is mid-step, mid-log or mid-checkpoint, and any of them must leave a whole checkpoint
-    time.sleep(0.75)
-    process.kill()
-    assert process.wait(timeout=60) == -signal.SIGKILL
-
+def test_kill_9_while_writing_a_checkpoint_loses_at_most_the_epoch_in_progress(gan_main, tmp_path):
+    # killed halfway through writing epoch 2's checkpoint: a write that is not atomic would tear it
+    result = run_with_fault(
+        [*TINY_ARGS, "--epochs", "3", "--log-every", "1"], tmp_path, FAULT_WRITE="checkpoint.pt:2:KILL"
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
     state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
-    assert_consistent(state)
-    assert state["epoch"] >= 1 and state["batch"] == 0  # only epoch ends write checkpoints
-    steps_before = logged_steps(tmp_path)
-    assert 0 <= max(steps_before) - state["step"] <= STEPS_PER_EPOCH
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, STEPS_PER_EPOCH)
+    assert logged_steps(tmp_path) == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # epoch 2 was trained, then lost
+    assert len(checkpoint_temp_files(tmp_path)) == 1
+    assert not (tmp_path / "images" / "epoch_002.png").exists()  # no picture of an epoch without its checkpoint
 
-    target_epochs = state["epoch"] + 1
-    code, out, err = gan_main(["--resume", "--epochs", target_epochs, "--device", "cpu", "--workers", "0"])
+    code, out, err = gan_main(["--resume", "--device", "cpu", "--workers", "0"])
     assert code == 0, err
     resumed = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
-    assert resumed["step"] == target_epochs * STEPS_PER_EPOCH
+    assert resumed["step"] == 3 * STEPS_PER_EPOCH
+    assert checkpoint_temp_files(tmp_path) == []
     # the rows of the lost epoch were dropped and written again, once
     assert logged_steps(tmp_path) == list(range(1, resumed["step"] + 1))
 
@@ -259,66 +322,143 @@ def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.mark.parametrize("failing", ["fsync", "replace"])
-def test_full_disk_after_the_first_checkpoint(failing, monkeypatch, gan_main, tmp_path):
-    """fsync: every write fails (the next is epoch 2's image grid); replace: only the checkpoint's."""
-    real_save, real_fsync, real_replace = checkpoint.save_run_files, os.fsync, os.replace
-    saved = {}
-
-    def save_epoch_files(*args, **kwargs):
-        if saved:
-            return real_save(*args, **kwargs)
-        real_save(*args, **kwargs)
-        saved.update(snapshot(tmp_path / "checkpoints"))  # the disk fills up from here on
+def fill_the_disk(failing, monkeypatch):
+    """Once full["now"] is set, fsync fails (so every write does) or the replace of checkpoint.pt does."""
+    real_fsync, real_replace, full = os.fsync, os.replace, {"now": False}
 
     def fsync(fd):
-        return no_space() if saved else real_fsync(fd)
+        return no_space() if full["now"] else real_fsync(fd)
 
     def replace(source, destination):
-        if saved and Path(destination).name == checkpoint.CHECKPOINT_NAME:
+        if full["now"] and Path(destination).name == checkpoint.CHECKPOINT_NAME:
             no_space()
         return real_replace(source, destination)
 
-    monkeypatch.setattr(checkpoint, "save_run_files", save_epoch_files)
     monkeypatch.setattr(os, failing, {"fsync": fsync, "replace": replace}[failing])
+    return full
+
+
+def fill_the_disk_after(function, module, count, failing, monkeypatch, tmp_path):
+    """The disk fills up once module.function returned count times; returns the snapshot of
+    checkpoints/ taken then."""
+    real_function, calls, saved = getattr(module, function), [], {}
+    full = fill_the_disk(failing, monkeypatch)
+
+    def wrapped(*args, **kwargs):
+        result = real_function(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == count:
+            saved.update(snapshot(tmp_path / "checkpoints"))
+            full["now"] = True
+        return result
+
+    monkeypatch.setattr(module, function, wrapped)
+    return saved
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_full_disk_after_the_first_checkpoint(failing, monkeypatch, gan_main, tmp_path):
+    """fsync: every write fails; replace: only the checkpoint's. Epoch 2's checkpoint is written
+    before its pictures, so it is what fails, and no picture of epoch 2 is left."""
+    saved = fill_the_disk_after("finish_epoch", gan, 1, failing, monkeypatch, tmp_path)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
     assert code == 2
-    failed_file = Path("images") / "epoch_002.png" if failing == "fsync" else CHECKPOINT
-    assert f"gan.py: error: cannot write {failed_file}: No space left on device" in err
+    assert f"gan.py: error: cannot write {CHECKPOINT}: No space left on device" in err
     after = snapshot(tmp_path / "checkpoints")
     # the metrics log is appended to, never replaced
     after.pop(checkpoint.METRICS_LOG_NAME)
     saved.pop(checkpoint.METRICS_LOG_NAME)
     assert after == saved
     assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+    assert not (tmp_path / "images" / "epoch_002.png").exists()
     assert leftover_temp_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("replaced_by_a_file", [False, True], ids=["removed", "replaced-by-a-file"])
-def test_image_folder_removed_mid_run(replaced_by_a_file, monkeypatch, gan_main, tmp_path):
-    """A removed folder is made again (as at start-up); one that cannot be is a clear error."""
+def test_a_full_disk_after_the_checkpoint_costs_only_the_pictures(monkeypatch, gan_main, tmp_path):
+    fill_the_disk_after("save_run_files", checkpoint, 2, "fsync", monkeypatch, tmp_path)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "3"])
+    assert code == 2
+    assert f"gan.py: error: cannot write {Path('images') / 'epoch_002.png'}: No space left on device" in err
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2
+    assert leftover_temp_files(tmp_path) == []
+
+
+def test_the_same_command_after_a_full_disk_at_the_first_checkpoint(monkeypatch, gan_main, tmp_path):
+    full = fill_the_disk("replace", monkeypatch)
+    full["now"] = True
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 2 and f"cannot write {CHECKPOINT}: No space left on device" in err
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["real_samples.png"]
+    full["now"] = False  # space was freed
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 0, err
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+
+
+def test_a_picture_that_cannot_be_written_costs_no_epoch(gan_main, tmp_path):
+    (tmp_path / "images" / "losses.png").mkdir(parents=True)  # not a full disk: a folder in the way
+    with pytest.warns(UserWarning, match=r"could not draw images/losses.png \(cannot write images/losses.png: Is a"):
+        code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
+    assert code == 0, err
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2
+    assert (tmp_path / "images" / "epoch_002.png").is_file()
+
+
+def at_the_end_of_epoch(epoch, action, monkeypatch):
+    """Run action() just before gan.finish_epoch ends the given epoch (1-based)."""
     real_finish_epoch = gan.finish_epoch
-    saved = {}
 
     def finish_epoch(state, *args, **kwargs):
-        if state.progress.epoch == 1:  # ending epoch 2
-            saved.update(snapshot(tmp_path / "checkpoints"))
-            shutil.rmtree(tmp_path / "images")
-            if replaced_by_a_file:
-                (tmp_path / "images").write_text("not a folder")
+        if state.progress.epoch == epoch - 1:
+            action()
         return real_finish_epoch(state, *args, **kwargs)
 
     monkeypatch.setattr(gan, "finish_epoch", finish_epoch)
-    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
-    if not replaced_by_a_file:
-        assert code == 0, err
-        assert (tmp_path / "images" / "epoch_002.png").is_file()
-        assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2
-        return
+
+
+def test_output_folders_removed_mid_run_stop_it_without_making_them_again(monkeypatch, gan_main, tmp_path):
+    def remove_both():
+        shutil.rmtree(tmp_path / "checkpoints")
+        shutil.rmtree(tmp_path / "images")
+
+    at_the_end_of_epoch(2, remove_both, monkeypatch)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "3"])
     assert code == 2
-    assert f"gan.py: error: cannot write {Path('images') / 'epoch_002.png'}" in err
-    assert snapshot(tmp_path / "checkpoints") == saved
-    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
+    assert "gan.py: error: output folder checkpoints (--checkpoint-dir) was removed or replaced while this run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_run_whose_folder_was_taken_over_never_writes_into_it(monkeypatch, gan_main, tmp_path):
+    """Its folders removed, a second run starts there; the first must not overwrite its checkpoint."""
+    other = {}
+
+    def second_run_starts():
+        shutil.rmtree(tmp_path / "checkpoints")
+        other["lock"] = utils.FolderLock(tmp_path / "checkpoints", "--checkpoint-dir")
+        (tmp_path / CHECKPOINT).write_bytes(b"the second run's checkpoint")
+        checkpoint.append_metrics(tmp_path / "checkpoints" / checkpoint.METRICS_LOG_NAME, [{"step": 1}])
+        other["files"] = snapshot(tmp_path / "checkpoints")
+
+    at_the_end_of_epoch(2, second_run_starts, monkeypatch)
+    try:
+        code, out, err = gan_main([*TINY_ARGS, "--epochs", "3"])
+    finally:
+        other["lock"].release()
+    assert code == 2 and "output folder checkpoints (--checkpoint-dir) was removed or replaced" in err
+    assert snapshot(tmp_path / "checkpoints") == other["files"]
+
+
+def test_image_folder_replaced_by_a_file_stops_the_run_after_the_epochs_checkpoint(monkeypatch, gan_main, tmp_path):
+    def replace_images():
+        shutil.rmtree(tmp_path / "images")
+        (tmp_path / "images").write_text("not a folder")
+
+    at_the_end_of_epoch(2, replace_images, monkeypatch)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "3"])
+    assert code == 2
+    assert "gan.py: error: output folder images (--image-dir) was removed or replaced while this run" in err
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2  # saved before the pictures
+    assert (tmp_path / "images").read_text() == "not a folder"
     assert leftover_temp_files(tmp_path) == []
 
 
