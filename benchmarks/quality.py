@@ -60,6 +60,7 @@ RECIPES = {
     "improved-spectral0.3": ["--recipe", "improved", "--spectral-loss", "0.3"],
     "improved-spectral0": ["--recipe", "improved", "--spectral-loss", "0"],
     "improved+diffaugment": ["--recipe", "improved", "--diffaugment"],
+    "improved-ema0": ["--recipe", "improved", "--ema", "0"],
     # the CPU's bf16 against fp32, typed so that neither depends on what --precision auto picks
     "improved-fp32": ["--recipe", "improved", "--precision", "fp32"],
     "improved-bf16": ["--recipe", "improved", "--precision", "bf16"],

@@ -83,7 +83,9 @@ def ddp_run(tmp_path_factory):
 
 
 def torch_resume(folder):
-    return torchrun(["--resume", "--epochs", "2"], folder)
+    # with FID after the epoch: rank 0 alone scores while the other rank waits at the epoch's barrier
+    flags = ["--resume", "--epochs", "2", "--fid-every", "1", "--eval-samples", "16"]
+    return torchrun(flags, folder, DDP_WORKER_STAND_IN_FEATURES="1")
 
 
 def assert_same_parameters(states, what):
@@ -164,6 +166,17 @@ def test_resume_under_torchrun_continues_from_the_checkpoint(ddp_run):
     first_order = [batch for rank in ddp_run["first_states"] for batch in rank["batches"]]
     second_order = [batch for rank in ddp_run["resumed_states"] for batch in rank["batches"]]
     assert first_order != second_order
+
+
+def test_fid_under_torchrun_is_scored_by_rank_zero_alone(ddp_run):
+    """The metrics compute on rank 0 without collectives: gathering across ranks there would pair
+    with the other rank's barrier and hang the job (NCCL's watchdog kills it after its timeout)."""
+    rows = [json.loads(line) for line in (ddp_run["folder"] / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    scores = [row for row in rows if "fid" in row]
+    assert [(row["epoch"], row["step"]) for row in scores] == [(2, 2 * STEPS_PER_EPOCH)]
+    assert scores[0]["fid"] >= 0 and scores[0]["kid_std"] >= 0
+    assert ddp_run["resumed"].stdout.count("FID ") == 1
+    assert (ddp_run["folder"] / "checkpoints" / "best.pt").is_file()
 
 
 def test_an_error_on_one_rank_stops_the_whole_job(tmp_path):
