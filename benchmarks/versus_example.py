@@ -60,12 +60,12 @@ def digits_folder(work_dir):
 
 
 def commands(measure, args, folder, out_dir):
-    """{name: argv} of the two programs for one measure, writing into out_dir."""
+    """{name: argv} of the two programs for one measure, writing into out_dir/NAME (emptied before each run)."""
     ours = [sys.executable, str(ROOT / "gan.py"), "--device", "cpu", "--epochs", "1", "--batch-size", "64",
-            "--seed", "0", "--workers", "2", "--checkpoint-dir", str(out_dir / "checkpoints"),
-            "--image-dir", str(out_dir / "images")]  # fmt: skip
+            "--seed", "0", "--workers", "2", "--checkpoint-dir", str(out_dir / "ours" / "checkpoints"),
+            "--image-dir", str(out_dir / "ours" / "images")]  # fmt: skip
     example = [sys.executable, "-u", str(Path(args.example).resolve()), "--niter", "1", "--batchSize", "64",
-               "--manualSeed", "1", "--workers", "2", "--outf", str(out_dir / "example")]  # fmt: skip
+               "--manualSeed", "1", "--workers", "2", "--outf", str(out_dir / "example" / "outputs")]  # fmt: skip
     if measure == "first-step":
         return {
             "ours": [*ours, "--dataset", "fake", "--subset", "64"],  # one step
