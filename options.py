@@ -76,7 +76,7 @@ EXAMPLES = """examples:
 
 
 class Options:
-    """The resolved flags, read-only: a helper that wrote opts.x would change what the next resume reads."""
+    """The resolved flags, read-only: a function that wrote opts.x would change what the next resume reads."""
 
     __slots__ = ("_values",)
 

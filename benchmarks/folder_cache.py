@@ -11,6 +11,9 @@ Then the same two cases for data.load_dataset alone, in this process, for all th
 
     python benchmarks/folder_cache.py                        # 20,000 JPEGs, 3 rounds
     python benchmarks/folder_cache.py --images 202599        # as many as CelebA
+
+About 5 minutes on 2 CPU cores (3 rounds of about 90 s, plus writing the JPEGs once; a complete
+folder is reused).
 """
 
 import argparse

@@ -10,7 +10,7 @@ No network, no GPU, no Inception weights: a small CNN trained here on the 1797 b
   - spectral: the distance between the generated and real mean log power spectra
     (benchmarks/scores.py; rises with checkerboard artifacts).
 
-    python benchmarks/quality.py                      # 8 recipes, 2 seeds (about 20 min on 2 busy cores)
+    python benchmarks/quality.py                      # 8 recipes, 2 seeds: about 20 minutes on 2 busy CPU cores
     python benchmarks/quality.py --seeds 0 --recipes plain combined
 """
 
@@ -232,11 +232,8 @@ def real_floor(classifier, real_images, seed=0):
 # ---------------------------------------------------------------- training through the CLI
 
 
-def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_SIZE, flags=None, program=None):
-    """Train one recipe with gan.py on the PNGs in digits_dir, then write args.samples images with --generate.
-
-    flags replace RECIPES[recipe]; program replaces `python gan.py` (benchmarks/lattice.py runs a patched gan.py).
-    """
+def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_SIZE):
+    """Train one recipe with gan.py on the PNGs in digits_dir, then write args.samples images with --generate."""
     run_dir = runs_dir / f"{recipe}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed or appended one
     run_dir.mkdir(parents=True)
@@ -252,13 +249,13 @@ def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_
         "--dataset", "folder", "--dataroot", str(digits_dir), "--image-size", str(image_size),
         "--ngf", str(args.width), "--ndf", str(args.width), "--batch-size", str(args.batch_size),
         "--epochs", str(args.epochs), "--seed", str(seed), "--workers", "0", "--log-every", "1000",
-        *(RECIPES[recipe] if flags is None else flags),
+        *RECIPES[recipe],
     ]  # fmt: skip
     generate = ["--generate", str(args.samples), "--seed", "12345"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
     for step_flags in (train, generate):
-        command = [*(program or [sys.executable, str(ROOT / "gan.py")]), *step_flags, *common]
+        command = [sys.executable, str(ROOT / "gan.py"), *step_flags, *common]
         done = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")

@@ -22,6 +22,7 @@ The example's image saving every 100 steps is left out of both.
 
 "compile s" is the warm-up's time beyond what its steps take once warm: torch.compile's compilation
 above all (and cuDNN's autotuning, the DataLoader's start). A 25-epoch run pays it once.
+About 4 minutes on 2 CPU cores with the CPU defaults (32 and 64 px, batch 128, 5 rounds of 5 steps).
 """
 
 import argparse

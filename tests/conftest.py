@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers for the tests: running gan.py, tiny flags, synthetic data.
+"""Shared fixtures and functions for the tests: running gan.py, tiny flags, synthetic data.
 
 End-to-end tests run the real CLI as a subprocess (`run_gan`); fast checks call
 `gan.main(argv)` in-process (`gan_main`). Everything runs on the CPU with tiny nets.
@@ -106,7 +106,7 @@ def gan_main(monkeypatch, capsys, tmp_path):
 def trained_run(tmp_path_factory):
     """A folder holding a finished 2-epoch TINY_ARGS run (images/, checkpoints/).
 
-    Shared by the whole session: never modify it; copy it with `copy_run` first.
+    Shared by every test of the run: never modify it; copy it with `copy_run` first.
     """
     folder = tmp_path_factory.mktemp("trained_run")
     result = check_ok(run_gan([*TINY_ARGS, "--epochs", "2"], folder))
