@@ -52,7 +52,10 @@ def latest_checkpoint(checkpoint_dir):
 # ---------------------------------------------------------------- saving
 
 
-def checkpoint_state(nets, progress, fixed_noise, opts, runtime):
+def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False):
+    """The checkpoint's dict. ema_statistics_estimated: netG_ema holds BatchNorm statistics estimated
+    for its own weights (models.estimate_batch_norm), not the trained G's copied ones; when not,
+    --generate, --interpolate and --evaluate estimate them on loading."""
     rng = {"cpu": torch.get_rng_state()}
     if runtime.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(runtime.device)
@@ -61,6 +64,7 @@ def checkpoint_state(nets, progress, fixed_noise, opts, runtime):
         "netG": cpu_state(nets.G),
         "netD": cpu_state(nets.D),
         "netG_ema": cpu_state(nets.G_ema) if nets.G_ema is not None else None,
+        "netG_ema_own_statistics": ema_statistics_estimated and nets.G_ema is not None,
         "optG": nets.opt_G.state_dict(),
         "optD": nets.opt_D.state_dict(),
         "scalerG": nets.scaler_G.state_dict(),
@@ -88,10 +92,11 @@ def save_checkpoint(state, path):
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_run_files(nets, progress, fixed_noise, opts, runtime):
+def save_run_files(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False):
     """The checkpoint, the plain state_dicts and flags.json, each written atomically."""
     folder = Path(opts.checkpoint_dir)
-    save_checkpoint(checkpoint_state(nets, progress, fixed_noise, opts, runtime), folder / CHECKPOINT_NAME)
+    state = checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated)
+    save_checkpoint(state, folder / CHECKPOINT_NAME)
     save_checkpoint(cpu_state(nets.G), folder / "netG.pth")
     save_checkpoint(cpu_state(nets.D), folder / "netD.pth")
     if nets.G_ema is not None:

@@ -205,10 +205,12 @@ class RunOutputs:
             if not folders or any(lock.path.parent == Path(folder) for folder in folders):
                 lock.check_held()
 
-    def save_checkpoint(self, state):
+    def save_checkpoint(self, state, ema_statistics_estimated=False):
         """The checkpoint and the files beside it, into the folder this run still holds."""
         self.check_folders(self.checkpoint_dir)
-        checkpoint.save_run_files(state.nets, state.progress, state.fixed_noise, self.opts, self.runtime)
+        checkpoint.save_run_files(
+            state.nets, state.progress, state.fixed_noise, self.opts, self.runtime, ema_statistics_estimated
+        )
 
     def log(self, row):
         self.check_folders(self.checkpoint_dir)
@@ -241,7 +243,10 @@ class RunOutputs:
         if scores["fid"] < state.progress.best_fid:  # best.pt: the state of the best evaluation so far
             state.progress.best_fid = scores["fid"]
             self.check_folders(self.checkpoint_dir)
-            saved = checkpoint.checkpoint_state(state.nets, state.progress, state.fixed_noise, opts, runtime)
+            # evaluated on the epoch's end, after the EMA's statistics were estimated
+            saved = checkpoint.checkpoint_state(
+                state.nets, state.progress, state.fixed_noise, opts, runtime, ema_statistics_estimated=True
+            )
             checkpoint.save_checkpoint(saved, self.checkpoint_dir / "best.pt")
         return scores["fid"]
 
@@ -448,15 +453,29 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     progress.epoch += 1
     progress.batch = 0
     if runtime.is_main:
-        if state.nets.G_ema is not None:  # its own BatchNorm statistics, for the pictures, FID and the checkpoint
-            estimate_batch_norm(state.nets.G_ema, opts.nz, runtime.device, num_classes=opts.num_classes)
+        estimated = estimate_ema_statistics(state.nets, opts, runtime)
         G = generator_for_samples(state.nets)
         fid = outputs.evaluate(state, G, opts, runtime)  # before the checkpoint, which keeps its best FID
-        outputs.save_checkpoint(state)
+        outputs.save_checkpoint(state, estimated)
         samples = sampling.grid_samples(G, state.fixed_noise, opts, runtime)
         outputs.epoch_pictures(samples, progress.epoch, fid is not None)
         say(runtime, epoch_summary(meter.epoch_means(), progress.epoch, opts.epochs, seconds, images_done, fid))
     barrier(runtime)
+
+
+def estimate_ema_statistics(nets, opts, runtime):
+    """The EMA generator's own BatchNorm statistics, for the epoch's pictures, FID and checkpoint.
+
+    Only where something draws with them: checkpoints saved mid-epoch or on a Ctrl-C skip it and
+    say so (netG_ema_own_statistics), and whatever loads them estimates then. Run as training
+    runs (autocast, memory format), so the pictures see the statistics of the forward they use.
+    Returns whether it estimated (False without an EMA).
+    """
+    if nets.G_ema is None:
+        return False
+    with runtime.autocast():
+        estimate_batch_norm(nets.G_ema, opts.nz, runtime.device, num_classes=opts.num_classes)
+    return True
 
 
 def generator_for_samples(nets):

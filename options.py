@@ -313,7 +313,8 @@ def add_run_flags(group):
         "--precision",
         choices=["auto", *PRECISIONS],
         default="auto",
-        help="auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere",
+        help="auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing) and on CPUs with bf16 "
+        "instructions (AVX512-BF16 or AMX, as torch reports them), fp32 elsewhere",
     )
     add("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the steps; auto: on CUDA only")
     add("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")

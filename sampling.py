@@ -207,9 +207,11 @@ def load_generator_for_use(opts, explicit, runtime):
     load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
     trained = f"flags from {path.parent / 'flags.json'}" if state.get("plain") else f"epoch {state['epoch']}"
     print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} ({trained})")
-    G.to(runtime.device)
-    if use_ema:  # checkpoints saved mid-epoch, or by older versions, hold the trained G's statistics
-        models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
+    G.to(runtime.device, memory_format=runtime.memory_format)
+    if use_ema and not state.get("netG_ema_own_statistics"):
+        # saved mid-epoch or on a Ctrl-C, or by an older version: the trained G's statistics
+        with runtime.autocast():  # as training estimates them at an epoch's end
+            models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
     G.class_names = class_names
     return G.eval(), flags
 

@@ -70,6 +70,9 @@ RECIPES = {
     # trained on the same digits written as greyscale PNGs: gan.py trains them with 1 channel
     "grey-improved": ["--recipe", "improved"],
     "grey-improved+conditional": ["--recipe", "improved", "--conditional"],
+    # the CPU's bf16 against fp32, typed so that neither depends on what --precision auto picks
+    "improved-fp32": ["--recipe", "improved", "--precision", "fp32"],
+    "improved-bf16": ["--recipe", "improved", "--precision", "bf16"],
 }
 # the digits' folder each recipe trains on (the others: digits/, RGB PNGs in one folder)
 LAYOUTS = {

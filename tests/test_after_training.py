@@ -11,14 +11,21 @@ import torch
 from conftest import TINY_ARGS, check_ok, run_gan
 from PIL import Image
 
+import artifacts
 import models
 import options
 import sampling
 import steps
-from runtime import Runtime
+from runtime import Runtime, choose_precision
 
 SIDE = 16  # TINY_ARGS' --image-size
 PADDING = 2  # artifacts.save_grid's padding between and around the images
+
+
+def auto_precision_runtime():
+    """The CPU runtime a run without --precision trains in: bf16 autocast where the CPU has bf16."""
+    cpu = torch.device("cpu")
+    return Runtime(cpu, choose_precision("auto", cpu))
 
 
 def grid_pixels(columns, rows, side=SIDE):
@@ -296,7 +303,8 @@ def test_the_saved_ema_generator_has_batchnorm_statistics_of_its_own(trained_run
     assert statistics
     assert all(not torch.allclose(state["netG_ema"][name], state["netG"][name]) for name in statistics)
     assert not torch.allclose(flat(state["netG_ema"]), flat(initial_generator(state["flags"])))  # an average that moved
-    models.estimate_batch_norm(G, state["flags"]["nz"], torch.device("cpu"))
+    with auto_precision_runtime().autocast():  # as the run estimated them (bf16 on a CPU that has it)
+        models.estimate_batch_norm(G.to(memory_format=torch.channels_last), state["flags"]["nz"], torch.device("cpu"))
     for name in statistics:
         torch.testing.assert_close(G.state_dict()[name], state["netG_ema"][name])
     raw = torch.load(raw_run / "checkpoints" / "checkpoint.pt", weights_only=True)
@@ -306,23 +314,70 @@ def test_the_saved_ema_generator_has_batchnorm_statistics_of_its_own(trained_run
 
 
 def test_generate_gives_an_ema_generator_its_own_statistics_whatever_the_checkpoint_holds(
-    trained_run, gan_main, tmp_path
+    trained_run, gan_main, tmp_path, monkeypatch
 ):
     """A checkpoint saved mid-epoch, or by an older version, holds the trained G's statistics
     in netG_ema: --generate draws the same images as from one with the average's own."""
     state = torch.load(trained_run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert state["netG_ema_own_statistics"] is True
     statistics = [name for name in state["netG"] if "running" in name]
     copied = {**state, "netG_ema": {**state["netG_ema"], **{k: state["netG"][k] for k in statistics}}}
-    torch.save(copied, tmp_path / "copied.pt")
-    for checkpoint, folder in (
-        (trained_run / "checkpoints" / "checkpoint.pt", "own"),
-        (tmp_path / "copied.pt", "copied"),
+    torch.save({**copied, "netG_ema_own_statistics": False}, tmp_path / "copied.pt")
+    del copied["netG_ema_own_statistics"]  # as an older version saved it
+    torch.save(copied, tmp_path / "older.pt")
+    estimates = []
+    real_estimate = models.estimate_batch_norm
+    monkeypatch.setattr(models, "estimate_batch_norm", lambda *a, **k: estimates.append(1) or real_estimate(*a, **k))
+    for checkpoint, folder, estimated in (
+        (trained_run / "checkpoints" / "checkpoint.pt", "own", 0),  # its statistics are the estimate already
+        (tmp_path / "copied.pt", "copied", 1),
+        (tmp_path / "older.pt", "older", 1),
     ):
+        estimates.clear()
         code, _, err = gan_main(["--generate", 4, "--checkpoint", checkpoint, "--seed", 2, "--image-dir", folder])
         assert code == 0, err
+        assert len(estimates) == estimated, folder
     for index in range(4):
         name = f"generated/{index:04d}.png"
         np.testing.assert_array_equal(pixels(tmp_path / "own" / name), pixels(tmp_path / "copied" / name))
+        np.testing.assert_array_equal(pixels(tmp_path / "own" / name), pixels(tmp_path / "older" / name))
+
+
+def test_the_ema_statistics_are_estimated_once_per_epoch_end_and_the_grid_draws_with_them(
+    gan_main, tiny_args, tmp_path, monkeypatch
+):
+    """Each epoch's end estimates once (the grid, FID and checkpoint share it; the final
+    real-vs-fake picture too); a mid-epoch checkpoint (--save-every) does not estimate and says so."""
+    import checkpoint
+    import gan
+
+    events = []
+    real_estimate, real_save = gan.estimate_batch_norm, checkpoint.save_checkpoint
+    monkeypatch.setattr(gan, "estimate_batch_norm", lambda *a, **k: events.append("estimate") or real_estimate(*a, **k))
+
+    def save(state, path):
+        if path.name == checkpoint.CHECKPOINT_NAME:
+            events.append(f"save step {state['step']} own {state['netG_ema_own_statistics']}")
+        real_save(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    code, _, err = gan_main([*tiny_args, "--epochs", "2", "--save-every", "3"])  # 4 steps per epoch
+    assert code == 0, err
+    assert events == [
+        "save step 3 own False",
+        "estimate",
+        "save step 4 own True",
+        "save step 6 own False",
+        "estimate",
+        "save step 8 own True",
+    ]
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    G = sampling.generator_of(state["flags"])
+    G.load_state_dict(state["netG_ema"])  # the estimated statistics of epoch 2's end
+    drawn = sampling.sample(G.to(memory_format=torch.channels_last), state["fixed_noise"], auto_precision_runtime())
+    np.testing.assert_array_equal(
+        pixels(tmp_path / "images" / "epoch_002.png"), np.asarray(artifacts.grid_image(drawn))
+    )
 
 
 def test_ema_zero_keeps_no_average(raw_run):
