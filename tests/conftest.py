@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import faults
+import folders
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_dir(tmp_path_factory):
+    """The decoded-image cache of every run in the session (in-process or a subprocess, which
+    inherits the environment) goes to a temp folder, never to the real ~/.cache/dcgan."""
+    saved = os.environ.get(folders.CACHE_ENV)
+    os.environ[folders.CACHE_ENV] = str(tmp_path_factory.mktemp("session_cache"))
+    yield
+    if saved is None:
+        os.environ.pop(folders.CACHE_ENV, None)
+    else:
+        os.environ[folders.CACHE_ENV] = saved
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    """Each test's own cache folder (outside tmp_path, so that tests of tmp_path see only their files)."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv(folders.CACHE_ENV, str(folder))
+    return folder
 
 
 @pytest.fixture
