@@ -4,8 +4,9 @@ flag that exists, and each row's default is the parser's default.
 The table is read from the rows under README.md's "## Flags" heading, one flag a row:
 `| `--flag` or `--flag METAVAR` | default | what |`. The default column is written as a user would
 type the value (`2e-4`, `64`, `dcgan`), `off` for a switch, `min(K, cores)` for a default that
-follows the CPU count, and for a flag without a default value the first words of its help's
-"[default: ...]" (`random`, `all`, `latest`), else `—`.
+follows the CPU count, and for a flag without a default value words taken from its help's
+"[default: ...]" (`random`, `all`, `latest`, `~/.cache/dcgan`), else `—`. Backticks around a cell are
+ignored.
 """
 
 import argparse
@@ -18,7 +19,7 @@ from conftest import ROOT
 import options
 
 FLAG_ROW = re.compile(r"^\|\s*`(--[a-z0-9-]+)[^`]*`\s*\|([^|]*)\|")
-STATED_DEFAULT = re.compile(r"\[default: ([^,\]]+)")
+STATED_DEFAULT = re.compile(r"\[default: ([^\]]+)\]")
 CORES_DEFAULT = re.compile(r"min\((\d+), cores\)")
 
 
@@ -47,9 +48,10 @@ def help_flags(parser):
 
 def means_default(cell, action, cores):
     """Does the table's default cell say the action's default?"""
+    cell = cell.strip("`")
     if action.default is None:
         stated = STATED_DEFAULT.search(action.help or "")
-        return cell == (stated[1].strip() if stated else "—")
+        return bool(cell) and cell in stated[1] if stated else cell == "—"
     if action.default is False:
         return cell == "off"
     per_core = CORES_DEFAULT.fullmatch(cell)
