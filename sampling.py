@@ -250,17 +250,16 @@ def generate(opts, explicit, runtime):
     folder = Path(opts.image_dir) / "generated"
     check_writable(folder)
     seed = opts.seed if opts.seed is not None else random_seed()
-    written, firsts = 0, []
+    written, firsts = [0], []  # written[0]: the PNGs on disk so far, counted as each is saved
     try:
         for label in classes:
             target = folder if label is None else folder / G.class_names[label]
-            first = write_generated(G, label, opts, flags["nz"], runtime, seed, target)
-            written += opts.generate
-            firsts.append(first)
+            firsts.append(write_generated(G, label, opts, flags["nz"], runtime, seed, target, written))
         save_generated_grid(G, classes, firsts, folder / "grid.png")
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
+        total = opts.generate * len(classes)
         raise Interrupted(
-            exit_code_of(interrupt), f"interrupted: wrote {written} complete classes' images to {folder}/ (seed {seed})"
+            exit_code_of(interrupt), f"interrupted: wrote {written[0]} of {total} images to {folder}/ (seed {seed})"
         ) from None
     if classes == [None]:
         print(f"wrote {count_text(opts.generate, 'image')} and grid.png to {folder}/ (seed {seed})")
@@ -274,10 +273,11 @@ def generate(opts, explicit, runtime):
         )
 
 
-def write_generated(G, label, opts, nz, runtime, seed, folder):
+def write_generated(G, label, opts, nz, runtime, seed, folder, written):
     """opts.generate images of class label (None: unconditional) as PNGs in folder; returns the first 64.
 
     Every class is drawn from the same noise (the same seed): image k of each class shares its noise.
+    written[0] counts every PNG saved, so an interruption can say how many are on disk.
     """
     digits = max(4, len(str(opts.generate - 1)))
     labels = None if label is None else torch.full((opts.generate,), label)
@@ -286,6 +286,7 @@ def write_generated(G, label, opts, nz, runtime, seed, folder):
         for image in images.cpu():
             artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
             index += 1
+            written[0] += 1
         first.extend(images[: 64 - len(first)].cpu())
     return first
 
