@@ -486,10 +486,13 @@ def saved_flag_is_valid(parser, name, value):
         return False
 
 
-def resume_command(opts):
-    """The command that resumes this run, with the folders a checkpoint never chooses."""
+def resume_command(opts, launcher=("python",)):
+    """The command that resumes this run, with the folders a checkpoint never chooses.
+
+    launcher: the words before gan.py (torchrun's, with its process counts, for a run under torchrun).
+    """
     parser = build_parser()
-    words = ["python", "gan.py", "--resume", "--checkpoint-dir", opts.checkpoint_dir]
+    words = [*launcher, "gan.py", "--resume", "--checkpoint-dir", opts.checkpoint_dir]
     for name in ("image_dir", "dataroot"):
         if getattr(opts, name) != parser.get_default(name) and not (name == "dataroot" and opts.dataset == "fake"):
             words += [f"--{name.replace('_', '-')}", getattr(opts, name)]

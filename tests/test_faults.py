@@ -742,6 +742,32 @@ def test_a_save_every_checkpoint_resumes_exactly(trained_run, monkeypatch, gan_m
     assert (tmp_path / log).read_text() == (trained_run / log).read_text()
 
 
+def test_a_fresh_run_keeps_the_log_of_a_run_without_checkpoint(gan_main, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    earlier = '{"epoch": 1, "step": 100, "loss_d": 1.0}\n{"epoch": 1, "step": 200, "loss_d": 0.5}\n'
+    (tmp_path / "checkpoints" / checkpoint.METRICS_LOG_NAME).write_text(earlier)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 0, err
+    kept = Path("checkpoints") / "metrics.1.jsonl"
+    assert f"kept the log of a run that saved no checkpoint as {kept}" in out
+    assert (tmp_path / kept).read_text() == earlier
+    assert logged_steps(tmp_path) == [2, 4]
+
+
+def test_a_fresh_run_never_replaces_an_earlier_runs_files_without_its_checkpoint(trained_run, gan_main, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("netG.pth", "netG_ema.pth", "flags.json"):
+        shutil.copy(trained_run / "checkpoints" / name, tmp_path / "checkpoints" / name)
+    before = snapshot(tmp_path)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 2
+    assert err == (
+        "gan.py: error: checkpoints holds an earlier run's files (netG.pth, netG_ema.pth, flags.json): "
+        "train into another --checkpoint-dir, or move them away first\n"
+    )
+    assert snapshot(tmp_path) == before
+
+
 def test_the_same_command_after_a_run_killed_in_its_first_epoch(monkeypatch, gan_main, tmp_path):
     """No checkpoint yet: the command starts afresh, over the killed run's log and real_samples.png,
     and no step is logged twice then or after a later resume."""
