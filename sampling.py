@@ -5,6 +5,7 @@ Every sampler draws its noise from its own torch.Generator, never from the globa
 FID in the middle of a run must not change what the run trains next.
 """
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -196,8 +197,7 @@ def saved_class_names(state, path):
 
 def generate(opts, explicit, runtime):
     G, flags = load_generator_for_use(opts, explicit, runtime)
-    folder = Path(opts.image_dir) / "generated"
-    check_writable(folder)
+    folder = fresh_generated_folder(opts.image_dir)
     seed = opts.seed if opts.seed is not None else random_seed()
     digits = max(4, len(str(opts.generate - 1)))
     index, grid = 0, []
@@ -213,6 +213,19 @@ def generate(opts, explicit, runtime):
             exit_code_of(interrupt), f"interrupted: wrote {index} of {opts.generate} images to {folder}/ (seed {seed})"
         ) from None
     print(f"wrote {index} images and grid.png to {folder}/ (seed {seed})")
+
+
+def fresh_generated_folder(image_dir):
+    """image_dir/generated, or generated-2, -3, ... when it holds an earlier --generate's images:
+    the images of two checkpoints (or seeds) are never mixed in one folder, nor any overwritten."""
+    base = Path(image_dir) / "generated"
+    for number in itertools.count(1):
+        folder = base if number == 1 else base.with_name(f"generated-{number}")
+        if not folder.exists() or artifacts.is_empty_folder(folder):
+            if number > 1:
+                print(f"{base}/ holds the images of an earlier --generate: writing into {folder}/")
+            check_writable(folder)
+            return folder
 
 
 def slerp(start, end, fractions):
