@@ -336,13 +336,24 @@ def plot_losses(rows, path):
     save_figure(figure, path)
 
 
+NEIGHBOUR_METRICS = ("precision", "recall", "density", "coverage")
+
+
 def plot_fid(rows, path):
-    """FID against epoch."""
+    """FID against epoch, and beside it precision, recall, density and coverage (higher is better)."""
     rows = [r for r in rows if isinstance(r.get("fid"), (int, float)) and isinstance(r.get("epoch"), int)]
-    figure, axes = new_figure((6, 4))
-    axes.plot([r["epoch"] for r in rows], [r["fid"] for r in rows], marker="o")
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("FID (lower is better)")
+    figure, (fid_axes, neighbour_axes) = new_figure((11, 4), 1, 2)
+    fid_axes.plot([r["epoch"] for r in rows], [r["fid"] for r in rows], marker="o")
+    fid_axes.set_xlabel("epoch")
+    fid_axes.set_ylabel("FID (lower is better)")
+    for name in NEIGHBOUR_METRICS:
+        scored = [r for r in rows if isinstance(r.get(name), (int, float))]
+        if scored:
+            neighbour_axes.plot([r["epoch"] for r in scored], [r[name] for r in scored], marker="o", label=name)
+    neighbour_axes.set_xlabel("epoch")
+    neighbour_axes.set_ylabel("higher is better (density: 1 matches the data)")
+    if neighbour_axes.lines:
+        neighbour_axes.legend()
     save_figure(figure, path)
 
 

@@ -549,6 +549,8 @@ def run_mode(opts, explicit, runtime, metric_feature):
             return sampling.generate(opts, explicit, runtime)
         if opts.interpolate:
             return sampling.interpolate(opts, explicit, runtime)
+        if opts.evaluate and opts.images is not None:
+            return sampling.evaluate_images(opts, explicit, runtime, metric_feature)
         if opts.evaluate:
             return sampling.evaluate(opts, explicit, runtime, metric_feature)
         return train(opts, explicit, runtime, metric_feature)

@@ -1,8 +1,10 @@
-"""Image-quality metrics for gan.py: FID, Inception Score and KID via torchmetrics.
+"""Image-quality metrics for gan.py: FID, Inception Score and KID via torchmetrics, and
+precision, recall, density and coverage from the same Inception features.
 
 Kept apart from utils.py because it wraps an optional, heavy dependency (Inception
-weights downloaded on first use) and its real-image cache. Nothing here is hand-written
-maths: torchmetrics computes every figure.
+weights downloaded on first use) and its real-image cache. torchmetrics computes FID, IS and
+KID; no maintained library computes all four nearest-neighbour metrics from features (torch-fidelity
+has precision and recall only, through full distance matrices), so they are written here, in chunks.
 """
 
 from pathlib import Path
@@ -13,9 +15,16 @@ from checkpoint import save_checkpoint
 from utils import UserError
 
 KID_REAL_LIMIT = 10_000  # KID keeps every real feature; more than this adds memory, not accuracy
+PRECISION_RECALL_K = 3  # Kynkaanniemi et al. 2019, and StyleGAN2-ADA's pr50k3
+DENSITY_COVERAGE_K = 5  # Naeem et al. 2020, and StudioGAN
+DISTANCE_CHUNK_VALUES = 1 << 25  # distances held at once (128 MiB in fp32): 50k x 50k never is
+REAL_ORDER_SEED = 0  # the real images are fed in one fixed shuffled order (see add_real_images)
+INCEPTION_URL = (  # torch-fidelity's FID Inception weights, as torchmetrics downloads them
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 WEIGHTS_HINT = (
     "the Inception weights could not be loaded ({reason}). They are downloaded on first use "
-    "into {folder}; on an offline machine copy weights-inception-2015-12-05-6726825d.pth there"
+    "into {folder}; on an offline machine download " + INCEPTION_URL + " elsewhere and copy it there"
 )
 
 
@@ -51,22 +60,28 @@ def _short(error):
     return (text[0] if text else error.__class__.__name__)[:160]
 
 
-def add_real_images(metrics, real_uint8, cache_path, batch_size=256):
-    """Feed the real images to FID and KID once; later runs read the cached statistics."""
+def add_real_images(metrics, real_uint8, cache_path, batch_size=256, keep_real=KID_REAL_LIMIT):
+    """Feed the real images to FID and KID once; later runs read the cached statistics.
+
+    The images go in one fixed shuffled order, so the first keep_real of them, whose features KID
+    keeps and precision/recall/density/coverage use, are a random sample of the whole set (a
+    folder lists its files sorted, often class by class). FID's sums do not depend on the order.
+    """
     fid, kid = metrics["fid"], metrics["kid"]
     cache_path = Path(cache_path)
     if cache_path.is_file():
         try:
             cached = torch.load(cache_path, map_location="cpu", weights_only=True)
-            _restore_real(fid, kid, cached)
+            _restore_real(fid, kid, cached, min(keep_real, len(real_uint8)))
             return
         except Exception:  # a cache from another version or a torn file: recompute it
             pass
     device = fid.device
+    order = torch.randperm(len(real_uint8), generator=torch.Generator().manual_seed(REAL_ORDER_SEED))
     for start in range(0, len(real_uint8), batch_size):
-        batch = real_uint8[start : start + batch_size].to(device)
+        batch = real_uint8[order[start : start + batch_size]].to(device)
         fid.update(batch, real=True)
-        if start < KID_REAL_LIMIT:
+        if start < keep_real:
             kid.update(batch, real=True)
     save_checkpoint(_real_state(fid, kid), cache_path)
 
@@ -77,26 +92,34 @@ def _real_state(fid, kid):
         "fid_cov_sum": fid.real_features_cov_sum.cpu(),
         "fid_count": fid.real_features_num_samples.cpu(),
         "kid_features": torch.cat(kid.real_features).cpu(),
+        "real_order_seed": REAL_ORDER_SEED,
     }
 
 
-def _restore_real(fid, kid, cached):
+def _restore_real(fid, kid, cached, real_kept):
     if cached["fid_sum"].shape != fid.real_features_sum.shape:
         raise ValueError("cached statistics come from another feature extractor")
+    if cached.get("real_order_seed") != REAL_ORDER_SEED or len(cached["kid_features"]) < real_kept:
+        raise ValueError("the cache keeps fewer real features, or others, than this evaluation needs")
     fid.real_features_sum = cached["fid_sum"].to(fid.device)
     fid.real_features_cov_sum = cached["fid_cov_sum"].to(fid.device)
     fid.real_features_num_samples = cached["fid_count"].to(fid.device)
     kid.real_features = [cached["kid_features"].to(kid.device)]
 
 
-@torch.no_grad()
 def score_generator(metrics, sample_batches):
-    """FID, IS and KID of generated images; sample_batches yields float images in [-1, 1]."""
+    """FID, IS, KID, precision, recall, density and coverage of generated images;
+    sample_batches yields float images in [-1, 1]."""
+    return score_images(metrics, (images.float().add(1).mul(127.5).round().clamp(0, 255) for images in sample_batches))
+
+
+@torch.no_grad()
+def score_images(metrics, batches):
+    """The scores of score_generator for batches of images with values 0..255 (uint8 or float)."""
     for metric in metrics.values():
         _reset_fake(metric)
-    for images in sample_batches:
-        images_uint8 = images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-        images_uint8 = images_uint8.to(metrics["fid"].device)
+    for images in batches:
+        images_uint8 = images.to(metrics["fid"].device, torch.uint8)
         metrics["fid"].update(images_uint8, real=False)
         metrics["kid"].update(images_uint8, real=False)
         metrics["is"].update(images_uint8)
@@ -105,13 +128,73 @@ def score_generator(metrics, sample_batches):
     # KID draws subsets of subset_size from each side; a small dataset holds fewer real images
     kid.subset_size = min(kid.subset_size, sum(map(len, kid.real_features)), sum(map(len, kid.fake_features)))
     kid_mean, kid_std = kid.compute()
+    # KID keeps the Inception pool features FID sums (the same 2048 numbers per image), so the
+    # nearest-neighbour metrics read them there: no second pass through Inception
+    neighbours = nearest_neighbour_scores(torch.cat(kid.real_features), torch.cat(kid.fake_features))
     return {
         "fid": float(metrics["fid"].compute()),
         "is": float(is_mean),
         "is_std": float(is_std),
         "kid": float(kid_mean),
         "kid_std": float(kid_std),
+        **neighbours,
     }
+
+
+def nearest_neighbour_scores(real_features, fake_features, chunk_values=DISTANCE_CHUNK_VALUES):
+    """Precision and recall (Kynkaanniemi et al. 2019, k=3), density and coverage (Naeem et al.
+    2020, k=5) of equally many real and generated feature vectors; {} when there are too few.
+
+    The papers compare sets of equal size (a k-NN radius shrinks as its set grows): the first
+    min(len(real), len(fake)) of each are used. Precision: the share of generated points inside
+    some real point's k-NN ball; recall: the share of real points inside some generated point's
+    ball (a point on the edge is inside, as in the paper's code). Density: the real balls each
+    generated point is in, over k, averaged (about 1 when the sets match; it can pass 1); coverage:
+    the share of real balls holding a generated point (strict inequalities, as in their code).
+    """
+    count = min(len(real_features), len(fake_features))
+    if count <= max(PRECISION_RECALL_K, DENSITY_COVERAGE_K):
+        return {}  # no k-th neighbour to measure a ball by
+    real, fake = real_features[:count].float(), fake_features[:count].float()
+    real_radii = kth_neighbour_distances(real, (PRECISION_RECALL_K, DENSITY_COVERAGE_K), chunk_values)
+    fake_radii = kth_neighbour_distances(fake, (PRECISION_RECALL_K,), chunk_values)[PRECISION_RECALL_K]
+    precision_radii, density_radii = real_radii[PRECISION_RECALL_K][None, :], real_radii[DENSITY_COVERAGE_K][None, :]
+    fake_in_a_real_ball = torch.zeros(count, dtype=torch.bool, device=fake.device)
+    real_in_a_fake_ball = torch.zeros(count, dtype=torch.bool, device=fake.device)
+    nearest_fake = torch.full((count,), float("inf"), device=fake.device)
+    balls_entered = 0
+    for start, distances in distance_chunks(fake, real, chunk_values):  # rows: generated, columns: real
+        fake_in_a_real_ball[start : start + len(distances)] = (distances <= precision_radii).any(dim=1)
+        real_in_a_fake_ball |= (distances <= fake_radii[start : start + len(distances), None]).any(dim=0)
+        balls_entered += int((distances < density_radii).sum())
+        nearest_fake = torch.minimum(nearest_fake, distances.min(dim=0).values)
+    return {
+        "precision": int(fake_in_a_real_ball.sum()) / count,
+        "recall": int(real_in_a_fake_ball.sum()) / count,
+        "density": balls_entered / (DENSITY_COVERAGE_K * count),
+        "coverage": int((nearest_fake < real_radii[DENSITY_COVERAGE_K]).sum()) / count,
+    }
+
+
+def distance_chunks(rows, columns, chunk_values=DISTANCE_CHUNK_VALUES):
+    """(first row, Euclidean distances of a block of rows to every column), block by block."""
+    chunk_rows = max(1, chunk_values // len(columns))
+    for start in range(0, len(rows), chunk_rows):
+        yield start, torch.cdist(rows[start : start + chunk_rows], columns)
+
+
+def kth_neighbour_distances(features, ks, chunk_values=DISTANCE_CHUNK_VALUES):
+    """{k: each point's distance to its k-th nearest other point of the same set} for k in ks.
+
+    A point is its own nearest neighbour at distance 0, hence the (k+1)-th smallest distance.
+    """
+    largest = max(ks)
+    per_k = {k: [] for k in ks}
+    for _, distances in distance_chunks(features, features, chunk_values):
+        smallest = distances.topk(largest + 1, dim=1, largest=False).values  # ascending
+        for k in ks:
+            per_k[k].append(smallest[:, k])
+    return {k: torch.cat(values) for k, values in per_k.items()}
 
 
 def _reset_fake(metric):

@@ -37,6 +37,7 @@ NOT_RESUMED_FLAGS = (
     "generate",
     "interpolate",
     "evaluate",
+    "images",
     "device",
     "compile",
     "precision",
@@ -69,7 +70,7 @@ EXAMPLES = """examples:
   python gan.py --resume                                     continue the run in checkpoints/
   python gan.py --generate 1000 --seed 7                     images from the latest checkpoint
   python gan.py --interpolate                                latent walks, grid and GIF
-  python gan.py --evaluate                                   FID, IS and KID of the latest checkpoint
+  python gan.py --evaluate                                   FID, IS, KID, precision/recall of the latest checkpoint
   torchrun --nproc_per_node=8 gan.py --epochs 25             8 GPUs, batch 128 each
 """
 
@@ -324,7 +325,19 @@ def add_after_training_flags(group):
         help=f"images per latent walk for --interpolate (at most {MAX_WALK_STEPS})",
     )
     add("--checkpoint", default=None, help="checkpoint for --generate/--interpolate/--evaluate [default: latest]")
-    add("--evaluate", action="store_true", help="FID, IS and KID of a checkpoint, then exit")
+    add(
+        "--evaluate",
+        action="store_true",
+        help="FID, IS, KID, precision, recall, density and coverage of a checkpoint, then exit",
+    )
+    add(
+        "--images",
+        type=folder,
+        default=None,
+        metavar="DIR",
+        help="with --evaluate: score every image in DIR (from any program) against the training data, "
+        "instead of a checkpoint's samples",
+    )
     add("--eval-samples", type=positive_int, default=10_000, help="generated images per evaluation")
     add("--fid-every", type=non_negative_int, default=0, help="evaluate every E epochs while training; keeps best.pt")
 
@@ -345,6 +358,7 @@ def parse_flags(argv=None):
         raise UserError("choose one of --generate, --interpolate and --evaluate")
     if parsed["resume"] is not None and any(modes):
         raise UserError("--resume trains; use --checkpoint with --generate, --interpolate or --evaluate")
+    check_images_flag(parsed, explicit)
     from_recipe = recipe_values(parser, parsed["recipe"], explicit)
     parsed.update(from_recipe)
     if "recipe" in explicit:
@@ -367,6 +381,17 @@ def answer_help_and_flag_errors(argv):
     except UserError as error:
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_images_flag(flags, explicit):
+    """--images DIR replaces a checkpoint's samples in --evaluate, and all of its images count."""
+    if flags["images"] is None:
+        return
+    if not flags["evaluate"]:
+        raise UserError("--images DIR goes with --evaluate: python gan.py --evaluate --images DIR")
+    for name in ("checkpoint", "eval_samples"):
+        if name in explicit:
+            raise UserError(f"--images scores every image in its folder: --{name.replace('_', '-')} does not apply")
 
 
 def recipe_values(parser, name, explicit):

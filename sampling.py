@@ -7,6 +7,7 @@ FID in the middle of a run must not change what the run trains next.
 
 import itertools
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from checkpoint import (
 )
 from data import load_dataset
 from faults import Interrupted, exit_code_of
+from folders import IMAGE_SUFFIXES, decode_files
 from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
 from utils import UserError, check_writable
 
@@ -120,12 +122,13 @@ def open_metrics(opts, runtime, real_uint8, feature=None):
     scorers = metrics.build_metrics(runtime.device, opts.eval_samples, feature)
     cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
     cache = metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), real_uint8.shape[-1])
-    metrics.add_real_images(scorers, real_uint8, cache)
+    # precision and recall compare as many real images as generated ones: keep that many features
+    metrics.add_real_images(scorers, real_uint8, cache, keep_real=max(metrics.KID_REAL_LIMIT, opts.eval_samples))
     return scorers
 
 
 def score(scorers, G, opts, runtime, seed):
-    """FID, IS and KID of opts.eval_samples images; the global RNG is left as it was."""
+    """FID, IS, KID, precision, recall, density and coverage of opts.eval_samples images; the global RNG is left as it was."""
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
         torch.manual_seed(seed)
@@ -269,6 +272,17 @@ def interpolate(opts, explicit, runtime, walks=8):
     )
 
 
+def scores_line(scores, what):
+    """The line --evaluate prints: FID, IS, KID, then precision, recall, density and coverage of `what`."""
+    neighbours = "".join(
+        f"  {name} {scores[name]:.3f}" for name in ("precision", "recall", "density", "coverage") if name in scores
+    )
+    return (
+        f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
+        f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}{neighbours}  ({what})"
+    )
+
+
 def evaluate(opts, explicit, runtime, feature=None):
     G, flags = load_generator_for_use(opts, explicit, runtime)
     path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
@@ -286,10 +300,64 @@ def evaluate(opts, explicit, runtime, feature=None):
     real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=folder, say=print)
     scorers = open_metrics(eval_opts, runtime, real, feature)
     scores = score(scorers, G, eval_opts, runtime, seed)
-    print(
-        f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
-        f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}  ({opts.eval_samples} generated images)"
-    )
+    print(scores_line(scores, f"{opts.eval_samples} generated images"))
     log_path = Path(folder) / METRICS_LOG_NAME
     append_metrics(log_path, [{"evaluate": str(path), **scores}])
     return scores
+
+
+# ---------------------------------------------------------------- --evaluate --images DIR
+
+
+def evaluate_images(opts, explicit, runtime, feature=None):
+    """--evaluate --images DIR: any tool's images scored against the training data, as a checkpoint's are.
+
+    Every image of DIR counts; each is brought to the real images' size the way a training folder is
+    (shorter side bilinear, centre crop), and Inception then resizes both sides alike.
+    """
+    files = image_files(opts.images)  # a bad folder fails here, before minutes of decoding
+    folder = opts.checkpoint_dir
+    check_writable(folder)
+    # the subset is drawn as training draws it; the dataset must hold one image, not a batch
+    real_opts = opts.replace(batch_size=1, seed=opts.seed if opts.seed is not None else 0, eval_samples=len(files))
+    real = load_dataset(real_opts, torch.device("cpu"), cache_dir=folder, say=print)
+    side = real.shape[-1]
+    images = decode_images(opts.images, files, side, opts.workers)
+    scorers = open_metrics(real_opts.replace(eval_samples=len(images)), runtime, real, feature)
+    devices = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
+        torch.manual_seed(real_opts.seed)
+        scores = metrics.score_images(scorers, images.split(500))
+    print(scores_line(scores, f"{len(images)} images of {opts.images} at {side} px, against {len(real)} real"))
+    append_metrics(Path(folder) / METRICS_LOG_NAME, [{"images": str(opts.images), "count": len(images), **scores}])
+    return scores
+
+
+def image_files(folder):
+    """The image files in --images DIR (searched recursively); one line for a folder that cannot be scored."""
+    root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--images {folder} is a file: it names a folder of images")
+    if not root.is_dir():
+        raise UserError(f"--images {folder} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if len(files) < 2:  # FID needs a covariance
+        raise UserError(
+            f"--images {folder} holds {len(files)} image files; scoring needs 2 at the least "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return files
+
+
+def decode_images(folder, files, side, workers):
+    """The readable files as uint8 (N, 3, side, side), decoded as a training folder is; a warning for the others."""
+    skipped = []
+    chunks = list(decode_files(files, side, workers, skipped))
+    readable = sum(map(len, chunks))
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} of {len(files)} files in {folder} that are not readable images", stacklevel=2
+        )
+    if readable < 2:
+        raise UserError(f"--images {folder} holds {readable} readable images; scoring needs 2 at the least")
+    return torch.cat(chunks)

@@ -56,6 +56,10 @@ RECIPES = {
     "dcgan-recipe": ["--recipe", "dcgan"],  # the defaults: plain DCGAN plus the EMA
     "improved": ["--recipe", "improved"],
     "upsample+ema+spectral": ["--arch", "upsample", "--ema", "0.999", "--spectral-loss", "1"],
+    "improved-spectral1": ["--recipe", "improved", "--spectral-loss", "1"],
+    "improved-spectral0.3": ["--recipe", "improved", "--spectral-loss", "0.3"],
+    "improved-spectral0": ["--recipe", "improved", "--spectral-loss", "0"],
+    "improved+diffaugment": ["--recipe", "improved", "--diffaugment"],
 }
 # the default set fits in about 20 minutes on 2 busy CPU cores (5 on idle ones)
 DEFAULT_RECIPES = ["plain", "hinge+sn", "diffaugment", "ttur", "d-steps2", "ema", "combined", "combined-ema0"]

@@ -1,7 +1,9 @@
-"""Scores shared by the offline quality benchmarks: the spectral artifact score and a random conv net.
+"""Scores shared by the offline quality benchmarks: the spectral artifact score, the flat share and
+a random conv net.
 
-Pure functions of uint8 image tensors (N, 3, H, W); no files, no training. quality.py (digits) and
-photos.py (crops of photographs) import them, and tests/test_benchmark_scores.py checks them.
+Pure functions of uint8 image tensors (N, 3, H, W); no files, no training. quality.py (digits),
+photos.py (crops of photographs) and flat_art.py (glyphs) import them, and
+tests/test_benchmark_scores.py checks them.
 """
 
 import math
@@ -13,6 +15,7 @@ from torch import nn
 # ITU-R BT.601 luma: the greyscale both spectra are taken of
 LUMA = (0.299, 0.587, 0.114)
 LOG_FLOOR = 1e-10  # keeps log10 finite for flat images (no power at all)
+FLAT_STEP = 0.02  # a colour step below this (of full scale, 5 of 255 at the most) is no edge
 
 
 # ---------------------------------------------------------------- spectral artifact score
@@ -96,6 +99,31 @@ def spectral_spread(real_uint8, splits=20, seed=0, batch_size=1024):
             spectral_distance(spectra[order[:half]].mean(axis=0), spectra[order[half : 2 * half]].mean(axis=0))
         )
     return scores
+
+
+# ---------------------------------------------------------------- flatness
+
+
+def flat_share(images_uint8, threshold=FLAT_STEP):
+    """Per image, the share of pixels whose largest colour step to one of their 4 neighbours (any
+    channel) is below threshold, of full scale: (N,) float.
+
+    Flat art is mostly flat (the white background, the inside of a filled glyph), and speckle on a
+    flat region makes every pixel of it a small step from its neighbours: the share falls. A
+    spectral score or a Frechet distance in conv features can be met with speckle; this cannot.
+    """
+    images = images_uint8.float() / 255
+    step_x = (images[..., :, 1:] - images[..., :, :-1]).abs().amax(dim=1)  # (N, H, W-1)
+    step_y = (images[..., 1:, :] - images[..., :-1, :]).abs().amax(dim=1)  # (N, H-1, W)
+    largest = torch.zeros(images.shape[0], *images.shape[2:])
+    for rows, cols, step in (
+        (slice(None), slice(1, None), step_x),  # the step to the left neighbour
+        (slice(None), slice(None, -1), step_x),  # to the right one
+        (slice(1, None), slice(None), step_y),  # up
+        (slice(None, -1), slice(None), step_y),  # down
+    ):
+        largest[:, rows, cols] = torch.maximum(largest[:, rows, cols], step)
+    return (largest < threshold).float().mean(dim=(1, 2))
 
 
 # ---------------------------------------------------------------- random features for a Frechet distance

@@ -111,3 +111,46 @@ def test_spectral_spread_is_the_score_of_each_half_split(scores):
         assert value == pytest.approx(scores.spectral_score(images[order[:20]], images[order[20:]]))
     assert len(set(spread)) == 5  # five different splits
     assert spread == scores.spectral_spread(images, splits=5, seed=7)
+
+
+# ---------------------------------------------------------------- flat share
+
+
+def test_flat_share_by_hand(scores):
+    """4 x 4, white left half and red right half: the pixels either side of the edge (columns 1 and 2)
+    have a large step to a neighbour, columns 0 and 3 none: half the pixels are flat. A step of 5
+    (of 255) is flat, one of 6 is not (threshold 0.02)."""
+    image = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    image[:, 1:, :, 2:] = 0
+    assert scores.flat_share(image).tolist() == [0.5]
+    ramp = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    ramp[0] += torch.arange(4, dtype=torch.uint8) * 5  # steps of 5 along x
+    ramp[1] += torch.arange(4, dtype=torch.uint8).view(4, 1) * 6  # steps of 6 along y
+    assert scores.flat_share(ramp).tolist() == [1.0, 0.0]
+
+
+def flat_shapes(count, size=32, seed=0):
+    """Random flat-colour rectangles and discs on white, like icons: uint8 (N, 3, size, size)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size]
+    images = np.full((count, 3, size, size), 255, dtype=np.uint8)
+    for image in images:
+        for _ in range(2):
+            top, left = rng.integers(0, size // 2, size=2)
+            height, width = rng.integers(size // 4, size // 2, size=2)
+            inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+            if rng.uniform() < 0.5:  # a disc instead
+                inside = (rows - top - height / 2) ** 2 + (cols - left - width / 2) ** 2 < (height / 2) ** 2
+            image[:, inside] = rng.integers(0, 200, size=3)[:, None]
+    return torch.from_numpy(images)
+
+
+def test_flat_share_separates_flat_images_from_speckled_ones(scores):
+    """Speckle of +-8 of 255 (3%, hard to see at a glance) on flat shapes takes the share from near 1
+    to under a quarter: every clean image's share lies above every speckled one's."""
+    clean = flat_shapes(16)
+    noise = torch.randint(-8, 9, clean.shape, generator=torch.Generator().manual_seed(0))
+    speckled = (clean.int() + noise).clamp(0, 255).to(torch.uint8)
+    clean_shares, speckled_shares = scores.flat_share(clean), scores.flat_share(speckled)
+    assert float(clean_shares.min()) > 0.75
+    assert float(speckled_shares.max()) < 0.25

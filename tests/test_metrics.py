@@ -1,5 +1,6 @@
-"""FID, IS and KID: the maths against a hand computation, the wiring of --fid-every and
---evaluate, the real-statistics cache, and the offline behaviour without Inception weights.
+"""FID, IS, KID, precision, recall, density and coverage: the maths against a hand computation,
+the wiring of --fid-every and --evaluate, the real-statistics cache, and the offline behaviour
+without Inception weights.
 
 A small stand-in feature net replaces Inception (no download, no GPU).
 """
@@ -10,12 +11,16 @@ import urllib.error
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.spatial
 import torch
+from conftest import snapshot, write_cifar10_archive
 from torch import nn
 
+import artifacts
 import metrics
 
 EVAL_ARGS = ("--eval-samples", "16")
+NEIGHBOUR_SCORES = ("precision", "recall", "density", "coverage")
 
 
 class StandInFeatures(nn.Module):
@@ -61,6 +66,25 @@ def pixel_sets(count=200):
     fake = rng.normal(100, 35, size=(count, 3)) * np.array([1.0, 0.7, 1.2])
     to_uint8 = lambda values: np.clip(np.round(values), 0, 255).astype(np.uint8)  # noqa: E731
     return to_uint8(real), to_uint8(fake)
+
+
+def neighbour_scores_by_hand(real, fake, k_precision=3, k_density=5):
+    """The four metrics as the papers define them, from whole distance matrices in float64."""
+    real_real = scipy.spatial.distance.cdist(real, real)
+    fake_real = scipy.spatial.distance.cdist(fake, real)
+    real_radius = np.sort(real_real, axis=1)[:, k_precision]  # column 0 is the point itself
+    fake_radius = np.sort(scipy.spatial.distance.cdist(fake, fake), axis=1)[:, k_precision]
+    density_radius = np.sort(real_real, axis=1)[:, k_density]
+    return {
+        "precision": (fake_real <= real_radius[None, :]).any(axis=1).mean(),
+        "recall": (fake_real.T <= fake_radius[None, :]).any(axis=1).mean(),
+        "density": (fake_real < density_radius[None, :]).sum() / (k_density * len(fake)),
+        "coverage": (fake_real.min(axis=0) < density_radius).mean(),
+    }
+
+
+def neighbour_scores(real, fake, **chunks):
+    return metrics.nearest_neighbour_scores(torch.as_tensor(real).float(), torch.as_tensor(fake).float(), **chunks)
 
 
 @pytest.fixture
@@ -140,6 +164,86 @@ def test_the_real_statistics_cache_gives_the_same_scores(tmp_path):
     assert after["kid"] == pytest.approx(before["kid"], rel=1e-6, abs=1e-9)
 
 
+# ---------------------------------------------------------------- precision, recall, density, coverage
+
+
+@pytest.mark.parametrize("chunk_values", [metrics.DISTANCE_CHUNK_VALUES, 150])  # 150: one row per block
+def test_neighbour_scores_equal_a_direct_numpy_computation(chunk_values):
+    rng = np.random.default_rng(1)
+    real = rng.normal(0, 1, size=(180, 6))
+    fake = rng.normal(0.4, 1.3, size=(180, 6))  # overlapping sets: every score strictly between 0 and 1
+    expected = neighbour_scores_by_hand(real, fake)
+    assert all(0.05 < expected[name] < 0.95 for name in NEIGHBOUR_SCORES)
+    assert neighbour_scores(real, fake, chunk_values=chunk_values) == pytest.approx(expected, abs=1e-9)
+
+
+def test_identical_sets_score_one_and_far_apart_sets_zero():
+    points = np.random.default_rng(2).normal(size=(40, 5))
+    same = neighbour_scores(points, points)
+    assert (same["precision"], same["recall"], same["coverage"]) == (1.0, 1.0, 1.0)
+    far = neighbour_scores(points, points + 1000)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+def test_the_four_scores_of_a_case_worked_by_hand():
+    """Real points at 0..6 on a line: their 3rd-neighbour radii are 3, 2, 2, 2, 2, 2, 3 and their
+    5th-neighbour radii 5, 4, 3, 3, 3, 4, 5. Generated: two points at 0, one at -3, four at 50.
+    Precision: the points at 0 and the one at -3, on the edge of real 0's ball (3 <= 3): 3/7.
+    Recall: a point at 0 has the radius 50 (its 3rd neighbour is at 50), a ball that holds every
+    real point: 1. Density: a point at 0 is inside the k=5 balls of 0, 1 and 2 (0 < 5, 1 < 4, 2 < 3,
+    not 3 < 3), the one at -3 inside real 0's only (3 < 5, not 4 < 4): (3 + 3 + 1) / (5 * 7) = 1/5.
+    Coverage: the balls of 0, 1 and 2 hold a generated point, not that of 3 (3 < 3): 3/7."""
+    real = np.arange(7.0)[:, None]
+    fake = np.array([0, 0, -3, 50, 50, 50, 50], dtype=float)[:, None]
+    expected = {"precision": 3 / 7, "recall": 1.0, "density": 1 / 5, "coverage": 3 / 7}
+    assert neighbour_scores(real, fake) == pytest.approx(expected)
+    assert neighbour_scores_by_hand(real, fake) == pytest.approx(expected)
+
+
+def test_score_generator_gives_the_four_scores_of_the_same_features(tmp_path):
+    real, fake = pixel_sets()
+    scorers = metrics.build_metrics(torch.device("cpu"), len(fake), PixelFeatures())
+    metrics.add_real_images(scorers, torch.from_numpy(real).view(-1, 3, 1, 1), tmp_path / "real.pt")
+    fake_float = torch.from_numpy(fake).double().view(-1, 3, 1, 1).div(127.5).sub(1).float()
+    scores = metrics.score_generator(scorers, [fake_float[:120], fake_float[120:]])
+    expected = neighbour_scores_by_hand(real.astype(np.float64), fake.astype(np.float64))
+    assert {name: scores[name] for name in NEIGHBOUR_SCORES} == pytest.approx(expected, abs=1e-9)
+
+
+def test_the_real_features_kept_are_a_shuffled_sample_and_a_short_cache_is_rebuilt(tmp_path):
+    real = torch.arange(200, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 1, 1)  # image i: grey level i
+    cache = tmp_path / "real.pt"
+    first = metrics.build_metrics(torch.device("cpu"), 200, PixelFeatures())
+    metrics.add_real_images(first, real, cache, batch_size=16, keep_real=40)
+    kept = torch.cat(first["kid"].real_features)[:, 0]
+    assert len(kept) == 48  # whole batches of 16
+    assert kept.tolist() != sorted(kept.tolist())  # a random sample, not the folder's first images
+    again = metrics.build_metrics(torch.device("cpu"), 200, PixelFeatures())
+    metrics.add_real_images(again, real, cache, batch_size=16, keep_real=40)
+    assert torch.cat(again["kid"].real_features)[:, 0].tolist() == kept.tolist()  # read from the cache
+    more = metrics.build_metrics(torch.device("cpu"), 200, PixelFeatures())
+    metrics.add_real_images(more, real, cache, batch_size=16, keep_real=100)
+    assert len(torch.cat(more["kid"].real_features)) == 112  # the cache held too few: computed again
+
+
+def test_the_fid_plot_draws_the_four_scores_beside_fid(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(artifacts, "save_figure", lambda figure, path: drawn.update(figure=figure))
+    rows = [
+        {"epoch": 1, "step": 4, "fid": 90.0, "precision": 0.2, "recall": 0.1, "density": 0.3, "coverage": 0.25},
+        {"epoch": 1, "step": 4, "loss_d": 1.0},  # a training row: no point
+        {"epoch": 2, "step": 8, "fid": 70.0, "precision": 0.4, "recall": 0.3, "density": 0.8, "coverage": 0.5},
+    ]
+    artifacts.plot_fid(rows, tmp_path / "fid.png")
+    fid_axes, neighbour_axes = drawn["figure"].axes
+    assert fid_axes.lines[0].get_ydata().tolist() == [90.0, 70.0]
+    lines = {line.get_label(): line for line in neighbour_axes.lines}
+    assert set(lines) == set(NEIGHBOUR_SCORES)
+    for name in NEIGHBOUR_SCORES:
+        assert lines[name].get_xdata().tolist() == [1, 2]
+        assert lines[name].get_ydata().tolist() == [rows[0][name], rows[2][name]]
+
+
 # ---------------------------------------------------------------- the CLI wiring
 
 
@@ -149,6 +253,8 @@ def test_fid_every_logs_fid_plots_it_and_keeps_the_best(gan_main, stand_in, tiny
     rows = [row for row in read_rows(tmp_path / "checkpoints" / "metrics.jsonl") if "fid" in row]
     assert [row["epoch"] for row in rows] == [1, 2]
     assert all(np.isfinite([row["fid"], row["is"], row["kid"]]).all() for row in rows)
+    for row in rows:  # 16 generated against 16 of the 32 real images
+        assert all(0 <= row[name] <= 1 for name in ("precision", "recall", "coverage")) and row["density"] >= 0
     assert (tmp_path / "images" / "fid.png").stat().st_size > 0
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert best["best_fid"] == pytest.approx(min(row["fid"] for row in rows))
@@ -181,7 +287,9 @@ def test_evaluate_prints_and_logs_fid_is_and_kid(gan_main, stand_in, tiny_args, 
     logged = [row for row in read_rows(tmp_path / "checkpoints" / "metrics.jsonl") if "evaluate" in row]
     assert len(logged) == 1
     assert f"FID {logged[0]['fid']:.2f}" in line
-    assert {"fid", "is", "is_std", "kid", "kid_std"} <= set(logged[0])
+    assert {"fid", "is", "is_std", "kid", "kid_std", *NEIGHBOUR_SCORES} <= set(logged[0])
+    for name in NEIGHBOUR_SCORES:
+        assert f"{name} {logged[0][name]:.3f}" in line
 
 
 # ---------------------------------------------------------------- offline: no Inception weights
@@ -247,3 +355,79 @@ def test_scoring_fid_while_training_changes_nothing_the_run_trains(gan_main, sta
     for name in ("fid_b", "no_fid"):
         for key in ("netG", "netD", "netG_ema", "optG"):
             torch.testing.assert_close(states[name][key], states["fid_a"][key], rtol=0, atol=0, msg=f"{name} {key}")
+
+
+# ---------------------------------------------------------------- --evaluate --images DIR
+
+
+def write_colour_pngs(folder, colours, size):
+    """One solid-colour PNG per colour (width x height = size), under folder and a subfolder."""
+    from PIL import Image
+
+    for index, colour in enumerate(colours):
+        path = folder / ("more" if index % 2 else "") / f"{index:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, tuple(int(c) for c in colour)).save(path)
+
+
+def test_evaluate_images_scores_a_folder_against_cifar10_train_at_32_px(gan_main, stand_in, tmp_path):
+    """The default protocol: CIFAR-10's training images. A folder holding those same images at
+    64 x 48 px is resized to 32 px (solid colours come through exactly): the same set, so FID 0 and
+    precision, recall and coverage 1."""
+    training = write_cifar10_archive(tmp_path / "data", images_per_batch=6)  # 30 training images
+    write_colour_pngs(tmp_path / "theirs", training[:, :, 0, 0], (64, 48))
+    code, out, err = gan_main(["--evaluate", "--images", "theirs", "--device", "cpu"], stand_in)
+    assert code == 0, err
+    assert stand_in.batch_sizes[:2] == [30, 30]  # real: FID and KID; the test batch is not read
+    row = read_rows(tmp_path / "checkpoints" / "metrics.jsonl")[-1]
+    assert row["images"] == "theirs" and row["count"] == 30
+    assert row["fid"] == pytest.approx(0, abs=1e-3)
+    assert (row["precision"], row["recall"], row["coverage"]) == (1.0, 1.0, 1.0)
+    assert "30 images of theirs at 32 px, against 30 real" in out
+    assert f"precision {row['precision']:.3f}" in out
+
+
+@pytest.mark.parametrize(
+    "make, argv_end, message",
+    [
+        (lambda root: None, [], "--images theirs does not exist"),
+        (lambda root: (root / "theirs").write_text("x"), [], "--images theirs is a file"),
+        (lambda root: (root / "theirs").mkdir(), [], "holds 0 image files"),
+        (
+            lambda root: write_colour_pngs(root / "theirs", [(1, 2, 3)] * 3, (8, 8)),
+            ["--eval-samples", "9"],
+            "--eval-samples does not apply",
+        ),
+    ],
+)
+def test_evaluate_images_refuses_a_bad_folder_in_one_line(gan_main, stand_in, tmp_path, make, argv_end, message):
+    make(tmp_path)
+    before = snapshot(tmp_path)
+    code, _, err = gan_main(["--evaluate", "--images", "theirs", "--device", "cpu", *argv_end], stand_in)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before and not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluate_images_refuses_a_folder_of_unreadable_files(gan_main, stand_in, tiny_args, tmp_path):
+    write_colour_pngs(tmp_path / "real", [(i, 2 * i, 3 * i) for i in range(8)], (16, 16))
+    (tmp_path / "theirs").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "theirs" / name).write_bytes(b"not an image")
+    argv = ["--evaluate", "--images", "theirs", "--device", "cpu", "--dataset", "folder", "--dataroot", "real"]
+    code, _, err = gan_main([*argv, "--image-size", "16", "--workers", "0"], stand_in)
+    assert code == 2
+    assert "--images theirs holds 0 readable images" in err
+
+
+def test_images_needs_evaluate(gan_main, tmp_path):
+    code, _, err = gan_main(["--images", "theirs", "--epochs", "1"])
+    assert code == 2 and "--images DIR goes with --evaluate" in err
+
+
+def test_evaluate_images_without_weights_names_the_file_and_folder(gan_main, no_inception_weights, tmp_path):
+    write_colour_pngs(tmp_path / "real", [(i, 2 * i, 3 * i) for i in range(8)], (16, 16))
+    argv = ["--evaluate", "--images", "real", "--device", "cpu", "--dataset", "folder", "--dataroot", "real"]
+    code, _, err = gan_main([*argv, "--image-size", "16", "--workers", "0"])
+    assert code == 2
+    assert str(no_inception_weights) in err and metrics.INCEPTION_URL in err
