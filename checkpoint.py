@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from options import mixed_seed
 from utils import UserError, WriteError, atomic_write, atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -208,23 +209,39 @@ def restore_state(nets, state, runtime, path):
         problem = optimizer_state_problem(state[name], optimizer) if name in state else None
         if problem:
             raise UserError(f"checkpoint {path} is damaged: unusable {name} ({problem})")
-    # load_state_dict also restores the saved settings (lr, betas, eps, ...); those this run built win
-    hyper = [
-        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in (nets.opt_G, nets.opt_D)
-    ]
     try:
-        nets.opt_G.load_state_dict(state["optG"])
-        nets.opt_D.load_state_dict(state["optD"])
-        for opt, groups in zip((nets.opt_G, nets.opt_D), hyper):
-            for group, values in zip(opt.param_groups, groups):
-                group.update(values)
+        nets.opt_G.load_state_dict(with_this_runs_settings(state["optG"], nets.opt_G))
+        nets.opt_D.load_state_dict(with_this_runs_settings(state["optD"], nets.opt_D))
         restore_scaler(nets.scaler_G, state.get("scalerG"))
         restore_scaler(nets.scaler_D, state.get("scalerD"))
         torch.set_rng_state(state["rng"]["cpu"])
-        if runtime.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
+        if runtime.device.type == "cuda":
+            restore_cuda_rng(state, runtime.device)
     except (KeyError, ValueError, RuntimeError, TypeError) as error:
         raise UserError(f"checkpoint {path} is incomplete or damaged ({error.__class__.__name__}: {error})") from None
+
+
+def restore_cuda_rng(state, device):
+    """The CUDA generator as saved; a checkpoint written on the CPU or MPS has no CUDA state, and
+    the generator seeded from --seed alone at start-up would replay the noise of step 0."""
+    if "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    else:
+        torch.cuda.manual_seed(mixed_seed(state.get("seed") or 0, state["step"]))
+
+
+def with_this_runs_settings(saved, optimizer):
+    """saved (an optimizer's state_dict) with the settings this run built (lr, betas, fused, foreach,
+    capturable, ...) in its param_groups, to be loaded as it is.
+
+    load_state_dict places Adam's step counts by the *saved* groups' fused and capturable flags: a CPU
+    run's (fused None) leaves them on the CPU, where this run's fused CUDA kernels cannot read them.
+    """
+    groups = [
+        {**{key: value for key, value in group.items() if key != "params"}, "params": saved_group["params"]}
+        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"])
+    ]
+    return {**saved, "param_groups": groups}
 
 
 def optimizer_state_problem(saved, optimizer):

@@ -38,6 +38,9 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 DEVICE_MEMORY_SHARE = 0.5
 FAKE_IMAGES = 512
 FAKE_CLASSES = 10  # --dataset fake --conditional: random images labelled 0, 1, ..., 9, 0, 1, ...
+# GAN_STREAM_BATCHES=1 streams any dataset's batches from host memory, as for a folder too large for
+# the device: the self-check compares the two paths, and a user can keep the device's memory free
+STREAM_VARIABLE = "GAN_STREAM_BATCHES"
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -181,11 +184,21 @@ def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_byte
     images, labels = choose_subset(images, opts.subset, opts.seed, labels)
     if len(images) < opts.batch_size:
         raise UserError(f"the dataset has {len(images)} images, fewer than --batch-size {opts.batch_size}")
+    if streaming_forced():
+        images, memory_limit_bytes = images if isinstance(images, HostImages) else HostImages(images), 0
     if isinstance(images, HostImages):
         images = place_on_device(images, device, memory_limit_bytes, say or ignore_message)
     else:
         images = images.to(device)
     return TrainingData(images, labels, class_names)
+
+
+def streaming_forced():
+    """Whether GAN_STREAM_BATCHES=1 asks for streamed batches."""
+    value = os.environ.get(STREAM_VARIABLE, "")
+    if value not in ("", "0", "1"):
+        raise UserError(f"{STREAM_VARIABLE}={value}: give 1 (stream the batches from host memory) or 0")
+    return value == "1"
 
 
 def read_images_and_labels(opts, with_labels, cache_dir, say):
@@ -246,9 +259,12 @@ def place_on_device(images, device, memory_limit_bytes, say):
     if budget is None or images.nbytes <= budget:
         return images.to_device(device)
     where = images.source or "host memory"
-    say(
-        f"the images ({size_text(images.nbytes)}) exceed the {size_text(budget)} budget on {device}: streaming batches from {where}"
-    )
+    if streaming_forced():
+        say(f"{STREAM_VARIABLE}=1: streaming batches from {where}")
+    else:
+        say(
+            f"the images ({size_text(images.nbytes)}) exceed the {size_text(budget)} budget on {device}: streaming batches from {where}"
+        )
     return images
 
 

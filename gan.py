@@ -192,12 +192,14 @@ def keep_orphan_log(opts, runtime):
 
 
 def load_batches(opts, runtime):
-    """The training data (rank 0 downloads first) and its batches, on the device if they fit."""
-    if not runtime.is_main:
-        barrier(runtime)  # wait for rank 0 to download and extract; then read its files
-    data = load_training_data(opts, runtime.device, cache_dir=opts.checkpoint_dir, say=lambda text: say(runtime, text))
-    if runtime.is_main:
-        barrier(runtime)
+    """The training data and its batches, on the device if they fit; under torchrun the processes
+    take turns to download or decode it (prepared_in_turns)."""
+    data = prepared_in_turns(
+        lambda: load_training_data(
+            opts, runtime.device, cache_dir=opts.checkpoint_dir, say=lambda text: say(runtime, text)
+        ),
+        runtime,
+    )
     batches = make_batches(
         data.images,
         opts.batch_size,
@@ -232,6 +234,23 @@ def with_data_traits(opts, data, resumed):
 
 def class_list(names):
     return ", ".join(names) if names else "none (unconditional)"
+
+
+def prepared_in_turns(load, runtime):
+    """load() in three turns: rank 0; then the first process of every other machine; then the rest.
+
+    Two processes downloading or extracting CIFAR-10 (or building a folder's cache) into one folder
+    at once would tear it. With a shared filesystem rank 0's copy serves everyone; without one,
+    each machine's first process makes the machine's own copy before its other processes read it.
+    """
+    turn = 0 if runtime.is_main else 1 if runtime.local_rank == 0 else 2
+    loaded = None
+    for current in range(3):
+        if current == turn:
+            loaded = load()
+        if current < 2:
+            barrier(runtime)
+    return loaded
 
 
 class RunOutputs:

@@ -43,11 +43,16 @@ def build_metrics(device, eval_samples, feature=None):
             f"metrics need torchmetrics[image] ({error}); pip install -r requirements.txt"
         ) from None
     subset_size = min(1000, eval_samples)
+    # under torchrun only rank 0 scores, while the others wait at a barrier: a metric that gathered
+    # its state across ranks in compute() would pair its collectives with that barrier and hang
+    local = {"sync_on_compute": False}
     try:
         metrics = {
-            "fid": FrechetInceptionDistance(feature=feature or 2048, reset_real_features=False),
-            "is": InceptionScore(feature=feature or "logits_unbiased"),
-            "kid": KernelInceptionDistance(feature=feature or 2048, subset_size=subset_size, reset_real_features=False),
+            "fid": FrechetInceptionDistance(feature=feature or 2048, reset_real_features=False, **local),
+            "is": InceptionScore(feature=feature or "logits_unbiased", **local),
+            "kid": KernelInceptionDistance(
+                feature=feature or 2048, subset_size=subset_size, reset_real_features=False, **local
+            ),
         }
     except (OSError, RuntimeError, ValueError, ImportError) as error:  # download or hub failures
         folder = Path(torch.hub.get_dir()) / "checkpoints"

@@ -5,11 +5,14 @@ each factor of two above 4x4 adds one stage to both networks. With num_classes, 
 class through conditional BatchNorm and D through a projection; without, they are plain DCGAN.
 """
 
+import contextlib
 import functools
 import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.optim.swa_utils import update_bn
 
 IMAGE_SIZES = tuple(2**k for k in range(4, 9))  # 16 .. 256
@@ -130,7 +133,7 @@ class Discriminator(ProjectionDiscriminator):
 
     def __init__(self, ndf=64, image_size=64, nc=3, spectral_norm=False, num_classes=0):
         super().__init__()
-        wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
+        wrap = full_precision_spectral_norm if spectral_norm else (lambda m: m)
         layers, channels = strided_convolutions(nc, ndf, image_size, wrap, batch_norm=not spectral_norm)
         # (ndf*8) x 4 x 4 -> 1 x 1 x 1: a logit; the loss applies the sigmoid
         layers.append(wrap(nn.Conv2d(channels, 1, 4, 1, 0, bias=False)))
@@ -199,7 +202,7 @@ class UpsampleDiscriminator(ProjectionDiscriminator):
 
     def __init__(self, ndf=64, image_size=64, nc=3, spectral_norm=False, num_classes=0):
         super().__init__()
-        wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
+        wrap = full_precision_spectral_norm if spectral_norm else (lambda m: m)
         layers, channels = strided_convolutions(nc, ndf, image_size, wrap, batch_norm=not spectral_norm)
         # (ndf*8) x 4 x 4 -> (ndf*8*16) -> 1: a logit; the loss applies the sigmoid
         layers += [nn.Flatten(), wrap(nn.Linear(channels * 4 * 4, 1))]
@@ -227,6 +230,26 @@ def build_generator(arch, nz, ngf, image_size, nc=3, num_classes=0):
 
 def build_discriminator(arch, ndf, image_size, spectral_norm=False, nc=3, num_classes=0):
     return _architecture(arch)[1](ndf, image_size, nc=nc, spectral_norm=spectral_norm, num_classes=num_classes)
+
+
+class FullPrecisionSpectralNorm(_SpectralNorm):
+    """torch's spectral norm, its power iteration and sigma computed in fp32 under autocast too.
+
+    CUDA's autocast runs torch.mv in bf16 or fp16 (the CPU's keeps it in fp32): sigma would get
+    about 3 significant digits, and D's weights a scale that jitters from step to step.
+    """
+
+    def forward(self, weight):
+        device_type = weight.device.type
+        full = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else None
+        with full or contextlib.nullcontext():
+            return super().forward(weight.float())
+
+
+def full_precision_spectral_norm(module):
+    """nn.utils.parametrizations.spectral_norm(module) (same state_dict keys), in fp32 under autocast."""
+    parametrize.register_parametrization(module, "weight", FullPrecisionSpectralNorm(module.weight))
+    return module
 
 
 def strided_convolutions(nc, ndf, image_size, wrap, batch_norm):

@@ -6,7 +6,9 @@ import contextlib
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,11 @@ import torch.distributed as dist
 from utils import UserError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# How long a rank waits for the others at a collective. NCCL's default is 10 minutes, but one process
+# per machine works alone while the others wait: it downloads CIFAR-10 or decodes a folder into the
+# cache (about 700 images/s on 2 cores, so an hour for 2.5 million images), runs the first FID pass
+# over every real image, or estimates the EMA's statistics. A job that truly hangs waits this long.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,7 @@ class Runtime:
     compile: bool = False
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0  # the process's rank on its machine: local rank 0 prepares the machine's data
     compile_mode: str | None = None  # torch.compile's mode; None is its default (benchmarks try others)
     channels_last: bool = True  # benchmarks compare it with the contiguous layout
 
@@ -87,7 +95,8 @@ def choose_precision(requested, device):
         return PRECISIONS[requested]
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # emulated bf16 (V100, T4) runs, but slower than fp16 with loss scaling
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def choose_compile(requested, device, sync_bn=False):
@@ -102,13 +111,33 @@ def choose_compile(requested, device, sync_bn=False):
         raise UserError("--sync-bn does not work with --compile on; use --compile off (or auto)")
     if sys.platform == "win32":
         raise UserError("--compile on: torch.compile does not run on Windows here; use --compile off")
-    if device.type == "cpu" and not any(
-        shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++")
-    ):
-        raise UserError(
-            "--compile on needs a C++ compiler on the CPU (torch.compile's inductor): install g++ or use --compile off"
-        )
+    missing = missing_compiler(device)
+    if missing and requested == "auto":
+        warnings.warn(f"torch.compile needs {missing}: training uncompiled (--compile off)", stacklevel=2)
+        return False
+    if missing:
+        raise UserError(f"--compile on needs {missing}: install one or use --compile off")
     return True
+
+
+def missing_compiler(device):
+    """What torch.compile's backend would fail to find on device (a sentence), or None.
+
+    Looked up as torch and Triton look them up: on the CPU inductor builds C++ with $CXX (or g++),
+    nothing else; on CUDA Triton builds its kernels' launcher with $CC, or gcc or clang.
+    """
+    if device.type == "cpu":
+        cxx = os.environ.get("CXX")
+        default = "clang++" if sys.platform == "darwin" else "g++"
+        if shutil.which(cxx or default):
+            return None
+        return f"the C++ compiler CXX={cxx}, which is not there" if cxx else f"a C++ compiler ({default})"
+    if device.type == "cuda":
+        cc = os.environ.get("CC")
+        if shutil.which(cc) if cc else (shutil.which("gcc") or shutil.which("clang")):
+            return None
+        return f"the C compiler CC={cc}, which is not there" if cc else "a C compiler (gcc or clang) for Triton"
+    return None
 
 
 def setup_runtime(opts):
@@ -126,6 +155,7 @@ def setup_runtime(opts):
         choose_compile(opts.compile, device, opts.sync_bn),
         rank,
         world_size,
+        local_rank,
     )
 
 
@@ -134,10 +164,14 @@ def start_distributed(requested_device):
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_nccl = requested_device != "cpu" and torch.cuda.is_available()
+    use_nccl = requested_device in ("auto", "cuda") or requested_device.startswith("cuda:")
+    use_nccl = use_nccl and torch.cuda.is_available()
+    gpu = None
     if use_nccl:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_nccl else "gloo")
+        gpu = torch.device("cuda", gpu_of_process(requested_device, local_rank))
+        torch.cuda.set_device(gpu)
+    # device_id: NCCL binds the group to this GPU at once, and barriers need not guess it
+    dist.init_process_group("nccl" if use_nccl else "gloo", timeout=COLLECTIVE_TIMEOUT, device_id=gpu)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -148,6 +182,27 @@ def launcher_words(runtime):
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
     nodes = runtime.world_size // per_node if per_node else 1
     return ("torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []), f"--nproc_per_node={per_node}")
+
+
+def gpu_of_process(requested_device, local_rank):
+    """The GPU index of this torchrun process (its LOCAL_RANK unless --device names one), checked
+    before CUDA is asked to use it."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    index = int(requested_device[5:]) if requested_device.startswith("cuda:") else local_rank
+    if requested_device.startswith("cuda:") and processes > 1:
+        raise UserError(
+            f"--device {requested_device} under torchrun puts all {processes} processes of this machine on one "
+            "GPU; give --device cuda (or auto): each process takes the GPU of its LOCAL_RANK"
+        )
+    count = torch.cuda.device_count()
+    if index >= count and requested_device.startswith("cuda:"):
+        raise UserError(f"--device {requested_device}: only {count} GPU(s) here")
+    if index >= count:
+        raise UserError(
+            f"this machine has {count} GPU(s) visible but starts process LOCAL_RANK={local_rank}: "
+            f"start at most {count} processes per machine (torchrun --nproc_per_node={count})"
+        )
+    return index
 
 
 def stop_distributed():

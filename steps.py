@@ -237,11 +237,8 @@ def wrap_for_training(nets, opts, runtime):
     elif runtime.compile:
         # each update's augment + forward + loss + statistics as one graph (its backward is compiled
         # with it), static shapes: the last incomplete batch of an epoch is dropped
-        G_train = torch.compile(G_train, dynamic=False)
-        d_step_forward, g_step_forward = (
-            torch.compile(d_forward, dynamic=False),
-            torch.compile(g_forward, dynamic=False),
-        )
+        G_train = compiled(G_train, runtime)
+        d_step_forward, g_step_forward = compiled(d_forward, runtime), compiled(g_forward, runtime)
     nets.G_train, nets.D_train, nets.D_no_sync = G_train, D_train, D_no_sync
     nets.d_forward, nets.g_forward = d_step_forward, g_step_forward
 

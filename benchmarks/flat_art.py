@@ -16,7 +16,7 @@ with `gan.py --generate`, and scored per seed against one half of the images by
 The other half of the images scores the real-vs-real floor with as many images as each generated set.
 
     python benchmarks/flat_art.py                                   # 3 recipes, 2 seeds
-    python benchmarks/flat_art.py --recipes plain improved --seeds 1 --epochs 55 --grid-dir benchmarks/grids/flat
+    python benchmarks/flat_art.py --recipes plain improved --seeds 1 --epochs 55 --width 16 --grid-dir benchmarks/grids/flat
 """
 
 import argparse

@@ -37,25 +37,38 @@ def main(argv=None):
     size, batch = args.image_sizes[0], args.batch_sizes[0]
     pipeline = throughput.ProgramPipeline(args, images, size, batch, mode)
     pipeline.run(args.warmup)
+    figures = profile_steps(pipeline, args.steps)
+    print(f"{throughput.device_label(device)}; torch {torch.__version__}; {size}x{size}, batch {batch}, "
+          f"compile {args.compile_mode}; {args.steps} steps recorded after {args.warmup} warm-up steps")  # fmt: skip
+    if device.type == "cuda":
+        print(
+            f"kernels per step: {figures['kernels_per_step']:.0f}; "
+            f"GPU busy {100 * figures['busy_share']:.0f}% of the wall time"
+        )
+    else:
+        print(f"operators per step: {figures['operators_per_step']:.0f}")
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(figures["events"].table(sort_by=sort, row_limit=args.top))
+
+
+def profile_steps(pipeline, steps):
+    """Record `steps` steps of a warmed-up pipeline: operators and (on CUDA) kernels per step, and
+    the share of the wall time the GPU spent in kernels (None on the CPU)."""
+    device = pipeline.device
     throughput.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as recorded:
-        pipeline.run(args.steps)
+        pipeline.run(steps)
         throughput.synchronize(device)
     events = recorded.key_averages()
-    print(f"{throughput.device_label(device)}; torch {torch.__version__}; {size}x{size}, batch {batch}, "
-          f"compile {args.compile_mode}; {args.steps} steps recorded after {args.warmup} warm-up steps")  # fmt: skip
+    figures = {"events": events, "operators_per_step": sum(e.count for e in events) / steps}
+    figures["kernels_per_step"] = figures["busy_share"] = None
     if device.type == "cuda":
         kernels = [e for e in recorded.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy_us = sum(e.device_time for e in kernels)
         wall_us = max(e.time_range.end for e in recorded.events()) - min(e.time_range.start for e in recorded.events())
-        print(
-            f"kernels per step: {len(kernels) / args.steps:.0f}; GPU busy {100 * busy_us / wall_us:.0f}% of the wall time"
-        )
-    else:
-        print(f"operators per step: {sum(e.count for e in events) / args.steps:.0f}")
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    print(events.table(sort_by=sort, row_limit=args.top))
+        figures["kernels_per_step"], figures["busy_share"] = len(kernels) / steps, busy_us / wall_us
+    return figures
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ RECIPES = {
     "improved-spectral0.3": ["--recipe", "improved", "--spectral-loss", "0.3"],
     "improved-spectral0": ["--recipe", "improved", "--spectral-loss", "0"],
     "improved+diffaugment": ["--recipe", "improved", "--diffaugment"],
+    "improved-ema0": ["--recipe", "improved", "--ema", "0"],
 }
 # the default set fits in about 20 minutes on 2 busy CPU cores (5 on idle ones)
 DEFAULT_RECIPES = ["plain", "hinge+sn", "diffaugment", "ttur", "d-steps2", "ema", "combined", "combined-ema0"]

@@ -17,6 +17,9 @@ arrays turned into PIL images, Resize/ToTensor/Normalize per image, DataLoader(n
 shuffle=True), fp32, D ending in Sigmoid with BCELoss, D on real then fake, then G through D
 (with D's weight gradients), `.item()` on the losses and D outputs and a print every step.
 The example's image saving every 100 steps is left out of both.
+
+"compile s" is the warm-up's time beyond what its steps take once warm: torch.compile's compilation
+above all (and cuDNN's autotuning, the DataLoader's start). A 25-epoch run pays it once.
 """
 
 import argparse
@@ -232,6 +235,15 @@ def memory_source(device):
     return "not measured on this platform"
 
 
+def seconds_of(pipeline, steps):
+    """Wall time of `steps` steps, the device's queue drained before and after."""
+    synchronize(pipeline.device)
+    started = time.perf_counter()
+    pipeline.run(steps)
+    synchronize(pipeline.device)
+    return time.perf_counter() - started
+
+
 def time_round(pipeline, steps, batch_size):
     """Images per second of `steps` steps, and the memory the round needed above what it started with."""
     synchronize(pipeline.device)
@@ -283,10 +295,11 @@ def benchmark_setting(args, image_size, batch_size, images_uint8, images_hwc):
         )
     builders[CLASSIC] = lambda: ClassicPipeline(args, images_hwc, image_size, batch_size)
     device = torch.device(args.device_resolved)
+    warmup_seconds = {}
     for name, build in builders.items():
         before = current_memory_mib(device)
         pipelines[name] = build()
-        pipelines[name].run(args.warmup)
+        warmup_seconds[name] = seconds_of(pipelines[name], args.warmup)
         resident[name] = current_memory_mib(device) - before  # its weights, optimizer state and data
     speeds = {name: [] for name in pipelines}
     peaks = {name: 0.0 for name in pipelines}
@@ -299,10 +312,12 @@ def benchmark_setting(args, image_size, batch_size, images_uint8, images_hwc):
     rows = []
     for name in pipelines:
         median = statistics.median(speeds[name])
+        warm_step_seconds = batch_size / median
         rows.append(
             {
                 "image_size": image_size, "batch_size": batch_size, "pipeline": name,
                 "images_per_s": median, "vs_classic": median / classic, "peak_mib": peaks[name],
+                "compile_s": max(0.0, warmup_seconds[name] - args.warmup * warm_step_seconds),
                 "rounds_images_per_s": speeds[name],
             }
         )  # fmt: skip
@@ -320,10 +335,11 @@ def device_label(device):
 
 
 def format_table(rows, markdown=False):
-    header = ["image size", "batch", "pipeline", "images/s (median)", "vs classic", "peak MiB"]
+    header = ["image size", "batch", "pipeline", "images/s (median)", "vs classic", "compile s", "peak MiB"]
     body = [
         [f"{r['image_size']}x{r['image_size']}", str(r["batch_size"]), r["pipeline"], f"{r['images_per_s']:,.0f}"
-         if r["images_per_s"] >= 100 else f"{r['images_per_s']:.1f}", f"{r['vs_classic']:.2f}x", f"{r['peak_mib']:,.0f}"]
+         if r["images_per_s"] >= 100 else f"{r['images_per_s']:.1f}", f"{r['vs_classic']:.2f}x",
+         f"{r['compile_s']:.1f}", f"{r['peak_mib']:,.0f}"]
         for r in rows
     ]  # fmt: skip
     if markdown:

@@ -154,3 +154,15 @@ def test_flat_share_separates_flat_images_from_speckled_ones(scores):
     clean_shares, speckled_shares = scores.flat_share(clean), scores.flat_share(speckled)
     assert float(clean_shares.min()) > 0.75
     assert float(speckled_shares.max()) < 0.25
+
+
+def test_the_flat_art_benchmark_draws_one_glyph_per_image_on_white(scores, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCORES_PY.parent))
+    import flat_art
+
+    art = flat_art.render_flat_art(12, seed=3)
+    assert art.shape == (12, 3, 32, 32) and art.dtype == torch.uint8
+    assert (art[:, :, 0, 0] == 255).all()  # white corners
+    assert ((art < 200).any(dim=1).flatten(1).sum(dim=1) >= 8).all()  # every image has a glyph
+    shares = scores.flat_share(art)
+    assert float(shares.min()) > 0.4  # flat art: mostly flat

@@ -42,14 +42,27 @@ def run_steps(nets, opts, runtime, count=3):
     return history
 
 
+def weights(nets):
+    return {name: torch.cat([p.detach().flatten() for p in getattr(nets, name).parameters()]) for name in ("G", "D")}
+
+
 def test_compiled_bf16_steps_agree_with_eager_ones():
     """Whole compiled updates (DiffAugment, both D forwards, the losses with the spectral loss's
-    FFT, their backward) give the statistics and weights of the eager updates, within bf16 rounding."""
+    FFT, their backward) give the statistics of the eager updates, and change G's and D's weights
+    as they do, within bf16 rounding.
+
+    The tolerance is calibrated: measured, the compiled steps' change of the weights differs from
+    the eager steps' by 0.11 of it for G and 0.03 for D (bf16 rounds differently in fused kernels and flips
+    the sign of the smallest gradients, and Adam's first steps are about lr * sign); steps that
+    leave a network alone differ by exactly 1.
+    """
     import torch._inductor.config
 
     eager, opts, runtime = build(*STEP_FLAGS, "--compile", "off")
     compiled, opts_c, runtime_c = build(*STEP_FLAGS, "--compile", "on")
     assert runtime_c.compile and not runtime.compile and runtime_c.amp_dtype == torch.bfloat16
+    start = weights(eager)
+    assert all(torch.equal(start[name], weights(compiled)[name]) for name in start)
     eager_history = run_steps(eager, opts, runtime)
     with torch._inductor.config.patch(fallback_random=True):  # DiffAugment's draws as in eager
         compiled_history = run_steps(compiled, opts_c, runtime_c)
@@ -57,8 +70,11 @@ def test_compiled_bf16_steps_agree_with_eager_ones():
         assert set(compiled_stats) == {"loss_d", "loss_g", "d_real", "d_fake"}
         for name, value in eager_stats.items():
             assert compiled_stats[name] == pytest.approx(value, abs=0.02), name
-    for mine, theirs in zip(compiled.G.parameters(), eager.G.parameters()):
-        torch.testing.assert_close(mine, theirs, atol=2e-3, rtol=0.05)
+    eager_end, compiled_end = weights(eager), weights(compiled)
+    for name in ("G", "D"):
+        eager_change, compiled_change = eager_end[name] - start[name], compiled_end[name] - start[name]
+        relative = ((compiled_change - eager_change).norm() / eager_change.norm()).item()
+        assert relative < 0.3, name
 
 
 def test_the_cli_compiles_a_bounded_number_of_graphs(gan_main, tmp_path):

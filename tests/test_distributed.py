@@ -94,7 +94,9 @@ def ddp_run(tmp_path_factory):
 
 
 def torch_resume(folder):
-    return torchrun(["--resume", "--epochs", "2"], folder)
+    # with FID after the epoch: rank 0 alone scores while the other rank waits at the epoch's barrier
+    flags = ["--resume", "--epochs", "2", "--fid-every", "1", "--eval-samples", "16"]
+    return torchrun(flags, folder, DDP_WORKER_STAND_IN_FEATURES="1")
 
 
 def assert_same_parameters(states, what):
@@ -187,7 +189,9 @@ def test_one_epoch_and_a_resume_under_torchrun_equal_two_epochs_in_one_go(ddp_ru
     resumed = torch.load(ddp_run["folder"] / "checkpoints" / "checkpoint.pt", weights_only=True)
     assert len(resumed["rng"]["ranks"]) == 2 and resumed["world_size"] == 2
     assert_same_checkpoint(resumed, ddp_run["straight_checkpoint"])
-    assert (ddp_run["folder"] / "checkpoints" / "metrics.jsonl").read_text() == ddp_run["straight_log"]
+    # the resume also scored FID (its own RNG streams: the weights are untouched); the losses agree
+    resumed_log = (ddp_run["folder"] / "checkpoints" / "metrics.jsonl").read_text().splitlines()
+    assert [line for line in resumed_log if '"fid"' not in line] == ddp_run["straight_log"].splitlines()
 
 
 def test_a_ctrl_c_on_one_rank_stops_both_at_one_step_and_resumes_exactly(ddp_run, tmp_path):
@@ -239,6 +243,17 @@ def test_fewer_images_than_one_step_of_all_processes_is_refused(monkeypatch, tmp
     assert (
         str(refused.value) == "the dataset has 12 images, fewer than one step takes: --batch-size 8 x 2 processes = 16"
     )
+
+
+def test_fid_under_torchrun_is_scored_by_rank_zero_alone(ddp_run):
+    """The metrics compute on rank 0 without collectives: gathering across ranks there would pair
+    with the other rank's barrier and hang the job (NCCL's watchdog kills it after its timeout)."""
+    rows = [json.loads(line) for line in (ddp_run["folder"] / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    scores = [row for row in rows if "fid" in row]
+    assert [(row["epoch"], row["step"]) for row in scores] == [(2, 2 * STEPS_PER_EPOCH)]
+    assert scores[0]["fid"] >= 0 and scores[0]["kid_std"] >= 0
+    assert ddp_run["resumed"].stdout.count("FID ") == 1
+    assert (ddp_run["folder"] / "checkpoints" / "best.pt").is_file()
 
 
 def test_an_error_on_one_rank_stops_the_whole_job(tmp_path):

@@ -21,13 +21,6 @@ def test_precision_choices(requested, device, expected):
     assert runtime.choose_precision(requested, device) == expected
 
 
-def test_auto_precision_on_cuda_falls_back_to_fp16_without_bf16(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or T4
-    assert runtime.choose_precision("auto", CUDA) == torch.float16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert runtime.choose_precision("auto", CUDA) == torch.bfloat16
-
-
 def test_compile_choices():
     assert runtime.choose_compile("auto", CUDA) is True
     assert runtime.choose_compile("auto", CPU) is False
