@@ -597,10 +597,13 @@ def saved_flag_is_valid(parser, name, value):
         return False
 
 
-def resume_command(opts):
-    """The command that resumes this run, with the folders a checkpoint never chooses."""
+def resume_command(opts, launcher=("python",)):
+    """The command that resumes this run, with the folders a checkpoint never chooses.
+
+    launcher: the words before gan.py (torchrun's, with its process counts, for a run under torchrun).
+    """
     parser = build_parser()
-    words = ["python", script_as_run(), "--resume", "--checkpoint-dir", opts.checkpoint_dir]
+    words = [*launcher, script_as_run(), "--resume", "--checkpoint-dir", opts.checkpoint_dir]
     for name in ("image_dir", "dataroot"):
         if getattr(opts, name) != parser.get_default(name) and not (name == "dataroot" and opts.dataset == "fake"):
             words += [f"--{name.replace('_', '-')}", getattr(opts, name)]

@@ -5,6 +5,7 @@ Every sampler draws its noise from its own torch.Generator, never from the globa
 FID in the middle of a run must not change what the run trains next.
 """
 
+import itertools
 import sys
 import warnings
 from dataclasses import dataclass
@@ -247,8 +248,7 @@ def generate(opts, explicit, runtime):
         classes = [class_index(G, opts.class_name, checkpoint_path(opts))]
     else:
         classes = list(range(G.num_classes)) or [None]
-    folder = Path(opts.image_dir) / "generated"
-    check_writable(folder)
+    folder = fresh_generated_folder(opts.image_dir)
     seed = opts.seed if opts.seed is not None else random_seed()
     firsts = []
     try:
@@ -302,6 +302,19 @@ def save_generated_grid(G, classes, firsts, path):
     images = torch.stack([image for first in firsts[: len(shown)] for image in first[:columns]])
     grid = artifacts.labelled_grid_image(images, [G.class_names[label] for label in shown], nrow=columns)
     artifacts.save_pil(grid, path)
+
+
+def fresh_generated_folder(image_dir):
+    """image_dir/generated, or generated-2, -3, ... when it holds an earlier --generate's images:
+    the images of two checkpoints (or seeds) are never mixed in one folder, nor any overwritten."""
+    base = Path(image_dir) / "generated"
+    for number in itertools.count(1):
+        folder = base if number == 1 else base.with_name(f"generated-{number}")
+        if not folder.exists() or artifacts.is_empty_folder(folder):
+            if number > 1:
+                print(f"{base}/ holds the images of an earlier --generate: writing into {folder}/")
+            check_writable(folder)
+            return folder
 
 
 def slerp(start, end, fractions):
