@@ -9,6 +9,7 @@ import io
 import json
 import math
 import numbers
+import os
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -52,13 +53,16 @@ def latest_checkpoint(checkpoint_dir):
 # ---------------------------------------------------------------- saving
 
 
-def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False):
+def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False, rank_rng=None):
     """The checkpoint's dict. ema_statistics_estimated: netG_ema holds BatchNorm statistics estimated
     for its own weights (models.estimate_batch_norm), not the trained G's copied ones; when not,
-    --generate, --interpolate and --evaluate estimate them on loading."""
+    --generate, --interpolate and --evaluate estimate them on loading. rank_rng: every rank's RNG state
+    under torchrun (runtime.rank_rng_states), for an exact resume."""
     rng = {"cpu": torch.get_rng_state()}
     if runtime.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    if rank_rng is not None:
+        rng["ranks"] = rank_rng
     return {
         "format": FORMAT,
         "netG": cpu_state(nets.G),
@@ -73,6 +77,8 @@ def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_
         "batch": progress.batch,
         "step": progress.step,
         "seed": opts.seed,
+        # where a mid-epoch checkpoint stands is counted in batches of batch_size x world_size
+        "world_size": runtime.world_size,
         "best_fid": progress.best_fid,
         "rollbacks": progress.rollbacks,
         "fixed_noise": fixed_noise.cpu(),
@@ -92,10 +98,10 @@ def save_checkpoint(state, path):
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_run_files(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False):
+def save_run_files(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False, rank_rng=None):
     """The checkpoint, the plain state_dicts and flags.json, each written atomically."""
     folder = Path(opts.checkpoint_dir)
-    state = checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated)
+    state = checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated, rank_rng)
     save_checkpoint(state, folder / CHECKPOINT_NAME)
     save_checkpoint(cpu_state(nets.G), folder / "netG.pth")
     save_checkpoint(cpu_state(nets.D), folder / "netD.pth")
@@ -205,7 +211,10 @@ def damaged_fields(state):
     def is_weights(value):
         return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
 
-    damaged = [k for k in ("epoch", "step", "batch", "seed", "rollbacks") if k in state and not is_count(state[k])]
+    counts = ("epoch", "step", "batch", "seed", "rollbacks", "world_size")
+    damaged = [k for k in counts if k in state and not is_count(state[k])]
+    if state.get("world_size") == 0:
+        damaged.append("world_size")
     damaged += [k for k in ("netG", "netD", "netG_ema") if state.get(k) is not None and not is_weights(state[k])]
     damaged += [k for k in ("optG", "optD", "rng") if k in state and not isinstance(state[k], dict)]
     damaged += [k for k in ("scalerG", "scalerD") if state.get(k) is not None and not isinstance(state[k], dict)]
@@ -371,6 +380,38 @@ def append_metrics(path, rows):
             file.write("".join(json.dumps(row) + "\n" for row in rows))
     except OSError as error:
         raise WriteError(path, error) from None
+
+
+# written beside checkpoint.pt at each save: a fresh run never replaces them, even without checkpoint.pt
+RUN_FILES = ("best.pt", "netG.pth", "netD.pth", "netG_ema.pth", "flags.json")
+
+
+def earlier_run_files(checkpoint_dir):
+    return [name for name in RUN_FILES if (Path(checkpoint_dir) / name).exists()]
+
+
+def orphan_log(checkpoint_dir):
+    """The metrics log of a run that saved no checkpoint in checkpoint_dir (rows, but no checkpoint.pt), or None."""
+    path = Path(checkpoint_dir) / METRICS_LOG_NAME
+    if latest_checkpoint(checkpoint_dir).exists() or not path.is_file():
+        return None
+    rows, _ = parse_metrics(path.read_bytes().decode("utf-8", errors="replace"))
+    return path if rows else None
+
+
+def set_aside_orphan_log(checkpoint_dir):
+    """Rename an orphan log to metrics.N.jsonl (the first free N); returns the new path or None."""
+    path = orphan_log(checkpoint_dir)
+    if path is None:
+        return None
+    number = 1
+    while (kept := path.with_name(f"metrics.{number}.jsonl")).exists():
+        number += 1
+    try:
+        os.rename(path, kept)
+    except OSError as error:
+        raise WriteError(kept, error) from None
+    return kept
 
 
 def truncate_metrics(path, last_step):

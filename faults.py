@@ -20,8 +20,9 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 class StopRequest:
     """Turns SIGINT/SIGTERM/SIGHUP into a flag the loop reads between steps; a second one exits at once."""
 
-    def __init__(self):
+    def __init__(self, announce=True):
         self.signal_number = None
+        self.announce = announce  # under torchrun rank 0 alone says it is stopping
 
     def install(self):
         for number in STOP_SIGNALS:
@@ -35,6 +36,8 @@ class StopRequest:
         self.signal_number = signal_number
         if signal_number == getattr(signal, "SIGHUP", None):
             forgive_closed_terminal()
+        if not self.announce:
+            return
         with contextlib.suppress(OSError):
             print(
                 f"\n{signal.Signals(signal_number).name}: stopping after this step (again to quit at once)",
@@ -127,6 +130,7 @@ class Interrupted(Exception):
     def __init__(self, exit_code, message):
         super().__init__(message)
         self.exit_code = exit_code
+        self.printed = False
 
 
 def interruption(stop, what, checkpoint_path, resume_command):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -141,6 +142,7 @@ def decode_files(files, image_size, workers, skipped):
         # its own generator: a DataLoader otherwise draws its workers' seed from the global RNG,
         # which a resumed run has just restored
         generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
     done = 0
     for images, readable in loader:
@@ -173,6 +175,15 @@ def folder_labels(root, files):
     if len(names) < 2:
         raise UserError(f"--conditional: {root} has {len(names)} class sub-folder(s); it needs at least 2")
     return labels, tuple(names)
+
+
+def ignore_stop_signals(worker_id):
+    """In a decoding worker: Ctrl-C, SIGTERM and SIGHUP sent to the whole process group are the main
+    process's to act on (it stops the workers); a worker killed by one would make the DataLoader
+    raise a second error after the program's one line."""
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def report_skipped(root, skipped, file_count):

@@ -41,7 +41,15 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
         resume_path,
         training_memory_problem,
     )
-    from runtime import any_rank, barrier, broadcast_int, setup_runtime, stop_distributed
+    from runtime import (
+        any_rank,
+        barrier,
+        broadcast_int,
+        launcher_words,
+        rank_rng_states,
+        setup_runtime,
+        stop_distributed,
+    )
     from steps import STAT_NAMES, Meter, Nets, Recipe, build_nets, epoch_summary, format_stat, train_step
     from utils import UserError, check_writable, count_text, error_prefix, locked_folders, no_new_empty_folders
 except KeyboardInterrupt:
@@ -63,8 +71,15 @@ def resolve_training_options(opts, explicit, runtime):
                 f"{earlier} holds an earlier run: continue it with --resume, "
                 "or train into another --checkpoint-dir (or delete that folder)"
             )
+        files = checkpoint.earlier_run_files(opts.checkpoint_dir)
+        if files:  # its checkpoint.pt is gone, but a fresh run would replace these
+            raise UserError(
+                f"{opts.checkpoint_dir} holds an earlier run's files ({', '.join(files)}): "
+                "train into another --checkpoint-dir, or move them away first"
+            )
         pictures = artifacts.earlier_run_pictures(opts.image_dir)
-        if pictures:
+        # pictures beside the log of a run that never saved a checkpoint are that run's: replaced
+        if pictures and not checkpoint.orphan_log(opts.checkpoint_dir):
             # a fresh run would overwrite some of that run's grids and leave the others beside its own
             raise UserError(
                 f"{opts.image_dir} holds an earlier run's pictures ({', '.join(pictures)}): "
@@ -107,13 +122,58 @@ def start_state(opts, runtime, resumed):
     state = TrainState(nets, Progress(), fixed_noise)
     if resumed is not None:
         restore(state, *resumed, runtime)
+        carry_position(state.progress, *resumed, opts, runtime)
         done = count_text(state.progress.epoch, "epoch")
         say(runtime, f"resuming {resumed[1]}: {done} done, step {state.progress.step}")
-    if resumed is None or runtime.distributed:
-        # each rank draws its own noise for the steps; a checkpoint's RNG state is rank 0's alone
+    if resumed is None:
+        # each rank draws its own noise for the steps
         torch.manual_seed(mixed_seed(opts.seed, state.progress.step, runtime.rank))
+    elif runtime.distributed:
+        restore_rank_rng(resumed[0], opts, runtime, state.progress.step)
     state.fixed_noise = state.fixed_noise.to(runtime.device)
     return state
+
+
+def carry_position(progress, saved, path, opts, runtime):
+    """A mid-epoch checkpoint's batch index counted in this run's global batch (batch size x processes).
+
+    Another number of processes (or --batch-size) gives batches of another size: the images the
+    epoch has done are carried over when they make whole batches of the new size, else refused.
+    """
+    saved_processes = saved.get("world_size", 1)
+    saved_global = saved["flags"].get("batch_size", opts.batch_size) * saved_processes
+    global_batch = opts.batch_size * runtime.world_size
+    if saved_processes != runtime.world_size:
+        say(
+            runtime,
+            f"resume: changed processes {saved_processes} -> {runtime.world_size} "
+            f"(global batch {saved_global} -> {global_batch}; the noise each process draws starts afresh)",
+        )
+    if progress.batch == 0 or saved_global == global_batch:
+        return
+    images_done = progress.batch * saved_global
+    if images_done % global_batch:
+        raise UserError(
+            f"{path} stopped {images_done} images into epoch {progress.epoch + 1}, which is no whole number of "
+            f"this run's batches of {global_batch} ({opts.batch_size} x {runtime.world_size} processes): resume it "
+            f"with {saved_processes} process(es) and --batch-size {saved_global // saved_processes}"
+        )
+    progress.batch = images_done // global_batch
+
+
+def restore_rank_rng(saved, opts, runtime, step):
+    """This rank's own RNG state from the checkpoint; fresh noise when it has none for this rank
+    (an older checkpoint, or one saved by another number of processes)."""
+    ranks = saved["rng"].get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != runtime.world_size:
+        torch.manual_seed(mixed_seed(opts.seed, step, runtime.rank))
+        return
+    try:
+        torch.set_rng_state(ranks[runtime.rank]["cpu"])
+        if runtime.device.type == "cuda" and "cuda" in ranks[runtime.rank]:
+            torch.cuda.set_rng_state(ranks[runtime.rank]["cuda"], runtime.device)
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise UserError(f"checkpoint is damaged: unusable RNG state of rank {runtime.rank} ({error})") from None
 
 
 def restore(state, saved, path, runtime):
@@ -122,6 +182,14 @@ def restore(state, saved, path, runtime):
     fixed = saved.get("fixed_noise")
     if isinstance(fixed, torch.Tensor) and fixed.shape == state.fixed_noise.shape:
         state.fixed_noise = fixed.to(state.fixed_noise.dtype)
+
+
+def keep_orphan_log(opts, runtime):
+    """A fresh run's log starts empty; the rows of a run that saved no checkpoint here (killed in
+    its first epoch, or stopped by a full disk) are kept beside it, under another name."""
+    kept = checkpoint.set_aside_orphan_log(opts.checkpoint_dir)
+    if kept is not None:
+        say(runtime, f"kept the log of a run that saved no checkpoint as {kept}")
 
 
 def load_batches(opts, runtime):
@@ -143,6 +211,11 @@ def load_batches(opts, runtime):
         channels=data.channels,
         **runtime.batch_layout,
     )
+    if len(batches) == 0:  # every process takes its own batch of each step
+        raise UserError(
+            f"the dataset has {len(data.images)} images, fewer than one step takes: --batch-size {opts.batch_size} "
+            f"x {runtime.world_size} processes = {opts.batch_size * runtime.world_size}"
+        )
     return data, batches
 
 
@@ -205,11 +278,12 @@ class RunOutputs:
             if not folders or any(lock.path.parent == Path(folder) for folder in folders):
                 lock.check_held()
 
-    def save_checkpoint(self, state, ema_statistics_estimated=False):
+    def save_checkpoint(self, state, rank_rng, ema_statistics_estimated=False):
         """The checkpoint and the files beside it, into the folder this run still holds."""
         self.check_folders(self.checkpoint_dir)
+        progress, opts = state.progress, self.opts
         checkpoint.save_run_files(
-            state.nets, state.progress, state.fixed_noise, self.opts, self.runtime, ema_statistics_estimated
+            state.nets, progress, state.fixed_noise, opts, self.runtime, ema_statistics_estimated, rank_rng
         )
 
     def log(self, row):
@@ -234,7 +308,7 @@ class RunOutputs:
                 self.tensorboard.add_images("samples", samples.float().add(1).div(2).clamp(0, 1), epoch)
                 self.tensorboard.flush()
 
-    def evaluate(self, state, G, opts, runtime):
+    def evaluate(self, state, G, opts, runtime, rank_rng):
         """FID after this epoch if it is due: logged, and best.pt kept. Returns the FID or None."""
         epoch = state.progress.epoch
         if not self.evaluator.due(epoch) or (scores := self.evaluator.evaluate(G, epoch)) is None:
@@ -245,7 +319,7 @@ class RunOutputs:
             self.check_folders(self.checkpoint_dir)
             # evaluated on the epoch's end, after the EMA's statistics were estimated
             saved = checkpoint.checkpoint_state(
-                state.nets, state.progress, state.fixed_noise, opts, runtime, ema_statistics_estimated=True
+                state.nets, state.progress, state.fixed_noise, opts, runtime, True, rank_rng
             )
             checkpoint.save_checkpoint(saved, self.checkpoint_dir / "best.pt")
         return scores["fid"]
@@ -294,6 +368,8 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
     if state.progress.epoch >= opts.epochs:
         say(runtime, f"already trained {count_text(state.progress.epoch, 'epoch')}; raise --epochs to train more")
         return state
+    if runtime.is_main and resumed is None:
+        keep_orphan_log(opts, runtime)
     outputs = (
         RunOutputs(opts, runtime, images, state.progress, locks, metric_feature, data.labels)
         if runtime.is_main
@@ -304,7 +380,7 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
         # real_vs_fake.png's real half, in the fake half's layout (rows of classes under --conditional)
         outputs.real_rows = sampling.real_grid_images(images, data.labels, opts)
     say(runtime, describe(opts, runtime, len(images), batches))
-    stop = StopRequest()
+    stop = StopRequest(announce=runtime.is_main)
     stop.install()
     train_epochs(state, batches, opts, runtime, outputs, stop)
     if outputs is not None:
@@ -343,7 +419,7 @@ def train_epochs(state, batches, opts, runtime, outputs, stop):
                 images_done = (progress.batch - first_batch) * opts.batch_size * runtime.world_size
                 finish_epoch(state, meter, images_done, time.perf_counter() - started, opts, runtime, outputs)
                 if any_rank(stop.requested, runtime):
-                    raise stopped(stop, f"{stop.name}: stopped after epoch {progress.epoch}", opts)
+                    raise stopped(stop, f"{stop.name}: stopped after epoch {progress.epoch}", opts, runtime)
         bar.close()
 
 
@@ -426,21 +502,25 @@ def save_mid_epoch(state, opts, runtime, outputs):
     """The checkpoint a Ctrl-C writes, of finite weights only; False when they were not and the run rolled back."""
     if not weights_finite(state, opts, runtime, outputs):
         return False
+    rank_rng = rank_rng_states(runtime)
     if outputs is not None:
-        outputs.save_checkpoint(state)
+        outputs.save_checkpoint(state, rank_rng)
     return True
 
 
 def save_and_stop(state, stop, bar, opts, runtime, outputs, what):
     bar.close()
     # non-finite weights are not saved over the last good checkpoint (on_nan stop raises Diverged here)
-    if weights_finite(state, opts, runtime, outputs) and outputs is not None:
-        outputs.save_checkpoint(state)
-    raise stopped(stop, f"{stop.name}: {what}, step {state.progress.step}", opts)
+    if weights_finite(state, opts, runtime, outputs):
+        rank_rng = rank_rng_states(runtime)
+        if outputs is not None:
+            outputs.save_checkpoint(state, rank_rng)
+    raise stopped(stop, f"{stop.name}: {what}, step {state.progress.step}", opts, runtime)
 
 
-def stopped(stop, what, opts):
-    return faults.interruption(stop, what, latest_checkpoint(opts.checkpoint_dir), resume_command(opts))
+def stopped(stop, what, opts, runtime):
+    command = resume_command(opts, launcher_words(runtime))
+    return faults.interruption(stop, what, latest_checkpoint(opts.checkpoint_dir), command)
 
 
 def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
@@ -452,11 +532,12 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     progress = state.progress
     progress.epoch += 1
     progress.batch = 0
+    rank_rng = rank_rng_states(runtime)
     if runtime.is_main:
         estimated = estimate_ema_statistics(state.nets, opts, runtime)
         G = generator_for_samples(state.nets)
-        fid = outputs.evaluate(state, G, opts, runtime)  # before the checkpoint, which keeps its best FID
-        outputs.save_checkpoint(state, estimated)
+        fid = outputs.evaluate(state, G, opts, runtime, rank_rng)  # before the checkpoint: it keeps the best FID
+        outputs.save_checkpoint(state, rank_rng, estimated)
         samples = sampling.grid_samples(G, state.fixed_noise, opts, runtime)
         outputs.epoch_pictures(samples, progress.epoch, fid is not None)
         say(runtime, epoch_summary(meter.epoch_means(), progress.epoch, opts.epochs, seconds, images_done, fid))
@@ -524,8 +605,19 @@ def run_mode(opts, explicit, runtime, metric_feature):
         if opts.evaluate:
             return sampling.evaluate(opts, explicit, runtime, metric_feature)
         return train(opts, explicit, runtime, metric_feature)
+    except Interrupted as interruption:
+        if runtime.distributed:  # rank 0 speaks for all, and no rank leaves before it has saved and said so:
+            if runtime.is_main:  # torchrun stops the other ranks as soon as one has ended
+                print_interruption(interruption)
+            barrier(runtime)
+            interruption.printed = True
+        raise
     finally:
         stop_distributed()
+
+
+def print_interruption(interruption):
+    print(interruption, file=sys.stderr, flush=True)
 
 
 def main(argv=None, metric_feature=None):
@@ -539,7 +631,8 @@ def main(argv=None, metric_feature=None):
         return getattr(error, "exit_code", 2)
     except Interrupted as interruption:
         close_progress_bars()
-        print(interruption, file=sys.stderr)
+        if not interruption.printed:
+            print_interruption(interruption)
         return interruption.exit_code
     except KeyboardInterrupt as interrupt:
         print("interrupted; nothing was written", file=sys.stderr)

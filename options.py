@@ -301,8 +301,8 @@ def add_data_flags(group):
         "--cache-dir",
         type=folder,
         default=None,
-        help="where a folder's decoded images are cached [default: $DCGAN_CACHE_DIR, else $XDG_CACHE_HOME/dcgan, "
-        "else ~/.cache/dcgan]; delete it at any time to free the disk",
+        help="where a folder's decoded images are cached; delete it at any time to free the disk [default: "
+        "~/.cache/dcgan, or $XDG_CACHE_HOME/dcgan where that is set; $DCGAN_CACHE_DIR, where set, wins over both]",
     )
 
 
@@ -597,10 +597,13 @@ def saved_flag_is_valid(parser, name, value):
         return False
 
 
-def resume_command(opts):
-    """The command that resumes this run, with the folders a checkpoint never chooses."""
+def resume_command(opts, launcher=("python",)):
+    """The command that resumes this run, with the folders a checkpoint never chooses.
+
+    launcher: the words before gan.py (torchrun's, with its process counts, for a run under torchrun).
+    """
     parser = build_parser()
-    words = ["python", script_as_run(), "--resume", "--checkpoint-dir", opts.checkpoint_dir]
+    words = [*launcher, script_as_run(), "--resume", "--checkpoint-dir", opts.checkpoint_dir]
     for name in ("image_dir", "dataroot"):
         if getattr(opts, name) != parser.get_default(name) and not (name == "dataroot" and opts.dataset == "fake"):
             words += [f"--{name.replace('_', '-')}", getattr(opts, name)]

@@ -188,6 +188,15 @@ def start_distributed(requested_device):
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def launcher_words(runtime):
+    """How this process was started, for the resume command it prints: python, or torchrun's process counts."""
+    if not runtime.distributed:
+        return ("python",)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+    nodes = runtime.world_size // per_node if per_node else 1
+    return ("torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []), f"--nproc_per_node={per_node}")
+
+
 def gpu_of_process(requested_device, local_rank):
     """The GPU index of this torchrun process (its LOCAL_RANK unless --device names one), checked
     before CUDA is asked to use it."""
@@ -226,6 +235,22 @@ def broadcast_int(value, runtime):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def rank_rng_states(runtime):
+    """Every rank's RNG state (CPU, and CUDA on a GPU), in rank order, on every rank; None in one process.
+
+    Each rank draws its own noise, so an exact resume needs each rank's state, not only rank 0's.
+    Every rank must call this at the same point.
+    """
+    if not runtime.distributed:
+        return None
+    own = {"cpu": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    states = [None] * runtime.world_size
+    dist.all_gather_object(states, own)
+    return states
 
 
 def any_rank(flag, runtime):

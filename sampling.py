@@ -5,6 +5,7 @@ Every sampler draws its noise from its own torch.Generator, never from the globa
 FID in the middle of a run must not change what the run trains next.
 """
 
+import itertools
 import sys
 import warnings
 from dataclasses import dataclass
@@ -247,19 +248,19 @@ def generate(opts, explicit, runtime):
         classes = [class_index(G, opts.class_name, checkpoint_path(opts))]
     else:
         classes = list(range(G.num_classes)) or [None]
-    folder = Path(opts.image_dir) / "generated"
-    check_writable(folder)
+    folder = fresh_generated_folder(opts.image_dir)
     seed = opts.seed if opts.seed is not None else random_seed()
-    written, firsts = [0], []  # written[0]: the PNGs on disk so far, counted as each is saved
+    firsts = []
     try:
         for label in classes:
             target = folder if label is None else folder / G.class_names[label]
-            firsts.append(write_generated(G, label, opts, flags["nz"], runtime, seed, target, written))
+            firsts.append(write_generated(G, label, opts, flags["nz"], runtime, seed, target))
         save_generated_grid(G, classes, firsts, folder / "grid.png")
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
-        total = opts.generate * len(classes)
+        written = sum(1 for _ in folder.rglob("[0-9]*.png"))
+        total = count_text(opts.generate * len(classes), "image")
         raise Interrupted(
-            exit_code_of(interrupt), f"interrupted: wrote {written[0]} of {total} images to {folder}/ (seed {seed})"
+            exit_code_of(interrupt), f"interrupted: wrote {written} of {total} to {folder}/ (seed {seed})"
         ) from None
     if classes == [None]:
         print(f"wrote {count_text(opts.generate, 'image')} and grid.png to {folder}/ (seed {seed})")
@@ -273,11 +274,10 @@ def generate(opts, explicit, runtime):
         )
 
 
-def write_generated(G, label, opts, nz, runtime, seed, folder, written):
+def write_generated(G, label, opts, nz, runtime, seed, folder):
     """opts.generate images of class label (None: unconditional) as PNGs in folder; returns the first 64.
 
     Every class is drawn from the same noise (the same seed): image k of each class shares its noise.
-    written[0] counts every PNG saved, so an interruption can say how many are on disk.
     """
     digits = max(4, len(str(opts.generate - 1)))
     labels = None if label is None else torch.full((opts.generate,), label)
@@ -286,7 +286,6 @@ def write_generated(G, label, opts, nz, runtime, seed, folder, written):
         for image in images.cpu():
             artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
             index += 1
-            written[0] += 1
         first.extend(images[: 64 - len(first)].cpu())
     return first
 
@@ -303,6 +302,19 @@ def save_generated_grid(G, classes, firsts, path):
     images = torch.stack([image for first in firsts[: len(shown)] for image in first[:columns]])
     grid = artifacts.labelled_grid_image(images, [G.class_names[label] for label in shown], nrow=columns)
     artifacts.save_pil(grid, path)
+
+
+def fresh_generated_folder(image_dir):
+    """image_dir/generated, or generated-2, -3, ... when it holds an earlier --generate's images:
+    the images of two checkpoints (or seeds) are never mixed in one folder, nor any overwritten."""
+    base = Path(image_dir) / "generated"
+    for number in itertools.count(1):
+        folder = base if number == 1 else base.with_name(f"generated-{number}")
+        if not folder.exists() or artifacts.is_empty_folder(folder):
+            if number > 1:
+                print(f"{base}/ holds the images of an earlier --generate: writing into {folder}/")
+            check_writable(folder)
+            return folder
 
 
 def slerp(start, end, fractions):

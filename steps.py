@@ -4,6 +4,7 @@ their statistics between two logs. No I/O.
 """
 
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -209,6 +210,14 @@ def build_nets(opts, runtime):
     return nets
 
 
+def ddp_without_buffer_sync(module, device_ids):
+    """DDP that leaves the module's buffers alone in forward; torch 2.14 renamed broadcast_buffers
+    to forward_sync_buffers (the old name warns once per process at every start)."""
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(module, device_ids=device_ids, forward_sync_buffers=False)
+    return DDP(module, device_ids=device_ids, broadcast_buffers=False)
+
+
 def wrap_for_training(nets, opts, runtime):
     """DDP and torch.compile views of G and D; the plain modules stay for saving."""
     G_train, D_train, D_no_sync = nets.G, nets.D, nets.D
@@ -223,7 +232,7 @@ def wrap_for_training(nets, opts, runtime):
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         # D's running statistics are never used (D only ever runs in training mode), and broadcasting
         # them in place between D's two forwards of one update breaks autograd on torch 2.11
-        G_train, D_train = DDP(nets.G, device_ids=ids), DDP(nets.D, device_ids=ids, broadcast_buffers=False)
+        G_train, D_train = DDP(nets.G, device_ids=ids), ddp_without_buffer_sync(nets.D, ids)
     if runtime.compile and runtime.distributed:
         # dynamo splits a compiled DDP module at its gradient buckets, so that the all-reduces
         # overlap the backward; it does that only for the DDP module itself, not inside a bigger graph

@@ -4,10 +4,12 @@
 
 Writes OUT_DIR/rank{R}.pt with the rank's parameters and a fingerprint of every real batch
 it trained on. With DDP_WORKER_FAIL_RANK=R set, loading the data fails on rank R only; with
+DDP_WORKER_SIGINT=R:S, rank R alone gets a SIGINT after its step S; with
 DDP_WORKER_STAND_IN_FEATURES=1, --fid-every scores with a tiny feature net instead of Inception.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -51,6 +53,17 @@ def main():
         return seen["state"]
 
     gan.train = recording_train
+
+    signal_rank, _, signal_step = os.environ.get("DDP_WORKER_SIGINT", "").partition(":")
+    if signal_rank == str(rank):  # a Ctrl-C that reaches this rank alone, after the given step
+
+        def interrupted_train_step(*args, **kwargs):
+            stats = recording_train_step(*args, **kwargs)
+            if len(seen["batches"]) == int(signal_step):
+                os.kill(os.getpid(), signal.SIGINT)
+            return stats
+
+        gan.train_step = interrupted_train_step
 
     if os.environ.get("DDP_WORKER_FAIL_RANK") == str(rank):
         real_load = gan.load_training_data

@@ -82,6 +82,25 @@ def test_generate_honours_image_dir(trained_run, gan_main, tmp_path):
     assert not (tmp_path / "images").exists()
 
 
+def test_a_second_generate_writes_into_a_fresh_folder(trained_run, gan_main, tmp_path):
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    code, out, err = gan_main(["--generate", 3, "--checkpoint", checkpoint, "--seed", 1])
+    assert code == 0, err
+    first = {p.name: p.read_bytes() for p in (tmp_path / "images" / "generated").iterdir()}
+    code, out, err = gan_main(["--generate", 2, "--checkpoint", checkpoint, "--seed", 2])
+    assert code == 0, err
+    assert out.splitlines()[-2:] == [
+        "images/generated/ holds the images of an earlier --generate: writing into images/generated-2/",
+        "wrote 2 images and grid.png to images/generated-2/ (seed 2)",
+    ]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "images" / "generated").iterdir()} == first
+    assert sorted(p.name for p in (tmp_path / "images" / "generated-2").iterdir()) == [
+        "0000.png",
+        "0001.png",
+        "grid.png",
+    ]
+
+
 def test_same_seed_gives_the_same_images(trained_run, gan_main, tmp_path):
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
     for folder, seed in (("first", 3), ("second", 3), ("other", 4)):

@@ -6,6 +6,7 @@ parameters and a fingerprint of the batches it trained on, so the ranks can be c
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import pytest
 import torch
 from conftest import TINY_ARGS, subprocess_env
 
+import gan
 import options
 import steps
 import utils
+from checkpoint import Progress
 from runtime import Runtime, choose_precision
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
@@ -69,8 +72,16 @@ def ddp_run(tmp_path_factory):
     first_metric_steps = metric_steps(folder)
     first_files = sorted(p.name for p in (folder / "images").iterdir())
     checkpoint_after_first = torch.load(folder / "checkpoints" / "checkpoint.pt", weights_only=True)
+    shutil.copytree(folder / "checkpoints", folder / "after_first")
     resumed = check_ok(torch_resume(folder))
+    # the same 2 epochs in one go, for the exact-resume tests
+    straight = tmp_path_factory.mktemp("ddp_straight")
+    straight_args = [*unseeded, "--seed", checkpoint_after_first["seed"], "--epochs", "2", "--ema", "0.9"]
+    check_ok(torchrun(straight_args, straight))
     return {
+        "straight_args": straight_args,
+        "straight_checkpoint": torch.load(straight / "checkpoints" / "checkpoint.pt", weights_only=True),
+        "straight_log": (straight / "checkpoints" / "metrics.jsonl").read_text(),
         "folder": folder,
         "first": first,
         "first_states": first_states,
@@ -166,6 +177,74 @@ def test_resume_under_torchrun_continues_from_the_checkpoint(ddp_run):
     first_order = [batch for rank in ddp_run["first_states"] for batch in rank["batches"]]
     second_order = [batch for rank in ddp_run["resumed_states"] for batch in rank["batches"]]
     assert first_order != second_order
+
+
+EXACT_KEYS = ("netG", "netD", "netG_ema", "optG", "optD", "fixed_noise", "rng", "epoch", "batch", "step")
+
+
+def assert_same_checkpoint(resumed, straight):
+    for key in EXACT_KEYS:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_one_epoch_and_a_resume_under_torchrun_equal_two_epochs_in_one_go(ddp_run):
+    resumed = torch.load(ddp_run["folder"] / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert len(resumed["rng"]["ranks"]) == 2 and resumed["world_size"] == 2
+    assert_same_checkpoint(resumed, ddp_run["straight_checkpoint"])
+    # the resume also scored FID (its own RNG streams: the weights are untouched); the losses agree
+    resumed_log = (ddp_run["folder"] / "checkpoints" / "metrics.jsonl").read_text().splitlines()
+    assert [line for line in resumed_log if '"fid"' not in line] == ddp_run["straight_log"].splitlines()
+
+
+def test_a_ctrl_c_on_one_rank_stops_both_at_one_step_and_resumes_exactly(ddp_run, tmp_path):
+    # the Ctrl-C reaches rank 1 alone after its first step; the ranks agree at the logging point, step 2
+    interrupted = torchrun(ddp_run["straight_args"], tmp_path, DDP_WORKER_SIGINT="1:1")
+    assert interrupted.returncode != 0  # torchrun reports a worker's 130 as a failure
+    # rank 1's; rank 0 may be stopped by torchrun once rank 1 has ended (but not before it saved)
+    assert "130" in re.findall(r"exitcode\s*:\s*(-?\d+)", interrupted.stderr)
+    resume_lines = [line for line in interrupted.stderr.splitlines() if "Resume with:" in line]
+    assert resume_lines == [
+        f"SIGINT: stopped at epoch 1, step {STEPS_PER_EPOCH}; saved {Path('checkpoints') / 'checkpoint.pt'}. "
+        "Resume with: torchrun --nproc_per_node=2 gan.py --resume --checkpoint-dir checkpoints"
+    ]
+    assert "FutureWarning" not in interrupted.stderr
+    stopped = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert (stopped["epoch"], stopped["batch"], stopped["step"]) == (0, STEPS_PER_EPOCH, STEPS_PER_EPOCH)
+    check_ok(torchrun(["--resume"], tmp_path))
+    resumed = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert_same_checkpoint(resumed, ddp_run["straight_checkpoint"])
+
+
+def test_a_two_process_checkpoint_resumed_in_one_process_says_so(ddp_run, gan_main, tmp_path):
+    shutil.copytree(ddp_run["folder"] / "after_first", tmp_path / "checkpoints")
+    code, out, err = gan_main(["--resume", "--epochs", "2", "--device", "cpu"])
+    assert code == 0, err
+    assert "resume: changed processes 2 -> 1 (global batch 16 -> 8; the noise each process draws starts afresh)" in out
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    # epoch 2 in batches of 8: 4 steps after the 2 of epoch 1
+    assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (2, 0, STEPS_PER_EPOCH + 4, 1)
+
+
+def test_a_mid_epoch_position_is_carried_over_to_another_number_of_processes():
+    opts, _ = options.parse_flags(["--batch-size", "8"])
+    saved = {"world_size": 2, "flags": {"batch_size": 8}}  # 3 batches of 16: 48 images into the epoch
+    progress = Progress(epoch=1, batch=3, step=9)
+    gan.carry_position(progress, saved, "ck.pt", opts, Runtime(torch.device("cpu"), world_size=1))
+    assert (progress.epoch, progress.batch, progress.step) == (1, 6, 9)
+    progress = Progress(epoch=1, batch=3, step=9)
+    with pytest.raises(utils.UserError, match="48 images into epoch 2, which is no whole number of this run's "):
+        gan.carry_position(progress, saved, "ck.pt", opts, Runtime(torch.device("cpu"), world_size=5))
+
+
+def test_fewer_images_than_one_step_of_all_processes_is_refused(monkeypatch, tmp_path):
+    """Rank 0 of 2 (no process group is needed to load the data but for its barrier)."""
+    monkeypatch.setattr(gan, "barrier", lambda runtime: None)
+    opts, _ = options.parse_flags([*TINY_ARGS, "--subset", "12", "--checkpoint-dir", str(tmp_path)])
+    with pytest.raises(utils.UserError) as refused:
+        gan.load_batches(opts, Runtime(torch.device("cpu"), rank=0, world_size=2))
+    assert (
+        str(refused.value) == "the dataset has 12 images, fewer than one step takes: --batch-size 8 x 2 processes = 16"
+    )
 
 
 def test_fid_under_torchrun_is_scored_by_rank_zero_alone(ddp_run):

@@ -462,6 +462,26 @@ def test_image_folder_replaced_by_a_file_stops_the_run_after_the_epochs_checkpoi
     assert leftover_temp_files(tmp_path) == []
 
 
+def test_checkpoint_folder_replaced_by_a_file_during_a_save(monkeypatch, gan_main, tmp_path):
+    real_fsync, saves = os.fsync, []
+
+    def fsync(fd):
+        real_fsync(fd)
+        if Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(".checkpoint.pt."):
+            saves.append(1)
+            if len(saves) == 2:  # epoch 2's, halfway through its save
+                os.rename(tmp_path / "checkpoints", tmp_path / "moved")
+                (tmp_path / "checkpoints").write_text("not a folder")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
+    assert code == 2
+    assert f"gan.py: error: cannot write {CHECKPOINT}: its folder checkpoints was removed or replaced\n" in err
+    assert "Traceback" not in err
+    assert leftover_temp_files(tmp_path) == []  # not even in the folder it was moved to
+    assert checkpoint.load_checkpoint(tmp_path / "moved" / "checkpoint.pt")["epoch"] == 1
+
+
 # ---------------------------------------------------------------- atomic writes
 
 
@@ -748,6 +768,32 @@ def test_a_save_every_checkpoint_resumes_exactly(trained_run, monkeypatch, gan_m
     assert (tmp_path / log).read_text() == (trained_run / log).read_text()
 
 
+def test_a_fresh_run_keeps_the_log_of_a_run_without_checkpoint(gan_main, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    earlier = '{"epoch": 1, "step": 100, "loss_d": 1.0}\n{"epoch": 1, "step": 200, "loss_d": 0.5}\n'
+    (tmp_path / "checkpoints" / checkpoint.METRICS_LOG_NAME).write_text(earlier)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 0, err
+    kept = Path("checkpoints") / "metrics.1.jsonl"
+    assert f"kept the log of a run that saved no checkpoint as {kept}" in out
+    assert (tmp_path / kept).read_text() == earlier
+    assert logged_steps(tmp_path) == [2, 4]
+
+
+def test_a_fresh_run_never_replaces_an_earlier_runs_files_without_its_checkpoint(trained_run, gan_main, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("netG.pth", "netG_ema.pth", "flags.json"):
+        shutil.copy(trained_run / "checkpoints" / name, tmp_path / "checkpoints" / name)
+    before = snapshot(tmp_path)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 2
+    assert err == (
+        "gan.py: error: checkpoints holds an earlier run's files (netG.pth, netG_ema.pth, flags.json): "
+        "train into another --checkpoint-dir, or move them away first\n"
+    )
+    assert snapshot(tmp_path) == before
+
+
 def test_the_same_command_after_a_run_killed_in_its_first_epoch(monkeypatch, gan_main, tmp_path):
     """No checkpoint yet: the command starts afresh, over the killed run's log and real_samples.png,
     and no step is logged twice then or after a later resume."""
@@ -848,6 +894,30 @@ def test_sigterm_before_training_is_one_line_and_leaves_nothing(monkeypatch, gan
     assert (code, err) == (143, "interrupted; nothing was written\n")
     assert not any(tmp_path.iterdir())
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back as it was
+
+
+def test_sigterm_to_the_process_group_while_decoding_is_one_line(start_gan, tmp_path):
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (4000, 4000)).save(tmp_path / "data" / "0.png")  # small on disk, slow to decode
+    for index in range(1, 40):
+        os.link(tmp_path / "data" / "0.png", tmp_path / "data" / f"{index}.png")
+    process = start_gan([*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--workers", "2", "--epochs", "1"])
+    workers = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+
+    def decoding():  # two workers, one of them 0.2 s of CPU into its images
+        pids = workers.read_text().split()
+        ticks = [int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11]) for pid in pids]
+        return len(pids) == 2 and max(ticks) >= 20
+
+    wait_until(decoding, process, tmp_path, "the decoding workers")
+    # the worst order a group's signal can arrive in: the workers first, then the main process
+    for worker in workers.read_text().split():
+        os.kill(int(worker), signal.SIGTERM)
+    time.sleep(1)
+    os.killpg(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    assert stderr_of(tmp_path) == "interrupted; nothing was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "stderr.txt", "stdout.txt"]
 
 
 def test_the_resume_command_names_the_folders_a_checkpoint_never_chooses():
