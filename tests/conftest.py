@@ -46,7 +46,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session", autouse=True)
 def session_cache_dir(tmp_path_factory):
-    """The decoded-image cache of every run in the session (in-process or a subprocess, which
+    """The decoded-image cache of every run of the test suite (in-process or a subprocess, which
     inherits the environment) goes to a temp folder, never to the real ~/.cache/dcgan."""
     saved = os.environ.get(folders.CACHE_ENV)
     os.environ[folders.CACHE_ENV] = str(tmp_path_factory.mktemp("session_cache"))
