@@ -162,7 +162,7 @@ def test_one_named_gpu_for_every_process_of_a_machine_is_refused(monkeypatch, jo
 def test_each_machine_prepares_its_data_before_its_other_processes_read_it(monkeypatch, rank, local_rank, turns):
     order = []
     monkeypatch.setattr(gan, "barrier", lambda runtime: order.append("barrier"))
-    loaded = data.TrainingData(torch.zeros(8, 3, 16, 16, dtype=torch.uint8), None, None)
+    loaded = data.TrainingData(torch.zeros(32, 3, 16, 16, dtype=torch.uint8), None, None)  # one step of 4 ranks
     monkeypatch.setattr(gan, "load_training_data", lambda *args, **kwargs: order.append("load") or loaded)
     opts, _ = options.parse_flags([*TINY_ARGS])
     two_machines = runtime.Runtime(CPU, rank=rank, world_size=4, local_rank=local_rank)
