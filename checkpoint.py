@@ -53,8 +53,11 @@ def latest_checkpoint(checkpoint_dir):
 # ---------------------------------------------------------------- saving
 
 
-def checkpoint_state(nets, progress, fixed_noise, opts, runtime, rank_rng=None):
-    """rank_rng: every rank's RNG state under torchrun (runtime.rank_rng_states), for an exact resume."""
+def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False, rank_rng=None):
+    """The checkpoint's dict. ema_statistics_estimated: netG_ema holds BatchNorm statistics estimated
+    for its own weights (models.estimate_batch_norm), not the trained G's copied ones; when not,
+    --generate, --interpolate and --evaluate estimate them on loading. rank_rng: every rank's RNG
+    state under torchrun (runtime.rank_rng_states), for an exact resume."""
     rng = {"cpu": torch.get_rng_state()}
     if runtime.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(runtime.device)
@@ -65,6 +68,7 @@ def checkpoint_state(nets, progress, fixed_noise, opts, runtime, rank_rng=None):
         "netG": cpu_state(nets.G),
         "netD": cpu_state(nets.D),
         "netG_ema": cpu_state(nets.G_ema) if nets.G_ema is not None else None,
+        "netG_ema_own_statistics": ema_statistics_estimated and nets.G_ema is not None,
         "optG": nets.opt_G.state_dict(),
         "optD": nets.opt_D.state_dict(),
         "scalerG": nets.scaler_G.state_dict(),
@@ -94,10 +98,10 @@ def save_checkpoint(state, path):
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_run_files(nets, progress, fixed_noise, opts, runtime, rank_rng=None):
+def save_run_files(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False, rank_rng=None):
     """The checkpoint, the plain state_dicts and flags.json, each written atomically."""
     folder = Path(opts.checkpoint_dir)
-    state = checkpoint_state(nets, progress, fixed_noise, opts, runtime, rank_rng)
+    state = checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated, rank_rng)
     save_checkpoint(state, folder / CHECKPOINT_NAME)
     save_checkpoint(cpu_state(nets.G), folder / "netG.pth")
     save_checkpoint(cpu_state(nets.D), folder / "netD.pth")
@@ -116,17 +120,13 @@ def load_checkpoint(path):
         raise UserError(
             f"checkpoint {path} is a folder: give the checkpoint file in it (e.g. {path / CHECKPOINT_NAME})"
         )
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling errors come in many types; all mean "not ours"
-        # torch's message ends in advice to load with weights_only=False: for a file of unknown
-        # origin that would run its code, so it is never passed on
-        raise UserError(
-            f"cannot read checkpoint {path}: it is not a checkpoint of this program ({why_unreadable(error)})"
-        ) from None
+    state = read_torch_file(path)
     required = {"netG", "flags", "epoch", "step"}
+    if is_state_dict(state):
+        raise UserError(
+            f"{path} holds only a network's weights (no optimizer, step or flags): give the checkpoint.pt "
+            "written beside it (--generate, --interpolate and --evaluate also take netG.pth and netG_ema.pth)"
+        )
     if not isinstance(state, dict) or not required <= set(state):
         raise UserError(f"{path} is not a checkpoint written by gan.py (it lacks {sorted(required)})")
     if not isinstance(state["flags"], dict) or not isinstance(state["netG"], dict):
@@ -141,6 +141,44 @@ def load_checkpoint(path):
             "resume an earlier checkpoint"
         )
     return state
+
+
+def read_torch_file(path):
+    """What torch.save wrote to path, loaded without running code from it."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types; all mean "not ours"
+        # torch's message ends in advice to load with weights_only=False: for a file of unknown
+        # origin that would run its code, so it is never passed on
+        raise UserError(
+            f"cannot read checkpoint {path}: it is not a checkpoint of this program ({why_unreadable(error)})"
+        ) from None
+
+
+def load_generator_file(path):
+    """A checkpoint, or a generator's plain state_dict that gan.py wrote beside one (netG.pth,
+    netG_ema.pth), as a checkpoint-like dict: its flags then come from flags.json beside it."""
+    path = Path(path)
+    if path.is_dir() or not is_state_dict(state := read_torch_file(path)) or "flags" in state:
+        return load_checkpoint(path)
+    flags_path = path.parent / "flags.json"
+    try:
+        flags = json.loads(flags_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(
+            f"{path} holds only a network's weights, and the sizes to build it come from {flags_path}, which "
+            f"cannot be read ({getattr(error, 'strerror', None) or error}): give checkpoint.pt instead"
+        ) from None
+    if not isinstance(flags, dict):
+        raise UserError(f"{flags_path} is not the flags.json gan.py writes")
+    ema = path.name == "netG_ema.pth"  # its BatchNorm statistics may be the trained G's (a mid-epoch save)
+    return {"netG": state, "netG_ema": state if ema else None, "flags": flags, "epoch": None, "plain": True}
+
+
+def is_state_dict(value):
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def why_unreadable(error):

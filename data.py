@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from folders import (
     IMAGE_SUFFIXES,
+    FolderListing,
     HostImages,
     available_ram_bytes,
     folder_labels,
@@ -25,7 +26,7 @@ from folders import (
     open_folder,
     size_text,
 )
-from utils import UserError
+from utils import UserError, count_text
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -38,6 +39,8 @@ CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 DEVICE_MEMORY_SHARE = 0.5
 FAKE_IMAGES = 512
 FAKE_CLASSES = 10  # --dataset fake --conditional: random images labelled 0, 1, ..., 9, 0, 1, ...
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: --channels 1 trains on this mix of colour images' channels
+GREY_CHECK_ROWS = 4096  # images all_greyscale reads at a time
 # GAN_STREAM_BATCHES=1 streams any dataset's batches from host memory, as for a folder too large for
 # the device: the self-check compares the two paths, and a user can keep the device's memory free
 STREAM_VARIABLE = "GAN_STREAM_BATCHES"
@@ -58,9 +61,14 @@ def load_cifar10_labelled(root, download=True):
         raise UserError(f"--dataroot {root} is a file: it names the folder CIFAR-10 is (or goes) in")
     folder = root / CIFAR_FOLDER
     archive = root / CIFAR_ARCHIVE
-    if not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):
+    if all((root / name).is_file() for name in CIFAR_TRAIN_BATCHES):
+        folder = root  # --dataroot names the extracted cifar-10-batches-py itself
+    elif not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):
         if not archive.is_file():
             refuse_image_folder(root)
+            if root.name == CIFAR_FOLDER:  # an extracted folder with batches missing: no download into it
+                missing = [name for name in CIFAR_TRAIN_BATCHES if not (root / name).is_file()]
+                raise UserError(f"{root} lacks {', '.join(missing)}: extract CIFAR-10 again, or give its parent folder")
             if not download:
                 raise UserError(f"CIFAR-10 not found: put {CIFAR_ARCHIVE} in {root}/")
             _download_cifar10(root)
@@ -161,36 +169,49 @@ class TrainingData:
     images: object
     labels: torch.Tensor | None = None
     class_names: tuple | None = None
+    channels: int = 3  # what the networks see: 1 for greyscale data (the images stay stored as RGB)
 
 
-def load_dataset(opts, device, cache_dir=None, say=None, memory_limit_bytes=None):
+def load_dataset(opts, device, say=None, memory_limit_bytes=None):
     """The training images: a uint8 tensor on the device, or HostImages when a folder is too large for it.
 
-    cache_dir: where a folder's decoded-image cache goes when the data folder is not writable (the
-    run's checkpoint folder); say: gets the lines about the cache and about streaming;
-    memory_limit_bytes: the bytes of images the device may hold (None: a share of its free memory).
-    Train from the result with make_batches.
+    A folder's images come through the decoded-image cache in --cache-dir; say: gets the lines
+    about the cache and about streaming; memory_limit_bytes: the bytes of images the device may
+    hold (None: a share of its free memory). Train from the result with make_batches.
     """
-    return load_training_data(opts, device, cache_dir, say, memory_limit_bytes, with_labels=False).images
+    return load_training_data(opts, device, say, memory_limit_bytes, with_labels=False).images
 
 
-def load_training_data(opts, device, cache_dir=None, say=None, memory_limit_bytes=None, with_labels=None):
+def load_training_data(opts, device, say=None, memory_limit_bytes=None, with_labels=None):
     """load_dataset's images as TrainingData, with their labels when with_labels (default:
     opts.conditional) asks for them."""
     with_labels = opts.conditional if with_labels is None else with_labels
-    images, labels, class_names = read_images_and_labels(opts, with_labels, cache_dir, say)
+    images, labels, class_names = read_images_and_labels(opts, with_labels, say)
     if not with_labels:
         labels = class_names = None
+    channels = int(opts.channels) if opts.channels != "auto" else (1 if all_greyscale(images) else 3)
     images, labels = choose_subset(images, opts.subset, opts.seed, labels)
     if len(images) < opts.batch_size:
-        raise UserError(f"the dataset has {len(images)} images, fewer than --batch-size {opts.batch_size}")
+        raise UserError(
+            f"the dataset has {count_text(len(images), 'image')}, fewer than --batch-size {opts.batch_size}"
+        )
     if streaming_forced():
         images, memory_limit_bytes = images if isinstance(images, HostImages) else HostImages(images), 0
     if isinstance(images, HostImages):
         images = place_on_device(images, device, memory_limit_bytes, say or ignore_message)
     else:
         images = images.to(device)
-    return TrainingData(images, labels, class_names)
+    return TrainingData(images, labels, class_names, channels)
+
+
+def all_greyscale(images):
+    """Whether every image has three equal channels (a greyscale file decodes so), read a chunk at
+    a time and stopping at the first colour image: a photo folder costs one chunk."""
+    for start in range(0, len(images), GREY_CHECK_ROWS):
+        chunk = images[start : start + GREY_CHECK_ROWS]
+        if not (torch.equal(chunk[:, 0], chunk[:, 1]) and torch.equal(chunk[:, 1], chunk[:, 2])):
+            return False
+    return True
 
 
 def streaming_forced():
@@ -201,12 +222,14 @@ def streaming_forced():
     return value == "1"
 
 
-def read_images_and_labels(opts, with_labels, cache_dir, say):
+def read_images_and_labels(opts, with_labels, say):
     """All the data set's images, and (with_labels) their labels and class names."""
     if opts.dataset == "cifar10":
         return load_cifar10_labelled(opts.dataroot)
     if opts.dataset == "folder":
-        images = open_folder(opts.dataroot, opts.image_size, opts.workers, cache_dir, say)
+        listing = FolderListing.of(opts.dataroot, opts.image_size)
+        check_image_count(len(listing.files), opts, f"data folder {opts.dataroot} holds")  # before minutes of decoding
+        images = open_folder(listing, opts.workers, opts.cache_dir, say)
         if not with_labels:
             return images, None, None
         labels, class_names = folder_labels(opts.dataroot, images.files)
@@ -219,6 +242,16 @@ def read_images_and_labels(opts, with_labels, cache_dir, say):
     return images, labels, tuple(str(index) for index in range(FAKE_CLASSES))
 
 
+def check_image_count(count, opts, what):
+    """--subset and one batch must fit in count images: checked on a folder's file count before it is decoded."""
+    if opts.subset is not None and opts.subset > count:
+        raise UserError(f"--subset {opts.subset} is larger than the dataset: {what} {count_text(count, 'image')}")
+    if opts.subset is not None and opts.subset < opts.batch_size:
+        raise UserError(f"--subset {opts.subset} is fewer images than one batch (--batch-size {opts.batch_size})")
+    if count < opts.batch_size:
+        raise UserError(f"{what} {count_text(count, 'image')}, fewer than --batch-size {opts.batch_size}")
+
+
 def choose_subset(images, subset, seed, labels=None):
     """The first `subset` images of a shuffle seeded by seed (so a resumed run gets the same ones).
 
@@ -227,7 +260,7 @@ def choose_subset(images, subset, seed, labels=None):
     if subset is None:
         return images, labels
     if subset > len(images):
-        raise UserError(f"--subset {subset} is larger than the dataset ({len(images)} images)")
+        raise UserError(f"--subset {subset} is larger than the dataset ({count_text(len(images), 'image')})")
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     if labels is not None:
         chosen = balanced_first(chosen, labels, subset)
@@ -299,9 +332,10 @@ class DeviceBatches:
 
     def __init__(
         self, images, batch_size, image_size, seed, rank=0, world_size=1, dtype=torch.float32,
-        memory_format=torch.contiguous_format, labels=None,
+        memory_format=torch.contiguous_format, labels=None, channels=3,
     ):  # fmt: skip
         self.images = images
+        self.channels = channels
         self.labels = None if labels is None else labels.to(self.label_device)
         self.batch_size = batch_size
         self.image_size = image_size
@@ -326,7 +360,7 @@ class DeviceBatches:
         order = epoch_order(self.seed, epoch, len(self.images)).to(self.images.device)
         for index in range(start, len(self)):
             rows = batch_rows(order, index, self.batch_size, self.rank, self.world_size)
-            images = to_float_images(self.images[rows], self.image_size)
+            images = to_float_images(self.images[rows], self.image_size, self.channels)
             yield images.to(self.dtype, memory_format=self.memory_format), self.labels_of(rows)
 
     def labels_of(self, rows):
@@ -376,7 +410,7 @@ class StreamedBatches(DeviceBatches):
                 if index + 1 < len(self):
                     pending = gather_later(index + 1)
                 # converted before yielding: on the CPU, device_batch is the buffer itself
-                images = to_float_images(device_batch, self.image_size)
+                images = to_float_images(device_batch, self.image_size, self.channels)
                 labels = self.labels_of(batch_rows(order, index, self.batch_size, self.rank, self.world_size))
                 yield (
                     images.to(self.dtype, memory_format=self.memory_format),
@@ -405,16 +439,20 @@ def make_batches(images, batch_size, image_size, seed, rank=0, world_size=1, dev
     """The batch source for what load_dataset returned: DeviceBatches, or StreamedBatches for HostImages.
 
     layout: dtype and memory_format of the batches (D's, so real and fake batches share one graph),
-    and labels (the images' classes) where there are any.
+    labels (the images' classes) where there are any, and channels (1: the images' luma).
     """
     if isinstance(images, HostImages):
         return StreamedBatches(images, batch_size, image_size, seed, rank, world_size, device, **layout)
     return DeviceBatches(images, batch_size, image_size, seed, rank, world_size, **layout)
 
 
-def to_float_images(uint8_images, image_size):
-    """uint8 (N, 3, s, s) to float in [-1, 1] at image_size, on the images' device."""
-    images = uint8_images.float().div_(127.5).sub_(1.0)
+def to_float_images(uint8_images, image_size, channels=3):
+    """uint8 (N, 3, s, s) to float in [-1, 1] at image_size, on the images' device; with channels=1,
+    their luma (N, 1, S, S), which is the grey value itself for greyscale images."""
+    images = uint8_images.float()
+    if channels == 1 and images.shape[1] == 3:
+        images = (images * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    images = images.div_(127.5).sub_(1.0)
     if images.shape[-1] != image_size:
         # antialiasing only changes anything when shrinking; growing 32 -> 64 gives the same
         # pixels through a slower kernel

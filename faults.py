@@ -13,7 +13,7 @@ from utils import UserError
 EXIT_DIVERGED = 3
 MAX_ROLLBACKS = 3
 ROLL_BACK = "roll back"
-# SIGHUP: the terminal was closed (or an ssh session ended); the run saves and stops as for SIGTERM
+# SIGHUP: the terminal was closed (or an ssh connection dropped); the run saves and stops as for SIGTERM
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 

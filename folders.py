@@ -21,14 +21,16 @@ from pathlib import Path
 import numpy as np
 import PIL
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, count_text, no_new_empty_folders
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
-FOLDER_CACHE_NAME = ".dcgan-cache"
+CACHE_APP_NAME = "dcgan"
+CACHE_ENV = "DCGAN_CACHE_DIR"
+FOLDER_CACHE_NAME = "folders"
 # Bump when read_image's pixels change, so caches made by older code are rebuilt, not trusted.
-FOLDER_CACHE_VERSION = 1
+FOLDER_CACHE_VERSION = 2
 DECODE_CHUNK_FILES = 256
 # The cache must leave this much disk free, for the checkpoints and samples written after it.
 DISK_SPARE_BYTES = 1 << 30
@@ -44,10 +46,24 @@ def list_images(root):
         raise UserError(f"data folder {root} is a file: --dataroot names the folder that holds the images")
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UserError(f"data folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
+
+
+def files_under(root):
+    """Every file under root, through symbolic links to folders too (a folder of links to others is
+    common), each real folder once: a link back up the tree is not followed round."""
+    seen = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()  # the same path for a folder reached twice, at every start
+        yield from (Path(folder) / name for name in names)
 
 
 def read_image(path, image_size):
@@ -58,7 +74,8 @@ def read_image(path, image_size):
     try:
         with Image.open(path) as image:
             image.load()
-            image = _to_rgb(image)
+            # the EXIF orientation, as every viewer applies it: phone photos are stored sideways
+            image = _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return None
     scale = image_size / min(image.size)
@@ -143,7 +160,7 @@ def folder_labels(root, files):
     images, is an error: one sub-folder per class, each holding that class's images.
     """
     root = Path(root)
-    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and entry.name != FOLDER_CACHE_NAME)
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     loose = [path.name for path in files if path.parent == root]
     if loose:
         raise UserError(
@@ -169,32 +186,72 @@ def ignore_stop_signals(worker_id):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def report_skipped(root, skipped_count, file_count):
-    """The one warning about unreadable files (at every start, cached or not); an error if none was readable."""
-    if skipped_count:
+def report_skipped(root, skipped, file_count):
+    """The one warning about unreadable files (at every start, cached or not), naming the first few
+    and why; an error if none was readable."""
+    if skipped:
+        named = ", ".join(f"{path.relative_to(root)} ({why_unreadable(path)})" for path in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         warnings.warn(
-            f"skipped {skipped_count} of {file_count} files in {root} that are not readable images", stacklevel=2
+            f"skipped {len(skipped)} of {file_count} files in {root} that are not readable images: {named}{more}",
+            stacklevel=2,
         )
-    if skipped_count == file_count:
+    if len(skipped) == file_count:
         raise UserError(f"data folder {root} holds no readable images")
+
+
+def why_unreadable(path):
+    """Why read_image gave None for path, in a few words."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Image.DecompressionBombError as error:  # "Image size (N pixels) exceeds limit of M pixels, could be ..."
+        return f"too large to decode: {str(error).split(',')[0]}"
+    except PIL.UnidentifiedImageError:
+        return "not an image format Pillow reads"
+    except (OSError, ValueError, SyntaxError) as error:
+        return str(error).strip() or error.__class__.__name__
+    return "readable now: it changed while it was decoded"
 
 
 def load_folder(root, image_size, workers, cache_dir=None, say=None):
     """Decode a whole folder into a uint8 CPU tensor (N, 3, S, S), through the decoded-image cache."""
-    return open_folder(root, image_size, workers, cache_dir, say).to_device("cpu")
+    return open_folder(FolderListing.of(root, image_size), workers, cache_dir, say).to_device("cpu")
 
 
 # ---------------------------------------------------------------- the decoded-image cache
-# Decoding CelebA's 202,599 JPEGs with PIL takes minutes, so the decoded images are kept in
-# <dataroot>/.dcgan-cache/images-<S>px-<key>.npy, or in <cache_dir>/.dcgan-cache/ when the data
-# folder is read-only. The key digests every file's name, size and mtime, the image size and the
-# decoder: any change gives another name. The JSON sidecar is written last, once the .npy is
-# complete, and a cache whose sidecar is missing or does not match it is never trusted.
+# Decoding CelebA's 202,599 JPEGs with PIL takes minutes, so the decoded images are kept in the
+# user's cache folder (cache_root()/folders/images-<S>px-<key>.npy), never beside the data: a
+# folder of images stays what its owner made it, for ImageFolder and for git. The key digests
+# every file's name, size, modification time and inode change time (the ctime moves on every
+# write, even one that restores the mtime, and costs nothing: it comes with the same stat), the
+# image size and the decoder: any change gives another name. The JSON sidecar, written last once
+# the .npy is complete, names the data folder; a cache whose sidecar is missing or does not match
+# is never trusted. A build removes the folder's older caches at that size, and the caches of
+# other folders least recently used first when the disk is short.
+
+
+def cache_root(cache_dir=None):
+    """The program's cache folder: --cache-dir, else $DCGAN_CACHE_DIR, else $XDG_CACHE_HOME/dcgan,
+    else ~/.cache/dcgan, as torch hub and Hugging Face place theirs."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # the XDG spec ignores relative paths
+    return base / CACHE_APP_NAME
+
+
+def folder_cache_dir(cache_dir=None):
+    """Where decoded image folders are cached, under cache_root."""
+    return cache_root(cache_dir) / FOLDER_CACHE_NAME
 
 
 @dataclass(frozen=True)
 class FolderListing:
-    """What a folder's decoded images depend on: its image files, the image size, and their digest."""
+    """What a folder's decoded images depend on: its image files (sorted, so a row's file, and any
+    label drawn from its path, is known), the image size, and their digest."""
 
     root: Path
     files: list
@@ -221,53 +278,43 @@ def folder_cache_key(root, files, image_size):
     for path in files:
         try:
             stat = path.stat()
-            size, mtime_ns = stat.st_size, stat.st_mtime_ns
+            size, mtime_ns, ctime_ns = stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
         except OSError:  # removed since it was listed: it will be skipped as unreadable
-            size = mtime_ns = -1
-        digest.update(f"{path.relative_to(root)}\0{size}\0{mtime_ns}\n".encode(errors="surrogateescape"))
+            size = mtime_ns = ctime_ns = -1
+        line = f"{path.relative_to(root)}\0{size}\0{mtime_ns}\0{ctime_ns}\n"
+        digest.update(line.encode(errors="surrogateescape"))
     return digest.hexdigest()[:20]
-
-
-def cache_folders(root, cache_dir):
-    """Where the cache may live, in order: beside the data, then the caller's folder."""
-    folders = [Path(root) / FOLDER_CACHE_NAME]
-    if cache_dir is not None and Path(cache_dir) / FOLDER_CACHE_NAME != folders[0]:
-        folders.append(Path(cache_dir) / FOLDER_CACHE_NAME)
-    return folders
 
 
 def cache_paths(folder, listing):
     return folder / f"{listing.stem}.npy", folder / f"{listing.stem}.json"
 
 
-def open_folder(root, image_size, workers, cache_dir=None, say=None):
+def open_folder(listing, workers, cache_dir=None, say=None):
     """A folder's readable images as HostImages mapped from the decoded-image cache, built first if needed.
 
-    cache_dir: the folder to cache in when the data folder is not writable (the cache goes in
-    cache_dir/.dcgan-cache/); say: gets the one line saying whether the cache was reused or built.
+    listing: FolderListing.of(the folder, the image size); cache_dir: --cache-dir (None: cache_root's
+    choice); say: gets the one line saying whether the cache was reused or built.
     """
     say = say or ignore_message
-    listing = FolderListing.of(root, image_size)
-    folders = cache_folders(listing.root, cache_dir)
-    for folder in folders:
+    folder = folder_cache_dir(cache_dir)
+    with no_new_empty_folders([folder]):  # a build that fails leaves no empty cache folders behind
         cached = read_folder_cache(folder, listing)
         if cached is not None:
             images, skipped = cached
-            report_skipped(listing.root, len(skipped), len(listing.files))
-            say(f"image cache: reusing {images.source} ({len(images)} images)")
+            report_skipped(listing.root, skipped, len(listing.files))
+            mark_used(folder, listing)
+            say(f"image cache: reusing {images.source} ({count_text(len(images), 'image')})")
             return with_files(images, skipped, listing)
-    reason = rebuild_reason(folders, listing)
-    problems = []
-    for folder in folders:
-        problem = cache_folder_problem(folder, listing.decoded_bytes)
-        if problem is None:
-            say(
-                f"image cache: {reason}; decoding {len(listing.files)} files "
-                f"({size_text(listing.decoded_bytes)}) into {cache_paths(folder, listing)[0]}"
-            )
-            return with_files(*build_folder_cache(folder, listing, workers), listing=listing)
-        problems.append(problem)
-    return with_files(*decode_without_cache(listing, workers, "; ".join(problems), say), listing=listing)
+        reason = rebuild_reason(folder, listing)
+        problem = cache_folder_problem(folder, listing)
+        if problem is not None:
+            return with_files(*decode_without_cache(listing, workers, problem, say), listing=listing)
+        say(
+            f"image cache: {reason}; decoding {count_text(len(listing.files), 'file')} "
+            f"({size_text(listing.decoded_bytes)}) into {cache_paths(folder, listing)[0]}"
+        )
+        return with_files(*build_folder_cache(folder, listing, workers), listing=listing)
 
 
 def with_files(images, skipped, listing):
@@ -282,13 +329,13 @@ def ignore_message(message):
 
 
 def read_folder_cache(folder, listing):
-    """(HostImages, skipped file names) of a complete cache, or None: no cache, or one not to trust."""
+    """(HostImages, skipped files) of a complete cache, or None: no cache, or one not to trust."""
     npy, sidecar = cache_paths(folder, listing)
     expected_shape = (len(listing.files), 3, listing.image_size, listing.image_size)
     try:
         meta = json.loads(sidecar.read_text())
         array = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never written back
-        rows, skipped = meta["rows"], list(meta["skipped"])
+        rows, skipped = meta["rows"], [listing.root / name for name in meta["skipped"]]
         trusted = (
             meta["key"] == listing.key
             and array.dtype == np.uint8
@@ -302,46 +349,62 @@ def read_folder_cache(folder, listing):
     return (HostImages(torch.from_numpy(array)[:rows], source=npy), skipped) if trusted else None
 
 
-def rebuild_reason(folders, listing):
+def mark_used(folder, listing):
+    """The sidecar's mtime says when a cache was last used: the disk is freed of the oldest first."""
+    with contextlib.suppress(OSError):
+        os.utime(cache_paths(folder, listing)[1])
+
+
+def caches_of(folder, listing, pattern="images-*px-*.json"):
+    """The sidecars in folder that belong to listing's data folder."""
+    root = str(listing.root.resolve())
+    return [sidecar for sidecar in folder.glob(pattern) if sidecar_root(sidecar) == root]
+
+
+def rebuild_reason(folder, listing):
     """Why no cache could be reused, for the line announcing the build."""
-
-    def present(pattern):
-        return any(any(folder.glob(pattern)) for folder in folders)
-
-    if present(f"{listing.stem}.*"):
+    if any(folder.glob(f"{listing.stem}.*")):
         return "the cache is incomplete or damaged, rebuilding it"
-    if present(f"images-{listing.image_size}px-*.json"):
+    if caches_of(folder, listing, f"images-{listing.image_size}px-*.json"):
         return "the files changed since the cache was made, rebuilding it"
-    if present("images-*px-*.json"):
+    if caches_of(folder, listing):
         return f"no cache for --image-size {listing.image_size} yet, building one"
     return "no cache yet, building one"
 
 
-def cache_folder_problem(folder, needed_bytes):
-    """Why folder cannot take a cache of needed_bytes, or None when it can."""
+def cache_folder_problem(folder, listing):
+    """Why folder cannot take listing's cache, or None when it can (after freeing the disk if need be)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
-        free_bytes = shutil.disk_usage(folder).free
+        remove_stale_caches(folder, listing)
+        free_bytes = free_disk_for(folder, listing.decoded_bytes + DISK_SPARE_BYTES)
     except OSError as error:
         return f"{folder} is not writable ({error.strerror or error})"
-    if free_bytes < needed_bytes + DISK_SPARE_BYTES:
-        remove_if_empty(folder)
-        return f"{folder} has {size_text(free_bytes)} free, the cache needs {size_text(needed_bytes)}"
+    if free_bytes < listing.decoded_bytes + DISK_SPARE_BYTES:
+        return f"{folder} has {size_text(free_bytes)} free, the cache needs {size_text(listing.decoded_bytes)}"
     return None
+
+
+def free_disk_for(folder, needed_bytes):
+    """Free bytes in folder, after removing other folders' caches, least recently used first, while short."""
+    free_bytes = shutil.disk_usage(folder).free
+    by_last_use = sorted(folder.glob("images-*px-*.json"), key=lambda path: path.stat().st_mtime)
+    for sidecar in by_last_use:
+        if free_bytes >= needed_bytes:
+            break
+        sidecar.unlink(missing_ok=True)  # first: a cache without its sidecar is never trusted
+        sidecar.with_suffix(".npy").unlink(missing_ok=True)  # a run mapping it keeps reading it
+        free_bytes = shutil.disk_usage(folder).free
+    return free_bytes
 
 
 def build_folder_cache(folder, listing, workers):
     """Decode the folder into the cache a chunk at a time (never all in memory), then write its sidecar."""
     npy, sidecar = cache_paths(folder, listing)
-    remove_stale_caches(folder, listing)
     skipped = []
-    try:
-        atomic_write(npy, lambda file: write_decoded(file, listing, workers, skipped))
-    except BaseException:
-        remove_if_empty(folder)
-        raise
+    atomic_write(npy, lambda file: write_decoded(file, listing, workers, skipped))
     meta = {
         "key": listing.key,
         "root": str(listing.root.resolve()),
@@ -362,22 +425,20 @@ def write_decoded(file, listing, workers, skipped):
     end = file.tell() + math.prod(shape)
     for images in decode_files(listing.files, listing.image_size, workers, skipped):
         file.write(images.numpy().data)
-    report_skipped(listing.root, len(skipped), len(listing.files))  # raises before a cache of nothing is kept
+    report_skipped(listing.root, skipped, len(listing.files))  # raises before a cache of nothing is kept
     file.truncate(end)  # rows for the unreadable files, at the end: zeros, never read
 
 
 def remove_stale_caches(folder, listing):
     """Free the disk before a build: older caches of this data at this size, and leftovers of crashed builds."""
-    beside_data = folder == listing.root / FOLDER_CACHE_NAME
-    root = str(listing.root.resolve())
-    for sidecar in folder.glob(f"images-{listing.image_size}px-*.json"):
-        if sidecar.stem != listing.stem and (beside_data or sidecar_root(sidecar) == root):
+    for sidecar in caches_of(folder, listing, f"images-{listing.image_size}px-*.json"):
+        if sidecar.stem != listing.stem:
             sidecar.unlink(missing_ok=True)
             sidecar.with_suffix(".npy").unlink(missing_ok=True)
     # a build in progress rewrites its temp file every few seconds; one left alone this long is dead
     cutoff = time.time() - ABANDONED_BUILD_SECONDS
-    orphans = [p for p in folder.glob(f"images-{listing.image_size}px-*.npy") if not p.with_suffix(".json").exists()]
-    for path in [*folder.glob(f".images-{listing.image_size}px-*.tmp"), *orphans]:
+    orphans = [p for p in folder.glob("images-*px-*.npy") if not p.with_suffix(".json").exists()]
+    for path in [*folder.glob(".images-*px-*.tmp"), *orphans]:
         with contextlib.suppress(OSError):
             if path.stat().st_mtime < cutoff:
                 path.unlink()
@@ -390,31 +451,27 @@ def sidecar_root(sidecar):
         return None
 
 
-def remove_if_empty(folder):
-    with contextlib.suppress(OSError):
-        folder.rmdir()
-
-
-def decode_without_cache(listing, workers, problems, say):
-    """The fallback when no folder can take the cache: decode into memory, again at every start."""
+def decode_without_cache(listing, workers, problem, say):
+    """The fallback when the cache folder cannot take the cache: decode into memory, again at every start."""
     available = available_ram_bytes()
     # torch.cat holds the chunks and their concatenation: twice the decoded size at the peak
     if available is not None and 2 * listing.decoded_bytes > available:
         raise UserError(
             f"the images of {listing.root} need {size_text(2 * listing.decoded_bytes)} of memory to decode, "
-            f"{size_text(available)} are available, and no folder can take the decoded-image cache ({problems})"
+            f"{size_text(available)} are available, and the decoded-image cache cannot be kept ({problem}): "
+            f"give --cache-dir a folder with room"
         )
-    say(f"image cache: none ({problems}); decoding {len(listing.files)} files into memory")
+    say(f"image cache: none ({problem}); decoding {count_text(len(listing.files), 'file')} into memory")
     skipped = []
     chunks = list(decode_files(listing.files, listing.image_size, workers, skipped))
-    report_skipped(listing.root, len(skipped), len(listing.files))
+    report_skipped(listing.root, skipped, len(listing.files))
     return HostImages(torch.cat(chunks)), skipped
 
 
 def size_text(size_bytes):
-    """A size for people: MiB below one GiB, else GiB, TiB, ... up to EiB."""
-    if size_bytes < 2**30:
-        return f"{size_bytes / 2**20:.1f} MiB"
+    """A size for people: bytes below a KiB, else KiB, MiB, GiB, ... up to EiB, with one decimal."""
+    if size_bytes < 2**10:
+        return count_text(size_bytes, "byte")
     power = min(int(math.log(size_bytes, 2**10)), 6)
     return f"{size_bytes / 2 ** (10 * power):.1f} {'KMGTPE'[power - 1]}iB"
 

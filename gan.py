@@ -51,7 +51,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
         stop_distributed,
     )
     from steps import STAT_NAMES, Meter, Nets, Recipe, build_nets, epoch_summary, format_stat, train_step
-    from utils import UserError, check_writable, error_prefix, locked_folders, no_new_empty_folders
+    from utils import UserError, check_writable, count_text, error_prefix, locked_folders, no_new_empty_folders
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -123,7 +123,8 @@ def start_state(opts, runtime, resumed):
     if resumed is not None:
         restore(state, *resumed, runtime)
         carry_position(state.progress, *resumed, opts, runtime)
-        say(runtime, f"resuming {resumed[1]}: {state.progress.epoch} epochs done, step {state.progress.step}")
+        done = count_text(state.progress.epoch, "epoch")
+        say(runtime, f"resuming {resumed[1]}: {done} done, step {state.progress.step}")
     if resumed is None:
         # each rank draws its own noise for the steps
         torch.manual_seed(mixed_seed(opts.seed, state.progress.step, runtime.rank))
@@ -195,9 +196,7 @@ def load_batches(opts, runtime):
     """The training data and its batches, on the device if they fit; under torchrun the processes
     take turns to download or decode it (prepared_in_turns)."""
     data = prepared_in_turns(
-        lambda: load_training_data(
-            opts, runtime.device, cache_dir=opts.checkpoint_dir, say=lambda text: say(runtime, text)
-        ),
+        lambda: load_training_data(opts, runtime.device, say=lambda text: say(runtime, text)),
         runtime,
     )
     batches = make_batches(
@@ -209,6 +208,7 @@ def load_batches(opts, runtime):
         runtime.world_size,
         runtime.device,
         labels=data.labels,
+        channels=data.channels,
         **runtime.batch_layout,
     )
     if len(batches) == 0:  # every process takes its own batch of each step
@@ -220,16 +220,22 @@ def load_batches(opts, runtime):
 
 
 def with_data_traits(opts, data, resumed):
-    """The options completed by what the data says: its classes (under --conditional)."""
+    """The options completed by what the data says: its classes (under --conditional) and channels."""
     names = data.class_names or ()
     if resumed is not None:
+        saved_channels = resumed[0]["flags"].get("nc", 3)
+        if saved_channels != data.channels:
+            raise UserError(
+                f"{resumed[1]} was trained on {saved_channels}-channel images; the data now gives "
+                f"{data.channels} (--channels {saved_channels} trains on them as it did)"
+            )
         saved_names = tuple(resumed[0].get("class_names") or ())
         if saved_names != names:
             raise UserError(
                 f"{resumed[1]} was trained on the classes {class_list(saved_names)}; "
                 f"the data now has {class_list(names)}"
             )
-    return opts.replace(num_classes=len(names), class_names=names)
+    return opts.replace(num_classes=len(names), class_names=names, nc=data.channels)
 
 
 def class_list(names):
@@ -256,7 +262,7 @@ def prepared_in_turns(load, runtime):
 class RunOutputs:
     """Everything rank 0 writes besides checkpoints: the log, pictures, TensorBoard and FID."""
 
-    def __init__(self, opts, runtime, real_uint8, progress, locks, metric_feature=None):
+    def __init__(self, opts, runtime, real_uint8, progress, locks, metric_feature=None, labels=None):
         self.opts, self.runtime = opts, runtime
         self.image_dir, self.checkpoint_dir = Path(opts.image_dir), Path(opts.checkpoint_dir)
         self.locks = locks
@@ -264,7 +270,7 @@ class RunOutputs:
         rows = checkpoint.truncate_metrics(self.log_path, progress.step)
         self.pictures = artifacts.EpochPictures(self.image_dir, rows, progress.epoch)
         self.tensorboard = open_tensorboard(opts)
-        self.evaluator = sampling.TrainingEvaluator(opts, runtime, real_uint8, metric_feature)
+        self.evaluator = sampling.TrainingEvaluator(opts, runtime, real_uint8, metric_feature, labels)
 
     def check_folders(self, *folders):
         """The run still holds these output folders (all when none given): none was removed or replaced."""
@@ -272,11 +278,12 @@ class RunOutputs:
             if not folders or any(lock.path.parent == Path(folder) for folder in folders):
                 lock.check_held()
 
-    def save_checkpoint(self, state, rank_rng):
+    def save_checkpoint(self, state, rank_rng, ema_statistics_estimated=False):
         """The checkpoint and the files beside it, into the folder this run still holds."""
         self.check_folders(self.checkpoint_dir)
-        progress, opts = state.progress, self.opts
-        checkpoint.save_run_files(state.nets, progress, state.fixed_noise, opts, self.runtime, rank_rng)
+        checkpoint.save_run_files(
+            state.nets, state.progress, state.fixed_noise, self.opts, self.runtime, ema_statistics_estimated, rank_rng
+        )
 
     def log(self, row):
         self.check_folders(self.checkpoint_dir)
@@ -309,7 +316,10 @@ class RunOutputs:
         if scores["fid"] < state.progress.best_fid:  # best.pt: the state of the best evaluation so far
             state.progress.best_fid = scores["fid"]
             self.check_folders(self.checkpoint_dir)
-            saved = checkpoint.checkpoint_state(state.nets, state.progress, state.fixed_noise, opts, runtime, rank_rng)
+            # evaluated on the epoch's end, after the EMA's statistics were estimated
+            saved = checkpoint.checkpoint_state(
+                state.nets, state.progress, state.fixed_noise, opts, runtime, True, rank_rng
+            )
             checkpoint.save_checkpoint(saved, self.checkpoint_dir / "best.pt")
         return scores["fid"]
 
@@ -355,11 +365,15 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
     opts, images = with_data_traits(opts, data, resumed), data.images
     state = start_state(opts, runtime, resumed)
     if state.progress.epoch >= opts.epochs:
-        say(runtime, f"already trained {state.progress.epoch} epochs; raise --epochs to train more")
+        say(runtime, f"already trained {count_text(state.progress.epoch, 'epoch')}; raise --epochs to train more")
         return state
     if runtime.is_main and resumed is None:
         keep_orphan_log(opts, runtime)
-    outputs = RunOutputs(opts, runtime, images, state.progress, locks, metric_feature) if runtime.is_main else None
+    outputs = (
+        RunOutputs(opts, runtime, images, state.progress, locks, metric_feature, data.labels)
+        if runtime.is_main
+        else None
+    )
     if outputs is not None:
         outputs.pictures.write_real_samples(images[:64], opts.image_size, replace=resumed is None)
         # real_vs_fake.png's real half, in the fake half's layout (rows of classes under --conditional)
@@ -434,12 +448,13 @@ def log_interval(state, meter, bar, opts, runtime, outputs):
     """Log the interval's means; False when they were not finite and the run rolled back."""
     if meter.steps == 0:
         return True
+    averaged = meter.steps  # fewer than the interval's after a resume inside it: the row says so
     means = meter.read_interval(runtime)
     if not all(math.isfinite(v) for v in means.values() if v is not None):
         return handle_divergence(state, "losses", opts, runtime, outputs)
     bar.set_postfix({label: format_stat(means[name], 3) for name, label in STAT_NAMES.items()})
     if outputs is not None:
-        outputs.log({"epoch": state.progress.epoch + 1, "step": state.progress.step, **means})
+        outputs.log({"epoch": state.progress.epoch + 1, "step": state.progress.step, "steps": averaged, **means})
     return True
 
 
@@ -518,15 +533,29 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     progress.batch = 0
     rank_rng = rank_rng_states(runtime)
     if runtime.is_main:
-        if state.nets.G_ema is not None:  # its own BatchNorm statistics, for the pictures, FID and the checkpoint
-            estimate_batch_norm(state.nets.G_ema, opts.nz, runtime.device, num_classes=opts.num_classes)
+        estimated = estimate_ema_statistics(state.nets, opts, runtime)
         G = generator_for_samples(state.nets)
         fid = outputs.evaluate(state, G, opts, runtime, rank_rng)  # before the checkpoint: it keeps the best FID
-        outputs.save_checkpoint(state, rank_rng)
+        outputs.save_checkpoint(state, rank_rng, estimated)
         samples = sampling.grid_samples(G, state.fixed_noise, opts, runtime)
         outputs.epoch_pictures(samples, progress.epoch, fid is not None)
         say(runtime, epoch_summary(meter.epoch_means(), progress.epoch, opts.epochs, seconds, images_done, fid))
     barrier(runtime)
+
+
+def estimate_ema_statistics(nets, opts, runtime):
+    """The EMA generator's own BatchNorm statistics, for the epoch's pictures, FID and checkpoint.
+
+    Only where something draws with them: checkpoints saved mid-epoch or on a Ctrl-C skip it and
+    say so (netG_ema_own_statistics), and whatever loads them estimates then. Run as training
+    runs (autocast, memory format), so the pictures see the statistics of the forward they use.
+    Returns whether it estimated (False without an EMA).
+    """
+    if nets.G_ema is None:
+        return False
+    with runtime.autocast():
+        estimate_batch_norm(nets.G_ema, opts.nz, runtime.device, num_classes=opts.num_classes)
+    return True
 
 
 def generator_for_samples(nets):
@@ -536,9 +565,11 @@ def generator_for_samples(nets):
 def describe(opts, runtime, image_count, batches):
     processes = f", {runtime.world_size} processes" if runtime.distributed else ""
     classes = f" of {opts.num_classes} classes" if opts.num_classes else ""
+    classes += ", greyscale (1 channel)" if opts.nc == 1 else ""
     return (
         f"training on {runtime.device} ({runtime.precision_name}{', compiled' if runtime.compile else ''}"
-        f"{processes}): {image_count} images{classes} ({batches.describe()}), {len(batches)} steps per epoch "
+        f"{processes}): {count_text(image_count, 'image')}{classes} ({batches.describe()}), "
+        f"{count_text(len(batches), 'step')} per epoch "
         f"(logged every {log_every_steps(opts, len(batches))}), seed {opts.seed}"
     )
 
@@ -594,9 +625,11 @@ def main(argv=None, metric_feature=None):
         with faults.sigterm_as_ctrl_c():
             run(argv, metric_feature)
     except UserError as error:
+        close_progress_bars()
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         return getattr(error, "exit_code", 2)
     except Interrupted as interruption:
+        close_progress_bars()
         if not interruption.printed:
             print_interruption(interruption)
         return interruption.exit_code
@@ -604,6 +637,12 @@ def main(argv=None, metric_feature=None):
         print("interrupted; nothing was written", file=sys.stderr)
         return faults.exit_code_of(interrupt)
     return 0
+
+
+def close_progress_bars():
+    """A bar still open when a run stops would put the message at the end of its line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

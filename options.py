@@ -4,6 +4,7 @@
 
 import argparse
 import copy
+import errno
 import math
 import os
 import shlex
@@ -43,9 +44,15 @@ NOT_RESUMED_FLAGS = (
     "precision",
     "workers",
     "tensorboard",
+    "class_name",
+    "to_class",
+    "truncation",
+    "cache_dir",
     *PATH_FLAGS,
     *DATA_TRAITS,
 )
+# Flags only some modes read (the others would ignore them without a word).
+MODE_ONLY_FLAGS = {"checkpoint": ("generate", "interpolate", "evaluate"), "steps": ("interpolate",)}
 MAX_SEED = 2**63 - 1
 MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
 # --recipe NAME sets these flags unless they are typed. dcgan: the DCGAN paper's settings (the
@@ -76,7 +83,7 @@ EXAMPLES = """examples:
 
 
 class Options:
-    """The resolved flags, read-only: a helper that wrote opts.x would change what the next resume reads."""
+    """The resolved flags, read-only: a function that wrote opts.x would change what the next resume reads."""
 
     __slots__ = ("_values",)
 
@@ -133,6 +140,16 @@ def folder(text):
     """A folder's name; an empty one ("$UNSET_VARIABLE") would mean the current folder."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty name")
+    return not_a_link_loop(text)
+
+
+def not_a_link_loop(text):
+    """A path, refused where symbolic links lead in a circle (every later check would fail obscurely)."""
+    try:
+        os.stat(text)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise argparse.ArgumentTypeError(f"{text} is a loop of symbolic links (each points to the next)") from None
     return text
 
 
@@ -272,7 +289,21 @@ def add_data_flags(group):
     )
     add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--subset", type=positive_int, default=None, help="train on N randomly drawn images [default: all]")
+    add(
+        "--channels",
+        choices=["auto", "1", "3"],
+        default="auto",
+        help="colour channels of the networks: auto: 1 when every image of the data is greyscale (a folder of "
+        "MNIST PNGs), else 3; 1 trains on the images' luma",
+    )
     add("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="processes decoding a folder")
+    add(
+        "--cache-dir",
+        type=folder,
+        default=None,
+        help="where a folder's decoded images are cached [default: $DCGAN_CACHE_DIR, else $XDG_CACHE_HOME/dcgan, "
+        "else ~/.cache/dcgan]; delete it at any time to free the disk",
+    )
 
 
 def add_run_flags(group):
@@ -282,7 +313,8 @@ def add_run_flags(group):
         "--precision",
         choices=["auto", *PRECISIONS],
         default="auto",
-        help="auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere",
+        help="auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing) and on CPUs with bf16 "
+        "instructions (AVX512-BF16 or AMX, as torch reports them), fp32 elsewhere",
     )
     add("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the steps; auto: on CUDA only")
     add("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
@@ -290,6 +322,7 @@ def add_run_flags(group):
     add("--checkpoint-dir", type=folder, default="checkpoints", help="folder for checkpoints and the metrics log")
     add(
         "--resume",
+        type=not_a_link_loop,
         nargs="?",
         const="",
         default=None,
@@ -324,7 +357,35 @@ def add_after_training_flags(group):
         default=10,
         help=f"images per latent walk for --interpolate (at most {MAX_WALK_STEPS})",
     )
-    add("--checkpoint", default=None, help="checkpoint for --generate/--interpolate/--evaluate [default: latest]")
+    add(
+        "--class",
+        dest="class_name",
+        default=None,
+        metavar="NAME",
+        help="with --generate or --interpolate on a --conditional checkpoint: the class to draw, by name or "
+        "index; without it --generate writes N of every class (one sub-folder each) and --interpolate walks "
+        "one class per row [default: every class]",
+    )
+    add(
+        "--to-class",
+        default=None,
+        metavar="NAME",
+        help="with --interpolate --class A: walk from class A to this class at fixed noise",
+    )
+    add(
+        "--truncation",
+        type=positive_float,
+        default=None,
+        metavar="T",
+        help="draw the noise from a normal truncated to [-T, T] (the truncation trick: lower T, more typical "
+        "images, less variety) for --generate, --interpolate and --evaluate [default: not truncated]",
+    )
+    add(
+        "--checkpoint",
+        type=not_a_link_loop,
+        default=None,
+        help="checkpoint for --generate/--interpolate/--evaluate [default: latest]",
+    )
     add(
         "--evaluate",
         action="store_true",
@@ -358,7 +419,9 @@ def parse_flags(argv=None):
         raise UserError("choose one of --generate, --interpolate and --evaluate")
     if parsed["resume"] is not None and any(modes):
         raise UserError("--resume trains; use --checkpoint with --generate, --interpolate or --evaluate")
+    check_sampling_flags(parsed)
     check_images_flag(parsed, explicit)
+    refuse_flags_of_other_modes(parsed, explicit)
     from_recipe = recipe_values(parser, parsed["recipe"], explicit)
     parsed.update(from_recipe)
     if "recipe" in explicit:
@@ -381,6 +444,29 @@ def answer_help_and_flag_errors(argv):
     except UserError as error:
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_sampling_flags(flags):
+    """--class, --to-class and --truncation apply to the modes that draw from a checkpoint."""
+    drawing = flags["generate"] is not None or flags["interpolate"]
+    if flags["class_name"] is not None and not drawing:
+        raise UserError("--class applies to --generate and --interpolate")
+    if flags["to_class"] is not None and (not flags["interpolate"] or flags["class_name"] is None):
+        raise UserError("--to-class applies to --interpolate, with --class naming where the walk starts")
+    if flags["truncation"] is not None and not (drawing or flags["evaluate"]):
+        raise UserError("--truncation applies to --generate, --interpolate and --evaluate")
+
+
+def refuse_flags_of_other_modes(parsed, explicit):
+    """A typed flag that the chosen mode never reads would be silently ignored: refused instead."""
+    modes = [mode for mode in ("generate", "interpolate", "evaluate") if parsed[mode] not in (None, False)]
+    mode = modes[0] if modes else "train"
+    for name, readers in MODE_ONLY_FLAGS.items():
+        if name in explicit and mode not in readers:
+            hint = "; training continues a checkpoint with --resume PATH" if name == "checkpoint" else ""
+            used_by = ", ".join(f"--{reader}" for reader in readers)
+            doing = "training" if mode == "train" else f"--{mode}"
+            raise UserError(f"--{name} is read by {used_by} only, not by {doing}{hint}")
 
 
 def check_images_flag(flags, explicit):
@@ -517,11 +603,20 @@ def resume_command(opts, launcher=("python",)):
     launcher: the words before gan.py (torchrun's, with its process counts, for a run under torchrun).
     """
     parser = build_parser()
-    words = [*launcher, "gan.py", "--resume", "--checkpoint-dir", opts.checkpoint_dir]
+    words = [*launcher, script_as_run(), "--resume", "--checkpoint-dir", opts.checkpoint_dir]
     for name in ("image_dir", "dataroot"):
         if getattr(opts, name) != parser.get_default(name) and not (name == "dataroot" and opts.dataset == "fake"):
             words += [f"--{name.replace('_', '-')}", getattr(opts, name)]
+    if opts.cache_dir is not None:  # not needed to resume, but without it the folder is decoded again
+        words += ["--cache-dir", opts.cache_dir]
     return shlex.join(words)
+
+
+def script_as_run():
+    """gan.py's path as the user typed it (python ~/dcgan/gan.py), so that the printed command works
+    in the folder they typed it in; plain gan.py when run some other way (tests, an import)."""
+    script = sys.argv[0] if sys.argv else ""
+    return script if Path(script).name == "gan.py" else "gan.py"
 
 
 def resume_path(opts):

@@ -8,6 +8,7 @@ FID in the middle of a run must not change what the run trains next.
 import itertools
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,14 +21,14 @@ from checkpoint import (
     METRICS_LOG_NAME,
     append_metrics,
     latest_checkpoint,
-    load_checkpoint,
+    load_generator_file,
     load_module_state,
 )
-from data import load_dataset
+from data import load_dataset, load_training_data
 from faults import Interrupted, exit_code_of
 from folders import IMAGE_SUFFIXES, decode_files
 from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
-from utils import UserError, check_writable
+from utils import UserError, check_writable, count_text
 
 GRID_COLUMNS = 8  # a class-row grid: one noise vector per column, drawn as every row's class
 MAX_GRID_ROWS = 10
@@ -117,34 +118,54 @@ def real_grid_images(images, labels, opts):
     return images[torch.cat(rows).to(images.device) if isinstance(images, torch.Tensor) else torch.cat(rows)]
 
 
-def open_metrics(opts, runtime, real_uint8, feature=None):
-    """FID, IS and KID with the real images' statistics loaded (cached on disk)."""
-    scorers = metrics.build_metrics(runtime.device, opts.eval_samples, feature)
-    cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
-    cache = metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), real_uint8.shape[-1])
+def open_metrics(opts, runtime, real_uint8, feature=None, scorers=None):
+    """FID, IS and KID (scorers, when already built) with the real images' statistics loaded (cached on disk)."""
+    scorers = scorers or metrics.build_metrics(runtime.device, opts.eval_samples, feature)
     # precision and recall compare as many real images as generated ones: keep that many features
-    metrics.add_real_images(scorers, real_uint8, cache, keep_real=max(metrics.KID_REAL_LIMIT, opts.eval_samples))
+    keep_real = max(metrics.KID_REAL_LIMIT, opts.eval_samples)
+    metrics.add_real_images(scorers, real_uint8, real_cache(opts, real_uint8), keep_real=keep_real)
     return scorers
 
 
-def score(scorers, G, opts, runtime, seed):
-    """FID, IS, KID, precision, recall, density and coverage of opts.eval_samples images; the global RNG is left as it was."""
+def real_cache(opts, real_uint8):
+    cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
+    return metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), real_uint8.shape[-1])
+
+
+def open_class_scorer(opts, scorers, real_uint8, labels, num_classes):
+    """Intra-FID and class consistency for a conditional run (None for an unconditional one)."""
+    if not num_classes:
+        return None
+    cache = metrics.class_cache_path(real_cache(opts, real_uint8))
+    return metrics.ClassScorer(scorers["fid"].inception, real_uint8, labels, num_classes, cache)
+
+
+def score(scorers, G, opts, runtime, seed, class_scorer=None):
+    """FID, IS, KID, precision, recall, density and coverage of opts.eval_samples images (of every
+    class in turn for a conditional G, with intra-FID and class consistency where class_scorer is
+    given); the global RNG is left as it was."""
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
         torch.manual_seed(seed)
         labels = balanced_labels(opts.eval_samples, G.num_classes)
-        return metrics.score_generator(
-            scorers, generated_batches(G, opts.eval_samples, G.nz, runtime, seed, labels=labels)
-        )
+        truncation = opts.truncation
+        batches = generated_batches(G, opts.eval_samples, G.nz, runtime, seed, labels=labels, truncation=truncation)
+        if class_scorer is not None:
+            batches = class_scorer.observe(batches, labels)
+        scores = metrics.score_generator(scorers, batches)
+    if class_scorer is not None:
+        scores.update(class_scorer.compute())
+    return scores
 
 
 class TrainingEvaluator:
     """--fid-every: scores at the end of some epochs, keeps best.pt; without Inception weights it
     warns once and training goes on (the saved flags still say --fid-every, for a later resume)."""
 
-    def __init__(self, opts, runtime, real_uint8, feature=None):
+    def __init__(self, opts, runtime, real_uint8, feature=None, labels=None):
         self.opts, self.runtime, self.real_uint8, self.feature = opts, runtime, real_uint8, feature
-        self.scorers, self.unavailable = None, False
+        self.labels = labels  # the real images' classes, for intra-FID and class consistency
+        self.scorers, self.class_scorer, self.unavailable = None, None, False
 
     def due(self, epoch):
         return bool(self.opts.fid_every) and epoch % self.opts.fid_every == 0 and not self.unavailable
@@ -158,7 +179,10 @@ class TrainingEvaluator:
                 print(f"warning: {error}; training goes on without FID", file=sys.stderr)
                 self.unavailable = True
                 return None
-        return score(self.scorers, G, self.opts, self.runtime, mixed_seed(self.opts.seed, epoch))
+            num_classes = self.opts.num_classes if self.labels is not None else 0
+            self.class_scorer = open_class_scorer(self.opts, self.scorers, self.real_uint8, self.labels, num_classes)
+        seed = mixed_seed(self.opts.seed, epoch)
+        return score(self.scorers, G, self.opts, self.runtime, seed, self.class_scorer)
 
 
 # ---------------------------------------------------------------- after training
@@ -167,7 +191,7 @@ class TrainingEvaluator:
 def load_generator_for_use(opts, explicit, runtime):
     """The generator of a checkpoint (its EMA copy when it has one) and the checkpoint's flags."""
     path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
-    state = load_checkpoint(path)
+    state = load_generator_file(path)
     flags = state["flags"]
     mismatched = [name for name in ARCHITECTURE_FLAGS if name in explicit and flags.get(name) != getattr(opts, name)]
     if mismatched:
@@ -182,10 +206,13 @@ def load_generator_for_use(opts, explicit, runtime):
         raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
     use_ema = state.get("netG_ema") is not None
     load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
-    print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} (epoch {state['epoch']})")
-    G.to(runtime.device)
-    if use_ema:  # checkpoints saved mid-epoch, or by older versions, hold the trained G's statistics
-        models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
+    trained = f"flags from {path.parent / 'flags.json'}" if state.get("plain") else f"epoch {state['epoch']}"
+    print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} ({trained})")
+    G.to(runtime.device, memory_format=runtime.memory_format)
+    if use_ema and not state.get("netG_ema_own_statistics"):
+        # saved mid-epoch or on a Ctrl-C, or by an older version: the trained G's statistics
+        with runtime.autocast():  # as training estimates them at an epoch's end
+            models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
     G.class_names = class_names
     return G.eval(), flags
 
@@ -198,24 +225,83 @@ def saved_class_names(state, path):
     return tuple(names)
 
 
+def checkpoint_path(opts):
+    return Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
+
+
+def class_index(G, name, path, flag="--class"):
+    """The index of the class a user named (by name, or by index), or a UserError listing the classes."""
+    if not G.num_classes:
+        raise UserError(f"{flag} {name}: {path} was trained without --conditional, so it has no classes")
+    if name in G.class_names:
+        return G.class_names.index(name)
+    if name.isdecimal() and int(name) < G.num_classes:
+        return int(name)
+    listed = ", ".join(f"{index}: {class_name}" for index, class_name in enumerate(G.class_names))
+    raise UserError(f"{flag} {name}: no such class in {path}; its classes are {listed}")
+
+
 def generate(opts, explicit, runtime):
+    """N images: of one class (--class), of every class (one sub-folder each), or unconditional."""
     G, flags = load_generator_for_use(opts, explicit, runtime)
+    if opts.class_name is not None:
+        classes = [class_index(G, opts.class_name, checkpoint_path(opts))]
+    else:
+        classes = list(range(G.num_classes)) or [None]
     folder = fresh_generated_folder(opts.image_dir)
     seed = opts.seed if opts.seed is not None else random_seed()
-    digits = max(4, len(str(opts.generate - 1)))
-    index, grid = 0, []
+    written, firsts = 0, []
     try:
-        for images in generated_batches(G, opts.generate, flags["nz"], runtime, seed):
-            for image in images.cpu():
-                artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
-                index += 1
-            grid.extend(images[: 64 - len(grid)].cpu())
-        artifacts.save_grid(torch.stack(grid), folder / "grid.png", nrow=artifacts.grid_side(len(grid)))
+        for label in classes:
+            target = folder if label is None else folder / G.class_names[label]
+            first = write_generated(G, label, opts, flags["nz"], runtime, seed, target)
+            written += opts.generate
+            firsts.append(first)
+        save_generated_grid(G, classes, firsts, folder / "grid.png")
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
         raise Interrupted(
-            exit_code_of(interrupt), f"interrupted: wrote {index} of {opts.generate} images to {folder}/ (seed {seed})"
+            exit_code_of(interrupt), f"interrupted: wrote {written} complete classes' images to {folder}/ (seed {seed})"
         ) from None
-    print(f"wrote {index} images and grid.png to {folder}/ (seed {seed})")
+    if classes == [None]:
+        print(f"wrote {count_text(opts.generate, 'image')} and grid.png to {folder}/ (seed {seed})")
+    elif len(classes) == 1:
+        name = G.class_names[classes[0]]
+        print(f"wrote {opts.generate} images of class {name} into {folder / name}/, and grid.png (seed {seed})")
+    else:
+        names = ", ".join(G.class_names[label] for label in classes)
+        print(
+            f"wrote {opts.generate} images of each class ({names}) into {folder}/<class>/, and grid.png (seed {seed})"
+        )
+
+
+def write_generated(G, label, opts, nz, runtime, seed, folder):
+    """opts.generate images of class label (None: unconditional) as PNGs in folder; returns the first 64.
+
+    Every class is drawn from the same noise (the same seed): image k of each class shares its noise.
+    """
+    digits = max(4, len(str(opts.generate - 1)))
+    labels = None if label is None else torch.full((opts.generate,), label)
+    index, first = 0, []
+    for images in generated_batches(G, opts.generate, nz, runtime, seed, labels=labels, truncation=opts.truncation):
+        for image in images.cpu():
+            artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
+            index += 1
+        first.extend(images[: 64 - len(first)].cpu())
+    return first
+
+
+def save_generated_grid(G, classes, firsts, path):
+    """grid.png: the first 64 images of one class (or of an unconditional G), or a labelled row
+    of each class (up to MAX_GRID_ROWS of them)."""
+    if len(classes) == 1:
+        images = torch.stack(firsts[0])
+        artifacts.save_grid(images, path, nrow=artifacts.grid_side(len(images)))
+        return
+    shown = classes[:MAX_GRID_ROWS]
+    columns = min(GRID_COLUMNS, len(firsts[0]))
+    images = torch.stack([image for first in firsts[: len(shown)] for image in first[:columns]])
+    grid = artifacts.labelled_grid_image(images, [G.class_names[label] for label in shown], nrow=columns)
+    artifacts.save_pil(grid, path)
 
 
 def fresh_generated_folder(image_dir):
@@ -247,29 +333,86 @@ def slerp(start, end, fractions):
 
 
 def interpolate(opts, explicit, runtime, walks=8):
+    """Latent walks as a grid (a row per walk) and a GIF: between noise vectors, within one class
+    (--class) or one class per row (a conditional G), or from --class to --to-class at fixed noise."""
     G, flags = load_generator_for_use(opts, explicit, runtime)
+    walk = plan_walks(G, opts, flags, walks)
     folder = Path(opts.image_dir)
     check_writable(folder)
     seed = opts.seed if opts.seed is not None else random_seed()
-    generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
-    end = torch.randn(walks, flags["nz"], 1, 1, generator=generator)
-    noise = slerp(start, end, torch.linspace(0, 1, opts.steps))  # (steps, walks, ...)
-    side = flags["image_size"]
+    noise, labels = walk_inputs(walk, flags["nz"], opts, seed)
     # in batches, as --generate: a long walk must not need G's activations for all its images at once
-    batches = noise.flatten(0, 1).split(500)
-    images = torch.cat([sample(G, batch, runtime) for batch in batches]).view(opts.steps, walks, 3, side, side)
+    flat_labels = [None] * len(noise.flatten(0, 1).split(500)) if labels is None else labels.split(500)
+    images = torch.cat([sample(G, batch, runtime, y) for batch, y in zip(noise.flatten(0, 1).split(500), flat_labels)])
+    images = images.view(opts.steps, walk.count, *images.shape[1:])
     # rows are walks, columns are steps along them
-    frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walks)) for step in range(opts.steps)]
+    frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walk.count)) for step in range(opts.steps)]
     try:
-        artifacts.save_grid(images.transpose(0, 1).flatten(0, 1), folder / "interpolation.png", nrow=opts.steps)
+        rows = images.transpose(0, 1).flatten(0, 1)
+        if walk.row_names is None:
+            artifacts.save_grid(rows, folder / "interpolation.png", nrow=opts.steps)
+        else:
+            grid = artifacts.labelled_grid_image(rows, walk.row_names, nrow=opts.steps)
+            artifacts.save_pil(grid, folder / "interpolation.png")
         artifacts.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
     except KeyboardInterrupt as interrupt:
         written = "interpolation.png" if (folder / "interpolation.png").is_file() else "nothing"
         raise Interrupted(exit_code_of(interrupt), f"interrupted: wrote {written} to {folder}/") from None
     print(
-        f"wrote interpolation.png and interpolation.gif to {folder}/ ({walks} walks, {opts.steps} steps, seed {seed})"
+        f"wrote interpolation.png and interpolation.gif to {folder}/ ({walk.count} walks{walk.what}, "
+        f"{opts.steps} steps, seed {seed})"
     )
+
+
+@dataclass(frozen=True)
+class Walks:
+    """What --interpolate walks: count walks, each in a class (classes, or None) or from one class
+    to another at fixed noise (start_class to end_class); rows named by class, or not."""
+
+    count: int
+    classes: torch.Tensor | None = None
+    start_class: int | None = None
+    end_class: int | None = None
+    num_classes: int = 0
+    row_names: list | None = None
+    what: str = ""
+
+
+def plan_walks(G, opts, flags, walks):
+    path = checkpoint_path(opts)
+    if opts.class_name is None:
+        if not G.num_classes:
+            return Walks(walks)
+        classes = grid_classes(G.num_classes, flags.get("seed") or 0)
+        names = [G.class_names[label] for label in classes.tolist()]
+        return Walks(len(classes), classes, row_names=names, what=", one per class")
+    start = class_index(G, opts.class_name, path)
+    if opts.to_class is None:
+        return Walks(walks, torch.full((walks,), start), what=f" within {G.class_names[start]}")
+    end = class_index(G, opts.to_class, path, "--to-class")
+    what = f" from {G.class_names[start]} to {G.class_names[end]}"
+    return Walks(walks, start_class=start, end_class=end, num_classes=G.num_classes, what=what)
+
+
+def walk_inputs(walk, nz, opts, seed):
+    """The noise (steps, walks, nz, 1, 1) and the labels of the flattened walks (None: unconditional).
+
+    Labels are class indices, or for a walk between classes, weights over the classes that move
+    from one to the other while the noise holds still.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    start = draw_noise(walk.count, nz, generator, opts.truncation)
+    end = draw_noise(walk.count, nz, generator, opts.truncation)
+    fractions = torch.linspace(0, 1, opts.steps)
+    if walk.end_class is None:
+        noise = slerp(start, end, fractions)  # (steps, walks, ...)
+        labels = None if walk.classes is None else walk.classes.repeat(opts.steps)
+        return noise, labels
+    noise = start.unsqueeze(0).expand(opts.steps, *start.shape)
+    weights = torch.zeros(opts.steps, walk.num_classes)
+    weights[:, walk.start_class] += 1 - fractions
+    weights[:, walk.end_class] += fractions
+    return noise, weights.repeat_interleave(walk.count, dim=0)
 
 
 def scores_line(scores, what):
@@ -297,10 +440,22 @@ def evaluate(opts, explicit, runtime, feature=None):
     eval_opts = opts.replace(
         **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
     )
-    real = load_dataset(eval_opts, torch.device("cpu"), cache_dir=folder, say=print)
-    scorers = open_metrics(eval_opts, runtime, real, feature)
-    scores = score(scorers, G, eval_opts, runtime, seed)
-    print(scores_line(scores, f"{opts.eval_samples} generated images"))
+    # Inception first: offline without its weights, fail before minutes of decoding the data
+    scorers = metrics.build_metrics(runtime.device, eval_opts.eval_samples, feature)
+    real = load_training_data(eval_opts, torch.device("cpu"), say=print, with_labels=bool(G.num_classes))
+    if real.class_names is not None and real.class_names != G.class_names:
+        raise UserError(
+            f"{path} was trained on the classes {', '.join(G.class_names)}; the data has {', '.join(real.class_names)}"
+        )
+    scorers = open_metrics(eval_opts, runtime, real.images, feature, scorers)
+    class_scorer = open_class_scorer(eval_opts, scorers, real.images, real.labels, G.num_classes)
+    scores = score(scorers, G, eval_opts, runtime, seed, class_scorer)
+    classes = (
+        f"  intra-FID {scores['intra_fid']:.2f}  class consistency {scores['class_consistency']:.3f}"
+        if class_scorer is not None
+        else ""
+    )
+    print(scores_line(scores, f"{opts.eval_samples} generated images") + classes)
     log_path = Path(folder) / METRICS_LOG_NAME
     append_metrics(log_path, [{"evaluate": str(path), **scores}])
     return scores
@@ -320,10 +475,13 @@ def evaluate_images(opts, explicit, runtime, feature=None):
     check_writable(folder)
     # the subset is drawn as training draws it; the dataset must hold one image, not a batch
     real_opts = opts.replace(batch_size=1, seed=opts.seed if opts.seed is not None else 0, eval_samples=len(files))
-    real = load_dataset(real_opts, torch.device("cpu"), cache_dir=folder, say=print)
+    # Inception first: offline without its weights, fail before minutes of decoding (KID's subsets
+    # shrink to the images there are when scored)
+    scorers = metrics.build_metrics(runtime.device, real_opts.eval_samples, feature)
+    real = load_dataset(real_opts, torch.device("cpu"), say=print)
     side = real.shape[-1]
     images = decode_images(opts.images, files, side, opts.workers)
-    scorers = open_metrics(real_opts.replace(eval_samples=len(images)), runtime, real, feature)
+    scorers = open_metrics(real_opts.replace(eval_samples=len(images)), runtime, real, feature, scorers)
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
         torch.manual_seed(real_opts.seed)

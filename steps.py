@@ -124,7 +124,10 @@ LOG_FLOOR = 1e-10
 def mean_log_spectrum(images):
     """The batch's mean log10 power at every 2-D frequency but DC, of the greyscale with its
     mean removed and normalised to unit power: the shape of the spectrum, not its brightness."""
-    grey = (images.float() * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1)
+    if images.shape[1] == 1:
+        grey = images[:, 0].float()
+    else:
+        grey = (images.float() * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1)
     grey = grey - grey.mean(dim=(1, 2), keepdim=True)
     power = torch.fft.fft2(grey).abs().square().flatten(1)
     power = power / (power.sum(dim=1, keepdim=True) + LOG_FLOOR)
@@ -355,7 +358,8 @@ class Meter:
         return means
 
     def epoch_means(self):
-        return interval_means(self.epoch, max(self.epoch_steps, 1))
+        """The epoch's means, or None when it made no step (resumed after its last batch)."""
+        return interval_means(self.epoch, self.epoch_steps) if self.epoch_steps else None
 
 
 def interval_means(totals, steps):
@@ -367,6 +371,8 @@ def interval_means(totals, steps):
 
 
 def epoch_summary(means, epoch, epochs, seconds, images_done, fid):
+    if means is None:
+        return f"[{epoch}/{epochs}] no steps left in this epoch (resumed after its last batch)"
     stats = "  ".join(f"{label} {format_stat(means[name], 4)}" for name, label in STAT_NAMES.items())
     fid_text = f"  FID {fid:.2f}" if fid is not None else ""
     return f"[{epoch}/{epochs}] {stats}  {seconds:.1f}s  {images_done / max(seconds, 1e-9):.0f} img/s{fid_text}"

@@ -23,6 +23,11 @@ class UserError(Exception):
     """A problem with the user's input or environment: printed without a traceback, exit 2."""
 
 
+def count_text(count, noun):
+    """'1 image', '2 images', '20,000 images'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def error_prefix():
     """What starts an error line: the program, and under torchrun the rank that had the error."""
     rank = os.environ.get("RANK")

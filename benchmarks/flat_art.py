@@ -17,6 +17,9 @@ The other half of the images scores the real-vs-real floor with as many images a
 
     python benchmarks/flat_art.py                                   # 3 recipes, 2 seeds
     python benchmarks/flat_art.py --recipes plain improved --seeds 1 --epochs 55 --width 16 --grid-dir benchmarks/grids/flat
+
+Long on 2 CPU cores: one 1,320-step run at --width 16 took 9-18 minutes with 4-5 runs sharing the cores
+(load 13-20); the default 6 runs of 960 steps at --width 32 take well over an hour.
 """
 
 import argparse

@@ -10,7 +10,7 @@ No network, no GPU, no Inception weights: a small CNN trained here on the 1797 b
   - spectral: the distance between the generated and real mean log power spectra
     (benchmarks/scores.py; rises with checkerboard artifacts).
 
-    python benchmarks/quality.py                      # 8 recipes, 2 seeds (about 20 min on 2 busy cores)
+    python benchmarks/quality.py                      # 8 recipes, 2 seeds: about 20 minutes on 2 busy CPU cores
     python benchmarks/quality.py --seeds 0 --recipes plain combined
 """
 
@@ -61,6 +61,26 @@ RECIPES = {
     "improved-spectral0": ["--recipe", "improved", "--spectral-loss", "0"],
     "improved+diffaugment": ["--recipe", "improved", "--diffaugment"],
     "improved-ema0": ["--recipe", "improved", "--ema", "0"],
+    # trained on the digits sorted into one sub-folder per digit; sampled with --generate per class
+    "improved+conditional": ["--recipe", "improved", "--conditional"],
+    "improved+conditional+hinge+sn": ["--recipe", "improved", "--conditional", "--loss", "hinge", "--spectral-norm"],
+    "improved+conditional+lr2e-3": ["--recipe", "improved", "--conditional", "--lr", "0.002", "--beta2", "0.99"],
+    # the digits PNGs are RGB files of grey digits: --channels 3 keeps the 3 channels auto would drop
+    "rgb-improved": ["--recipe", "improved", "--channels", "3"],
+    # trained on the same digits written as greyscale PNGs: gan.py trains them with 1 channel
+    "grey-improved": ["--recipe", "improved"],
+    "grey-improved+conditional": ["--recipe", "improved", "--conditional"],
+    # the CPU's bf16 against fp32, typed so that neither depends on what --precision auto picks
+    "improved-fp32": ["--recipe", "improved", "--precision", "fp32"],
+    "improved-bf16": ["--recipe", "improved", "--precision", "bf16"],
+}
+# the digits' folder each recipe trains on (the others: digits/, RGB PNGs in one folder)
+LAYOUTS = {
+    "improved+conditional": "digits-by-class",
+    "improved+conditional+hinge+sn": "digits-by-class",
+    "improved+conditional+lr2e-3": "digits-by-class",
+    "grey-improved": "digits-grey",
+    "grey-improved+conditional": "digits-grey-by-class",
 }
 # the default set fits in about 20 minutes on 2 busy CPU cores (5 on idle ones)
 DEFAULT_RECIPES = ["plain", "hinge+sn", "diffaugment", "ttur", "d-steps2", "ema", "combined", "combined-ema0"]
@@ -74,6 +94,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="images per step")
     p.add_argument("--width", type=int, default=16, help="ngf = ndf of the DCGAN")
     p.add_argument("--samples", type=int, default=500, help="generated digits scored per run")
+    p.add_argument(
+        "--class-samples",
+        type=int,
+        default=200,
+        help="generated digits per class of a conditional run, for its per-class FD and class consistency",
+    )
     p.add_argument("--jobs", type=int, default=3, help="training runs in parallel, one CPU thread each")
     p.add_argument("--work-dir", default=None, help="where digits, runs and the classifier go [a temp folder]")
     p.add_argument("--device", default="cpu", help="gan.py's --device for the training runs (cuda: longer budgets)")
@@ -94,14 +120,34 @@ def load_digits_uint8():
     return images, torch.from_numpy(digits.target).long()
 
 
-def write_pngs(images, folder):
+def write_pngs(images, folder, grey=False):
+    """The images as PNGs in folder (greyscale PNGs, mode L, with grey)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     if len(list(folder.glob("*.png"))) == len(images):
         return
     for index, image in enumerate(images):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{index:04d}.png")
+        pixels = image.permute(1, 2, 0).numpy()
+        (Image.fromarray(pixels[:, :, 0], "L") if grey else Image.fromarray(pixels)).save(folder / f"{index:04d}.png")
+
+
+def write_digit_folders(images, labels, work_dir):
+    """The four layouts of the digits: {layout name: folder}. The by-class ones hold one sub-folder
+    per digit (0/ ... 9/), the layout --conditional learns classes from."""
+    folders = {}
+    for name, grey, by_class in (
+        ("digits", False, False), ("digits-grey", True, False),
+        ("digits-by-class", False, True), ("digits-grey-by-class", True, True),
+    ):  # fmt: skip
+        folder = work_dir / name
+        if by_class:
+            for digit in range(NUM_CLASSES):
+                write_pngs(images[labels == digit], folder / str(digit), grey)
+        else:
+            write_pngs(images, folder, grey)
+        folders[name] = folder
+    return folders
 
 
 def read_pngs(folder):
@@ -209,6 +255,30 @@ class Scorer:
         }
 
 
+def class_scores(scorer, per_class, real_images, labels, samples):
+    """A conditional run's scores: class consistency (the share of samples the classifier assigns
+    to the class they were drawn as), the FD of each class against that class's real digits, and
+    the usual scores of samples // 10 images of each class (as many as an unconditional run's)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    with torch.no_grad():
+        hits = [(scorer.classifier(images).argmax(1) == digit).float() for digit, images in per_class.items()]
+    class_fd = {}
+    for digit, images in sorted(per_class.items()):
+        fid = FrechetInceptionDistance(feature=PenultimateFeatures(scorer.classifier))
+        fid.update(real_images[labels == digit], real=True)
+        fid.update(images, real=False)
+        class_fd[digit] = float(fid.compute())
+    overall = scorer(torch.cat([images[: samples // NUM_CLASSES] for _, images in sorted(per_class.items())]))
+    return {
+        **overall,
+        "consistency": float(torch.cat(hits).mean()),
+        "class_fd": statistics.fmean(class_fd.values()),
+        "worst_class_fd": max(class_fd.values()),
+        "class_fds": class_fd,
+    }
+
+
 def real_floor(classifier, real_images, seed=0):
     """FD and spectral score between two random halves of the real digits: what a perfect generator scores."""
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -229,11 +299,8 @@ def real_floor(classifier, real_images, seed=0):
 # ---------------------------------------------------------------- training through the CLI
 
 
-def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_SIZE, flags=None, program=None):
-    """Train one recipe with gan.py on the PNGs in digits_dir, then write args.samples images with --generate.
-
-    flags replace RECIPES[recipe]; program replaces `python gan.py` (benchmarks/lattice.py runs a patched gan.py).
-    """
+def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_SIZE):
+    """Train one recipe with gan.py on the PNGs in digits_dir, then write args.samples images with --generate."""
     run_dir = runs_dir / f"{recipe}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resumed or appended one
     run_dir.mkdir(parents=True)
@@ -249,17 +316,22 @@ def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_
         "--dataset", "folder", "--dataroot", str(digits_dir), "--image-size", str(image_size),
         "--ngf", str(args.width), "--ndf", str(args.width), "--batch-size", str(args.batch_size),
         "--epochs", str(args.epochs), "--seed", str(seed), "--workers", "0", "--log-every", "1000",
-        *(RECIPES[recipe] if flags is None else flags),
+        *RECIPES[recipe],
     ]  # fmt: skip
-    generate = ["--generate", str(args.samples), "--seed", "12345"]
+    conditional = "--conditional" in RECIPES[recipe]
+    generate = ["--generate", str(args.class_samples if conditional else args.samples), "--seed", "12345"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = time.perf_counter()
     for step_flags in (train, generate):
-        command = [*(program or [sys.executable, str(ROOT / "gan.py")]), *step_flags, *common]
+        command = [sys.executable, str(ROOT / "gan.py"), *step_flags, *common]
         done = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return read_pngs(run_dir / "images" / "generated"), time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    generated = run_dir / "images" / "generated"
+    if conditional:  # {digit: its images}, from --generate's folder per class
+        return {int(folder.name): read_pngs(folder) for folder in generated.iterdir() if folder.is_dir()}, seconds
+    return read_pngs(generated), seconds
 
 
 def summarise(values):
@@ -296,6 +368,23 @@ def print_table(results, args, floor, accuracy):
             ("seconds per run", "seconds", mean_only(".0f")),
         ],
     )
+    conditional = {recipe: rows for recipe, rows in results.items() if "consistency" in rows[0]}
+    if conditional:
+        print()
+        print(f"conditional runs: {args.class_samples} samples per class")
+        print()
+        print_recipe_table(
+            conditional,
+            [
+                ("class consistency (target >= 0.95)", "consistency", per_seed(".3f")),
+                ("mean per-class FD", "class_fd", per_seed(".0f")),
+                ("worst class FD", "worst_class_fd", per_seed(".0f")),
+            ],
+        )
+        for recipe, rows in conditional.items():
+            for seed, row in zip(args.seeds, rows):
+                fds = " ".join(f"{digit}:{fd:.0f}" for digit, fd in sorted(row["class_fds"].items()))
+                print(f"{recipe} seed {seed} per-class FD: {fds}")
 
 
 # ---------------------------------------------------------------- the tables both benchmarks print
@@ -328,8 +417,7 @@ def main(argv=None):
     work_dir = Path(args.work_dir or Path(tempfile.gettempdir()) / "dcgan-quality-benchmark")
     print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; work folder {work_dir}")
     images, labels = load_digits_uint8()
-    digits_dir = work_dir / "digits"
-    write_pngs(images, digits_dir)
+    folders = write_digit_folders(images, labels, work_dir)
     # not classifier.pt: classifiers trained before the seed fix were each different
     classifier, accuracy = train_classifier(images, labels, work_dir / "classifier-seed0.pt")
     print(f"digit classifier: held-out accuracy {accuracy:.3f} ({len(images) // 5} digits)")
@@ -338,10 +426,17 @@ def main(argv=None):
     runs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]
     results = {recipe: [] for recipe in args.recipes}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(train_and_sample, r, s, args, digits_dir, work_dir / "runs") for r, s in runs]
+        futures = [
+            pool.submit(train_and_sample, r, s, args, folders[LAYOUTS.get(r, "digits")], work_dir / "runs")
+            for r, s in runs
+        ]
         for (recipe, seed), future in zip(runs, futures):
             generated, seconds = future.result()
-            scores = {**scorer(generated), "seconds": seconds}
+            if isinstance(generated, dict):
+                scores = {**class_scores(scorer, generated, images, labels, args.samples), "seconds": seconds}
+                print(f"{recipe} seed {seed}: class consistency {scores['consistency']:.3f}", flush=True)
+            else:
+                scores = {**scorer(generated), "seconds": seconds}
             results[recipe].append(scores)
             print(
                 f"{recipe:12s} seed {seed}: FD {scores['fd']:.2f}  found {scores['found']}  "

@@ -5,6 +5,7 @@
 
 Every configuration trains on the same 512 fake images for the same number of epochs;
 img/s is the median of the epoch summary lines after the first (which pays for warm-up).
+About 2.5 minutes on 2 CPU cores with the defaults.
 """
 
 import argparse

@@ -1,9 +1,9 @@
-"""Scores shared by the offline quality benchmarks: the spectral artifact score, the flat share and
-a random conv net.
+"""Scores shared by the offline quality benchmarks: the spectral artifact score, the lattice measures
+(fixed-detail share, strongest peak), the flat share and a random conv net for a Frechet distance.
 
-Pure functions of uint8 image tensors (N, 3, H, W); no files, no training. quality.py (digits),
-photos.py (crops of photographs) and flat_art.py (glyphs) import them, and
-tests/test_benchmark_scores.py checks them.
+Pure functions of uint8 image tensors (N, 3, H, W); no files, no training. A module, not a script:
+quality.py (digits), photos.py (crops of photographs) and flat_art.py (glyphs) import it, and
+tests/test_benchmark_scores.py checks it.
 """
 
 import math
@@ -99,6 +99,46 @@ def spectral_spread(real_uint8, splits=20, seed=0, batch_size=1024):
             spectral_distance(spectra[order[:half]].mean(axis=0), spectra[order[half : 2 * half]].mean(axis=0))
         )
     return scores
+
+
+# ---------------------------------------------------------------- lattice measures
+
+
+def pixel_detail(images_uint8):
+    """Greyscale minus its 3x3 box blur: the pixel-scale detail where a lattice lives, (N, H, W)."""
+    grey = images_uint8.float().mean(dim=1, keepdim=True)
+    return (grey - nn.functional.avg_pool2d(grey, 3, 1, 1, count_include_pad=False))[:, 0]
+
+
+def fixed_detail_share(images_uint8):
+    """Share of the pixel-scale detail that is the same in every image: a pattern locked to the pixel grid.
+
+    The energy of the mean detail over the mean energy of the detail: 1 when every image carries the
+    same pattern, near 0 when the detail differs from image to image (real photo crops: 0.0005). A
+    transposed-convolution lattice has the same phase in every sample, which tells it from texture.
+    """
+    detail = pixel_detail(images_uint8)
+    return float(detail.mean(0).pow(2).mean() / detail.pow(2).mean().clamp_min(1e-12))
+
+
+def mean_power_2d(images_uint8):
+    """Mean over a set of each greyscale image's 2-D power spectrum, normalised to unit total power."""
+    grey = images_uint8.float().mean(dim=1)
+    power = torch.fft.fft2(grey - grey.mean(dim=(1, 2), keepdim=True)).abs().pow(2)
+    return (power / power.sum(dim=(1, 2), keepdim=True).clamp_min(LOG_FLOOR)).mean(0)
+
+
+def strongest_peak(generated_uint8, real_uint8):
+    """Where the generated set's power most exceeds the real set's: '(16,16) 38x'.
+
+    The 2-D frequency in cycles per image (signs dropped) and the ratio of mean powers there. A DCGAN
+    generator's lattice peaks at multiples of 4 cycles per 32 px (its stride-2 layers' grids).
+    """
+    ratio = mean_power_2d(generated_uint8) / mean_power_2d(real_uint8).clamp_min(LOG_FLOOR)
+    height, width = ratio.shape
+    row, col = divmod(int(ratio.argmax()), width)
+    frequency = (abs(int(np.fft.fftfreq(height)[row] * height)), abs(int(np.fft.fftfreq(width)[col] * width)))
+    return f"({frequency[0]},{frequency[1]}) {float(ratio.max()):.0f}x"
 
 
 # ---------------------------------------------------------------- flatness

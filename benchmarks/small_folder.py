@@ -7,7 +7,7 @@ epoch grid of the fixed noise, the share of the samples' AC power at the period-
 (a checkerboard; real digits: about 0.004%) and writes a side-by-side of chosen epochs' grids.
 When shapes appear is judged by looking at that picture (or images/epoch_*.png of each run).
 
-    python benchmarks/small_folder.py                                   # 30 epochs, seed 0 (~10 min on 1 core)
+    python benchmarks/small_folder.py                                   # 30 epochs, seed 0: about 10 minutes on 2 idle CPU cores (30 at load 10)
     python benchmarks/small_folder.py --seeds 0 1 --show-epochs 8 30 --picture dcgan_vs_upsample.png
 """
 

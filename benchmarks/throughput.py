@@ -7,6 +7,8 @@ process, in alternating timed rounds after a warm-up; the table gives median ima
     python benchmarks/throughput.py --device cuda --batch-sizes 128 512 --markdown    # on a GPU
     python benchmarks/throughput.py --device cpu --ngf 16 --ndf 16 --image-sizes 32 --batch-sizes 64 \
         --steps 5 --rounds 3 --warmup 2                                        # < 1 min on 2 cores
+    python benchmarks/throughput.py --device cpu --precisions fp32 bf16 --compile-modes default
+                                                  # the CPU's bf16 against fp32, eager and compiled
 
 The program's path is the one `python gan.py` trains with: options from options.parse_flags,
 runtime.setup_runtime (AMP, torch.compile, channels_last and fused Adam on CUDA), steps.build_nets
@@ -20,6 +22,7 @@ The example's image saving every 100 steps is left out of both.
 
 "compile s" is the warm-up's time beyond what its steps take once warm: torch.compile's compilation
 above all (and cuDNN's autotuning, the DataLoader's start). A 25-epoch run pays it once.
+About 4 minutes on 2 CPU cores with the CPU defaults (32 and 64 px, batch 128, 5 rounds of 5 steps).
 """
 
 import argparse
@@ -45,12 +48,14 @@ import steps as update_steps  # noqa: E402
 from models import Discriminator, Generator, init_weights  # noqa: E402
 
 CIFAR_TRAIN_SIZE = 50_000
-PROGRAM_EAGER, CLASSIC = "gan.py --compile off", "classic (pytorch/examples)"
+CLASSIC = "classic (pytorch/examples)"
 PROGRAM_CONTIGUOUS = "gan.py --compile off, NCHW contiguous"
 
 
-def program_name(compile_mode):
-    return f"gan.py --compile on ({compile_mode})"
+def program_name(compile_mode, precision="auto"):
+    """The pipeline's row name: how gan.py would be started for it."""
+    compiled = "--compile off" if compile_mode is None else f"--compile on ({compile_mode})"
+    return f"gan.py {compiled}" + ("" if precision == "auto" else f" --precision {precision}")
 
 
 # ---------------------------------------------------------------- this program's path
@@ -59,11 +64,13 @@ def program_name(compile_mode):
 class ProgramPipeline:
     """gan.py's training loop without the epoch bookkeeping: batches, train_step, device sums."""
 
-    def __init__(self, args, images_uint8, image_size, batch_size, compile_mode=None, channels_last=True):
+    def __init__(
+        self, args, images_uint8, image_size, batch_size, compile_mode=None, channels_last=True, precision="auto"
+    ):
         flags = [
             "--device", args.device, "--dataset", "fake", "--image-size", str(image_size),
             "--batch-size", str(batch_size), "--ngf", str(args.ngf), "--ndf", str(args.ndf),
-            "--log-every", str(args.log_every), "--seed", "0",
+            "--log-every", str(args.log_every), "--seed", "0", "--precision", precision,
         ]  # fmt: skip
         opts, _ = options.parse_flags(flags + ["--compile", "off" if compile_mode is None else "on"])
         mode = None if compile_mode in (None, "default") else compile_mode
@@ -286,9 +293,12 @@ def benchmark_setting(args, image_size, batch_size, images_uint8, images_hwc):
     # dynamo's recompile limit a pipeline silently runs eagerly
     torch._dynamo.reset()
     pipelines, resident = {}, {}
-    builders = {name: (lambda mode=mode: ProgramPipeline(args, images_uint8, image_size, batch_size, mode))
-                for name, mode in [(program_name(m), m) for m in args.compile_modes]}  # fmt: skip
-    builders[PROGRAM_EAGER] = lambda: ProgramPipeline(args, images_uint8, image_size, batch_size)
+    builders = {}
+    for precision in args.precisions:
+        for mode in [*args.compile_modes, None]:
+            builders[program_name(mode, precision)] = lambda mode=mode, precision=precision: ProgramPipeline(
+                args, images_uint8, image_size, batch_size, mode, precision=precision
+            )
     if args.contiguous:
         builders[PROGRAM_CONTIGUOUS] = lambda: ProgramPipeline(
             args, images_uint8, image_size, batch_size, channels_last=False
@@ -373,6 +383,13 @@ def build_parser():
         default=None,
         help="torch.compile modes to measure gan.py with (default, reduce-overhead, max-autotune) [CUDA: all "
         "three; CPU: none]; gan.py --compile off and the classic pipeline are always measured",
+    )
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="gan.py's --precision values to measure, each eager and in every --compile-modes",
     )
     p.add_argument(
         "--contiguous", action="store_true", help="also gan.py eager with NCHW contiguous tensors (channels_last off)"

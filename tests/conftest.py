@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers for the tests: running gan.py, tiny flags, synthetic data.
+"""Shared fixtures and functions for the tests: running gan.py, tiny flags, synthetic data.
 
 End-to-end tests run the real CLI as a subprocess (`run_gan`); fast checks call
 `gan.main(argv)` in-process (`gan_main`). Everything runs on the CPU with tiny nets.
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import faults
+import folders
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_dir(tmp_path_factory):
+    """The decoded-image cache of every run in the session (in-process or a subprocess, which
+    inherits the environment) goes to a temp folder, never to the real ~/.cache/dcgan."""
+    saved = os.environ.get(folders.CACHE_ENV)
+    os.environ[folders.CACHE_ENV] = str(tmp_path_factory.mktemp("session_cache"))
+    yield
+    if saved is None:
+        os.environ.pop(folders.CACHE_ENV, None)
+    else:
+        os.environ[folders.CACHE_ENV] = saved
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path_factory, monkeypatch):
+    """Each test's own cache folder (outside tmp_path, so that tests of tmp_path see only their files)."""
+    folder = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv(folders.CACHE_ENV, str(folder))
+    return folder
 
 
 @pytest.fixture
@@ -106,7 +128,7 @@ def gan_main(monkeypatch, capsys, tmp_path):
 def trained_run(tmp_path_factory):
     """A folder holding a finished 2-epoch TINY_ARGS run (images/, checkpoints/).
 
-    Shared by the whole session: never modify it; copy it with `copy_run` first.
+    Shared by every test of the run: never modify it; copy it with `copy_run` first.
     """
     folder = tmp_path_factory.mktemp("trained_run")
     result = check_ok(run_gan([*TINY_ARGS, "--epochs", "2"], folder))

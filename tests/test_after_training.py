@@ -11,14 +11,21 @@ import torch
 from conftest import TINY_ARGS, check_ok, run_gan
 from PIL import Image
 
+import artifacts
 import models
 import options
 import sampling
 import steps
-from runtime import Runtime
+from runtime import Runtime, choose_precision
 
 SIDE = 16  # TINY_ARGS' --image-size
 PADDING = 2  # artifacts.save_grid's padding between and around the images
+
+
+def auto_precision_runtime():
+    """The CPU runtime a run without --precision trains in: bf16 autocast where the CPU has bf16."""
+    cpu = torch.device("cpu")
+    return Runtime(cpu, choose_precision("auto", cpu))
 
 
 def grid_pixels(columns, rows, side=SIDE):
@@ -280,6 +287,29 @@ def test_training_keeps_an_ema_generator(trained_run):
     weights = [name for name in state["netG"] if name.endswith("weight")]
     differing = [name for name in weights if not torch.allclose(state["netG_ema"][name], state["netG"][name])]
     assert differing == weights, "after 8 steps the average lags behind every weight of G"
+    # and it moved with G: the warm-up decays (0.1 at step 0, 0.47 at step 7) leave 0.01% of the
+    # initial weights in it, so it sits far nearer G's last weights than G's first
+    start, ema, last = (
+        flat(weights_of) for weights_of in (initial_generator(state["flags"]), state["netG_ema"], state["netG"])
+    )
+    assert torch.dist(ema, last) < 0.5 * torch.dist(start, last)
+
+
+def initial_generator(flags):
+    """The generator a run with these flags starts from (seeded from --seed, as gan.start_state does)."""
+    typed = {name: flags[name] for name in (*options.ARCHITECTURE_FLAGS, "seed")}
+    argv = [
+        f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}")
+        for name, value in typed.items()
+        if value is not False
+    ]
+    opts, _ = options.parse_flags(argv)
+    torch.manual_seed(opts.seed)
+    return steps.build_nets(opts, Runtime(torch.device("cpu"))).G.state_dict()
+
+
+def flat(state_dict):
+    return torch.cat([value.flatten() for name, value in state_dict.items() if name.endswith(("weight", "bias"))])
 
 
 def test_the_saved_ema_generator_has_batchnorm_statistics_of_its_own(trained_run, raw_run):
@@ -291,7 +321,9 @@ def test_the_saved_ema_generator_has_batchnorm_statistics_of_its_own(trained_run
     statistics = [name for name in state["netG"] if "running" in name]
     assert statistics
     assert all(not torch.allclose(state["netG_ema"][name], state["netG"][name]) for name in statistics)
-    models.estimate_batch_norm(G, state["flags"]["nz"], torch.device("cpu"))
+    assert not torch.allclose(flat(state["netG_ema"]), flat(initial_generator(state["flags"])))  # an average that moved
+    with auto_precision_runtime().autocast():  # as the run estimated them (bf16 on a CPU that has it)
+        models.estimate_batch_norm(G.to(memory_format=torch.channels_last), state["flags"]["nz"], torch.device("cpu"))
     for name in statistics:
         torch.testing.assert_close(G.state_dict()[name], state["netG_ema"][name])
     raw = torch.load(raw_run / "checkpoints" / "checkpoint.pt", weights_only=True)
@@ -301,23 +333,70 @@ def test_the_saved_ema_generator_has_batchnorm_statistics_of_its_own(trained_run
 
 
 def test_generate_gives_an_ema_generator_its_own_statistics_whatever_the_checkpoint_holds(
-    trained_run, gan_main, tmp_path
+    trained_run, gan_main, tmp_path, monkeypatch
 ):
     """A checkpoint saved mid-epoch, or by an older version, holds the trained G's statistics
     in netG_ema: --generate draws the same images as from one with the average's own."""
     state = torch.load(trained_run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert state["netG_ema_own_statistics"] is True
     statistics = [name for name in state["netG"] if "running" in name]
     copied = {**state, "netG_ema": {**state["netG_ema"], **{k: state["netG"][k] for k in statistics}}}
-    torch.save(copied, tmp_path / "copied.pt")
-    for checkpoint, folder in (
-        (trained_run / "checkpoints" / "checkpoint.pt", "own"),
-        (tmp_path / "copied.pt", "copied"),
+    torch.save({**copied, "netG_ema_own_statistics": False}, tmp_path / "copied.pt")
+    del copied["netG_ema_own_statistics"]  # as an older version saved it
+    torch.save(copied, tmp_path / "older.pt")
+    estimates = []
+    real_estimate = models.estimate_batch_norm
+    monkeypatch.setattr(models, "estimate_batch_norm", lambda *a, **k: estimates.append(1) or real_estimate(*a, **k))
+    for checkpoint, folder, estimated in (
+        (trained_run / "checkpoints" / "checkpoint.pt", "own", 0),  # its statistics are the estimate already
+        (tmp_path / "copied.pt", "copied", 1),
+        (tmp_path / "older.pt", "older", 1),
     ):
+        estimates.clear()
         code, _, err = gan_main(["--generate", 4, "--checkpoint", checkpoint, "--seed", 2, "--image-dir", folder])
         assert code == 0, err
+        assert len(estimates) == estimated, folder
     for index in range(4):
         name = f"generated/{index:04d}.png"
         np.testing.assert_array_equal(pixels(tmp_path / "own" / name), pixels(tmp_path / "copied" / name))
+        np.testing.assert_array_equal(pixels(tmp_path / "own" / name), pixels(tmp_path / "older" / name))
+
+
+def test_the_ema_statistics_are_estimated_once_per_epoch_end_and_the_grid_draws_with_them(
+    gan_main, tiny_args, tmp_path, monkeypatch
+):
+    """Each epoch's end estimates once (the grid, FID and checkpoint share it; the final
+    real-vs-fake picture too); a mid-epoch checkpoint (--save-every) does not estimate and says so."""
+    import checkpoint
+    import gan
+
+    events = []
+    real_estimate, real_save = gan.estimate_batch_norm, checkpoint.save_checkpoint
+    monkeypatch.setattr(gan, "estimate_batch_norm", lambda *a, **k: events.append("estimate") or real_estimate(*a, **k))
+
+    def save(state, path):
+        if path.name == checkpoint.CHECKPOINT_NAME:
+            events.append(f"save step {state['step']} own {state['netG_ema_own_statistics']}")
+        real_save(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    code, _, err = gan_main([*tiny_args, "--epochs", "2", "--save-every", "3"])  # 4 steps per epoch
+    assert code == 0, err
+    assert events == [
+        "save step 3 own False",
+        "estimate",
+        "save step 4 own True",
+        "save step 6 own False",
+        "estimate",
+        "save step 8 own True",
+    ]
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    G = sampling.generator_of(state["flags"])
+    G.load_state_dict(state["netG_ema"])  # the estimated statistics of epoch 2's end
+    drawn = sampling.sample(G.to(memory_format=torch.channels_last), state["fixed_noise"], auto_precision_runtime())
+    np.testing.assert_array_equal(
+        pixels(tmp_path / "images" / "epoch_002.png"), np.asarray(artifacts.grid_image(drawn))
+    )
 
 
 def test_ema_zero_keeps_no_average(raw_run):
@@ -389,3 +468,39 @@ def test_generate_file_names_are_padded_for_large_counts(trained_run, gan_main, 
 
 def _first_batch_only(real_batches, *args, **kwargs):
     yield next(real_batches(*args, **kwargs))
+
+
+# ---------------------------------------------------------------- --generate from the plain state_dicts
+
+
+@pytest.mark.parametrize("name, kind", [("netG_ema.pth", "EMA"), ("netG.pth", "raw")])
+def test_generate_from_a_plain_state_dict_beside_flags_json(name, kind, trained_run, gan_main, tmp_path):
+    """netG.pth and netG_ema.pth are gan.py's files too: they draw what checkpoint.pt's generators draw."""
+    folder = trained_run / "checkpoints"
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    code, out, err = gan_main(["--generate", 3, "--checkpoint", folder / name, "--seed", 5, "--image-dir", "plain"])
+    assert code == 0, err
+    assert f"using the {kind} generator of {folder / name} (flags from {folder / 'flags.json'})" in out
+    G = sampling.generator_of(state["flags"])
+    G.load_state_dict(state["netG_ema"] if kind == "EMA" else state["netG"])
+    if kind == "EMA":
+        models.estimate_batch_norm(G, state["flags"]["nz"], torch.device("cpu"))
+    noise = torch.randn(3, state["flags"]["nz"], 1, 1, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = G.eval()(noise).add(1).div(2).clamp(0, 1).mul(255).round().to(torch.uint8)
+    for index in range(3):
+        drawn = torch.from_numpy(pixels(tmp_path / "plain" / "generated" / f"{index:04d}.png").copy()).permute(2, 0, 1)
+        assert (drawn.int() - expected[index].int()).abs().max() <= 1  # PNG's rounding of the same floats
+
+
+def test_generate_from_a_plain_state_dict_without_flags_json_says_what_to_give(trained_run, gan_main, tmp_path):
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "netG.pth").write_bytes((trained_run / "checkpoints" / "netG.pth").read_bytes())
+    code, out, err = gan_main(["--generate", 3, "--checkpoint", tmp_path / "alone" / "netG.pth"])
+    assert code == 2 and "Traceback" not in err
+    assert (
+        f"holds only a network's weights, and the sizes to build it come from {tmp_path / 'alone' / 'flags.json'}"
+        in err
+    )
+    assert "give checkpoint.pt instead" in err
+    assert not (tmp_path / "images").exists()

@@ -209,7 +209,7 @@ def test_subset_larger_than_the_folder(tmp_path, gan_main):
     for index in range(3):
         Image.new("RGB", (16, 16), (index, 0, 0)).save(data / f"{index}.png")
     code, out, err = gan_main([*folder_args(data), "--subset", "10", "--batch-size", "2"])
-    assert_user_error(code, err, "--subset 10 is larger than the dataset (3 images)")
+    assert_user_error(code, err, f"--subset 10 is larger than the dataset: data folder {data} holds 3 images")
 
 
 def test_data_folder_of_broken_images(tmp_path, gan_main):
@@ -219,8 +219,8 @@ def test_data_folder_of_broken_images(tmp_path, gan_main):
         (data / f"image_{index}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(40))
     (data / "photo.jpg").write_bytes(b"")
     before = snapshot(data)
-    with pytest.warns(UserWarning, match="skipped 4 of 4 files"):
-        code, out, err = gan_main(folder_args(data))
+    with pytest.warns(UserWarning, match="skipped 4 of 4 files"):  # 4 files pass the count check; none decodes
+        code, out, err = gan_main([*folder_args(data), "--subset", "4", "--batch-size", "2"])
     assert_user_error(code, err, "holds no readable images")
     assert snapshot(data) == before
 
@@ -660,25 +660,112 @@ def not_help(token):
     return not (token.startswith("-h") or (len(head) >= 3 and "--help".startswith(head)))
 
 
-TOKENS = st.one_of(
+BAD_TOKENS = st.one_of(
     st.sampled_from(FLAG_NAMES),
     st.sampled_from(VALUES),
     st.builds(lambda flag, value: f"{flag}={value}", st.sampled_from(FLAG_NAMES), st.sampled_from(VALUES)),
     st.text(max_size=12),
 ).filter(not_help)
 
+# a value each flag accepts, drawn by the function that checks it (or its choices)
+VALID_VALUES = {
+    options.positive_int: st.integers(1, 10**6).map(str),
+    options.non_negative_int: st.integers(0, 10**6).map(str),
+    options.seed: st.integers(0, options.MAX_SEED).map(str),
+    options.folder: st.sampled_from(["data", "runs/a", "imgs", "/tmp/x y"]),
+    options.walk_steps: st.integers(1, options.MAX_WALK_STEPS).map(str),
+    options.positive_float: st.floats(1e-8, 1e3).map(repr),
+    options.non_negative_float: st.floats(0, 1e3).map(repr),
+    options.fraction: st.floats(0, 0.999).map(repr),
+    options.image_size: st.sampled_from([str(size) for size in (16, 32, 64, 128, 256)]),
+    options.device_name: st.sampled_from(["auto", "cpu", "mps", "cuda", "cuda:1"]),
+    options.not_a_link_loop: st.sampled_from(["ck.pt", "runs/checkpoint.pt"]),
+}
+# a value each flag refuses, at the edges of its range
+INVALID_VALUES = {
+    options.positive_int: ["0", "-1", "1.5", "x"],
+    options.non_negative_int: ["-1", "x"],
+    options.seed: ["-1", str(2**63)],
+    options.folder: ["", " "],
+    options.walk_steps: ["0", str(options.MAX_WALK_STEPS + 1)],
+    options.positive_float: ["0", "-1", "nan", "inf"],
+    options.non_negative_float: ["-0.5", "nan", "-inf"],
+    options.fraction: ["1", "-0.1", "nan"],
+    options.image_size: ["8", "48", "512"],
+    options.device_name: ["tpu", "cuda:x"],
+}
+MODE_FLAGS = {"generate", "interpolate", "evaluate", "resume"}
+# --images has its own tests (test_metrics.py): it turns --evaluate into another kind of run; --class and
+# --to-class take a conditional checkpoint's class names (test_classes.py)
+OWN_TESTS = {"help", "images", "class_name", "to_class"}
+ACTIONS = [a for a in options.build_parser()._actions if a.option_strings and a.dest not in MODE_FLAGS | OWN_TESTS]
 
-@settings(
-    max_examples=300, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
-@given(st.lists(TOKENS, max_size=8))
-def test_fuzz_the_flag_parser(argv):
-    try:
-        opts, explicit = options.parse_flags(argv)
-    except UserError as error:
-        assert str(error)
-        return
-    assert_within_documented_ranges(opts)
+
+def valid_value(action):
+    """A strategy for a value the flag accepts: None for a switch."""
+    if action.nargs == 0:
+        return st.none()
+    if action.choices is not None:
+        return st.sampled_from(list(action.choices))
+    return VALID_VALUES[action.type]
+
+
+def invalid_value(action):
+    """A strategy for a value the flag refuses, or None where every value is accepted."""
+    if action.nargs == 0 or action.type is options.not_a_link_loop:
+        return None
+    if action.choices is not None:
+        return st.sampled_from(["nope", action.choices[0].upper() + "x"])
+    return st.sampled_from(INVALID_VALUES[action.type])
+
+
+@st.composite
+def command_lines(draw):
+    """(argv, what should come of it): mostly flags a user could type, each with a value it accepts;
+    in a fifth of the examples one flag gets a value it must refuse, in another fifth a stray token."""
+    mode = draw(st.sampled_from(["train", "generate", "interpolate", "evaluate"]))
+    argv = {"train": [], "generate": ["--generate", "7"], "interpolate": ["--interpolate"], "evaluate": ["--evaluate"]}
+    argv, expected = list(argv[mode]), {}
+    spoil = draw(st.sampled_from(["none", "none", "none", "value", "token"]))
+    for action in draw(st.lists(st.sampled_from(ACTIONS), max_size=6)):
+        readers = options.MODE_ONLY_FLAGS.get(action.dest)
+        if readers is not None and mode not in readers:
+            continue
+        if spoil == "value" and invalid_value(action) is not None:
+            argv.append(f"{action.option_strings[-1]}={draw(invalid_value(action))}")
+            expected, spoil = "refused", "done"
+            continue
+        value = draw(valid_value(action))
+        argv += [action.option_strings[-1]] if value is None else [f"{action.option_strings[-1]}={value}"]
+        if isinstance(expected, dict):
+            expected[action.dest] = action.const if value is None else (action.type or str)(value)
+    if spoil == "token":
+        argv.insert(draw(st.integers(0, len(argv))), draw(BAD_TOKENS))
+        expected = None
+    return argv, expected
+
+
+def test_fuzz_the_flag_parser():
+    outcomes = {"parsed": 0, "refused": 0}
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(command_lines())
+    def parse(example):
+        argv, expected = example
+        try:
+            opts, explicit = options.parse_flags(argv)
+        except UserError as error:
+            assert str(error)
+            outcomes["refused"] += 1
+            return
+        assert expected != "refused", argv  # a value outside the flag's range got through
+        outcomes["parsed"] += 1
+        assert_within_documented_ranges(opts)
+        for name, value in (expected or {}).items():  # each typed value reaches the options as typed
+            assert name in explicit and getattr(opts, name) == value, (name, argv)
+
+    parse()
+    assert outcomes["parsed"] >= 0.5 * sum(outcomes.values()), outcomes  # most examples get past argparse
 
 
 def assert_within_documented_ranges(opts):
@@ -738,3 +825,50 @@ def test_fuzz_resuming_from_damaged_checkpoints(run_copy, gan_main):
         torch.save(damaged, checkpoint_path(run_copy))
         code, out, err = gan_main(["--resume", "--epochs", "2"])
         assert code in (0, 2), (trial, err)
+
+
+# ---------------------------------------------------------------- paths that lead nowhere
+
+
+@pytest.mark.parametrize("flag", ["--dataroot", "--checkpoint-dir", "--image-dir", "--cache-dir", "--checkpoint"])
+def test_a_symlink_loop_is_named_as_one(flag, tmp_path, gan_main):
+    (tmp_path / "loop_a").symlink_to("loop_b")
+    (tmp_path / "loop_b").symlink_to("loop_a")
+    dataset = ["--dataset", "folder"] if flag == "--dataroot" else []
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", *dataset, flag, "loop_a"])
+    assert_user_error(code, err, f"argument {flag}: loop_a is a loop of symbolic links (each points to the next)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop_a", "loop_b"]
+
+
+def test_dataroot_naming_the_extracted_cifar10_folder_reads_it(tmp_path, gan_main, no_download):
+    expected = write_cifar10_archive(tmp_path, images_per_batch=8)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz") as tar:
+        tar.extractall(tmp_path / "extracted", filter="data")
+    (tmp_path / "cifar-10-python.tar.gz").unlink()
+    folder = tmp_path / "extracted" / "cifar-10-batches-py"
+    opts, _ = options.parse_flags(["--dataset", "cifar10", "--dataroot", str(folder), "--batch-size", "8"])
+    assert torch.equal(data.load_dataset(opts, "cpu"), torch.from_numpy(expected))
+    before = snapshot(folder)
+    code, out, err = gan_main([*cifar_args(folder), "--subset", "16"])
+    assert code == 0, err
+    assert no_download == [] and snapshot(folder) == before
+    (folder / "data_batch_3").unlink()
+    code, out, err = gan_main([*cifar_args(folder), "--checkpoint-dir", "c2", "--image-dir", "i2"])
+    assert_user_error(code, err, f"{folder} lacks data_batch_3: extract CIFAR-10 again, or give its parent folder")
+    assert no_download == []
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["--checkpoint", "checkpoints/checkpoint.pt"], "--checkpoint is read by --generate, --interpolate, --evaluate "
+         "only, not by training; training continues a checkpoint with --resume PATH"),
+        (["--steps", "5"], "--steps is read by --interpolate only, not by training"),
+        (["--generate", "4", "--steps", "5"], "--steps is read by --interpolate only, not by --generate"),
+    ],
+)  # fmt: skip
+def test_flags_of_another_mode_are_refused(argv, phrase, run_copy, gan_main):
+    before = snapshot(run_copy)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "3", *argv])
+    assert_user_error(code, err, phrase)
+    assert snapshot(run_copy) == before

@@ -113,6 +113,52 @@ def test_spectral_spread_is_the_score_of_each_half_split(scores):
     assert spread == scores.spectral_spread(images, splits=5, seed=7)
 
 
+def test_fixed_detail_share_tells_a_locked_pattern_from_a_moving_one(scores):
+    flat = torch.arange(60, 188, 4.0).view(32, 1, 1, 1).expand(32, 3, 16, 16)  # no detail of their own
+    board = checkerboard(16, 2, 12)
+    signs = torch.tensor([1.0, -1.0]).repeat(16).view(32, 1, 1, 1)
+    locked = (flat + board).to(torch.uint8)  # the same phase in every image
+    alternating = (flat + signs * board).to(torch.uint8)  # half in each phase: the mean detail is 0
+    half = (flat + (signs > 0) * board).to(torch.uint8)  # the mean detail is half the board's
+    assert scores.fixed_detail_share(locked) == pytest.approx(1.0, abs=1e-6)
+    assert scores.fixed_detail_share(alternating) == pytest.approx(0.0, abs=1e-6)
+    assert scores.fixed_detail_share(half) == pytest.approx(0.5, abs=1e-6)
+    # inside the image a 3x3 mean of a period-2 board is 1/9 of it, so the detail is 8/9 of the board
+    detail = scores.pixel_detail(locked[:1])[0, 1:-1, 1:-1]
+    torch.testing.assert_close(detail, board[1:-1, 1:-1].float() * 8 / 9)
+
+
+@pytest.mark.parametrize("period, frequency", [(2, "(8,8)"), (4, "(4,4)")])
+def test_strongest_peak_finds_a_checkerboard(scores, period, frequency):
+    real, clean = smooth_images(32, seed=0), smooth_images(32, seed=1)
+    latticed = (clean.float() + checkerboard(16, period, 12)).clamp(0, 255).round().to(torch.uint8)
+    assert scores.strongest_peak(latticed, real).startswith(frequency + " ")
+
+
+def test_an_untrained_dcgan_generator_draws_a_locked_lattice_and_the_upsample_one_does_not(scores):
+    """Why --arch upsample: the transposed convolutions' lattice is there before any training, at the
+    corner frequency (period 2) and in the same phase in every sample."""
+    import models
+
+    def untrained_samples(arch):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            generator = models.build_generator(arch, 16, 8, 32)
+            generator.apply(models.init_weights)
+            with torch.no_grad():
+                images = generator.train()(torch.randn(128, 16, 1, 1))
+        return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+    real = torch.nn.functional.interpolate(smooth_images(128, seed=5).float(), size=32, mode="bilinear")
+    real = real.round().to(torch.uint8)
+    dcgan, upsample = untrained_samples("dcgan"), untrained_samples("upsample")
+    assert scores.fixed_detail_share(dcgan) > 0.4
+    assert scores.fixed_detail_share(upsample) < 0.15
+    # at a multiple of 4 cycles per 32 px: the grid of one of its stride-2 layers
+    row, col = map(int, scores.strongest_peak(dcgan, real).split(")")[0][1:].split(","))
+    assert row % 4 == 0 and col % 4 == 0 and max(row, col) == 16
+
+
 # ---------------------------------------------------------------- flat share
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_ARGS, snapshot, write_cifar10_archive
+from conftest import TINY_ARGS, check_ok, run_gan, snapshot, write_cifar10_archive
 from PIL import Image
 
 import artifacts
 import data
+import metrics
 import models
 import options
 import sampling
@@ -90,10 +91,11 @@ def test_a_folder_without_usable_class_folders_is_one_line_and_exit_2(layout, me
         for index in range(count):
             Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / name / f"{name.strip('.')}{index}.png")
     before = snapshot(root)
-    code, out, err = gan_main([*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--conditional", "--epochs", 1])
+    folder = ["--dataset", "folder", "--dataroot", "data", "--subset", 2, "--batch-size", 2]  # past the count check
+    code, out, err = gan_main([*TINY_ARGS, *folder, "--conditional", "--epochs", 1])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "images").exists()
-    assert {k: v for k, v in snapshot(root).items() if ".dcgan-cache" not in k} == before
+    assert snapshot(root) == before  # the decoded-image cache lives outside the data
 
 
 def test_subset_keeps_each_class_its_share():
@@ -175,15 +177,15 @@ def conditional_pair(arch="dcgan", spectral_norm=False, classes=4):
     D = models.build_discriminator(arch, 8, 16, spectral_norm=spectral_norm, num_classes=classes)
     G.apply(models.init_weights)
     D.apply(models.init_weights)
-    for layer in G.modules():  # distinct gains and biases per class, so a wrong row shows
+    for layer in G.modules():  # gains and biases far apart per class, so a wrong class shows
         if isinstance(layer, models.ConditionalBatchNorm2d):
-            layer.gain.weight.data = torch.rand(layer.gain.weight.shape) + 0.5
-            layer.bias.weight.data = torch.randn(layer.bias.weight.shape)
+            layer.gain.weight.data = torch.randn(layer.gain.weight.shape) * 0.05
+            layer.bias.weight.data = torch.randn(layer.bias.weight.shape) * 0.1
     return G, D
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "upsample-fullres"])
-def test_the_class_picks_its_rows_of_gs_conditional_batch_norm(arch):
+def test_the_class_sets_the_gain_and_bias_of_gs_conditional_batch_norm(arch):
     G, _ = conditional_pair(arch)
     G.eval()
     calls = []
@@ -194,14 +196,14 @@ def test_the_class_picks_its_rows_of_gs_conditional_batch_norm(arch):
     labels = torch.tensor([3, 0, 2])
     G(torch.randn(3, 8, 1, 1), labels)
     assert [call[0] for call in calls] == layers and len(layers) == (2 if arch == "dcgan" else 3)
-    for layer, features, used_labels, output in calls:
-        assert used_labels is labels
+    vectors = G.embed.weight[labels]  # the classes' rows of G's shared embedding
+    for layer, features, used_vectors, output in calls:
+        torch.testing.assert_close(used_vectors, vectors, rtol=0, atol=0)
         norm = layer.norm
         normalised = F.batch_norm(features, norm.running_mean, norm.running_var, eps=norm.eps)
-        expected = normalised * layer.gain.weight[labels].view(3, -1, 1, 1) + layer.bias.weight[labels].view(
-            3, -1, 1, 1
-        )
-        torch.testing.assert_close(output, expected)
+        gain = 1 + vectors @ layer.gain.weight.T  # BigGAN's 1 + W_gain e_y
+        bias = vectors @ layer.bias.weight.T
+        torch.testing.assert_close(output, normalised * gain.view(3, -1, 1, 1) + bias.view(3, -1, 1, 1))
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "upsample"])
@@ -239,12 +241,11 @@ def test_a_training_step_reaches_only_the_classes_of_its_batch():
     opts = parsed("--conditional", "--ema", "0").replace(num_classes=4)
     torch.manual_seed(0)
     nets = steps.build_nets(opts, CPU)
-    cbn = next(m for m in nets.G.modules() if isinstance(m, models.ConditionalBatchNorm2d))
-    gain, embed = cbn.gain.weight.detach().clone(), nets.D.embed.weight.detach().clone()
+    g_embed, d_embed = nets.G.embed.weight.detach().clone(), nets.D.embed.weight.detach().clone()
     steps.train_step(nets, torch.rand(8, 3, 16, 16) * 2 - 1, steps.Recipe(), CPU, labels=torch.full((8,), 2))
     moved = lambda old, new: (new.detach() != old).any(dim=1).tolist()  # noqa: E731
-    assert moved(gain, cbn.gain.weight) == [False, False, True, False]
-    assert moved(embed, nets.D.embed.weight) == [False, False, True, False]
+    assert moved(g_embed, nets.G.embed.weight) == [False, False, True, False]
+    assert moved(d_embed, nets.D.embed.weight) == [False, False, True, False]
 
 
 def test_the_ema_batch_norm_statistics_are_estimated_over_balanced_classes():
@@ -315,3 +316,261 @@ def test_conditional_training_with_every_option_saves_the_class_names(gan_main, 
     assert saved["netD"]["embed.parametrizations.weight.original"].shape == (10, 16)
     with Image.open(tmp_path / "images" / "epoch_001.png") as grid:
         assert grid.height == 10 * 18 + 2 and grid.width > 8 * 18 + 2
+
+
+# ---------------------------------------------------------------- drawing a class after training
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    """A 1-epoch --conditional run on CIFAR-10-format data (classes airplane ... truck)."""
+    folder = tmp_path_factory.mktemp("conditional_run")
+    (folder / "data").mkdir()
+    write_cifar10_archive(folder / "data", images_per_batch=8)
+    check_ok(
+        run_gan([*TINY_ARGS, "--dataset", "cifar10", "--dataroot", "data", "--conditional", "--epochs", 1], folder)
+    )
+    return folder
+
+
+def trained_generator(run):
+    """The run's EMA generator as --generate uses it, built here by hand."""
+    saved = torch.load(run / "checkpoints" / "checkpoint.pt")
+    G = models.build_generator("dcgan", 8, 8, 16, num_classes=len(saved["class_names"]))
+    G.load_state_dict(saved["netG_ema"])
+    models.estimate_batch_norm(G, 8, "cpu", num_classes=len(saved["class_names"]))
+    return G.eval(), saved["class_names"]
+
+
+def png_pixels(path):
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).int()
+
+
+def as_pixels(images):
+    return images.add(1).div(2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).int()
+
+
+def test_generate_writes_each_class_into_its_own_folder_as_image_folder_reads_it(conditional_run, gan_main, tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    checkpoint = conditional_run / "checkpoints" / "checkpoint.pt"
+    code, out, err = gan_main(["--generate", 3, "--checkpoint", checkpoint, "--seed", 5])
+    assert code == 0, err
+    generated = tmp_path / "images" / "generated"
+    dataset = ImageFolder(generated)
+    G, names = trained_generator(conditional_run)
+    assert dataset.classes == sorted(names) and len(dataset) == 30
+    assert sorted(dataset.targets) == [target for target in range(10) for _ in range(3)]
+    noise = torch.randn(3, 8, 1, 1, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for label in (0, 3):  # image k of each class: the seed's k-th noise vector drawn as that class
+            expected = as_pixels(G(noise, torch.full((3,), label)))
+            for index in range(3):
+                got = png_pixels(generated / names[label] / f"{index:04d}.png")
+                assert (got - expected[index]).abs().max() <= 1
+    assert f"of each class ({', '.join(names)})" in out
+    with Image.open(generated / "grid.png") as grid:
+        assert grid.height == 10 * 18 + 2  # a labelled row per class, 3 columns
+        assert grid.width > 3 * 18 + 2
+
+
+def test_generate_one_class_by_name_or_by_index(conditional_run, gan_main, tmp_path):
+    checkpoint = conditional_run / "checkpoints" / "checkpoint.pt"
+    for name, folder in (("cat", "by_name"), ("3", "by_index")):
+        code, out, err = gan_main(["--generate", 2, "--class", name, "--checkpoint", checkpoint, "--seed", 5,
+                                   "--image-dir", folder])  # fmt: skip
+        assert code == 0, err
+        assert sorted(p.name for p in (tmp_path / folder / "generated").iterdir()) == ["cat", "grid.png"]
+    assert snapshot(tmp_path / "by_name") == snapshot(tmp_path / "by_index")
+    G, _ = trained_generator(conditional_run)
+    noise = torch.randn(2, 8, 1, 1, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = as_pixels(G(noise, torch.full((2,), 3)))
+    assert (png_pixels(tmp_path / "by_name" / "generated" / "cat" / "0001.png") - expected[1]).abs().max() <= 1
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--generate", 2, "--class", "zebra"], "no such class in"),
+        (["--interpolate", "--class", "cat", "--to-class", "10"], "--to-class 10: no such class"),
+    ],
+)
+def test_an_unknown_class_lists_the_classes_and_writes_nothing(flags, message, conditional_run, gan_main, tmp_path):
+    code, out, err = gan_main([*flags, "--checkpoint", conditional_run / "checkpoints" / "checkpoint.pt"])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert "its classes are 0: airplane, 1: automobile, 2: bird, 3: cat," in err and "9: truck" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_class_on_an_unconditional_checkpoint_is_refused(trained_run, gan_main, tmp_path):
+    for mode in (["--generate", 2], ["--interpolate"]):
+        code, out, err = gan_main(
+            [*mode, "--class", "cat", "--checkpoint", trained_run / "checkpoints" / "checkpoint.pt"]
+        )
+        assert code == 2 and "was trained without --conditional, so it has no classes" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--generate", 2, "--truncation", 0], "--truncation: must be a positive number, got 0"),
+        (["--generate", 2, "--truncation", -1], "--truncation: must be a positive number, got -1"),
+        (["--truncation", 1, "--epochs", 1], "--truncation applies to --generate, --interpolate and --evaluate"),
+        (["--class", "cat", "--evaluate"], "--class applies to --generate and --interpolate"),
+        (["--generate", 2, "--to-class", "cat"], "--to-class applies to --interpolate"),
+    ],
+)
+def test_bad_sampling_flags_are_one_line_and_exit_2(flags, message, gan_main, tmp_path):
+    code, out, err = gan_main(flags)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_noise_stays_within_its_bounds():
+    noise = sampling.draw_noise(4000, 8, torch.Generator().manual_seed(0), truncation=0.7)
+    assert noise.abs().max() <= 0.7 and noise.abs().max() > 0.69 and noise.shape == (4000, 8, 1, 1)
+    assert noise.std().item() == pytest.approx(0.38, abs=0.02)  # a unit normal cut at 0.7 sigma: std 0.38
+    plain = sampling.draw_noise(4000, 8, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain, torch.randn(4000, 8, 1, 1, generator=torch.Generator().manual_seed(0)))
+
+
+def test_truncation_reaches_the_generated_images(trained_run, gan_main, tmp_path):
+    """At a tiny T every noise vector is about zero: every image is G's image of the zero vector."""
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    code, out, err = gan_main(["--generate", 2, "--truncation", 1e-6, "--checkpoint", checkpoint, "--seed", 1])
+    assert code == 0, err
+    saved = torch.load(checkpoint)
+    G = models.build_generator("dcgan", 8, 8, 16)
+    G.load_state_dict(saved["netG_ema"])
+    models.estimate_batch_norm(G, 8, "cpu")
+    with torch.no_grad():
+        expected = as_pixels(G.eval()(torch.zeros(1, 8, 1, 1)))[0]
+    for name in ("0000.png", "0001.png"):
+        assert (png_pixels(tmp_path / "images" / "generated" / name) - expected).abs().max() <= 1
+
+
+def test_a_walk_between_classes_holds_the_noise_and_moves_the_class(conditional_run, gan_main, tmp_path):
+    G, names = trained_generator(conditional_run)
+    walk = sampling.Walks(2, start_class=1, end_class=3, num_classes=10)
+    noise, weights = sampling.walk_inputs(walk, 8, parsed("--interpolate", "--steps", 5), seed=0)
+    assert noise.shape == (5, 2, 8, 1, 1) and torch.equal(noise[0], noise[4]) and torch.equal(noise[1], noise[3])
+    assert weights.shape == (10, 10)
+    assert weights[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0] and weights[-1].tolist() == [0, 0, 0, 1] + [0] * 6
+    assert weights[4].tolist() == pytest.approx([0, 0.5, 0, 0.5] + [0] * 6)  # the middle step, both walks
+    with torch.no_grad():  # a one-hot weight row draws exactly the class it names
+        torch.testing.assert_close(G(noise[0], weights[:2]), G(noise[0], torch.tensor([1, 1])), rtol=0, atol=0)
+    code, out, err = gan_main(["--interpolate", "--class", "automobile", "--to-class", "cat", "--steps", 5,
+                               "--checkpoint", conditional_run / "checkpoints" / "checkpoint.pt"])  # fmt: skip
+    assert code == 0, err
+    assert "8 walks from automobile to cat, 5 steps" in out
+    with Image.open(tmp_path / "images" / "interpolation.png") as grid:
+        assert grid.size == (5 * 18 + 2, 8 * 18 + 2)
+
+
+def test_a_conditional_interpolation_walks_one_class_per_labelled_row(conditional_run, gan_main, tmp_path):
+    code, out, err = gan_main(
+        ["--interpolate", "--steps", 3, "--checkpoint", conditional_run / "checkpoints" / "checkpoint.pt"]
+    )
+    assert code == 0, err
+    assert "10 walks, one per class, 3 steps" in out
+    with Image.open(tmp_path / "images" / "interpolation.png") as grid:
+        assert grid.height == 10 * 18 + 2 and grid.width > 3 * 18 + 2  # the names' margin
+
+
+# ---------------------------------------------------------------- greyscale folders
+
+
+def grey_folder(root, count=16, colour_file=False):
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), "L").save(root / f"{index:02d}.png")
+    if colour_file:
+        Image.fromarray(np.full((20, 20, 3), (200, 10, 10), np.uint8)).save(root / "colour.png")
+    return root
+
+
+def test_a_greyscale_folder_trains_and_draws_with_one_channel(gan_main, tmp_path):
+    grey_folder(tmp_path / "data")
+    code, out, err = gan_main([*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--subset", 16, "--epochs", 1])
+    assert code == 0, err
+    assert "16 images, greyscale (1 channel)" in out
+    saved = torch.load(tmp_path / "checkpoints" / "checkpoint.pt")
+    assert saved["flags"]["nc"] == 1 and saved["flags"]["channels"] == "auto"
+    assert saved["netG"]["main.6.weight"].shape[1] == 1 and saved["netD"]["main.0.weight"].shape[1] == 1
+    grid = png_pixels(tmp_path / "images" / "epoch_001.png")
+    assert torch.equal(grid[0], grid[1]) and torch.equal(grid[1], grid[2])
+    code, out, err = gan_main(["--generate", 2, "--seed", 1])
+    assert code == 0, err
+    with Image.open(tmp_path / "images" / "generated" / "0001.png") as image:
+        assert image.mode == "L" and image.size == (16, 16)
+    code, out, err = gan_main(["--resume", "--dataroot", "data", "--channels", "3", "--epochs", 2, "--device", "cpu"])
+    assert code == 2 and "was trained on 1-channel images; the data now gives 3" in err
+
+
+def test_one_colour_image_keeps_three_channels_and_the_flag_decides_over_the_data(tmp_path):
+    mixed, grey = grey_folder(tmp_path / "mixed", colour_file=True), grey_folder(tmp_path / "grey")
+    channels = {}
+    for root, flag in ((mixed, "auto"), (mixed, "1"), (grey, "auto"), (grey, "3")):
+        opts = parsed("--dataset", "folder", "--dataroot", root, "--channels", flag, "--subset", 16)
+        channels[root.name, flag] = data.load_training_data(opts, torch.device("cpu")).channels
+    assert channels == {("mixed", "auto"): 3, ("mixed", "1"): 1, ("grey", "auto"): 1, ("grey", "3"): 3}
+    colour = torch.tensor([200, 10, 10], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    luma = data.to_float_images(colour, 4, channels=1)
+    assert luma.shape == (2, 1, 4, 4)
+    assert luma[0, 0, 0, 0].item() == pytest.approx((0.299 * 200 + 0.587 * 10 + 0.114 * 10) / 127.5 - 1)
+    batch = next(data.DeviceBatches(colour[:, :, :, :].clone(), 2, 4, seed=0, channels=1).epoch(0))
+    torch.testing.assert_close(batch, luma)
+
+
+# ---------------------------------------------------------------- intra-FID and class consistency
+
+
+def class_pixels(rng, count, centre):
+    """count 1x1 RGB images around centre, with correlated channels."""
+    values = rng.normal(centre, 20, size=(count, 3)) + rng.normal(0, 10, size=(count, 1))
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+def test_intra_fid_is_the_mean_per_class_frechet_distance_and_consistency_the_nearest_class(tmp_path):
+    from test_metrics import PixelFeatures, frechet_by_hand
+
+    rng = np.random.default_rng(0)
+    centres = [(60, 60, 60), (190, 120, 60), (60, 120, 200)]
+    real = [class_pixels(rng, 80, centre) for centre in centres]
+    fake = [class_pixels(rng, 60, np.add(centre, 12)) for centre in centres]
+    real_labels = torch.arange(3).repeat_interleave(80)
+    real_uint8 = torch.from_numpy(np.concatenate(real)).view(-1, 3, 1, 1)
+    scorer = metrics.ClassScorer(PixelFeatures(), real_uint8, real_labels, 3, tmp_path / "classes.pt")
+    fake_labels = torch.arange(3).repeat(60)  # drawn as the classes in turn, as the evaluation draws them
+    by_class = [iter(fake[label]) for label in range(3)]
+    fake_uint8 = torch.from_numpy(np.stack([next(by_class[label]) for label in fake_labels.tolist()]))
+    fake_images = fake_uint8.float().view(-1, 3, 1, 1).div(127.5).sub(1)
+    passed = list(scorer.observe(iter(fake_images.split(50)), fake_labels))
+    assert torch.equal(torch.cat(passed), fake_images)  # the batches go on to FID unchanged
+    scores = scorer.compute()
+    expected = np.mean([frechet_by_hand(real[k].astype(float), fake[k].astype(float)) for k in range(3)])
+    assert scores["intra_fid"] == pytest.approx(expected, rel=1e-4)
+    assert scores["class_consistency"] == 1.0
+    list(scorer.observe(iter(fake_images.split(50)), (fake_labels + 1) % 3))  # every sample asked as another class
+    assert scorer.compute()["class_consistency"] == 0.0
+    cached = metrics.ClassScorer(PixelFeatures(), real_uint8[:3], real_labels[:3], 3, tmp_path / "classes.pt")
+    torch.testing.assert_close(cached.real_means, scorer.real_means)  # read back, not recomputed from 3 images
+
+
+def test_fid_every_and_evaluate_report_intra_fid_and_class_consistency(gan_main, tmp_path):
+    from test_metrics import StandInFeatures
+
+    run = [*TINY_ARGS, "--conditional", "--eval-samples", 40, "--epochs", 1, "--fid-every", 1]
+    code, out, err = gan_main(run, StandInFeatures())
+    assert code == 0, err
+    rows = [__import__("json").loads(line) for line in (tmp_path / "checkpoints" / "metrics.jsonl").open()]
+    scored = [row for row in rows if "fid" in row]
+    assert len(scored) == 1 and 0 <= scored[0]["class_consistency"] <= 1 and scored[0]["intra_fid"] > 0
+    code, out, err = gan_main(["--evaluate", "--eval-samples", 40, "--device", "cpu", "--seed", 3], StandInFeatures())
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("FID"))
+    assert "intra-FID" in line and "class consistency" in line

@@ -4,8 +4,10 @@ the "did you mean --dataset folder?" check. All in-process on the CPU with tiny 
 
 import argparse
 import os
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,12 +20,13 @@ from torch.utils._pytree import tree_flatten
 
 import data as datasets
 import folders
+import options
 import utils
 
 REAL_READ_IMAGE = folders.read_image
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- functions the tests share
 
 
 def write_png(path, seed, size=(20, 24)):
@@ -71,22 +74,31 @@ def cache_files(folder):
     return sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
 
 
+@pytest.fixture
+def cached(cache_dir):
+    """The folder where the decoded-image caches go (cache_dir: the test's $DCGAN_CACHE_DIR)."""
+    return cache_dir / folders.FOLDER_CACHE_NAME
+
+
 def folder_opts(dataroot, **changes):
-    options = dict(dataset="folder", dataroot=dataroot, image_size=8, workers=0, subset=None, batch_size=2, seed=3)
+    options = dict(
+        dataset="folder", dataroot=dataroot, image_size=8, workers=0, subset=None, batch_size=2, seed=3, cache_dir=None
+    )
     return argparse.Namespace(**{**options, **changes})
 
 
 # ---------------------------------------------------------------- the decoded-image cache
 
 
-def test_first_start_builds_the_cache_and_the_second_reuses_it(tmp_path, reads):
+def test_first_start_builds_the_cache_and_the_second_reuses_it(tmp_path, reads, cached):
     data = write_folder(tmp_path / "data", 5)
+    before = everything_under(data), snapshot(data)
     first, said = load(data, 8)
     assert len(reads) == 5
     assert len(said) == 1 and said[0].startswith("image cache: no cache yet, building one; decoding 5 files")
-    cache = data / folders.FOLDER_CACHE_NAME
-    npy = next(cache.glob("*.npy"))
-    assert cache_files(cache) == [npy.with_suffix(".json").name, npy.name]  # no temp file left
+    npy = next(cached.glob("*.npy"))
+    assert cache_files(cached) == [npy.with_suffix(".json").name, npy.name]  # no temp file left
+    assert (everything_under(data), snapshot(data)) == before  # nothing written beside the images
 
     second, said = load(data, 8)
     assert len(reads) == 5  # nothing decoded again
@@ -99,7 +111,11 @@ def test_cached_images_are_byte_identical_to_a_fresh_decode(tmp_path, reads):
     expected = fresh_decode(data, 12)
     for start in ("built", "reused"):
         # the unreadable files stay skipped, with the same one warning, cached or not
-        with pytest.warns(UserWarning, match=f"^skipped 2 of 8 files in {data} that are not readable images$"):
+        why = r"\(not an image format Pillow reads\)"
+        message = (
+            f"^skipped 2 of 8 files in {data} that are not readable images: broken_0.jpg {why}, broken_1.jpg {why}$"
+        )
+        with pytest.warns(UserWarning, match=message):
             images, said = load(data, 12)
         assert images.dtype == torch.uint8 and images.shape == (6, 3, 12, 12)
         assert torch.equal(images, expected), start
@@ -120,19 +136,20 @@ CHANGES = {
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_a_changed_folder_rebuilds_the_cache(change, tmp_path, reads):
+def test_a_changed_folder_rebuilds_the_cache(change, tmp_path, reads, cached):
     data = write_folder(tmp_path / "data", 5)
     load(data, 8)
-    old_mtime = (data / "image_4.png").stat().st_mtime_ns
+    old = (data / "image_4.png").stat()
     CHANGES[change](data)
-    if change == "rewritten, same size":  # a rewrite within the clock's resolution still counts
-        os.utime(data / "image_4.png", ns=(old_mtime, old_mtime + 1))
+    if change == "rewritten, same size":  # even with its mtime put back, as rsync -t or a careful tool would
+        os.utime(data / "image_4.png", ns=(old.st_atime_ns, old.st_mtime_ns))
+        assert (data / "image_4.png").stat().st_size == old.st_size
     reads.clear()
     images, said = load(data, 8)
     assert len(said) == 1 and said[0].startswith("image cache: the files changed since the cache was made, rebuilding")
     assert len(reads) == len(folders.list_images(data))
     assert torch.equal(images, fresh_decode(data, 8))
-    assert len(cache_files(data / folders.FOLDER_CACHE_NAME)) == 2  # the stale cache is gone
+    assert len(cache_files(cached)) == 2  # the stale cache is gone
 
 
 def test_another_image_size_builds_its_own_cache(tmp_path, reads):
@@ -173,10 +190,10 @@ def wrong_row_count(npy, sidecar):
 @pytest.mark.parametrize(
     "damage", [cut_in_half, extended, garbage_header, no_sidecar, garbage_sidecar, wrong_row_count]
 )
-def test_a_damaged_cache_is_rebuilt_not_trusted(damage, tmp_path, reads):
+def test_a_damaged_cache_is_rebuilt_not_trusted(damage, tmp_path, reads, cached):
     data = write_folder(tmp_path / "data", 5)
     load(data, 8)
-    npy = next((data / folders.FOLDER_CACHE_NAME).glob("*.npy"))
+    npy = next(cached.glob("*.npy"))
     damage(npy, npy.with_suffix(".json"))
     reads.clear()
     images, said = load(data, 8)
@@ -187,7 +204,7 @@ def test_a_damaged_cache_is_rebuilt_not_trusted(damage, tmp_path, reads):
     assert said[0].startswith("image cache: reusing")
 
 
-def test_a_build_cut_short_leaves_nothing_that_is_trusted(tmp_path, monkeypatch):
+def test_a_build_cut_short_leaves_nothing_that_is_trusted(tmp_path, monkeypatch, cached):
     data = write_folder(tmp_path / "data", 5)
     calls = []
 
@@ -200,16 +217,16 @@ def test_a_build_cut_short_leaves_nothing_that_is_trusted(tmp_path, monkeypatch)
     monkeypatch.setattr(folders, "read_image", interrupted_read_image)
     with pytest.raises(KeyboardInterrupt):
         load(data, 8)
-    assert cache_files(data / folders.FOLDER_CACHE_NAME) == []
+    assert not cached.exists()  # nor an empty cache folder
     monkeypatch.setattr(folders, "read_image", REAL_READ_IMAGE)
     images, said = load(data, 8)
     assert said[0].startswith("image cache: no cache yet")
     assert torch.equal(images, fresh_decode(data, 8))
 
 
-def test_a_build_removes_the_leftovers_of_abandoned_builds(tmp_path):
+def test_a_build_removes_the_leftovers_of_abandoned_builds(tmp_path, cached):
     data = write_folder(tmp_path / "data", 3)
-    cache = data / folders.FOLDER_CACHE_NAME
+    cache = cached
     cache.mkdir()
     abandoned, recent = cache / ".images-8px-0123.npy.abc.tmp", cache / ".images-8px-4567.npy.def.tmp"
     for path in (abandoned, recent):
@@ -221,39 +238,28 @@ def test_a_build_removes_the_leftovers_of_abandoned_builds(tmp_path):
     assert recent.exists()  # it may belong to a build still running beside this one
 
 
-def test_a_read_only_data_folder_caches_in_cache_dir(tmp_path, reads):
+def test_an_unwritable_cache_folder_means_decoding_into_memory(tmp_path, reads, cache_dir):
     data = write_folder(tmp_path / "data", 4)
-    (data / folders.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go: mkdir fails")
-    before = snapshot(data)
-    fallback = tmp_path / "checkpoints" / folders.FOLDER_CACHE_NAME
-    first, said = load(data, 8, cache_dir=tmp_path / "checkpoints")
-    assert said[0].startswith("image cache: no cache yet") and f"into {fallback}/images-8px-" in said[0]
-    second, said = load(data, 8, cache_dir=tmp_path / "checkpoints")
-    assert said[0].startswith(f"image cache: reusing {fallback}/images-8px-")
-    assert len(reads) == 4 and torch.equal(second, first)
-    assert snapshot(data) == before
-
-
-def test_without_any_writable_cache_folder_the_folder_is_decoded_into_memory(tmp_path, reads):
-    data = write_folder(tmp_path / "data", 4)
-    (data / folders.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
+    (cache_dir / folders.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go: mkdir fails")
+    before = snapshot(data), everything_under(data)
     for _ in range(2):
         images, said = load(data, 8)
-        assert said[0].startswith(f"image cache: none ({data / folders.FOLDER_CACHE_NAME} is not writable")
+        assert said[0].startswith(f"image cache: none ({cache_dir / folders.FOLDER_CACHE_NAME} is not writable")
         assert said[0].endswith("decoding 4 files into memory")
         assert torch.equal(images, fresh_decode(data, 8))
     assert len(reads) == 8
+    assert (snapshot(data), everything_under(data)) == before
 
 
-def test_without_a_cache_a_folder_too_large_for_memory_is_a_clear_error(tmp_path, monkeypatch):
+def test_without_a_cache_a_folder_too_large_for_memory_is_a_clear_error(tmp_path, monkeypatch, cache_dir):
     data = write_folder(tmp_path / "data", 4)
-    (data / folders.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
+    (cache_dir / folders.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
     monkeypatch.setattr(folders, "available_ram_bytes", lambda: 1000)
-    with pytest.raises(utils.UserError, match="no folder can take the decoded-image cache"):
+    with pytest.raises(utils.UserError, match="the decoded-image cache cannot be kept .*: give --cache-dir a folder"):
         load(data, 8)
 
 
-def test_a_folder_of_only_broken_files_leaves_no_cache(tmp_path):
+def test_a_folder_of_only_broken_files_leaves_no_cache(tmp_path, cache_dir):
     data = tmp_path / "data"
     data.mkdir()
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nshort")
@@ -261,6 +267,7 @@ def test_a_folder_of_only_broken_files_leaves_no_cache(tmp_path):
         with pytest.raises(utils.UserError, match="holds no readable images"):
             load(data, 8)
     assert sorted(path.name for path in data.iterdir()) == ["broken.png"]
+    assert everything_under(cache_dir) == []
 
 
 def test_load_dataset_gives_what_it_gave_before_the_cache(tmp_path):
@@ -309,13 +316,13 @@ def test_streamed_batches_split_ranks_disjointly(tmp_path):
     assert len(everything) == 8  # each image once, on one rank
 
 
-def test_streamed_batches_describe_where_they_come_from(tmp_path):
+def test_streamed_batches_describe_where_they_come_from(tmp_path, cached):
     data = write_folder(tmp_path / "data", 4)
     said = []
     streamed = datasets.load_dataset(folder_opts(data), "cpu", say=said.append, memory_limit_bytes=100)
-    npy = next((data / folders.FOLDER_CACHE_NAME).glob("*.npy"))
+    npy = next(cached.glob("*.npy"))
     assert streamed.source == npy
-    assert said[-1] == f"the images (0.0 MiB) exceed the 0.0 MiB budget on cpu: streaming batches from {npy}"
+    assert said[-1] == f"the images (768 bytes) exceed the 100 bytes budget on cpu: streaming batches from {npy}"
     assert datasets.make_batches(streamed, 2, 8, 0).describe() == f"streamed from {npy}"
     resident = datasets.load_dataset(folder_opts(data), "cpu")
     assert datasets.make_batches(resident, 2, 8, 0).describe() == "held on cpu"
@@ -425,3 +432,174 @@ def test_the_cli_asks_for_dataset_folder(tmp_path, gan_main, monkeypatch):
     assert code == 2
     assert "error: my_images holds image files but no CIFAR-10: did you mean --dataset folder?" in err
     assert everything_under(tmp_path / "my_images") == before
+
+
+# ---------------------------------------------------------------- where the cache lives
+
+
+def folder_run(data, *flags):
+    """Flags of a 1-epoch run on an image folder at 16 px, 4 images a step."""
+    return [
+        "--dataset", "folder", "--dataroot", data, "--device", "cpu", "--no-compile", "--workers", "0",
+        "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8", "--batch-size", "4", "--epochs", "1",
+        "--seed", "1", *flags,
+    ]  # fmt: skip
+
+
+def test_the_cache_folder_comes_from_the_flag_the_variable_xdg_or_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(folders.CACHE_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert folders.folder_cache_dir() == tmp_path / "home" / ".cache" / "dcgan" / "folders"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG spec says
+    assert folders.folder_cache_dir() == tmp_path / "home" / ".cache" / "dcgan" / "folders"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert folders.folder_cache_dir() == tmp_path / "xdg" / "dcgan" / "folders"
+    monkeypatch.setenv(folders.CACHE_ENV, str(tmp_path / "variable"))
+    assert folders.folder_cache_dir() == tmp_path / "variable" / "folders"
+    opts, _ = options.parse_flags(["--cache-dir", str(tmp_path / "flag")])
+    assert folders.folder_cache_dir(opts.cache_dir) == tmp_path / "flag" / "folders"
+
+
+def test_training_on_a_folder_caches_in_the_cache_folder_and_never_in_the_data(tmp_path, gan_main, monkeypatch):
+    data = write_folder(tmp_path / "data", 8)
+    before = everything_under(data), snapshot(data)
+    monkeypatch.delenv(folders.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    code, out, err = gan_main(folder_run(data))
+    assert code == 0, err
+    npy = next((tmp_path / "xdg" / "dcgan" / "folders").glob("images-16px-*.npy"))
+    assert f"into {npy}" in out
+    code, out, err = gan_main(folder_run(data, "--cache-dir", "by_flag", "--checkpoint-dir", "c2", "--image-dir", "i2"))
+    assert code == 0, err
+    assert f"image cache: no cache yet, building one; decoding 8 files (6.0 KiB) into by_flag/folders/{npy.name}" in out
+    assert (everything_under(data), snapshot(data)) == before
+
+
+def test_an_unwritable_cache_folder_still_trains_through_the_cli(tmp_path, gan_main, cache_dir, reads):
+    data = write_folder(tmp_path / "data", 8)
+    before = everything_under(data), snapshot(data)
+    (cache_dir / folders.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go")
+    code, out, err = gan_main(folder_run(data))
+    assert code == 0, err
+    assert f"image cache: none ({cache_dir / folders.FOLDER_CACHE_NAME} is not writable" in out
+    assert "decoding 8 files into memory" in out and len(reads) == 8
+    assert torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert (everything_under(data), snapshot(data)) == before
+
+
+@pytest.mark.parametrize(
+    "count, flags, message",
+    [
+        (1, ["--batch-size", "16"], "data folder {data} holds 1 image, fewer than --batch-size 16"),
+        (3, ["--subset", "5"], "--subset 5 is larger than the dataset: data folder {data} holds 3 images"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_decoded(count, flags, message, tmp_path, gan_main, monkeypatch):
+    data = write_folder(tmp_path / "data", count)
+    monkeypatch.setattr(folders, "read_image", lambda *args: pytest.fail("decoded before checking the input"))
+    code, out, err = gan_main(folder_run(data, *flags))
+    assert code == 2 and err.strip() == f"gan.py: error: {message.format(data=data)}"
+    assert everything_under(Path(os.environ[folders.CACHE_ENV])) == []
+    assert everything_under(tmp_path) == everything_under(data.parent)  # no output folder made, nothing in data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+class FakeDisk:
+    """shutil.disk_usage for a disk of capacity bytes that holds only the cache folder's files."""
+
+    def __init__(self, folder, capacity):
+        self.folder, self.capacity = folder, capacity
+
+    def __call__(self, path):
+        used = sum(p.stat().st_size for p in self.folder.glob("*") if p.is_file())
+        return shutil._ntuple_diskusage(self.capacity, used, self.capacity - used)
+
+
+def test_a_build_short_of_disk_removes_the_least_recently_used_caches_of_other_folders(tmp_path, monkeypatch, cached):
+    monkeypatch.setattr(folders, "DISK_SPARE_BYTES", 0)
+    disk = FakeDisk(cached, capacity=10**6)
+    monkeypatch.setattr(folders.shutil, "disk_usage", disk)
+    first, second, third = (write_folder(tmp_path / name, 4) for name in ("first", "second", "third"))
+    load(first, 8)
+    disk.capacity = sum(p.stat().st_size for p in cached.iterdir()) * 5 // 2  # room for two caches, not three
+    load(second, 8)
+    assert len(cache_files(cached)) == 4  # both kept: one folder's build never removes another's cache
+    time.sleep(0.05)  # beyond the file system's coarse clock, so the reuse below is later than that build
+    _, said = load(first, 8)  # used again: now the second is the least recently used
+    assert said[0].startswith("image cache: reusing")
+    load(third, 8)
+    roots = sorted(folders.sidecar_root(sidecar) for sidecar in cached.glob("*.json"))
+    assert roots == sorted(str(folder.resolve()) for folder in (first, third))
+    _, said = load(first, 8)
+    assert said[0].startswith("image cache: reusing")
+
+
+@pytest.mark.parametrize("field", ["name", "st_size", "st_mtime_ns", "st_ctime_ns"])
+def test_each_part_of_a_files_identity_alone_changes_the_cache_key(field, tmp_path):
+    class FakeFile:
+        def __init__(self, name, **stat):
+            self.name, self.stat_values = name, {"st_size": 100, "st_mtime_ns": 5, "st_ctime_ns": 7, **stat}
+
+        def stat(self):
+            return argparse.Namespace(st_atime_ns=1, **self.stat_values)
+
+        def relative_to(self, root):
+            return self.name
+
+    def key(*files):
+        return folders.folder_cache_key(tmp_path, list(files), 16)
+
+    base = key(FakeFile("a.png"), FakeFile("b.png"))
+    assert key(FakeFile("a.png"), FakeFile("b.png")) == base
+    changed = {"name": FakeFile("c.png")} if field == "name" else {}
+    other = changed.get("name") or FakeFile("b.png", **{field: 1 + FakeFile("b.png").stat_values[field]})
+    assert key(FakeFile("a.png"), other) != base
+
+
+def test_a_folder_streamed_through_the_cli_trains_exactly_as_one_held_in_memory(tmp_path, gan_main, monkeypatch):
+    data = write_folder(tmp_path / "data", 12)
+    code, out, err = gan_main(folder_run(data, "--checkpoint-dir", "held", "--image-dir", "held_images"))
+    assert code == 0, err
+    assert "12 images (held on cpu), 3 steps per epoch" in out
+    monkeypatch.setattr(datasets, "DEVICE_MEMORY_SHARE", 1e-15)  # no room: the batches come from the cache file
+    code, out, err = gan_main(folder_run(data, "--checkpoint-dir", "streamed", "--image-dir", "streamed_images"))
+    assert code == 0, err
+    npy = next(Path(os.environ[folders.CACHE_ENV], folders.FOLDER_CACHE_NAME).glob("*.npy"))
+    assert f"12 images (streamed from {npy}), 3 steps per epoch" in out
+    held, streamed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("held", "streamed"))
+    for key in ("netG", "netD", "netG_ema"):
+        torch.testing.assert_close(streamed[key], held[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("orientation, top, bottom", [(1, None, None), (6, "red", "blue"), (8, "blue", "red")])
+def test_a_photo_is_decoded_the_way_its_exif_orientation_says(orientation, top, bottom, tmp_path):
+    """Stored 40x20, red left and blue right; orientation 6 (a phone held upright) displays it turned a
+    quarter clockwise, red on top; 8 a quarter anticlockwise, blue on top; 1 as stored."""
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    image = folders.read_image(tmp_path / "photo.jpg", 16).int()
+    colours = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+
+    def near(pixels, colour):
+        return (pixels - torch.tensor(colours[colour]).view(3, 1, 1)).abs().max() < 40
+
+    if orientation == 1:  # left and right halves, as stored
+        assert near(image[:, :, :6], "red") and near(image[:, :, 10:], "blue")
+    else:
+        assert near(image[:, :6, :], top) and near(image[:, 10:, :], bottom)
+
+
+def test_a_symlinked_sub_folder_is_read_and_a_link_back_up_is_not_followed_round(tmp_path):
+    elsewhere = write_folder(tmp_path / "elsewhere", 3)
+    data = write_folder(tmp_path / "data", 2)
+    (data / "linked").symlink_to(elsewhere)
+    (data / "sub" / "up").symlink_to("..")  # back to data: would list data/sub/up/sub/up/... for ever
+    files = [str(path.relative_to(data)) for path in folders.list_images(data)]
+    expected_linked = sorted(f"linked/{path.relative_to(elsewhere)}" for path in folders.list_images(elsewhere))
+    assert sorted(files) == sorted(["image_1.png", "sub/image_0.png", *expected_linked])
+    images, _ = load(data, 8)
+    assert len(images) == 5

@@ -21,7 +21,7 @@ import options
 import steps
 import utils
 from checkpoint import Progress
-from runtime import Runtime
+from runtime import Runtime, choose_precision
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 STEPS_PER_EPOCH = 2  # TINY_ARGS: 32 images, batches of 8, split over 2 ranks
@@ -116,7 +116,9 @@ def test_without_seed_every_rank_trains_on_rank_zeros_random_seed(ddp_run):
 
 def test_rank_zero_alone_writes_the_outputs(ddp_run):
     stdout, stderr = ddp_run["first"].stdout, ddp_run["first"].stderr
-    assert stdout.count("training on cpu (fp32, 2 processes)") == 1
+    cpu = torch.device("cpu")
+    precision = Runtime(cpu, choose_precision("auto", cpu)).precision_name  # bf16 where the CPU has it
+    assert stdout.count(f"training on cpu ({precision}, 2 processes)") == 1
     summaries = [line for line in stdout.splitlines() if line.startswith("[1/1] Loss_D")]
     assert len(summaries) == 1
     assert stderr.count("epoch 1/1:   0%") == 1, "one progress bar, rank 0's"
@@ -158,7 +160,7 @@ def test_each_rank_trains_on_its_own_shard(ddp_run):
 
 def test_resume_under_torchrun_continues_from_the_checkpoint(ddp_run):
     stdout = ddp_run["resumed"].stdout
-    assert stdout.count("resuming checkpoints/checkpoint.pt: 1 epochs done, step 2") == 1
+    assert stdout.count("resuming checkpoints/checkpoint.pt: 1 epoch done, step 2") == 1
     assert [line[:5] for line in stdout.splitlines() if line.startswith("[")] == ["[2/2]"]
     state = torch.load(ddp_run["folder"] / "checkpoints" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 2 * STEPS_PER_EPOCH

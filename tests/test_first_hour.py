@@ -9,10 +9,14 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import GAN_PY, TINY_ARGS, subprocess_env
 
+import checkpoint
 import gan
 import options
+from folders import size_text
+from utils import UserError, count_text
 
 
 def help_entries(text):
@@ -103,3 +107,71 @@ def test_short_epochs_log_within_the_first_epoch(gan_main, tmp_path, flags, star
     assert logged_steps(tmp_path) == rows
     saved = json.loads((tmp_path / "checkpoints" / "flags.json").read_text())["log_every"]
     assert saved == (5 if "--log-every" in flags else 100)  # the flag as typed is saved, not the interval
+
+
+# ---------------------------------------------------------------- what the messages say
+
+
+def test_counts_and_sizes_read_as_english():
+    assert [count_text(n, "image") for n in (0, 1, 2, 20000)] == ["0 images", "1 image", "2 images", "20,000 images"]
+    sizes = [0, 1, 192, 6144, 3 * 2**20 // 2, 3 * 2**30]
+    assert [size_text(n) for n in sizes] == ["0 bytes", "1 byte", "192 bytes", "6.0 KiB", "1.5 MiB", "3.0 GiB"]
+
+
+def test_one_image_one_step(gan_main, tiny_args):
+    code, out, err = gan_main([*tiny_args, "--epochs", "1", "--subset", "1", "--batch-size", "1"])
+    assert code == 0, err
+    assert "1 image (held on cpu), 1 step per epoch" in out
+
+
+def test_an_error_starts_its_own_line_after_the_progress_bar(monkeypatch, gan_main, tiny_args):
+    def full_disk(*args):
+        raise UserError("cannot write checkpoints/checkpoint.pt: No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_run_files", full_disk)
+    code, out, err = gan_main([*tiny_args, "--epochs", "1"])
+    assert code == 2 and "epoch 1/1" in err  # the bar was drawn on stderr
+    before = err[: err.index("gan.py: error: cannot write")]
+    assert before.endswith(("\r", "\n")), repr(before[-80:])  # the terminal's cursor is back at the line's start
+
+
+def test_an_epoch_resumed_after_its_last_batch_says_so_instead_of_zeros(gan_main, tiny_args, tmp_path):
+    code, out, err = gan_main([*tiny_args, "--epochs", "1"])
+    assert code == 0, err
+    path = tmp_path / "checkpoints" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "epoch": 0, "batch": 4}, path)  # what a Ctrl-C after the epoch's last step saves
+    code, out, err = gan_main(["--resume", "--epochs", "1", "--device", "cpu", "--no-compile"])
+    assert code == 0, err
+    assert "[1/1] no steps left in this epoch (resumed after its last batch)" in out
+    assert "0.0000" not in out
+
+
+def test_the_resume_command_names_the_script_as_it_was_run(monkeypatch):
+    opts, _ = options.parse_flags(["--checkpoint-dir", "runs/a", "--cache-dir", "/tmp/c"])
+    monkeypatch.setattr(sys, "argv", ["../dcgan/gan.py", "--checkpoint-dir", "runs/a"])
+    assert options.resume_command(opts) == "python ../dcgan/gan.py --resume --checkpoint-dir runs/a --cache-dir /tmp/c"
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/pytest"])
+    assert options.resume_command(opts) == "python gan.py --resume --checkpoint-dir runs/a --cache-dir /tmp/c"
+
+
+def test_the_row_after_a_resume_inside_an_interval_says_how_many_steps_it_averages(monkeypatch, gan_main, tiny_args):
+    # logged every 2 steps; stopped (as by Ctrl-C) after step 3, inside the interval of steps 3-4
+    stop_at = [3]
+    monkeypatch.setattr(gan, "stop_requested", lambda stop, step, *args: step in stop_at)
+    code, out, err = gan_main([*tiny_args, "--epochs", "2"])
+    assert code == 130 and "saved checkpoints/checkpoint.pt" in err
+    stop_at.clear()
+    code, out, err = gan_main(["--resume", "--epochs", "2", "--device", "cpu", "--no-compile"])
+    assert code == 0, err
+    rows = [json.loads(line) for line in open("checkpoints/metrics.jsonl")]
+    assert [(row["step"], row["steps"]) for row in rows] == [(2, 2), (4, 1), (6, 2), (8, 2)]
+
+
+def test_one_epoch_reads_as_one(gan_main, tiny_args):
+    code, out, err = gan_main([*tiny_args, "--epochs", "1"])
+    assert code == 0, err
+    code, out, err = gan_main(["--resume", "--epochs", "1", "--device", "cpu", "--no-compile"])
+    assert code == 0, err
+    assert "resuming checkpoints/checkpoint.pt: 1 epoch done, step 4" in out
+    assert "already trained 1 epoch; raise --epochs to train more" in out

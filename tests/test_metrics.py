@@ -6,6 +6,7 @@ A small stand-in feature net replaces Inception (no download, no GPU).
 """
 
 import json
+import shutil
 import urllib.error
 
 import numpy as np
@@ -14,10 +15,14 @@ import scipy.linalg
 import scipy.spatial
 import torch
 from conftest import snapshot, write_cifar10_archive
+from test_data_cache import folder_run, write_folder
 from torch import nn
 
 import artifacts
+import folders
 import metrics
+import models
+import sampling
 
 EVAL_ARGS = ("--eval-samples", "16")
 NEIGHBOUR_SCORES = ("precision", "recall", "density", "coverage")
@@ -317,6 +322,19 @@ def test_evaluate_without_weights_exits_2_naming_where_they_go(gan_main, no_ince
     assert "weights-inception-2015-12-05-6726825d.pth" in err
 
 
+def test_evaluate_without_weights_decodes_no_folder_first(
+    gan_main, no_inception_weights, tmp_path, cache_dir, monkeypatch
+):
+    data = write_folder(tmp_path / "data", 8)
+    code, _, err = gan_main(folder_run(data))
+    assert code == 0, err
+    shutil.rmtree(cache_dir / folders.FOLDER_CACHE_NAME)
+    monkeypatch.setattr(folders, "read_image", lambda *args: pytest.fail("decoded before loading Inception"))
+    code, out, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu", "--dataroot", data])
+    assert code == 2 and "weights-inception-2015-12-05-6726825d.pth" in err
+    assert list(cache_dir.iterdir()) == []
+
+
 def test_training_without_weights_warns_once_and_trains_on(gan_main, no_inception_weights, tiny_args, tmp_path):
     code, _, err = gan_main([*tiny_args, *EVAL_ARGS, "--epochs", "2", "--fid-every", "1"])
     assert code == 0, err
@@ -355,6 +373,33 @@ def test_scoring_fid_while_training_changes_nothing_the_run_trains(gan_main, sta
     for name in ("fid_b", "no_fid"):
         for key in ("netG", "netD", "netG_ema", "optG"):
             torch.testing.assert_close(states[name][key], states["fid_a"][key], rtol=0, atol=0, msg=f"{name} {key}")
+
+
+def test_the_ema_has_its_own_batchnorm_statistics_before_the_grid_and_fid(
+    monkeypatch, gan_main, stand_in, tiny_args, tmp_path
+):
+    """Every sample drawn at the epoch's end (its grid, FID's images, the final comparison) comes from the
+    average with the statistics estimate_batch_norm gives its weights, not the trained G's."""
+    drawn = []
+    real_sample = sampling.sample
+
+    def recording(G, noise, runtime, *labels):
+        drawn.append({name: value.clone() for name, value in G.state_dict().items()})
+        return real_sample(G, noise, runtime, *labels)
+
+    monkeypatch.setattr(sampling, "sample", recording)
+    code, _, err = gan_main([*tiny_args, *EVAL_ARGS, "--epochs", "1", "--fid-every", "1", "--ema", "0.5"], stand_in)
+    assert code == 0, err
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    G = sampling.generator_of(state["flags"])
+    G.load_state_dict(state["netG_ema"])
+    models.estimate_batch_norm(G, state["flags"]["nz"], torch.device("cpu"))
+    statistics = [name for name in state["netG"] if "running" in name]
+    assert len(drawn) >= 3  # the grid, FID's 16 images, the final real-vs-fake picture
+    for index, weights in enumerate(drawn):
+        for name, value in G.state_dict().items():
+            torch.testing.assert_close(weights[name], value, msg=f"{index} of {len(drawn)}: {name}")
+    assert all(not torch.allclose(state["netG"][name], G.state_dict()[name]) for name in statistics)
 
 
 # ---------------------------------------------------------------- --evaluate --images DIR

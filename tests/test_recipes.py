@@ -47,13 +47,34 @@ def test_bce_losses_on_hand_computed_logits():
     assert float(g_loss(fake_logits)) == pytest.approx((softplus(0.0) + softplus(-1.0)) / 2)
 
 
-def test_the_loss_flag_reaches_the_steps(monkeypatch, gan_main, tiny_args):
-    seen = []
-    hinge_d = steps.LOSSES["hinge"][0]
-    monkeypatch.setitem(steps.LOSSES, "hinge", (lambda *a: seen.append(1) or hinge_d(*a), steps.LOSSES["hinge"][1]))
+def test_the_loss_flag_gives_the_losses_of_that_loss_at_every_step(monkeypatch, gan_main, tiny_args):
+    """--loss hinge through the CLI: each step's losses are the hinge losses of the logits D gave."""
+    seen = {"d": [], "g": []}
+
+    def recording(forward, kind):
+        def record(D, real, fake, recipe, *labels):
+            logits = []
+            hook = D.register_forward_hook(lambda module, inputs, output: logits.append(output.detach().float()))
+            try:
+                result = forward(D, real, fake, recipe, *labels)
+            finally:
+                hook.remove()
+            loss = result[0] if kind == "d" else result
+            seen[kind].append((logits, loss.detach()))
+            return result
+
+        return record
+
+    monkeypatch.setattr(steps, "d_forward", recording(steps.d_forward, "d"))
+    monkeypatch.setattr(steps, "g_forward", recording(steps.g_forward, "g"))
     code, _, err = gan_main([*tiny_args, "--epochs", "1", "--loss", "hinge"])
     assert code == 0, err
-    assert len(seen) == 4  # one D update per step, 32 images in batches of 8
+    assert len(seen["d"]) == len(seen["g"]) == 4  # 32 images in batches of 8
+    for (real, fake), loss in seen["d"]:
+        expected = torch.relu(1 - real).mean() + torch.relu(1 + fake).mean()
+        torch.testing.assert_close(loss, expected)
+    for (fake,), loss in seen["g"]:
+        torch.testing.assert_close(loss, -fake.mean())
 
 
 # ---------------------------------------------------------------- spectral norm
@@ -142,16 +163,24 @@ def test_diffaugment_of_bf16_and_fp32_images_shifts_the_same_whole_pixels():
     torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.02)
 
 
-def test_the_diffaugment_flag_augments_what_d_sees(monkeypatch):
-    calls = []
-    monkeypatch.setattr(steps, "diff_augment", lambda images: calls.append(images.shape) or images)
-    nets = build("--diffaugment", "--batch-size", "4")
-    runtime = setup_runtime(options.parse_flags(NET_ARGS)[0])
-    steps.train_step(nets, torch.zeros(4, 3, 16, 16), steps.Recipe("bce", 0.0, diffaugment=True), runtime)
-    assert len(calls) == 3  # real and fake in the D step, fake in the G step
-    calls.clear()
-    steps.train_step(nets, torch.zeros(4, 3, 16, 16), steps.Recipe("bce", 0.0, diffaugment=False), runtime)
-    assert calls == []
+def test_the_diffaugment_flag_gives_d_the_augmented_images(monkeypatch):
+    """What D sees under --diffaugment, built from the flags as the training loop builds it: the real
+    batch through diff_augment with the global RNG where the step left it; without the flag, the batch."""
+    nz, real = 8, torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for flags in (["--diffaugment"], []):
+        opts, _ = options.parse_flags([*NET_ARGS, "--batch-size", "4", *flags])
+        runtime = setup_runtime(opts)
+        nets = steps.build_nets(opts, runtime)
+        seen = []
+        hook = nets.D.register_forward_pre_hook(lambda module, inputs, seen=seen: seen.append(inputs[0].clone()))
+        torch.manual_seed(7)
+        steps.train_step(nets, real, steps.Recipe.from_options(opts), runtime)
+        hook.remove()
+        torch.manual_seed(7)
+        torch.randn(4, nz, 1, 1)  # the step's noise comes first
+        expected = steps.diff_augment(real) if flags else real
+        assert len(seen) == 3  # real and fake in the D step, fake in the G step
+        torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- --spectral-loss
@@ -295,16 +324,33 @@ def test_ema_0_writes_no_ema_generator(gan_main, tiny_args, tmp_path):
     assert state["netG_ema"] is None
 
 
-def test_ema_keeps_an_averaged_generator_apart_from_g(gan_main, tiny_args, tmp_path):
-    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--ema", "0.5"])
+def test_the_ema_flag_averages_g_after_every_update_by_hand(monkeypatch, gan_main, tiny_args, tmp_path):
+    """--ema 0.15 through the CLI: the saved average is G's weights after each update, averaged by hand
+    with the warm-up decay min(0.15, (1 + step) / (10 + step)): 0.1 at step 0, then the flag's 0.15."""
+    import gan
+
+    weights = []
+    real_train_step = gan.train_step
+
+    def recording(nets, *args, **kwargs):
+        if not weights:
+            weights.append([p.detach().clone() for p in nets.G.parameters()])  # the average starts at G
+        stats = real_train_step(nets, *args, **kwargs)
+        weights.append([p.detach().clone() for p in nets.G.parameters()])
+        return stats
+
+    monkeypatch.setattr(gan, "train_step", recording)
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--ema", "0.15"])
     assert code == 0, err
-    ema_state = torch.load(tmp_path / "checkpoints" / "netG_ema.pth", weights_only=True)
-    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
-    G = Generator(8, 8, 16)
-    G.load_state_dict(ema_state)  # a whole generator
-    first_conv = "main.0.weight"
-    torch.testing.assert_close(state["netG_ema"][first_conv], ema_state[first_conv])
-    assert not torch.equal(state["netG_ema"][first_conv], state["netG"][first_conv])
+    assert len(weights) == 5  # the start, then 4 steps
+    average = weights[0]
+    for step, after in enumerate(weights[1:]):
+        decay = min(0.15, (1 + step) / (10 + step))
+        average = [decay * old + (1 - decay) * new for old, new in zip(average, after)]
+    saved = torch.load(tmp_path / "checkpoints" / "netG_ema.pth", weights_only=True)
+    names = [name for name, _ in Generator(8, 8, 16).named_parameters()]
+    for name, want in zip(names, average, strict=True):
+        torch.testing.assert_close(saved[name], want, msg=name)
 
 
 # ---------------------------------------------------------------- --recipe

@@ -14,11 +14,23 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps
 
 @pytest.mark.parametrize(
     "requested, device, expected",
-    [("auto", CPU, None), ("auto", MPS, None), ("fp32", CUDA, None), ("bf16", CPU, torch.bfloat16),
-     ("fp16", CPU, torch.float16), ("bf16", CUDA, torch.bfloat16)],
+    [("auto", MPS, None), ("fp32", CUDA, None), ("bf16", CPU, torch.bfloat16), ("fp16", CPU, torch.float16),
+     ("bf16", CUDA, torch.bfloat16), ("fp32", CPU, None)],
 )  # fmt: skip
 def test_precision_choices(requested, device, expected):
     assert runtime.choose_precision(requested, device) == expected
+
+
+@pytest.mark.parametrize(
+    "capabilities, expected",
+    [({"avx512_bf16": True, "amx_bf16": False}, torch.bfloat16), ({"avx512_bf16": False, "amx_bf16": True},
+     torch.bfloat16), ({"avx512_bf16": False, "amx_bf16": False, "avx2": True}, None), ({"bf16": True}, None)],
+)  # fmt: skip
+def test_auto_precision_on_the_cpu_is_bf16_where_it_has_bf16_instructions(monkeypatch, capabilities, expected):
+    """As torch's cpuinfo reports them (ARM's "bf16" is not counted: not measured there)."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert runtime.choose_precision("auto", CPU) == expected
+    assert runtime.choose_precision("fp32", CPU) is None  # typed, it is kept
 
 
 def test_compile_choices():
