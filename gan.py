@@ -281,8 +281,9 @@ class RunOutputs:
     def save_checkpoint(self, state, rank_rng, ema_statistics_estimated=False):
         """The checkpoint and the files beside it, into the folder this run still holds."""
         self.check_folders(self.checkpoint_dir)
+        progress, opts = state.progress, self.opts
         checkpoint.save_run_files(
-            state.nets, state.progress, state.fixed_noise, self.opts, self.runtime, ema_statistics_estimated, rank_rng
+            state.nets, progress, state.fixed_noise, opts, self.runtime, ema_statistics_estimated, rank_rng
         )
 
     def log(self, row):

@@ -301,8 +301,8 @@ def add_data_flags(group):
         "--cache-dir",
         type=folder,
         default=None,
-        help="where a folder's decoded images are cached [default: $DCGAN_CACHE_DIR, else $XDG_CACHE_HOME/dcgan, "
-        "else ~/.cache/dcgan]; delete it at any time to free the disk",
+        help="where a folder's decoded images are cached; delete it at any time to free the disk [default: "
+        "~/.cache/dcgan, or $XDG_CACHE_HOME/dcgan where that is set; $DCGAN_CACHE_DIR, where set, wins over both]",
     )
 
 

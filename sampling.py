@@ -250,17 +250,17 @@ def generate(opts, explicit, runtime):
         classes = list(range(G.num_classes)) or [None]
     folder = fresh_generated_folder(opts.image_dir)
     seed = opts.seed if opts.seed is not None else random_seed()
-    written, firsts = 0, []
+    firsts = []
     try:
         for label in classes:
             target = folder if label is None else folder / G.class_names[label]
-            first = write_generated(G, label, opts, flags["nz"], runtime, seed, target)
-            written += opts.generate
-            firsts.append(first)
+            firsts.append(write_generated(G, label, opts, flags["nz"], runtime, seed, target))
         save_generated_grid(G, classes, firsts, folder / "grid.png")
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
+        written = sum(1 for _ in folder.rglob("[0-9]*.png"))
+        total = count_text(opts.generate * len(classes), "image")
         raise Interrupted(
-            exit_code_of(interrupt), f"interrupted: wrote {written} complete classes' images to {folder}/ (seed {seed})"
+            exit_code_of(interrupt), f"interrupted: wrote {written} of {total} to {folder}/ (seed {seed})"
         ) from None
     if classes == [None]:
         print(f"wrote {count_text(opts.generate, 'image')} and grid.png to {folder}/ (seed {seed})")

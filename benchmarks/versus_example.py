@@ -42,7 +42,9 @@ FIRST_STEP_MARKERS = {"ours": "| 1/", "example": "[0/1][0/"}  # gan.py's bar aft
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--example", required=True, help="path of pytorch/examples' dcgan/main.py")
-    p.add_argument("--folder", default=None, help="image folder for the epoch [the digits, written to WORK_DIR]")
+    p.add_argument(
+        "--folder", default=None, help="an ImageFolder root whose images are in FOLDER/0/ [the digits, in WORK_DIR]"
+    )
     p.add_argument("--rounds", type=int, default=2, help="timed runs of each command, alternating")
     p.add_argument("--measures", nargs="+", choices=["first-step", "epoch"], default=["first-step", "epoch"])
     p.add_argument("--work-dir", default=None, help="outputs and the digits [a temp folder]")
@@ -73,7 +75,9 @@ def commands(measure, args, folder, out_dir):
         }
     size = ["--ngf", "16", "--ndf", "16"]
     return {
-        "ours": [*ours, "--dataset", "folder", "--dataroot", str(folder), "--image-size", "64", *size],
+        # gan.py keeps its decoded-image cache in a .dcgan-cache folder inside its --dataroot, which the
+        # example's ImageFolder would take for a class: gan.py reads the class folder itself
+        "ours": [*ours, "--dataset", "folder", "--dataroot", str(folder / "0"), "--image-size", "64", *size],
         "example": [*example, "--dataset", "folder", "--dataroot", str(folder), "--imageSize", "64", *size],
     }
 

@@ -82,7 +82,16 @@ def cached(cache_dir):
 
 def folder_opts(dataroot, **changes):
     options = dict(
-        dataset="folder", dataroot=dataroot, image_size=8, workers=0, subset=None, batch_size=2, seed=3, cache_dir=None
+        dataset="folder",
+        dataroot=dataroot,
+        image_size=8,
+        workers=0,
+        subset=None,
+        batch_size=2,
+        seed=3,
+        cache_dir=None,
+        channels="auto",
+        conditional=False,
     )
     return argparse.Namespace(**{**options, **changes})
 
@@ -362,6 +371,7 @@ class LargestTensor(TorchDispatchMode):
 def test_a_folder_too_large_for_the_device_is_never_held_whole(tmp_path, monkeypatch):
     data = write_folder(tmp_path / "data", 12)
     monkeypatch.setattr(folders, "DECODE_CHUNK_FILES", 3)
+    monkeypatch.setattr(datasets, "GREY_CHECK_ROWS", 3)  # --channels auto reads the images a chunk at a time too
     monkeypatch.setattr(folders.HostImages, "to_device", lambda *args: pytest.fail("materialised the images"))
     one_image = 3 * 8 * 8
     with LargestTensor() as largest:

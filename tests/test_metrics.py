@@ -23,6 +23,7 @@ import folders
 import metrics
 import models
 import sampling
+from runtime import Runtime, choose_precision
 
 EVAL_ARGS = ("--eval-samples", "16")
 NEIGHBOUR_SCORES = ("precision", "recall", "density", "coverage")
@@ -393,7 +394,9 @@ def test_the_ema_has_its_own_batchnorm_statistics_before_the_grid_and_fid(
     state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
     G = sampling.generator_of(state["flags"])
     G.load_state_dict(state["netG_ema"])
-    models.estimate_batch_norm(G, state["flags"]["nz"], torch.device("cpu"))
+    cpu = torch.device("cpu")
+    with Runtime(cpu, choose_precision("auto", cpu)).autocast():  # as the run estimated them
+        models.estimate_batch_norm(G.to(memory_format=torch.channels_last), state["flags"]["nz"], cpu)
     statistics = [name for name in state["netG"] if "running" in name]
     assert len(drawn) >= 3  # the grid, FID's 16 images, the final real-vs-fake picture
     for index, weights in enumerate(drawn):
