@@ -42,11 +42,9 @@ def parse_args(argv=None):
 
 def digits_folder(work_dir):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from quality import load_digits_uint8, write_pngs
+    from quality import digits_image_folder
 
-    folder = work_dir / "digits"
-    write_pngs(load_digits_uint8()[0], folder / "0")
-    return folder
+    return digits_image_folder(work_dir)
 
 
 def run(epochs, folder, flags, run_dir, env):

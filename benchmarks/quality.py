@@ -132,6 +132,14 @@ def write_pngs(images, folder, grey=False):
         (Image.fromarray(pixels[:, :, 0], "L") if grey else Image.fromarray(pixels)).save(folder / f"{index:04d}.png")
 
 
+def digits_image_folder(work_dir):
+    """The 1,797 digits as 32x32 PNGs in an ImageFolder layout (one class folder, WORK_DIR/digits/0/),
+    for the whole-process timing benchmarks."""
+    folder = Path(work_dir) / "digits"
+    write_pngs(load_digits_uint8()[0], folder / "0")
+    return folder
+
+
 def write_digit_folders(images, labels, work_dir):
     """The four layouts of the digits: {layout name: folder}. The by-class ones hold one sub-folder
     per digit (0/ ... 9/), the layout --conditional learns classes from."""

@@ -52,13 +52,10 @@ def parse_args(argv=None):
 
 
 def digits_folder(work_dir):
-    """The 1,797 digits as 32x32 PNGs in an ImageFolder layout (one class folder)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from quality import load_digits_uint8, write_pngs
+    from quality import digits_image_folder
 
-    folder = work_dir / "digits"
-    write_pngs(load_digits_uint8()[0], folder / "0")
-    return folder
+    return digits_image_folder(work_dir)
 
 
 def commands(measure, args, folder, out_dir):
