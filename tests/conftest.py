@@ -80,10 +80,10 @@ def subprocess_env(**extra):
     return env
 
 
-def run_gan(args, cwd, timeout=240, **env):
-    """Run `python gan.py ARGS` in cwd; return the CompletedProcess (text stdout/stderr)."""
+def run_gan(args, cwd, timeout=240, script=GAN_PY, **env):
+    """Run `python gan.py ARGS` (or another script) in cwd; return the CompletedProcess (text stdout/stderr)."""
     return subprocess.run(
-        [sys.executable, str(GAN_PY), *map(str, args)],
+        [sys.executable, str(script), *map(str, args)],
         cwd=cwd,
         env=subprocess_env(**env),
         capture_output=True,

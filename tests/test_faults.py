@@ -155,14 +155,7 @@ def test_signal_saves_a_resumable_checkpoint(signal_number, start_gan, gan_main,
 
 def run_with_fault(args, cwd, **env):
     """gan.py's CLI through tests/fault_worker.py, which sends a signal at an exact moment (see there)."""
-    return subprocess.run(
-        [sys.executable, str(FAULT_WORKER), *map(str, args)],
-        cwd=cwd,
-        env=subprocess_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return run_gan(args, cwd, script=FAULT_WORKER, **env)
 
 
 def checkpoint_temp_files(folder):

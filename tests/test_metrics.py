@@ -117,13 +117,18 @@ def test_torchmetrics_fid_equals_the_frechet_distance_by_hand():
     assert float(fid.compute()) == pytest.approx(expected, rel=1e-4)
 
 
-def test_score_generator_gives_the_hand_computed_fid(tmp_path):
+def scores_of_pixel_sets(tmp_path):
+    """(real, fake, score_generator's scores) of pixel_sets, scored on the pixels themselves."""
     real, fake = pixel_sets()
     scorers = metrics.build_metrics(torch.device("cpu"), len(fake), PixelFeatures())
     metrics.add_real_images(scorers, torch.from_numpy(real).view(-1, 3, 1, 1), tmp_path / "real.pt")
     # generated images arrive as floats in [-1, 1]; these map back to the same uint8 values
     fake_float = torch.from_numpy(fake).double().view(-1, 3, 1, 1).div(127.5).sub(1).float()
-    scores = metrics.score_generator(scorers, [fake_float[:120], fake_float[120:]])
+    return real, fake, metrics.score_generator(scorers, [fake_float[:120], fake_float[120:]])
+
+
+def test_score_generator_gives_the_hand_computed_fid(tmp_path):
+    real, fake, scores = scores_of_pixel_sets(tmp_path)
     expected = frechet_by_hand(real.astype(np.float64), fake.astype(np.float64))
     assert scores["fid"] == pytest.approx(expected, rel=1e-4)
     assert np.isfinite([scores["is"], scores["kid"], scores["is_std"], scores["kid_std"]]).all()
@@ -207,11 +212,7 @@ def test_the_four_scores_of_a_case_worked_by_hand():
 
 
 def test_score_generator_gives_the_four_scores_of_the_same_features(tmp_path):
-    real, fake = pixel_sets()
-    scorers = metrics.build_metrics(torch.device("cpu"), len(fake), PixelFeatures())
-    metrics.add_real_images(scorers, torch.from_numpy(real).view(-1, 3, 1, 1), tmp_path / "real.pt")
-    fake_float = torch.from_numpy(fake).double().view(-1, 3, 1, 1).div(127.5).sub(1).float()
-    scores = metrics.score_generator(scorers, [fake_float[:120], fake_float[120:]])
+    real, fake, scores = scores_of_pixel_sets(tmp_path)
     expected = neighbour_scores_by_hand(real.astype(np.float64), fake.astype(np.float64))
     assert {name: scores[name] for name in NEIGHBOUR_SCORES} == pytest.approx(expected, abs=1e-9)
 
