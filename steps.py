@@ -190,15 +190,15 @@ def build_nets(opts, runtime):
     G.to(runtime.device, memory_format=runtime.memory_format)
     D.to(runtime.device, memory_format=runtime.memory_format)
     lr_G, lr_D = (1e-4, 4e-4) if opts.ttur else (opts.lr, opts.lr)
-    # fused Adam on CUDA: one kernel per step. On the CPU the foreach kernels are as fast and do not
-    # import torch._dynamo at start-up (1.8 s on a 2-core machine) as fused Adam does.
+    # fused Adam on CUDA: one kernel per step; on the CPU the foreach kernels are as fast
     cuda = runtime.device.type == "cuda"
     adam = {"betas": (opts.beta1, opts.beta2), "fused": True if cuda else None, "foreach": None if cuda else True}
+    Adam = torch.optim.Adam if runtime.compile else EagerAdam
     nets = Nets(
         G=G,
         D=D,
-        opt_G=torch.optim.Adam(G.parameters(), lr=lr_G, **adam),
-        opt_D=torch.optim.Adam(D.parameters(), lr=lr_D, **adam),
+        opt_G=Adam(G.parameters(), lr=lr_G, **adam),
+        opt_D=Adam(D.parameters(), lr=lr_D, **adam),
         scaler_G=runtime.grad_scaler(),
         scaler_D=runtime.grad_scaler(),
         G_ema=copy.deepcopy(G).eval().requires_grad_(False) if opts.ema > 0 else None,
@@ -208,6 +208,27 @@ def build_nets(opts, runtime):
         # each rank initialised its own G; DDP has just broadcast rank 0's, so the EMA starts from that
         nets.G_ema.load_state_dict(nets.G.state_dict())
     return nets
+
+
+def without_compiler_hooks(method):
+    """method as written, without the wrapper torch.optim puts around it for torch.compile."""
+    return getattr(method, "__wrapped__", method)
+
+
+class EagerAdam(torch.optim.Adam):
+    """torch.optim.Adam, the same update and state, for runs that compile nothing. Adam's methods
+    are wrapped to tell torch.compile where its graphs break, and the wrappers import torch._dynamo
+    at their first call: 1.1 s of a one-epoch run's 6.5 s on a 2-core CPU (BENCHMARKS.md), spent
+    before the first step. These are the methods without their wrappers."""
+
+    add_param_group = without_compiler_hooks(torch.optim.Optimizer.add_param_group)
+    zero_grad = without_compiler_hooks(torch.optim.Optimizer.zero_grad)
+    state_dict = without_compiler_hooks(torch.optim.Optimizer.state_dict)
+    load_state_dict = without_compiler_hooks(torch.optim.Optimizer.load_state_dict)
+
+    @torch.no_grad()  # what the wrapper sets (a differentiable Adam is never built here)
+    def step(self, closure=None):
+        return without_compiler_hooks(torch.optim.Adam.step)(self, closure)
 
 
 def ddp_without_buffer_sync(module, device_ids):
