@@ -72,8 +72,7 @@ def commands(measure, args, folder, out_dir):
         }
     size = ["--ngf", "16", "--ndf", "16"]
     return {
-        # gan.py keeps its decoded-image cache in a .dcgan-cache folder inside its --dataroot, which the
-        # example's ImageFolder would take for a class: gan.py reads the class folder itself
+        # the example's ImageFolder needs the class sub-folder's parent; gan.py reads the images of any tree
         "ours": [*ours, "--dataset", "folder", "--dataroot", str(folder / "0"), "--image-size", "64", *size],
         "example": [*example, "--dataset", "folder", "--dataroot", str(folder), "--imageSize", "64", *size],
     }
