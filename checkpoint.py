@@ -54,7 +54,8 @@ def latest_checkpoint(checkpoint_dir):
 
 
 def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False, rank_rng=None):
-    """The checkpoint's dict. ema_statistics_estimated: netG_ema holds BatchNorm statistics estimated
+    """The checkpoint's dict, of copies on the CPU: the training goes on changing the originals while
+    a writer thread saves it (writer.py). ema_statistics_estimated: netG_ema holds BatchNorm statistics estimated
     for its own weights (models.estimate_batch_norm), not the trained G's copied ones; when not,
     --generate, --interpolate and --evaluate estimate them on loading. rank_rng: every rank's RNG state
     under torchrun (runtime.rank_rng_states), for an exact resume."""
@@ -69,8 +70,8 @@ def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_
         "netD": cpu_state(nets.D),
         "netG_ema": cpu_state(nets.G_ema) if nets.G_ema is not None else None,
         "netG_ema_own_statistics": ema_statistics_estimated and nets.G_ema is not None,
-        "optG": nets.opt_G.state_dict(),
-        "optD": nets.opt_D.state_dict(),
+        "optG": cpu_copy(nets.opt_G.state_dict()),  # its tensors are the optimizer's own
+        "optD": cpu_copy(nets.opt_D.state_dict()),
         "scalerG": nets.scaler_G.state_dict(),
         "scalerD": nets.scaler_D.state_dict(),
         "epoch": progress.epoch,
@@ -81,7 +82,7 @@ def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_
         "world_size": runtime.world_size,
         "best_fid": progress.best_fid,
         "rollbacks": progress.rollbacks,
-        "fixed_noise": fixed_noise.cpu(),
+        "fixed_noise": fixed_noise.cpu().clone(),
         "rng": rng,
         "flags": opts.as_dict(),
         **({"class_names": list(opts.class_names)} if opts.num_classes else {}),
@@ -92,22 +93,33 @@ def cpu_state(module):
     return {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
 
 
+def cpu_copy(value):
+    """value with every tensor in its dicts, lists and tuples copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(item) for item in value)
+    return value
+
+
 def save_checkpoint(state, path):
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_run_files(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False, rank_rng=None):
-    """The checkpoint, the plain state_dicts and flags.json, each written atomically."""
-    folder = Path(opts.checkpoint_dir)
-    state = checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated, rank_rng)
+def write_run_files(state, folder):
+    """checkpoint_state's dict as the checkpoint, the plain state_dicts beside it and flags.json,
+    each written atomically. It holds copies, so this may run on any thread."""
+    folder = Path(folder)
     save_checkpoint(state, folder / CHECKPOINT_NAME)
-    save_checkpoint(cpu_state(nets.G), folder / "netG.pth")
-    save_checkpoint(cpu_state(nets.D), folder / "netD.pth")
-    if nets.G_ema is not None:
-        save_checkpoint(cpu_state(nets.G_ema), folder / "netG_ema.pth")
-    atomic_write(folder / "flags.json", lambda f: json.dump(opts.as_dict(), f, indent=2), mode="w")
+    save_checkpoint(state["netG"], folder / "netG.pth")
+    save_checkpoint(state["netD"], folder / "netD.pth")
+    if state["netG_ema"] is not None:
+        save_checkpoint(state["netG_ema"], folder / "netG_ema.pth")
+    atomic_write(folder / "flags.json", lambda f: json.dump(state["flags"], f, indent=2), mode="w")
 
 
 # ---------------------------------------------------------------- loading and checking

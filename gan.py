@@ -9,6 +9,7 @@ data, build the networks, then the loop (train_epochs) and what happens around i
 lives in steps.py; flags in options.py; checkpoints in checkpoint.py; pictures in artifacts.py.
 """
 
+import contextlib
 import math
 import sys
 import time
@@ -52,6 +53,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     )
     from steps import STAT_NAMES, Meter, Nets, Recipe, build_nets, epoch_summary, format_stat, train_step
     from utils import UserError, check_writable, count_text, error_prefix, locked_folders, no_new_empty_folders
+    from writer import BackgroundWriter
 except KeyboardInterrupt:
     if __name__ != "__main__":
         raise
@@ -260,10 +262,15 @@ def prepared_in_turns(load, runtime):
 
 
 class RunOutputs:
-    """Everything rank 0 writes besides checkpoints: the log, pictures, TensorBoard and FID."""
+    """Everything rank 0 writes: checkpoints, the log, pictures, TensorBoard and FID.
 
-    def __init__(self, opts, runtime, real_uint8, progress, locks, metric_feature=None, labels=None):
-        self.opts, self.runtime = opts, runtime
+    The files are written by self.writer on a thread of its own, in the order they are handed
+    over (writer.py), from copies taken on the training thread; FID is computed on the training
+    thread. Each job checks that the run still holds its folder just before it writes there.
+    """
+
+    def __init__(self, opts, runtime, real_uint8, progress, locks, writer, metric_feature=None, labels=None):
+        self.opts, self.runtime, self.writer = opts, runtime, writer
         self.image_dir, self.checkpoint_dir = Path(opts.image_dir), Path(opts.checkpoint_dir)
         self.locks = locks
         self.log_path = self.checkpoint_dir / checkpoint.METRICS_LOG_NAME
@@ -278,15 +285,28 @@ class RunOutputs:
             if not folders or any(lock.path.parent == Path(folder) for folder in folders):
                 lock.check_held()
 
-    def save_checkpoint(self, state, rank_rng, ema_statistics_estimated=False):
-        """The checkpoint and the files beside it, into the folder this run still holds."""
-        self.check_folders(self.checkpoint_dir)
-        progress, opts = state.progress, self.opts
-        checkpoint.save_run_files(
-            state.nets, progress, state.fixed_noise, opts, self.runtime, ema_statistics_estimated, rank_rng
+    def save_checkpoint(self, state, rank_rng, ema_statistics_estimated=False, path=None):
+        """The checkpoint and the files beside it (or the checkpoint alone at path: best.pt), copied
+        now, written into the folder this run still holds."""
+        saved = checkpoint.checkpoint_state(
+            state.nets, state.progress, state.fixed_noise, self.opts, self.runtime, ema_statistics_estimated, rank_rng
         )
 
+        def write():
+            self.check_folders(self.checkpoint_dir)
+            if path is None:
+                checkpoint.write_run_files(saved, self.checkpoint_dir)
+            else:
+                checkpoint.save_checkpoint(saved, path)
+
+        self.writer.submit(write)
+
     def log(self, row):
+        """A row of the metrics log, behind the checkpoint handed over before it: the log on disk
+        never runs ahead of the checkpoint on disk by more than the rows a resume drops."""
+        self.writer.submit(lambda: self.write_row(row))
+
+    def write_row(self, row):
         self.check_folders(self.checkpoint_dir)
         checkpoint.append_metrics(self.log_path, [row])
         self.pictures.rows.append(row)
@@ -296,8 +316,12 @@ class RunOutputs:
                     self.tensorboard.add_scalar(name, row[name], row["step"])
 
     def epoch_pictures(self, samples, epoch, scored):
-        """The epoch's grid, GIF frame and plots (the FID plot when it was scored): drawn after its
-        checkpoint, so a drawing never costs it."""
+        """The epoch's grid, GIF frame and plots (the FID plot when it was scored): handed over after
+        its checkpoint, so a drawing never costs it."""
+        samples = samples.detach().float().cpu()
+        self.writer.submit(lambda: self.draw_epoch(samples, epoch, scored))
+
+    def draw_epoch(self, samples, epoch, scored):
         self.check_folders(self.image_dir)
         self.pictures.add_epoch(samples, epoch, sampling.grid_row_names(self.opts))
         if scored:
@@ -316,13 +340,35 @@ class RunOutputs:
         self.log({"epoch": epoch, "step": state.progress.step, **scores})
         if scores["fid"] < state.progress.best_fid:  # best.pt: the state of the best evaluation so far
             state.progress.best_fid = scores["fid"]
-            self.check_folders(self.checkpoint_dir)
             # evaluated on the epoch's end, after the EMA's statistics were estimated
-            saved = checkpoint.checkpoint_state(
-                state.nets, state.progress, state.fixed_noise, opts, runtime, True, rank_rng
-            )
-            checkpoint.save_checkpoint(saved, self.checkpoint_dir / "best.pt")
+            self.save_checkpoint(state, rank_rng, ema_statistics_estimated=True, path=self.checkpoint_dir / "best.pt")
         return scores["fid"]
+
+    def draw_real_vs_fake(self, fake):
+        fake = fake.detach().float().cpu()
+        row_names = sampling.grid_row_names(self.opts)
+
+        def draw():
+            self.check_folders(self.image_dir)
+            self.pictures.write_real_vs_fake(self.real_rows, fake, self.opts.image_size, row_names)
+
+        self.writer.submit(draw)
+
+
+@contextlib.contextmanager
+def run_outputs(opts, runtime, state, images, locks, metric_feature, labels):
+    """Rank 0's RunOutputs (None on the other ranks). However the run ends, every file handed to
+    its writer is written before this returns, so a stopped run has saved what it says."""
+    if not runtime.is_main:
+        yield None
+        return
+    writer = BackgroundWriter()
+    try:
+        yield RunOutputs(opts, runtime, images, state.progress, locks, writer, metric_feature, labels)
+    except BaseException:
+        writer.close(raise_errors=False)  # the run's own error is the one to tell
+        raise
+    writer.close()
 
 
 def open_tensorboard(opts):
@@ -370,23 +416,20 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
         return state
     if runtime.is_main and resumed is None:
         keep_orphan_log(opts, runtime)
-    outputs = (
-        RunOutputs(opts, runtime, images, state.progress, locks, metric_feature, data.labels)
-        if runtime.is_main
-        else None
-    )
-    if outputs is not None:
-        outputs.pictures.write_real_samples(images[:64], opts.image_size, replace=resumed is None)
-        # real_vs_fake.png's real half, in the fake half's layout (rows of classes under --conditional)
-        outputs.real_rows = sampling.real_grid_images(images, data.labels, opts)
-    say(runtime, describe(opts, runtime, len(images), batches))
-    stop = StopRequest(announce=runtime.is_main)
-    stop.install()
-    train_epochs(state, batches, opts, runtime, outputs, stop)
-    if outputs is not None:
-        outputs.check_folders(outputs.image_dir)
-        fake = sampling.grid_samples(generator_for_samples(state.nets), state.fixed_noise, opts, runtime)
-        outputs.pictures.write_real_vs_fake(outputs.real_rows, fake, opts.image_size, sampling.grid_row_names(opts))
+    with run_outputs(opts, runtime, state, images, locks, metric_feature, data.labels) as outputs:
+        if outputs is not None:
+            real = images[:64].cpu()
+            outputs.writer.submit(lambda: outputs.pictures.write_real_samples(real, opts.image_size, resumed is None))
+            # real_vs_fake.png's real half, in the fake half's layout (rows of classes under --conditional)
+            outputs.real_rows = sampling.real_grid_images(images, data.labels, opts).cpu()
+        say(runtime, describe(opts, runtime, len(images), batches))
+        stop = StopRequest(announce=runtime.is_main)
+        stop.install()
+        train_epochs(state, batches, opts, runtime, outputs, stop)
+        if outputs is not None:
+            outputs.draw_real_vs_fake(
+                sampling.grid_samples(generator_for_samples(state.nets), state.fixed_noise, opts, runtime)
+            )
     return state
 
 
@@ -470,6 +513,9 @@ def handle_divergence(state, what, opts, runtime, outputs):
     """Roll back to the last checkpoint (returns False) or raise Diverged, as --on-nan says."""
     progress = state.progress
     where = f"{what} became non-finite at step {progress.step} (epoch {progress.epoch + 1})"
+    if outputs is not None:
+        outputs.writer.wait()  # the last checkpoint on disk, not in the writer's queue
+    barrier(runtime)  # every rank diverges at the same step: on disk before any rank looks
     path = latest_checkpoint(opts.checkpoint_dir)
     verdict = faults.on_divergence(where, opts.on_nan, path, progress.rollbacks)
     if verdict != ROLL_BACK:
@@ -515,6 +561,8 @@ def save_and_stop(state, stop, bar, opts, runtime, outputs, what):
         rank_rng = rank_rng_states(runtime)
         if outputs is not None:
             outputs.save_checkpoint(state, rank_rng)
+    if outputs is not None:
+        outputs.writer.wait()  # what was saved is on disk before the message says so
     raise stopped(stop, f"{stop.name}: {what}, step {state.progress.step}", opts, runtime)
 
 
@@ -527,7 +575,9 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     """FID, the checkpoint, then the pictures (rank 0), and the epoch's summary line.
 
     The checkpoint comes before the pictures: a picture that fails (or a full disk) then never
-    costs the epoch, and no picture on disk belongs to an epoch without its checkpoint.
+    costs the epoch, and no picture on disk belongs to an epoch without its checkpoint. Both are
+    written on the writer's thread while the next epoch trains; a write that failed is raised at
+    the next hand-over.
     """
     progress = state.progress
     progress.epoch += 1

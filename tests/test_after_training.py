@@ -371,15 +371,15 @@ def test_the_ema_statistics_are_estimated_once_per_epoch_end_and_the_grid_draws_
     import gan
 
     events = []
-    real_estimate, real_save = gan.estimate_batch_norm, checkpoint.save_checkpoint
+    real_estimate, real_state = gan.estimate_batch_norm, checkpoint.checkpoint_state
     monkeypatch.setattr(gan, "estimate_batch_norm", lambda *a, **k: events.append("estimate") or real_estimate(*a, **k))
 
-    def save(state, path):
-        if path.name == checkpoint.CHECKPOINT_NAME:
-            events.append(f"save step {state['step']} own {state['netG_ema_own_statistics']}")
-        real_save(state, path)
+    def checkpoint_state(*args, **kwargs):  # on the training thread, when a checkpoint is handed over
+        state = real_state(*args, **kwargs)
+        events.append(f"save step {state['step']} own {state['netG_ema_own_statistics']}")
+        return state
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint, "checkpoint_state", checkpoint_state)
     code, _, err = gan_main([*tiny_args, "--epochs", "2", "--save-every", "3"])  # 4 steps per epoch
     assert code == 0, err
     assert events == [

@@ -339,6 +339,8 @@ def fill_the_disk_after(function, module, count, failing, monkeypatch, tmp_path)
 
     def wrapped(*args, **kwargs):
         result = real_function(*args, **kwargs)
+        for outputs in (arg for arg in args if isinstance(arg, gan.RunOutputs)):
+            outputs.writer.wait()  # the files it handed to the writer's thread are on disk
         calls.append(1)
         if len(calls) == count:
             saved.update(snapshot(tmp_path / "checkpoints"))
@@ -368,7 +370,7 @@ def test_full_disk_after_the_first_checkpoint(failing, monkeypatch, gan_main, tm
 
 
 def test_a_full_disk_after_the_checkpoint_costs_only_the_pictures(monkeypatch, gan_main, tmp_path):
-    fill_the_disk_after("save_run_files", checkpoint, 2, "fsync", monkeypatch, tmp_path)
+    fill_the_disk_after("write_run_files", checkpoint, 2, "fsync", monkeypatch, tmp_path)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "3"])
     assert code == 2
     assert f"gan.py: error: cannot write {Path('images') / 'epoch_002.png'}: No space left on device" in err
@@ -398,11 +400,13 @@ def test_a_picture_that_cannot_be_written_costs_no_epoch(gan_main, tmp_path):
 
 
 def at_the_end_of_epoch(epoch, action, monkeypatch):
-    """Run action() just before gan.finish_epoch ends the given epoch (1-based)."""
+    """Run action() just before gan.finish_epoch ends the given epoch (1-based), once the files
+    of the epoch before are on disk (written on the writer's thread)."""
     real_finish_epoch = gan.finish_epoch
 
     def finish_epoch(state, *args, **kwargs):
         if state.progress.epoch == epoch - 1:
+            args[-1].writer.wait()
             action()
         return real_finish_epoch(state, *args, **kwargs)
 

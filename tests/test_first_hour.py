@@ -128,7 +128,7 @@ def test_an_error_starts_its_own_line_after_the_progress_bar(monkeypatch, gan_ma
     def full_disk(*args):
         raise UserError("cannot write checkpoints/checkpoint.pt: No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_run_files", full_disk)
+    monkeypatch.setattr(checkpoint, "write_run_files", full_disk)
     code, out, err = gan_main([*tiny_args, "--epochs", "1"])
     assert code == 2 and "epoch 1/1" in err  # the bar was drawn on stderr
     before = err[: err.index("gan.py: error: cannot write")]
