@@ -89,6 +89,7 @@ def resolve_training_options(opts, explicit, runtime):
             )
         # under torchrun every rank must train on rank 0's seed, or their shards would overlap
         seed = opts.seed if opts.seed is not None else broadcast_int(random_seed(), runtime)
+        check_class_loss(opts, explicit)
         return opts.replace(seed=seed), None
     path = resume_path(opts)
     if not opts.resume and not path.is_file():
@@ -97,6 +98,7 @@ def resolve_training_options(opts, explicit, runtime):
     opts, changes = merge_resume_flags(opts, explicit, state["flags"], path)
     for change in changes:
         say(runtime, f"resume: changed {change}")
+    check_class_loss(opts, explicit)
     if "checkpoint_dir" not in explicit:  # the run goes on beside the checkpoint it resumes
         opts = opts.replace(checkpoint_dir=str(path.parent))
     elif latest_checkpoint(opts.checkpoint_dir).is_file() and not latest_checkpoint(opts.checkpoint_dir).samefile(path):
@@ -105,6 +107,12 @@ def resolve_training_options(opts, explicit, runtime):
             "give another --checkpoint-dir"
         )
     return opts.replace(seed=state.get("seed", opts.seed)), (state, path)
+
+
+def check_class_loss(opts, explicit):
+    """--class-loss weighs a loss on the classes: typed for a run without them, it would do nothing."""
+    if "class_loss" in explicit and not opts.conditional:
+        raise UserError("--class-loss applies to --conditional training (the run has no classes)")
 
 
 @dataclass

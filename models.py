@@ -122,14 +122,18 @@ class ProjectionDiscriminator(nn.Module):
         # a plain attribute when unconditional: no parameters, the state_dict's keys as before
         self.embed = wrap(nn.Embedding(num_classes, channels)) if num_classes else None
 
-    def forward(self, images, labels=None):
+    def forward(self, images, labels=None, class_scores=False):
+        """The logits; with class_scores, also each image's score for every class: its pooled last
+        features dotted with each class's embedding (N, num_classes), the projection's own terms."""
         if self.embed is None:
             return self.main(images).flatten()
         if labels is None:
             raise ValueError("a class-conditional discriminator needs labels")
         features = self.main[: -self.head_layers](images)
         logits = self.main[-self.head_layers :](features).flatten()
-        return logits + projection(self.embed, labels, features.sum(dim=(2, 3)))
+        pooled = features.sum(dim=(2, 3))
+        logits = logits + projection(self.embed, labels, pooled)
+        return (logits, pooled @ self.embed.weight.t()) if class_scores else logits
 
 
 def projection(embed, labels, pooled):

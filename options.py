@@ -241,6 +241,14 @@ def add_training_flags(group):
         help="learn the data's classes (CIFAR-10's labels, or a folder's sub-folders, one per class) so that "
         "any class can be drawn: conditional BatchNorm in G, a projection discriminator",
     )
+    add(
+        "--class-loss",
+        type=non_negative_float,
+        default=1.0,
+        help="with --conditional: weight of a class loss on D's projection scores (its class embeddings dotted "
+        "with its last features, one score per class; P2GAN): D learns to tell real images' classes, G to draw "
+        "its images' classes; 0 leaves the projection discriminator alone",
+    )
     add("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
     add("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
     add("--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256")

@@ -150,10 +150,12 @@ class Recipe:
     label_noise: float = 0.0
     diffaugment: bool = False
     spectral_loss: float = 0.0
+    class_loss: float = 0.0
 
     @classmethod
     def from_options(cls, opts):
-        return cls(opts.loss, opts.label_smoothing, opts.label_noise, opts.diffaugment, opts.spectral_loss)
+        class_loss = opts.class_loss if opts.num_classes else 0.0
+        return cls(opts.loss, opts.label_smoothing, opts.label_noise, opts.diffaugment, opts.spectral_loss, class_loss)
 
     def augment(self, images):
         return diff_augment(images) if self.diffaugment else images
@@ -279,21 +281,33 @@ def judge(D, images, labels):
     return D(images) if labels is None else D(images, labels)
 
 
+def judge_with_class_loss(D, images, labels, recipe):
+    """D's logits for images, and the weighted class loss of its class scores against labels
+    (Dual Projection GAN, Han et al., 2021): 0 without --conditional or with --class-loss 0."""
+    if labels is None or not recipe.class_loss:
+        return judge(D, images, labels), 0.0
+    logits, class_scores = D(images, labels, class_scores=True)
+    return logits, recipe.class_loss * F.cross_entropy(class_scores.float(), labels)
+
+
 def d_forward(D, real, fake, recipe, labels=None):
-    """D's loss on a real and a fake batch, and its mean outputs as probabilities.
+    """D's loss on a real and a fake batch (with the class loss of the real one's classes), and
+    its mean outputs as probabilities.
 
     labels: the classes of both batches (fakes are drawn as the real batch's classes), or None.
     """
-    real_logits = judge(D, recipe.augment(real), labels)
+    real_logits, class_loss = judge_with_class_loss(D, recipe.augment(real), labels, recipe)
     fake_logits = judge(D, recipe.augment(fake), labels)
-    loss = LOSSES[recipe.loss][0](real_logits.float(), fake_logits.float(), recipe)
+    loss = LOSSES[recipe.loss][0](real_logits.float(), fake_logits.float(), recipe) + class_loss
     d_real = torch.sigmoid(real_logits.detach().float()).mean()
     return loss, d_real, torch.sigmoid(fake_logits.detach().float()).mean()
 
 
 def g_forward(D, real, fake, recipe, labels=None):
-    """G's loss: what D makes of its (augmented) images, plus the weighted spectral loss."""
-    loss = LOSSES[recipe.loss][1](judge(D, recipe.augment(fake), labels).float())
+    """G's loss: what D makes of its (augmented) images, plus the weighted spectral loss and the
+    class loss of the classes they were drawn as."""
+    fake_logits, class_loss = judge_with_class_loss(D, recipe.augment(fake), labels, recipe)
+    loss = LOSSES[recipe.loss][1](fake_logits.float()) + class_loss
     if recipe.spectral_loss:
         loss = loss + recipe.spectral_loss * spectral_loss(fake, real)
     return loss

@@ -63,6 +63,8 @@ RECIPES = {
     "improved-ema0": ["--recipe", "improved", "--ema", "0"],
     # trained on the digits sorted into one sub-folder per digit; sampled with --generate per class
     "improved+conditional": ["--recipe", "improved", "--conditional"],
+    "improved+conditional+class-loss2": ["--recipe", "improved", "--conditional", "--class-loss", "2"],
+    "improved+conditional-class-loss0": ["--recipe", "improved", "--conditional", "--class-loss", "0"],
     "improved+conditional+hinge+sn": ["--recipe", "improved", "--conditional", "--loss", "hinge", "--spectral-norm"],
     "improved+conditional+lr2e-3": ["--recipe", "improved", "--conditional", "--lr", "0.002", "--beta2", "0.99"],
     # the digits PNGs are RGB files of grey digits: --channels 3 keeps the 3 channels auto would drop
@@ -77,6 +79,8 @@ RECIPES = {
 # the digits' folder each recipe trains on (the others: digits/, RGB PNGs in one folder)
 LAYOUTS = {
     "improved+conditional": "digits-by-class",
+    "improved+conditional+class-loss2": "digits-by-class",
+    "improved+conditional-class-loss0": "digits-by-class",
     "improved+conditional+hinge+sn": "digits-by-class",
     "improved+conditional+lr2e-3": "digits-by-class",
     "grey-improved": "digits-grey",

@@ -237,15 +237,53 @@ def test_the_projection_adds_the_class_embedding_dotted_with_ds_pooled_last_feat
     assert first[1].item() == pytest.approx((plain[1] + embedding[3] @ pooled[1]).item(), rel=1e-4, abs=1e-6)
 
 
-def test_a_training_step_reaches_only_the_classes_of_its_batch():
-    opts = parsed("--conditional", "--ema", "0").replace(num_classes=4)
+def test_without_the_class_loss_a_training_step_reaches_only_the_classes_of_its_batch():
+    opts = parsed("--conditional", "--ema", "0", "--class-loss", 0).replace(num_classes=4)
     torch.manual_seed(0)
     nets = steps.build_nets(opts, CPU)
     g_embed, d_embed = nets.G.embed.weight.detach().clone(), nets.D.embed.weight.detach().clone()
-    steps.train_step(nets, torch.rand(8, 3, 16, 16) * 2 - 1, steps.Recipe(), CPU, labels=torch.full((8,), 2))
+    recipe = steps.Recipe.from_options(opts)
+    steps.train_step(nets, torch.rand(8, 3, 16, 16) * 2 - 1, recipe, CPU, labels=torch.full((8,), 2))
     moved = lambda old, new: (new.detach() != old).any(dim=1).tolist()  # noqa: E731
     assert moved(g_embed, nets.G.embed.weight) == [False, False, True, False]
     assert moved(d_embed, nets.D.embed.weight) == [False, False, True, False]
+
+
+def class_loss_by_hand(D, images, labels):
+    """Cross-entropy of D's class scores, each class's embedding dotted with D's pooled last features."""
+    last_features = []
+    hook = D.main[-1 - D.head_layers].register_forward_hook(lambda layer, inputs, output: last_features.append(output))
+    logits = D(images, labels)
+    hook.remove()
+    scores = last_features[0].sum(dim=(2, 3)) @ D.embed.weight.t()
+    return logits, F.cross_entropy(scores, labels)
+
+
+@pytest.mark.parametrize("weight", [0.5, 0])
+def test_the_class_loss_adds_the_cross_entropy_of_ds_class_scores_to_both_losses(weight):
+    opts = parsed("--conditional", "--class-loss", weight, "--loss", "hinge").replace(num_classes=4)
+    torch.manual_seed(0)
+    nets = steps.build_nets(opts, CPU)
+    recipe = steps.Recipe.from_options(opts)
+    real, fake = torch.rand(6, 3, 16, 16) * 2 - 1, torch.rand(6, 3, 16, 16) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 3, 1, 2])
+    torch.manual_seed(1)  # D's BatchNorm sees the same batches in both computations
+    loss_d, _, _ = steps.d_forward(nets.D, real, fake, recipe, labels)
+    loss_g = steps.g_forward(nets.D, real, fake, recipe, labels)
+    real_logits, real_class_loss = class_loss_by_hand(nets.D, real, labels)
+    fake_logits, fake_class_loss = class_loss_by_hand(nets.D, fake, labels)
+    hinge_d = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    assert real_class_loss.item() > 0.1 and fake_class_loss.item() > 0.1  # terms that would show
+    assert loss_d.item() == pytest.approx((hinge_d + weight * real_class_loss).item(), rel=1e-5)
+    assert loss_g.item() == pytest.approx((-fake_logits.mean() + weight * fake_class_loss).item(), rel=1e-5)
+
+
+def test_class_loss_without_classes_is_refused_and_nothing_is_written(gan_main, tmp_path):
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", 1, "--class-loss", 0.5])
+    assert code == 2 and "--class-loss applies to --conditional training" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+    assert steps.Recipe.from_options(parsed("--class-loss", 3)).class_loss == 0.0  # nothing to weigh
 
 
 def test_the_ema_batch_norm_statistics_are_estimated_over_balanced_classes():
