@@ -330,7 +330,7 @@ def update_ema(ema_net, net, decay):
 
 # 1,024 samples: FD within the spread of 4,096's on the digits and photos benchmarks
 # (benchmarks/ema_statistics.py, BENCHMARKS.md) at a quarter of the cost, run at every epoch end.
-EMA_STATISTICS_SAMPLES = 1024
+EMA_STATISTICS_SAMPLES = 512
 
 
 @torch.no_grad()

@@ -56,7 +56,7 @@ def digits_setup(work_dir):
     folder = work_dir / "digits"
     quality.write_pngs(images, folder)
     classifier, _ = quality.train_classifier(images, labels, work_dir / "classifier-seed0.pt")
-    scorer = quality.Scorer(classifier, images)
+    scorer = quality.Scorer(classifier, images, args.samples)
     return args, folder, lambda generated: scorer(generated)["fd"]
 
 

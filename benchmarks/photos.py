@@ -43,6 +43,7 @@ from quality import (
     RECIPES,
     mean_and_spread,
     mean_only,
+    nearest_neighbour_scores,
     per_seed,
     print_recipe_table,
     spread_line,
@@ -134,15 +135,20 @@ def save_grid(images_uint8, path, scale=2):
 
 
 class PhotoScorer:
-    """FD in random-conv features, spectral score and the lattice measures against the reference half."""
+    """FD, precision/recall (k=3) and density/coverage (k=5) in random-conv features, spectral score
+    and the lattice measures against the reference half."""
 
     def __init__(self, reference, feature_seed):
         self.reference = reference
         self.feature = RandomFeatures(seed=feature_seed)
+        with torch.no_grad():
+            self.reference_features = self.feature(reference)
 
+    @torch.no_grad()
     def __call__(self, images_uint8):
         return {
             "fd": frechet_distance(self.feature, self.reference, images_uint8),
+            **nearest_neighbour_scores(self.reference_features, self.feature(images_uint8)),
             "spectral": spectral_score(images_uint8, self.reference),
             "fixed": fixed_detail_share(images_uint8),
             "peak": strongest_peak(images_uint8, self.reference),
@@ -158,7 +164,8 @@ def print_table(results, args, floor, photo_names):
     )
     print(
         f"real-vs-real floors ({args.samples} vs {args.samples} crops): FD {floor['fd']:.3f}, "
-        f"spectral {floor['spectral']:.4f}, fixed-detail share {floor['fixed']:.4f}"
+        f"precision {floor['precision']:.2f}, recall {floor['recall']:.2f}, density {floor['density']:.2f}, "
+        f"coverage {floor['coverage']:.2f}, spectral {floor['spectral']:.4f}, fixed-detail share {floor['fixed']:.4f}"
     )
     print(spread_line(floor["spread"]))
     print()
@@ -167,6 +174,10 @@ def print_table(results, args, floor, photo_names):
         [
             ("FD ↓ (per seed)", "fd", per_seed(".3f")),
             ("FD mean ± std", "fd", mean_and_spread(".3f")),
+            ("precision ↑", "precision", per_seed(".2f")),
+            ("recall ↑", "recall", per_seed(".2f")),
+            ("density", "density", per_seed(".2f")),
+            ("coverage ↑", "coverage", per_seed(".2f")),
             ("spectral ↓ (per seed)", "spectral", per_seed(".3f")),
             ("spectral mean ± std", "spectral", mean_and_spread(".3f")),
             ("fixed-detail share", "fixed", per_seed(".3f")),
@@ -200,7 +211,8 @@ def main(argv=None):
             if not args.keep_runs:
                 shutil.rmtree(work_dir / "runs" / f"{recipe}-seed{seed}")
             print(
-                f"{recipe:12s} seed {seed}: FD {scores['fd']:.3f}  spectral {scores['spectral']:.4f}  "
+                f"{recipe:12s} seed {seed}: FD {scores['fd']:.3f}  P {scores['precision']:.2f}  R {scores['recall']:.2f}  "
+                f"D {scores['density']:.2f}  C {scores['coverage']:.2f}  spectral {scores['spectral']:.4f}  "
                 f"fixed {scores['fixed']:.3f}  peak {scores['peak']}  ({seconds:.0f}s)",
                 flush=True,
             )

@@ -34,6 +34,9 @@ from scores import mean_log_spectrum, spectral_distance, spectral_score, spectra
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from metrics import nearest_neighbour_scores  # noqa: E402
+
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
 COVERAGE_SHARE = 0.01  # a digit counts as found when at least 1% of the samples are classified as it
@@ -241,15 +244,19 @@ def train_classifier(images, labels, path, epochs=15, seed=0):
 
 
 class Scorer:
-    """FD and spectral score against all real digits (real statistics computed once), class coverage."""
+    """FD and spectral score against all real digits (real statistics computed once), class coverage,
+    and precision/recall (k=3) and density/coverage (k=5) in the same features against a fixed
+    sample of as many real digits as are scored (the papers' equal set sizes)."""
 
-    def __init__(self, classifier, real_images):
+    def __init__(self, classifier, real_images, samples):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         self.classifier = classifier
         self.fid = FrechetInceptionDistance(feature=PenultimateFeatures(classifier), reset_real_features=False)
         self.fid.update(real_images, real=True)
         self.real_spectrum = mean_log_spectrum(real_images)
+        with torch.no_grad():
+            self.reference_features = classifier.features(real_images[real_sample(len(real_images), samples)])
 
     @torch.no_grad()
     def __call__(self, images_uint8):
@@ -261,6 +268,7 @@ class Scorer:
         entropy = abs(float((seen * seen.log()).sum())) / math.log(NUM_CLASSES)
         return {
             "fd": float(self.fid.compute()),
+            **nearest_neighbour_scores(self.reference_features, self.classifier.features(images_uint8)),
             "found": int((shares >= COVERAGE_SHARE).sum()),
             "entropy": entropy,
             "spectral": spectral_distance(mean_log_spectrum(images_uint8), self.real_spectrum),
@@ -291,8 +299,14 @@ def class_scores(scorer, per_class, real_images, labels, samples):
     }
 
 
-def real_floor(classifier, real_images, seed=0):
-    """FD and spectral score between two random halves of the real digits: what a perfect generator scores."""
+def real_sample(count, samples, seed=0):
+    """The indices of a fixed random sample of samples of count real images."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:samples]
+
+
+def real_floor(classifier, real_images, samples, seed=0):
+    """FD and spectral score between two random halves of the real digits, and the nearest-neighbour
+    scores of samples other real digits against the scorer's real sample: what a perfect generator scores."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     order = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(seed))
@@ -301,8 +315,12 @@ def real_floor(classifier, real_images, seed=0):
     fid = FrechetInceptionDistance(feature=PenultimateFeatures(classifier))
     fid.update(first, real=True)
     fid.update(second, real=False)
+    others = real_images[order[samples : 2 * samples]]  # disjoint from real_sample's first `samples`
+    with torch.no_grad():
+        reference, other = (classifier.features(real_images[order[:samples]]), classifier.features(others))
     return {
         "fd": float(fid.compute()),
+        **nearest_neighbour_scores(reference, other),
         "spectral": spectral_score(second, first),
         "spread": spectral_spread(real_images),
     }
@@ -366,7 +384,8 @@ def print_table(results, args, floor, accuracy):
     )
     print(
         f"classifier held-out accuracy {accuracy:.3f}; real-vs-real floors: FD {floor['fd']:.2f}, "
-        f"spectral {floor['spectral']:.4f}"
+        f"spectral {floor['spectral']:.4f}, precision {floor['precision']:.2f}, recall {floor['recall']:.2f}, "
+        f"density {floor['density']:.2f}, coverage {floor['coverage']:.2f}"
     )
     print(spread_line(floor["spread"]))
     print()
@@ -374,6 +393,11 @@ def print_table(results, args, floor, accuracy):
         results,
         [
             ("FD (lower is better)", "fd", mean_and_spread(".2f")),
+            ("FD per seed", "fd", per_seed(".1f")),
+            ("precision ↑", "precision", per_seed(".2f")),
+            ("recall ↑", "recall", per_seed(".2f")),
+            ("density", "density", per_seed(".2f")),
+            ("coverage ↑", "coverage", per_seed(".2f")),
             ("digits found (of 10)", "found", mean_and_spread(".1f")),
             ("class entropy (1 = even)", "entropy", mean_and_spread(".3f")),
             ("spectral (lower is better)", "spectral", mean_and_spread(".3f")),
@@ -433,8 +457,8 @@ def main(argv=None):
     # not classifier.pt: classifiers trained before the seed fix were each different
     classifier, accuracy = train_classifier(images, labels, work_dir / "classifier-seed0.pt")
     print(f"digit classifier: held-out accuracy {accuracy:.3f} ({len(images) // 5} digits)")
-    scorer = Scorer(classifier, images)
-    floor = real_floor(classifier, images)
+    scorer = Scorer(classifier, images, args.samples)
+    floor = real_floor(classifier, images, args.samples)
     runs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]
     results = {recipe: [] for recipe in args.recipes}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -451,7 +475,8 @@ def main(argv=None):
                 scores = {**scorer(generated), "seconds": seconds}
             results[recipe].append(scores)
             print(
-                f"{recipe:12s} seed {seed}: FD {scores['fd']:.2f}  found {scores['found']}  "
+                f"{recipe:12s} seed {seed}: FD {scores['fd']:.2f}  P {scores['precision']:.2f}  "
+                f"R {scores['recall']:.2f}  D {scores['density']:.2f}  C {scores['coverage']:.2f}  found {scores['found']}  "
                 f"entropy {scores['entropy']:.3f}  spectral {scores['spectral']:.3f}  ({seconds:.0f}s)",
                 flush=True,
             )
