@@ -272,6 +272,13 @@ def add_training_flags(group):
         default=0.0,
         help="weight of a G loss that matches its images' power spectrum to the real batch's; 0 turns it off",
     )
+    add(
+        "--r1",
+        type=non_negative_float,
+        default=0.0,
+        help="weight gamma of the R1 penalty (Mescheder et al., 2018): gamma/2 times the squared gradient of D's "
+        "logits on real images with respect to those images, added to D's loss; 0 turns it off",
+    )
     add("--spectral-norm", action="store_true", help="spectral normalisation on D's layers (drops D's BatchNorm)")
     add("--diffaugment", action="store_true", help="differentiable color/translation/cutout on D's inputs")
     add("--ttur", action="store_true", help="two time-scale update rule: D lr 4e-4, G lr 1e-4 (overrides --lr)")

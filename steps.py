@@ -151,11 +151,14 @@ class Recipe:
     diffaugment: bool = False
     spectral_loss: float = 0.0
     class_loss: float = 0.0
+    r1: float = 0.0
 
     @classmethod
     def from_options(cls, opts):
         class_loss = opts.class_loss if opts.num_classes else 0.0
-        return cls(opts.loss, opts.label_smoothing, opts.label_noise, opts.diffaugment, opts.spectral_loss, class_loss)
+        return cls(
+            opts.loss, opts.label_smoothing, opts.label_noise, opts.diffaugment, opts.spectral_loss, class_loss, opts.r1
+        )
 
     def augment(self, images):
         return diff_augment(images) if self.diffaugment else images
@@ -256,15 +259,18 @@ def wrap_for_training(nets, opts, runtime):
         # D's running statistics are never used (D only ever runs in training mode), and broadcasting
         # them in place between D's two forwards of one update breaks autograd on torch 2.11
         G_train, D_train = DDP(nets.G, device_ids=ids), ddp_without_buffer_sync(nets.D, ids)
+    # torch.compile does not take the double backward of --r1: D's update then runs eager
     if runtime.compile and runtime.distributed:
         # dynamo splits a compiled DDP module at its gradient buckets, so that the all-reduces
         # overlap the backward; it does that only for the DDP module itself, not inside a bigger graph
-        G_train, D_train, D_no_sync = (compiled(m, runtime) for m in (G_train, D_train, D_no_sync))
+        G_train, D_no_sync = compiled(G_train, runtime), compiled(D_no_sync, runtime)
+        D_train = D_train if opts.r1 else compiled(D_train, runtime)
     elif runtime.compile:
         # each update's augment + forward + loss + statistics as one graph (its backward is compiled
         # with it), static shapes: the last incomplete batch of an epoch is dropped
         G_train = compiled(G_train, runtime)
-        d_step_forward, g_step_forward = compiled(d_forward, runtime), compiled(g_forward, runtime)
+        d_step_forward = d_forward if opts.r1 else compiled(d_forward, runtime)
+        g_step_forward = compiled(g_forward, runtime)
     nets.G_train, nets.D_train, nets.D_no_sync = G_train, D_train, D_no_sync
     nets.d_forward, nets.g_forward = d_step_forward, g_step_forward
 
@@ -290,15 +296,27 @@ def judge_with_class_loss(D, images, labels, recipe):
     return logits, recipe.class_loss * F.cross_entropy(class_scores.float(), labels)
 
 
+def r1_penalty(real_logits, real_input):
+    """The batch's mean squared norm of the gradient of D's logits with respect to its real input
+    images; kept in the graph (create_graph), so that D's update descends it too."""
+    (gradient,) = torch.autograd.grad(real_logits.float().sum(), real_input, create_graph=True)
+    return gradient.float().square().flatten(1).sum(dim=1).mean()
+
+
 def d_forward(D, real, fake, recipe, labels=None):
     """D's loss on a real and a fake batch (with the class loss of the real one's classes), and
     its mean outputs as probabilities.
 
     labels: the classes of both batches (fakes are drawn as the real batch's classes), or None.
     """
-    real_logits, class_loss = judge_with_class_loss(D, recipe.augment(real), labels, recipe)
+    real_input = recipe.augment(real)
+    if recipe.r1:
+        real_input = real_input.detach().requires_grad_(True)
+    real_logits, class_loss = judge_with_class_loss(D, real_input, labels, recipe)
     fake_logits = judge(D, recipe.augment(fake), labels)
     loss = LOSSES[recipe.loss][0](real_logits.float(), fake_logits.float(), recipe) + class_loss
+    if recipe.r1:
+        loss = loss + recipe.r1 / 2 * r1_penalty(real_logits, real_input)
     d_real = torch.sigmoid(real_logits.detach().float()).mean()
     return loss, d_real, torch.sigmoid(fake_logits.detach().float()).mean()
 

@@ -63,6 +63,8 @@ RECIPES = {
     "improved-spectral0.3": ["--recipe", "improved", "--spectral-loss", "0.3"],
     "improved-spectral0": ["--recipe", "improved", "--spectral-loss", "0"],
     "improved+diffaugment": ["--recipe", "improved", "--diffaugment"],
+    "improved+r1-0.1": ["--recipe", "improved", "--r1", "0.1"],
+    "improved+r1-1": ["--recipe", "improved", "--r1", "1"],
     "improved-ema0": ["--recipe", "improved", "--ema", "0"],
     # trained on the digits sorted into one sub-folder per digit; sampled with --generate per class
     "improved+conditional": ["--recipe", "improved", "--conditional"],

@@ -1,5 +1,5 @@
 """The recipe options each do what their help says: --loss, --spectral-norm, --diffaugment,
---spectral-loss, --ttur, --d-steps and --ema. Tiny nets on the CPU."""
+--spectral-loss, --r1, --ttur, --d-steps and --ema. Tiny nets on the CPU."""
 
 import json
 import math
@@ -273,6 +273,78 @@ def test_the_spectral_loss_flag_reaches_the_steps(monkeypatch, gan_main, tiny_ar
     code, _, err = gan_main([*tiny_args, "--epochs", "1", "--checkpoint-dir", "off", "--image-dir", "off-images"])
     assert code == 0, err
     assert seen == []  # off by default
+
+
+# ---------------------------------------------------------------- R1
+
+
+def r1_by_hand(D, real):
+    """The mean over the batch of |d D(x) / dx|^2, each image's gradient taken on its own."""
+    norms = []
+    for image in real:
+        image = image.unsqueeze(0).clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(D(image).sum(), image)
+        norms.append(gradient.square().sum())
+    return torch.stack(norms).mean()
+
+
+class PixelD(nn.Module):
+    """A discriminator without BatchNorm, so that one image's gradient does not depend on the batch:
+    the logit is a fixed quadratic form of the pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-1, 1, 3 * 16 * 16))
+
+    def forward(self, images):
+        flat = images.flatten(1)
+        return (flat * self.weight).sum(dim=1) + 0.5 * flat.square().sum(dim=1)
+
+
+@pytest.mark.parametrize("gamma", [2.0, 0.5])
+def test_r1_adds_gamma_over_2_times_the_squared_input_gradient_on_real_images(gamma):
+    opts, _ = options.parse_flags([*NET_ARGS, "--r1", str(gamma)])
+    recipe = steps.Recipe.from_options(opts)
+    assert recipe.r1 == gamma
+    generator = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(4, 3, 16, 16, generator=generator), torch.rand(4, 3, 16, 16, generator=generator)
+    D = PixelD()
+    with_r1, _, _ = steps.d_forward(D, real, fake, recipe)
+    without, _, _ = steps.d_forward(D, real, fake, steps.Recipe())
+    penalty = r1_by_hand(D, real)  # here: |weight + x|^2 per image
+    torch.testing.assert_close(penalty, (D.weight.detach() + real.flatten(1)).square().sum(dim=1).mean())
+    assert float(with_r1 - without) == pytest.approx(gamma / 2 * float(penalty), rel=1e-5)
+    # and D's update descends it: the penalty's gradient with respect to D's weights is in the loss
+    (with_r1 - without).backward()
+    expected = gamma / 2 * 2 * (D.weight.detach() + real.flatten(1)).mean(dim=0)
+    torch.testing.assert_close(D.weight.grad, expected)
+
+
+def test_the_r1_flag_reaches_ds_update_in_a_run(monkeypatch, gan_main, tiny_args):
+    seen = []
+    penalty = steps.r1_penalty
+    monkeypatch.setattr(
+        steps, "r1_penalty", lambda logits, images: seen.append(images.shape) or penalty(logits, images)
+    )
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--r1", "1"])
+    assert code == 0, err
+    assert seen == [torch.Size([8, 3, 16, 16])] * 4  # one D update per step, on the real batch
+    seen.clear()
+    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--checkpoint-dir", "off", "--image-dir", "off-images"])
+    assert code == 0, err
+    assert seen == []  # off by default
+
+
+def test_with_r1_a_compiled_run_keeps_ds_update_eager():
+    """torch.compile takes no double backward: with --r1 the D update is the plain function."""
+    from runtime import Runtime
+
+    opts, _ = options.parse_flags([*NET_ARGS, "--r1", "1"])
+    compiling = Runtime(torch.device("cpu"), compile=True)
+    nets = steps.build_nets(opts, compiling)
+    assert nets.d_forward is steps.d_forward and nets.g_forward is not steps.g_forward
+    plain = steps.build_nets(opts.replace(r1=0.0), compiling)
+    assert plain.d_forward is not steps.d_forward
 
 
 # ---------------------------------------------------------------- TTUR
