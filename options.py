@@ -70,7 +70,7 @@ RECIPES = {
 }
 EXAMPLES = """examples:
   python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
-  python gan.py --dataset folder --dataroot celeba/ --image-size 64 --diffaugment
+  python gan.py --dataset folder --dataroot celeba/ --recipe improved --image-size 64
                                                              any folder of images (e.g. CelebA)
   python gan.py --arch upsample --image-size 32 --nz 256 --lr 0.005 --beta2 0.99 --batch-size 64 --subset 2500 --epochs 250
                                                              the upsample recipe: 2,500 CIFAR-10 images, a high lr

@@ -69,6 +69,8 @@ RECIPES = {
     # trained on the digits sorted into one sub-folder per digit; sampled with --generate per class
     "improved+conditional": ["--recipe", "improved", "--conditional"],
     "improved+conditional+class-loss2": ["--recipe", "improved", "--conditional", "--class-loss", "2"],
+    "improved+conditional+class-loss0.5": ["--recipe", "improved", "--conditional", "--class-loss", "0.5"],
+    "improved+conditional-ema0": ["--recipe", "improved", "--conditional", "--ema", "0"],
     "improved+conditional-class-loss0": ["--recipe", "improved", "--conditional", "--class-loss", "0"],
     "improved+conditional+hinge+sn": ["--recipe", "improved", "--conditional", "--loss", "hinge", "--spectral-norm"],
     "improved+conditional+lr2e-3": ["--recipe", "improved", "--conditional", "--lr", "0.002", "--beta2", "0.99"],
@@ -85,6 +87,8 @@ RECIPES = {
 LAYOUTS = {
     "improved+conditional": "digits-by-class",
     "improved+conditional+class-loss2": "digits-by-class",
+    "improved+conditional+class-loss0.5": "digits-by-class",
+    "improved+conditional-ema0": "digits-by-class",
     "improved+conditional-class-loss0": "digits-by-class",
     "improved+conditional+hinge+sn": "digits-by-class",
     "improved+conditional+lr2e-3": "digits-by-class",

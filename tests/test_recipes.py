@@ -313,7 +313,7 @@ def test_r1_adds_gamma_over_2_times_the_squared_input_gradient_on_real_images(ga
     without, _, _ = steps.d_forward(D, real, fake, steps.Recipe())
     penalty = r1_by_hand(D, real)  # here: |weight + x|^2 per image
     torch.testing.assert_close(penalty, (D.weight.detach() + real.flatten(1)).square().sum(dim=1).mean())
-    assert float(with_r1 - without) == pytest.approx(gamma / 2 * float(penalty), rel=1e-5)
+    assert float((with_r1 - without).detach()) == pytest.approx(gamma / 2 * float(penalty), rel=1e-5)
     # and D's update descends it: the penalty's gradient with respect to D's weights is in the loss
     (with_r1 - without).backward()
     expected = gamma / 2 * 2 * (D.weight.detach() + real.flatten(1)).mean(dim=0)

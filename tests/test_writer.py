@@ -1,5 +1,7 @@
 """The epoch's files written off the training thread (writer.py): in order, from copies taken
-first, errors raised on the training thread later, and a stopped run waits for them."""
+first, errors raised on the training thread later, and a stopped run waits for them. The runs
+here are on the CPU, which writes in line; as_on_an_accelerator gives them the writer thread that
+CUDA and MPS runs get."""
 
 import threading
 
@@ -10,9 +12,15 @@ from conftest import TINY_ARGS
 import checkpoint
 import faults
 import gan
-from writer import BackgroundWriter
+from runtime import Runtime
+from writer import BackgroundWriter, InlineWriter
 
 STEPS_PER_EPOCH = 4  # TINY_ARGS: 32 images, batch 8
+
+
+@pytest.fixture
+def as_on_an_accelerator(monkeypatch):
+    monkeypatch.setattr(gan, "epoch_file_writer", lambda runtime: BackgroundWriter())
 
 
 def test_jobs_run_in_order_on_their_own_thread_and_the_queue_is_bounded():
@@ -48,7 +56,7 @@ def test_a_failed_job_drops_the_later_ones_and_is_raised_at_the_next_hand_over()
     assert done == ["later"]
 
 
-def test_the_checkpoint_holds_the_state_it_was_handed_over_in(monkeypatch, gan_main, tmp_path):
+def test_the_checkpoint_holds_the_state_it_was_handed_over_in(as_on_an_accelerator, monkeypatch, gan_main, tmp_path):
     """The step-2 checkpoint (--save-every 2) is written only after step 3 has changed every weight
     and Adam moment: what it holds must still be step 2's, taken as copies before the hand-over."""
     step_three_done, at_hand_over, written = threading.Event(), {}, {}
@@ -86,7 +94,7 @@ def test_the_checkpoint_holds_the_state_it_was_handed_over_in(monkeypatch, gan_m
     )
 
 
-def test_epoch_files_are_written_off_the_training_thread_checkpoint_first(monkeypatch, gan_main):
+def test_epoch_files_are_written_off_the_training_thread_checkpoint_first(as_on_an_accelerator, monkeypatch, gan_main):
     writes = []
     real_write = checkpoint.atomic_write_bytes
     import artifacts
@@ -106,7 +114,9 @@ def test_epoch_files_are_written_off_the_training_thread_checkpoint_first(monkey
     assert {thread for _, thread in writes} == {"epoch-files"}
 
 
-def test_a_stop_waits_for_the_files_in_the_queue_before_saying_what_it_saved(monkeypatch, gan_main, tmp_path):
+def test_a_stop_waits_for_the_files_in_the_queue_before_saying_what_it_saved(
+    as_on_an_accelerator, monkeypatch, gan_main, tmp_path
+):
     """Ctrl-C in epoch 2, while epoch 1's checkpoint is still being written: the message comes
     after both that write and the stop's own checkpoint are on disk."""
     release, order = threading.Event(), []
@@ -132,3 +142,19 @@ def test_a_stop_waits_for_the_files_in_the_queue_before_saying_what_it_saved(mon
     assert code != 0 and "stopped at epoch 2, step 5" in err, err
     assert order == [f"wrote step {STEPS_PER_EPOCH}", "wrote step 5", "message"]
     assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "checkpoint.pt")["step"] == 5
+
+
+def test_on_the_cpu_the_files_are_written_on_the_training_thread(monkeypatch, gan_main):
+    """A writer thread on the CPU takes its time from the steps' threads (BENCHMARKS.md)."""
+    threads = set()
+    real_write = checkpoint.atomic_write_bytes
+    monkeypatch.setattr(
+        checkpoint, "atomic_write_bytes", lambda *a: threads.add(threading.current_thread().name) or real_write(*a)
+    )
+    code, _, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 0, err
+    assert threads == {threading.main_thread().name}
+    assert isinstance(gan.epoch_file_writer(Runtime(torch.device("cpu"))), InlineWriter)
+    on_cuda = gan.epoch_file_writer(Runtime(torch.device("cuda")))  # no GPU needed to build it
+    on_cuda.close()
+    assert isinstance(on_cuda, BackgroundWriter)
