@@ -54,6 +54,9 @@ NOT_RESUMED_FLAGS = (
 # Flags only some modes read (the others would ignore them without a word).
 MODE_ONLY_FLAGS = {"checkpoint": ("generate", "interpolate", "evaluate"), "steps": ("interpolate",)}
 MAX_SEED = 2**63 - 1
+# Flags younger than some checkpoints, with the value the runs that saved those trained with: a
+# resume goes on as it trained, not with the new flag's default.
+TRAINED_BEFORE_THE_FLAG = {"class_loss": 0.0}
 MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
 # --recipe NAME sets these flags unless they are typed. dcgan: the DCGAN paper's settings (the
 # defaults). improved: chosen from BENCHMARKS.md's digits and photo tables, where both its FD and
@@ -562,6 +565,7 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
             "a run keeps its seed: start a fresh run for another one"
         )
     refuse_saved_folders(saved_flags, opts, explicit, path, ("dataroot", "image_dir"))
+    saved_flags = {**TRAINED_BEFORE_THE_FLAG, **saved_flags}
     changed, merged, parser = [], {}, build_parser()
     for name, saved in saved_flags.items():
         if name in PATH_FLAGS and name in explicit and name != "checkpoint_dir" and getattr(opts, name) != saved:

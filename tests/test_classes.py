@@ -278,6 +278,18 @@ def test_the_class_loss_adds_the_cross_entropy_of_ds_class_scores_to_both_losses
     assert loss_g.item() == pytest.approx((-fake_logits.mean() + weight * fake_class_loss).item(), rel=1e-5)
 
 
+def test_a_conditional_checkpoint_from_before_the_class_loss_resumes_without_it():
+    opts, explicit = options.parse_flags([*TINY_ARGS, "--conditional", "--resume"])
+    saved = {name: value for name, value in opts.as_dict().items() if name != "class_loss"}
+    resumed, changes = options.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")
+    assert resumed.class_loss == 0.0 and changes == []
+    opts, explicit = options.parse_flags([*TINY_ARGS, "--conditional", "--resume", "--class-loss", "1"])
+    resumed, changes = options.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")
+    assert resumed.class_loss == 1.0 and changes == ["--class-loss 0.0 -> 1.0"]
+    saved_with_it = {**saved, "class_loss": 0.5}
+    assert options.merge_resume_flags(opts.replace(class_loss=1.0), set(), saved_with_it, "c.pt")[0].class_loss == 0.5
+
+
 def test_class_loss_without_classes_is_refused_and_nothing_is_written(gan_main, tmp_path):
     code, out, err = gan_main([*TINY_ARGS, "--epochs", 1, "--class-loss", 0.5])
     assert code == 2 and "--class-loss applies to --conditional training" in err
