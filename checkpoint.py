@@ -54,11 +54,11 @@ def latest_checkpoint(checkpoint_dir):
 
 
 def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False, rank_rng=None):
-    """The checkpoint's dict, of copies on the CPU: the training goes on changing the originals while
-    a writer thread saves it (writer.py). ema_statistics_estimated: netG_ema holds BatchNorm statistics estimated
-    for its own weights (models.estimate_batch_norm), not the trained G's copied ones; when not,
-    --generate, --interpolate and --evaluate estimate them on loading. rank_rng: every rank's RNG state
-    under torchrun (runtime.rank_rng_states), for an exact resume."""
+    """The checkpoint's dict, of copies on the CPU: the training may go on changing the originals
+    while a writer thread saves it (writer.py). ema_statistics_estimated: netG_ema holds BatchNorm
+    statistics estimated for its own weights (models.estimate_batch_norm), not the trained G's
+    copied ones; when not, --generate, --interpolate and --evaluate estimate them on loading.
+    rank_rng: every rank's RNG state under torchrun (runtime.rank_rng_states), for an exact resume."""
     rng = {"cpu": torch.get_rng_state()}
     if runtime.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(runtime.device)

@@ -272,9 +272,10 @@ def prepared_in_turns(load, runtime):
 class RunOutputs:
     """Everything rank 0 writes: checkpoints, the log, pictures, TensorBoard and FID.
 
-    The files are written by self.writer on a thread of its own, in the order they are handed
-    over (writer.py), from copies taken on the training thread; FID is computed on the training
-    thread. Each job checks that the run still holds its folder just before it writes there.
+    The files are written by self.writer in the order they are handed over, from copies taken on
+    the training thread: on a thread of their own on an accelerator, in line on the CPU
+    (epoch_file_writer). FID is computed on the training thread. Each write checks that the run
+    still holds its folder just before it writes there.
     """
 
     def __init__(self, opts, runtime, real_uint8, progress, locks, writer, metric_feature=None, labels=None):
@@ -591,9 +592,9 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     """FID, the checkpoint, then the pictures (rank 0), and the epoch's summary line.
 
     The checkpoint comes before the pictures: a picture that fails (or a full disk) then never
-    costs the epoch, and no picture on disk belongs to an epoch without its checkpoint. Both are
-    written on the writer's thread while the next epoch trains; a write that failed is raised at
-    the next hand-over.
+    costs the epoch, and no picture on disk belongs to an epoch without its checkpoint. On an
+    accelerator both are written on the writer's thread while the next epoch trains, and a write
+    that failed is raised at the next hand-over.
     """
     progress = state.progress
     progress.epoch += 1

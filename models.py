@@ -328,8 +328,9 @@ def update_ema(ema_net, net, decay):
         torch._foreach_copy_(ema_buffers, list(net.buffers()))
 
 
-# 1,024 samples: FD within the spread of 4,096's on the digits and photos benchmarks
-# (benchmarks/ema_statistics.py, BENCHMARKS.md) at a quarter of the cost, run at every epoch end.
+# 512 samples: FD within the spread of 4,096's on the digits and photos benchmarks, where 256
+# spread the photos' FD three times as far (benchmarks/ema_statistics.py, BENCHMARKS.md); it runs
+# at every epoch end, at an eighth of 4,096's cost.
 EMA_STATISTICS_SAMPLES = 512
 
 
