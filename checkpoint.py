@@ -160,7 +160,11 @@ def read_torch_file(path):
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a plain pickle file draws torch's warning about its protocol before the error below:
+            # the user gets the one line that says what is wrong
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types; all mean "not ours"
         # torch's message ends in advice to load with weights_only=False: for a file of unknown
         # origin that would run its code, so it is never passed on

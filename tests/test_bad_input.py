@@ -10,6 +10,7 @@ import random
 import shutil
 import tarfile
 import urllib.error
+import warnings
 from pathlib import Path
 
 import pytest
@@ -593,7 +594,6 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(run_copy, gan_main, arg
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("container", ["torch.save", "plain pickle"])
 def test_a_checkpoint_that_would_run_code_is_refused_unrun(run_copy, gan_main, tmp_path, container):
     marker = tmp_path / "code_ran"
@@ -606,10 +606,13 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(run_copy, gan_main, t
         else:
             path.write_bytes(pickle.dumps(state))
 
-    code, out, err = resume_with(run_copy, gan_main, write)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a run shows a warning on stderr, before the message
+        code, out, err = resume_with(run_copy, gan_main, write)
     assert_user_error(
         code, err, "cannot read checkpoint checkpoints/checkpoint.pt: it is not a checkpoint of this program"
     )
+    assert [str(warning.message) for warning in caught] == []
     assert "weights_only" not in err  # never the advice to load it unsafely
     assert not marker.exists()
     # the file really is malicious: a plain pickle.load would have run it
