@@ -90,7 +90,7 @@ def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_
 
 
 def cpu_state(module):
-    return {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
+    return cpu_copy(module.state_dict())
 
 
 def cpu_copy(value):

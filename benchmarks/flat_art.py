@@ -33,7 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from photos import save_grid
-from quality import RECIPES, mean_and_spread, mean_only, per_seed, print_recipe_table, train_and_sample, write_pngs
+from quality import (
+    NEIGHBOUR_COLUMNS,
+    RECIPES,
+    mean_and_spread,
+    mean_only,
+    neighbour_text,
+    per_seed,
+    print_recipe_table,
+    train_and_sample,
+    write_pngs,
+)
 from scores import RandomFeatures, flat_share, frechet_distance, spectral_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -175,10 +185,7 @@ def print_table(results, args, floor, speckle_rows):
         results,
         [
             ("FD ↓ (per seed)", "fd", per_seed(".3f")),
-            ("precision ↑", "precision", per_seed(".2f")),
-            ("recall ↑", "recall", per_seed(".2f")),
-            ("density", "density", per_seed(".2f")),
-            ("coverage ↑", "coverage", per_seed(".2f")),
+            *NEIGHBOUR_COLUMNS,
             ("flat share (real: floor)", "flat", per_seed(".3f")),
             ("spectral ↓", "spectral", mean_and_spread(".3f")),
             ("seconds per run", "seconds", mean_only(".0f")),
@@ -218,8 +225,8 @@ def main(argv=None):
             if not args.keep_runs:
                 shutil.rmtree(work_dir / "runs" / f"{recipe}-seed{seed}")
             print(
-                f"{recipe:14s} seed {seed}: FD {scores['fd']:.3f}  P {scores['precision']:.2f}  R {scores['recall']:.2f}  "
-                f"D {scores['density']:.2f}  C {scores['coverage']:.2f}  flat {scores['flat']:.3f}  "
+                f"{recipe:14s} seed {seed}: FD {scores['fd']:.3f}  {neighbour_text(scores)}  "
+                f"flat {scores['flat']:.3f}  "
                 f"spectral {scores['spectral']:.4f}  ({seconds:.0f}s)",
                 flush=True,
             )

@@ -40,10 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from quality import (
+    NEIGHBOUR_COLUMNS,
     RECIPES,
     mean_and_spread,
     mean_only,
     nearest_neighbour_scores,
+    neighbour_text,
     per_seed,
     print_recipe_table,
     spread_line,
@@ -174,10 +176,7 @@ def print_table(results, args, floor, photo_names):
         [
             ("FD ↓ (per seed)", "fd", per_seed(".3f")),
             ("FD mean ± std", "fd", mean_and_spread(".3f")),
-            ("precision ↑", "precision", per_seed(".2f")),
-            ("recall ↑", "recall", per_seed(".2f")),
-            ("density", "density", per_seed(".2f")),
-            ("coverage ↑", "coverage", per_seed(".2f")),
+            *NEIGHBOUR_COLUMNS,
             ("spectral ↓ (per seed)", "spectral", per_seed(".3f")),
             ("spectral mean ± std", "spectral", mean_and_spread(".3f")),
             ("fixed-detail share", "fixed", per_seed(".3f")),
@@ -211,8 +210,8 @@ def main(argv=None):
             if not args.keep_runs:
                 shutil.rmtree(work_dir / "runs" / f"{recipe}-seed{seed}")
             print(
-                f"{recipe:12s} seed {seed}: FD {scores['fd']:.3f}  P {scores['precision']:.2f}  R {scores['recall']:.2f}  "
-                f"D {scores['density']:.2f}  C {scores['coverage']:.2f}  spectral {scores['spectral']:.4f}  "
+                f"{recipe:12s} seed {seed}: FD {scores['fd']:.3f}  {neighbour_text(scores)}  "
+                f"spectral {scores['spectral']:.4f}  "
                 f"fixed {scores['fixed']:.3f}  peak {scores['peak']}  ({seconds:.0f}s)",
                 flush=True,
             )

@@ -315,13 +315,13 @@ def real_floor(classifier, real_images, samples, seed=0):
     scores of samples other real digits against the scorer's real sample: what a perfect generator scores."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    order = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(seed))
+    order = real_sample(len(real_images), len(real_images), seed)  # begins with the scorer's real sample
     half = len(order) // 2
     first, second = real_images[order[:half]], real_images[order[half:]]
     fid = FrechetInceptionDistance(feature=PenultimateFeatures(classifier))
     fid.update(first, real=True)
     fid.update(second, real=False)
-    others = real_images[order[samples : 2 * samples]]  # disjoint from real_sample's first `samples`
+    others = real_images[order[samples : 2 * samples]]  # disjoint from it
     with torch.no_grad():
         reference, other = (classifier.features(real_images[order[:samples]]), classifier.features(others))
     return {
@@ -400,10 +400,7 @@ def print_table(results, args, floor, accuracy):
         [
             ("FD (lower is better)", "fd", mean_and_spread(".2f")),
             ("FD per seed", "fd", per_seed(".1f")),
-            ("precision ↑", "precision", per_seed(".2f")),
-            ("recall ↑", "recall", per_seed(".2f")),
-            ("density", "density", per_seed(".2f")),
-            ("coverage ↑", "coverage", per_seed(".2f")),
+            *NEIGHBOUR_COLUMNS,
             ("digits found (of 10)", "found", mean_and_spread(".1f")),
             ("class entropy (1 = even)", "entropy", mean_and_spread(".3f")),
             ("spectral (lower is better)", "spectral", mean_and_spread(".3f")),
@@ -434,6 +431,21 @@ def print_table(results, args, floor, accuracy):
 
 def per_seed(spec):
     return lambda values: " / ".join(f"{value:{spec}}" for value in values)
+
+
+# the scores of metrics.nearest_neighbour_scores, as table columns and as a run's progress line
+NEIGHBOUR_COLUMNS = [
+    ("precision ↑", "precision", per_seed(".2f")),
+    ("recall ↑", "recall", per_seed(".2f")),
+    ("density", "density", per_seed(".2f")),
+    ("coverage ↑", "coverage", per_seed(".2f")),
+]
+
+
+def neighbour_text(scores):
+    return (
+        f"P {scores['precision']:.2f}  R {scores['recall']:.2f}  D {scores['density']:.2f}  C {scores['coverage']:.2f}"
+    )
 
 
 def mean_and_spread(spec):
@@ -481,8 +493,7 @@ def main(argv=None):
                 scores = {**scorer(generated), "seconds": seconds}
             results[recipe].append(scores)
             print(
-                f"{recipe:12s} seed {seed}: FD {scores['fd']:.2f}  P {scores['precision']:.2f}  "
-                f"R {scores['recall']:.2f}  D {scores['density']:.2f}  C {scores['coverage']:.2f}  found {scores['found']}  "
+                f"{recipe:12s} seed {seed}: FD {scores['fd']:.2f}  {neighbour_text(scores)}  found {scores['found']}  "
                 f"entropy {scores['entropy']:.3f}  spectral {scores['spectral']:.3f}  ({seconds:.0f}s)",
                 flush=True,
             )
