@@ -74,6 +74,8 @@ RECIPES = {
     "improved+conditional-class-loss0": ["--recipe", "improved", "--conditional", "--class-loss", "0"],
     "improved+conditional+hinge+sn": ["--recipe", "improved", "--conditional", "--loss", "hinge", "--spectral-norm"],
     "improved+conditional+lr2e-3": ["--recipe", "improved", "--conditional", "--lr", "0.002", "--beta2", "0.99"],
+    "improved+conditional+lr2e-4": ["--recipe", "improved", "--conditional", "--lr", "0.0002"],
+    "improved+conditional+lr5e-4": ["--recipe", "improved", "--conditional", "--lr", "0.0005"],
     # the digits PNGs are RGB files of grey digits: --channels 3 keeps the 3 channels auto would drop
     "rgb-improved": ["--recipe", "improved", "--channels", "3"],
     # trained on the same digits written as greyscale PNGs: gan.py trains them with 1 channel
@@ -92,6 +94,8 @@ LAYOUTS = {
     "improved+conditional-class-loss0": "digits-by-class",
     "improved+conditional+hinge+sn": "digits-by-class",
     "improved+conditional+lr2e-3": "digits-by-class",
+    "improved+conditional+lr2e-4": "digits-by-class",
+    "improved+conditional+lr5e-4": "digits-by-class",
     "grey-improved": "digits-grey",
     "grey-improved+conditional": "digits-grey-by-class",
 }
@@ -110,8 +114,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--class-samples",
         type=int,
-        default=200,
-        help="generated digits per class of a conditional run, for its per-class FD and class consistency",
+        default=500,
+        help="generated digits per class of a conditional run, for its per-class FD and class consistency "
+        "(at least --samples)",
     )
     p.add_argument("--jobs", type=int, default=3, help="training runs in parallel, one CPU thread each")
     p.add_argument("--work-dir", default=None, help="where digits, runs and the classifier go [a temp folder]")
@@ -295,7 +300,10 @@ def class_scores(scorer, per_class, real_images, labels, samples):
         fid.update(real_images[labels == digit], real=True)
         fid.update(images, real=False)
         class_fd[digit] = float(fid.compute())
-    overall = scorer(torch.cat([images[: samples // NUM_CLASSES] for _, images in sorted(per_class.items())]))
+    # every class is drawn from the same noise: take each class's share from other noise vectors,
+    # so that the overall scores see as many distinct ones as an unconditional run's
+    share = samples // NUM_CLASSES
+    overall = scorer(torch.cat([images[d * share : (d + 1) * share] for d, images in sorted(per_class.items())]))
     return {
         **overall,
         "consistency": float(torch.cat(hits).mean()),
@@ -468,6 +476,8 @@ def print_recipe_table(results, columns):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.class_samples < args.samples:
+        raise SystemExit("--class-samples must be at least --samples: the overall scores take each class's share")
     work_dir = Path(args.work_dir or Path(tempfile.gettempdir()) / "dcgan-quality-benchmark")
     print(f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs; work folder {work_dir}")
     images, labels = load_digits_uint8()

@@ -290,6 +290,16 @@ def test_a_conditional_checkpoint_from_before_the_class_loss_resumes_without_it(
     assert options.merge_resume_flags(opts.replace(class_loss=1.0), set(), saved_with_it, "c.pt")[0].class_loss == 0.5
 
 
+def test_conditional_training_takes_its_own_learning_rate_unless_one_is_typed():
+    assert parsed("--conditional").lr == options.CONDITIONAL_LR == 3e-4
+    assert parsed("--conditional", "--lr", "1e-3").lr == 1e-3
+    assert parsed().lr == 2e-4
+    # a resume goes on at the rate the checkpoint trained at (conditional runs saved before had 2e-4)
+    opts, explicit = options.parse_flags([*TINY_ARGS, "--conditional", "--resume"])
+    saved = {**opts.as_dict(), "lr": 2e-4}
+    assert options.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")[0].lr == 2e-4
+
+
 def test_class_loss_without_classes_is_refused_and_nothing_is_written(gan_main, tmp_path):
     code, out, err = gan_main([*TINY_ARGS, "--epochs", 1, "--class-loss", 0.5])
     assert code == 2 and "--class-loss applies to --conditional training" in err
@@ -364,6 +374,8 @@ def test_conditional_training_with_every_option_saves_the_class_names(gan_main, 
     saved = torch.load(tmp_path / "checkpoints" / "checkpoint.pt")
     assert saved["class_names"] == [str(index) for index in range(10)] and saved["flags"]["num_classes"] == 10
     assert saved["netD"]["embed.parametrizations.weight.original"].shape == (10, 16)
+    # the learning rate --conditional trains at unless --lr is typed
+    assert [group["lr"] for group in saved["optG"]["param_groups"] + saved["optD"]["param_groups"]] == [3e-4, 3e-4]
     with Image.open(tmp_path / "images" / "epoch_001.png") as grid:
         assert grid.height == 10 * 18 + 2 and grid.width > 8 * 18 + 2
 
