@@ -293,6 +293,7 @@ def test_a_conditional_checkpoint_from_before_the_class_loss_resumes_without_it(
 def test_conditional_training_takes_its_own_learning_rate_unless_one_is_typed():
     assert parsed("--conditional").lr == options.CONDITIONAL_LR == 3e-4
     assert parsed("--conditional", "--lr", "1e-3").lr == 1e-3
+    assert parsed("--conditional", "--recipe", "dcgan").lr == 3e-4  # the recipe's own is 2e-4
     assert parsed().lr == 2e-4
     # a resume goes on at the rate the checkpoint trained at (conditional runs saved before had 2e-4)
     opts, explicit = options.parse_flags([*TINY_ARGS, "--conditional", "--resume"])

@@ -428,7 +428,7 @@ def test_the_ema_flag_averages_g_after_every_update_by_hand(monkeypatch, gan_mai
 # ---------------------------------------------------------------- --recipe
 
 # what the README and --help promise `--recipe improved` turns on
-IMPROVED = {"recipe": "improved", "arch": "upsample-fullres", "spectral_loss": 3.0}
+IMPROVED = {"recipe": "improved", "arch": "upsample-fullres", "spectral_loss": 3.0, "lr": 3e-4}
 
 
 def changed_from_defaults(argv):
@@ -450,13 +450,13 @@ def test_recipe_dcgan_changes_nothing():
 def test_a_typed_flag_wins_over_the_recipe(order):
     typed = ["--arch", "dcgan", "--spectral-loss", "0", "--diffaugment", "--ema", "0.99"]
     argv = [*typed, "--recipe", "improved"] if order == "before" else ["--recipe", "improved", *typed]
-    assert changed_from_defaults(argv) == {"recipe": "improved", "diffaugment": True, "ema": 0.99}
+    assert changed_from_defaults(argv) == {"recipe": "improved", "diffaugment": True, "ema": 0.99, "lr": 3e-4}
 
 
 def test_help_documents_the_recipes():
     text = " ".join(options.build_parser().format_help().split())
     assert "--recipe {dcgan,improved}" in text
-    assert "improved: --arch upsample-fullres --spectral-loss 3.0 (default: dcgan)" in text
+    assert "improved: --arch upsample-fullres --spectral-loss 3.0 --lr 0.0003 (default: dcgan)" in text
     assert "dcgan: the DCGAN paper's settings" in text
 
 
