@@ -263,7 +263,12 @@ def add_training_flags(group):
     add("--nz", type=positive_int, default=100, help="length of the noise vector")
     add("--ngf", type=positive_int, default=64, help="generator width (channels of its last stage)")
     add("--ndf", type=positive_int, default=64, help="discriminator width (channels of its first stage)")
-    add("--lr", type=positive_float, default=2e-4, help="Adam learning rate of both networks (3e-4 with --conditional or --recipe improved, unless typed)")
+    add(
+        "--lr",
+        type=positive_float,
+        default=2e-4,
+        help="Adam learning rate of both networks (3e-4 with --conditional or --recipe improved, unless typed)",
+    )
     add("--beta1", type=fraction, default=0.5, help="Adam beta1")
     add("--beta2", type=fraction, default=0.999, help="Adam beta2")
     add("--loss", choices=list(LOSSES), default="bce", help="bce: the DCGAN loss; hinge: as in SN-GAN")
