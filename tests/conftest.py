@@ -7,6 +7,7 @@ End-to-end tests run the real CLI as a subprocess (`run_gan`); fast checks call
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -89,7 +90,14 @@ def run_gan(args, cwd, timeout=240, script=GAN_PY, **env):
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=ctrl_c_as_in_a_terminal,
     )
+
+
+def ctrl_c_as_in_a_terminal():
+    """Give the child Ctrl-C's default action: a suite started in the background by a shell without
+    job control inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def check_ok(result):
