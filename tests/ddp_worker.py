@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR [gan.py flags]
 
 Writes OUT_DIR/rank{R}.pt with the rank's parameters and a fingerprint of every real batch
-it trained on. With DDP_WORKER_FAIL_RANK=R set, loading the data fails on rank R only; with
+it trained on (and the batch's labels under --conditional). Run with plain python, it is rank 0
+of a one-process run. With DDP_WORKER_FAIL_RANK=R set, loading the data fails on rank R only; with
 DDP_WORKER_SIGINT=R:S, rank R alone gets a SIGINT after its step S; with
 DDP_WORKER_STAND_IN_FEATURES=1, --fid-every scores with a tiny feature net instead of Inception.
 """
@@ -35,7 +36,7 @@ class ChannelMeans(nn.Module):
 def main():
     out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     rank = int(os.environ.get("RANK", "0"))
-    seen = {"batches": [], "state": None}
+    seen = {"batches": [], "labels": [], "state": None}
 
     real_train_step = gan.train_step
 
@@ -44,6 +45,8 @@ def main():
         # any two images apart (a plain sum in the batch's bf16 made two random images collide)
         pixels = real.double().flatten(1)
         seen["batches"].append((pixels * torch.arange(1, pixels.size(1) + 1, dtype=torch.float64)).sum(1).tolist())
+        labels = args[4] if len(args) > 4 else kwargs.get("labels")  # train_step's labels: None unless --conditional
+        seen["labels"].append(None if labels is None else labels.tolist())
         return real_train_step(nets, real, *args, **kwargs)
 
     gan.train_step = recording_train_step
@@ -83,6 +86,7 @@ def main():
         nets = state.nets
         state = {
             "batches": seen["batches"],
+            "labels": seen["labels"],
             "G": checkpoint.cpu_state(nets.G),
             "D": checkpoint.cpu_state(nets.D),
             "G_ema": checkpoint.cpu_state(nets.G_ema) if nets.G_ema is not None else None,

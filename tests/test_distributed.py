@@ -215,6 +215,38 @@ def test_a_ctrl_c_on_one_rank_stops_both_at_one_step_and_resumes_exactly(ddp_run
     assert_same_checkpoint(resumed, ddp_run["straight_checkpoint"])
 
 
+def test_conditional_training_under_torchrun_keeps_each_image_with_its_label(tmp_path):
+    flags = [*TINY_ARGS, "--conditional", "--epochs", "1"]
+    alone, pair = tmp_path / "alone", tmp_path / "pair"
+    alone.mkdir(), pair.mkdir()
+    one = subprocess.run(
+        [sys.executable, str(WORKER), str(alone), *flags],
+        cwd=alone, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    check_ok(one)
+    check_ok(torchrun(flags, pair))
+    # every image's label, from the one-process run (fake data: image k is class k % 10)
+    truth = labelled_images(rank_state(alone, 0))
+    assert sorted(truth.values()) == sorted(k % 10 for k in range(32))
+    ranks = [labelled_images(rank_state(pair, rank)) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 16 and not ranks[0].keys() & ranks[1].keys()
+    assert {**ranks[0], **ranks[1]} == truth
+    states = [rank_state(pair, rank) for rank in (0, 1)]
+    assert "embed.weight" in states[0]["G_params"] and "embed.weight" in states[0]["D_params"]
+    for what in ("G", "D", "G_ema"):
+        assert_same_parameters(states, what)
+    assert torch.load(pair / "checkpoints" / "checkpoint.pt")["class_names"] == [str(k) for k in range(10)]
+
+
+def labelled_images(state):
+    """{image fingerprint: its label} over every batch a rank trained on."""
+    return {
+        image: label
+        for images, labels in zip(state["batches"], state["labels"], strict=True)
+        for image, label in zip(images, labels, strict=True)
+    }
+
+
 def test_a_two_process_checkpoint_resumed_in_one_process_says_so(ddp_run, gan_main, tmp_path):
     shutil.copytree(ddp_run["folder"] / "after_first", tmp_path / "checkpoints")
     code, out, err = gan_main(["--resume", "--epochs", "2", "--device", "cpu"])
