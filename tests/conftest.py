@@ -81,6 +81,14 @@ def subprocess_env(**extra):
     return env
 
 
+def pytest_configure(config):
+    """Ctrl-C handled as in a terminal, by this process and so by every gan.py it starts: a suite
+    started in the background by a shell without job control inherits SIGINT ignored, which a
+    child keeps, and Python there never raises KeyboardInterrupt."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_gan(args, cwd, timeout=240, script=GAN_PY, **env):
     """Run `python gan.py ARGS` (or another script) in cwd; return the CompletedProcess (text stdout/stderr)."""
     return subprocess.run(
@@ -90,14 +98,7 @@ def run_gan(args, cwd, timeout=240, script=GAN_PY, **env):
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=ctrl_c_as_in_a_terminal,
     )
-
-
-def ctrl_c_as_in_a_terminal():
-    """Give the child Ctrl-C's default action: a suite started in the background by a shell without
-    job control inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def check_ok(result):

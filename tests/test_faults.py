@@ -23,16 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    GAN_PY,
-    TINY_ARGS,
-    RunsCode,
-    check_ok,
-    ctrl_c_as_in_a_terminal,
-    run_gan,
-    snapshot,
-    subprocess_env,
-)
+from conftest import GAN_PY, TINY_ARGS, RunsCode, check_ok, run_gan, snapshot, subprocess_env
 from PIL import Image
 
 import artifacts
@@ -67,9 +58,8 @@ def start_gan(tmp_path):
                 env=subprocess_env(),
                 stdout=out,
                 stderr=err,
-                # its own session: it gets SIGINT only from us, and with the default disposition
+                # its own session: it gets SIGINT only from us, with the default disposition
                 start_new_session=True,
-                preexec_fn=ctrl_c_as_in_a_terminal,
             )
         processes.append(process)
         return process
