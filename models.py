@@ -26,6 +26,12 @@ def num_stages(image_size):
 
 
 CLASS_EMBEDDING_SIZE = 128  # BigGAN's shared class embedding
+# G's last activation, which maps its colours into [-1, 1]. tanh (DCGAN's) reaches -1 and 1 only in
+# the limit: where the real images are pure white or black, as the ground of flat art or of the
+# digits is, G's pixels stop a few levels short, where tanh is flat and D's gradient barely moves
+# them, each at its own level: a faint speckle. clip (hardtanh) is the identity inside [-1, 1] and
+# reaches the bounds exactly, so a flat region can be drawn flat (BENCHMARKS.md, flat art).
+OUTPUTS = {"tanh": nn.Tanh, "clip": nn.Hardtanh}
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -85,7 +91,7 @@ class ClassGenerator(nn.Module):
 class Generator(ClassGenerator):
     """Noise (nz x 1 x 1) to an image (nc x S x S) in [-1, 1]."""
 
-    def __init__(self, nz=100, ngf=64, image_size=64, nc=3, num_classes=0):
+    def __init__(self, nz=100, ngf=64, image_size=64, nc=3, num_classes=0, output="tanh"):
         super().__init__()
         norm = batch_norm_of(num_classes)
         stages = num_stages(image_size)
@@ -105,7 +111,7 @@ class Generator(ClassGenerator):
             ]
             channels //= 2
         # ngf x S/2 x S/2 -> nc x S x S
-        layers += [nn.ConvTranspose2d(channels, nc, 4, 2, 1, bias=False), nn.Tanh()]
+        layers += [nn.ConvTranspose2d(channels, nc, 4, 2, 1, bias=False), OUTPUTS[output]()]
         self.main = nn.Sequential(*layers)
         self.nz = nz
         self.add_class_embedding(num_classes)
@@ -169,7 +175,7 @@ class UpsampleGenerator(ClassGenerator):
     Widths follow the DCGAN Generator, so the two are compared at the same ngf.
     """
 
-    def __init__(self, nz=100, ngf=64, image_size=64, nc=3, full_size_block=False, num_classes=0):
+    def __init__(self, nz=100, ngf=64, image_size=64, nc=3, full_size_block=False, num_classes=0, output="tanh"):
         super().__init__()
         norm = batch_norm_of(num_classes)
         stages = num_stages(image_size)
@@ -200,7 +206,7 @@ class UpsampleGenerator(ClassGenerator):
         layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
         if full_size_block:
             layers += [nn.Conv2d(channels, channels, 3, 1, 1, bias=False), norm(channels), nn.ReLU(True)]
-        layers += [nn.Conv2d(channels, nc, 3, 1, 1, bias=False), nn.Tanh()]
+        layers += [nn.Conv2d(channels, nc, 3, 1, 1, bias=False), OUTPUTS[output]()]
         self.main = nn.Sequential(*layers)
         self.nz = nz
         self.add_class_embedding(num_classes)
@@ -242,8 +248,10 @@ def _architecture(arch):
     return ARCHITECTURES[arch]
 
 
-def build_generator(arch, nz, ngf, image_size, nc=3, num_classes=0):
-    return _architecture(arch)[0](nz, ngf, image_size, nc=nc, num_classes=num_classes)
+def build_generator(arch, nz, ngf, image_size, nc=3, num_classes=0, output="tanh"):
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {tuple(OUTPUTS)}, got {output!r}")
+    return _architecture(arch)[0](nz, ngf, image_size, nc=nc, num_classes=num_classes, output=output)
 
 
 def build_discriminator(arch, ndf, image_size, spectral_norm=False, nc=3, num_classes=0):

@@ -15,15 +15,16 @@ from types import MappingProxyType
 from utils import UserError, error_prefix
 
 # This module imports no torch (seconds): --help and flag errors answer at once. So the choices
-# are named here; their implementations are models.ARCHITECTURES, steps.LOSSES and
-# runtime.PRECISIONS, and tests/test_startup.py checks that the names agree.
+# are named here; their implementations are models.ARCHITECTURES, models.OUTPUTS, steps.LOSSES
+# and runtime.PRECISIONS, and tests/test_startup.py checks that the names agree.
 ARCHITECTURES = ("dcgan", "upsample", "upsample-fullres")
+OUTPUTS = ("tanh", "clip")
 LOSSES = ("bce", "hinge")
 PRECISIONS = ("fp32", "bf16", "fp16")
 IMAGE_SIZES = tuple(2**k for k in range(4, 9))  # 16 .. 256, as models.IMAGE_SIZES
 
 # Flags that change the networks' shapes: a checkpoint only fits a net built with the same ones.
-ARCHITECTURE_FLAGS = ("arch", "image_size", "nz", "ngf", "ndf", "spectral_norm", "conditional")
+ARCHITECTURE_FLAGS = ("arch", "g_output", "image_size", "nz", "ngf", "ndf", "spectral_norm", "conditional")
 # Resolved from the data, not typed: the number of classes (0 without --conditional) and of colour
 # channels. Saved with the flags so a checkpoint says the shapes of its networks; never resumed
 # from there, as the data is read again.
@@ -56,7 +57,7 @@ MODE_ONLY_FLAGS = {"checkpoint": ("generate", "interpolate", "evaluate"), "steps
 MAX_SEED = 2**63 - 1
 # Flags younger than some checkpoints, with the value the runs that saved those trained with: a
 # resume goes on as it trained, not with the new flag's default.
-TRAINED_BEFORE_THE_FLAG = {"class_loss": 0.0}
+TRAINED_BEFORE_THE_FLAG = {"class_loss": 0.0, "g_output": "tanh"}
 # --conditional's learning rate unless --lr is typed: on the digits benchmark, 2e-4 left one seed's
 # class consistency at 0.93 after 1,792 steps, 5e-4 drew every sample of a class alike (recall
 # 0.25-0.36), 3e-4 reached 0.98-0.99 with a lower FD than both (BENCHMARKS.md)
@@ -74,7 +75,7 @@ MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
 # FD on every seed of the digits and photos (and raised recall on the flat art; BENCHMARKS.md).
 RECIPES = {
     "dcgan": {},
-    "improved": {"arch": "upsample-fullres", "spectral_loss": 3.0, "lr": 3e-4},
+    "improved": {"arch": "upsample-fullres", "g_output": "clip", "spectral_loss": 3.0, "lr": 3e-4},
 }
 EXAMPLES = """examples:
   python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
@@ -235,6 +236,13 @@ def add_training_flags(group):
         help="dcgan: transposed convolutions (Radford et al.); upsample: a linear layer, then upsample + "
         "convolution blocks, free of checkerboard artifacts (Odena et al., 2016); upsample-fullres: "
         "the same with one more BatchNorm-ReLU convolution at full size, for the finest detail",
+    )
+    add(
+        "--g-output",
+        choices=list(OUTPUTS),
+        default="tanh",
+        help="G's last activation: tanh (DCGAN's), or clip to [-1, 1] (hardtanh), which reaches pure white and "
+        "black, so that flat regions come out flat instead of faintly speckled",
     )
     add(
         "--recipe",
@@ -563,6 +571,7 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
 
     Returns (options, the changes to report). Typed architecture changes are refused.
     """
+    saved_flags = {**TRAINED_BEFORE_THE_FLAG, **saved_flags}
     refused = [
         f"--{name.replace('_', '-')} {getattr(opts, name)} (checkpoint: {saved_flags.get(name)})"
         for name in ARCHITECTURE_FLAGS
@@ -577,7 +586,6 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
             "a run keeps its seed: start a fresh run for another one"
         )
     refuse_saved_folders(saved_flags, opts, explicit, path, ("dataroot", "image_dir"))
-    saved_flags = {**TRAINED_BEFORE_THE_FLAG, **saved_flags}
     changed, merged, parser = [], {}, build_parser()
     for name, saved in saved_flags.items():
         if name in PATH_FLAGS and name in explicit and name != "checkpoint_dir" and getattr(opts, name) != saved:

@@ -27,7 +27,7 @@ from checkpoint import (
 from data import load_dataset, load_training_data
 from faults import Interrupted, exit_code_of
 from folders import IMAGE_SUFFIXES, decode_files
-from options import ARCHITECTURE_FLAGS, mixed_seed, random_seed, refuse_saved_folders
+from options import ARCHITECTURE_FLAGS, TRAINED_BEFORE_THE_FLAG, mixed_seed, random_seed, refuse_saved_folders
 from utils import UserError, check_writable, count_text
 
 GRID_COLUMNS = 8  # a class-row grid: one noise vector per column, drawn as every row's class
@@ -37,7 +37,13 @@ MAX_GRID_ROWS = 10
 def generator_of(flags, num_classes=0):
     """The generator a checkpoint's flags describe (checkpoints from before --arch are dcgan)."""
     return models.build_generator(
-        flags.get("arch", "dcgan"), flags["nz"], flags["ngf"], flags["image_size"], flags.get("nc", 3), num_classes
+        flags.get("arch", "dcgan"),
+        flags["nz"],
+        flags["ngf"],
+        flags["image_size"],
+        flags.get("nc", 3),
+        num_classes,
+        flags.get("g_output", TRAINED_BEFORE_THE_FLAG["g_output"]),
     )
 
 
@@ -192,7 +198,7 @@ def load_generator_for_use(opts, explicit, runtime):
     """The generator of a checkpoint (its EMA copy when it has one) and the checkpoint's flags."""
     path = Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
     state = load_generator_file(path)
-    flags = state["flags"]
+    flags = {**TRAINED_BEFORE_THE_FLAG, **state["flags"]}
     mismatched = [name for name in ARCHITECTURE_FLAGS if name in explicit and flags.get(name) != getattr(opts, name)]
     if mismatched:
         given = ", ".join(

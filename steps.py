@@ -188,7 +188,7 @@ class Nets:
 
 
 def build_nets(opts, runtime):
-    G = build_generator(opts.arch, opts.nz, opts.ngf, opts.image_size, opts.nc, opts.num_classes)
+    G = build_generator(opts.arch, opts.nz, opts.ngf, opts.image_size, opts.nc, opts.num_classes, opts.g_output)
     D = build_discriminator(opts.arch, opts.ndf, opts.image_size, opts.spectral_norm, opts.nc, opts.num_classes)
     G.apply(init_weights)
     D.apply(init_weights)

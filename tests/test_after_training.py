@@ -38,6 +38,11 @@ def pixels(path):
         return np.asarray(image.convert("RGB"))
 
 
+def as_pixels(images):
+    """(C, H, W) colours in [-1, 1] as the (H, W, C) pixels a PNG of them holds."""
+    return images.add(1).div(2).mul(255).round().clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy().astype(int)
+
+
 def gif_frames(path):
     with Image.open(path) as image:
         return image.n_frames
@@ -156,6 +161,33 @@ def test_generate_refuses_an_explicit_other_architecture(trained_run, tmp_path):
     assert "another architecture" in result.stderr and "--image-size 32 (checkpoint: 16)" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "images" / "generated").exists()
+
+
+@pytest.mark.parametrize("saved", ["clip", "tanh", None])  # None: a checkpoint from before --g-output
+def test_generate_draws_with_the_last_activation_the_checkpoint_names(saved, trained_run, gan_main, tmp_path):
+    """At a tiny --truncation every image is G's image of the zero vector: its last convolution's
+    colours cut at -1 and 1 (clip), or squashed by tanh (tanh, and checkpoints without the flag)."""
+    state = torch.load(trained_run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    G = models.build_generator("dcgan", 8, 8, 16)
+    G.load_state_dict(state["netG_ema"])
+    models.estimate_batch_norm(G, 8, "cpu")
+    last = [name for name, m in G.main.named_children() if isinstance(m, torch.nn.ConvTranspose2d)][-1]
+    with torch.no_grad():  # colours beyond [-1, 1] for some pixels, inside it for others
+        G.main[int(last)].weight.mul_(1.5 / G.eval().main[:-1](torch.zeros(1, 8, 1, 1)).std())
+        before = G.main[:-1](torch.zeros(1, 8, 1, 1))[0]
+    state["netG_ema"][f"main.{last}.weight"] = G.main[int(last)].weight.clone()
+    if saved is None:
+        del state["flags"]["g_output"]
+    else:
+        state["flags"]["g_output"] = saved
+    torch.save(state, tmp_path / "saved.pt")
+    code, _, err = gan_main(["--generate", 1, "--truncation", 1e-6, "--checkpoint", "saved.pt", "--seed", 1])
+    assert code == 0, err
+    drawn = pixels(tmp_path / "images" / "generated" / "0000.png").astype(int)
+    clipped, squashed = (as_pixels(colours) for colours in (before.clamp(-1, 1), before.tanh()))
+    expected, other = (clipped, squashed) if saved == "clip" else (squashed, clipped)
+    assert np.abs(drawn - expected).max() <= 2
+    assert np.abs(drawn - other).max() > 20
 
 
 def test_generate_refuses_weights_that_do_not_fit_the_saved_flags(trained_run, gan_main, tmp_path):

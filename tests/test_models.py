@@ -204,6 +204,28 @@ def test_estimate_batch_norm_gives_a_generator_the_statistics_of_its_own_outputs
         torch.testing.assert_close(m.running_var, seen.var(0), rtol=0.05, atol=1e-6)  # mean of batch variances
 
 
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_a_clipped_generator_draws_pure_white_and_black_where_tanh_stops_short(arch):
+    """--g-output clip: G's colours are its last convolution's output cut at -1 and 1, the bounds
+    reached exactly; tanh's, the same convolution squashed and never at the bounds."""
+    torch.manual_seed(0)
+    clipped = build_generator(arch, nz=8, ngf=4, image_size=16, output="clip").apply(init_weights).eval()
+    squashed = build_generator(arch, nz=8, ngf=4, image_size=16).eval()
+    last = [m for m in clipped.main if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))][-1]
+    noise = torch.randn(4, 8, 1, 1)
+    with torch.no_grad():  # colours well beyond [-1, 1] for many pixels, inside it for others
+        last.weight.mul_(1.5 / clipped.main[:-1](noise).std())
+        before = clipped.main[:-1](noise)
+    squashed.load_state_dict(clipped.state_dict())
+    with torch.no_grad():
+        drawn, tanh_drawn = clipped(noise), squashed(noise)
+    assert (before > 1).float().mean() > 0.02 and (before < -1).float().mean() > 0.02 and (before.abs() < 0.9).any()
+    assert torch.equal(drawn, before.clamp(-1, 1))
+    assert torch.equal(tanh_drawn, before.tanh()) and tanh_drawn.abs().max() < 1
+    with pytest.raises(ValueError, match="output must be one of"):
+        build_generator(arch, nz=8, ngf=4, image_size=16, output="sigmoid")
+
+
 def test_estimate_batch_norm_is_seeded_and_leaves_the_weights_alone():
     torch.manual_seed(0)
     G = Generator(8, 4, 16).apply(init_weights)

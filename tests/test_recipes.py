@@ -428,7 +428,7 @@ def test_the_ema_flag_averages_g_after_every_update_by_hand(monkeypatch, gan_mai
 # ---------------------------------------------------------------- --recipe
 
 # what the README and --help promise `--recipe improved` turns on
-IMPROVED = {"recipe": "improved", "arch": "upsample-fullres", "spectral_loss": 3.0, "lr": 3e-4}
+IMPROVED = {"recipe": "improved", "arch": "upsample-fullres", "g_output": "clip", "spectral_loss": 3.0, "lr": 3e-4}
 
 
 def changed_from_defaults(argv):
@@ -450,13 +450,19 @@ def test_recipe_dcgan_changes_nothing():
 def test_a_typed_flag_wins_over_the_recipe(order):
     typed = ["--arch", "dcgan", "--spectral-loss", "0", "--diffaugment", "--ema", "0.99"]
     argv = [*typed, "--recipe", "improved"] if order == "before" else ["--recipe", "improved", *typed]
-    assert changed_from_defaults(argv) == {"recipe": "improved", "diffaugment": True, "ema": 0.99, "lr": 3e-4}
+    assert changed_from_defaults(argv) == {
+        "recipe": "improved",
+        "g_output": "clip",
+        "diffaugment": True,
+        "ema": 0.99,
+        "lr": 3e-4,
+    }
 
 
 def test_help_documents_the_recipes():
     text = " ".join(options.build_parser().format_help().split())
     assert "--recipe {dcgan,improved}" in text
-    assert "improved: --arch upsample-fullres --spectral-loss 3.0 --lr 0.0003 (default: dcgan)" in text
+    assert "improved: --arch upsample-fullres --g-output clip --spectral-loss 3.0 --lr 0.0003 (default: dcgan)" in text
     assert "dcgan: the DCGAN paper's settings" in text
 
 
@@ -475,6 +481,23 @@ def test_a_resume_with_a_typed_recipe_of_another_architecture_is_refused():
     opts, explicit = options.parse_flags(["--resume", "--recipe", "dcgan"])
     with pytest.raises(options.UserError, match="different architecture: --arch dcgan"):
         options.merge_resume_flags(opts, explicit, saved_flags(["--recipe", "improved"]), "ckpt")
+
+
+def test_a_run_saved_before_the_recipe_clipped_resumes_as_it_trained():
+    """A checkpoint without --g-output trained G through tanh: a resume keeps it, and refuses the
+    clip that a typed --recipe improved now asks for, as any other change of architecture."""
+    before = {k: v for k, v in saved_flags(["--recipe", "improved"]).items() if k != "g_output"}
+    opts, explicit = options.parse_flags(["--resume"])
+    assert options.merge_resume_flags(opts, explicit, before, "ckpt")[0].g_output == "tanh"
+    opts, explicit = options.parse_flags(["--resume", "--recipe", "improved"])
+    with pytest.raises(options.UserError, match=r"different architecture: --g-output clip \(checkpoint: tanh\)"):
+        options.merge_resume_flags(opts, explicit, before, "ckpt")
+
+
+@pytest.mark.parametrize(("argv", "last"), [(["--recipe", "improved"], nn.Hardtanh), ([], nn.Tanh)])
+def test_the_recipe_trains_and_averages_a_clipped_generator(argv, last):
+    nets = build(*argv)
+    assert type(nets.G.main[-1]) is last and type(nets.G_ema.main[-1]) is last
 
 
 def test_the_checkpoint_saves_the_recipe_and_its_flags(gan_main, tiny_args, tmp_path):

@@ -92,6 +92,7 @@ def test_the_eager_adam_updates_and_saves_exactly_as_torch_adam():
 def test_flag_choices_name_the_implementations():
     """options.py names the choices without importing torch; the registries must agree."""
     assert options.ARCHITECTURES == tuple(models.ARCHITECTURES)
+    assert options.OUTPUTS == tuple(models.OUTPUTS)
     assert options.LOSSES == tuple(steps.LOSSES)
     assert options.PRECISIONS == tuple(runtime.PRECISIONS)
     assert options.IMAGE_SIZES == models.IMAGE_SIZES
