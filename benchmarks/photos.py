@@ -27,7 +27,8 @@ as many images as each generated set.
 About 7 minutes on 2 idle CPU cores for the default 6 runs (one 384-step run takes about 1 minute with
 --ema 0, 2 minutes for --recipe improved, whose EMA statistics are re-estimated at every epoch end).
 The photo table also gives the lattice measures (scores.py): the share of the pixel-scale detail that
-is the same in every sample, and the 2-D frequency where the samples' power most exceeds the real crops'.
+is the same in every sample, and the 2-D frequency where the samples' power most exceeds the real crops';
+and the clipped share, the colour values at 0 or 255 (blown-out highlights, crushed shadows).
 """
 
 import argparse
@@ -54,6 +55,7 @@ from quality import (
 )
 from scores import (
     RandomFeatures,
+    clipped_share,
     fixed_detail_share,
     frechet_distance,
     spectral_score,
@@ -154,6 +156,7 @@ class PhotoScorer:
             "spectral": spectral_score(images_uint8, self.reference),
             "fixed": fixed_detail_share(images_uint8),
             "peak": strongest_peak(images_uint8, self.reference),
+            "clipped": clipped_share(images_uint8),
         }
 
 
@@ -167,7 +170,8 @@ def print_table(results, args, floor, photo_names):
     print(
         f"real-vs-real floors ({args.samples} vs {args.samples} crops): FD {floor['fd']:.3f}, "
         f"precision {floor['precision']:.2f}, recall {floor['recall']:.2f}, density {floor['density']:.2f}, "
-        f"coverage {floor['coverage']:.2f}, spectral {floor['spectral']:.4f}, fixed-detail share {floor['fixed']:.4f}"
+        f"coverage {floor['coverage']:.2f}, spectral {floor['spectral']:.4f}, fixed-detail share {floor['fixed']:.4f}, "
+        f"clipped share {floor['clipped']:.4f}"
     )
     print(spread_line(floor["spread"]))
     print()
@@ -181,6 +185,7 @@ def print_table(results, args, floor, photo_names):
             ("spectral mean ± std", "spectral", mean_and_spread(".3f")),
             ("fixed-detail share", "fixed", per_seed(".3f")),
             ("strongest peak (gen/real power)", "peak", per_seed("s")),
+            ("clipped share (at 0 or 255)", "clipped", per_seed(".3f")),
             ("seconds per run", "seconds", mean_only(".0f")),
         ],
     )
@@ -212,7 +217,7 @@ def main(argv=None):
             print(
                 f"{recipe:12s} seed {seed}: FD {scores['fd']:.3f}  {neighbour_text(scores)}  "
                 f"spectral {scores['spectral']:.4f}  "
-                f"fixed {scores['fixed']:.3f}  peak {scores['peak']}  ({seconds:.0f}s)",
+                f"fixed {scores['fixed']:.3f}  peak {scores['peak']}  clipped {scores['clipped']:.3f}  ({seconds:.0f}s)",
                 flush=True,
             )
     print_table(results, args, floor, [name for name, _ in photos])

@@ -66,6 +66,8 @@ RECIPES = {
     "improved+r1-0.1": ["--recipe", "improved", "--r1", "0.1"],
     "improved+r1-1": ["--recipe", "improved", "--r1", "1"],
     "improved-ema0": ["--recipe", "improved", "--ema", "0"],
+    # the recipe with its G's last activation as before it clipped
+    "improved-tanh": ["--recipe", "improved", "--g-output", "tanh"],
     # the recipe at the rate it had before it set --lr 3e-4, and above it
     "improved-lr2e-4": ["--recipe", "improved", "--lr", "0.0002"],
     "improved-lr5e-4": ["--recipe", "improved", "--lr", "0.0005"],

@@ -141,7 +141,18 @@ def strongest_peak(generated_uint8, real_uint8):
     return f"({frequency[0]},{frequency[1]}) {float(ratio.max()):.0f}x"
 
 
-# ---------------------------------------------------------------- flatness
+# ---------------------------------------------------------------- flatness and clipping
+
+
+def clipped_share(images_uint8):
+    """The share of the colour values (every pixel, every channel) at 0 or 255.
+
+    A G whose last activation clips (--g-output clip) reaches pure black and white exactly, as
+    flat art's ground needs; on photographs, which rarely touch either, an excess of them is
+    blown-out highlights and crushed shadows. tanh never quite reaches them (0 here).
+    """
+    return float(((images_uint8 == 0) | (images_uint8 == 255)).float().mean())
+
 
 
 def flat_share(images_uint8, threshold=FLAT_STEP):

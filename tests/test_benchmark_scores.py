@@ -175,6 +175,14 @@ def test_flat_share_by_hand(scores):
     assert scores.flat_share(ramp).tolist() == [1.0, 0.0]
 
 
+def test_clipped_share_by_hand(scores):
+    """2 images of 2 x 2 x 3 = 12 values: 3 at 0 or 255 in the first (1 and 254 are not), none in the second."""
+    images = torch.full((2, 3, 2, 2), 128, dtype=torch.uint8)
+    images[0, 0, 0, 0], images[0, 1, 0, 1], images[0, 2, 1, 1] = 0, 255, 255
+    images[0, 0, 1, 0], images[0, 1, 1, 0] = 1, 254
+    assert scores.clipped_share(images) == pytest.approx(3 / 24)
+
+
 def flat_shapes(count, size=32, seed=0):
     """Random flat-colour rectangles and discs on white, like icons: uint8 (N, 3, size, size)."""
     rng = np.random.default_rng(seed)
