@@ -154,7 +154,6 @@ def clipped_share(images_uint8):
     return float(((images_uint8 == 0) | (images_uint8 == 255)).float().mean())
 
 
-
 def flat_share(images_uint8, threshold=FLAT_STEP):
     """Per image, the share of pixels whose largest colour step to one of their 4 neighbours (any
     channel) is below threshold, of full scale: (N,) float.
