@@ -30,7 +30,7 @@ CLASS_EMBEDDING_SIZE = 128  # BigGAN's shared class embedding
 # the limit: where the real images are pure white or black, as the ground of flat art or of the
 # digits is, G's pixels stop a few levels short, where tanh is flat and D's gradient barely moves
 # them, each at its own level: a faint speckle. clip (hardtanh) is the identity inside [-1, 1] and
-# reaches the bounds exactly, so a flat region can be drawn flat (BENCHMARKS.md, flat art).
+# reaches the bounds exactly, so a flat region can be drawn flat (BENCHMARKS.md, the clipped output).
 OUTPUTS = {"tanh": nn.Tanh, "clip": nn.Hardtanh}
 
 

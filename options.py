@@ -23,7 +23,7 @@ LOSSES = ("bce", "hinge")
 PRECISIONS = ("fp32", "bf16", "fp16")
 IMAGE_SIZES = tuple(2**k for k in range(4, 9))  # 16 .. 256, as models.IMAGE_SIZES
 
-# Flags that change the networks' shapes: a checkpoint only fits a net built with the same ones.
+# Flags that shape the networks: a checkpoint only fits, or only draws as it trained, with the same ones.
 ARCHITECTURE_FLAGS = ("arch", "g_output", "image_size", "nz", "ngf", "ndf", "spectral_norm", "conditional")
 # Resolved from the data, not typed: the number of classes (0 without --conditional) and of colour
 # channels. Saved with the flags so a checkpoint says the shapes of its networks; never resumed
