@@ -580,7 +580,9 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
         if name in explicit and name in saved_flags and getattr(opts, name) != saved_flags[name]
     ]
     if refused:
-        raise UserError(f"cannot resume {path} with a different architecture: {', '.join(refused)}")
+        raise UserError(
+            f"cannot resume {path} with a different architecture: {', '.join(refused)}{recipe_hint(opts, explicit)}"
+        )
     if "seed" in explicit and saved_flags.get("seed") not in (None, opts.seed):
         # the run goes on from its saved RNG state and data order: another seed would change nothing but the report
         raise UserError(
@@ -604,6 +606,13 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
     resolved = opts.replace(**merged)
     check_recipe(resolved._values)
     return resolved, changed
+
+
+def recipe_hint(opts, explicit):
+    """For a refusal of architecture flags: a typed --recipe may have set them, not the user."""
+    if "recipe" not in explicit:
+        return ""
+    return f"; --recipe {opts.recipe} sets some of these: type the checkpoint's values after it to keep them"
 
 
 def refuse_saved_folders(saved_flags, opts, explicit, path, names):

@@ -27,7 +27,14 @@ from checkpoint import (
 from data import load_dataset, load_training_data
 from faults import Interrupted, exit_code_of
 from folders import IMAGE_SUFFIXES, decode_files
-from options import ARCHITECTURE_FLAGS, TRAINED_BEFORE_THE_FLAG, mixed_seed, random_seed, refuse_saved_folders
+from options import (
+    ARCHITECTURE_FLAGS,
+    TRAINED_BEFORE_THE_FLAG,
+    mixed_seed,
+    random_seed,
+    recipe_hint,
+    refuse_saved_folders,
+)
 from utils import UserError, check_writable, count_text
 
 GRID_COLUMNS = 8  # a class-row grid: one noise vector per column, drawn as every row's class
@@ -204,7 +211,9 @@ def load_generator_for_use(opts, explicit, runtime):
         given = ", ".join(
             f"--{n.replace('_', '-')} {getattr(opts, n)} (checkpoint: {flags.get(n)})" for n in mismatched
         )
-        raise UserError(f"checkpoint {path} was trained with another architecture: {given}")
+        raise UserError(
+            f"checkpoint {path} was trained with another architecture: {given}{recipe_hint(opts, explicit)}"
+        )
     class_names = saved_class_names(state, path)
     try:
         G = generator_of(flags, len(class_names))

@@ -149,7 +149,8 @@ def clipped_share(images_uint8):
 
     A G whose last activation clips (--g-output clip) reaches pure black and white exactly, as
     flat art's ground needs; on photographs, which rarely touch either, an excess of them is
-    blown-out highlights and crushed shadows. tanh never quite reaches them (0 here).
+    blown-out highlights and crushed shadows. tanh reaches them only where its input is large (at
+    most 0.1% of the values on the photos benchmark).
     """
     return float(((images_uint8 == 0) | (images_uint8 == 255)).float().mean())
 

@@ -190,6 +190,16 @@ def test_generate_draws_with_the_last_activation_the_checkpoint_names(saved, tra
     assert np.abs(drawn - other).max() > 20
 
 
+def test_generate_takes_a_checkpoint_from_before_g_output_as_tanh(trained_run, gan_main, tmp_path):
+    state = torch.load(trained_run / "checkpoints" / "checkpoint.pt", weights_only=True)
+    del state["flags"]["g_output"]
+    torch.save(state, tmp_path / "old.pt")
+    code, _, err = gan_main(["--generate", 1, "--checkpoint", "old.pt", "--g-output", "tanh"])
+    assert code == 0, err
+    code, _, err = gan_main(["--generate", 1, "--checkpoint", "old.pt", "--g-output", "clip"])
+    assert code == 2 and "another architecture: --g-output clip (checkpoint: tanh)" in err
+
+
 def test_generate_refuses_weights_that_do_not_fit_the_saved_flags(trained_run, gan_main, tmp_path):
     state = torch.load(trained_run / "checkpoints" / "checkpoint.pt", weights_only=True)
     state["flags"]["ngf"] = 16  # the weights are those of ngf 8

@@ -490,8 +490,14 @@ def test_a_run_saved_before_the_recipe_clipped_resumes_as_it_trained():
     opts, explicit = options.parse_flags(["--resume"])
     assert options.merge_resume_flags(opts, explicit, before, "ckpt")[0].g_output == "tanh"
     opts, explicit = options.parse_flags(["--resume", "--recipe", "improved"])
-    with pytest.raises(options.UserError, match=r"different architecture: --g-output clip \(checkpoint: tanh\)"):
+    with pytest.raises(options.UserError) as refused:
         options.merge_resume_flags(opts, explicit, before, "ckpt")
+    assert str(refused.value) == (
+        "cannot resume ckpt with a different architecture: --g-output clip (checkpoint: tanh); --recipe improved "
+        "sets some of these: type the checkpoint's values after it to keep them"
+    )
+    opts, explicit = options.parse_flags(["--resume", "--recipe", "improved", "--g-output", "tanh"])
+    assert options.merge_resume_flags(opts, explicit, before, "ckpt")[0].arch == "upsample-fullres"
 
 
 @pytest.mark.parametrize(("argv", "last"), [(["--recipe", "improved"], nn.Hardtanh), ([], nn.Tanh)])
