@@ -172,6 +172,22 @@ def snapshot(folder):
 # ---------------------------------------------------------------- synthetic CIFAR-10
 
 
+def png_pixels(path):
+    """A PNG's pixels as ints (3, H, W)."""
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).int()
+
+
+def as_pixels(images):
+    """Colours in [-1, 1] as the ints a PNG of them holds, in the same layout."""
+    import torch
+
+    return images.add(1).div(2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).int()
+
+
 def cifar_colour(index):
     """The solid RGB colour of synthetic CIFAR-10 image `index` (distinct channels)."""
     return ((index * 5 + 10) % 256, (index * 37 + 60) % 256, (250 - index * 3) % 256)

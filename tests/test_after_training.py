@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, check_ok, run_gan
+from conftest import TINY_ARGS, as_pixels, check_ok, png_pixels, run_gan
 from PIL import Image
 
 import artifacts
@@ -36,11 +36,6 @@ def grid_pixels(columns, rows, side=SIDE):
 def pixels(path):
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
-
-
-def as_pixels(images):
-    """(C, H, W) colours in [-1, 1] as the (H, W, C) pixels a PNG of them holds."""
-    return images.add(1).div(2).mul(255).round().clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy().astype(int)
 
 
 def gif_frames(path):
@@ -183,11 +178,11 @@ def test_generate_draws_with_the_last_activation_the_checkpoint_names(saved, tra
     torch.save(state, tmp_path / "saved.pt")
     code, _, err = gan_main(["--generate", 1, "--truncation", 1e-6, "--checkpoint", "saved.pt", "--seed", 1])
     assert code == 0, err
-    drawn = pixels(tmp_path / "images" / "generated" / "0000.png").astype(int)
+    drawn = png_pixels(tmp_path / "images" / "generated" / "0000.png")
     clipped, squashed = (as_pixels(colours) for colours in (before.clamp(-1, 1), before.tanh()))
     expected, other = (clipped, squashed) if saved == "clip" else (squashed, clipped)
-    assert np.abs(drawn - expected).max() <= 2
-    assert np.abs(drawn - other).max() > 20
+    assert (drawn - expected).abs().max() <= 2
+    assert (drawn - other).abs().max() > 20
 
 
 def test_generate_takes_a_checkpoint_from_before_g_output_as_tanh(trained_run, gan_main, tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_ARGS, check_ok, run_gan, snapshot, write_cifar10_archive
+from conftest import TINY_ARGS, as_pixels, check_ok, png_pixels, run_gan, snapshot, write_cifar10_archive
 from PIL import Image
 
 import artifacts
@@ -403,15 +403,6 @@ def trained_generator(run):
     G.load_state_dict(saved["netG_ema"])
     models.estimate_batch_norm(G, 8, "cpu", num_classes=len(saved["class_names"]))
     return G.eval(), saved["class_names"]
-
-
-def png_pixels(path):
-    with Image.open(path) as image:
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).int()
-
-
-def as_pixels(images):
-    return images.add(1).div(2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).int()
 
 
 def test_generate_writes_each_class_into_its_own_folder_as_image_folder_reads_it(conditional_run, gan_main, tmp_path):
