@@ -169,9 +169,6 @@ def snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
-# ---------------------------------------------------------------- synthetic CIFAR-10
-
-
 def png_pixels(path):
     """A PNG's pixels as ints (3, H, W)."""
     import torch
@@ -186,6 +183,9 @@ def as_pixels(images):
     import torch
 
     return images.add(1).div(2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).int()
+
+
+# ---------------------------------------------------------------- synthetic CIFAR-10
 
 
 def cifar_colour(index):
