@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import to_float_images
-from utils import WriteError, atomic_write_bytes
+from files import WriteError, atomic_write_bytes
 
 MAX_PLOT_POINTS = 1000
 GRID_PADDING = 2

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from errors import UserError
+from files import WriteError, atomic_write, atomic_write_bytes
 from options import mixed_seed
-from utils import UserError, WriteError, atomic_write, atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"

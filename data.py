@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from errors import UserError, count_text
 from folders import (
     IMAGE_SUFFIXES,
     FolderListing,
@@ -26,7 +27,6 @@ from folders import (
     open_folder,
     size_text,
 )
-from utils import UserError, count_text
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -1,5 +1,6 @@
 """When a run must stop early: Ctrl-C, SIGTERM and SIGHUP (a closed terminal) turned into a
-request the loop reads between steps, and what to do when the losses or weights stop being finite.
+request the loop reads between steps, and what to do when the losses or weights stop being finite
+(--on-nan: stop, or roll back to the last checkpoint).
 """
 
 import contextlib
@@ -8,7 +9,13 @@ import signal
 import sys
 import threading
 
-from utils import UserError
+import torch
+
+from checkpoint import latest_checkpoint, load_checkpoint
+from errors import UserError
+from options import MAX_SEED, mixed_seed
+from runtime import barrier
+from startup import restore
 
 EXIT_DIVERGED = 3
 MAX_ROLLBACKS = 3
@@ -152,3 +159,32 @@ def on_divergence(where, on_nan, checkpoint_path, rollbacks):
             "(and --on-nan rollback to retry automatically)"
         )
     return Diverged(f"{where}; {hint}")
+
+
+def weights_finite(state, opts, runtime, outputs):
+    """True when G's and D's weights are finite; else handle_divergence's answer (or its error)."""
+    parameters = (*state.nets.G.parameters(), *state.nets.D.parameters())
+    if bool(torch.stack([p.isfinite().all() for p in parameters]).all()):
+        return True
+    return handle_divergence(state, "weights", opts, runtime, outputs)
+
+
+def handle_divergence(state, what, opts, runtime, outputs):
+    """Roll back to the last checkpoint (returns False) or raise Diverged, as --on-nan says."""
+    progress = state.progress
+    where = f"{what} became non-finite at step {progress.step} (epoch {progress.epoch + 1})"
+    outputs.wait()  # the last checkpoint on disk, not in the writer's queue
+    barrier(runtime)  # every rank diverges at the same step: on disk before any rank looks
+    path = latest_checkpoint(opts.checkpoint_dir)
+    verdict = on_divergence(where, opts.on_nan, path, progress.rollbacks)
+    if verdict != ROLL_BACK:
+        raise verdict
+    rollbacks = progress.rollbacks + 1
+    saved = load_checkpoint(path)
+    restore(state, saved, path, runtime)
+    state.progress.rollbacks = rollbacks
+    outputs.rolled_back(state.progress.step)
+    noise_seed = (opts.seed + 1_000 * rollbacks) % MAX_SEED
+    torch.manual_seed(mixed_seed(noise_seed, runtime.rank) if runtime.distributed else noise_seed)
+    runtime.say(f"{where}; rolled back to {path} (epoch {saved['epoch']}) with noise seed {noise_seed}")
+    return False

@@ -23,7 +23,8 @@ import PIL
 import torch
 from PIL import Image, ImageOps
 
-from utils import UserError, atomic_write, count_text, no_new_empty_folders
+from errors import UserError, count_text
+from files import atomic_write, no_new_empty_folders
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 CACHE_APP_NAME = "dcgan"

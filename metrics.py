@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import save_checkpoint
-from utils import UserError
+from errors import UserError
 
 KID_REAL_LIMIT = 10_000  # KID keeps every real feature; more than this adds memory, not accuracy
 PRECISION_RECALL_K = 3  # Kynkaanniemi et al. 2019, and StyleGAN2-ADA's pr50k3

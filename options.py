@@ -7,12 +7,10 @@ import copy
 import errno
 import math
 import os
-import shlex
 import sys
-from pathlib import Path
 from types import MappingProxyType
 
-from utils import UserError, error_prefix
+from errors import UserError, error_prefix
 
 # This module imports no torch (seconds): --help and flag errors answer at once. So the choices
 # are named here; their implementations are models.ARCHITECTURES, models.OUTPUTS, steps.LOSSES
@@ -55,26 +53,10 @@ NOT_RESUMED_FLAGS = (
 # Flags only some modes read (the others would ignore them without a word).
 MODE_ONLY_FLAGS = {"checkpoint": ("generate", "interpolate", "evaluate"), "steps": ("interpolate",)}
 MAX_SEED = 2**63 - 1
-# Flags younger than some checkpoints, with the value the runs that saved those trained with: a
-# resume goes on as it trained, not with the new flag's default.
-TRAINED_BEFORE_THE_FLAG = {"class_loss": 0.0, "g_output": "tanh"}
-# --conditional's learning rate unless --lr is typed: on the digits benchmark, 2e-4 left one seed's
-# class consistency at 0.93 after 1,792 steps, 5e-4 drew every sample of a class alike (recall
-# 0.25-0.36), 3e-4 reached 0.98-0.99 with a lower FD than both (BENCHMARKS.md)
+# --conditional's learning rate unless --lr is typed (measured: docs/classes.md, BENCHMARKS.md)
 CONDITIONAL_LR = 3e-4
 MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
-# --recipe NAME sets these flags unless they are typed. dcgan: the DCGAN paper's settings (the
-# defaults). improved: chosen from BENCHMARKS.md's digits and photo tables, where both its FD and
-# its spectral score beat plain DCGAN's on every seed on both: a resize-convolution G (no
-# transposed-convolution lattice, no collapse) with a block at full size (without it G cannot draw
-# the finest detail) and the default EMA, and the spectral loss, without which that G's samples
-# lack fine detail and fall behind the defaults' FD in long runs; weight 3 took the photos'
-# spectral score to the edge of the real-vs-real spread where 1 stopped at twice that. DiffAugment
-# on top did nothing on the digits and, at 1536 steps on the photos, tripled FD and grew a fixed
-# texture; hinge + SN and TTUR did not help. Its learning rate, 3e-4 rather than 2e-4, lowered the
-# FD on every seed of the digits and photos (and raised recall on the flat art; BENCHMARKS.md). Its
-# clipped output (--g-output clip) drew flat art's white ground flat where tanh left it speckled,
-# and lowered the FD on every seed of all three benchmarks.
+# --recipe NAME sets these flags unless they are typed; why each of improved's: docs/recipes.md
 RECIPES = {
     "dcgan": {},
     "improved": {"arch": "upsample-fullres", "g_output": "clip", "spectral_loss": 3.0, "lr": 3e-4},
@@ -566,162 +548,3 @@ def mixed_seed(*parts):
     for part in parts:
         value = (value * 1_000_003 + part) % MAX_SEED
     return value
-
-
-def merge_resume_flags(opts, explicit, saved_flags, path):
-    """Options for a resumed run: flags not typed now come from the checkpoint.
-
-    Returns (options, the changes to report). Typed architecture changes are refused.
-    """
-    saved_flags = {**TRAINED_BEFORE_THE_FLAG, **saved_flags}
-    refused = [
-        f"--{name.replace('_', '-')} {getattr(opts, name)} (checkpoint: {saved_flags.get(name)})"
-        for name in ARCHITECTURE_FLAGS
-        if name in explicit and name in saved_flags and getattr(opts, name) != saved_flags[name]
-    ]
-    if refused:
-        raise UserError(
-            f"cannot resume {path} with a different architecture: {', '.join(refused)}{recipe_hint(opts, explicit)}"
-        )
-    if "seed" in explicit and saved_flags.get("seed") not in (None, opts.seed):
-        # the run goes on from its saved RNG state and data order: another seed would change nothing but the report
-        raise UserError(
-            f"cannot resume {path} with --seed {opts.seed} (checkpoint: {saved_flags['seed']}); "
-            "a run keeps its seed: start a fresh run for another one"
-        )
-    refuse_saved_folders(saved_flags, opts, explicit, path, ("dataroot", "image_dir"))
-    changed, merged, parser = [], {}, build_parser()
-    for name, saved in saved_flags.items():
-        if name in PATH_FLAGS and name in explicit and name != "checkpoint_dir" and getattr(opts, name) != saved:
-            changed.append(f"--{name.replace('_', '-')} {saved} -> {getattr(opts, name)}")
-        if not hasattr(opts, name) or name in NOT_RESUMED_FLAGS:
-            continue
-        if name in explicit:
-            if getattr(opts, name) != saved:
-                changed.append(f"--{name.replace('_', '-')} {saved} -> {getattr(opts, name)}")
-        elif name != "seed":
-            if not saved_flag_is_valid(parser, name, saved):
-                raise UserError(f"checkpoint {path} is damaged: it says --{name.replace('_', '-')} {saved!r}")
-            merged[name] = saved
-    resolved = opts.replace(**merged)
-    check_recipe(resolved._values)
-    return resolved, changed
-
-
-def recipe_hint(opts, explicit):
-    """For a refusal of architecture flags: a typed --recipe may have set them, not the user."""
-    if "recipe" not in explicit:
-        return ""
-    return f"; --recipe {opts.recipe} sets some of these: type the checkpoint's values after it to keep them"
-
-
-def refuse_saved_folders(saved_flags, opts, explicit, path, names):
-    """A checkpoint trained with another folder than this run's default: the user must type it
-    again (or another one), as the checkpoint never chooses where files are read or written."""
-    dataset = opts.dataset if "dataset" in explicit else saved_flags.get("dataset", opts.dataset)
-    for name in names:
-        saved = saved_flags.get(name)
-        if name in explicit or not isinstance(saved, str) or saved == getattr(opts, name):
-            continue
-        if name == "dataroot" and dataset == "fake":
-            continue  # fake data reads no folder
-        flag = f"--{name.replace('_', '-')}"
-        raise UserError(
-            f"{path} was trained with {flag} {saved}: a checkpoint never chooses folders, "
-            f"so type {flag} again (that one, or another)"
-        )
-
-
-def saved_flag_is_valid(parser, name, value):
-    """Whether a value read from a checkpoint is one the flag's parser could have produced."""
-    action = next((a for a in parser._actions if a.dest == name), None)
-    if action is None or value is None:
-        return action is None or action.default is None
-    if action.choices is not None:
-        return isinstance(value, str) and value in action.choices
-    if action.type is None:  # store_true flags and plain strings
-        return type(value) is type(action.default) or isinstance(value, str)
-    try:
-        return type(value) is not bool and action.type(str(value)) == value
-    except (argparse.ArgumentTypeError, ValueError, TypeError):
-        return False
-
-
-def resume_command(opts, launcher=("python",)):
-    """The command that resumes this run, with the folders a checkpoint never chooses.
-
-    launcher: the words before gan.py (torchrun's, with its process counts, for a run under torchrun).
-    """
-    parser = build_parser()
-    words = [*launcher, script_as_run(), "--resume", "--checkpoint-dir", opts.checkpoint_dir]
-    for name in ("image_dir", "dataroot"):
-        if getattr(opts, name) != parser.get_default(name) and not (name == "dataroot" and opts.dataset == "fake"):
-            words += [f"--{name.replace('_', '-')}", getattr(opts, name)]
-    if opts.cache_dir is not None:  # not needed to resume, but without it the folder is decoded again
-        words += ["--cache-dir", opts.cache_dir]
-    return shlex.join(words)
-
-
-def script_as_run():
-    """gan.py's path as the user typed it (python ~/dcgan/gan.py), so that the printed command works
-    in the folder they typed it in; plain gan.py when run some other way (tests, an import)."""
-    script = sys.argv[0] if sys.argv else ""
-    return script if Path(script).name == "gan.py" else "gan.py"
-
-
-def resume_path(opts):
-    """The checkpoint --resume names, or the latest one in --checkpoint-dir."""
-    return Path(opts.resume) if opts.resume else Path(opts.checkpoint_dir) / "checkpoint.pt"
-
-
-# ---------------------------------------------------------------- sizes that cannot fit
-
-SIZE_FLAGS = ("nz", "ngf", "ndf", "batch_size", "image_size")
-
-
-def training_memory_problem(opts, device, half_precision=False):
-    """Why the networks of these flags cannot train on device (naming the flag to lower), or None.
-
-    A lower bound, so that no run that fits is refused: fp32 weights, gradients, Adam's two
-    moments and G's average, plus each layer's output once for a batch; free memory as the
-    OS (RAM and swap) or CUDA reports it (unknown on MPS: not checked).
-    """
-    available = free_memory_bytes(device)
-    if available is None:
-        return None
-    flags = opts.as_dict()
-    needed = training_bytes(flags, half_precision)
-    if needed is not None and needed <= available:
-        return None
-    defaults = build_parser()
-    # the flag to name: the one whose default would shrink the need the most
-    lowered = {name: training_bytes({**flags, name: defaults.get_default(name)}, half_precision) for name in SIZE_FLAGS}
-    flag = min(SIZE_FLAGS, key=lambda name: math.inf if lowered[name] is None else lowered[name])
-    from folders import size_text
-
-    need_text = f"at least {size_text(needed)}" if needed is not None else "more than 8 EiB"
-    return (
-        f"--{flag.replace('_', '-')} {getattr(opts, flag)} is too large: training would need {need_text} of memory, "
-        f"and {device} has {size_text(available)} free"
-    )
-
-
-def training_bytes(flags, half_precision):
-    from models import count_values
-
-    counts = count_values(flags["arch"], flags["nz"], flags["ngf"], flags["ndf"], flags["image_size"])
-    if counts is None:
-        return None
-    parameters, outputs_per_image = counts
-    weights = 4 * parameters * (4 + (1 if flags["ema"] > 0 else 0))  # weights, gradients, 2 Adam moments, EMA
-    return weights + (2 if half_precision else 4) * outputs_per_image * flags["batch_size"]
-
-
-def free_memory_bytes(device):
-    import torch
-
-    from folders import available_ram_bytes
-
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return available_ram_bytes(with_swap=True) if device.type == "cpu" else None

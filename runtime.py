@@ -12,8 +12,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from utils import UserError
+from errors import UserError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # How long a rank waits for the others at a collective. NCCL's default is 10 minutes, but one process
@@ -37,6 +38,11 @@ class Runtime:
     @property
     def is_main(self):
         return self.rank == 0
+
+    def say(self, message):
+        """A line for the user, from rank 0 alone, printed above the progress bar."""
+        if self.is_main:
+            tqdm.write(message)
 
     @property
     def distributed(self):

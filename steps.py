@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from errors import UserError
 from models import build_discriminator, build_generator, init_weights, update_ema
-from utils import UserError
 
 # ---------------------------------------------------------------- losses
 
@@ -185,6 +185,11 @@ class Nets:
     D_no_sync: nn.Module | None = None
     d_forward: Callable = None
     g_forward: Callable = None
+
+    @property
+    def for_samples(self):
+        """The generator pictures and scores draw with: the moving average where there is one."""
+        return self.G_ema if self.G_ema is not None else self.G
 
 
 def build_nets(opts, runtime):

@@ -18,7 +18,7 @@ import pytest
 
 import faults
 import folders
-import utils
+from files import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 GAN_PY = ROOT / "gan.py"
@@ -165,7 +165,7 @@ def snapshot(folder):
     """{relative path: bytes} of every file under folder, to prove nothing was touched (but the
     lock file a run holds while it runs)."""
     folder = Path(folder)
-    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != utils.LOCK_NAME)
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME)
     return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 

@@ -20,6 +20,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import checkpoint  # noqa: E402
+import errors  # noqa: E402
 import gan  # noqa: E402
 import utils  # noqa: E402
 
@@ -71,13 +72,13 @@ def main():
         gan.train_step = interrupted_train_step
 
     if os.environ.get("DDP_WORKER_FAIL_RANK") == str(rank):
-        real_load = gan.load_training_data
+        real_load = utils.load_training_data
 
         def failing_load(opts, device, **kwargs):
             real_load(opts, device, **kwargs)
-            raise utils.UserError(f"injected data failure on rank {rank}")
+            raise errors.UserError(f"injected data failure on rank {rank}")
 
-        gan.load_training_data = failing_load
+        utils.load_training_data = failing_load
 
     feature = ChannelMeans() if os.environ.get("DDP_WORKER_STAND_IN_FEATURES") == "1" else None
     exit_code = gan.main(argv, feature)

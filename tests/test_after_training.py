@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_ARGS, as_pixels, check_ok, png_pixels, run_gan
 from PIL import Image
 
+import after_training
 import artifacts
 import models
 import options
@@ -128,7 +129,7 @@ def test_generate_spans_several_internal_batches(trained_run, gan_main, monkeypa
             batch_sizes.append(len(images))
             yield images
 
-    monkeypatch.setattr(sampling, "generated_batches", small_batches)
+    monkeypatch.setattr(after_training, "generated_batches", small_batches)
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
     code, out, err = gan_main(["--generate", 7, "--checkpoint", checkpoint, "--seed", 0])
     assert code == 0, err
@@ -258,7 +259,7 @@ def test_interpolation_rows_walk_from_the_start_noise_to_the_end_noise(trained_r
 def test_slerp_endpoints_are_the_inputs():
     generator = torch.Generator().manual_seed(0)
     start, end = torch.randn(3, 8, 1, 1, generator=generator), torch.randn(3, 8, 1, 1, generator=generator)
-    path = sampling.slerp(start, end, torch.tensor([0.0, 1.0]))
+    path = after_training.slerp(start, end, torch.tensor([0.0, 1.0]))
     assert path.shape == (2, 3, 8, 1, 1)
     torch.testing.assert_close(path[0], start)
     torch.testing.assert_close(path[1], end)
@@ -268,7 +269,7 @@ def test_slerp_of_orthogonal_unit_vectors_by_hand():
     start = torch.tensor([[1.0, 0.0, 0.0]]).view(1, 3, 1, 1)
     end = torch.tensor([[0.0, 1.0, 0.0]]).view(1, 3, 1, 1)
     fractions = torch.tensor([0.0, 0.25, 0.5, 1.0])
-    path = sampling.slerp(start, end, fractions).flatten(1)
+    path = after_training.slerp(start, end, fractions).flatten(1)
     torch.testing.assert_close(path[2], torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2))
     # on the unit circle at angle t * pi/2: (cos, sin), norm 1 all the way (a straight line dips to 0.71)
     for t, point in zip(fractions.tolist(), path):
@@ -283,7 +284,7 @@ def test_slerp_keeps_the_angle_proportional_to_the_fraction():
     end = end / end.norm() * start.norm()  # equal norms: the path stays on their sphere
     omega = torch.acos(torch.nn.functional.cosine_similarity(start.flatten(1), end.flatten(1))).item()
     fractions = torch.linspace(0, 1, 7)
-    path = sampling.slerp(start, end, fractions).flatten(2)[:, 0]
+    path = after_training.slerp(start, end, fractions).flatten(2)[:, 0]
     for t, point in zip(fractions.tolist(), path):
         angle = torch.acos(torch.nn.functional.cosine_similarity(point, start.flatten(), dim=0).clamp(-1, 1)).item()
         assert angle == pytest.approx(t * omega, abs=1e-3)
@@ -294,7 +295,7 @@ def test_slerp_keeps_the_angle_proportional_to_the_fraction():
 def test_slerp_of_nearly_parallel_vectors_is_finite(offset):
     start = torch.randn(2, 16, 1, 1, generator=torch.Generator().manual_seed(2))
     end = start + offset
-    path = sampling.slerp(start, end, torch.linspace(0, 1, 5))
+    path = after_training.slerp(start, end, torch.linspace(0, 1, 5))
     assert torch.isfinite(path).all()
     # so close together the arc is the straight line
     straight = torch.stack([(1 - t) * start + t * end for t in torch.linspace(0, 1, 5)])
@@ -405,11 +406,13 @@ def test_the_ema_statistics_are_estimated_once_per_epoch_end_and_the_grid_draws_
     """Each epoch's end estimates once (the grid, FID and checkpoint share it; the final
     real-vs-fake picture too); a mid-epoch checkpoint (--save-every) does not estimate and says so."""
     import checkpoint
-    import gan
+    import outputs
 
     events = []
-    real_estimate, real_state = gan.estimate_batch_norm, checkpoint.checkpoint_state
-    monkeypatch.setattr(gan, "estimate_batch_norm", lambda *a, **k: events.append("estimate") or real_estimate(*a, **k))
+    real_estimate, real_state = outputs.estimate_batch_norm, checkpoint.checkpoint_state
+    monkeypatch.setattr(
+        outputs, "estimate_batch_norm", lambda *a, **k: events.append("estimate") or real_estimate(*a, **k)
+    )
 
     def checkpoint_state(*args, **kwargs):  # on the training thread, when a checkpoint is handed over
         state = real_state(*args, **kwargs)
@@ -494,9 +497,11 @@ def test_tensorboard_writes_event_files(tmp_path):
 def test_generate_file_names_are_padded_for_large_counts(trained_run, gan_main, monkeypatch, tmp_path):
     # 12,345 images would take minutes; only the names are checked, so stop after the first batch
     saved = []
-    monkeypatch.setattr(sampling.artifacts, "save_png", lambda image, path: saved.append(path.name))
-    monkeypatch.setattr(sampling.artifacts, "save_grid", lambda images, path, nrow=8: saved.append(path.name))
-    monkeypatch.setattr(sampling, "generated_batches", functools.partial(_first_batch_only, sampling.generated_batches))
+    monkeypatch.setattr(after_training.artifacts, "save_png", lambda image, path: saved.append(path.name))
+    monkeypatch.setattr(after_training.artifacts, "save_grid", lambda images, path, nrow=8: saved.append(path.name))
+    monkeypatch.setattr(
+        after_training, "generated_batches", functools.partial(_first_batch_only, after_training.generated_batches)
+    )
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
     code, _, err = gan_main(["--generate", 12345, "--checkpoint", checkpoint, "--seed", 0])
     assert code == 0, err

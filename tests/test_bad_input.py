@@ -23,7 +23,7 @@ from PIL import Image
 import checkpoint
 import data
 import options
-from utils import UserError
+from errors import UserError
 
 
 def assert_user_error(code, err, phrase):

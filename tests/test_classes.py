@@ -10,16 +10,18 @@ import torch.nn.functional as F
 from conftest import TINY_ARGS, as_pixels, check_ok, png_pixels, run_gan, snapshot, write_cifar10_archive
 from PIL import Image
 
+import after_training
 import artifacts
 import data
 import metrics
 import models
 import options
 import sampling
+import startup
 import steps
+from errors import UserError
 from folders import HostImages, list_images
 from runtime import Runtime
-from utils import UserError
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -281,13 +283,13 @@ def test_the_class_loss_adds_the_cross_entropy_of_ds_class_scores_to_both_losses
 def test_a_conditional_checkpoint_from_before_the_class_loss_resumes_without_it():
     opts, explicit = options.parse_flags([*TINY_ARGS, "--conditional", "--resume"])
     saved = {name: value for name, value in opts.as_dict().items() if name != "class_loss"}
-    resumed, changes = options.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")
+    resumed, changes = startup.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")
     assert resumed.class_loss == 0.0 and changes == []
     opts, explicit = options.parse_flags([*TINY_ARGS, "--conditional", "--resume", "--class-loss", "1"])
-    resumed, changes = options.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")
+    resumed, changes = startup.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")
     assert resumed.class_loss == 1.0 and changes == ["--class-loss 0.0 -> 1.0"]
     saved_with_it = {**saved, "class_loss": 0.5}
-    assert options.merge_resume_flags(opts.replace(class_loss=1.0), set(), saved_with_it, "c.pt")[0].class_loss == 0.5
+    assert startup.merge_resume_flags(opts.replace(class_loss=1.0), set(), saved_with_it, "c.pt")[0].class_loss == 0.5
 
 
 def test_conditional_training_takes_its_own_learning_rate_unless_one_is_typed():
@@ -298,7 +300,7 @@ def test_conditional_training_takes_its_own_learning_rate_unless_one_is_typed():
     # a resume goes on at the rate the checkpoint trained at (conditional runs saved before had 2e-4)
     opts, explicit = options.parse_flags([*TINY_ARGS, "--conditional", "--resume"])
     saved = {**opts.as_dict(), "lr": 2e-4}
-    assert options.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")[0].lr == 2e-4
+    assert startup.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")[0].lr == 2e-4
 
 
 def test_class_loss_without_classes_is_refused_and_nothing_is_written(gan_main, tmp_path):
@@ -508,8 +510,8 @@ def test_truncation_reaches_the_generated_images(trained_run, gan_main, tmp_path
 
 def test_a_walk_between_classes_holds_the_noise_and_moves_the_class(conditional_run, gan_main, tmp_path):
     G, names = trained_generator(conditional_run)
-    walk = sampling.Walks(2, start_class=1, end_class=3, num_classes=10)
-    noise, weights = sampling.walk_inputs(walk, 8, parsed("--interpolate", "--steps", 5), seed=0)
+    walk = after_training.Walks(2, start_class=1, end_class=3, num_classes=10)
+    noise, weights = after_training.walk_inputs(walk, 8, parsed("--interpolate", "--steps", 5), seed=0)
     assert noise.shape == (5, 2, 8, 1, 1) and torch.equal(noise[0], noise[4]) and torch.equal(noise[1], noise[3])
     assert weights.shape == (10, 10)
     assert weights[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0] and weights[-1].tolist() == [0, 0, 0, 1] + [0] * 6

@@ -19,9 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import data as datasets
+import errors
 import folders
 import options
-import utils
 
 REAL_READ_IMAGE = folders.read_image
 
@@ -264,7 +264,7 @@ def test_without_a_cache_a_folder_too_large_for_memory_is_a_clear_error(tmp_path
     data = write_folder(tmp_path / "data", 4)
     (cache_dir / folders.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
     monkeypatch.setattr(folders, "available_ram_bytes", lambda: 1000)
-    with pytest.raises(utils.UserError, match="the decoded-image cache cannot be kept .*: give --cache-dir a folder"):
+    with pytest.raises(errors.UserError, match="the decoded-image cache cannot be kept .*: give --cache-dir a folder"):
         load(data, 8)
 
 
@@ -273,7 +273,7 @@ def test_a_folder_of_only_broken_files_leaves_no_cache(tmp_path, cache_dir):
     data.mkdir()
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nshort")
     with pytest.warns(UserWarning, match="skipped 1 of 1 files"):
-        with pytest.raises(utils.UserError, match="holds no readable images"):
+        with pytest.raises(errors.UserError, match="holds no readable images"):
             load(data, 8)
     assert sorted(path.name for path in data.iterdir()) == ["broken.png"]
     assert everything_under(cache_dir) == []
@@ -422,7 +422,7 @@ def test_cifar10_on_an_image_folder_asks_for_dataset_folder(tmp_path, monkeypatc
         lambda: datasets.load_cifar10(data, download=False),
         lambda: datasets.load_dataset(folder_opts(data, dataset="cifar10", image_size=32), "cpu"),
     ):
-        with pytest.raises(utils.UserError, match=message):
+        with pytest.raises(errors.UserError, match=message):
             load_cifar()
     assert everything_under(data) == before and snapshot(data) == files
 

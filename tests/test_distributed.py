@@ -16,8 +16,9 @@ import pytest
 import torch
 from conftest import TINY_ARGS, subprocess_env
 
-import gan
+import errors
 import options
+import startup
 import steps
 import utils
 from checkpoint import Progress
@@ -261,19 +262,19 @@ def test_a_mid_epoch_position_is_carried_over_to_another_number_of_processes():
     opts, _ = options.parse_flags(["--batch-size", "8"])
     saved = {"world_size": 2, "flags": {"batch_size": 8}}  # 3 batches of 16: 48 images into the epoch
     progress = Progress(epoch=1, batch=3, step=9)
-    gan.carry_position(progress, saved, "ck.pt", opts, Runtime(torch.device("cpu"), world_size=1))
+    startup.carry_position(progress, saved, "ck.pt", opts, Runtime(torch.device("cpu"), world_size=1))
     assert (progress.epoch, progress.batch, progress.step) == (1, 6, 9)
     progress = Progress(epoch=1, batch=3, step=9)
-    with pytest.raises(utils.UserError, match="48 images into epoch 2, which is no whole number of this run's "):
-        gan.carry_position(progress, saved, "ck.pt", opts, Runtime(torch.device("cpu"), world_size=5))
+    with pytest.raises(errors.UserError, match="48 images into epoch 2, which is no whole number of this run's "):
+        startup.carry_position(progress, saved, "ck.pt", opts, Runtime(torch.device("cpu"), world_size=5))
 
 
 def test_fewer_images_than_one_step_of_all_processes_is_refused(monkeypatch, tmp_path):
     """Rank 0 of 2 (no process group is needed to load the data but for its barrier)."""
-    monkeypatch.setattr(gan, "barrier", lambda runtime: None)
+    monkeypatch.setattr(utils, "barrier", lambda runtime: None)
     opts, _ = options.parse_flags([*TINY_ARGS, "--subset", "12", "--checkpoint-dir", str(tmp_path)])
-    with pytest.raises(utils.UserError) as refused:
-        gan.load_batches(opts, Runtime(torch.device("cpu"), rank=0, world_size=2))
+    with pytest.raises(errors.UserError) as refused:
+        utils.load_batches(opts, Runtime(torch.device("cpu"), rank=0, world_size=2))
     assert (
         str(refused.value) == "the dataset has 12 images, fewer than one step takes: --batch-size 8 x 2 processes = 16"
     )
@@ -307,5 +308,5 @@ def test_a_bad_flag_stops_every_rank_with_its_message(tmp_path):
 def test_sync_bn_on_the_cpu_is_refused_before_wrapping():
     opts, _ = options.parse_flags(["--device", "cpu", "--image-size", "16", "--ngf", "8", "--ndf", "8", "--sync-bn"])
     runtime = Runtime(torch.device("cpu"), rank=0, world_size=2)
-    with pytest.raises(utils.UserError, match="--sync-bn needs CUDA"):
+    with pytest.raises(errors.UserError, match="--sync-bn needs CUDA"):
         steps.build_nets(opts, runtime)

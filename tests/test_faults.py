@@ -28,12 +28,15 @@ from PIL import Image
 
 import artifacts
 import checkpoint
+import errors
 import faults
+import files
 import folders
 import gan
 import options
+import startup
 import steps
-import utils
+from outputs import RunOutputs
 
 STEPS_PER_EPOCH = 4  # TINY_ARGS: 32 images in batches of 8
 FAULT_WORKER = Path(__file__).resolve().parent / "fault_worker.py"
@@ -213,7 +216,7 @@ def test_closing_the_terminal_saves_and_stops_as_sigterm_does(tmp_path):
     state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     assert_consistent(state)
     assert state["step"] == max(logged_steps(tmp_path)) >= STEPS_PER_EPOCH + 2  # saved where it stopped
-    assert sorted(tmp_path.rglob(utils.LOCK_NAME)) == [] and leftover_temp_files(tmp_path) == []
+    assert sorted(tmp_path.rglob(files.LOCK_NAME)) == [] and leftover_temp_files(tmp_path) == []
 
 
 def drain(fd):
@@ -339,7 +342,7 @@ def fill_the_disk_after(function, module, count, failing, monkeypatch, tmp_path)
 
     def wrapped(*args, **kwargs):
         result = real_function(*args, **kwargs)
-        for outputs in (arg for arg in args if isinstance(arg, gan.RunOutputs)):
+        for outputs in (arg for arg in args if isinstance(arg, RunOutputs)):
             outputs.writer.wait()  # the files it handed to the writer's thread are on disk
         calls.append(1)
         if len(calls) == count:
@@ -431,7 +434,7 @@ def test_a_run_whose_folder_was_taken_over_never_writes_into_it(monkeypatch, gan
 
     def second_run_starts():
         shutil.rmtree(tmp_path / "checkpoints")
-        other["lock"] = utils.FolderLock(tmp_path / "checkpoints", "--checkpoint-dir")
+        other["lock"] = files.FolderLock(tmp_path / "checkpoints", "--checkpoint-dir")
         (tmp_path / CHECKPOINT).write_bytes(b"the second run's checkpoint")
         checkpoint.append_metrics(tmp_path / "checkpoints" / checkpoint.METRICS_LOG_NAME, [{"step": 1}])
         other["files"] = snapshot(tmp_path / "checkpoints")
@@ -496,9 +499,9 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_raises(existed, tmp_pat
     if existed:
         path.write_bytes(b"old checkpoint")
     with pytest.raises(RuntimeError, match="bug in the writer"):
-        utils.atomic_write(path, half_then(RuntimeError("bug in the writer")))
-    with pytest.raises(utils.UserError, match=r"cannot write .*checkpoint.pt: No space left on device"):
-        utils.atomic_write(path, half_then(OSError(errno.ENOSPC, "No space left on device")))
+        files.atomic_write(path, half_then(RuntimeError("bug in the writer")))
+    with pytest.raises(errors.UserError, match=r"cannot write .*checkpoint.pt: No space left on device"):
+        files.atomic_write(path, half_then(OSError(errno.ENOSPC, "No space left on device")))
     assert sorted(p.name for p in tmp_path.iterdir()) == (["checkpoint.pt"] if existed else [])
     if existed:
         assert path.read_bytes() == b"old checkpoint"
@@ -508,8 +511,8 @@ def test_atomic_write_keeps_the_old_file_when_fsync_fails(monkeypatch, tmp_path)
     path = tmp_path / "flags.json"
     path.write_text("{}")
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(utils.UserError, match="cannot write .*flags.json: No space left on device"):
-        utils.atomic_write(path, lambda file: file.write('{"epochs": 5}'), mode="w")
+    with pytest.raises(errors.UserError, match="cannot write .*flags.json: No space left on device"):
+        files.atomic_write(path, lambda file: file.write('{"epochs": 5}'), mode="w")
     assert path.read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["flags.json"]
 
@@ -535,7 +538,7 @@ def test_a_checkpoint_that_runs_code_is_refused(kind, gan_main, tmp_path):
     evil = tmp_path / "evil.pt"
     evil.write_bytes(malicious_checkpoint(kind, marker))
 
-    with pytest.raises(utils.UserError, match="cannot read checkpoint"):
+    with pytest.raises(errors.UserError, match="cannot read checkpoint"):
         checkpoint.load_checkpoint(evil)
     for argv in (["--generate", "1", "--checkpoint", evil], [*TINY_ARGS, "--epochs", "1", "--resume", evil]):
         code, out, err = gan_main(argv)
@@ -663,8 +666,8 @@ def test_folder_of_only_broken_files_is_a_clear_error(gan_main, tmp_path):
 HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-import utils
-lock = utils.FolderLock(sys.argv[2], "--checkpoint-dir")
+import files
+lock = files.FolderLock(sys.argv[2], "--checkpoint-dir")
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -691,15 +694,15 @@ def test_a_second_run_in_a_checkpoint_dir_in_use_exits_2_naming_the_first(gan_ma
         holder.kill()
         holder.wait()
     # killed with -9, its lock file stays behind: the next run takes it over, and removes it at the end
-    assert (tmp_path / "checkpoints" / utils.LOCK_NAME).read_text() == f"{holder.pid}\n"
+    assert (tmp_path / "checkpoints" / files.LOCK_NAME).read_text() == f"{holder.pid}\n"
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
     assert code == 0, err
-    assert not (tmp_path / "checkpoints" / utils.LOCK_NAME).exists()
-    assert not (tmp_path / "images" / utils.LOCK_NAME).exists()
+    assert not (tmp_path / "checkpoints" / files.LOCK_NAME).exists()
+    assert not (tmp_path / "images" / files.LOCK_NAME).exists()
 
 
 def test_the_image_dir_is_locked_too(gan_main, tmp_path):
-    lock = utils.FolderLock(tmp_path / "images", "--image-dir")
+    lock = files.FolderLock(tmp_path / "images", "--image-dir")
     try:
         code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
     finally:
@@ -919,11 +922,11 @@ def test_sigterm_to_the_process_group_while_decoding_is_one_line(start_gan, tmp_
 
 def test_the_resume_command_names_the_folders_a_checkpoint_never_chooses():
     opts, _ = options.parse_flags(["--dataset", "folder", "--dataroot", "my data", "--image-dir", "pics"])
-    assert options.resume_command(opts.replace(checkpoint_dir="ck")) == (
+    assert startup.resume_command(opts.replace(checkpoint_dir="ck")) == (
         "python gan.py --resume --checkpoint-dir ck --image-dir pics --dataroot 'my data'"
     )
     defaults, _ = options.parse_flags([])
-    assert options.resume_command(defaults) == "python gan.py --resume --checkpoint-dir checkpoints"
+    assert startup.resume_command(defaults) == "python gan.py --resume --checkpoint-dir checkpoints"
 
 
 @pytest.mark.parametrize("saving", ["ctrl-c", "save-every"])

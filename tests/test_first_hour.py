@@ -15,8 +15,9 @@ from conftest import GAN_PY, TINY_ARGS, subprocess_env
 import checkpoint
 import gan
 import options
+import startup
+from errors import UserError, count_text
 from folders import size_text
-from utils import UserError, count_text
 
 
 def help_entries(text):
@@ -150,9 +151,9 @@ def test_an_epoch_resumed_after_its_last_batch_says_so_instead_of_zeros(gan_main
 def test_the_resume_command_names_the_script_as_it_was_run(monkeypatch):
     opts, _ = options.parse_flags(["--checkpoint-dir", "runs/a", "--cache-dir", "/tmp/c"])
     monkeypatch.setattr(sys, "argv", ["../dcgan/gan.py", "--checkpoint-dir", "runs/a"])
-    assert options.resume_command(opts) == "python ../dcgan/gan.py --resume --checkpoint-dir runs/a --cache-dir /tmp/c"
+    assert startup.resume_command(opts) == "python ../dcgan/gan.py --resume --checkpoint-dir runs/a --cache-dir /tmp/c"
     monkeypatch.setattr(sys, "argv", ["/usr/bin/pytest"])
-    assert options.resume_command(opts) == "python gan.py --resume --checkpoint-dir runs/a --cache-dir /tmp/c"
+    assert startup.resume_command(opts) == "python gan.py --resume --checkpoint-dir runs/a --cache-dir /tmp/c"
 
 
 def test_the_row_after_a_resume_inside_an_interval_says_how_many_steps_it_averages(monkeypatch, gan_main, tiny_args):

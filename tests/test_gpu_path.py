@@ -13,12 +13,12 @@ from torch import nn
 
 import checkpoint
 import data
-import gan
 import models
 import options
 import runtime
 import steps
-from utils import UserError
+import utils
+from errors import UserError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -161,12 +161,12 @@ def test_one_named_gpu_for_every_process_of_a_machine_is_refused(monkeypatch, jo
 )  # fmt: skip
 def test_each_machine_prepares_its_data_before_its_other_processes_read_it(monkeypatch, rank, local_rank, turns):
     order = []
-    monkeypatch.setattr(gan, "barrier", lambda runtime: order.append("barrier"))
+    monkeypatch.setattr(utils, "barrier", lambda runtime: order.append("barrier"))
     loaded = data.TrainingData(torch.zeros(32, 3, 16, 16, dtype=torch.uint8), None, None)  # one step of 4 ranks
-    monkeypatch.setattr(gan, "load_training_data", lambda *args, **kwargs: order.append("load") or loaded)
+    monkeypatch.setattr(utils, "load_training_data", lambda *args, **kwargs: order.append("load") or loaded)
     opts, _ = options.parse_flags([*TINY_ARGS])
     two_machines = runtime.Runtime(CPU, rank=rank, world_size=4, local_rank=local_rank)
-    gan.load_batches(opts, two_machines)
+    utils.load_batches(opts, two_machines)
     assert order == turns
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import options
+import startup
 import steps
 from models import Discriminator, Generator
 from runtime import setup_runtime
@@ -472,7 +473,7 @@ def saved_flags(argv):
 
 def test_a_resume_keeps_the_recipes_flags():
     opts, explicit = options.parse_flags(["--resume", "--epochs", "9"])
-    merged, changes = options.merge_resume_flags(opts, explicit, saved_flags(["--recipe", "improved"]), "ckpt")
+    merged, changes = startup.merge_resume_flags(opts, explicit, saved_flags(["--recipe", "improved"]), "ckpt")
     assert {name: getattr(merged, name) for name in IMPROVED} == IMPROVED
     assert merged.epochs == 9 and changes == ["--epochs 25 -> 9"]
 
@@ -480,7 +481,7 @@ def test_a_resume_keeps_the_recipes_flags():
 def test_a_resume_with_a_typed_recipe_of_another_architecture_is_refused():
     opts, explicit = options.parse_flags(["--resume", "--recipe", "dcgan"])
     with pytest.raises(options.UserError, match="different architecture: --arch dcgan"):
-        options.merge_resume_flags(opts, explicit, saved_flags(["--recipe", "improved"]), "ckpt")
+        startup.merge_resume_flags(opts, explicit, saved_flags(["--recipe", "improved"]), "ckpt")
 
 
 def test_a_run_saved_before_the_recipe_clipped_resumes_as_it_trained():
@@ -488,16 +489,16 @@ def test_a_run_saved_before_the_recipe_clipped_resumes_as_it_trained():
     clip that a typed --recipe improved now asks for, as any other change of architecture."""
     before = {k: v for k, v in saved_flags(["--recipe", "improved"]).items() if k != "g_output"}
     opts, explicit = options.parse_flags(["--resume"])
-    assert options.merge_resume_flags(opts, explicit, before, "ckpt")[0].g_output == "tanh"
+    assert startup.merge_resume_flags(opts, explicit, before, "ckpt")[0].g_output == "tanh"
     opts, explicit = options.parse_flags(["--resume", "--recipe", "improved"])
     with pytest.raises(options.UserError) as refused:
-        options.merge_resume_flags(opts, explicit, before, "ckpt")
+        startup.merge_resume_flags(opts, explicit, before, "ckpt")
     assert str(refused.value) == (
         "cannot resume ckpt with a different architecture: --g-output clip (checkpoint: tanh); --recipe improved "
         "sets some of these: type the checkpoint's values after it to keep them"
     )
     opts, explicit = options.parse_flags(["--resume", "--recipe", "improved", "--g-output", "tanh"])
-    assert options.merge_resume_flags(opts, explicit, before, "ckpt")[0].arch == "upsample-fullres"
+    assert startup.merge_resume_flags(opts, explicit, before, "ckpt")[0].arch == "upsample-fullres"
 
 
 @pytest.mark.parametrize(("argv", "last"), [(["--recipe", "improved"], nn.Hardtanh), ([], nn.Tanh)])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import data
 import runtime
-from utils import UserError
+from errors import UserError
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
 

@@ -12,15 +12,16 @@ from conftest import TINY_ARGS
 import checkpoint
 import faults
 import gan
+import outputs
+from outputs import BackgroundWriter, InlineWriter
 from runtime import Runtime
-from writer import BackgroundWriter, InlineWriter
 
 STEPS_PER_EPOCH = 4  # TINY_ARGS: 32 images, batch 8
 
 
 @pytest.fixture
 def as_on_an_accelerator(monkeypatch):
-    monkeypatch.setattr(gan, "epoch_file_writer", lambda runtime: BackgroundWriter())
+    monkeypatch.setattr(outputs, "epoch_file_writer", lambda runtime: BackgroundWriter())
 
 
 def test_jobs_run_in_order_on_their_own_thread_and_the_queue_is_bounded():
@@ -154,7 +155,7 @@ def test_on_the_cpu_the_files_are_written_on_the_training_thread(monkeypatch, ga
     code, _, err = gan_main([*TINY_ARGS, "--epochs", "1"])
     assert code == 0, err
     assert threads == {threading.main_thread().name}
-    assert isinstance(gan.epoch_file_writer(Runtime(torch.device("cpu"))), InlineWriter)
-    on_cuda = gan.epoch_file_writer(Runtime(torch.device("cuda")))  # no GPU needed to build it
+    assert isinstance(outputs.epoch_file_writer(Runtime(torch.device("cpu"))), InlineWriter)
+    on_cuda = outputs.epoch_file_writer(Runtime(torch.device("cuda")))  # no GPU needed to build it
     on_cuda.close()
     assert isinstance(on_cuda, BackgroundWriter)

@@ -1,0 +1,364 @@
+"""The modes that use a trained generator: --generate (PNGs of any class), --interpolate (latent
+walks) and --evaluate (a checkpoint's samples, or any folder of images, scored against the
+training data).
+"""
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import artifacts
+import metrics
+import models
+from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file, load_module_state
+from data import load_dataset, load_training_data
+from errors import UserError, count_text
+from faults import Interrupted, exit_code_of
+from files import check_writable
+from folders import IMAGE_SUFFIXES, decode_files
+from options import random_seed
+from sampling import (
+    GRID_COLUMNS,
+    MAX_GRID_ROWS,
+    draw_noise,
+    generated_batches,
+    generator_of,
+    grid_classes,
+    open_class_scorer,
+    open_metrics,
+    sample,
+    score,
+)
+from startup import refuse_architecture_change, refuse_saved_folders, upgraded
+
+
+def load_generator_for_use(opts, explicit, runtime):
+    """The generator of a checkpoint (its EMA copy when it has one) and the checkpoint's flags."""
+    path = checkpoint_path(opts)
+    state = upgraded(load_generator_file(path))
+    flags = state["flags"]
+    refuse_architecture_change(opts, explicit, flags, f"checkpoint {path} was trained with another architecture")
+    class_names = saved_class_names(state, path)
+    try:
+        G = generator_of(flags, len(class_names))
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a negative size
+        raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
+    use_ema = state.get("netG_ema") is not None
+    load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
+    trained = f"flags from {path.parent / 'flags.json'}" if state.get("plain") else f"epoch {state['epoch']}"
+    print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} ({trained})")
+    G.to(runtime.device, memory_format=runtime.memory_format)
+    if use_ema and not state.get("netG_ema_own_statistics"):
+        # saved mid-epoch or on a Ctrl-C, or by an older version: the trained G's statistics
+        with runtime.autocast():  # as training estimates them at an epoch's end
+            models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
+    G.class_names = class_names
+    return G.eval(), flags
+
+
+def saved_class_names(state, path):
+    """The class names a checkpoint keeps (an empty tuple for an unconditional run)."""
+    names = state.get("class_names") or ()
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) and name for name in names):
+        raise UserError(f"checkpoint {path} is damaged: unusable class_names")
+    return tuple(names)
+
+
+def checkpoint_path(opts):
+    return Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
+
+
+def class_index(G, name, path, flag="--class"):
+    """The index of the class a user named (by name, or by index), or a UserError listing the classes."""
+    if not G.num_classes:
+        raise UserError(f"{flag} {name}: {path} was trained without --conditional, so it has no classes")
+    if name in G.class_names:
+        return G.class_names.index(name)
+    if name.isdecimal() and int(name) < G.num_classes:
+        return int(name)
+    listed = ", ".join(f"{index}: {class_name}" for index, class_name in enumerate(G.class_names))
+    raise UserError(f"{flag} {name}: no such class in {path}; its classes are {listed}")
+
+
+def generate(opts, explicit, runtime):
+    """N images: of one class (--class), of every class (one sub-folder each), or unconditional."""
+    G, flags = load_generator_for_use(opts, explicit, runtime)
+    if opts.class_name is not None:
+        classes = [class_index(G, opts.class_name, checkpoint_path(opts))]
+    else:
+        classes = list(range(G.num_classes)) or [None]
+    folder = fresh_generated_folder(opts.image_dir)
+    seed = opts.seed if opts.seed is not None else random_seed()
+    firsts = []
+    try:
+        for label in classes:
+            target = folder if label is None else folder / G.class_names[label]
+            firsts.append(write_generated(G, label, opts, flags["nz"], runtime, seed, target))
+        save_generated_grid(G, classes, firsts, folder / "grid.png")
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
+        written = sum(1 for _ in folder.rglob("[0-9]*.png"))
+        total = count_text(opts.generate * len(classes), "image")
+        raise Interrupted(
+            exit_code_of(interrupt), f"interrupted: wrote {written} of {total} to {folder}/ (seed {seed})"
+        ) from None
+    if classes == [None]:
+        print(f"wrote {count_text(opts.generate, 'image')} and grid.png to {folder}/ (seed {seed})")
+    elif len(classes) == 1:
+        name = G.class_names[classes[0]]
+        print(f"wrote {opts.generate} images of class {name} into {folder / name}/, and grid.png (seed {seed})")
+    else:
+        names = ", ".join(G.class_names[label] for label in classes)
+        print(
+            f"wrote {opts.generate} images of each class ({names}) into {folder}/<class>/, and grid.png (seed {seed})"
+        )
+
+
+def write_generated(G, label, opts, nz, runtime, seed, folder):
+    """opts.generate images of class label (None: unconditional) as PNGs in folder; returns the first 64.
+
+    Every class is drawn from the same noise (the same seed): image k of each class shares its noise.
+    """
+    digits = max(4, len(str(opts.generate - 1)))
+    labels = None if label is None else torch.full((opts.generate,), label)
+    index, first = 0, []
+    for images in generated_batches(G, opts.generate, nz, runtime, seed, labels=labels, truncation=opts.truncation):
+        for image in images.cpu():
+            artifacts.save_png(image.add(1).div(2).clamp(0, 1), folder / f"{index:0{digits}d}.png")
+            index += 1
+        first.extend(images[: 64 - len(first)].cpu())
+    return first
+
+
+def save_generated_grid(G, classes, firsts, path):
+    """grid.png: the first 64 images of one class (or of an unconditional G), or a labelled row
+    of each class (up to MAX_GRID_ROWS of them)."""
+    if len(classes) == 1:
+        images = torch.stack(firsts[0])
+        artifacts.save_grid(images, path, nrow=artifacts.grid_side(len(images)))
+        return
+    shown = classes[:MAX_GRID_ROWS]
+    columns = min(GRID_COLUMNS, len(firsts[0]))
+    images = torch.stack([image for first in firsts[: len(shown)] for image in first[:columns]])
+    grid = artifacts.labelled_grid_image(images, [G.class_names[label] for label in shown], nrow=columns)
+    artifacts.save_pil(grid, path)
+
+
+def fresh_generated_folder(image_dir):
+    """image_dir/generated, or generated-2, -3, ... when it holds an earlier --generate's images:
+    the images of two checkpoints (or seeds) are never mixed in one folder, nor any overwritten."""
+    base = Path(image_dir) / "generated"
+    for number in itertools.count(1):
+        folder = base if number == 1 else base.with_name(f"generated-{number}")
+        if not folder.exists() or artifacts.is_empty_folder(folder):
+            if number > 1:
+                print(f"{base}/ holds the images of an earlier --generate: writing into {folder}/")
+            check_writable(folder)
+            return folder
+
+
+def slerp(start, end, fractions):
+    """Spherical interpolation between two batches of noise vectors, at each fraction."""
+    start_flat, end_flat = start.flatten(1), end.flatten(1)
+    cos = F.cosine_similarity(start_flat, end_flat).clamp(-1.0, 1.0)
+    omega = torch.acos(cos).unsqueeze(0).unsqueeze(-1)  # (1, walks, 1)
+    t = fractions.view(-1, 1, 1)
+    sin_omega = torch.sin(omega)
+    # nearly parallel vectors: fall back to a straight line to avoid dividing by ~0
+    linear = sin_omega.abs() < 1e-6
+    weight_start = torch.where(linear, 1 - t, torch.sin((1 - t) * omega) / sin_omega.clamp_min(1e-12))
+    weight_end = torch.where(linear, t, torch.sin(t * omega) / sin_omega.clamp_min(1e-12))
+    mixed = weight_start * start_flat.unsqueeze(0) + weight_end * end_flat.unsqueeze(0)
+    return mixed.view(len(fractions), *start.shape)  # (steps, walks, nz, 1, 1)
+
+
+def interpolate(opts, explicit, runtime, walks=8):
+    """Latent walks as a grid (a row per walk) and a GIF: between noise vectors, within one class
+    (--class) or one class per row (a conditional G), or from --class to --to-class at fixed noise."""
+    G, flags = load_generator_for_use(opts, explicit, runtime)
+    walk = plan_walks(G, opts, flags, walks)
+    folder = Path(opts.image_dir)
+    check_writable(folder)
+    seed = opts.seed if opts.seed is not None else random_seed()
+    noise, labels = walk_inputs(walk, flags["nz"], opts, seed)
+    # in batches, as --generate: a long walk must not need G's activations for all its images at once
+    flat_labels = [None] * len(noise.flatten(0, 1).split(500)) if labels is None else labels.split(500)
+    images = torch.cat([sample(G, batch, runtime, y) for batch, y in zip(noise.flatten(0, 1).split(500), flat_labels)])
+    images = images.view(opts.steps, walk.count, *images.shape[1:])
+    # rows are walks, columns are steps along them
+    frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walk.count)) for step in range(opts.steps)]
+    try:
+        rows = images.transpose(0, 1).flatten(0, 1)
+        if walk.row_names is None:
+            artifacts.save_grid(rows, folder / "interpolation.png", nrow=opts.steps)
+        else:
+            grid = artifacts.labelled_grid_image(rows, walk.row_names, nrow=opts.steps)
+            artifacts.save_pil(grid, folder / "interpolation.png")
+        artifacts.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
+    except KeyboardInterrupt as interrupt:
+        written = "interpolation.png" if (folder / "interpolation.png").is_file() else "nothing"
+        raise Interrupted(exit_code_of(interrupt), f"interrupted: wrote {written} to {folder}/") from None
+    print(
+        f"wrote interpolation.png and interpolation.gif to {folder}/ ({walk.count} walks{walk.what}, "
+        f"{opts.steps} steps, seed {seed})"
+    )
+
+
+@dataclass(frozen=True)
+class Walks:
+    """What --interpolate walks: count walks, each in a class (classes, or None) or from one class
+    to another at fixed noise (start_class to end_class); rows named by class, or not."""
+
+    count: int
+    classes: torch.Tensor | None = None
+    start_class: int | None = None
+    end_class: int | None = None
+    num_classes: int = 0
+    row_names: list | None = None
+    what: str = ""
+
+
+def plan_walks(G, opts, flags, walks):
+    path = checkpoint_path(opts)
+    if opts.class_name is None:
+        if not G.num_classes:
+            return Walks(walks)
+        classes = grid_classes(G.num_classes, flags.get("seed") or 0)
+        names = [G.class_names[label] for label in classes.tolist()]
+        return Walks(len(classes), classes, row_names=names, what=", one per class")
+    start = class_index(G, opts.class_name, path)
+    if opts.to_class is None:
+        return Walks(walks, torch.full((walks,), start), what=f" within {G.class_names[start]}")
+    end = class_index(G, opts.to_class, path, "--to-class")
+    what = f" from {G.class_names[start]} to {G.class_names[end]}"
+    return Walks(walks, start_class=start, end_class=end, num_classes=G.num_classes, what=what)
+
+
+def walk_inputs(walk, nz, opts, seed):
+    """The noise (steps, walks, nz, 1, 1) and the labels of the flattened walks (None: unconditional).
+
+    Labels are class indices, or for a walk between classes, weights over the classes that move
+    from one to the other while the noise holds still.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    start = draw_noise(walk.count, nz, generator, opts.truncation)
+    end = draw_noise(walk.count, nz, generator, opts.truncation)
+    fractions = torch.linspace(0, 1, opts.steps)
+    if walk.end_class is None:
+        noise = slerp(start, end, fractions)  # (steps, walks, ...)
+        labels = None if walk.classes is None else walk.classes.repeat(opts.steps)
+        return noise, labels
+    noise = start.unsqueeze(0).expand(opts.steps, *start.shape)
+    weights = torch.zeros(opts.steps, walk.num_classes)
+    weights[:, walk.start_class] += 1 - fractions
+    weights[:, walk.end_class] += fractions
+    return noise, weights.repeat_interleave(walk.count, dim=0)
+
+
+def scores_line(scores, what):
+    """The line --evaluate prints: FID, IS, KID, then precision, recall, density and coverage of `what`."""
+    neighbours = "".join(
+        f"  {name} {scores[name]:.3f}" for name in ("precision", "recall", "density", "coverage") if name in scores
+    )
+    return (
+        f"FID {scores['fid']:.2f}  IS {scores['is']:.2f} ± {scores['is_std']:.2f}  "
+        f"KID {scores['kid']:.4f} ± {scores['kid_std']:.4f}{neighbours}  ({what})"
+    )
+
+
+def evaluate(opts, explicit, runtime, feature=None):
+    G, flags = load_generator_for_use(opts, explicit, runtime)
+    path = checkpoint_path(opts)
+    refuse_saved_folders(flags, opts, explicit, path, ("dataroot",))
+    # the log row and the real statistics go beside the checkpoint evaluated, unless told otherwise
+    folder = opts.checkpoint_dir if "checkpoint_dir" in explicit else str(path.parent)
+    check_writable(folder)  # before the minutes of scoring, not after
+    # the data it trained on, unless typed now; batch_size too: the dataset must hold one batch
+    trained_on = {name: flags[name] for name in ("dataset", "subset", "batch_size") if name in flags}
+    typed = {name: getattr(opts, name) for name in explicit if name in trained_on}
+    seed = opts.seed if opts.seed is not None else (flags.get("seed") or 0)
+    eval_opts = opts.replace(
+        **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
+    )
+    # Inception first: offline without its weights, fail before minutes of decoding the data
+    scorers = metrics.build_metrics(runtime.device, eval_opts.eval_samples, feature)
+    real = load_training_data(eval_opts, torch.device("cpu"), say=print, with_labels=bool(G.num_classes))
+    if real.class_names is not None and real.class_names != G.class_names:
+        raise UserError(
+            f"{path} was trained on the classes {', '.join(G.class_names)}; the data has {', '.join(real.class_names)}"
+        )
+    scorers = open_metrics(eval_opts, runtime, real.images, feature, scorers)
+    class_scorer = open_class_scorer(eval_opts, scorers, real.images, real.labels, G.num_classes)
+    scores = score(scorers, G, eval_opts, runtime, seed, class_scorer)
+    classes = (
+        f"  intra-FID {scores['intra_fid']:.2f}  class consistency {scores['class_consistency']:.3f}"
+        if class_scorer is not None
+        else ""
+    )
+    print(scores_line(scores, f"{opts.eval_samples} generated images") + classes)
+    log_path = Path(folder) / METRICS_LOG_NAME
+    append_metrics(log_path, [{"evaluate": str(path), **scores}])
+    return scores
+
+
+# ---------------------------------------------------------------- --evaluate --images DIR
+
+
+def evaluate_images(opts, explicit, runtime, feature=None):
+    """--evaluate --images DIR: any tool's images scored against the training data, as a checkpoint's are.
+
+    Every image of DIR counts; each is brought to the real images' size the way a training folder is
+    (shorter side bilinear, centre crop), and Inception then resizes both sides alike.
+    """
+    files = image_files(opts.images)  # a bad folder fails here, before minutes of decoding
+    folder = opts.checkpoint_dir
+    check_writable(folder)
+    # the subset is drawn as training draws it; the dataset must hold one image, not a batch
+    real_opts = opts.replace(batch_size=1, seed=opts.seed if opts.seed is not None else 0, eval_samples=len(files))
+    # Inception first: offline without its weights, fail before minutes of decoding (KID's subsets
+    # shrink to the images there are when scored)
+    scorers = metrics.build_metrics(runtime.device, real_opts.eval_samples, feature)
+    real = load_dataset(real_opts, torch.device("cpu"), say=print)
+    side = real.shape[-1]
+    images = decode_images(opts.images, files, side, opts.workers)
+    scorers = open_metrics(real_opts.replace(eval_samples=len(images)), runtime, real, feature, scorers)
+    devices = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
+        torch.manual_seed(real_opts.seed)
+        scores = metrics.score_images(scorers, images.split(500))
+    print(scores_line(scores, f"{len(images)} images of {opts.images} at {side} px, against {len(real)} real"))
+    append_metrics(Path(folder) / METRICS_LOG_NAME, [{"images": str(opts.images), "count": len(images), **scores}])
+    return scores
+
+
+def image_files(folder):
+    """The image files in --images DIR (searched recursively); one line for a folder that cannot be scored."""
+    root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--images {folder} is a file: it names a folder of images")
+    if not root.is_dir():
+        raise UserError(f"--images {folder} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if len(files) < 2:  # FID needs a covariance
+        raise UserError(
+            f"--images {folder} holds {len(files)} image files; scoring needs 2 at the least "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return files
+
+
+def decode_images(folder, files, side, workers):
+    """The readable files as uint8 (N, 3, side, side), decoded as a training folder is; a warning for the others."""
+    skipped = []
+    chunks = list(decode_files(files, side, workers, skipped))
+    readable = sum(map(len, chunks))
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} of {len(files)} files in {folder} that are not readable images", stacklevel=2
+        )
+    if readable < 2:
+        raise UserError(f"--images {folder} holds {readable} readable images; scoring needs 2 at the least")
+    return torch.cat(chunks)

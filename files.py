@@ -1,0 +1,232 @@
+"""Files and folders: atomic writes, so a crash or a full disk never leaves a half-written file
+where a good one stood; and a run's claim on its output folders (a lock, and the folders it
+made removed again if it leaves them empty).
+"""
+
+import contextlib
+import errno
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked against each other there
+    fcntl = None
+
+LOCK_NAME = ".gan.lock"
+TEMP_SUFFIX = ".tmp"
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Call write_fn(file) on a temp file beside path, fsync, then rename over path."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the folder held open: its temp file is removed even if the folder is moved or replaced meanwhile
+        folder_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise WriteError(path, error) from None
+    try:
+        write_through_temp_file(path, write_fn, mode, folder_fd)
+    finally:
+        os.close(folder_fd)
+
+
+def write_through_temp_file(path, write_fn, mode, folder_fd):
+    try:
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as error:
+        raise WriteError(path, error) from None
+    try:
+        with os.fdopen(handle, mode) as file:
+            write_fn(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode
+        os.replace(tmp_name, path)
+    except OSError as error:
+        remove_temp_file(tmp_name, folder_fd)
+        raise WriteError(path, error, "; the previous file, if any, is intact") from None
+    except BaseException:
+        remove_temp_file(tmp_name, folder_fd)
+        raise
+
+
+def remove_temp_file(tmp_name, folder_fd):
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.basename(tmp_name), dir_fd=folder_fd)
+
+
+class WriteError(UserError):
+    """A file that could not be written; errno says why (a full disk is ENOSPC or EDQUOT)."""
+
+    def __init__(self, path, error, note=""):
+        self.errno = error.errno
+        reason = error.strerror or str(error)
+        if error.errno in (errno.ENOENT, errno.ENOTDIR) and not Path(path).parent.is_dir():
+            reason = f"its folder {Path(path).parent} was removed or replaced"
+            note = ""
+        super().__init__(f"cannot write {path}: {reason}{note}")
+
+    @property
+    def disk_full(self):
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path, data):
+    atomic_write(path, lambda file: file.write(data))
+
+
+def check_writable(folder):
+    """Fail early, before any training, if folder cannot be created or written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"output folder {folder} is not writable: {error.strerror or error}") from None
+
+
+# ---------------------------------------------------------------- a run's folders
+
+
+class FolderLock:
+    """A folder claimed by one process: LOCK_NAME in it holds the PID and is flock()ed.
+
+    The kernel drops a flock when its process dies, even by kill -9, so a lock file left by a
+    dead run is simply taken over; release() removes the file.
+    """
+
+    def __init__(self, folder, flag):
+        self.path = Path(folder) / LOCK_NAME
+        self.flag = flag
+        self.fd = None
+        if fcntl is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while self.fd is None:
+                self.fd = self.try_lock(flag)
+        except OSError as error:
+            raise UserError(f"output folder {folder} is not writable: {error.strerror or error}") from None
+
+    def try_lock(self, flag):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"{self.path.parent} is in use by another run (process {holder}): wait for it to end, "
+                f"or give another {flag}"
+            ) from None
+        except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
+            pass
+        if not same_file(fd, self.path):  # its holder released it (and removed the file) meanwhile
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def check_held(self):
+        """Raise UserError when the folder (or its lock file) was removed or replaced since it was
+        locked: another run may have locked the new one, and writing there would mix the two."""
+        if self.fd is not None and not same_file(self.fd, self.path):
+            raise UserError(
+                f"output folder {self.path.parent} ({self.flag}) was removed or replaced while this run used it, "
+                "and its lock with it: stopped so as not to write into a folder another run may now hold"
+            )
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # removed before unlocking: a waiting run retries on a new file
+                self.path.unlink()
+            os.close(self.fd)
+            self.fd = None
+
+
+def same_file(fd, path):
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def locked_folders(folders_and_flags):
+    """Lock each (folder, flag) in turn (a folder given twice once), and remove the temp files a
+    run of this program stopped mid-write left there; yields the FolderLocks, released however
+    the block ends."""
+    with contextlib.ExitStack() as stack:
+        seen, locks = set(), []
+        for folder, flag in folders_and_flags:
+            key = os.path.realpath(folder)
+            if key not in seen:
+                seen.add(key)
+                locks.append(FolderLock(folder, flag))
+                stack.callback(locks[-1].release)
+                remove_stale_temp_files(folder)
+        yield locks
+
+
+# atomic_write's temp files: "." + the file's name + mkstemp's 8 random characters + ".tmp"
+TEMP_FILE_NAME = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}" + re.escape(TEMP_SUFFIX))
+OWN_SUFFIXES = (".pt", ".pth", ".json", ".jsonl", ".png", ".gif", ".npz")
+
+
+def remove_stale_temp_files(folder):
+    """Temp files of atomic_write left in folder (or a generated*/ folder in it) by a run killed or
+    stopped by a second Ctrl-C mid-write; called with the folder locked, so none is in use."""
+    folder = Path(folder)
+    for path in [*folder.glob(f".*{TEMP_SUFFIX}"), *folder.glob(f"generated*/.*{TEMP_SUFFIX}")]:
+        match = TEMP_FILE_NAME.fullmatch(path.name)
+        if match and match["name"].endswith(OWN_SUFFIXES) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def missing_ancestor(folder):
+    """The outermost of folder and its parents that does not exist yet, or None if folder exists."""
+    missing = None
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing = path
+    return missing
+
+
+@contextlib.contextmanager
+def no_new_empty_folders(folders):
+    """Folders among these (and their parents) that the block creates and leaves empty are removed:
+    a run that stops on bad input leaves nothing behind, not even empty data/ or images/."""
+    created = {path for path in map(missing_ancestor, folders) if path is not None}
+    try:
+        yield
+    finally:
+        for top in created:
+            remove_empty_folders(top)
+
+
+def remove_empty_folders(top):
+    """top and the folders under it that hold no file (bottom up); files are never touched."""
+    if not top.is_dir() or top.is_symlink():
+        return
+    for folder, _, _ in os.walk(top, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)

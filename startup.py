@@ -1,0 +1,402 @@
+"""Whether a training run may start, and from where: the options resolved against an earlier run's
+files or the checkpoint it resumes (older checkpoints upgraded first), the memory it needs, the
+state it starts from (networks, position, RNG), and the command that resumes it.
+"""
+
+import argparse
+import math
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import artifacts
+import checkpoint
+from checkpoint import Progress, latest_checkpoint
+from errors import UserError, count_text
+from options import (
+    ARCHITECTURE_FLAGS,
+    NOT_RESUMED_FLAGS,
+    PATH_FLAGS,
+    build_parser,
+    check_recipe,
+    mixed_seed,
+    random_seed,
+)
+from runtime import broadcast_int
+from steps import Nets, build_nets
+
+# What the runs saved before a flag existed trained with: an older checkpoint resumes, and draws,
+# as it trained, not with the new flag's default.
+TRAINED_BEFORE_THE_FLAG = {
+    "arch": "dcgan",
+    "conditional": False,
+    "spectral_norm": False,
+    "nc": 3,
+    "class_loss": 0.0,
+    "g_output": "tanh",
+}
+SIZE_FLAGS = ("nz", "ngf", "ndf", "batch_size", "image_size")
+
+
+def upgraded(state):
+    """A checkpoint's dict (or load_generator_file's) as today's program reads it: the one place
+    that knows what older versions left out."""
+    return {**state, "flags": upgraded_flags(state["flags"]), "world_size": state.get("world_size", 1)}
+
+
+def upgraded_flags(saved_flags):
+    return {**TRAINED_BEFORE_THE_FLAG, **saved_flags}
+
+
+def load_upgraded(path):
+    return upgraded(checkpoint.load_checkpoint(path))
+
+
+# ---------------------------------------------------------------- may the run start?
+
+
+def resolve_training_options(opts, explicit, runtime):
+    """The run's options, read-only from here on, and the checkpoint it resumes as (state, path),
+    or None for a fresh run; a UserError when the run may not start."""
+    if opts.resume is None:
+        refuse_earlier_run(opts)
+        # under torchrun every rank must train on rank 0's seed, or their shards would overlap
+        seed = opts.seed if opts.seed is not None else broadcast_int(random_seed(), runtime)
+        opts, resumed = opts.replace(seed=seed), None
+    else:
+        opts, resumed = resumed_options(opts, explicit, runtime)
+    if "class_loss" in explicit and not opts.conditional:  # it would weigh a loss on classes the run has not
+        raise UserError("--class-loss applies to --conditional training (the run has no classes)")
+    problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
+    if problem:
+        raise UserError(problem)
+    if opts.dataset == "folder" and Path(opts.image_dir).resolve().is_relative_to(Path(opts.dataroot).resolve()):
+        # the folder is searched recursively: the next start would train on this run's grids
+        raise UserError(f"--image-dir {opts.image_dir} is inside --dataroot {opts.dataroot}: give one outside it")
+    return opts, resumed
+
+
+def refuse_earlier_run(opts):
+    """A fresh run never writes over the files of an earlier one."""
+    earlier = latest_checkpoint(opts.checkpoint_dir)
+    if earlier.is_file():
+        # a fresh run would overwrite that run's checkpoint and mix its metrics log
+        raise UserError(
+            f"{earlier} holds an earlier run: continue it with --resume, "
+            "or train into another --checkpoint-dir (or delete that folder)"
+        )
+    files = checkpoint.earlier_run_files(opts.checkpoint_dir)
+    if files:  # its checkpoint.pt is gone, but a fresh run would replace these
+        raise UserError(
+            f"{opts.checkpoint_dir} holds an earlier run's files ({', '.join(files)}): "
+            "train into another --checkpoint-dir, or move them away first"
+        )
+    pictures = artifacts.earlier_run_pictures(opts.image_dir)
+    # pictures beside the log of a run that never saved a checkpoint are that run's: replaced
+    if pictures and not checkpoint.orphan_log(opts.checkpoint_dir):
+        # a fresh run would overwrite some of that run's grids and leave the others beside its own
+        raise UserError(
+            f"{opts.image_dir} holds an earlier run's pictures ({', '.join(pictures)}): "
+            "train into another --image-dir, or move them away first"
+        )
+
+
+def resumed_options(opts, explicit, runtime):
+    path = resume_path(opts)
+    if not opts.resume and not path.is_file():
+        raise UserError(f"--resume: no checkpoint in {opts.checkpoint_dir}/ (give its path: --resume PATH)")
+    state = load_upgraded(path)
+    opts, changes = merge_resume_flags(opts, explicit, state["flags"], path)
+    for change in changes:
+        runtime.say(f"resume: changed {change}")
+    if "checkpoint_dir" not in explicit:  # the run goes on beside the checkpoint it resumes
+        opts = opts.replace(checkpoint_dir=str(path.parent))
+    elif latest_checkpoint(opts.checkpoint_dir).is_file() and not latest_checkpoint(opts.checkpoint_dir).samefile(path):
+        raise UserError(
+            f"{latest_checkpoint(opts.checkpoint_dir)} holds another run: resuming {path} there would replace it; "
+            "give another --checkpoint-dir"
+        )
+    return opts.replace(seed=state.get("seed", opts.seed)), (state, path)
+
+
+def resume_path(opts):
+    """The checkpoint --resume names, or the latest one in --checkpoint-dir."""
+    return Path(opts.resume) if opts.resume else Path(opts.checkpoint_dir) / "checkpoint.pt"
+
+
+def merge_resume_flags(opts, explicit, saved_flags, path):
+    """Options for a resumed run: flags not typed now come from the checkpoint.
+
+    Returns (options, the changes to report). Typed architecture changes are refused.
+    """
+    saved_flags = upgraded_flags(saved_flags)
+    refuse_architecture_change(opts, explicit, saved_flags, f"cannot resume {path} with a different architecture")
+    if "seed" in explicit and saved_flags.get("seed") not in (None, opts.seed):
+        # the run goes on from its saved RNG state and data order: another seed would change nothing but the report
+        raise UserError(
+            f"cannot resume {path} with --seed {opts.seed} (checkpoint: {saved_flags['seed']}); "
+            "a run keeps its seed: start a fresh run for another one"
+        )
+    refuse_saved_folders(saved_flags, opts, explicit, path, ("dataroot", "image_dir"))
+    changed, merged, parser = [], {}, build_parser()
+    for name, saved in saved_flags.items():
+        if name in PATH_FLAGS and name in explicit and name != "checkpoint_dir" and getattr(opts, name) != saved:
+            changed.append(f"--{name.replace('_', '-')} {saved} -> {getattr(opts, name)}")
+        if not hasattr(opts, name) or name in NOT_RESUMED_FLAGS:
+            continue
+        if name in explicit:
+            if getattr(opts, name) != saved:
+                changed.append(f"--{name.replace('_', '-')} {saved} -> {getattr(opts, name)}")
+        elif name != "seed":
+            if not saved_flag_is_valid(parser, name, saved):
+                raise UserError(f"checkpoint {path} is damaged: it says --{name.replace('_', '-')} {saved!r}")
+            merged[name] = saved
+    resolved = opts.replace(**merged)
+    check_recipe(resolved._values)
+    return resolved, changed
+
+
+def refuse_architecture_change(opts, explicit, saved_flags, what):
+    """Typed flags that shape the networks must match the checkpoint's: it only fits, or only draws
+    as it trained, with its own."""
+    refused = [
+        f"--{name.replace('_', '-')} {getattr(opts, name)} (checkpoint: {saved_flags.get(name)})"
+        for name in ARCHITECTURE_FLAGS
+        if name in explicit and name in saved_flags and getattr(opts, name) != saved_flags[name]
+    ]
+    if refused:
+        raise UserError(f"{what}: {', '.join(refused)}{recipe_hint(opts, explicit)}")
+
+
+def recipe_hint(opts, explicit):
+    """For a refusal of architecture flags: a typed --recipe may have set them, not the user."""
+    if "recipe" not in explicit:
+        return ""
+    return f"; --recipe {opts.recipe} sets some of these: type the checkpoint's values after it to keep them"
+
+
+def refuse_saved_folders(saved_flags, opts, explicit, path, names):
+    """A checkpoint trained with another folder than this run's default: the user must type it
+    again (or another one), as the checkpoint never chooses where files are read or written."""
+    dataset = opts.dataset if "dataset" in explicit else saved_flags.get("dataset", opts.dataset)
+    for name in names:
+        saved = saved_flags.get(name)
+        if name in explicit or not isinstance(saved, str) or saved == getattr(opts, name):
+            continue
+        if name == "dataroot" and dataset == "fake":
+            continue  # fake data reads no folder
+        flag = f"--{name.replace('_', '-')}"
+        raise UserError(
+            f"{path} was trained with {flag} {saved}: a checkpoint never chooses folders, "
+            f"so type {flag} again (that one, or another)"
+        )
+
+
+def saved_flag_is_valid(parser, name, value):
+    """Whether a value read from a checkpoint is one the flag's parser could have produced."""
+    action = next((a for a in parser._actions if a.dest == name), None)
+    if action is None or value is None:
+        return action is None or action.default is None
+    if action.choices is not None:
+        return isinstance(value, str) and value in action.choices
+    if action.type is None:  # store_true flags and plain strings
+        return type(value) is type(action.default) or isinstance(value, str)
+    try:
+        return type(value) is not bool and action.type(str(value)) == value
+    except (argparse.ArgumentTypeError, ValueError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------- sizes that cannot fit
+
+
+def training_memory_problem(opts, device, half_precision=False):
+    """Why the networks of these flags cannot train on device (naming the flag to lower), or None.
+
+    A lower bound, so that no run that fits is refused: fp32 weights, gradients, Adam's two
+    moments and G's average, plus each layer's output once for a batch; free memory as the
+    OS (RAM and swap) or CUDA reports it (unknown on MPS: not checked).
+    """
+    available = free_memory_bytes(device)
+    if available is None:
+        return None
+    flags = opts.as_dict()
+    needed = training_bytes(flags, half_precision)
+    if needed is not None and needed <= available:
+        return None
+    defaults = build_parser()
+    # the flag to name: the one whose default would shrink the need the most
+    lowered = {name: training_bytes({**flags, name: defaults.get_default(name)}, half_precision) for name in SIZE_FLAGS}
+    flag = min(SIZE_FLAGS, key=lambda name: math.inf if lowered[name] is None else lowered[name])
+    from folders import size_text
+
+    need_text = f"at least {size_text(needed)}" if needed is not None else "more than 8 EiB"
+    return (
+        f"--{flag.replace('_', '-')} {getattr(opts, flag)} is too large: training would need {need_text} of memory, "
+        f"and {device} has {size_text(available)} free"
+    )
+
+
+def training_bytes(flags, half_precision):
+    from models import count_values
+
+    counts = count_values(flags["arch"], flags["nz"], flags["ngf"], flags["ndf"], flags["image_size"])
+    if counts is None:
+        return None
+    parameters, outputs_per_image = counts
+    weights = 4 * parameters * (4 + (1 if flags["ema"] > 0 else 0))  # weights, gradients, 2 Adam moments, EMA
+    return weights + (2 if half_precision else 4) * outputs_per_image * flags["batch_size"]
+
+
+def free_memory_bytes(device):
+    from folders import available_ram_bytes
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_ram_bytes(with_swap=True) if device.type == "cpu" else None
+
+
+# ---------------------------------------------------------------- the data a resumed run reads
+
+
+def with_data_traits(opts, data, resumed):
+    """The options completed by what the data says: its classes (under --conditional) and channels,
+    which must be the checkpoint's."""
+    names = data.class_names or ()
+    if resumed is not None:
+        saved, path = resumed
+        if saved["flags"]["nc"] != data.channels:
+            raise UserError(
+                f"{path} was trained on {saved['flags']['nc']}-channel images; the data now gives "
+                f"{data.channels} (--channels {saved['flags']['nc']} trains on them as it did)"
+            )
+        saved_names = tuple(saved.get("class_names") or ())
+        if saved_names != names:
+            raise UserError(
+                f"{path} was trained on the classes {class_list(saved_names)}; the data now has {class_list(names)}"
+            )
+    return opts.replace(num_classes=len(names), class_names=names, nc=data.channels)
+
+
+def class_list(names):
+    return ", ".join(names) if names else "none (unconditional)"
+
+
+# ---------------------------------------------------------------- the state it starts from
+
+
+@dataclass
+class TrainState:
+    """What a run carries from step to step, and what a checkpoint saves."""
+
+    nets: Nets
+    progress: Progress
+    fixed_noise: torch.Tensor
+
+
+def start_state(opts, runtime, resumed):
+    """Networks seeded from --seed (every rank alike), then the resumed checkpoint if any."""
+    torch.manual_seed(opts.seed)
+    nets = build_nets(opts, runtime)
+    fixed_noise = torch.randn(64, opts.nz, 1, 1, generator=torch.Generator().manual_seed(opts.seed))
+    state = TrainState(nets, Progress(), fixed_noise)
+    if resumed is None:
+        # each rank draws its own noise for the steps
+        torch.manual_seed(mixed_seed(opts.seed, state.progress.step, runtime.rank))
+        if runtime.is_main:
+            keep_orphan_log(opts, runtime)
+    else:
+        restore(state, *resumed, runtime)
+        carry_position(state.progress, *resumed, opts, runtime)
+        done = count_text(state.progress.epoch, "epoch")
+        runtime.say(f"resuming {resumed[1]}: {done} done, step {state.progress.step}")
+        if runtime.distributed:
+            restore_rank_rng(resumed[0], opts, runtime, state.progress.step)
+    state.fixed_noise = state.fixed_noise.to(runtime.device)
+    return state
+
+
+def restore(state, saved, path, runtime):
+    """The networks, optimizers, position and fixed noise of a checkpoint, into state."""
+    checkpoint.restore_state(state.nets, saved, runtime, path)
+    state.progress = Progress.from_checkpoint(saved)
+    fixed = saved.get("fixed_noise")
+    if isinstance(fixed, torch.Tensor) and fixed.shape == state.fixed_noise.shape:
+        state.fixed_noise = fixed.to(state.fixed_noise.dtype)
+
+
+def carry_position(progress, saved, path, opts, runtime):
+    """A mid-epoch checkpoint's batch index counted in this run's global batch (batch size x processes).
+
+    Another number of processes (or --batch-size) gives batches of another size: the images the
+    epoch has done are carried over when they make whole batches of the new size, else refused.
+    """
+    saved_processes = saved.get("world_size", 1)
+    saved_global = saved["flags"].get("batch_size", opts.batch_size) * saved_processes
+    global_batch = opts.batch_size * runtime.world_size
+    if saved_processes != runtime.world_size:
+        runtime.say(
+            f"resume: changed processes {saved_processes} -> {runtime.world_size} "
+            f"(global batch {saved_global} -> {global_batch}; the noise each process draws starts afresh)",
+        )
+    if progress.batch == 0 or saved_global == global_batch:
+        return
+    images_done = progress.batch * saved_global
+    if images_done % global_batch:
+        raise UserError(
+            f"{path} stopped {images_done} images into epoch {progress.epoch + 1}, which is no whole number of "
+            f"this run's batches of {global_batch} ({opts.batch_size} x {runtime.world_size} processes): resume it "
+            f"with {saved_processes} process(es) and --batch-size {saved_global // saved_processes}"
+        )
+    progress.batch = images_done // global_batch
+
+
+def restore_rank_rng(saved, opts, runtime, step):
+    """This rank's own RNG state from the checkpoint; fresh noise when it has none for this rank
+    (an older checkpoint, or one saved by another number of processes)."""
+    ranks = saved["rng"].get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != runtime.world_size:
+        torch.manual_seed(mixed_seed(opts.seed, step, runtime.rank))
+        return
+    try:
+        torch.set_rng_state(ranks[runtime.rank]["cpu"])
+        if runtime.device.type == "cuda" and "cuda" in ranks[runtime.rank]:
+            torch.cuda.set_rng_state(ranks[runtime.rank]["cuda"], runtime.device)
+    except (KeyError, TypeError, RuntimeError) as error:
+        raise UserError(f"checkpoint is damaged: unusable RNG state of rank {runtime.rank} ({error})") from None
+
+
+def keep_orphan_log(opts, runtime):
+    """A fresh run's log starts empty; the rows of a run that saved no checkpoint here (killed in
+    its first epoch, or stopped by a full disk) are kept beside it, under another name."""
+    kept = checkpoint.set_aside_orphan_log(opts.checkpoint_dir)
+    if kept is not None:
+        runtime.say(f"kept the log of a run that saved no checkpoint as {kept}")
+
+
+# ---------------------------------------------------------------- the way back
+
+
+def resume_command(opts, launcher=("python",)):
+    """The command that resumes this run, with the folders a checkpoint never chooses.
+
+    launcher: the words before gan.py (torchrun's, with its process counts, for a run under torchrun).
+    """
+    parser = build_parser()
+    words = [*launcher, script_as_run(), "--resume", "--checkpoint-dir", opts.checkpoint_dir]
+    for name in ("image_dir", "dataroot"):
+        if getattr(opts, name) != parser.get_default(name) and not (name == "dataroot" and opts.dataset == "fake"):
+            words += [f"--{name.replace('_', '-')}", getattr(opts, name)]
+    if opts.cache_dir is not None:  # not needed to resume, but without it the folder is decoded again
+        words += ["--cache-dir", opts.cache_dir]
+    return shlex.join(words)
+
+
+def script_as_run():
+    """gan.py's path as the user typed it (python ~/dcgan/gan.py), so that the printed command works
+    in the folder they typed it in; plain gan.py when run some other way (tests, an import)."""
+    script = sys.argv[0] if sys.argv else ""
+    return script if Path(script).name == "gan.py" else "gan.py"
