@@ -36,6 +36,17 @@ from sampling import (
 from startup import refuse_architecture_change, refuse_saved_folders, upgraded
 
 
+def run(opts, explicit, runtime, metric_feature=None):
+    """The mode the flags chose: --generate, --interpolate, or --evaluate (of a checkpoint or a folder)."""
+    if opts.generate is not None:
+        return generate(opts, explicit, runtime)
+    if opts.interpolate:
+        return interpolate(opts, explicit, runtime)
+    if opts.images is not None:
+        return evaluate_images(opts, explicit, runtime, metric_feature)
+    return evaluate(opts, explicit, runtime, metric_feature)
+
+
 def load_generator_for_use(opts, explicit, runtime):
     """The generator of a checkpoint (its EMA copy when it has one) and the checkpoint's flags."""
     path = checkpoint_path(opts)

@@ -356,17 +356,6 @@ def restore_scaler(scaler, saved):
 # ---------------------------------------------------------------- the metrics log
 
 
-def read_metrics_log(path):
-    """The log's rows as dicts; lines torn by a crash or damaged by hand are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows, damaged = parse_metrics(path.read_bytes().decode("utf-8", errors="replace"))
-    if damaged:
-        warnings.warn(f"skipped {damaged} damaged lines of {path}", stacklevel=2)
-    return rows
-
-
 def parse_metrics(text):
     """(rows, number of damaged lines); the last line, if torn by a crash, is not counted."""
     rows, damaged = [], 0

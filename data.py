@@ -49,11 +49,6 @@ STREAM_VARIABLE = "GAN_STREAM_BATCHES"
 # ---------------------------------------------------------------- CIFAR-10
 
 
-def load_cifar10(root, download=True):
-    """CIFAR-10's 50k training images as a uint8 tensor (N, 3, 32, 32) on the CPU."""
-    return load_cifar10_labelled(root, download)[0]
-
-
 def load_cifar10_labelled(root, download=True):
     """CIFAR-10's training images (uint8 (N, 3, 32, 32)), their labels (N,) and the ten class names."""
     root = Path(root)

@@ -215,11 +215,6 @@ def why_unreadable(path):
     return "readable now: it changed while it was decoded"
 
 
-def load_folder(root, image_size, workers, cache_dir=None, say=None):
-    """Decode a whole folder into a uint8 CPU tensor (N, 3, S, S), through the decoded-image cache."""
-    return open_folder(FolderListing.of(root, image_size), workers, cache_dir, say).to_device("cpu")
-
-
 # ---------------------------------------------------------------- the decoded-image cache
 # Decoding CelebA's 202,599 JPEGs with PIL takes minutes, so the decoded images are kept in the
 # user's cache folder (cache_root()/folders/images-<S>px-<key>.npy), never beside the data: a

@@ -76,17 +76,12 @@ def run(argv=None, metric_feature=None):
 
 def run_mode(opts, explicit, runtime, metric_feature):
     try:
-        if runtime.distributed and (opts.generate or opts.interpolate or opts.evaluate):
+        after_training_mode = opts.generate is not None or opts.interpolate or opts.evaluate
+        if not after_training_mode:
+            return train(opts, explicit, runtime, metric_feature)
+        if runtime.distributed:
             raise UserError("--generate, --interpolate and --evaluate run in one process: start them without torchrun")
-        if opts.generate is not None:
-            return after_training.generate(opts, explicit, runtime)
-        if opts.interpolate:
-            return after_training.interpolate(opts, explicit, runtime)
-        if opts.evaluate and opts.images is not None:
-            return after_training.evaluate_images(opts, explicit, runtime, metric_feature)
-        if opts.evaluate:
-            return after_training.evaluate(opts, explicit, runtime, metric_feature)
-        return train(opts, explicit, runtime, metric_feature)
+        return after_training.run(opts, explicit, runtime, metric_feature)
     except Interrupted as interruption:
         if runtime.distributed:  # rank 0 speaks for all, and no rank leaves before it has saved and said so:
             if runtime.is_main:  # torchrun stops the other ranks as soon as one has ended

@@ -201,8 +201,8 @@ class UpsampleGenerator(ClassGenerator):
         # does. A nearest-neighbour doubling has no power at the highest frequencies of the full
         # size (its response is zero at half the sampling rate), and a convolution only filters
         # what it is given, so that G cannot draw the finest detail. full_size_block adds a
-        # BatchNorm-ReLU convolution at full size first: the ReLU makes those frequencies (about
-        # 30% more time per step at ngf=32, 32 px).
+        # BatchNorm-ReLU convolution at full size first: the ReLU makes those frequencies (its
+        # cost per step: BENCHMARKS.md).
         layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
         if full_size_block:
             layers += [nn.Conv2d(channels, channels, 3, 1, 1, bias=False), norm(channels), nn.ReLU(True)]
@@ -336,9 +336,7 @@ def update_ema(ema_net, net, decay):
         torch._foreach_copy_(ema_buffers, list(net.buffers()))
 
 
-# 512 samples: FD within the spread of 4,096's on the digits and photos benchmarks, where 256
-# spread the photos' FD three times as far (benchmarks/ema_statistics.py, BENCHMARKS.md); it runs
-# at every epoch end, at an eighth of 4,096's cost.
+# As few as give the statistics of many more, as it runs at every epoch end (measured: BENCHMARKS.md)
 EMA_STATISTICS_SAMPLES = 512
 
 

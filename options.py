@@ -4,6 +4,7 @@
 
 import argparse
 import copy
+import difflib
 import errno
 import math
 import os
@@ -63,14 +64,15 @@ RECIPES = {
 }
 EXAMPLES = """examples:
   python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
+  python gan.py --dataset folder --dataroot icons/ --recipe improved --image-size 32 --ngf 32 --ndf 32 --batch-size 64 --epochs 30
+                                                             a small folder of your own, on a CPU
   python gan.py --dataset folder --dataroot celeba/ --recipe improved --image-size 64
-                                                             any folder of images (e.g. CelebA)
-  python gan.py --arch upsample --image-size 32 --nz 256 --lr 0.005 --beta2 0.99 --batch-size 64 --subset 2500 --epochs 250
-                                                             the upsample recipe: 2,500 CIFAR-10 images, a high lr
-  python gan.py --resume                                     continue the run in checkpoints/
+                                                             a large folder (e.g. CelebA) on a GPU
+  python gan.py --resume                                     continue the CIFAR-10 run in checkpoints/
+  python gan.py --resume --dataroot icons/ --epochs 60       continue a folder's run (a checkpoint never chooses folders)
   python gan.py --generate 1000 --seed 7                     images from the latest checkpoint
   python gan.py --interpolate                                latent walks, grid and GIF
-  python gan.py --evaluate                                   FID, IS, KID, precision/recall of the latest checkpoint
+  python gan.py --evaluate --dataroot icons/                 FID, IS, KID, precision/recall of the latest checkpoint
   torchrun --nproc_per_node=8 gan.py --epochs 25             8 GPUs, batch 128 each
 """
 
@@ -104,8 +106,25 @@ class Options:
 
 
 class Parser(argparse.ArgumentParser):
+    """Flags spelt out in full (argparse would take --epoch for --epochs, and a later flag could make
+    it ambiguous), errors as a UserError, and a guess at the flag a misspelt one meant."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):
-        raise UserError(message)
+        raise UserError(message + self.did_you_mean(message))
+
+    def did_you_mean(self, message):
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        for word in message.split(":", 1)[1].split():
+            flag = word.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+            if close:
+                return f" (did you mean {close[0]}?)"
+        return ""
 
 
 def positive_int(text):
@@ -204,11 +223,33 @@ def build_parser():
     p = Parser(
         description="Train a DCGAN and use the trained generator.", epilog=EXAMPLES, formatter_class=HelpFormatter
     )
+    add_common_flags(p.add_argument_group("the flags most runs need"))
     add_training_flags(p.add_argument_group("training"))
     add_data_flags(p.add_argument_group("data"))
     add_run_flags(p.add_argument_group("run"))
     add_after_training_flags(p.add_argument_group("after training"))
     return p
+
+
+def add_common_flags(group):
+    add = group.add_argument
+    add(
+        "--dataset",
+        choices=["cifar10", "folder", "fake"],
+        default="cifar10",
+        help="cifar10 (downloaded), folder (any image folder) or fake (random images, 512 or --subset of them)",
+    )
+    add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
+    add("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
+    add("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
+    add("--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256")
+    add(
+        "--recipe",
+        choices=list(RECIPES),
+        default="dcgan",
+        help="a set of training flags in one; flags you type win. "
+        + "; ".join(f"{name}: {recipe_summary(name)}" for name in RECIPES),
+    )
 
 
 def add_training_flags(group):
@@ -229,13 +270,6 @@ def add_training_flags(group):
         "black, so that flat regions come out flat instead of faintly speckled",
     )
     add(
-        "--recipe",
-        choices=list(RECIPES),
-        default="dcgan",
-        help="a set of training flags in one; flags you type win. "
-        + "; ".join(f"{name}: {recipe_summary(name)}" for name in RECIPES),
-    )
-    add(
         "--conditional",
         action="store_true",
         help="learn the data's classes (CIFAR-10's labels, or a folder's sub-folders, one per class) so that "
@@ -249,9 +283,6 @@ def add_training_flags(group):
         "with its last features, one score per class; P2GAN): D learns to tell real images' classes, G to draw "
         "its images' classes; 0 leaves the projection discriminator alone",
     )
-    add("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
-    add("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
-    add("--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256")
     add("--nz", type=positive_int, default=100, help="length of the noise vector")
     add("--ngf", type=positive_int, default=64, help="generator width (channels of its last stage)")
     add("--ndf", type=positive_int, default=64, help="discriminator width (channels of its first stage)")
@@ -301,13 +332,6 @@ def add_training_flags(group):
 
 def add_data_flags(group):
     add = group.add_argument
-    add(
-        "--dataset",
-        choices=["cifar10", "folder", "fake"],
-        default="cifar10",
-        help="cifar10 (downloaded), folder (any image folder) or fake (random images, 512 or --subset of them)",
-    )
-    add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--subset", type=positive_int, default=None, help="train on N randomly drawn images [default: all]")
     add(
         "--channels",

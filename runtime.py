@@ -19,8 +19,8 @@ from errors import UserError
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # How long a rank waits for the others at a collective. NCCL's default is 10 minutes, but one process
 # per machine works alone while the others wait: it downloads CIFAR-10 or decodes a folder into the
-# cache (about 700 images/s on 2 cores, so an hour for 2.5 million images), runs the first FID pass
-# over every real image, or estimates the EMA's statistics. A job that truly hangs waits this long.
+# cache (an hour for millions of images: BENCHMARKS.md, folder_cache.py), runs the first FID pass over every real
+# image, or estimates the EMA's statistics. A job that truly hangs waits this long.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 
 

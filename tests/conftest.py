@@ -11,11 +11,14 @@ import signal
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import checkpoint
+import data
 import faults
 import folders
 from files import LOCK_NAME
@@ -240,3 +243,27 @@ class RunsCode:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+# ---------------------------------------------------------------- reading what the program wrote
+
+
+def load_folder(root, image_size, workers, cache_dir=None, say=None):
+    """A whole folder as the program decodes it: a uint8 CPU tensor (N, 3, S, S), through the cache."""
+    return folders.open_folder(folders.FolderListing.of(root, image_size), workers, cache_dir, say).to_device("cpu")
+
+
+def load_cifar10(root, download=True):
+    """CIFAR-10's 50k training images as the program reads them: uint8 (N, 3, 32, 32) on the CPU."""
+    return data.load_cifar10_labelled(root, download)[0]
+
+
+def read_metrics_log(path):
+    """The metrics log's rows as dicts, read as a resume reads it (torn or damaged lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows, damaged = checkpoint.parse_metrics(path.read_bytes().decode("utf-8", errors="replace"))
+    if damaged:
+        warnings.warn(f"skipped {damaged} damaged lines of {path}", stacklevel=2)
+    return rows

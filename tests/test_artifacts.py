@@ -3,6 +3,7 @@ GIF is rebuilt, plots draw a bounded number of points and skip damaged log rows.
 
 import numpy as np
 import pytest
+from conftest import read_metrics_log
 from PIL import Image
 
 import artifacts
@@ -113,7 +114,7 @@ def test_damaged_log_rows_are_skipped_with_one_warning(tmp_path):
         + good.replace('"step": 2', '"step": 6').encode()
     )
     with pytest.warns(UserWarning, match="skipped 4 damaged lines"):
-        rows = checkpoint.read_metrics_log(log)
+        rows = read_metrics_log(log)
     assert [row["step"] for row in rows] == [2, 4, 6]
     artifacts.plot_losses(rows, tmp_path / "losses.png")  # does not fail on the incomplete row
     assert (tmp_path / "losses.png").stat().st_size > 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets.utils
-from conftest import snapshot, write_cifar10_archive
+from conftest import load_cifar10, load_folder, snapshot, write_cifar10_archive
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -66,7 +66,7 @@ def reads(monkeypatch):
 def load(folder, image_size, **options):
     """load_folder in-process; returns (images, the lines it said)."""
     said = []
-    images = folders.load_folder(folder, image_size, 0, say=said.append, **options)
+    images = load_folder(folder, image_size, 0, say=said.append, **options)
     return images, said
 
 
@@ -418,8 +418,8 @@ def test_cifar10_on_an_image_folder_asks_for_dataset_folder(tmp_path, monkeypatc
     before, files = everything_under(data), snapshot(data)
     message = rf"^{data} holds image files but no CIFAR-10: did you mean --dataset folder\?$"
     for load_cifar in (
-        lambda: datasets.load_cifar10(data),
-        lambda: datasets.load_cifar10(data, download=False),
+        lambda: load_cifar10(data),
+        lambda: load_cifar10(data, download=False),
         lambda: datasets.load_dataset(folder_opts(data, dataset="cifar10", image_size=32), "cpu"),
     ):
         with pytest.raises(errors.UserError, match=message):
@@ -431,7 +431,7 @@ def test_cifar10_beside_images_still_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse_download)
     expected = write_cifar10_archive(tmp_path / "data", images_per_batch=2)
     write_png(tmp_path / "data" / "preview.png", seed=0)
-    images = datasets.load_cifar10(tmp_path / "data")
+    images = load_cifar10(tmp_path / "data")
     assert torch.equal(images, torch.from_numpy(expected))
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GAN_PY, TINY_ARGS, RunsCode, check_ok, run_gan, snapshot, subprocess_env
+from conftest import GAN_PY, TINY_ARGS, RunsCode, check_ok, read_metrics_log, run_gan, snapshot, subprocess_env
 from PIL import Image
 
 import artifacts
@@ -80,7 +80,7 @@ def stderr_of(folder):
 
 
 def logged_steps(folder):
-    rows = checkpoint.read_metrics_log(Path(folder) / "checkpoints" / checkpoint.METRICS_LOG_NAME)
+    rows = read_metrics_log(Path(folder) / "checkpoints" / checkpoint.METRICS_LOG_NAME)
     return [row["step"] for row in rows if "loss_d" in row]
 
 
@@ -266,7 +266,7 @@ def test_resume_drops_a_torn_last_line_of_the_metrics_log(tmp_path):
     log.write_text("".join(f'{{"step": {r["step"]}, "loss_d": 1.0}}\n' for r in rows) + '{"step": 4, "lo')
     assert checkpoint.truncate_metrics(log, last_step=3) == rows
     checkpoint.append_metrics(log, [{"step": 4, "loss_d": 2.0}])
-    assert checkpoint.read_metrics_log(log) == [*rows, {"step": 4, "loss_d": 2.0}]
+    assert read_metrics_log(log) == [*rows, {"step": 4, "loss_d": 2.0}]
 
 
 # ---------------------------------------------------------------- divergence
