@@ -15,12 +15,11 @@ import artifacts
 import metrics
 import models
 from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file, load_module_state
-from data import load_dataset, load_training_data
 from errors import UserError, count_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
 from folders import IMAGE_SUFFIXES, decode_files
-from options import random_seed
+from runtime import random_seed
 from sampling import (
     GRID_COLUMNS,
     MAX_GRID_ROWS,
@@ -34,9 +33,10 @@ from sampling import (
     score,
 )
 from startup import refuse_architecture_change, refuse_saved_folders, upgraded
+from utils import load_dataset, load_training_data
 
 
-def run(opts, explicit, runtime, metric_feature=None):
+def use_generator(opts, explicit, runtime, metric_feature=None):
     """The mode the flags chose: --generate, --interpolate, or --evaluate (of a checkpoint or a folder)."""
     if opts.generate is not None:
         return generate(opts, explicit, runtime)

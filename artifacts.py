@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import to_float_images
 from files import WriteError, atomic_write_bytes
+from utils import to_float_images
 
 MAX_PLOT_POINTS = 1000
 GRID_PADDING = 2

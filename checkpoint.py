@@ -19,7 +19,7 @@ import torch
 
 from errors import UserError
 from files import WriteError, atomic_write, atomic_write_bytes
-from options import mixed_seed
+from runtime import mixed_seed
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
@@ -56,7 +56,7 @@ def latest_checkpoint(checkpoint_dir):
 
 def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_estimated=False, rank_rng=None):
     """The checkpoint's dict, of copies on the CPU: the training may go on changing the originals
-    while a writer thread saves it (writer.py). ema_statistics_estimated: netG_ema holds BatchNorm
+    while a writer thread saves it (outputs.py). ema_statistics_estimated: netG_ema holds BatchNorm
     statistics estimated for its own weights (models.estimate_batch_norm), not the trained G's
     copied ones; when not, --generate, --interpolate and --evaluate estimate them on loading.
     rank_rng: every rank's RNG state under torchrun (runtime.rank_rng_states), for an exact resume."""
@@ -252,6 +252,15 @@ def load_module_state(module, state_dict, what, path):
         first = str(error).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])[:300]
         raise UserError(f"checkpoint {path} does not fit this {what}: {detail}") from None
+
+
+def restore(state, saved, path, runtime):
+    """A checkpoint's networks, optimizers, position and fixed noise, into a run's TrainState."""
+    state.progress = Progress.from_checkpoint(saved)
+    fixed = saved.get("fixed_noise")
+    if isinstance(fixed, torch.Tensor) and fixed.shape == state.fixed_noise.shape:
+        state.fixed_noise = fixed.to(state.fixed_noise.dtype)
+    restore_state(state.nets, saved, runtime, path)
 
 
 def restore_state(nets, state, runtime, path):

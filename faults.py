@@ -11,11 +11,10 @@ import threading
 
 import torch
 
-from checkpoint import latest_checkpoint, load_checkpoint
+from checkpoint import latest_checkpoint, load_checkpoint, restore
 from errors import UserError
-from options import MAX_SEED, mixed_seed
-from runtime import barrier
-from startup import restore
+from options import MAX_SEED
+from runtime import barrier, mixed_seed
 
 EXIT_DIVERGED = 3
 MAX_ROLLBACKS = 3

@@ -1,7 +1,7 @@
 """Image folders: listing and decoding the images, and the decoded-image cache that makes every
 start after the first fast (CelebA's 202,599 JPEGs take minutes to decode).
 
-Apart from data.py because the cache (keys, sidecars, crash safety, read-only folders) is a
+Apart from utils.py because the cache (keys, sidecars, crash safety, read-only folders) is a
 sitting's read of its own.
 """
 

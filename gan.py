@@ -29,11 +29,10 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     from errors import UserError, count_text, error_prefix
     from faults import Interrupted, StopRequest, handle_divergence, weights_finite
     from files import check_writable, locked_folders, no_new_empty_folders
-    from models import ema_decay_at
     from options import parse_flags
     from outputs import run_outputs, summary_writer_class
     from runtime import any_rank, barrier, launcher_words, rank_rng_states, setup_runtime, stop_distributed
-    from steps import STAT_NAMES, Meter, Recipe, epoch_summary, format_stat, train_step
+    from steps import STAT_NAMES, Meter, Recipe, ema_decay_at, epoch_summary, format_stat, train_step
     from utils import load_batches
 except KeyboardInterrupt:
     if __name__ != "__main__":
@@ -81,7 +80,7 @@ def run_mode(opts, explicit, runtime, metric_feature):
             return train(opts, explicit, runtime, metric_feature)
         if runtime.distributed:
             raise UserError("--generate, --interpolate and --evaluate run in one process: start them without torchrun")
-        return after_training.run(opts, explicit, runtime, metric_feature)
+        return after_training.use_generator(opts, explicit, runtime, metric_feature)
     except Interrupted as interruption:
         if runtime.distributed:  # rank 0 speaks for all, and no rank leaves before it has saved and said so:
             if runtime.is_main:  # torchrun stops the other ranks as soon as one has ended
@@ -125,10 +124,10 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
         runtime.say(f"already trained {count_text(state.progress.epoch, 'epoch')}; raise --epochs to train more")
         return state
     with run_outputs(opts, runtime, state.progress, data, locks, metric_feature) as outputs:
-        outputs.start(fresh=resumed is None)
-        runtime.say(describe(opts, runtime, len(data.images), batches))
         stop = StopRequest(announce=runtime.is_main)
         stop.install()
+        outputs.start(fresh=resumed is None)
+        runtime.say(describe(opts, runtime, len(data.images), batches))
         train_epochs(state, batches, opts, runtime, outputs, stop)
         outputs.draw_real_vs_fake(state.nets, state.fixed_noise)
     return state
@@ -136,12 +135,19 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
 
 def train_epochs(state, batches, opts, runtime, outputs, stop):
     """The epochs: D and G steps, a log row every log_every_steps, pictures and a checkpoint after each."""
-    recipe = Recipe.from_options(opts)
     log_every = log_every_steps(opts, len(batches))
+    recipe = Recipe.from_options(opts)
     while state.progress.epoch < opts.epochs:
-        progress, meter, started = state.progress, Meter(runtime.device), time.perf_counter()
-        first_batch = progress.batch
-        bar = progress_bar(progress, len(batches), opts, runtime)
+        progress, started, first_batch = state.progress, time.perf_counter(), state.progress.batch
+        bar = tqdm(
+            total=len(batches),
+            initial=progress.batch,
+            desc=f"epoch {progress.epoch + 1}/{opts.epochs}",
+            disable=not runtime.is_main,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        meter = Meter(runtime.device)
         for real, labels in batches.labelled_epoch(progress.epoch, start=progress.batch):
             update_g = (progress.step + 1) % opts.d_steps == 0
             decay = ema_decay_at(opts.ema, progress.step)
@@ -234,17 +240,6 @@ def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
     if runtime.is_main:
         runtime.say(epoch_summary(meter.epoch_means(), progress.epoch, opts.epochs, seconds, images_done, fid))
     barrier(runtime)
-
-
-def progress_bar(progress, steps_per_epoch, opts, runtime):
-    return tqdm(
-        total=steps_per_epoch,
-        initial=progress.batch,
-        desc=f"epoch {progress.epoch + 1}/{opts.epochs}",
-        disable=not runtime.is_main,
-        leave=False,
-        dynamic_ncols=True,
-    )
 
 
 def describe(opts, runtime, image_count, batches):

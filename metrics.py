@@ -1,8 +1,8 @@
 """Image-quality metrics for gan.py: FID, Inception Score and KID via torchmetrics, and
 precision, recall, density and coverage from the same Inception features.
 
-Kept apart from utils.py because it wraps an optional, heavy dependency (Inception
-weights downloaded on first use) and its real-image cache. torchmetrics computes FID, IS and
+A module of its own because it wraps an optional, heavy dependency (Inception weights
+downloaded on first use) and its real-image cache. torchmetrics computes FID, IS and
 KID; no maintained library computes all four nearest-neighbour metrics from features (torch-fidelity
 has precision and recall only, through full distance matrices), so they are written here, in chunks.
 """

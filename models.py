@@ -369,16 +369,6 @@ class BalancedClasses(nn.Module):
         return self.G(noise, labels)
 
 
-def ema_decay_at(decay, step):
-    """The decay to use at a step: ramps up from 0.1 so early averages forget the random init.
-
-    Without the ramp a 0.999 average still holds 0.999**700 = 50% of the initial weights after
-    700 steps, and its samples are grey noise in short runs (seen on the digits benchmark).
-    Same schedule as TensorFlow's ExponentialMovingAverage with num_updates.
-    """
-    return min(decay, (1.0 + step) / (10.0 + step))
-
-
 def count_values(arch, nz, ngf, ndf, image_size):
     """(parameters of G and D, values their layers output for one image), counted on the meta
     device so that nothing is allocated; None where a layer is too large to count (over 2**63)."""

@@ -559,16 +559,3 @@ def explicit_flags(parser, argv):
     for action in bare._actions:
         action.default = argparse.SUPPRESS
     return frozenset(vars(bare.parse_args(argv)))
-
-
-def random_seed():
-    """A fresh seed, small enough to print and retype."""
-    return int.from_bytes(os.urandom(3), "little")
-
-
-def mixed_seed(*parts):
-    """A seed made of several numbers (seed, rank, step, ...) that stays in torch's range."""
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + part) % MAX_SEED
-    return value

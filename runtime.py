@@ -15,6 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from errors import UserError
+from options import MAX_SEED
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # How long a rank waits for the others at a collective. NCCL's default is 10 minutes, but one process
@@ -266,3 +267,16 @@ def any_rank(flag, runtime):
     tensor = torch.tensor([float(flag)], device=runtime.device)
     dist.all_reduce(tensor)
     return bool(tensor.item())
+
+
+def random_seed():
+    """A fresh seed, small enough to print and retype."""
+    return int.from_bytes(os.urandom(3), "little")
+
+
+def mixed_seed(*parts):
+    """A seed made of several numbers (seed, rank, step, ...) that stays in torch's range."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % MAX_SEED
+    return value

@@ -11,7 +11,7 @@ import torch
 
 import metrics
 import models
-from options import mixed_seed
+from runtime import mixed_seed
 
 GRID_COLUMNS = 8  # a class-row grid: one noise vector per column, drawn as every row's class
 MAX_GRID_ROWS = 10

@@ -22,10 +22,8 @@ from options import (
     PATH_FLAGS,
     build_parser,
     check_recipe,
-    mixed_seed,
-    random_seed,
 )
-from runtime import broadcast_int
+from runtime import broadcast_int, mixed_seed, random_seed
 from steps import Nets, build_nets
 
 # What the runs saved before a flag existed trained with: an older checkpoint resumes, and draws,
@@ -94,9 +92,10 @@ def refuse_earlier_run(opts):
             f"{opts.checkpoint_dir} holds an earlier run's files ({', '.join(files)}): "
             "train into another --checkpoint-dir, or move them away first"
         )
-    pictures = artifacts.earlier_run_pictures(opts.image_dir)
     # pictures beside the log of a run that never saved a checkpoint are that run's: replaced
-    if pictures and not checkpoint.orphan_log(opts.checkpoint_dir):
+    orphan = checkpoint.orphan_log(opts.checkpoint_dir)
+    pictures = artifacts.earlier_run_pictures(opts.image_dir)
+    if pictures and not orphan:
         # a fresh run would overwrite some of that run's grids and leave the others beside its own
         raise UserError(
             f"{opts.image_dir} holds an earlier run's pictures ({', '.join(pictures)}): "
@@ -309,7 +308,7 @@ def start_state(opts, runtime, resumed):
         if runtime.is_main:
             keep_orphan_log(opts, runtime)
     else:
-        restore(state, *resumed, runtime)
+        checkpoint.restore(state, *resumed, runtime)
         carry_position(state.progress, *resumed, opts, runtime)
         done = count_text(state.progress.epoch, "epoch")
         runtime.say(f"resuming {resumed[1]}: {done} done, step {state.progress.step}")
@@ -317,15 +316,6 @@ def start_state(opts, runtime, resumed):
             restore_rank_rng(resumed[0], opts, runtime, state.progress.step)
     state.fixed_noise = state.fixed_noise.to(runtime.device)
     return state
-
-
-def restore(state, saved, path, runtime):
-    """The networks, optimizers, position and fixed noise of a checkpoint, into state."""
-    checkpoint.restore_state(state.nets, saved, runtime, path)
-    state.progress = Progress.from_checkpoint(saved)
-    fixed = saved.get("fixed_noise")
-    if isinstance(fixed, torch.Tensor) and fixed.shape == state.fixed_noise.shape:
-        state.fixed_noise = fixed.to(state.fixed_noise.dtype)
 
 
 def carry_position(progress, saved, path, opts, runtime):

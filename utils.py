@@ -1,11 +1,54 @@
-"""The training data as the loop takes it: CIFAR-10 (downloaded) or an image folder (decoded into
-the cache), loaded by data.py and folders.py in turns under torchrun, then cut into batches on the
-device by data.make_batches.
+"""The training data as the loop takes it: CIFAR-10 (downloaded from its archive), an image folder
+(decoded through folders.py's cache) or random images, loaded in turns under torchrun, then cut
+into batches shuffled per (seed, epoch), held on the device when they fit and streamed from the
+host when they do not.
 """
 
-from data import load_training_data, make_batches
-from errors import UserError
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from errors import UserError, count_text
+from folders import (
+    IMAGE_SUFFIXES,
+    FolderListing,
+    HostImages,
+    available_ram_bytes,
+    folder_labels,
+    ignore_message,
+    open_folder,
+    size_text,
+)
 from runtime import barrier
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+# batches and FID's Inception need the rest. A larger dataset is streamed from the cache.
+# The images may take this share of the device's free memory; the nets, their activations, the
+DEVICE_MEMORY_SHARE = 0.5
+FAKE_IMAGES = 512
+FAKE_CLASSES = 10  # --dataset fake --conditional: random images labelled 0, 1, ..., 9, 0, 1, ...
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: --channels 1 trains on this mix of colour images' channels
+GREY_CHECK_ROWS = 4096  # images all_greyscale reads at a time
+# GAN_STREAM_BATCHES=1 streams any dataset's batches from host memory, as for a folder too large for
+# the device: the self-check compares the two paths, and a user can keep the device's memory free
+STREAM_VARIABLE = "GAN_STREAM_BATCHES"
+
+
+# ---------------------------------------------------------------- the data, ready for the loop
 
 
 def load_batches(opts, runtime):
@@ -46,3 +89,413 @@ def prepared_in_turns(load, runtime):
         if current < 2:
             barrier(runtime)
     return loaded
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+def load_cifar10_labelled(root, download=True):
+    """CIFAR-10's training images (uint8 (N, 3, 32, 32)), their labels (N,) and the ten class names."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--dataroot {root} is a file: it names the folder CIFAR-10 is (or goes) in")
+    folder = root / CIFAR_FOLDER
+    archive = root / CIFAR_ARCHIVE
+    if all((root / name).is_file() for name in CIFAR_TRAIN_BATCHES):
+        folder = root  # --dataroot names the extracted cifar-10-batches-py itself
+    elif not all((folder / name).is_file() for name in CIFAR_TRAIN_BATCHES):
+        if not archive.is_file():
+            refuse_image_folder(root)
+            if root.name == CIFAR_FOLDER:  # an extracted folder with batches missing: no download into it
+                missing = [name for name in CIFAR_TRAIN_BATCHES if not (root / name).is_file()]
+                raise UserError(f"{root} lacks {', '.join(missing)}: extract CIFAR-10 again, or give its parent folder")
+            if not download:
+                raise UserError(f"CIFAR-10 not found: put {CIFAR_ARCHIVE} in {root}/")
+            _download_cifar10(root)
+        _extract_cifar10(archive, root)
+    images, labels = zip(*(_read_cifar_batch(folder / name) for name in CIFAR_TRAIN_BATCHES))
+    return torch.cat(images), torch.cat(labels), cifar_class_names(folder)
+
+
+def cifar_class_names(folder):
+    """The names batches.meta gives the labels 0..9 (CIFAR-10's own when it is missing or unusable)."""
+    try:
+        with open(folder / "batches.meta", "rb") as file:
+            names = tuple(_ArrayUnpickler(file, encoding="latin1").load()["label_names"])
+    except Exception:  # the training batches are what gan.py needs; the names have a known default
+        return CIFAR_CLASSES
+    usable = len(names) == len(CIFAR_CLASSES) and all(isinstance(name, str) and name for name in names)
+    return names if usable else CIFAR_CLASSES
+
+
+def refuse_image_folder(root):
+    """--dataroot my_images/ without --dataset folder would download CIFAR-10 into the user's images."""
+    if (root / CIFAR_FOLDER).exists() or (root / CIFAR_ARCHIVE).exists() or not root.is_dir():
+        return
+    if any(path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() for path in root.rglob("*")):
+        raise UserError(f"{root} holds image files but no CIFAR-10: did you mean --dataset folder?")
+
+
+def _download_cifar10(root):
+    import torchvision.datasets.utils  # here, not at start-up: importing torchvision takes seconds
+
+    try:
+        torchvision.datasets.utils.download_url(CIFAR_URL, str(root), CIFAR_ARCHIVE, CIFAR_MD5)
+    except KeyboardInterrupt:
+        (Path(root) / CIFAR_ARCHIVE).unlink(missing_ok=True)  # half an archive would fail the next run
+        raise
+    except Exception as error:  # urllib, socket and checksum errors all mean the same to a user
+        (Path(root) / CIFAR_ARCHIVE).unlink(missing_ok=True)
+        raise UserError(
+            f"could not download CIFAR-10 ({error.__class__.__name__}: {error}). "
+            f"Download {CIFAR_URL} by hand and put {CIFAR_ARCHIVE} in {Path(root).resolve()}/"
+        ) from None
+
+
+def _extract_cifar10(archive, root):
+    """Extract into a temp folder, then rename: a cut-short extraction leaves no half folder."""
+    try:
+        with tempfile.TemporaryDirectory(dir=root, prefix=".cifar-extract-") as scratch:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(scratch, filter="data")
+            if not (Path(scratch) / CIFAR_FOLDER).is_dir():
+                raise tarfile.TarError(f"it holds no {CIFAR_FOLDER}/ folder")
+            shutil.rmtree(Path(root) / CIFAR_FOLDER, ignore_errors=True)
+            os.replace(Path(scratch) / CIFAR_FOLDER, Path(root) / CIFAR_FOLDER)
+    except (OSError, tarfile.TarError, EOFError) as error:
+        raise UserError(f"{archive} is not a readable CIFAR-10 archive ({error}); delete it and run again") from None
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's dicts of numpy arrays and refuses anything that could run code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),  # protocol-2 pickles store bytes this way
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path):
+    try:
+        with open(path, "rb") as file:
+            batch = _ArrayUnpickler(file, encoding="latin1").load()
+        pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch["labels"], dtype=np.int64).reshape(-1)
+        if len(labels) != len(pixels) or not ((labels >= 0) & (labels < len(CIFAR_CLASSES))).all():
+            raise ValueError("labels do not fit the images")
+    except Exception as error:  # a damaged batch can fail in pickle, numpy or a missing key
+        raise UserError(
+            f"{path} is not a CIFAR-10 batch ({error.__class__.__name__}); delete {path.parent} and run again"
+        ) from None
+    return torch.from_numpy(pixels.copy()), torch.from_numpy(labels.copy())
+
+
+# ---------------------------------------------------------------- batches on the device
+
+
+@dataclass
+class TrainingData:
+    """The training images (a device tensor, or HostImages to stream), with labels and class names
+    under --conditional (labels: a CPU LongTensor of class indices; None otherwise)."""
+
+    images: object
+    labels: torch.Tensor | None = None
+    class_names: tuple | None = None
+    channels: int = 3  # what the networks see: 1 for greyscale data (the images stay stored as RGB)
+
+
+def load_dataset(opts, device, say=None, memory_limit_bytes=None):
+    """The training images: a uint8 tensor on the device, or HostImages when a folder is too large for it.
+
+    A folder's images come through the decoded-image cache in --cache-dir; say: gets the lines
+    about the cache and about streaming; memory_limit_bytes: the bytes of images the device may
+    hold (None: a share of its free memory). Train from the result with make_batches.
+    """
+    return load_training_data(opts, device, say, memory_limit_bytes, with_labels=False).images
+
+
+def load_training_data(opts, device, say=None, memory_limit_bytes=None, with_labels=None):
+    """load_dataset's images as TrainingData, with their labels when with_labels (default:
+    opts.conditional) asks for them."""
+    with_labels = opts.conditional if with_labels is None else with_labels
+    images, labels, class_names = read_images_and_labels(opts, with_labels, say)
+    if not with_labels:
+        labels = class_names = None
+    channels = int(opts.channels) if opts.channels != "auto" else (1 if all_greyscale(images) else 3)
+    images, labels = choose_subset(images, opts.subset, opts.seed, labels)
+    if len(images) < opts.batch_size:
+        raise UserError(
+            f"the dataset has {count_text(len(images), 'image')}, fewer than --batch-size {opts.batch_size}"
+        )
+    if streaming_forced():
+        images, memory_limit_bytes = images if isinstance(images, HostImages) else HostImages(images), 0
+    if isinstance(images, HostImages):
+        images = place_on_device(images, device, memory_limit_bytes, say or ignore_message)
+    else:
+        images = images.to(device)
+    return TrainingData(images, labels, class_names, channels)
+
+
+def all_greyscale(images):
+    """Whether every image has three equal channels (a greyscale file decodes so), read a chunk at
+    a time and stopping at the first colour image: a photo folder costs one chunk."""
+    for start in range(0, len(images), GREY_CHECK_ROWS):
+        chunk = images[start : start + GREY_CHECK_ROWS]
+        if not (torch.equal(chunk[:, 0], chunk[:, 1]) and torch.equal(chunk[:, 1], chunk[:, 2])):
+            return False
+    return True
+
+
+def streaming_forced():
+    """Whether GAN_STREAM_BATCHES=1 asks for streamed batches."""
+    value = os.environ.get(STREAM_VARIABLE, "")
+    if value not in ("", "0", "1"):
+        raise UserError(f"{STREAM_VARIABLE}={value}: give 1 (stream the batches from host memory) or 0")
+    return value == "1"
+
+
+def read_images_and_labels(opts, with_labels, say):
+    """All the data set's images, and (with_labels) their labels and class names."""
+    if opts.dataset == "cifar10":
+        return load_cifar10_labelled(opts.dataroot)
+    if opts.dataset == "folder":
+        listing = FolderListing.of(opts.dataroot, opts.image_size)
+        check_image_count(len(listing.files), opts, f"data folder {opts.dataroot} holds")  # before minutes of decoding
+        images = open_folder(listing, opts.workers, opts.cache_dir, say)
+        if not with_labels:
+            return images, None, None
+        labels, class_names = folder_labels(opts.dataroot, images.files)
+        return images, labels, class_names
+    # as many random images as --subset asks for (512 by default): --subset 50000 is CIFAR-10-sized
+    count = max(FAKE_IMAGES, opts.subset or 0)
+    generator = torch.Generator().manual_seed(opts.seed)
+    images = torch.randint(0, 256, (count, 3, opts.image_size, opts.image_size), generator=generator, dtype=torch.uint8)
+    labels = torch.arange(count) % FAKE_CLASSES
+    return images, labels, tuple(str(index) for index in range(FAKE_CLASSES))
+
+
+def check_image_count(count, opts, what):
+    """--subset and one batch must fit in count images: checked on a folder's file count before it is decoded."""
+    if opts.subset is not None and opts.subset > count:
+        raise UserError(f"--subset {opts.subset} is larger than the dataset: {what} {count_text(count, 'image')}")
+    if opts.subset is not None and opts.subset < opts.batch_size:
+        raise UserError(f"--subset {opts.subset} is fewer images than one batch (--batch-size {opts.batch_size})")
+    if count < opts.batch_size:
+        raise UserError(f"{what} {count_text(count, 'image')}, fewer than --batch-size {opts.batch_size}")
+
+
+def choose_subset(images, subset, seed, labels=None):
+    """The first `subset` images of a shuffle seeded by seed (so a resumed run gets the same ones).
+
+    Returns (images, labels); with labels, each class keeps its share of the images (to within one).
+    """
+    if subset is None:
+        return images, labels
+    if subset > len(images):
+        raise UserError(f"--subset {subset} is larger than the dataset ({count_text(len(images), 'image')})")
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    if labels is not None:
+        chosen = balanced_first(chosen, labels, subset)
+    chosen = chosen[:subset]
+    images = images.select(chosen) if isinstance(images, HostImages) else images[chosen]
+    return images, (None if labels is None else labels[chosen])
+
+
+def balanced_first(order, labels, subset):
+    """order rearranged so that its first `subset` rows hold each class in its share of the data.
+
+    Each row's key is how far down its own class it comes in order, as a fraction of the class's
+    size; rows are taken by that key, so every class is cut at (about) the same fraction.
+    """
+    ordered_labels = labels[order]
+    counts = torch.bincount(labels)
+    if subset < int((counts > 0).sum()):
+        raise UserError(f"--subset {subset} is smaller than the number of classes ({int((counts > 0).sum())})")
+    rank_in_class = torch.empty(len(order), dtype=torch.float64)
+    for label in ordered_labels.unique():
+        rows = (ordered_labels == label).nonzero().flatten()
+        rank_in_class[rows] = (torch.arange(len(rows), dtype=torch.float64) + 0.5) / len(rows)
+    return order[torch.sort(rank_in_class, stable=True).indices]
+
+
+def place_on_device(images, device, memory_limit_bytes, say):
+    """The images as one device tensor when they fit in its memory budget; else left where they are, to stream."""
+    budget = memory_limit_bytes if memory_limit_bytes is not None else device_memory_budget(device)
+    if budget is None or images.nbytes <= budget:
+        return images.to_device(device)
+    where = images.source or "host memory"
+    if streaming_forced():
+        say(f"{STREAM_VARIABLE}=1: streaming batches from {where}")
+    else:
+        say(
+            f"the images ({size_text(images.nbytes)}) exceed the {size_text(budget)} budget on {device}: streaming batches from {where}"
+        )
+    return images
+
+
+def device_memory_budget(device):
+    """Bytes of images worth holding on the device: a share of its free memory; None when unknown."""
+    device = torch.device(device)
+    free_bytes = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_ram_bytes()
+    return None if free_bytes is None else int(free_bytes * DEVICE_MEMORY_SHARE)
+
+
+def epoch_order(seed, epoch, count):
+    """The shuffled order of one epoch: a function of (seed, epoch) only, so a resumed run sees the same batches."""
+    mixed = (seed * 1_000_003 + epoch) % (2**63 - 1)  # inside torch's seed range for any --seed
+    return torch.randperm(count, generator=torch.Generator().manual_seed(mixed))
+
+
+def batch_rows(order, index, batch_size, rank, world_size):
+    """The rows of batch `index` for this rank: under DDP each rank takes every world_size-th batch."""
+    first = (index * world_size + rank) * batch_size
+    return order[first : first + batch_size]
+
+
+class DeviceBatches:
+    """Shuffled batches sliced from a device-resident uint8 tensor, as in airbench.
+
+    The permutation of each epoch depends only on (seed, epoch), so a resumed run sees
+    the same batches; under DDP each rank takes every world_size-th batch of it.
+    The last incomplete batch is dropped so every step has the same shape.
+    Batches come in D's memory format and dtype, so real and fake batches share one D graph.
+    labels (optional): each image's class, kept on the device beside the images.
+    """
+
+    def __init__(
+        self, images, batch_size, image_size, seed, rank=0, world_size=1, dtype=torch.float32,
+        memory_format=torch.contiguous_format, labels=None, channels=3,
+    ):  # fmt: skip
+        self.images = images
+        self.channels = channels
+        self.labels = None if labels is None else labels.to(self.label_device)
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.dtype, self.memory_format = dtype, memory_format
+
+    @property
+    def label_device(self):
+        return self.images.device
+
+    def __len__(self):
+        return len(self.images) // (self.batch_size * self.world_size)
+
+    def epoch(self, epoch, start=0):
+        """Yield the float batches of one epoch in [-1, 1], skipping the first `start`."""
+        for images, _ in self.labelled_epoch(epoch, start):
+            yield images
+
+    def labelled_epoch(self, epoch, start=0):
+        """Yield (images, labels) as epoch() yields images; labels is None without labels."""
+        order = epoch_order(self.seed, epoch, len(self.images)).to(self.images.device)
+        for index in range(start, len(self)):
+            rows = batch_rows(order, index, self.batch_size, self.rank, self.world_size)
+            images = to_float_images(self.images[rows], self.image_size, self.channels)
+            yield images.to(self.dtype, memory_format=self.memory_format), self.labels_of(rows)
+
+    def labels_of(self, rows):
+        return None if self.labels is None else self.labels[rows]
+
+    def describe(self):
+        return f"held on {self.images.device}"
+
+
+class StreamedBatches(DeviceBatches):
+    """DeviceBatches' batches for images too large for the device, gathered from HostImages.
+
+    Same interface, same batches (order, sharding, dropped last batch). A background thread
+    gathers the next batch's rows (the page faults and disk reads of a mapped cache) into a
+    pinned buffer while the device trains on the current one; the copy to the device is
+    non-blocking. The copy is queued on the current stream, behind the step before it: at
+    batch sizes of DCGAN it takes microseconds, and the gather is what needs hiding.
+    """
+
+    def __init__(self, images, batch_size, image_size, seed, rank=0, world_size=1, device="cpu", **layout):
+        super().__init__(images, batch_size, image_size, seed, rank, world_size, **layout)
+        self.device = torch.device(device)
+
+    @property
+    def label_device(self):
+        return torch.device("cpu")  # indexed by the host's order; a batch's labels are copied with its images
+
+    def describe(self):
+        return f"streamed from {self.images.source or 'host memory'}"
+
+    def labelled_epoch(self, epoch, start=0):
+        """Yield the (images, labels) of one epoch, images float in [-1, 1] on the device, skipping the first `start`."""
+        order = epoch_order(self.seed, epoch, len(self.images))
+        buffers = [self.host_buffer(), self.host_buffer()]  # one being gathered into while the other is copied
+        copied = [None, None]  # per buffer: the event after which its last copy to the device is done
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gather-batches") as gatherer:
+
+            def gather_later(index):
+                slot = index % 2
+                return gatherer.submit(self.gather, order, index, buffers[slot], copied[slot])
+
+            pending = gather_later(start) if start < len(self) else None
+            for index in range(start, len(self)):
+                host_batch = pending.result()
+                device_batch = host_batch.to(self.device, non_blocking=True)
+                copied[index % 2] = self.copy_done_event()
+                if index + 1 < len(self):
+                    pending = gather_later(index + 1)
+                # converted before yielding: on the CPU, device_batch is the buffer itself
+                images = to_float_images(device_batch, self.image_size, self.channels)
+                labels = self.labels_of(batch_rows(order, index, self.batch_size, self.rank, self.world_size))
+                yield (
+                    images.to(self.dtype, memory_format=self.memory_format),
+                    None if labels is None else labels.to(self.device),
+                )
+
+    def host_buffer(self):
+        shape = (self.batch_size, *self.images.shape[1:])
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
+    def gather(self, order, index, buffer, copied):
+        if copied is not None:
+            copied.synchronize()  # the buffer's previous batch must reach the device before it is overwritten
+        rows = batch_rows(order, index, self.batch_size, self.rank, self.world_size)
+        return self.images.gather(rows, out=buffer)
+
+    def copy_done_event(self):
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+
+def make_batches(images, batch_size, image_size, seed, rank=0, world_size=1, device="cpu", **layout):
+    """The batch source for what load_dataset returned: DeviceBatches, or StreamedBatches for HostImages.
+
+    layout: dtype and memory_format of the batches (D's, so real and fake batches share one graph),
+    labels (the images' classes) where there are any, and channels (1: the images' luma).
+    """
+    if isinstance(images, HostImages):
+        return StreamedBatches(images, batch_size, image_size, seed, rank, world_size, device, **layout)
+    return DeviceBatches(images, batch_size, image_size, seed, rank, world_size, **layout)
+
+
+def to_float_images(uint8_images, image_size, channels=3):
+    """uint8 (N, 3, s, s) to float in [-1, 1] at image_size, on the images' device; with channels=1,
+    their luma (N, 1, S, S), which is the grey value itself for greyscale images."""
+    images = uint8_images.float()
+    if channels == 1 and images.shape[1] == 3:
+        images = (images * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    images = images.div_(127.5).sub_(1.0)
+    if images.shape[-1] != image_size:
+        # antialiasing only changes anything when shrinking; growing 32 -> 64 gives the same
+        # pixels through a slower kernel
+        shrinking = images.shape[-1] > image_size
+        images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return images

@@ -6,7 +6,7 @@ photos), then times `python gan.py --dataset folder ...` from launch to its star
   - first start: the folder's cache is deleted before the run, so every JPEG is decoded;
   - second start: the cache the previous start left is reused;
   - no folder: `--dataset fake`, the floor (importing torch, building the networks).
-Then the same two cases for data.load_dataset alone, in this process, for all the images (no
+Then the same two cases for utils.load_dataset alone, in this process, for all the images (no
 --subset: the whole cache is copied into the tensor a run trains from).
 
     python benchmarks/folder_cache.py                        # 20,000 JPEGs, 3 rounds
@@ -119,10 +119,10 @@ def key_seconds(folder, image_size, rounds):
 
 
 def seconds_to_load(folder, image_size, workers):
-    """Seconds data.load_dataset takes for the whole folder, on the CPU."""
+    """Seconds utils.load_dataset takes for the whole folder, on the CPU."""
     sys.path.insert(0, str(ROOT))
-    from data import load_dataset
     from options import parse_flags
+    from utils import load_dataset
 
     flags = ["--dataset", "folder", "--dataroot", str(folder), "--image-size", str(image_size), "--seed", "0"]
     opts, _ = parse_flags(flags + (["--workers", str(workers)] if workers is not None else []))

@@ -36,9 +36,9 @@ import profile_step  # noqa: E402
 import throughput  # noqa: E402
 
 import checkpoint  # noqa: E402
-import data  # noqa: E402
 import gan  # noqa: E402
 import runtime  # noqa: E402
+import utils  # noqa: E402
 from folders import HostImages  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -215,8 +215,8 @@ class Checks:
         images = images.to(torch.uint8)
         layout = runtime.Runtime(self.device, torch.bfloat16).batch_layout
         batch, side = sizes["batch_size"], sizes["image_size"]
-        held = data.DeviceBatches(images.to(self.device), batch, side, 0, **layout)
-        streamed = data.StreamedBatches(HostImages(images), batch, side, 0, device=self.device, **layout)
+        held = utils.DeviceBatches(images.to(self.device), batch, side, 0, **layout)
+        streamed = utils.StreamedBatches(HostImages(images), batch, side, 0, device=self.device, **layout)
         busy = torch.randn(2048, 2048, device=self.device) if self.device.type == "cuda" else None
         compared = 0
         for epoch in (0, 1):
@@ -229,7 +229,7 @@ class Checks:
         name = "streamed"
         out = self.run_ok([*self.flags(name), "--compile", "off", "--epochs", "1"], GAN_STREAM_BATCHES="1")
         expect("streamed from host memory" in out, "GAN_STREAM_BATCHES=1 did not stream")
-        return f"{compared} batches equal; gan.py with {data.STREAM_VARIABLE}=1 streamed and trained 1 epoch"
+        return f"{compared} batches equal; gan.py with {utils.STREAM_VARIABLE}=1 streamed and trained 1 epoch"
 
     def fid(self):
         """--fid-every with a stand-in feature net: a score logged and best.pt kept."""

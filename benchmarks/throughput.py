@@ -12,7 +12,7 @@ process, in alternating timed rounds after a warm-up; the table gives median ima
 
 The program's path is the one `python gan.py` trains with: options from options.parse_flags,
 runtime.setup_runtime (AMP, torch.compile, channels_last and fused Adam on CUDA), steps.build_nets
-(with the default EMA), data.DeviceBatches over a device-resident uint8 tensor and
+(with the default EMA), utils.DeviceBatches over a device-resident uint8 tensor and
 steps.train_step, with statistics summed on the device and read every --log-every steps.
 The classic path follows pytorch/examples dcgan/main.py: a CIFAR10-like dataset of uint8
 arrays turned into PIL images, Resize/ToTensor/Normalize per image, DataLoader(num_workers=2,
@@ -41,10 +41,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import data  # noqa: E402
 import options  # noqa: E402
 import runtime  # noqa: E402
 import steps as update_steps  # noqa: E402
+import utils  # noqa: E402
 from models import Discriminator, Generator, init_weights  # noqa: E402
 
 CIFAR_TRAIN_SIZE = 50_000
@@ -80,7 +80,9 @@ class ProgramPipeline:
         self.nets = update_steps.build_nets(opts, self.runtime)
         self.recipe = update_steps.Recipe.from_options(opts)
         device_images = images_uint8.to(self.runtime.device)
-        self.batches = data.DeviceBatches(device_images, batch_size, image_size, opts.seed, **self.runtime.batch_layout)
+        self.batches = utils.DeviceBatches(
+            device_images, batch_size, image_size, opts.seed, **self.runtime.batch_layout
+        )
         self.device = self.runtime.device
         self.real_batches = self.endless_batches()
         self.totals = torch.zeros(4, device=self.device)

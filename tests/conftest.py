@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import checkpoint
-import data
 import faults
 import folders
+import utils
 from files import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +255,7 @@ def load_folder(root, image_size, workers, cache_dir=None, say=None):
 
 def load_cifar10(root, download=True):
     """CIFAR-10's 50k training images as the program reads them: uint8 (N, 3, 32, 32) on the CPU."""
-    return data.load_cifar10_labelled(root, download)[0]
+    return utils.load_cifar10_labelled(root, download)[0]
 
 
 def read_metrics_log(path):

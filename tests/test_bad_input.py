@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import checkpoint
-import data
 import options
+import utils
 from errors import UserError
 
 
@@ -239,7 +239,7 @@ def test_cifar10_offline(tmp_path, gan_main, no_download):
     assert_user_error(code, err, "could not download CIFAR-10 (URLError")
     assert "cifar-10-python.tar.gz" in err and str(dataroot.resolve()) in err
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in err
-    assert no_download == [data.CIFAR_URL]
+    assert no_download == [utils.CIFAR_URL]
     assert not any(tmp_path.iterdir())  # not even an empty data/, images/ or checkpoints/
 
 
@@ -850,7 +850,7 @@ def test_dataroot_naming_the_extracted_cifar10_folder_reads_it(tmp_path, gan_mai
     (tmp_path / "cifar-10-python.tar.gz").unlink()
     folder = tmp_path / "extracted" / "cifar-10-batches-py"
     opts, _ = options.parse_flags(["--dataset", "cifar10", "--dataroot", str(folder), "--batch-size", "8"])
-    assert torch.equal(data.load_dataset(opts, "cpu"), torch.from_numpy(expected))
+    assert torch.equal(utils.load_dataset(opts, "cpu"), torch.from_numpy(expected))
     before = snapshot(folder)
     code, out, err = gan_main([*cifar_args(folder), "--subset", "16"])
     assert code == 0, err

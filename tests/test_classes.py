@@ -12,13 +12,13 @@ from PIL import Image
 
 import after_training
 import artifacts
-import data
 import metrics
 import models
 import options
 import sampling
 import startup
 import steps
+import utils
 from errors import UserError
 from folders import HostImages, list_images
 from runtime import Runtime
@@ -47,17 +47,17 @@ def class_folder(root, classes, per_class=3, broken=()):
 
 def test_cifar_labels_and_class_names_come_from_the_archive_in_order(tmp_path):
     images = write_cifar10_archive(tmp_path, images_per_batch=8)
-    with tarfile.open(tmp_path / data.CIFAR_ARCHIVE) as tar:
+    with tarfile.open(tmp_path / utils.CIFAR_ARCHIVE) as tar:
         tar.extractall(tmp_path, filter="data")
     names = [f"class-{index}" for index in range(10)][::-1]  # not CIFAR-10's: the names come from batches.meta
-    meta = tmp_path / data.CIFAR_FOLDER / "batches.meta"
+    meta = tmp_path / utils.CIFAR_FOLDER / "batches.meta"
     meta.write_bytes(__import__("pickle").dumps({"label_names": names}))
     opts = parsed("--dataset", "cifar10", "--dataroot", tmp_path, "--image-size", 32, "--conditional", "--subset", 40)
-    training = data.load_training_data(opts.replace(subset=None), torch.device("cpu"))
+    training = utils.load_training_data(opts.replace(subset=None), torch.device("cpu"))
     assert training.class_names == tuple(names)
     torch.testing.assert_close(training.labels, torch.arange(40) % 10)  # image i has label i % 10, batch after batch
     torch.testing.assert_close(training.images, torch.from_numpy(images))
-    assert data.load_training_data(opts.replace(conditional=False), "cpu").labels is None
+    assert utils.load_training_data(opts.replace(conditional=False), "cpu").labels is None
 
 
 def test_a_folders_classes_are_its_sub_folders_sorted_as_image_folder_sorts_them(tmp_path):
@@ -69,7 +69,7 @@ def test_a_folders_classes_are_its_sub_folders_sorted_as_image_folder_sorts_them
     reference = ImageFolder(root, is_valid_file=lambda path: "broken" not in path)  # before any cache is there
     opts = parsed("--dataset", "folder", "--dataroot", root, "--conditional", "--batch-size", 2, "--subset", 10)
     with pytest.warns(UserWarning, match="skipped 1 of 11"):
-        training = data.load_training_data(opts.replace(subset=None), torch.device("cpu"))
+        training = utils.load_training_data(opts.replace(subset=None), torch.device("cpu"))
     assert training.class_names == tuple(reference.classes) == ("Apple", "mango", "zebra")
     files = [path for path in list_images(root) if path.name != "broken.png"]
     assert dict(zip(map(str, files), training.labels.tolist())) == dict(reference.samples)
@@ -102,15 +102,15 @@ def test_a_folder_without_usable_class_folders_is_one_line_and_exit_2(layout, me
 
 def test_subset_keeps_each_class_its_share():
     opts = parsed("--conditional", "--subset", 20)  # fake data: 512 images labelled 0..9 in turn
-    training = data.load_training_data(opts, torch.device("cpu"))
+    training = utils.load_training_data(opts, torch.device("cpu"))
     assert torch.bincount(training.labels).tolist() == [2] * 10
     labels = torch.tensor([0] * 30 + [1] * 10 + [2] * 60)
     images = torch.arange(100)
-    chosen, chosen_labels = data.choose_subset(images, 10, seed=4, labels=labels)
+    chosen, chosen_labels = utils.choose_subset(images, 10, seed=4, labels=labels)
     assert torch.bincount(chosen_labels).tolist() == [3, 1, 6]
     torch.testing.assert_close(labels[chosen], chosen_labels)
     with pytest.raises(UserError, match="smaller than the number of classes"):
-        data.choose_subset(images, 2, seed=4, labels=labels)
+        utils.choose_subset(images, 2, seed=4, labels=labels)
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -118,7 +118,7 @@ def test_labels_travel_with_their_images_in_the_batches(streamed):
     images = torch.arange(24, dtype=torch.uint8).view(24, 1, 1, 1).expand(24, 3, 4, 4).contiguous()
     labels = torch.arange(24) % 5
     source = HostImages(images) if streamed else images
-    batches = data.make_batches(source, 4, 4, seed=2, rank=1, world_size=2, labels=labels)
+    batches = utils.make_batches(source, 4, 4, seed=2, rank=1, world_size=2, labels=labels)
     seen = []
     for real, batch_labels in batches.labelled_epoch(1, start=1):
         indices = ((real[:, 0, 0, 0] + 1) * 127.5).round().long()
@@ -572,13 +572,13 @@ def test_one_colour_image_keeps_three_channels_and_the_flag_decides_over_the_dat
     channels = {}
     for root, flag in ((mixed, "auto"), (mixed, "1"), (grey, "auto"), (grey, "3")):
         opts = parsed("--dataset", "folder", "--dataroot", root, "--channels", flag, "--subset", 16)
-        channels[root.name, flag] = data.load_training_data(opts, torch.device("cpu")).channels
+        channels[root.name, flag] = utils.load_training_data(opts, torch.device("cpu")).channels
     assert channels == {("mixed", "auto"): 3, ("mixed", "1"): 1, ("grey", "auto"): 1, ("grey", "3"): 3}
     colour = torch.tensor([200, 10, 10], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
-    luma = data.to_float_images(colour, 4, channels=1)
+    luma = utils.to_float_images(colour, 4, channels=1)
     assert luma.shape == (2, 1, 4, 4)
     assert luma[0, 0, 0, 0].item() == pytest.approx((0.299 * 200 + 0.587 * 10 + 0.114 * 10) / 127.5 - 1)
-    batch = next(data.DeviceBatches(colour[:, :, :, :].clone(), 2, 4, seed=0, channels=1).epoch(0))
+    batch = next(utils.DeviceBatches(colour[:, :, :, :].clone(), 2, 4, seed=0, channels=1).epoch(0))
     torch.testing.assert_close(batch, luma)
 
 

@@ -18,10 +18,10 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import data as datasets
 import errors
 import folders
 import options
+import utils
 
 REAL_READ_IMAGE = folders.read_image
 
@@ -285,7 +285,7 @@ def test_load_dataset_gives_what_it_gave_before_the_cache(tmp_path):
     expected = expected[torch.randperm(len(expected), generator=torch.Generator().manual_seed(3))[:5]]
     for _ in ("built", "reused"):
         with pytest.warns(UserWarning, match="skipped 1 of 10"):
-            images = datasets.load_dataset(folder_opts(data, subset=5), torch.device("cpu"))
+            images = utils.load_dataset(folder_opts(data, subset=5), torch.device("cpu"))
         assert isinstance(images, torch.Tensor) and torch.equal(images, expected)
 
 
@@ -299,12 +299,12 @@ def test_load_dataset_gives_what_it_gave_before_the_cache(tmp_path):
 def test_streamed_batches_equal_device_batches(subset, rank, world_size, start, image_size, tmp_path):
     data = write_folder(tmp_path / "data", 14)
     opts = folder_opts(data, subset=subset)
-    resident = datasets.load_dataset(opts, "cpu")
-    streamed = datasets.load_dataset(opts, "cpu", memory_limit_bytes=100)
+    resident = utils.load_dataset(opts, "cpu")
+    streamed = utils.load_dataset(opts, "cpu", memory_limit_bytes=100)
     assert isinstance(resident, torch.Tensor) and isinstance(streamed, folders.HostImages)
-    on_device = datasets.make_batches(resident, 2, image_size, opts.seed, rank, world_size)
-    from_cache = datasets.make_batches(streamed, 2, image_size, opts.seed, rank, world_size, device="cpu")
-    assert isinstance(on_device, datasets.DeviceBatches) and isinstance(from_cache, datasets.StreamedBatches)
+    on_device = utils.make_batches(resident, 2, image_size, opts.seed, rank, world_size)
+    from_cache = utils.make_batches(streamed, 2, image_size, opts.seed, rank, world_size, device="cpu")
+    assert isinstance(on_device, utils.DeviceBatches) and isinstance(from_cache, utils.StreamedBatches)
     assert len(from_cache) == len(on_device) == len(resident) // (2 * world_size)
     for epoch in (0, 1):
         expected = list(on_device.epoch(epoch, start))
@@ -317,8 +317,8 @@ def test_streamed_batches_equal_device_batches(subset, rank, world_size, start, 
 
 def test_streamed_batches_split_ranks_disjointly(tmp_path):
     data = write_folder(tmp_path / "data", 8)
-    streamed = datasets.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
-    ranks = [datasets.make_batches(streamed, 2, 8, 0, rank, world_size=2) for rank in (0, 1)]
+    streamed = utils.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
+    ranks = [utils.make_batches(streamed, 2, 8, 0, rank, world_size=2) for rank in (0, 1)]
     seen = [torch.cat(list(batches.epoch(0))) for batches in ranks]
     assert seen[0].shape == seen[1].shape == (4, 3, 8, 8)
     everything = {image.numpy().tobytes() for image in torch.cat(seen)}
@@ -328,13 +328,13 @@ def test_streamed_batches_split_ranks_disjointly(tmp_path):
 def test_streamed_batches_describe_where_they_come_from(tmp_path, cached):
     data = write_folder(tmp_path / "data", 4)
     said = []
-    streamed = datasets.load_dataset(folder_opts(data), "cpu", say=said.append, memory_limit_bytes=100)
+    streamed = utils.load_dataset(folder_opts(data), "cpu", say=said.append, memory_limit_bytes=100)
     npy = next(cached.glob("*.npy"))
     assert streamed.source == npy
     assert said[-1] == f"the images (768 bytes) exceed the 100 bytes budget on cpu: streaming batches from {npy}"
-    assert datasets.make_batches(streamed, 2, 8, 0).describe() == f"streamed from {npy}"
-    resident = datasets.load_dataset(folder_opts(data), "cpu")
-    assert datasets.make_batches(resident, 2, 8, 0).describe() == "held on cpu"
+    assert utils.make_batches(streamed, 2, 8, 0).describe() == f"streamed from {npy}"
+    resident = utils.load_dataset(folder_opts(data), "cpu")
+    assert utils.make_batches(resident, 2, 8, 0).describe() == "held on cpu"
     # what the trainer reads from the real images besides batches: length, shape, slices
     assert len(streamed) == 4 and streamed.shape == (4, 3, 8, 8)
     assert torch.equal(streamed[1:3], resident[1:3]) and torch.equal(streamed[2], resident[2])
@@ -342,8 +342,8 @@ def test_streamed_batches_describe_where_they_come_from(tmp_path, cached):
 
 def test_a_stopped_epoch_stops_its_gathering_thread(tmp_path):
     data = write_folder(tmp_path / "data", 8)
-    streamed = datasets.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
-    epoch = datasets.make_batches(streamed, 2, 8, 0).epoch(0)
+    streamed = utils.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=100)
+    epoch = utils.make_batches(streamed, 2, 8, 0).epoch(0)
     next(epoch)
     assert any(thread.name.startswith("gather-batches") for thread in threading.enumerate())
     epoch.close()
@@ -371,12 +371,12 @@ class LargestTensor(TorchDispatchMode):
 def test_a_folder_too_large_for_the_device_is_never_held_whole(tmp_path, monkeypatch):
     data = write_folder(tmp_path / "data", 12)
     monkeypatch.setattr(folders, "DECODE_CHUNK_FILES", 3)
-    monkeypatch.setattr(datasets, "GREY_CHECK_ROWS", 3)  # --channels auto reads the images a chunk at a time too
+    monkeypatch.setattr(utils, "GREY_CHECK_ROWS", 3)  # --channels auto reads the images a chunk at a time too
     monkeypatch.setattr(folders.HostImages, "to_device", lambda *args: pytest.fail("materialised the images"))
     one_image = 3 * 8 * 8
     with LargestTensor() as largest:
-        streamed = datasets.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=12 * one_image - 1)
-        batches = list(datasets.make_batches(streamed, 2, 8, 0).epoch(0))
+        streamed = utils.load_dataset(folder_opts(data), "cpu", memory_limit_bytes=12 * one_image - 1)
+        batches = list(utils.make_batches(streamed, 2, 8, 0).epoch(0))
     assert len(batches) == 6
     assert largest.numel == 3 * one_image  # a decoded chunk; the whole folder is 12 images
     assert isinstance(streamed, folders.HostImages)
@@ -395,10 +395,10 @@ def mappings_of(path):
 
 
 def test_the_device_memory_budget_is_a_share_of_free_memory(monkeypatch):
-    monkeypatch.setattr(datasets, "available_ram_bytes", lambda: 8_000)
-    assert datasets.device_memory_budget("cpu") == int(8_000 * datasets.DEVICE_MEMORY_SHARE)
-    monkeypatch.setattr(datasets, "available_ram_bytes", lambda: None)
-    assert datasets.device_memory_budget("cpu") is None
+    monkeypatch.setattr(utils, "available_ram_bytes", lambda: 8_000)
+    assert utils.device_memory_budget("cpu") == int(8_000 * utils.DEVICE_MEMORY_SHARE)
+    monkeypatch.setattr(utils, "available_ram_bytes", lambda: None)
+    assert utils.device_memory_budget("cpu") is None
 
 
 # ---------------------------------------------------------------- --dataset cifar10 on an image folder
@@ -420,7 +420,7 @@ def test_cifar10_on_an_image_folder_asks_for_dataset_folder(tmp_path, monkeypatc
     for load_cifar in (
         lambda: load_cifar10(data),
         lambda: load_cifar10(data, download=False),
-        lambda: datasets.load_dataset(folder_opts(data, dataset="cifar10", image_size=32), "cpu"),
+        lambda: utils.load_dataset(folder_opts(data, dataset="cifar10", image_size=32), "cpu"),
     ):
         with pytest.raises(errors.UserError, match=message):
             load_cifar()
@@ -572,7 +572,7 @@ def test_a_folder_streamed_through_the_cli_trains_exactly_as_one_held_in_memory(
     code, out, err = gan_main(folder_run(data, "--checkpoint-dir", "held", "--image-dir", "held_images"))
     assert code == 0, err
     assert "12 images (held on cpu), 3 steps per epoch" in out
-    monkeypatch.setattr(datasets, "DEVICE_MEMORY_SHARE", 1e-15)  # no room: the batches come from the cache file
+    monkeypatch.setattr(utils, "DEVICE_MEMORY_SHARE", 1e-15)  # no room: the batches come from the cache file
     code, out, err = gan_main(folder_run(data, "--checkpoint-dir", "streamed", "--image-dir", "streamed_images"))
     assert code == 0, err
     npy = next(Path(os.environ[folders.CACHE_ENV], folders.FOLDER_CACHE_NAME).glob("*.npy"))

@@ -12,7 +12,6 @@ from conftest import TINY_ARGS, run_gan
 from torch import nn
 
 import checkpoint
-import data
 import models
 import options
 import runtime
@@ -162,7 +161,7 @@ def test_one_named_gpu_for_every_process_of_a_machine_is_refused(monkeypatch, jo
 def test_each_machine_prepares_its_data_before_its_other_processes_read_it(monkeypatch, rank, local_rank, turns):
     order = []
     monkeypatch.setattr(utils, "barrier", lambda runtime: order.append("barrier"))
-    loaded = data.TrainingData(torch.zeros(32, 3, 16, 16, dtype=torch.uint8), None, None)  # one step of 4 ranks
+    loaded = utils.TrainingData(torch.zeros(32, 3, 16, 16, dtype=torch.uint8), None, None)  # one step of 4 ranks
     monkeypatch.setattr(utils, "load_training_data", lambda *args, **kwargs: order.append("load") or loaded)
     opts, _ = options.parse_flags([*TINY_ARGS])
     two_machines = runtime.Runtime(CPU, rank=rank, world_size=4, local_rank=local_rank)
@@ -239,11 +238,11 @@ def test_a_checkpoint_without_cuda_rng_state_seeds_the_cuda_generator(monkeypatc
     assert "cuda" not in saved["rng"]
     on_cuda = runtime.Runtime(CUDA)
     checkpoint.restore_state(nets, saved, on_cuda, tmp_path / "checkpoint.pt")
-    assert seeded == [options.mixed_seed(1, 12)] and restored == []
+    assert seeded == [runtime.mixed_seed(1, 12)] and restored == []
     # a checkpoint written on CUDA carries its generator's state, restored as it was
     saved["rng"]["cuda"] = torch.arange(4, dtype=torch.uint8)
     checkpoint.restore_state(nets, saved, on_cuda, tmp_path / "checkpoint.pt")
-    assert seeded == [options.mixed_seed(1, 12)] and restored[0][1] == CUDA
+    assert seeded == [runtime.mixed_seed(1, 12)] and restored[0][1] == CUDA
     assert torch.equal(restored[0][0], torch.arange(4, dtype=torch.uint8))
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
 import runtime
+import utils
 from errors import UserError
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
@@ -58,7 +58,7 @@ def test_real_batches_come_in_ds_layout_and_dtype():
     assert cpu_bf16.batch_layout == {"dtype": torch.float32, "memory_format": torch.channels_last}
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     batch = next(
-        data.DeviceBatches(images, 8, 8, seed=0, dtype=torch.bfloat16, memory_format=torch.channels_last).epoch(0)
+        utils.DeviceBatches(images, 8, 8, seed=0, dtype=torch.bfloat16, memory_format=torch.channels_last).epoch(0)
     )
     assert batch.dtype == torch.bfloat16 and batch.is_contiguous(memory_format=torch.channels_last)
 
@@ -66,8 +66,8 @@ def test_real_batches_come_in_ds_layout_and_dtype():
 def test_upsampling_without_antialiasing_gives_the_same_pixels():
     """Antialiasing only matters when shrinking: 32 -> 64 is the same without its slower kernel."""
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    grown = data.to_float_images(images, 64)
+    grown = utils.to_float_images(images, 64)
     reference = F.interpolate(images.float() / 127.5 - 1, size=64, mode="bilinear", align_corners=False, antialias=True)
     torch.testing.assert_close(grown, reference, atol=1e-6, rtol=0)
-    shrunk = data.to_float_images(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), 32)
+    shrunk = utils.to_float_images(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), 32)
     assert shrunk.shape == (4, 3, 32, 32)

@@ -11,12 +11,12 @@ import torch
 from conftest import TINY_ARGS, check_ok, cifar_colour, copy_run, run_gan, write_cifar10_archive
 from PIL import Image
 
-import data
 import options
 import sampling
 import steps
-from models import ema_decay_at
+import utils
 from runtime import Runtime, setup_runtime
+from steps import ema_decay_at
 
 # ---------------------------------------------------------------- the training step, in-process
 
@@ -221,34 +221,34 @@ def epoch_indices(batches, epoch, start=0):
 
 def test_device_batches_are_deterministic_per_seed_and_epoch():
     images = numbered_images(50)
-    batches = data.DeviceBatches(images, batch_size=8, image_size=4, seed=3)
+    batches = utils.DeviceBatches(images, batch_size=8, image_size=4, seed=3)
     assert len(batches) == 6  # the incomplete last batch is dropped
     first = epoch_indices(batches, 0)
     assert len(first) == 6 and all(len(b) == 8 for b in first)
     flat = [i for b in first for i in b]
     assert len(set(flat)) == 48 and set(flat) <= set(range(50))
-    assert epoch_indices(data.DeviceBatches(images, 8, 4, seed=3), 0) == first
+    assert epoch_indices(utils.DeviceBatches(images, 8, 4, seed=3), 0) == first
     assert epoch_indices(batches, 1) != first
-    assert epoch_indices(data.DeviceBatches(images, 8, 4, seed=4), 0) != first
+    assert epoch_indices(utils.DeviceBatches(images, 8, 4, seed=4), 0) != first
     # resuming mid-epoch skips the batches already seen, and only those
     assert epoch_indices(batches, 0, start=4) == first[4:]
 
 
 def test_device_batches_are_floats_in_minus_one_to_one():
     images = torch.tensor([0, 255], dtype=torch.uint8).repeat(8).view(16, 1, 1, 1).expand(16, 3, 8, 8).contiguous()
-    batch = next(data.DeviceBatches(images, 16, 8, seed=0).epoch(0))
+    batch = next(utils.DeviceBatches(images, 16, 8, seed=0).epoch(0))
     assert batch.dtype == torch.float32 and batch.shape == (16, 3, 8, 8)
     assert batch.min().item() == -1.0 and batch.max().item() == 1.0
     random = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
     # resized on the fly to image_size, still within [-1, 1]
-    resized = next(data.DeviceBatches(random, 16, 16, seed=0).epoch(0))
+    resized = next(utils.DeviceBatches(random, 16, 16, seed=0).epoch(0))
     assert resized.shape == (16, 3, 16, 16)
     assert resized.min() >= -1 and resized.max() <= 1
 
 
 def test_device_batches_split_ranks_disjointly():
     images = numbered_images(64)
-    ranks = [data.DeviceBatches(images, 4, 4, seed=0, rank=rank, world_size=2) for rank in (0, 1)]
+    ranks = [utils.DeviceBatches(images, 4, 4, seed=0, rank=rank, world_size=2) for rank in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 8
     seen = [{i for b in epoch_indices(r, 2) for i in b} for r in ranks]
     assert len(seen[0]) == len(seen[1]) == 32
