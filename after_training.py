@@ -12,20 +12,20 @@ import torch
 import torch.nn.functional as F
 
 import artifacts
+import export
 import metrics
-import models
-from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file, load_module_state
+from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file
 from errors import UserError, count_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
 from folders import IMAGE_SUFFIXES, decode_files
+from generator import generator_from
 from runtime import random_seed
 from sampling import (
     GRID_COLUMNS,
     MAX_GRID_ROWS,
     draw_noise,
     generated_batches,
-    generator_of,
     grid_classes,
     open_class_scorer,
     open_metrics,
@@ -42,41 +42,43 @@ def use_generator(opts, explicit, runtime, metric_feature=None):
         return generate(opts, explicit, runtime)
     if opts.interpolate:
         return interpolate(opts, explicit, runtime)
+    if opts.export is not None:
+        return export_generator(opts, explicit, runtime)
     if opts.images is not None:
         return evaluate_images(opts, explicit, runtime, metric_feature)
     return evaluate(opts, explicit, runtime, metric_feature)
 
 
+def export_generator(opts, explicit, runtime):
+    """--export DIR: the generator as a folder other programs load without this one (export.py)."""
+    G, state = load_generator_for_use(opts, explicit, runtime)
+    onnx_difference, pt2_difference = export.export(
+        G, state["flags"], state, checkpoint_path(opts), opts.export, runtime
+    )
+    print(
+        f"wrote {opts.export}/: model.safetensors, config.json, README.md, samples.png, generator.onnx "
+        f"(within {onnx_difference:.1g} of the generator) and generator.pt2 (within {pt2_difference:.1g})"
+    )
+
+
 def load_generator_for_use(opts, explicit, runtime):
-    """The generator of a checkpoint (its EMA copy when it has one) and the checkpoint's flags."""
+    """The generator of a checkpoint (its EMA copy when it has one, unless --raw) and what was
+    loaded with it (its flags, upgraded)."""
     path = checkpoint_path(opts)
     state = upgraded(load_generator_file(path))
-    flags = state["flags"]
-    refuse_architecture_change(opts, explicit, flags, f"checkpoint {path} was trained with another architecture")
-    class_names = saved_class_names(state, path)
-    try:
-        G = generator_of(flags, len(class_names))
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a negative size
-        raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
-    use_ema = state.get("netG_ema") is not None
-    load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
-    trained = f"flags from {path.parent / 'flags.json'}" if state.get("plain") else f"epoch {state['epoch']}"
-    print(f"using the {'EMA' if use_ema else 'raw'} generator of {path} ({trained})")
-    G.to(runtime.device, memory_format=runtime.memory_format)
-    if use_ema and not state.get("netG_ema_own_statistics"):
-        # saved mid-epoch or on a Ctrl-C, or by an older version: the trained G's statistics
-        with runtime.autocast():  # as training estimates them at an epoch's end
-            models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
-    G.class_names = class_names
-    return G.eval(), flags
+    refuse_architecture_change(
+        opts, explicit, state["flags"], f"checkpoint {path} was trained with another architecture"
+    )
+    G = generator_from(state, path, runtime, use_ema=False if opts.raw else None)
+    print(f"using the {'EMA' if G.uses_ema else 'raw'} generator of {path} ({trained_as(state, path)})")
+    return G, state
 
 
-def saved_class_names(state, path):
-    """The class names a checkpoint keeps (an empty tuple for an unconditional run)."""
-    names = state.get("class_names") or ()
-    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) and name for name in names):
-        raise UserError(f"checkpoint {path} is damaged: unusable class_names")
-    return tuple(names)
+def trained_as(state, path):
+    """Where a loaded file's flags came from, or its epoch."""
+    if state.get("plain"):
+        return f"flags from {path.parent / ('config.json' if path.suffix == '.safetensors' else 'flags.json')}"
+    return f"epoch {state['epoch']}"
 
 
 def checkpoint_path(opts):
@@ -97,7 +99,8 @@ def class_index(G, name, path, flag="--class"):
 
 def generate(opts, explicit, runtime):
     """N images: of one class (--class), of every class (one sub-folder each), or unconditional."""
-    G, flags = load_generator_for_use(opts, explicit, runtime)
+    G, state = load_generator_for_use(opts, explicit, runtime)
+    flags = state["flags"]
     if opts.class_name is not None:
         classes = [class_index(G, opts.class_name, checkpoint_path(opts))]
     else:
@@ -189,7 +192,8 @@ def slerp(start, end, fractions):
 def interpolate(opts, explicit, runtime, walks=8):
     """Latent walks as a grid (a row per walk) and a GIF: between noise vectors, within one class
     (--class) or one class per row (a conditional G), or from --class to --to-class at fixed noise."""
-    G, flags = load_generator_for_use(opts, explicit, runtime)
+    G, state = load_generator_for_use(opts, explicit, runtime)
+    flags = state["flags"]
     walk = plan_walks(G, opts, flags, walks)
     folder = Path(opts.image_dir)
     check_writable(folder)
@@ -281,7 +285,8 @@ def scores_line(scores, what):
 
 
 def evaluate(opts, explicit, runtime, feature=None):
-    G, flags = load_generator_for_use(opts, explicit, runtime)
+    G, state = load_generator_for_use(opts, explicit, runtime)
+    flags = state["flags"]
     path = checkpoint_path(opts)
     refuse_saved_folders(flags, opts, explicit, path, ("dataroot",))
     # the log row and the real statistics go beside the checkpoint evaluated, unless told otherwise

@@ -117,8 +117,13 @@ def save_grid(images, path, nrow=8):
 
 def to_pil(image):
     """One float (3, H, W) image in [0, 1] as a PIL image; (1, H, W) as a greyscale one."""
-    pixels = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+    pixels = to_uint8(image).permute(1, 2, 0)
     return Image.fromarray(pixels[:, :, 0].numpy(), "L") if pixels.shape[-1] == 1 else Image.fromarray(pixels.numpy())
+
+
+def to_uint8(images):
+    """Float images in [0, 1] as the bytes a PNG holds, rounded to the nearest level."""
+    return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def save_png(image, path):

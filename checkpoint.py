@@ -24,6 +24,8 @@ from runtime import mixed_seed
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
 FORMAT = "dcgan-checkpoint-1"
+EXPORT_FORMAT = "dcgan-generator-1"
+EXPORT_CONFIG_NAME = "config.json"
 
 
 @dataclass
@@ -120,7 +122,9 @@ def write_run_files(state, folder):
     save_checkpoint(state["netD"], folder / "netD.pth")
     if state["netG_ema"] is not None:
         save_checkpoint(state["netG_ema"], folder / "netG_ema.pth")
-    atomic_write(folder / "flags.json", lambda f: json.dump(state["flags"], f, indent=2), mode="w")
+    # the class names too: netG.pth and netG_ema.pth of a conditional run are rebuilt from this file
+    flags = {**state["flags"], **({"class_names": state["class_names"]} if "class_names" in state else {})}
+    atomic_write(folder / "flags.json", lambda f: json.dump(flags, f, indent=2), mode="w")
 
 
 # ---------------------------------------------------------------- loading and checking
@@ -175,9 +179,12 @@ def read_torch_file(path):
 
 
 def load_generator_file(path):
-    """A checkpoint, or a generator's plain state_dict that gan.py wrote beside one (netG.pth,
-    netG_ema.pth), as a checkpoint-like dict: its flags then come from flags.json beside it."""
+    """A checkpoint, a generator's plain state_dict that gan.py wrote beside one (netG.pth,
+    netG_ema.pth) or an exported model.safetensors, as a checkpoint-like dict: the flags of a
+    plain state_dict come from the flags.json beside it, a model.safetensors' from its config.json."""
     path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_exported(path)
     if path.is_dir() or not is_state_dict(state := read_torch_file(path)) or "flags" in state:
         return load_checkpoint(path)
     flags_path = path.parent / "flags.json"
@@ -191,7 +198,53 @@ def load_generator_file(path):
     if not isinstance(flags, dict):
         raise UserError(f"{flags_path} is not the flags.json gan.py writes")
     ema = path.name == "netG_ema.pth"  # its BatchNorm statistics may be the trained G's (a mid-epoch save)
-    return {"netG": state, "netG_ema": state if ema else None, "flags": flags, "epoch": None, "plain": True}
+    names = flags.pop("class_names", ())
+    return {
+        "netG": state,
+        "netG_ema": state if ema else None,
+        "flags": flags,
+        "class_names": names,
+        "epoch": None,
+        "plain": True,
+    }
+
+
+def load_exported(path):
+    """model.safetensors with its config.json (export.py writes both) as a checkpoint-like dict.
+    safetensors holds tensors alone: reading one never runs code from it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    config_path = path.parent / EXPORT_CONFIG_NAME
+    try:
+        weights = load_file(path, device="cpu")
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError, SafetensorError) as error:
+        raise UserError(
+            f"cannot read {path} with {config_path} ({getattr(error, 'strerror', None) or error}): "
+            "give the folder --export wrote, or checkpoint.pt"
+        ) from None
+    if (
+        not isinstance(config, dict)
+        or config.get("format") != EXPORT_FORMAT
+        or not isinstance(config.get("flags"), dict)
+    ):
+        raise UserError(f"{config_path} is not the config.json that gan.py --export writes")
+    names = config.get("class_names") or ()
+    sizes = {name: config.get(name) for name in ("arch", "nz", "ngf", "image_size", "g_output")}
+    flags = {**config["flags"], **sizes, "nc": config.get("channels"), "conditional": bool(names)}
+    return {
+        "netG": weights,
+        "netG_ema": weights,  # as exported: its BatchNorm statistics are its own
+        "netG_ema_own_statistics": True,
+        "flags": {**flags, "num_classes": len(names) if isinstance(names, (list, tuple)) else 0},
+        "class_names": names,
+        "epoch": config.get("epoch"),
+        "step": config.get("step"),
+        "plain": True,
+    }
 
 
 def is_state_dict(value):

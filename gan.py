@@ -29,7 +29,8 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     from errors import UserError, count_text, error_prefix
     from faults import Interrupted, StopRequest, handle_divergence, weights_finite
     from files import check_writable, locked_folders, no_new_empty_folders
-    from options import parse_flags
+    from generator import load_generator as load_generator  # the Python API: G = gan.load_generator(path)
+    from options import AFTER_TRAINING_MODES, parse_flags
     from outputs import run_outputs, summary_writer_class
     from runtime import any_rank, barrier, launcher_words, rank_rng_states, setup_runtime, stop_distributed
     from steps import STAT_NAMES, Meter, Recipe, ema_decay_at, epoch_summary, format_stat, train_step
@@ -75,11 +76,13 @@ def run(argv=None, metric_feature=None):
 
 def run_mode(opts, explicit, runtime, metric_feature):
     try:
-        after_training_mode = opts.generate is not None or opts.interpolate or opts.evaluate
+        after_training_mode = any(getattr(opts, mode) not in (None, False) for mode in AFTER_TRAINING_MODES)
         if not after_training_mode:
             return train(opts, explicit, runtime, metric_feature)
         if runtime.distributed:
-            raise UserError("--generate, --interpolate and --evaluate run in one process: start them without torchrun")
+            raise UserError(
+                "--generate, --interpolate, --evaluate and --export run in one process: start them without torchrun"
+            )
         return after_training.use_generator(opts, explicit, runtime, metric_feature)
     except Interrupted as interruption:
         if runtime.distributed:  # rank 0 speaks for all, and no rank leaves before it has saved and said so:

@@ -51,9 +51,9 @@ class ConditionalBatchNorm2d(nn.Module):
         self.bias = nn.Linear(embedding_size, num_features, bias=False)
 
     def forward(self, features, class_vectors):
-        shape = (len(features), -1, 1, 1)
         gain, bias = 1 + self.gain(class_vectors), self.bias(class_vectors)
-        return self.norm(features) * gain.view(shape) + bias.view(shape)
+        # indexing rather than view(len(features), ...): an exported graph keeps its batch size free
+        return self.norm(features) * gain[:, :, None, None] + bias[:, :, None, None]
 
 
 def batch_norm_of(num_classes):

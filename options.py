@@ -6,6 +6,7 @@ import argparse
 import copy
 import difflib
 import errno
+import json
 import math
 import os
 import sys
@@ -38,6 +39,9 @@ NOT_RESUMED_FLAGS = (
     "generate",
     "interpolate",
     "evaluate",
+    "export",
+    "raw",
+    "config",
     "images",
     "device",
     "compile",
@@ -52,7 +56,14 @@ NOT_RESUMED_FLAGS = (
     *DATA_TRAITS,
 )
 # Flags only some modes read (the others would ignore them without a word).
-MODE_ONLY_FLAGS = {"checkpoint": ("generate", "interpolate", "evaluate"), "steps": ("interpolate",)}
+# The modes that use a trained generator instead of training one, each chosen by its flag.
+AFTER_TRAINING_MODES = ("generate", "interpolate", "evaluate", "export")
+MODE_ONLY_FLAGS = {
+    "checkpoint": AFTER_TRAINING_MODES,
+    "raw": AFTER_TRAINING_MODES,
+    "steps": ("interpolate",),
+    "config": ("train",),
+}
 MAX_SEED = 2**63 - 1
 # --conditional's learning rate unless --lr is typed (measured: docs/classes.md, BENCHMARKS.md)
 CONDITIONAL_LR = 3e-4
@@ -352,6 +363,13 @@ def add_data_flags(group):
 
 def add_run_flags(group):
     add = group.add_argument
+    add(
+        "--config",
+        type=not_a_link_loop,
+        default=None,
+        metavar="FILE",
+        help="start a run with the flags of a run's flags.json (checkpoints/flags.json); flags typed beside it win",
+    )
     add("--device", type=device_name, default="auto", help="auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     add(
         "--precision",
@@ -443,6 +461,20 @@ def add_after_training_flags(group):
         help="with --evaluate: score every image in DIR (from any program) against the training data, "
         "instead of a checkpoint's samples",
     )
+    add(
+        "--export",
+        type=folder,
+        default=None,
+        metavar="DIR",
+        help="write the generator into DIR for other programs: model.safetensors and config.json, a model card, "
+        "generator.onnx and generator.pt2 (torch.export), then exit; DIR must be new or empty",
+    )
+    add(
+        "--raw",
+        action="store_true",
+        help="with --generate, --interpolate, --evaluate or --export: the trained generator instead of its "
+        "moving average (EMA)",
+    )
     add("--eval-samples", type=positive_int, default=10_000, help="generated images per evaluation")
     add("--fid-every", type=non_negative_int, default=0, help="evaluate every E epochs while training; keeps best.pt")
 
@@ -458,15 +490,23 @@ def parse_flags(argv=None):
         if isinstance(parsed.get(action.dest), list):  # argparse turns "--flag=--" into [] unchecked
             raise UserError(f"argument {'/'.join(action.option_strings)}: expected one argument")
     explicit = explicit_flags(parser, argv)
-    modes = [parsed["generate"] is not None, parsed["interpolate"], parsed["evaluate"]]
+    modes = [parsed[mode] not in (None, False) for mode in AFTER_TRAINING_MODES]
     if sum(modes) > 1:
-        raise UserError("choose one of --generate, --interpolate and --evaluate")
+        raise UserError("choose one of --generate, --interpolate, --evaluate and --export")
     if parsed["resume"] is not None and any(modes):
-        raise UserError("--resume trains; use --checkpoint with --generate, --interpolate or --evaluate")
+        raise UserError("--resume trains; use --checkpoint with --generate, --interpolate, --evaluate or --export")
+    if parsed["config"] is not None and parsed["resume"] is not None:
+        raise UserError("--config starts a run; --resume goes on with the checkpoint's own flags")
     check_sampling_flags(parsed)
     check_images_flag(parsed, explicit)
     refuse_flags_of_other_modes(parsed, explicit)
-    from_recipe = recipe_values(parser, parsed["recipe"], explicit)
+    typed = explicit
+    if parsed["config"] is not None:
+        from_config = config_values(parser, parsed["config"], explicit)
+        parsed.update(from_config)
+        # a config's values stand as typed ones (its recipe's flags, its learning rate), but a typed --recipe wins
+        explicit = explicit | frozenset(from_config)
+    from_recipe = recipe_values(parser, parsed["recipe"], typed if "recipe" in typed else explicit)
     parsed.update(from_recipe)
     if parsed["conditional"] and "lr" not in explicit:
         parsed["lr"] = CONDITIONAL_LR  # whatever the recipe's
@@ -505,14 +545,18 @@ def check_sampling_flags(flags):
 
 def refuse_flags_of_other_modes(parsed, explicit):
     """A typed flag that the chosen mode never reads would be silently ignored: refused instead."""
-    modes = [mode for mode in ("generate", "interpolate", "evaluate") if parsed[mode] not in (None, False)]
+    modes = [mode for mode in AFTER_TRAINING_MODES if parsed[mode] not in (None, False)]
     mode = modes[0] if modes else "train"
     for name, readers in MODE_ONLY_FLAGS.items():
         if name in explicit and mode not in readers:
             hint = "; training continues a checkpoint with --resume PATH" if name == "checkpoint" else ""
-            used_by = ", ".join(f"--{reader}" for reader in readers)
-            doing = "training" if mode == "train" else f"--{mode}"
+            used_by = ", ".join(mode_name(reader) for reader in readers)
+            doing = mode_name(mode)
             raise UserError(f"--{name} is read by {used_by} only, not by {doing}{hint}")
+
+
+def mode_name(mode):
+    return "training" if mode == "train" else f"--{mode}"
 
 
 def check_images_flag(flags, explicit):
@@ -524,6 +568,43 @@ def check_images_flag(flags, explicit):
     for name in ("checkpoint", "eval_samples"):
         if name in explicit:
             raise UserError(f"--images scores every image in its folder: --{name.replace('_', '-')} does not apply")
+
+
+def config_values(parser, path, explicit):
+    """The flags of a run's flags.json (--config FILE) that were not typed now, each checked as its
+    flag checks a typed value. Never the folders, the mode or this machine's settings: a config,
+    like a checkpoint, does not choose where files are read or written."""
+    try:
+        with open(path) as file:
+            saved = json.load(file)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--config {path} cannot be read: {getattr(error, 'strerror', None) or error}") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--config {path} is not a run's flags.json (a JSON object of flags)")
+    known = {action.dest for action in parser._actions}
+    values = {}
+    for name, value in saved.items():
+        if name in explicit or name in NOT_RESUMED_FLAGS or name not in known:
+            continue  # typed flags win; unknown names are a newer or older program's
+        if not saved_flag_is_valid(parser, name, value):
+            raise UserError(f"--config {path} says --{name.replace('_', '-')} {value!r}, which that flag refuses")
+        values[name] = value
+    return values
+
+
+def saved_flag_is_valid(parser, name, value):
+    """Whether a value read from a file (a checkpoint, a config) is one the flag's parser could have produced."""
+    action = next((a for a in parser._actions if a.dest == name), None)
+    if action is None or value is None:
+        return action is None or action.default is None
+    if action.choices is not None:
+        return isinstance(value, str) and value in action.choices
+    if action.type is None:  # store_true flags and plain strings
+        return type(value) is type(action.default) or isinstance(value, str)
+    try:
+        return type(value) is not bool and action.type(str(value)) == value
+    except (argparse.ArgumentTypeError, ValueError, TypeError):
+        return False
 
 
 def recipe_values(parser, name, explicit):

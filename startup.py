@@ -3,7 +3,6 @@ files or the checkpoint it resumes (older checkpoints upgraded first), the memor
 state it starts from (networks, position, RNG), and the command that resumes it.
 """
 
-import argparse
 import math
 import shlex
 import sys
@@ -22,6 +21,7 @@ from options import (
     PATH_FLAGS,
     build_parser,
     check_recipe,
+    saved_flag_is_valid,
 )
 from runtime import broadcast_int, mixed_seed, random_seed
 from steps import Nets, build_nets
@@ -42,7 +42,12 @@ SIZE_FLAGS = ("nz", "ngf", "ndf", "batch_size", "image_size")
 def upgraded(state):
     """A checkpoint's dict (or load_generator_file's) as today's program reads it: the one place
     that knows what older versions left out."""
-    return {**state, "flags": upgraded_flags(state["flags"]), "world_size": state.get("world_size", 1)}
+    flags = upgraded_flags(state["flags"])
+    names = state.get("class_names")
+    if not names and flags.get("conditional") and isinstance(flags.get("num_classes"), int):
+        # a conditional run's flags.json from before it kept the class names: the classes by index
+        names = [str(index) for index in range(flags["num_classes"])]
+    return {**state, "flags": flags, "class_names": names or (), "world_size": state.get("world_size", 1)}
 
 
 def upgraded_flags(saved_flags):
@@ -192,21 +197,6 @@ def refuse_saved_folders(saved_flags, opts, explicit, path, names):
             f"{path} was trained with {flag} {saved}: a checkpoint never chooses folders, "
             f"so type {flag} again (that one, or another)"
         )
-
-
-def saved_flag_is_valid(parser, name, value):
-    """Whether a value read from a checkpoint is one the flag's parser could have produced."""
-    action = next((a for a in parser._actions if a.dest == name), None)
-    if action is None or value is None:
-        return action is None or action.default is None
-    if action.choices is not None:
-        return isinstance(value, str) and value in action.choices
-    if action.type is None:  # store_true flags and plain strings
-        return type(value) is type(action.default) or isinstance(value, str)
-    try:
-        return type(value) is not bool and action.type(str(value)) == value
-    except (argparse.ArgumentTypeError, ValueError, TypeError):
-        return False
 
 
 # ---------------------------------------------------------------- sizes that cannot fit

@@ -85,7 +85,7 @@ BAD_FLAGS = [
     ),
     (["--image-size=--"], "argument --image-size: expected one argument"),
     (["--epochs"], "--epochs: expected one argument"),
-    (["--generate", "4", "--evaluate"], "choose one of --generate, --interpolate and --evaluate"),
+    (["--generate", "4", "--evaluate"], "choose one of --generate, --interpolate, --evaluate and --export"),
     (["--resume", "--generate", "4"], "--resume trains"),
     (["--batch-size", "64"], "the dataset has 32 images, fewer than --batch-size 64"),
 ]
@@ -864,8 +864,8 @@ def test_dataroot_naming_the_extracted_cifar10_folder_reads_it(tmp_path, gan_mai
 @pytest.mark.parametrize(
     "argv, phrase",
     [
-        (["--checkpoint", "checkpoints/checkpoint.pt"], "--checkpoint is read by --generate, --interpolate, --evaluate "
-         "only, not by training; training continues a checkpoint with --resume PATH"),
+        (["--checkpoint", "checkpoints/checkpoint.pt"], "--checkpoint is read by --generate, --interpolate, --evaluate, "
+         "--export only, not by training; training continues a checkpoint with --resume PATH"),
         (["--steps", "5"], "--steps is read by --interpolate only, not by training"),
         (["--generate", "4", "--steps", "5"], "--steps is read by --interpolate only, not by --generate"),
     ],

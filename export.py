@@ -1,0 +1,246 @@
+"""--export DIR: the trained generator as a folder other programs use without this one, laid out as
+a Hugging Face model repository: model.safetensors and config.json (the weights, and the sizes that
+rebuild G), a README.md model card with samples.png, and two graphs that need no Python class at
+all: generator.onnx (onnxruntime, any language) and generator.pt2 (torch.export.load(...).module()).
+
+Both graphs are G in eval mode and fp32, from noise (N, nz) float32 (and labels (N,) int64 for a
+class-conditional G) to images (N, C, H, W) in [-1, 1], for any N. Each is checked against the
+generator before the folder is handed over.
+"""
+
+import contextlib
+import copy
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import artifacts
+from checkpoint import EXPORT_CONFIG_NAME, EXPORT_FORMAT, METRICS_LOG_NAME, parse_metrics
+from errors import UserError
+from files import atomic_write, atomic_write_bytes
+from generator import TrainedGenerator
+from options import NOT_RESUMED_FLAGS, PATH_FLAGS
+from runtime import Runtime
+
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+ONNX_TOLERANCE = 1e-3  # largest difference allowed between ONNX Runtime's images and G's, in [-1, 1]
+SAMPLE_SEED = 0  # samples.png: --generate 64 --seed 0
+MAX_BATCH = 1 << 16
+
+
+def export(G, flags, state, path, folder, runtime):
+    """Write the export of G (loaded from path, with its flags and the loaded state; drawing on
+    runtime) into folder, a new or empty one; returns how far each graph's images are from G's."""
+    missing_packages()  # before anything is written
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"--export {folder} holds files: give a new or empty folder (an export never replaces one)")
+    cpu = TrainedGenerator(cpu_copy(G), Runtime(torch.device("cpu")), flags).eval()
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent if folder.parent.is_dir() else None))
+    try:
+        write_weights(cpu, flags, state, staging)
+        write_samples(G, flags, runtime, staging)
+        write_model_card(cpu, flags, state, path, staging)
+        onnx_error = write_onnx(cpu, staging / "generator.onnx")
+        pt2_error = write_pt2(cpu, staging / "generator.pt2")
+        if folder.exists():
+            folder.rmdir()  # empty: replaced by the finished export in one rename
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return onnx_error, pt2_error
+
+
+def missing_packages():
+    """One line naming the pip command when the ONNX exporter or its check is not installed."""
+    import importlib.util
+
+    missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"--export needs {', '.join(missing)}: pip install {' '.join(EXPORT_PACKAGES)}")
+
+
+def cpu_copy(G):
+    """G as the exported graphs hold it: fp32, on the CPU, in the contiguous layout, eval mode."""
+    copied = copy.deepcopy(G).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    copied.class_names = G.class_names
+    return copied
+
+
+# ---------------------------------------------------------------- the weights and the card
+
+
+def export_flags(flags):
+    """The training flags a shared export keeps: the folders of the machine it trained on are left out."""
+    return {name: value for name, value in flags.items() if name not in (*PATH_FLAGS, "cache_dir")}
+
+
+def config_of(generator, flags, state):
+    """config.json: what rebuilds G (its sizes, output and classes), how it was trained, and where it stood."""
+    return {
+        "format": EXPORT_FORMAT,
+        "arch": flags["arch"],
+        "nz": flags["nz"],
+        "ngf": flags["ngf"],
+        "image_size": flags["image_size"],
+        "channels": flags["nc"],
+        "g_output": flags["g_output"],
+        "class_names": list(generator.class_names),
+        "generator": "ema" if generator.G.uses_ema else "trained",
+        "epoch": state.get("epoch"),
+        "step": state.get("step"),
+        "flags": {name: value for name, value in export_flags(flags).items() if name not in NOT_RESUMED_FLAGS},
+    }
+
+
+def write_weights(generator, flags, state, folder):
+    from safetensors.torch import save
+
+    weights = {name: tensor.contiguous() for name, tensor in generator.G.state_dict().items()}
+    atomic_write_bytes(folder / "model.safetensors", save(weights, metadata={"format": "pt"}))
+    config = config_of(generator, flags, state)
+    atomic_write(folder / EXPORT_CONFIG_NAME, lambda file: json.dump(config, file, indent=2), mode="w")
+
+
+def write_samples(G, flags, runtime, folder):
+    """samples.png: 64 images of seed 0, or a labelled row of 8 for each class (up to 10), as
+    --generate draws them."""
+    generator = TrainedGenerator(G, runtime, flags)
+    if not generator.class_names:
+        images = generator.sample(64, seed=SAMPLE_SEED)
+        artifacts.save_pil(artifacts.grid_image(images.float().div(127.5).sub(1)), folder / "samples.png")
+        return
+    shown = generator.class_names[:10]
+    rows = [generator.sample(8, seed=SAMPLE_SEED, label=name) for name in shown]
+    images = torch.cat(rows).float().div(127.5).sub(1)
+    artifacts.save_pil(artifacts.labelled_grid_image(images, list(shown)), folder / "samples.png")
+
+
+def write_model_card(generator, flags, state, path, folder):
+    card = model_card(generator, config_of(generator, flags, state)["flags"], state, last_fid(path))
+    atomic_write(folder / "README.md", lambda file: file.write(card), mode="w")
+
+
+def last_fid(path):
+    """(FID, epoch) of the last evaluation while training, from the metrics log beside the checkpoint, or None."""
+    log = Path(path).parent / METRICS_LOG_NAME
+    if not log.is_file():
+        return None
+    rows, _ = parse_metrics(log.read_bytes().decode("utf-8", errors="replace"))
+    scored = [row for row in rows if isinstance(row.get("fid"), (int, float)) and "evaluate" not in row]
+    return (scored[-1]["fid"], scored[-1].get("epoch")) if scored else None
+
+
+def model_card(generator, flags, state, fid):
+    nz, classes = generator.nz, generator.class_names
+    side, channels = generator.image_size, generator.channels
+    kind = "class-conditional" if classes else "unconditional"
+    labels = ", torch.zeros(16, dtype=torch.long)" if classes else ""
+    trained = f"{state.get('epoch')} epochs, {state.get('step')} steps" if state.get("step") else "its flags below"
+    score = f" Its last FID while training was {fid[0]:.2f} (epoch {fid[1]})." if fid else ""
+    which = "moving average (EMA)" if generator.G.uses_ema else "trained weights (no EMA)"
+    class_line = (
+        f"\nClasses, by index: {', '.join(f'{i}: {name}' for i, name in enumerate(classes))}.\n" if classes else ""
+    )
+    flag_rows = "\n".join(f"| `--{name.replace('_', '-')}` | `{value}` |" for name, value in sorted(flags.items()))
+    return f"""---
+library_name: pytorch
+pipeline_tag: unconditional-image-generation
+tags:
+- gan
+- dcgan
+---
+
+# A {kind} DCGAN generator, {side}x{side} px, {channels} channel{"s" if channels > 1 else ""}
+
+The generator's {which}, trained with gan.py for {trained}.{score}
+It maps noise of {nz} numbers (and a class index{"" if classes else ", for a conditional one"}) to an
+image in [-1, 1].
+{class_line}
+![samples](samples.png)
+
+## Load it in three lines (torch alone)
+
+```python
+import torch
+G = torch.export.load("generator.pt2").module()
+images = G(torch.randn(16, {nz}){labels})  # (16, {channels}, {side}, {side}) in [-1, 1]
+```
+
+Other languages: `generator.onnx` (ONNX Runtime), inputs `noise` (N, {nz}) float32{" and `labels` (N,) int64" if classes else ""}, output `images`.
+The weights alone: `model.safetensors`, with the sizes in `config.json`.
+
+## How it was trained
+
+| flag | value |
+| --- | --- |
+{flag_rows}
+"""
+
+
+# ---------------------------------------------------------------- the graphs
+
+
+def example_inputs(generator, batch=2):
+    generator_seed = torch.Generator().manual_seed(SAMPLE_SEED)
+    noise = torch.randn(batch, generator.nz, generator=generator_seed)
+    if not generator.class_names:
+        return (noise,)
+    return noise, torch.arange(batch) % len(generator.class_names)
+
+
+def dynamic_batch(generator):
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    return ({0: batch},) if not generator.class_names else ({0: batch}, {0: batch})
+
+
+def write_onnx(generator, path):
+    """generator.onnx, checked with ONNX Runtime at another batch size; returns the largest difference."""
+    names = ["noise", "labels"][: len(example_inputs(generator))]
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter reports each stage on stdout
+        torch.onnx.export(
+            generator,
+            example_inputs(generator),
+            str(path),
+            input_names=names,
+            output_names=["images"],
+            dynamic_shapes=dynamic_batch(generator),
+            dynamo=True,
+            external_data=False,
+        )
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = example_inputs(generator, batch=5)
+    got = session.run(None, {name: value.numpy() for name, value in zip(names, inputs)})[0]
+    return largest_difference(torch.from_numpy(got), generator, inputs, "generator.onnx", ONNX_TOLERANCE)
+
+
+def write_pt2(generator, path):
+    """generator.pt2, loaded back and checked at another batch size; returns the largest difference."""
+    program = torch.export.export(generator, example_inputs(generator), dynamic_shapes=dynamic_batch(generator))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    inputs = example_inputs(generator, batch=5)
+    with torch.no_grad():
+        got = torch.export.load(path).module()(*inputs)
+    return largest_difference(got, generator, inputs, "generator.pt2", ONNX_TOLERANCE)
+
+
+def largest_difference(got, generator, inputs, name, tolerance):
+    with torch.no_grad():
+        expected = generator(*inputs)
+    if got.shape != expected.shape:
+        raise RuntimeError(f"{name} gives images of shape {tuple(got.shape)}, the generator {tuple(expected.shape)}")
+    difference = (got.float() - expected).abs().max().item()
+    if not difference <= tolerance:
+        raise RuntimeError(f"{name}'s images differ from the generator's by {difference:.3g} (allowed {tolerance})")
+    return difference

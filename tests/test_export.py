@@ -1,0 +1,304 @@
+"""The generator leaves the program: --export writes model.safetensors + config.json, a model card,
+generator.onnx and generator.pt2 that give the images --generate gives; the exported folder serves
+as --checkpoint; gan.load_generator loads every file the program writes; --config repeats a run.
+
+Three exports cover every architecture, plain and conditional, colour and greyscale, tanh and clip.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_ARGS, png_pixels, subprocess_env
+
+import faults
+import gan
+import options
+from errors import UserError
+
+VARIANTS = {
+    "dcgan-plain-tanh": ["--arch", "dcgan"],
+    "upsample-conditional-grey-clip": ["--arch", "upsample", "--conditional", "--channels", "1", "--g-output", "clip"],
+    "fullres-conditional-clip": ["--arch", "upsample-fullres", "--conditional", "--g-output", "clip"],
+}
+EXPECTED_CONFIG = {
+    "dcgan-plain-tanh": {"arch": "dcgan", "channels": 3, "g_output": "tanh", "class_names": []},
+    "upsample-conditional-grey-clip": {
+        "arch": "upsample",
+        "channels": 1,
+        "g_output": "clip",
+        "class_names": [str(k) for k in range(10)],
+    },
+    "fullres-conditional-clip": {
+        "arch": "upsample-fullres",
+        "channels": 3,
+        "g_output": "clip",
+        "class_names": [str(k) for k in range(10)],
+    },
+}
+
+
+def call_gan(argv, capsys):
+    capsys.readouterr()
+    code = gan.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    """gan.main in-process with the StopRequest's signal handlers left alone, as conftest's gan_main."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(faults.StopRequest, "install", lambda self: None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        patch.delenv(name, raising=False)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, in_process):
+    """A 1-epoch run of each variant and its --export, each in a folder of its own: {variant: folder}."""
+    folders, cwd = {}, os.getcwd()
+    for variant, flags in VARIANTS.items():
+        folders[variant] = tmp_path_factory.mktemp(variant)
+        os.chdir(folders[variant])
+        try:
+            assert gan.main([*TINY_ARGS, *flags, "--epochs", "1"]) == 0
+            assert gan.main(["--export", "export"]) == 0
+        finally:
+            os.chdir(cwd)
+    return folders
+
+
+@pytest.fixture(params=list(VARIANTS))
+def exported(request, exports):
+    """(folder, variant) of each variant's run and export."""
+    return exports[request.param], request.param
+
+
+def trained(folder):
+    return gan.load_generator(folder / "checkpoints" / "checkpoint.pt", device="cpu")
+
+
+def inputs(generator, batch, seed=7):
+    noise = torch.randn(batch, generator.nz, generator=torch.Generator().manual_seed(seed))
+    if not generator.class_names:
+        return (noise,)
+    return noise, torch.arange(batch) % len(generator.class_names)
+
+
+def test_the_export_folder_holds_the_weights_config_card_samples_and_graphs(exported):
+    folder, variant = exported
+    names = sorted(path.name for path in (folder / "export").iterdir())
+    assert names == ["README.md", "config.json", "generator.onnx", "generator.pt2", "model.safetensors", "samples.png"]
+    config = json.loads((folder / "export" / "config.json").read_text())
+    assert {name: config[name] for name in EXPECTED_CONFIG[variant]} == EXPECTED_CONFIG[variant]
+    assert (config["nz"], config["ngf"], config["image_size"], config["generator"]) == (8, 8, 16, "ema")
+    assert (config["epoch"], config["step"]) == (1, 4)
+    assert not {"dataroot", "image_dir", "checkpoint_dir", "cache_dir"} & set(config["flags"])  # no paths shared
+    card = (folder / "export" / "README.md").read_text()
+    assert 'torch.export.load("generator.pt2").module()' in card and "![samples](samples.png)" in card
+    assert "| `--arch` | `" + config["arch"] + "` |" in card
+
+
+def test_the_safetensors_hold_the_ema_generator_with_its_own_statistics(exported):
+    from safetensors.torch import load_file
+
+    folder, _ = exported
+    weights = load_file(folder / "export" / "model.safetensors")
+    expected = trained(folder).G.state_dict()
+    assert sorted(weights) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor.contiguous()), name
+    # saved at the epoch's end, the average's BatchNorm statistics were estimated for its own weights
+    state = torch.load(folder / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert state["netG_ema_own_statistics"] is True
+    assert all(torch.equal(weights[name], tensor) for name, tensor in state["netG_ema"].items())
+    assert not all(torch.equal(weights[name], tensor) for name, tensor in state["netG"].items())
+
+
+def test_the_onnx_graph_gives_the_generators_images_at_any_batch_size(exported):
+    import onnxruntime
+
+    folder, _ = exported
+    generator = trained(folder)
+    session = onnxruntime.InferenceSession(
+        str(folder / "export" / "generator.onnx"), providers=["CPUExecutionProvider"]
+    )
+    names = [node.name for node in session.get_inputs()]
+    assert names == ["noise", "labels"][: len(inputs(generator, 1))]
+    for batch in (1, 3, 9):
+        given = inputs(generator, batch)
+        got = session.run(None, {name: value.numpy() for name, value in zip(names, given)})[0]
+        with torch.no_grad():
+            expected = generator(*given)
+        assert got.shape == (batch, generator.channels, 16, 16)
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-3, rtol=0)
+
+
+PT2_PROBE = """
+import sys, torch
+for graph, *inputs in (line.split() for line in sys.stdin.read().splitlines()):
+    G = torch.export.load(graph).module()
+    torch.save(G(*[torch.load(path) for path in inputs]), graph + ".images.pt")
+print([name for name in sys.modules if name in ("gan", "models", "generator", "steps")])
+"""
+
+
+def test_the_pt2_graphs_load_with_torch_alone_and_give_the_generators_images(tmp_path_factory, exports):
+    """In one fresh Python outside the repository, with nothing of it importable."""
+    work = tmp_path_factory.mktemp("pt2")
+    lines, expected = [], {}
+    for variant in VARIANTS:
+        folder = exports[variant]
+        generator = trained(folder)
+        given = inputs(generator, 5)
+        paths = []
+        for index, tensor in enumerate(given):
+            paths.append(work / f"{variant}-input{index}.pt")
+            torch.save(tensor, paths[-1])
+        graph = work / f"{variant}.pt2"
+        graph.write_bytes((folder / "export" / "generator.pt2").read_bytes())
+        lines.append(" ".join(map(str, [graph, *paths])))
+        with torch.no_grad():
+            expected[variant] = (graph, generator(*given))
+    env = {key: value for key, value in subprocess_env().items() if key != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", PT2_PROBE],
+        input="\n".join(lines),
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"  # none of the program's modules was imported
+    for variant, (graph, images) in expected.items():
+        # the same kernels on the same machine: equal to the last bit here, and within 1e-6 anywhere
+        torch.testing.assert_close(torch.load(f"{graph}.images.pt"), images, atol=1e-6, rtol=0, msg=variant)
+
+
+def test_generate_from_the_exported_folder_writes_the_checkpoints_pngs(exported, capsys, in_process):
+    folder, variant = exported
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        label = [] if variant == "dcgan-plain-tanh" else ["--class", "3"]
+        for source, images in (
+            ("checkpoints/checkpoint.pt", "from_checkpoint"),
+            ("export/model.safetensors", "from_export"),
+        ):
+            call_gan(["--generate", "6", "--seed", "5", *label, "--checkpoint", source, "--image-dir", images], capsys)
+    finally:
+        os.chdir(cwd)
+    written = sorted((folder / "from_checkpoint" / "generated").rglob("0*.png"))
+    assert len(written) == 6
+    for path in written:
+        twin = folder / "from_export" / path.relative_to(folder / "from_checkpoint")
+        assert path.read_bytes() == twin.read_bytes(), path.name
+
+
+def test_load_generator_samples_what_generate_writes_from_every_kind_of_file(exported, capsys, in_process):
+    folder, variant = exported
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        label = [] if variant == "dcgan-plain-tanh" else ["--class", "2"]
+        call_gan(["--generate", "5", "--seed", "9", *label, "--image-dir", "api"], capsys)
+    finally:
+        os.chdir(cwd)
+    pngs = sorted((folder / "api" / "generated").rglob("0*.png"))
+    written = torch.stack([png_pixels(path) for path in pngs])
+    for path in ("checkpoints/checkpoint.pt", "checkpoints/netG_ema.pth", "export/model.safetensors"):
+        generator = gan.load_generator(folder / path, device="cpu")
+        sampled = generator.sample(5, seed=9, label=None if variant == "dcgan-plain-tanh" else "2")
+        assert sampled.dtype == torch.uint8 and sampled.shape == (5, generator.channels, 16, 16)
+        assert torch.equal(sampled.int().expand(-1, 3, -1, -1), written), path
+
+
+def test_an_export_never_replaces_a_folder_and_names_the_pip_command_when_onnx_is_missing(
+    trained_run, tmp_path, gan_main, monkeypatch
+):
+    from conftest import copy_run, snapshot
+
+    copy_run(trained_run, tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    code, _, err = gan_main(["--export", "taken"])
+    assert code == 2 and "--export taken holds files: give a new or empty folder" in err
+    assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real_find_spec(name, *a)
+    )
+    before = snapshot(tmp_path)
+    code, _, err = gan_main(["--export", "new"])
+    assert code == 2
+    assert err.strip().endswith("--export needs onnx: pip install onnx onnxscript onnxruntime")
+    assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()
+
+
+def test_raw_exports_the_trained_generator_instead_of_its_average(trained_run, tmp_path, gan_main):
+    from conftest import copy_run
+    from safetensors.torch import load_file
+
+    copy_run(trained_run, tmp_path)
+    code, _, err = gan_main(["--export", "raw", "--raw"])
+    assert code == 0, err
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    weights = load_file(tmp_path / "raw" / "model.safetensors")
+    assert all(torch.equal(weights[name], tensor) for name, tensor in state["netG"].items())
+    assert json.loads((tmp_path / "raw" / "config.json").read_text())["generator"] == "trained"
+
+
+# ---------------------------------------------------------------- --config
+
+
+def test_config_starts_a_run_with_a_runs_flags_and_typed_flags_win(tmp_path):
+    saved = {
+        **options.parse_flags([*TINY_ARGS, "--recipe", "improved", "--lr", "5e-4"])[0].as_dict(),
+        "dataroot": "/elsewhere",
+        "checkpoint_dir": "/tmp/not-here",
+        "resume": "x.pt",
+    }
+    (tmp_path / "flags.json").write_text(json.dumps(saved))
+    opts, explicit = options.parse_flags(["--config", str(tmp_path / "flags.json"), "--epochs", "7"])
+    assert (opts.arch, opts.g_output, opts.spectral_loss, opts.lr) == ("upsample-fullres", "clip", 3.0, 5e-4)
+    assert (opts.nz, opts.batch_size, opts.seed, opts.epochs) == (8, 8, 1, 7)
+    # never the folders, nor the mode: a config does not choose where files go
+    assert (opts.dataroot, opts.checkpoint_dir, opts.resume) == ("data", "checkpoints", None)
+    assert {"arch", "lr", "nz"} <= explicit
+    # a typed recipe wins over the config's values of its flags
+    opts, _ = options.parse_flags(["--config", str(tmp_path / "flags.json"), "--recipe", "dcgan"])
+    assert (opts.arch, opts.g_output) == ("dcgan", "tanh")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"lr": -1}', "says --lr -1, which that flag refuses"),
+        ('{"arch": "resnet"}', "says --arch 'resnet', which that flag refuses"),
+        ("[1, 2]", "is not a run's flags.json"),
+        ("{not json", "cannot be read"),
+    ],
+)
+def test_a_bad_config_is_one_line(tmp_path, content, message):
+    (tmp_path / "flags.json").write_text(content)
+    with pytest.raises(UserError, match=message):
+        options.parse_flags(["--config", str(tmp_path / "flags.json")])
+
+
+def test_config_goes_with_training_only():
+    with pytest.raises(UserError, match="--config is read by training only, not by --generate"):
+        options.parse_flags(["--generate", "4", "--config", "flags.json"])
+    with pytest.raises(UserError, match="--config starts a run"):
+        options.parse_flags(["--resume", "--config", "flags.json"])
