@@ -26,6 +26,9 @@ from runtime import Runtime, choose_precision
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 STEPS_PER_EPOCH = 2  # TINY_ARGS: 32 images, batches of 8, split over 2 ranks
 TIMEOUT_S = 300  # a hung job fails the test instead of the whole suite
+# ddp_run's three two-process jobs took a minute on a busy 2-core machine, counted in the time of
+# whichever of its tests runs first (with a job of its own, 100 s): more than the suite's 60 s
+WITH_DDP_RUN = pytest.mark.timeout(180)
 
 
 def free_port():
@@ -107,6 +110,7 @@ def assert_same_parameters(states, what):
         torch.testing.assert_close(rank0[what][name], rank1[what][name], rtol=0, atol=0, msg=f"{what}.{name}")
 
 
+@WITH_DDP_RUN
 def test_without_seed_every_rank_trains_on_rank_zeros_random_seed(ddp_run):
     seeds = re.findall(r"seed (\d+)$", ddp_run["first"].stdout, re.M)
     assert len(seeds) == 1  # printed once, by rank 0
@@ -114,6 +118,7 @@ def test_without_seed_every_rank_trains_on_rank_zeros_random_seed(ddp_run):
     # one seed on both ranks: one permutation, split into disjoint shards (test_each_rank_trains_on_its_own_shard)
 
 
+@WITH_DDP_RUN
 def test_rank_zero_alone_writes_the_outputs(ddp_run):
     stdout, stderr = ddp_run["first"].stdout, ddp_run["first"].stderr
     cpu = torch.device("cpu")
@@ -134,12 +139,14 @@ def test_rank_zero_alone_writes_the_outputs(ddp_run):
     assert ddp_run["first_checkpoint"]["epoch"] == 1 and ddp_run["first_checkpoint"]["step"] == STEPS_PER_EPOCH
 
 
+@WITH_DDP_RUN
 @pytest.mark.parametrize("what", ["G", "D", "G_ema"])
 def test_both_ranks_end_with_the_same_weights(ddp_run, what):
     assert_same_parameters(ddp_run["first_states"], what)
     assert_same_parameters(ddp_run["resumed_states"], what)
 
 
+@WITH_DDP_RUN
 def test_rank_zero_saves_the_weights_it_trained(ddp_run):
     rank0 = ddp_run["first_states"][0]
     saved = ddp_run["first_checkpoint"]
@@ -148,6 +155,7 @@ def test_rank_zero_saves_the_weights_it_trained(ddp_run):
         torch.testing.assert_close(saved["netG_ema"][name], rank0["G_ema"][name], rtol=0, atol=0)
 
 
+@WITH_DDP_RUN
 def test_each_rank_trains_on_its_own_shard(ddp_run):
     for states in (ddp_run["first_states"], ddp_run["resumed_states"]):
         batches = [state["batches"] for state in states]
@@ -158,6 +166,7 @@ def test_each_rank_trains_on_its_own_shard(ddp_run):
         assert not images[0] & images[1], "the ranks' shards are disjoint"
 
 
+@WITH_DDP_RUN
 def test_resume_under_torchrun_continues_from_the_checkpoint(ddp_run):
     stdout = ddp_run["resumed"].stdout
     assert stdout.count("resuming checkpoints/checkpoint.pt: 1 epoch done, step 2") == 1
@@ -187,6 +196,7 @@ def assert_same_checkpoint(resumed, straight):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
+@WITH_DDP_RUN
 def test_one_epoch_and_a_resume_under_torchrun_equal_two_epochs_in_one_go(ddp_run):
     resumed = torch.load(ddp_run["folder"] / "checkpoints" / "checkpoint.pt", weights_only=True)
     assert len(resumed["rng"]["ranks"]) == 2 and resumed["world_size"] == 2
@@ -196,6 +206,7 @@ def test_one_epoch_and_a_resume_under_torchrun_equal_two_epochs_in_one_go(ddp_ru
     assert [line for line in resumed_log if '"fid"' not in line] == ddp_run["straight_log"].splitlines()
 
 
+@WITH_DDP_RUN
 def test_a_ctrl_c_on_one_rank_stops_both_at_one_step_and_resumes_exactly(ddp_run, tmp_path):
     # the Ctrl-C reaches rank 1 alone after its first step; the ranks agree at the logging point, step 2
     interrupted = torchrun(ddp_run["straight_args"], tmp_path, DDP_WORKER_SIGINT="1:1")
@@ -215,6 +226,7 @@ def test_a_ctrl_c_on_one_rank_stops_both_at_one_step_and_resumes_exactly(ddp_run
     assert_same_checkpoint(resumed, ddp_run["straight_checkpoint"])
 
 
+@pytest.mark.timeout(120)  # a one-process run, then a two-process one: 26-39 s on a busy 2-core machine
 def test_conditional_training_under_torchrun_keeps_each_image_with_its_label(tmp_path):
     flags = [*TINY_ARGS, "--conditional", "--epochs", "1"]
     alone, pair = tmp_path / "alone", tmp_path / "pair"
@@ -247,6 +259,7 @@ def labelled_images(state):
     }
 
 
+@WITH_DDP_RUN
 def test_a_two_process_checkpoint_resumed_in_one_process_says_so(ddp_run, gan_main, tmp_path):
     shutil.copytree(ddp_run["folder"] / "after_first", tmp_path / "checkpoints")
     code, out, err = gan_main(["--resume", "--epochs", "2", "--device", "cpu"])
@@ -279,6 +292,7 @@ def test_fewer_images_than_one_step_of_all_processes_is_refused(monkeypatch, tmp
     )
 
 
+@WITH_DDP_RUN
 def test_fid_under_torchrun_is_scored_by_rank_zero_alone(ddp_run):
     """The metrics compute on rank 0 without collectives: gathering across ranks there would pair
     with the other rank's barrier and hang the job (NCCL's watchdog kills it after its timeout)."""
