@@ -32,18 +32,20 @@ NEIGHBOUR_SCORES = ("precision", "recall", "density", "coverage")
 class StandInFeatures(nn.Module):
     """uint8 (N, 3, H, W) -> (N, 4) float: channel means and the overall spread.
 
-    Records the size of every batch it sees, so a test can tell real from generated calls.
+    Records the size of every batch it sees, so a test can tell real from generated calls, and
+    the side of its images.
     """
 
     num_features = 4
 
     def __init__(self):
         super().__init__()
-        self.batch_sizes = []
+        self.batch_sizes, self.sides = [], []
 
     def forward(self, images_uint8):
         assert images_uint8.dtype == torch.uint8
         self.batch_sizes.append(len(images_uint8))
+        self.sides.append(images_uint8.shape[-1])
         images = images_uint8.float() / 255
         return torch.cat([images.mean(dim=(2, 3)), images.flatten(1).std(dim=1, keepdim=True)], dim=1)
 
@@ -434,6 +436,20 @@ def test_evaluate_images_scores_a_folder_against_cifar10_train_at_32_px(gan_main
     assert (row["precision"], row["recall"], row["coverage"]) == (1.0, 1.0, 1.0)
     assert "30 images of theirs at 32 px, against 30 real" in out
     assert f"precision {row['precision']:.3f}" in out
+
+
+def test_evaluate_images_decodes_the_folder_at_the_real_images_side_not_image_size(gan_main, stand_in, tmp_path):
+    """--image-size 16 against CIFAR-10's 32 px images: the folder's 64 x 48 px images are scored at
+    32 px, the side of the real ones, as the line says; the same colours, so FID 0."""
+    training = write_cifar10_archive(tmp_path / "data", images_per_batch=2)  # 10 training images
+    write_colour_pngs(tmp_path / "theirs", training[:, :, 0, 0], (64, 48))
+    argv = ["--evaluate", "--images", "theirs", "--device", "cpu", "--image-size", "16", "--workers", "0"]
+    code, out, err = gan_main(argv, stand_in)
+    assert code == 0, err
+    assert stand_in.batch_sizes == [10] * 5  # real: FID and KID; the folder's: FID, KID and IS
+    assert stand_in.sides == [32] * 5
+    assert read_rows(tmp_path / "checkpoints" / "metrics.jsonl")[-1]["fid"] == pytest.approx(0, abs=1e-3)
+    assert "10 images of theirs at 32 px, against 10 real" in out
 
 
 @pytest.mark.parametrize(
