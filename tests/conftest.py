@@ -218,6 +218,36 @@ def as_pixels(images):
     return images.add(1).div(2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).int()
 
 
+def saved_generator(path):
+    """The EMA generator of a checkpoint saved at an epoch's end, in eval mode, and its nz: what
+    --generate, --interpolate and --evaluate draw with."""
+    import torch
+
+    import sampling
+
+    state = torch.load(path, weights_only=True)
+    G = sampling.generator_of(state["flags"])
+    G.load_state_dict(state["netG_ema"])
+    return G.eval(), state["flags"]["nz"]
+
+
+def truncated_noise(count, nz, truncation, generator):
+    """count noise vectors of a standard normal truncated to [-truncation, truncation] (the
+    truncation trick), drawn from generator."""
+    import torch
+
+    noise = torch.empty(count, nz, 1, 1)
+    return torch.nn.init.trunc_normal_(noise, 0.0, 1.0, -truncation, truncation, generator=generator)
+
+
+def drawn_pixels(G, noise):
+    """G's images of noise as the ints (N, 3, H, W) a PNG or the scorer receives."""
+    import torch
+
+    with torch.no_grad():
+        return as_pixels(G(noise))
+
+
 # ---------------------------------------------------------------- synthetic CIFAR-10
 
 

@@ -14,7 +14,7 @@ import pytest
 import scipy.linalg
 import scipy.spatial
 import torch
-from conftest import snapshot, write_cifar10_archive
+from conftest import drawn_pixels, saved_generator, snapshot, truncated_noise, write_cifar10_archive
 from test_data_cache import folder_run, write_folder
 from torch import nn
 
@@ -48,6 +48,18 @@ class StandInFeatures(nn.Module):
         self.sides.append(images_uint8.shape[-1])
         images = images_uint8.float() / 255
         return torch.cat([images.mean(dim=(2, 3)), images.flatten(1).std(dim=1, keepdim=True)], dim=1)
+
+
+class ImageRecordingFeatures(StandInFeatures):
+    """StandInFeatures that also keeps every batch of images it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, images_uint8):
+        self.batches.append(images_uint8.clone())
+        return super().forward(images_uint8)
 
 
 class PixelFeatures(nn.Module):
@@ -299,6 +311,23 @@ def test_evaluate_prints_and_logs_fid_is_and_kid(gan_main, stand_in, tiny_args, 
     assert {"fid", "is", "is_std", "kid", "kid_std", *NEIGHBOUR_SCORES} <= set(logged[0])
     for name in NEIGHBOUR_SCORES:
         assert f"{name} {logged[0][name]:.3f}" in line
+
+
+def test_evaluate_scores_the_images_of_noise_truncated_as_truncation_says(gan_main, tiny_args, tmp_path):
+    """--evaluate --truncation 0.5 --seed 3 scores G's images of --seed 3's noise drawn from a normal
+    truncated to [-0.5, 0.5], by hand from the checkpoint's EMA generator."""
+    code, _, err = gan_main([*tiny_args, "--epochs", "1"])
+    assert code == 0, err
+    recorder = ImageRecordingFeatures()
+    argv = ["--evaluate", *EVAL_ARGS, "--device", "cpu", "--precision", "fp32", "--seed", "3", "--truncation", "0.5"]
+    code, _, err = gan_main(argv, recorder)
+    assert code == 0, err
+    G, nz = saved_generator(tmp_path / "checkpoints" / "checkpoint.pt")
+    expected = drawn_pixels(G, truncated_noise(16, nz, 0.5, torch.Generator().manual_seed(3)))
+    generated = [images for images in recorder.batches if len(images) == 16]  # the real batches hold 32
+    assert len(generated) == 3  # FID, KID and IS each see them
+    for images in generated:
+        torch.testing.assert_close(images.int(), expected, rtol=0, atol=1)
 
 
 # ---------------------------------------------------------------- offline: no Inception weights
