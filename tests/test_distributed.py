@@ -37,10 +37,10 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def torchrun(args, cwd, **env):
-    """Two processes of gan.py's CLI (through the worker); the CompletedProcess."""
+def torchrun(args, cwd, processes=2, **env):
+    """gan.py's CLI (through the worker) in that many processes; the CompletedProcess."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(cwd), *map(str, args),
     ]  # fmt: skip
     return subprocess.run(
@@ -268,6 +268,27 @@ def test_a_two_process_checkpoint_resumed_in_one_process_says_so(ddp_run, gan_ma
     state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
     # epoch 2 in batches of 8: 4 steps after the 2 of epoch 1
     assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (2, 0, STEPS_PER_EPOCH + 4, 1)
+
+
+@WITH_DDP_RUN
+def test_a_two_process_checkpoint_resumed_by_three_processes_gives_each_its_own_fresh_noise(ddp_run, tmp_path):
+    """torchrun with more processes than saved RNG states: the resume says so, goes on from the saved
+    epoch and step in steps of 3 x 8 images (one disjoint batch per rank), and every rank draws its
+    noise from the fresh seed mixed_seed(seed, step, rank); the checkpoint then holds 3 RNG states."""
+    shutil.copytree(ddp_run["folder"] / "after_first", tmp_path / "checkpoints")
+    result = check_ok(torchrun(["--resume", "--epochs", "2"], tmp_path, processes=3))
+    changed = "resume: changed processes 2 -> 3 (global batch 16 -> 24; the noise each process draws starts afresh)"
+    assert result.stdout.count(changed) == 1
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (2, 0, STEPS_PER_EPOCH + 1, 3)
+    assert len(state["rng"]["ranks"]) == 3
+    ranks = [rank_state(tmp_path, rank) for rank in range(3)]
+    images = [set(rank["batches"][0]) for rank in ranks]
+    assert [len(rank["batches"]) for rank in ranks] == [1, 1, 1] and len(set.union(*images)) == 24
+    seed = ddp_run["first_checkpoint"]["seed"]
+    for rank, saved in enumerate(ranks):
+        fresh = torch.Generator().manual_seed(options.mixed_seed(seed, STEPS_PER_EPOCH, rank)).get_state()
+        assert torch.equal(saved["first_step_rng"], fresh), f"rank {rank}"
 
 
 def test_a_mid_epoch_position_is_carried_over_to_another_number_of_processes():
