@@ -4,8 +4,10 @@ End-to-end tests run the real CLI as a subprocess (`run_gan`); fast checks call
 `gan.main(argv)` in-process (`gan_main`). Everything runs on the CPU with tiny nets.
 """
 
+import contextlib
 import os
 import pickle
+import queue
 import shutil
 import signal
 import subprocess
@@ -67,6 +69,37 @@ def cache_dir(tmp_path_factory, monkeypatch):
     folder = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv(folders.CACHE_ENV, str(folder))
     return folder
+
+
+WRITER_STOP_SECONDS = 10  # a job of a tiny run is written in well under a second
+
+
+@pytest.fixture(autouse=True)
+def stop_writer_threads(monkeypatch):
+    """Every BackgroundWriter thread a test started is stopped when the test ends, passed or failed:
+    one left waiting for jobs (a failed wait(), a close() never reached) is not a daemon, and
+    pytest would never exit after reporting the failure. A thread the test left running fails it:
+    the code under test, or the test, should have closed its writer."""
+    import writer
+
+    started = []
+    real_init = writer.BackgroundWriter.__init__
+
+    def recording_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(writer.BackgroundWriter, "__init__", recording_init)
+    try:
+        yield
+    finally:
+        left = [background for background in started if background.thread.is_alive()]
+        for background in left:
+            with contextlib.suppress(queue.Full):  # a job that never returns keeps the queue full
+                background.jobs.put(None, timeout=WRITER_STOP_SECONDS)
+            background.thread.join(timeout=WRITER_STOP_SECONDS)
+        stuck = sum(background.thread.is_alive() for background in left)
+        assert not left, f"the test left {len(left)} writer thread(s) running; {stuck} still blocked in a job"
 
 
 @pytest.fixture
@@ -186,6 +219,36 @@ def as_pixels(images):
     import torch
 
     return images.add(1).div(2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8).int()
+
+
+def saved_generator(path):
+    """The EMA generator of a checkpoint saved at an epoch's end, in eval mode, and its nz: what
+    --generate, --interpolate and --evaluate draw with."""
+    import torch
+
+    import sampling
+
+    state = torch.load(path, weights_only=True)
+    G = sampling.generator_of(state["flags"])
+    G.load_state_dict(state["netG_ema"])
+    return G.eval(), state["flags"]["nz"]
+
+
+def truncated_noise(count, nz, truncation, generator):
+    """count noise vectors of a standard normal truncated to [-truncation, truncation] (the
+    truncation trick), drawn from generator."""
+    import torch
+
+    noise = torch.empty(count, nz, 1, 1)
+    return torch.nn.init.trunc_normal_(noise, 0.0, 1.0, -truncation, truncation, generator=generator)
+
+
+def drawn_pixels(G, noise):
+    """G's images of noise as the ints (N, 3, H, W) a PNG or the scorer receives."""
+    import torch
+
+    with torch.no_grad():
+        return as_pixels(G(noise))
 
 
 # ---------------------------------------------------------------- synthetic CIFAR-10

@@ -2,11 +2,12 @@
 
     python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR [gan.py flags]
 
-Writes OUT_DIR/rank{R}.pt with the rank's parameters and a fingerprint of every real batch
-it trained on (and the batch's labels under --conditional). Run with plain python, it is rank 0
-of a one-process run. With DDP_WORKER_FAIL_RANK=R set, loading the data fails on rank R only; with
-DDP_WORKER_SIGINT=R:S, rank R alone gets a SIGINT after its step S; with
-DDP_WORKER_STAND_IN_FEATURES=1, --fid-every scores with a tiny feature net instead of Inception.
+Writes OUT_DIR/rank{R}.pt with the rank's parameters, a fingerprint of every real batch
+it trained on (and the batch's labels under --conditional) and the global RNG state its first step
+began with. Run with plain python, it is rank 0 of a one-process run. With DDP_WORKER_FAIL_RANK=R
+set, loading the data fails on rank R only; with DDP_WORKER_SIGINT=R:S, rank R alone gets a SIGINT
+after its step S; with DDP_WORKER_STAND_IN_FEATURES=1, --fid-every scores with a tiny feature net
+instead of Inception.
 """
 
 import os
@@ -37,11 +38,13 @@ class ChannelMeans(nn.Module):
 def main():
     out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     rank = int(os.environ.get("RANK", "0"))
-    seen = {"batches": [], "labels": [], "state": None}
+    seen = {"batches": [], "labels": [], "state": None, "first_step_rng": None}
 
     real_train_step = gan.train_step
 
     def recording_train_step(nets, real, *args, **kwargs):
+        if seen["first_step_rng"] is None:
+            seen["first_step_rng"] = torch.get_rng_state()
         # images of a batch as position-weighted sums of their pixels, in float64: enough to tell
         # any two images apart (a plain sum in the batch's bf16 made two random images collide)
         pixels = real.double().flatten(1)
@@ -88,6 +91,7 @@ def main():
         state = {
             "batches": seen["batches"],
             "labels": seen["labels"],
+            "first_step_rng": seen["first_step_rng"],
             "G": checkpoint.cpu_state(nets.G),
             "D": checkpoint.cpu_state(nets.D),
             "G_ema": checkpoint.cpu_state(nets.G_ema) if nets.G_ema is not None else None,

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, as_pixels, check_ok, png_pixels, run_gan
+from conftest import TINY_ARGS, as_pixels, check_ok, drawn_pixels, png_pixels, run_gan, saved_generator, truncated_noise
 from PIL import Image
 
 import after_training
@@ -254,6 +254,24 @@ def test_interpolation_rows_walk_from_the_start_noise_to_the_end_noise(trained_r
         np.testing.assert_allclose(row[0], expected[0][walk], atol=1)
         np.testing.assert_allclose(row[-1], expected[1][walk], atol=1)
         assert np.abs(row[1] - row[0]).sum() > 0 and np.abs(row[2] - row[-1]).sum() > 0, "steps in between"
+
+
+def test_interpolate_walks_between_noise_truncated_as_truncation_says(trained_run, gan_main, tmp_path):
+    """--interpolate --truncation 0.5 --seed 2: each row starts and ends at G's images of --seed 2's
+    start and end noise drawn from a normal truncated to [-0.5, 0.5], by hand."""
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    argv = ["--interpolate", "--steps", 3, "--checkpoint", checkpoint, "--seed", 2, "--truncation", 0.5]
+    code, _, err = gan_main([*argv, "--precision", "fp32"])
+    assert code == 0, err
+    G, nz = saved_generator(checkpoint)
+    generator = torch.Generator().manual_seed(2)
+    start, end = (drawn_pixels(G, truncated_noise(8, nz, 0.5, generator)) for _ in range(2))
+    grid = png_pixels(tmp_path / "images" / "interpolation.png")
+    tile = SIDE + PADDING
+    for walk in range(8):
+        row = grid[:, PADDING + walk * tile :][:, :SIDE]
+        torch.testing.assert_close(row[:, :, PADDING : PADDING + SIDE], start[walk], rtol=0, atol=1)
+        torch.testing.assert_close(row[:, :, PADDING + 2 * tile :][:, :, :SIDE], end[walk], rtol=0, atol=1)
 
 
 def test_slerp_endpoints_are_the_inputs():

@@ -27,6 +27,9 @@ from runtime import Runtime, choose_precision
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 STEPS_PER_EPOCH = 2  # TINY_ARGS: 32 images, batches of 8, split over 2 ranks
 TIMEOUT_S = 300  # a hung job fails the test instead of the whole suite
+# ddp_run's three two-process jobs took 1 to 2 minutes on a busy 2-core machine, counted in the time
+# of whichever of its tests runs first (the Ctrl-C test adds 40 to 77 s of its own jobs)
+WITH_DDP_RUN = pytest.mark.timeout(240)
 
 
 def free_port():
@@ -35,10 +38,10 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def torchrun(args, cwd, **env):
-    """Two processes of gan.py's CLI (through the worker); the CompletedProcess."""
+def torchrun(args, cwd, processes=2, **env):
+    """gan.py's CLI (through the worker) in that many processes; the CompletedProcess."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(cwd), *map(str, args),
     ]  # fmt: skip
     return subprocess.run(
@@ -108,6 +111,7 @@ def assert_same_parameters(states, what):
         torch.testing.assert_close(rank0[what][name], rank1[what][name], rtol=0, atol=0, msg=f"{what}.{name}")
 
 
+@WITH_DDP_RUN
 def test_without_seed_every_rank_trains_on_rank_zeros_random_seed(ddp_run):
     seeds = re.findall(r"seed (\d+)$", ddp_run["first"].stdout, re.M)
     assert len(seeds) == 1  # printed once, by rank 0
@@ -115,6 +119,7 @@ def test_without_seed_every_rank_trains_on_rank_zeros_random_seed(ddp_run):
     # one seed on both ranks: one permutation, split into disjoint shards (test_each_rank_trains_on_its_own_shard)
 
 
+@WITH_DDP_RUN
 def test_rank_zero_alone_writes_the_outputs(ddp_run):
     stdout, stderr = ddp_run["first"].stdout, ddp_run["first"].stderr
     cpu = torch.device("cpu")
@@ -135,12 +140,14 @@ def test_rank_zero_alone_writes_the_outputs(ddp_run):
     assert ddp_run["first_checkpoint"]["epoch"] == 1 and ddp_run["first_checkpoint"]["step"] == STEPS_PER_EPOCH
 
 
+@WITH_DDP_RUN
 @pytest.mark.parametrize("what", ["G", "D", "G_ema"])
 def test_both_ranks_end_with_the_same_weights(ddp_run, what):
     assert_same_parameters(ddp_run["first_states"], what)
     assert_same_parameters(ddp_run["resumed_states"], what)
 
 
+@WITH_DDP_RUN
 def test_rank_zero_saves_the_weights_it_trained(ddp_run):
     rank0 = ddp_run["first_states"][0]
     saved = ddp_run["first_checkpoint"]
@@ -149,6 +156,7 @@ def test_rank_zero_saves_the_weights_it_trained(ddp_run):
         torch.testing.assert_close(saved["netG_ema"][name], rank0["G_ema"][name], rtol=0, atol=0)
 
 
+@WITH_DDP_RUN
 def test_each_rank_trains_on_its_own_shard(ddp_run):
     for states in (ddp_run["first_states"], ddp_run["resumed_states"]):
         batches = [state["batches"] for state in states]
@@ -159,6 +167,7 @@ def test_each_rank_trains_on_its_own_shard(ddp_run):
         assert not images[0] & images[1], "the ranks' shards are disjoint"
 
 
+@WITH_DDP_RUN
 def test_resume_under_torchrun_continues_from_the_checkpoint(ddp_run):
     stdout = ddp_run["resumed"].stdout
     assert stdout.count("resuming checkpoints/checkpoint.pt: 1 epoch done, step 2") == 1
@@ -188,6 +197,7 @@ def assert_same_checkpoint(resumed, straight):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
+@WITH_DDP_RUN
 def test_one_epoch_and_a_resume_under_torchrun_equal_two_epochs_in_one_go(ddp_run):
     resumed = torch.load(ddp_run["folder"] / "checkpoints" / "checkpoint.pt", weights_only=True)
     assert len(resumed["rng"]["ranks"]) == 2 and resumed["world_size"] == 2
@@ -197,6 +207,7 @@ def test_one_epoch_and_a_resume_under_torchrun_equal_two_epochs_in_one_go(ddp_ru
     assert [line for line in resumed_log if '"fid"' not in line] == ddp_run["straight_log"].splitlines()
 
 
+@WITH_DDP_RUN
 def test_a_ctrl_c_on_one_rank_stops_both_at_one_step_and_resumes_exactly(ddp_run, tmp_path):
     # the Ctrl-C reaches rank 1 alone after its first step; the ranks agree at the logging point, step 2
     interrupted = torchrun(ddp_run["straight_args"], tmp_path, DDP_WORKER_SIGINT="1:1")
@@ -216,6 +227,7 @@ def test_a_ctrl_c_on_one_rank_stops_both_at_one_step_and_resumes_exactly(ddp_run
     assert_same_checkpoint(resumed, ddp_run["straight_checkpoint"])
 
 
+@pytest.mark.timeout(120)  # a one-process run, then a two-process one: 26-48 s on a busy 2-core machine
 def test_conditional_training_under_torchrun_keeps_each_image_with_its_label(tmp_path):
     flags = [*TINY_ARGS, "--conditional", "--epochs", "1"]
     alone, pair = tmp_path / "alone", tmp_path / "pair"
@@ -248,6 +260,7 @@ def labelled_images(state):
     }
 
 
+@WITH_DDP_RUN
 def test_a_two_process_checkpoint_resumed_in_one_process_says_so(ddp_run, gan_main, tmp_path):
     shutil.copytree(ddp_run["folder"] / "after_first", tmp_path / "checkpoints")
     code, out, err = gan_main(["--resume", "--epochs", "2", "--device", "cpu"])
@@ -256,6 +269,27 @@ def test_a_two_process_checkpoint_resumed_in_one_process_says_so(ddp_run, gan_ma
     state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
     # epoch 2 in batches of 8: 4 steps after the 2 of epoch 1
     assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (2, 0, STEPS_PER_EPOCH + 4, 1)
+
+
+@WITH_DDP_RUN
+def test_a_two_process_checkpoint_resumed_by_three_processes_gives_each_its_own_fresh_noise(ddp_run, tmp_path):
+    """torchrun with more processes than saved RNG states: the resume says so, goes on from the saved
+    epoch and step in steps of 3 x 8 images (one disjoint batch per rank), and every rank draws its
+    noise from the fresh seed mixed_seed(seed, step, rank); the checkpoint then holds 3 RNG states."""
+    shutil.copytree(ddp_run["folder"] / "after_first", tmp_path / "checkpoints")
+    result = check_ok(torchrun(["--resume", "--epochs", "2"], tmp_path, processes=3))
+    changed = "resume: changed processes 2 -> 3 (global batch 16 -> 24; the noise each process draws starts afresh)"
+    assert result.stdout.count(changed) == 1
+    state = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["step"], state["world_size"]) == (2, 0, STEPS_PER_EPOCH + 1, 3)
+    assert len(state["rng"]["ranks"]) == 3
+    ranks = [rank_state(tmp_path, rank) for rank in range(3)]
+    images = [set(rank["batches"][0]) for rank in ranks]
+    assert [len(rank["batches"]) for rank in ranks] == [1, 1, 1] and len(set.union(*images)) == 24
+    seed = ddp_run["first_checkpoint"]["seed"]
+    for rank, saved in enumerate(ranks):
+        fresh = torch.Generator().manual_seed(options.mixed_seed(seed, STEPS_PER_EPOCH, rank)).get_state()
+        assert torch.equal(saved["first_step_rng"], fresh), f"rank {rank}"
 
 
 def test_a_mid_epoch_position_is_carried_over_to_another_number_of_processes():
@@ -280,6 +314,7 @@ def test_fewer_images_than_one_step_of_all_processes_is_refused(monkeypatch, tmp
     )
 
 
+@WITH_DDP_RUN
 def test_fid_under_torchrun_is_scored_by_rank_zero_alone(ddp_run):
     """The metrics compute on rank 0 without collectives: gathering across ranks there would pair
     with the other rank's barrier and hang the job (NCCL's watchdog kills it after its timeout)."""

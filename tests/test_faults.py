@@ -896,6 +896,8 @@ def test_sigterm_before_training_is_one_line_and_leaves_nothing(monkeypatch, gan
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back as it was
 
 
+# gan.py and two decoding workers started, signalled and waited for: 27-61 s on a busy 2-core machine
+@pytest.mark.timeout(120)
 def test_sigterm_to_the_process_group_while_decoding_is_one_line(start_gan, tmp_path):
     (tmp_path / "data").mkdir()
     Image.new("RGB", (4000, 4000)).save(tmp_path / "data" / "0.png")  # small on disk, slow to decode

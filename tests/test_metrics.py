@@ -14,7 +14,7 @@ import pytest
 import scipy.linalg
 import scipy.spatial
 import torch
-from conftest import snapshot, write_cifar10_archive
+from conftest import drawn_pixels, saved_generator, snapshot, truncated_noise, write_cifar10_archive
 from test_data_cache import folder_run, write_folder
 from torch import nn
 
@@ -32,20 +32,34 @@ NEIGHBOUR_SCORES = ("precision", "recall", "density", "coverage")
 class StandInFeatures(nn.Module):
     """uint8 (N, 3, H, W) -> (N, 4) float: channel means and the overall spread.
 
-    Records the size of every batch it sees, so a test can tell real from generated calls.
+    Records the size of every batch it sees, so a test can tell real from generated calls, and
+    the side of its images.
     """
 
     num_features = 4
 
     def __init__(self):
         super().__init__()
-        self.batch_sizes = []
+        self.batch_sizes, self.sides = [], []
 
     def forward(self, images_uint8):
         assert images_uint8.dtype == torch.uint8
         self.batch_sizes.append(len(images_uint8))
+        self.sides.append(images_uint8.shape[-1])
         images = images_uint8.float() / 255
         return torch.cat([images.mean(dim=(2, 3)), images.flatten(1).std(dim=1, keepdim=True)], dim=1)
+
+
+class ImageRecordingFeatures(StandInFeatures):
+    """StandInFeatures that also keeps every batch of images it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, images_uint8):
+        self.batches.append(images_uint8.clone())
+        return super().forward(images_uint8)
 
 
 class PixelFeatures(nn.Module):
@@ -299,6 +313,23 @@ def test_evaluate_prints_and_logs_fid_is_and_kid(gan_main, stand_in, tiny_args, 
         assert f"{name} {logged[0][name]:.3f}" in line
 
 
+def test_evaluate_scores_the_images_of_noise_truncated_as_truncation_says(gan_main, tiny_args, tmp_path):
+    """--evaluate --truncation 0.5 --seed 3 scores G's images of --seed 3's noise drawn from a normal
+    truncated to [-0.5, 0.5], by hand from the checkpoint's EMA generator."""
+    code, _, err = gan_main([*tiny_args, "--epochs", "1"])
+    assert code == 0, err
+    recorder = ImageRecordingFeatures()
+    argv = ["--evaluate", *EVAL_ARGS, "--device", "cpu", "--precision", "fp32", "--seed", "3", "--truncation", "0.5"]
+    code, _, err = gan_main(argv, recorder)
+    assert code == 0, err
+    G, nz = saved_generator(tmp_path / "checkpoints" / "checkpoint.pt")
+    expected = drawn_pixels(G, truncated_noise(16, nz, 0.5, torch.Generator().manual_seed(3)))
+    generated = [images for images in recorder.batches if len(images) == 16]  # the real batches hold 32
+    assert len(generated) == 3  # FID, KID and IS each see them
+    for images in generated:
+        torch.testing.assert_close(images.int(), expected, rtol=0, atol=1)
+
+
 # ---------------------------------------------------------------- offline: no Inception weights
 
 
@@ -434,6 +465,20 @@ def test_evaluate_images_scores_a_folder_against_cifar10_train_at_32_px(gan_main
     assert (row["precision"], row["recall"], row["coverage"]) == (1.0, 1.0, 1.0)
     assert "30 images of theirs at 32 px, against 30 real" in out
     assert f"precision {row['precision']:.3f}" in out
+
+
+def test_evaluate_images_decodes_the_folder_at_the_real_images_side_not_image_size(gan_main, stand_in, tmp_path):
+    """--image-size 16 against CIFAR-10's 32 px images: the folder's 64 x 48 px images are scored at
+    32 px, the side of the real ones, as the line says; the same colours, so FID 0."""
+    training = write_cifar10_archive(tmp_path / "data", images_per_batch=2)  # 10 training images
+    write_colour_pngs(tmp_path / "theirs", training[:, :, 0, 0], (64, 48))
+    argv = ["--evaluate", "--images", "theirs", "--device", "cpu", "--image-size", "16", "--workers", "0"]
+    code, out, err = gan_main(argv, stand_in)
+    assert code == 0, err
+    assert stand_in.batch_sizes == [10] * 5  # real: FID and KID; the folder's: FID, KID and IS
+    assert stand_in.sides == [32] * 5
+    assert read_rows(tmp_path / "checkpoints" / "metrics.jsonl")[-1]["fid"] == pytest.approx(0, abs=1e-3)
+    assert "10 images of theirs at 32 px, against 10 real" in out
 
 
 @pytest.mark.parametrize(

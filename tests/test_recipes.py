@@ -184,6 +184,31 @@ def test_the_diffaugment_flag_gives_d_the_augmented_images(monkeypatch):
         torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
 
 
+def test_the_diffaugment_flag_augments_the_fakes_in_both_updates():
+    """Under --diffaugment D's update judges its fakes through diff_augment as it does the reals, and
+    G's update fresh draws of them: D's three inputs of a step are, in turn, diff_augment of the
+    real batch, of G's batch and of G's batch again, with the global RNG where the step left it."""
+    nz, real = 8, torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    opts, _ = options.parse_flags([*NET_ARGS, "--batch-size", "4", "--diffaugment"])
+    runtime = setup_runtime(opts)
+    nets = steps.build_nets(opts, runtime)
+    seen, fakes = [], []
+    hooks = [
+        nets.D.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone())),
+        nets.G.register_forward_hook(lambda module, inputs, output: fakes.append(output.detach().clone())),
+    ]
+    torch.manual_seed(7)
+    steps.train_step(nets, real, steps.Recipe.from_options(opts), runtime)
+    for hook in hooks:
+        hook.remove()
+    torch.manual_seed(7)
+    torch.randn(4, nz, 1, 1)  # the step's noise comes first
+    expected = [steps.diff_augment(real), steps.diff_augment(fakes[0]), steps.diff_augment(fakes[0])]
+    assert len(seen) == 3 and len(fakes) == 1
+    for index, (images, wanted) in enumerate(zip(seen, expected, strict=True)):
+        torch.testing.assert_close(images, wanted, rtol=0, atol=0, msg=lambda m, i=index: f"D's input {i}: {m}")
+
+
 # ---------------------------------------------------------------- --spectral-loss
 
 

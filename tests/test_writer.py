@@ -32,12 +32,14 @@ def test_jobs_run_in_order_on_their_own_thread_and_the_queue_is_bounded():
 
     writer = BackgroundWriter(pending_jobs=1)
     writer.submit(job("first", wait=True))
-    writer.submit(job("second"))  # fills the queue while the first runs
-    blocked = threading.Thread(target=writer.submit, args=(job("third"),))
-    blocked.start()
-    blocked.join(timeout=0.5)
-    assert blocked.is_alive(), "a full queue makes the training wait"
-    release.set()
+    try:
+        writer.submit(job("second"))  # fills the queue while the first runs
+        blocked = threading.Thread(target=writer.submit, args=(job("third"),), daemon=True)
+        blocked.start()
+        blocked.join(timeout=0.5)
+        assert blocked.is_alive(), "a full queue makes the training wait"
+    finally:
+        release.set()  # a failed check must not leave the writer's thread in the first job for ever
     blocked.join()
     writer.close()
     assert done == [("first", "epoch-files"), ("second", "epoch-files"), ("third", "epoch-files")]
