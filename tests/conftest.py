@@ -80,16 +80,16 @@ def stop_writer_threads(monkeypatch):
     one left waiting for jobs (a failed wait(), a close() never reached) is not a daemon, and
     pytest would never exit after reporting the failure. A thread the test left running fails it:
     the code under test, or the test, should have closed its writer."""
-    import writer
+    from outputs import BackgroundWriter
 
     started = []
-    real_init = writer.BackgroundWriter.__init__
+    real_init = BackgroundWriter.__init__
 
     def recording_init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         started.append(self)
 
-    monkeypatch.setattr(writer.BackgroundWriter, "__init__", recording_init)
+    monkeypatch.setattr(BackgroundWriter, "__init__", recording_init)
     try:
         yield
     finally:

@@ -18,6 +18,7 @@ from conftest import TINY_ARGS, subprocess_env
 
 import errors
 import options
+import runtime
 import startup
 import steps
 import utils
@@ -288,7 +289,7 @@ def test_a_two_process_checkpoint_resumed_by_three_processes_gives_each_its_own_
     assert [len(rank["batches"]) for rank in ranks] == [1, 1, 1] and len(set.union(*images)) == 24
     seed = ddp_run["first_checkpoint"]["seed"]
     for rank, saved in enumerate(ranks):
-        fresh = torch.Generator().manual_seed(options.mixed_seed(seed, STEPS_PER_EPOCH, rank)).get_state()
+        fresh = torch.Generator().manual_seed(runtime.mixed_seed(seed, STEPS_PER_EPOCH, rank)).get_state()
         assert torch.equal(saved["first_step_rng"], fresh), f"rank {rank}"
 
 

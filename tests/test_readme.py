@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT
 
 import options
-from utils import UserError
+from errors import UserError
 
 FLAGS_PAGE = ROOT / "docs" / "flags.md"
 FLAG_ROW = re.compile(r"^\|\s*`(--[a-z0-9-]+)[^`]*`\s*\|([^|]*)\|")

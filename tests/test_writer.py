@@ -1,4 +1,4 @@
-"""The epoch's files written off the training thread (writer.py): in order, from copies taken
+"""The epoch's files written off the training thread (outputs.py's writers): in order, from copies taken
 first, errors raised on the training thread later, and a stopped run waits for them. The runs
 here are on the CPU, which writes in line; as_on_an_accelerator gives them the writer thread that
 CUDA and MPS runs get."""
