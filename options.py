@@ -34,24 +34,8 @@ DATA_TRAITS = {"num_classes": 0, "nc": 3}
 PATH_FLAGS = ("dataroot", "image_dir", "checkpoint_dir")
 # Flags that describe this invocation or this machine, never taken from a checkpoint.
 NOT_RESUMED_FLAGS = (
-    "resume",
-    "checkpoint",
-    "generate",
-    "interpolate",
-    "evaluate",
-    "export",
-    "raw",
-    "config",
-    "images",
-    "device",
-    "compile",
-    "precision",
-    "workers",
-    "tensorboard",
-    "class_name",
-    "to_class",
-    "truncation",
-    "cache_dir",
+    *"resume checkpoint generate interpolate evaluate export raw config".split(),
+    *"images device compile precision workers tensorboard class_name to_class truncation cache_dir".split(),
     *PATH_FLAGS,
     *DATA_TRAITS,
 )
@@ -130,32 +114,39 @@ class Parser(argparse.ArgumentParser):
         if not message.startswith("unrecognized arguments:"):
             return ""
         known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
-        for word in message.split(":", 1)[1].split():
-            flag = word.split("=", 1)[0]
-            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
-            if close:
-                return f" (did you mean {close[0]}?)"
-        return ""
+        typed = [word.split("=", 1)[0] for word in message.split(":", 1)[1].split() if word.startswith("--")]
+        close = [match for flag in typed for match in difflib.get_close_matches(flag, known, n=1, cutoff=0.75)]
+        return f" (did you mean {close[0]}?)" if close else ""
 
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def checked(name, convert, accept, expected):
+    """A flag's type: text converted, then refused (argparse's one line) unless accept(value)."""
+
+    def check(text):
+        value = convert(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+        return value
+
+    check.__name__ = name  # argparse names it in "invalid positive_int value: 'x'"
+    return check
 
 
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
-    return value
+positive_int = checked("positive_int", int, lambda value: value > 0, "a positive integer")
+non_negative_int = checked("non_negative_int", int, lambda value: value >= 0, "zero or more")
+seed = checked("seed", int, lambda value: 0 <= value <= MAX_SEED, "from 0 to 2**63-1")
+positive_float = checked("positive_float", float, lambda value: math.isfinite(value) and value > 0, "a positive number")
+non_negative_float = checked(
+    "non_negative_float", float, lambda value: math.isfinite(value) and value >= 0, "a number >= 0"
+)
+fraction = checked("fraction", float, lambda value: 0.0 <= value < 1.0, "in [0, 1)")
+image_size = checked("image_size", int, lambda value: value in IMAGE_SIZES, "a power of two from 16 to 256")
 
 
-def seed(text):
-    value = int(text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63-1, got {text}")
+def walk_steps(text):
+    value = positive_int(text)
+    if value > MAX_WALK_STEPS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_WALK_STEPS}, got {text}")
     return value
 
 
@@ -174,41 +165,6 @@ def not_a_link_loop(text):
         if error.errno == errno.ELOOP:
             raise argparse.ArgumentTypeError(f"{text} is a loop of symbolic links (each points to the next)") from None
     return text
-
-
-def walk_steps(text):
-    value = positive_int(text)
-    if value > MAX_WALK_STEPS:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_WALK_STEPS}, got {text}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def image_size(text):
-    value = int(text)
-    if value not in IMAGE_SIZES:
-        raise argparse.ArgumentTypeError(f"must be a power of two from 16 to 256, got {text}")
-    return value
 
 
 def device_name(text):
