@@ -872,6 +872,27 @@ def test_the_run_lock_file_on_each_system(windows, pid_text, release_steps, monk
     files.FolderLock(folder, "--image-dir").release()  # free again
 
 
+def test_a_second_interpolate_never_replaces_the_first(trained_run, gan_main, tmp_path):
+    """As a second --generate writes into generated-2/: interpolation-2.png and .gif, then -3, ..."""
+    argv = ["--interpolate", "--steps", "3", "--checkpoint", trained_run / CHECKPOINT]
+    code, out, err = gan_main([*argv, "--seed", "2"])
+    assert code == 0, err
+    first = snapshot(tmp_path / "images")
+    assert sorted(first) == ["interpolation.gif", "interpolation.png"]
+    code, out, err = gan_main([*argv, "--seed", "3"])
+    assert code == 0, err
+    assert "wrote interpolation-2.png and interpolation-2.gif to images/ (8 walks, 3 steps, seed 3)" in out
+    second = snapshot(tmp_path / "images")
+    assert sorted(second) == ["interpolation-2.gif", "interpolation-2.png", "interpolation.gif", "interpolation.png"]
+    assert {name: second[name] for name in first} == first
+    assert second["interpolation-2.png"] != first["interpolation.png"]  # another seed: another walk
+    # and a fresh run still takes them for an earlier run's pictures, alone too
+    for name in first:
+        (tmp_path / "images" / name).unlink()
+    code, _, err = gan_main([*TINY_ARGS, "--epochs", "1", "--checkpoint-dir", "fresh"])
+    assert code == 2 and "images holds an earlier run's pictures (interpolation-2.gif, interpolation-2.png)" in err
+
+
 # ---------------------------------------------------------------- --save-every, and runs killed early
 
 
