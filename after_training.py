@@ -4,6 +4,7 @@ training data).
 """
 
 import itertools
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,21 +206,31 @@ def interpolate(opts, explicit, runtime, walks=8):
     images = images.view(opts.steps, walk.count, *images.shape[1:])
     # rows are walks, columns are steps along them
     frames = [artifacts.grid_image(images[step], nrow=artifacts.grid_side(walk.count)) for step in range(opts.steps)]
+    grid_path, gif_path = fresh_interpolation_paths(folder)
     try:
         rows = images.transpose(0, 1).flatten(0, 1)
         if walk.row_names is None:
-            artifacts.save_grid(rows, folder / "interpolation.png", nrow=opts.steps)
+            artifacts.save_grid(rows, grid_path, nrow=opts.steps)
         else:
-            grid = artifacts.labelled_grid_image(rows, walk.row_names, nrow=opts.steps)
-            artifacts.save_pil(grid, folder / "interpolation.png")
-        artifacts.save_gif(frames + frames[::-1][1:-1], folder / "interpolation.gif", frame_seconds=0.15)
+            artifacts.save_pil(artifacts.labelled_grid_image(rows, walk.row_names, nrow=opts.steps), grid_path)
+        artifacts.save_gif(frames + frames[::-1][1:-1], gif_path, frame_seconds=0.15)
     except KeyboardInterrupt as interrupt:
-        written = "interpolation.png" if (folder / "interpolation.png").is_file() else "nothing"
+        written = grid_path.name if grid_path.is_file() else "nothing"
         raise Interrupted(exit_code_of(interrupt), f"interrupted: wrote {written} to {folder}/") from None
     print(
-        f"wrote interpolation.png and interpolation.gif to {folder}/ ({walk.count} walks{walk.what}, "
+        f"wrote {grid_path.name} and {gif_path.name} to {folder}/ ({walk.count} walks{walk.what}, "
         f"{opts.steps} steps, seed {seed})"
     )
+
+
+def fresh_interpolation_paths(folder):
+    """interpolation.png and .gif in folder, or interpolation-2, -3, ... when an earlier --interpolate
+    wrote those: as --generate's images, walks are never replaced."""
+    for number in itertools.count(1):
+        stem = "interpolation" if number == 1 else f"interpolation-{number}"
+        paths = folder / f"{stem}.png", folder / f"{stem}.gif"
+        if not any(os.path.lexists(path) for path in paths):
+            return paths
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ FRAME_MS, LAST_FRAME_MS = 400, 2000
 # first epoch ended, is replaced instead.
 RUN_PICTURES = (
     "epoch_[0-9][0-9][0-9]*.png", "progress.gif", "losses.png", "fid.png", "real_vs_fake.png",
-    "interpolation.png", "interpolation.gif", "generated", "generated-[0-9]*",
+    "interpolation.png", "interpolation.gif", "interpolation-[0-9]*.png", "interpolation-[0-9]*.gif",
+    "generated", "generated-[0-9]*",
 )  # fmt: skip
 
 

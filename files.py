@@ -7,18 +7,19 @@ import contextlib
 import errno
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
-from errors import UserError
+import filelock
 
-try:
-    import fcntl
-except ImportError:  # Windows: runs are not locked against each other there
-    fcntl = None
+from errors import UserError
 
 LOCK_NAME = ".gan.lock"
 TEMP_SUFFIX = ".tmp"
+# Windows opens no folder as a file (so it fsyncs none), removes no open file, and its file lock
+# also bars other processes from reading the locked byte
+WINDOWS = sys.platform == "win32"
 
 
 # ---------------------------------------------------------------- atomic files
@@ -29,14 +30,17 @@ def atomic_write(path, write_fn, mode="wb"):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # the folder held open: its temp file is removed even if the folder is moved or replaced meanwhile
-        folder_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        # the folder held open: its temp file is removed even if the folder is moved or replaced
+        # meanwhile, and the rename is fsynced in the folder that holds the file
+        folder_fd = None if WINDOWS else os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as error:
         raise WriteError(path, error) from None
     try:
         write_through_temp_file(path, write_fn, mode, folder_fd)
+        sync_folder(path, folder_fd)
     finally:
-        os.close(folder_fd)
+        if folder_fd is not None:
+            os.close(folder_fd)
 
 
 def write_through_temp_file(path, write_fn, mode, folder_fd):
@@ -61,7 +65,22 @@ def write_through_temp_file(path, write_fn, mode, folder_fd):
 
 def remove_temp_file(tmp_name, folder_fd):
     with contextlib.suppress(OSError):
-        os.unlink(os.path.basename(tmp_name), dir_fd=folder_fd)
+        if folder_fd is None:
+            os.unlink(tmp_name)
+        else:
+            os.unlink(os.path.basename(tmp_name), dir_fd=folder_fd)
+
+
+def sync_folder(path, folder_fd):
+    """A rename is on disk only once its folder is (POSIX): until then a power loss can bring back
+    the old file, or leave none. Windows has no folder to fsync (folder_fd None)."""
+    if folder_fd is None:
+        return
+    try:
+        os.fsync(folder_fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # EINVAL: a file system that syncs no folder (some network mounts)
+            raise WriteError(path, error, "; the new file is in place, but may not survive a power loss") from None
 
 
 class WriteError(UserError):
@@ -105,43 +124,40 @@ def check_writable(folder):
 
 
 class FolderLock:
-    """A folder claimed by one process: LOCK_NAME in it holds the PID and is flock()ed.
+    """A folder claimed by one process: LOCK_NAME in it holds the PID and is locked with filelock's
+    primitive (flock on POSIX, LockFileEx on Windows).
 
-    The kernel drops a flock when its process dies, even by kill -9, so a lock file left by a
-    dead run is simply taken over; release() removes the file.
+    The system drops the lock when its process dies, even by kill -9, so a lock file left by a dead
+    run is simply taken over; release() removes the file.
     """
 
     def __init__(self, folder, flag):
         self.path = Path(folder) / LOCK_NAME
         self.flag = flag
         self.fd = None
-        if fcntl is None:
-            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             while self.fd is None:
-                self.fd = self.try_lock(flag)
+                self.fd = self.try_lock()
         except OSError as error:
             raise UserError(f"output folder {folder} is not writable: {error.strerror or error}") from None
 
-    def try_lock(self, flag):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def try_lock(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UserError(
-                f"{self.path.parent} is in use by another run (process {holder}): wait for it to end, "
-                f"or give another {flag}"
-            ) from None
+            locked = filelock.lock_descriptor(fd, blocking=False)
         except OSError:  # a file system without locks (some network mounts): the run goes on unlocked
-            pass
+            locked = True
+        if not locked:
+            holder = lock_holder(fd)
+            os.close(fd)
+            raise in_use_error(self.path.parent, holder, self.flag)
         if not same_file(fd, self.path):  # its holder released it (and removed the file) meanwhile
             os.close(fd)
             return None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, b"\n" * pid_offset() + f"{os.getpid()}\n".encode())
         return fd
 
     def check_held(self):
@@ -154,11 +170,59 @@ class FolderLock:
             )
 
     def release(self):
-        if self.fd is not None:
-            with contextlib.suppress(OSError):  # removed before unlocking: a waiting run retries on a new file
-                self.path.unlink()
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is None:
+            return
+        if not WINDOWS:  # removed before unlocking: a waiting run retries on a new file
+            remove_file(self.path)
+        os.close(self.fd)  # closing drops the lock
+        self.fd = None
+        if WINDOWS:  # after unlocking: Windows removes no open file (nor one another run has opened since)
+            remove_file(self.path)
+
+
+O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation in the PID text
+
+
+def pid_offset():
+    """Where the PID text starts in a lock file: past the byte Windows locks, which no other process can read."""
+    return 1 if WINDOWS else 0
+
+
+def lock_holder(fd):
+    """The PID text of the run holding the lock file fd, or "unknown"."""
+    try:
+        os.lseek(fd, pid_offset(), os.SEEK_SET)
+        return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def in_use_error(folder, holder, flag):
+    return UserError(
+        f"{folder} is in use by another run (process {holder}): wait for it to end, or give another {flag}"
+    )
+
+
+def refuse_if_in_use(folder, flag):
+    """The UserError a FolderLock of folder would raise, without locking or making anything: checks
+    made before the lock (an earlier run's files) would otherwise blame a live run's files on one."""
+    try:
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDWR | O_BINARY)
+    except OSError:  # no lock file: no run there
+        return
+    try:
+        if not filelock.lock_descriptor(fd, blocking=False):
+            raise in_use_error(folder, lock_holder(fd), flag)
+        filelock.unlock_descriptor(fd)  # a dead run's file: left for the run's own lock to take over
+    except OSError:  # a file system without locks: FolderLock goes on unlocked too
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_file(path):
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def same_file(fd, path):

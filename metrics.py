@@ -13,6 +13,7 @@ import torch
 
 from checkpoint import save_checkpoint
 from errors import UserError
+from files import no_new_empty_folders
 
 KID_REAL_LIMIT = 10_000  # KID keeps every real feature; more than this adds memory, not accuracy
 PRECISION_RECALL_K = 3  # Kynkaanniemi et al. 2019, and StyleGAN2-ADA's pr50k3
@@ -46,16 +47,18 @@ def build_metrics(device, eval_samples, feature=None):
     # under torchrun only rank 0 scores, while the others wait at a barrier: a metric that gathered
     # its state across ranks in compute() would pair its collectives with that barrier and hang
     local = {"sync_on_compute": False}
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
     try:
-        metrics = {
-            "fid": FrechetInceptionDistance(feature=feature or 2048, reset_real_features=False, **local),
-            "is": InceptionScore(feature=feature or "logits_unbiased", **local),
-            "kid": KernelInceptionDistance(
-                feature=feature or 2048, subset_size=subset_size, reset_real_features=False, **local
-            ),
-        }
+        # torch hub makes its folders before it downloads: a failed download leaves none of them behind
+        with no_new_empty_folders([folder]):
+            metrics = {
+                "fid": FrechetInceptionDistance(feature=feature or 2048, reset_real_features=False, **local),
+                "is": InceptionScore(feature=feature or "logits_unbiased", **local),
+                "kid": KernelInceptionDistance(
+                    feature=feature or 2048, subset_size=subset_size, reset_real_features=False, **local
+                ),
+            }
     except (OSError, RuntimeError, ValueError, ImportError) as error:  # download or hub failures
-        folder = Path(torch.hub.get_dir()) / "checkpoints"
         raise MetricsUnavailable(WEIGHTS_HINT.format(reason=_short(error), folder=folder)) from None
     return {name: metric.to(device) for name, metric in metrics.items()}
 

@@ -15,6 +15,7 @@ import artifacts
 import checkpoint
 from checkpoint import Progress, latest_checkpoint
 from errors import UserError, count_text
+from files import refuse_if_in_use
 from options import (
     ARCHITECTURE_FLAGS,
     NOT_RESUMED_FLAGS,
@@ -65,7 +66,7 @@ def resolve_training_options(opts, explicit, runtime):
     """The run's options, read-only from here on, and the checkpoint it resumes as (state, path),
     or None for a fresh run; a UserError when the run may not start."""
     if opts.resume is None:
-        refuse_earlier_run(opts)
+        refuse_earlier_run(opts, runtime)
         # under torchrun every rank must train on rank 0's seed, or their shards would overlap
         seed = opts.seed if opts.seed is not None else broadcast_int(random_seed(), runtime)
         opts, resumed = opts.replace(seed=seed), None
@@ -82,8 +83,12 @@ def resolve_training_options(opts, explicit, runtime):
     return opts, resumed
 
 
-def refuse_earlier_run(opts):
-    """A fresh run never writes over the files of an earlier one."""
+def refuse_earlier_run(opts, runtime):
+    """A fresh run never writes over the files of an earlier one; the files of a run still going
+    are said to be in use by its process, not an earlier run's."""
+    if runtime.is_main:  # the ranks that lock nothing do not probe: a probe could meet rank 0's lock
+        for folder, flag in ((opts.checkpoint_dir, "--checkpoint-dir"), (opts.image_dir, "--image-dir")):
+            refuse_if_in_use(folder, flag)
     earlier = latest_checkpoint(opts.checkpoint_dir)
     if earlier.is_file():
         # a fresh run would overwrite that run's checkpoint and mix its metrics log

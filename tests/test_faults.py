@@ -14,12 +14,14 @@ import pickle
 import pty
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import filelock
 import numpy as np
 import pytest
 import torch
@@ -517,6 +519,76 @@ def test_atomic_write_keeps_the_old_file_when_fsync_fails(monkeypatch, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["flags.json"]
 
 
+def record_syncs(monkeypatch, folder_fsync_error=None):
+    """Record atomic_write's fsyncs and renames in order: ("fsync", the stat of what was synced) or
+    ("replace", None); a folder's fsync raises folder_fsync_error (after it is recorded), if given."""
+    real_fsync, real_replace, events = os.fsync, os.replace, []
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd)))
+        if folder_fsync_error is not None and stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise folder_fsync_error
+        real_fsync(fd)
+
+    def replace(source, destination):
+        real_replace(source, destination)
+        events.append(("replace", None))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def synced(events, path):
+    """The events with each fsync named by what it synced: path ("file", once renamed there), its folder, or else."""
+    named = []
+    for what, synced_stat in events:
+        if what == "fsync" and os.path.samestat(synced_stat, os.stat(path.parent)):
+            what = "fsync folder"
+        elif what == "fsync":
+            what = "fsync file" if os.path.samestat(synced_stat, os.stat(path)) else "fsync other"
+        named.append(what)
+    return named
+
+
+def test_atomic_write_fsyncs_the_folder_after_the_rename(monkeypatch, tmp_path):
+    """POSIX: the rename is on disk only once the folder holding it is fsynced (a power loss
+    before that may bring back the old file); the file's own data is fsynced before the rename."""
+    path = tmp_path / "checkpoints" / "checkpoint.pt"
+    events = record_syncs(monkeypatch)
+    files.atomic_write_bytes(path, b"new checkpoint")
+    assert synced(events, path) == ["fsync file", "replace", "fsync folder"]
+    assert path.read_bytes() == b"new checkpoint"
+
+
+@pytest.mark.parametrize("error_number", [errno.EINVAL, errno.EIO], ids=["EINVAL", "EIO"])
+def test_a_folder_that_cannot_be_fsynced(error_number, monkeypatch, tmp_path):
+    """EINVAL: a file system that syncs no folder (some network mounts) writes on; any other error
+    is a WriteError that says the new file is in place."""
+    path = tmp_path / "flags.json"
+    record_syncs(monkeypatch, OSError(error_number, os.strerror(error_number)))
+    if error_number == errno.EINVAL:
+        files.atomic_write_bytes(path, b"{}")
+    else:
+        with pytest.raises(errors.UserError, match="flags.json: Input/output error; the new file is in place, but"):
+            files.atomic_write_bytes(path, b"{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["flags.json"] and path.read_bytes() == b"{}"
+
+
+def test_atomic_write_on_windows_syncs_the_file_and_cleans_up_by_name(monkeypatch, tmp_path):
+    """Windows opens no folder as a file: the file is fsynced, no folder, and a failed write's temp
+    file is removed by its name."""
+    monkeypatch.setattr(files, "WINDOWS", True)
+    monkeypatch.setattr(os, "O_DIRECTORY", None, raising=False)  # opening a folder would fail, as there
+    path = tmp_path / "checkpoint.pt"
+    events = record_syncs(monkeypatch)
+    files.atomic_write_bytes(path, b"new checkpoint")
+    assert synced(events, path) == ["fsync file", "replace"]
+    with pytest.raises(RuntimeError, match="bug in the writer"):
+        files.atomic_write(path, half_then(RuntimeError("bug in the writer")))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"] and path.read_bytes() == b"new checkpoint"
+
+
 # ---------------------------------------------------------------- checkpoints never run code
 
 
@@ -709,6 +781,116 @@ def test_the_image_dir_is_locked_too(gan_main, tmp_path):
         lock.release()
     assert code == 2 and f"images is in use by another run (process {os.getpid()})" in err
     assert not (tmp_path / "checkpoints").exists()
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(cwd, folder):
+    """A process holding folder's lock, as a training run does; yields it, killed at the end."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(GAN_PY.parent), folder], cwd=cwd, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+@pytest.mark.parametrize(
+    "folder, flag, first_runs_file",
+    [("checkpoints", "--checkpoint-dir", "checkpoint.pt"), ("images", "--image-dir", "epoch_001.png")],
+)
+def test_a_second_run_while_the_first_trains_is_told_the_folder_is_in_use(
+    folder, flag, first_runs_file, gan_main, tmp_path
+):
+    """The live run's files are not an earlier run's: the folder is in use, and that is said first."""
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / first_runs_file).write_bytes(b"the first run's")
+    with lock_held_by_another_process(tmp_path, folder) as holder:
+        code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 2
+    assert err == (
+        f"gan.py: error: {folder} is in use by another run (process {holder.pid}): "
+        f"wait for it to end, or give another {flag}\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder]
+    assert snapshot(tmp_path / folder) == {first_runs_file: b"the first run's"}
+
+
+def test_the_run_lock_is_filelocks(tmp_path):
+    """flock on POSIX, LockFileEx on Windows, as filelock chooses: a FolderLock and a
+    filelock.FileLock of the same file each keep the other out."""
+    folder = tmp_path / "checkpoints"
+    lock = files.FolderLock(folder, "--checkpoint-dir")
+    try:
+        with pytest.raises(filelock.Timeout):
+            filelock.FileLock(folder / files.LOCK_NAME).acquire(timeout=0)
+    finally:
+        lock.release()
+    other = filelock.FileLock(folder / files.LOCK_NAME)
+    other.acquire(timeout=0)
+    try:
+        with pytest.raises(errors.UserError, match="checkpoints is in use by another run"):
+            files.FolderLock(folder, "--checkpoint-dir")
+    finally:
+        other.release()
+
+
+@pytest.mark.parametrize(
+    "windows, pid_text, release_steps",
+    [
+        (False, "{pid}\n", ["remove", "unlock"]),  # removed while locked: a waiting run retries on a new file
+        # Windows bars others from reading the locked byte 0 (the PID follows it), and removes no open file
+        (True, "\n{pid}\n", ["unlock", "remove"]),
+    ],
+    ids=["posix", "windows"],
+)
+def test_the_run_lock_file_on_each_system(windows, pid_text, release_steps, monkeypatch, tmp_path):
+    monkeypatch.setattr(files, "WINDOWS", windows)
+    folder = tmp_path / "images"
+    lock = files.FolderLock(folder, "--image-dir")
+    assert (folder / files.LOCK_NAME).read_bytes() == pid_text.format(pid=os.getpid()).encode()
+    with pytest.raises(errors.UserError, match=rf"images is in use by another run \(process {os.getpid()}\)"):
+        files.FolderLock(folder, "--image-dir")
+    steps, real_close, real_remove = [], os.close, files.remove_file
+
+    def close(fd):
+        steps.extend(["unlock"] if fd == lock.fd else [])
+        real_close(fd)
+
+    def remove_file(path):
+        steps.append("remove")
+        real_remove(path)
+
+    monkeypatch.setattr(os, "close", close)
+    monkeypatch.setattr(files, "remove_file", remove_file)
+    lock.release()
+    monkeypatch.undo()
+    assert steps == release_steps and not (folder / files.LOCK_NAME).exists()
+    files.FolderLock(folder, "--image-dir").release()  # free again
+
+
+def test_a_second_interpolate_never_replaces_the_first(trained_run, gan_main, tmp_path):
+    """As a second --generate writes into generated-2/: interpolation-2.png and .gif, then -3, ..."""
+    argv = ["--interpolate", "--steps", "3", "--checkpoint", trained_run / CHECKPOINT]
+    code, out, err = gan_main([*argv, "--seed", "2"])
+    assert code == 0, err
+    first = snapshot(tmp_path / "images")
+    assert sorted(first) == ["interpolation.gif", "interpolation.png"]
+    code, out, err = gan_main([*argv, "--seed", "3"])
+    assert code == 0, err
+    assert "wrote interpolation-2.png and interpolation-2.gif to images/ (8 walks, 3 steps, seed 3)" in out
+    second = snapshot(tmp_path / "images")
+    assert sorted(second) == ["interpolation-2.gif", "interpolation-2.png", "interpolation.gif", "interpolation.png"]
+    assert {name: second[name] for name in first} == first
+    assert second["interpolation-2.png"] != first["interpolation.png"]  # another seed: another walk
+    # and a fresh run still takes them for an earlier run's pictures, alone too
+    for name in first:
+        (tmp_path / "images" / name).unlink()
+    code, _, err = gan_main([*TINY_ARGS, "--epochs", "1", "--checkpoint-dir", "fresh"])
+    assert code == 2 and "images holds an earlier run's pictures (interpolation-2.gif, interpolation-2.png)" in err
 
 
 # ---------------------------------------------------------------- --save-every, and runs killed early

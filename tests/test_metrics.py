@@ -14,7 +14,15 @@ import pytest
 import scipy.linalg
 import scipy.spatial
 import torch
-from conftest import drawn_pixels, saved_generator, snapshot, truncated_noise, write_cifar10_archive
+from conftest import (
+    TINY_ARGS,
+    copy_run,
+    drawn_pixels,
+    saved_generator,
+    snapshot,
+    truncated_noise,
+    write_cifar10_archive,
+)
 from test_data_cache import folder_run, write_folder
 from torch import nn
 
@@ -335,13 +343,13 @@ def test_evaluate_scores_the_images_of_noise_truncated_as_truncation_says(gan_ma
 
 @pytest.fixture
 def no_inception_weights(monkeypatch, tmp_path):
-    """The Inception download fails, whatever the network does; torch.hub points into tmp_path."""
-    import torch_fidelity.feature_extractor_inceptionv3 as inception
+    """The Inception download fails, whatever the network does, as offline: after torch hub made
+    its folders for the file; torch hub points into tmp_path."""
 
     def refuse(*args, **kwargs):
         raise urllib.error.URLError("no network in this test")
 
-    monkeypatch.setattr(inception, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     return tmp_path / "torch_home" / "hub" / "checkpoints"
 
@@ -353,6 +361,24 @@ def test_evaluate_without_weights_exits_2_naming_where_they_go(gan_main, no_ince
     assert code == 2
     assert str(no_inception_weights) in err
     assert "weights-inception-2015-12-05-6726825d.pth" in err
+
+
+@pytest.mark.parametrize("mode", ["evaluate", "training"])
+def test_a_failed_weights_download_leaves_no_folder_behind(mode, request, gan_main, no_inception_weights, tmp_path):
+    """torch hub makes ~/.cache/torch/hub/checkpoints/ before it downloads; offline, none stays,
+    and the user reads one message: an error for --evaluate, a warning for training (after torch
+    hub's line announcing the download)."""
+    if mode == "evaluate":
+        copy_run(request.getfixturevalue("trained_run"), tmp_path)
+        code, _, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu"])
+        hub_line, error_line = err.splitlines()
+        assert code == 2 and hub_line.startswith(f'Downloading: "{metrics.INCEPTION_URL}" to ')
+        assert error_line.startswith("gan.py: error: the Inception weights could not be loaded (")
+    else:
+        code, _, err = gan_main([*TINY_ARGS, *EVAL_ARGS, "--epochs", "1", "--fid-every", "1"])
+        assert code == 0 and err.count("Inception weights could not be loaded") == 1
+    assert "no network in this test" in err and str(no_inception_weights) in err and "Traceback" not in err
+    assert not (tmp_path / "torch_home").exists()
 
 
 def test_evaluate_without_weights_decodes_no_folder_first(
