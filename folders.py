@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+import platformdirs
 import torch
 from PIL import Image, ImageOps
 
@@ -228,15 +229,14 @@ def why_unreadable(path):
 
 
 def cache_root(cache_dir=None):
-    """The program's cache folder: --cache-dir, else $DCGAN_CACHE_DIR, else $XDG_CACHE_HOME/dcgan,
-    else ~/.cache/dcgan, as torch hub and Hugging Face place theirs."""
+    """The program's cache folder: --cache-dir, else $DCGAN_CACHE_DIR, else the system's cache folder
+    as platformdirs names it: $XDG_CACHE_HOME/dcgan or ~/.cache/dcgan on Linux, ~/Library/Caches/dcgan
+    on macOS, %LOCALAPPDATA%\\dcgan\\Cache on Windows (where pip keeps its cache too)."""
     if cache_dir:
         return Path(cache_dir)
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # the XDG spec ignores relative paths
-    return base / CACHE_APP_NAME
+    return Path(platformdirs.user_cache_dir(CACHE_APP_NAME, appauthor=False))
 
 
 def folder_cache_dir(cache_dir=None):

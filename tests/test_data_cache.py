@@ -5,6 +5,7 @@ the "did you mean --dataset folder?" check. All in-process on the CPU with tiny 
 import argparse
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -469,6 +470,37 @@ def test_the_cache_folder_comes_from_the_flag_the_variable_xdg_or_home(tmp_path,
     assert folders.folder_cache_dir() == tmp_path / "variable" / "folders"
     opts, _ = options.parse_flags(["--cache-dir", str(tmp_path / "flag")])
     assert folders.folder_cache_dir(opts.cache_dir) == tmp_path / "flag" / "folders"
+
+
+SYSTEM_CACHES = {
+    # sys.platform: (the class platformdirs picks there at import, the cache root under tmp_path)
+    "win32": ("windows.Windows", ("AppData", "Local", "dcgan", "Cache")),
+    "darwin": ("macos.MacOS", ("home", "Library", "Caches", "dcgan")),
+}
+
+
+@pytest.mark.parametrize("system", list(SYSTEM_CACHES))
+def test_the_cache_folder_is_the_systems_own_and_the_flag_or_variable_wins(system, tmp_path, monkeypatch):
+    import importlib
+
+    import platformdirs
+    import platformdirs.windows
+
+    module, name = SYSTEM_CACHES[system][0].split(".")
+    by_flag, _ = options.parse_flags(["--cache-dir", str(tmp_path / "flag")])
+    monkeypatch.setattr(sys, "platform", system)
+    monkeypatch.setattr(platformdirs, "PlatformDirs", getattr(importlib.import_module(f"platformdirs.{module}"), name))
+    # the shell's answer for the local application data folder, which has no API off Windows
+    monkeypatch.setattr(platformdirs.windows, "get_win_folder", platformdirs.windows.get_win_folder_from_env_vars)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "AppData" / "Local"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv(folders.CACHE_ENV)
+    assert folders.folder_cache_dir() == tmp_path.joinpath(*SYSTEM_CACHES[system][1], "folders")
+    assert folders.folder_cache_dir(by_flag.cache_dir) == tmp_path / "flag" / "folders"
+    monkeypatch.setenv(folders.CACHE_ENV, str(tmp_path / "variable"))
+    assert folders.folder_cache_dir() == tmp_path / "variable" / "folders"
+    assert folders.folder_cache_dir(by_flag.cache_dir) == tmp_path / "flag" / "folders"
 
 
 def test_training_on_a_folder_caches_in_the_cache_folder_and_never_in_the_data(tmp_path, gan_main, monkeypatch):
