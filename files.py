@@ -26,7 +26,10 @@ WINDOWS = sys.platform == "win32"
 
 
 def atomic_write(path, write_fn, mode="wb"):
-    """Call write_fn(file) on a temp file beside path, fsync, then rename over path."""
+    """Call write_fn(file) on a temp file beside path, fsync, then rename over path.
+
+    mode None: write_fn(temp path) instead, for writers that open the file by its name (numpy's open_memmap).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,8 +52,8 @@ def write_through_temp_file(path, write_fn, mode, folder_fd):
     except OSError as error:
         raise WriteError(path, error) from None
     try:
-        with os.fdopen(handle, mode) as file:
-            write_fn(file)
+        with os.fdopen(handle, mode or "wb") as file:
+            write_fn(file if mode else tmp_name)
             file.flush()
             os.fsync(file.fileno())
         os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual mode

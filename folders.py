@@ -15,11 +15,13 @@ import signal
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import PIL
+import platformdirs
 import torch
 from PIL import Image, ImageOps
 
@@ -30,8 +32,12 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 CACHE_APP_NAME = "dcgan"
 CACHE_ENV = "DCGAN_CACHE_DIR"
 FOLDER_CACHE_NAME = "folders"
-# Bump when read_image's pixels change, so caches made by older code are rebuilt, not trusted.
-FOLDER_CACHE_VERSION = 2
+# Bump when read_image's pixels or the cache's files change, so caches made by older code are
+# rebuilt, not trusted (3: the sidecar records the pixels' checksum; a cache without one is rebuilt).
+FOLDER_CACHE_VERSION = 3
+# The checksum reads the mapped cache this much at a time: large enough that the calls cost nothing
+# beside the CRC, small enough that no chunk is a second copy of the images in memory.
+CHECKSUM_CHUNK_BYTES = 1 << 24
 DECODE_CHUNK_FILES = 256
 # The cache must leave this much disk free, for the checkpoints and samples written after it.
 DISK_SPARE_BYTES = 1 << 30
@@ -222,21 +228,22 @@ def why_unreadable(path):
 # every file's name, size, modification time and inode change time (the ctime moves on every
 # write, even one that restores the mtime, and costs nothing: it comes with the same stat), the
 # image size and the decoder: any change gives another name. The JSON sidecar, written last once
-# the .npy is complete, names the data folder; a cache whose sidecar is missing or does not match
-# is never trusted. A build removes the folder's older caches at that size, and the caches of
-# other folders least recently used first when the disk is short.
+# the .npy is complete, names the data folder and holds the CRC-32 of the pixels in use; a cache
+# whose sidecar is missing or does not match, or whose pixels no longer give that CRC when it is
+# opened (overwritten in place, a bad sector: the size stays the same), is never trusted. A build
+# removes the folder's older caches at that size, and the caches of other folders least recently
+# used first when the disk is short.
 
 
 def cache_root(cache_dir=None):
-    """The program's cache folder: --cache-dir, else $DCGAN_CACHE_DIR, else $XDG_CACHE_HOME/dcgan,
-    else ~/.cache/dcgan, as torch hub and Hugging Face place theirs."""
+    """The program's cache folder: --cache-dir, else $DCGAN_CACHE_DIR, else the system's cache folder
+    as platformdirs names it: $XDG_CACHE_HOME/dcgan or ~/.cache/dcgan on Linux, ~/Library/Caches/dcgan
+    on macOS, %LOCALAPPDATA%\\dcgan\\Cache on Windows (where pip keeps its cache too)."""
     if cache_dir:
         return Path(cache_dir)
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # the XDG spec ignores relative paths
-    return base / CACHE_APP_NAME
+    return Path(platformdirs.user_cache_dir(CACHE_APP_NAME, appauthor=False))
 
 
 def folder_cache_dir(cache_dir=None):
@@ -295,14 +302,12 @@ def open_folder(listing, workers, cache_dir=None, say=None):
     say = say or ignore_message
     folder = folder_cache_dir(cache_dir)
     with no_new_empty_folders([folder]):  # a build that fails leaves no empty cache folders behind
-        cached = read_folder_cache(folder, listing)
+        cached, reason = reusable_cache(folder, listing)
         if cached is not None:
-            images, skipped = cached
-            report_skipped(listing.root, skipped, len(listing.files))
+            report_skipped(listing.root, cached.skipped, len(listing.files))
             mark_used(folder, listing)
-            say(f"image cache: reusing {images.source} ({count_text(len(images), 'image')})")
-            return with_files(images, skipped, listing)
-        reason = rebuild_reason(folder, listing)
+            say(f"image cache: reusing {cached.images.source} ({count_text(len(cached.images), 'image')})")
+            return with_files(cached.images, cached.skipped, listing)
         problem = cache_folder_problem(folder, listing)
         if problem is not None:
             return with_files(*decode_without_cache(listing, workers, problem, say), listing=listing)
@@ -310,7 +315,8 @@ def open_folder(listing, workers, cache_dir=None, say=None):
             f"image cache: {reason}; decoding {count_text(len(listing.files), 'file')} "
             f"({size_text(listing.decoded_bytes)}) into {cache_paths(folder, listing)[0]}"
         )
-        return with_files(*build_folder_cache(folder, listing, workers), listing=listing)
+        built = build_folder_cache(folder, listing, workers)
+        return with_files(built.images, built.skipped, listing)
 
 
 def with_files(images, skipped, listing):
@@ -324,14 +330,44 @@ def ignore_message(message):
     pass
 
 
+@dataclass
+class FolderCache:
+    """A cache's images (the rows in use, mapped from its .npy), the files it skipped as unreadable,
+    and the CRC-32 of its pixels that its sidecar records."""
+
+    images: "HostImages"
+    skipped: list
+    crc32: int
+
+    def intact(self):
+        return pixels_crc32(self.images.array.numpy()) == self.crc32
+
+
+def reusable_cache(folder, listing):
+    """(the FolderCache to reuse, None), or (None, why it is rebuilt).
+
+    The pixels are checked against their checksum here, before anything reads them: once in each
+    process of a run, as each maps the cache once. A cache overwritten in place keeps its size and
+    header, and only its pixels tell.
+    """
+    cached = read_folder_cache(folder, listing)
+    if cached is None:
+        return None, rebuild_reason(folder, listing)
+    if not cached.intact():
+        # dropped here, so that the damaged file is unmapped before the build renames over it
+        return None, "the cache's pixels changed since it was built (their checksum differs), rebuilding it"
+    return cached, None
+
+
 def read_folder_cache(folder, listing):
-    """(HostImages, skipped files) of a complete cache, or None: no cache, or one not to trust."""
+    """The FolderCache of a complete cache, or None: no cache, or one not to trust. Its pixels are
+    not read here (reusable_cache checks them)."""
     npy, sidecar = cache_paths(folder, listing)
     expected_shape = (len(listing.files), 3, listing.image_size, listing.image_size)
     try:
         meta = json.loads(sidecar.read_text())
         array = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never written back
-        rows, skipped = meta["rows"], [listing.root / name for name in meta["skipped"]]
+        rows, skipped, crc32 = meta["rows"], [listing.root / name for name in meta["skipped"]], meta["crc32"]
         trusted = (
             meta["key"] == listing.key
             and array.dtype == np.uint8
@@ -339,10 +375,21 @@ def read_folder_cache(folder, listing):
             and npy.stat().st_size == array.offset + array.nbytes  # not cut short, nothing appended
             and isinstance(rows, int)
             and 0 < rows == len(listing.files) - len(skipped)
+            and isinstance(crc32, int)
         )
     except (OSError, ValueError, SyntaxError, KeyError, TypeError, AttributeError):
         return None  # unreadable JSON or .npy header, a truncated file: all mean "rebuild"
-    return (HostImages(torch.from_numpy(array)[:rows], source=npy), skipped) if trusted else None
+    return FolderCache(HostImages(torch.from_numpy(array)[:rows], source=npy), skipped, crc32) if trusted else None
+
+
+def pixels_crc32(array):
+    """zlib's CRC-32 of a C-contiguous uint8 array's bytes, a chunk at a time: a mapped cache is read
+    through, never copied whole into memory."""
+    flat = array.reshape(-1)
+    crc32 = 0
+    for start in range(0, len(flat), CHECKSUM_CHUNK_BYTES):
+        crc32 = zlib.crc32(flat[start : start + CHECKSUM_CHUNK_BYTES], crc32)
+    return crc32
 
 
 def mark_used(folder, listing):
@@ -361,7 +408,10 @@ def rebuild_reason(folder, listing):
     """Why no cache could be reused, for the line announcing the build."""
     if any(folder.glob(f"{listing.stem}.*")):
         return "the cache is incomplete or damaged, rebuilding it"
-    if caches_of(folder, listing, f"images-{listing.image_size}px-*.json"):
+    same_size = caches_of(folder, listing, f"images-{listing.image_size}px-*.json")
+    if same_size and all(sidecar_meta(sidecar).get("version") != FOLDER_CACHE_VERSION for sidecar in same_size):
+        return "the cache was made by an older version of gan.py, rebuilding it"
+    if same_size:
         return "the files changed since the cache was made, rebuilding it"
     if caches_of(folder, listing):
         return f"no cache for --image-size {listing.image_size} yet, building one"
@@ -397,32 +447,51 @@ def free_disk_for(folder, needed_bytes):
 
 
 def build_folder_cache(folder, listing, workers):
-    """Decode the folder into the cache a chunk at a time (never all in memory), then write its sidecar."""
+    """Decode the folder into the cache a chunk at a time (never all in memory), then write its
+    sidecar: last, so that a cache is complete whenever its sidecar exists."""
     npy, sidecar = cache_paths(folder, listing)
-    skipped = []
-    atomic_write(npy, lambda file: write_decoded(file, listing, workers, skipped))
+    decoded = DecodedRows()
+    # mode None: open_memmap opens the temp file by its name
+    atomic_write(npy, lambda temp_path: write_decoded(temp_path, listing, workers, decoded), mode=None)
     meta = {
         "key": listing.key,
+        "version": FOLDER_CACHE_VERSION,
         "root": str(listing.root.resolve()),
-        "rows": len(listing.files) - len(skipped),
-        "skipped": [str(path.relative_to(listing.root)) for path in skipped],
+        "rows": len(listing.files) - len(decoded.skipped),
+        "skipped": [str(path.relative_to(listing.root)) for path in decoded.skipped],
+        "crc32": decoded.crc32,
     }
     atomic_write(sidecar, lambda file: json.dump(meta, file), mode="w")
+    # not checked against its CRC: it was taken from these very rows a moment ago
     cached = read_folder_cache(folder, listing)
     if cached is None:
         raise UserError(f"the decoded-image cache {npy} could not be read back; delete {folder} and run again")
     return cached
 
 
-def write_decoded(file, listing, workers, skipped):
-    """The .npy format written by hand, so rows go to disk as they are decoded."""
+@dataclass
+class DecodedRows:
+    """What write_decoded learns besides the pixels: the unreadable files, and the readable rows' CRC-32."""
+
+    skipped: list = field(default_factory=list)
+    crc32: int = 0
+
+
+def write_decoded(path, listing, workers, decoded):
+    """Decode the folder into the .npy at path through numpy's memory map, so rows go to disk as they
+    are decoded, and take the CRC-32 of the rows as they go."""
     shape = (len(listing.files), 3, listing.image_size, listing.image_size)
-    np.lib.format.write_array_header_1_0(file, {"descr": "|u1", "fortran_order": False, "shape": shape})
-    end = file.tell() + math.prod(shape)
-    for images in decode_files(listing.files, listing.image_size, workers, skipped):
-        file.write(images.numpy().data)
-    report_skipped(listing.root, skipped, len(listing.files))  # raises before a cache of nothing is kept
-    file.truncate(end)  # rows for the unreadable files, at the end: zeros, never read
+    rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    try:
+        done = 0
+        for images in decode_files(listing.files, listing.image_size, workers, decoded.skipped):
+            rows[done : done + len(images)] = images.numpy()
+            decoded.crc32 = zlib.crc32(images.numpy(), decoded.crc32)
+            done += len(images)
+        report_skipped(listing.root, decoded.skipped, len(listing.files))  # raises before a cache of nothing is kept
+        rows.flush()  # the rows of the unreadable files stay at the end: zeros, never read
+    finally:
+        del rows  # unmapped before the rename: Windows renames no mapped file
 
 
 def remove_stale_caches(folder, listing):
@@ -441,10 +510,16 @@ def remove_stale_caches(folder, listing):
 
 
 def sidecar_root(sidecar):
+    return sidecar_meta(sidecar).get("root")
+
+
+def sidecar_meta(sidecar):
+    """A sidecar's fields, or {} for one that is unreadable."""
     try:
-        return json.loads(sidecar.read_text()).get("root")
-    except (OSError, ValueError, AttributeError):
-        return None
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def decode_without_cache(listing, workers, problem, say):

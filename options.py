@@ -313,7 +313,9 @@ def add_data_flags(group):
         type=folder,
         default=None,
         help="where a folder's decoded images are cached; delete it at any time to free the disk [default: "
-        "~/.cache/dcgan, or $XDG_CACHE_HOME/dcgan where that is set; $DCGAN_CACHE_DIR, where set, wins over both]",
+        "the system's cache folder: ~/.cache/dcgan on Linux ($XDG_CACHE_HOME/dcgan where that is set), "
+        "~/Library/Caches/dcgan on macOS, %%LOCALAPPDATA%%\\dcgan\\Cache on Windows; $DCGAN_CACHE_DIR, "
+        "where set, wins over it]",
     )
 
 

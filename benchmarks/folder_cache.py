@@ -14,9 +14,22 @@ Then the same two cases for utils.load_dataset alone, in this process, for all t
 
 About 5 minutes on 2 CPU cores (3 rounds of about 90 s, plus writing the JPEGs once; a complete
 folder is reused).
+
+--checksum times what the pixels' CRC-32 adds to reusing a cache: folders.open_folder with and
+without the check (the check switched off in this process only), then the copy into the tensor a
+run trains from, with the file in the page cache ("warm") and evicted from it first ("cold", by
+posix_fadvise: a start days after the last); and the CRC-32 against other checksums of the same
+bytes. On the JPEG folder, or on a cache of N images synthesised straight into the cache (no
+JPEGs: the decoder's output is what is checked, and decoding 202,599 JPEGs would take longer than
+everything timed here):
+
+    python benchmarks/folder_cache.py --checksum --rounds 5                    # 20,000 JPEGs
+    python benchmarks/folder_cache.py --checksum --synthetic 202599 --rounds 5  # CelebA's count
 """
 
 import argparse
+import contextlib
+import hashlib
 import os
 import platform
 import shutil
@@ -43,6 +56,18 @@ def parse_args(argv=None):
         "--key-only",
         action="store_true",
         help="time only the cache key (listing and stat-ing every file), with and without the inode change time",
+    )
+    p.add_argument(
+        "--checksum",
+        action="store_true",
+        help="time reusing the cache with and without the check of its pixels' CRC-32, warm and cold",
+    )
+    p.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --checksum: a cache of N images synthesised in place of decoded JPEGs (no folder of JPEGs)",
     )
     return p.parse_args(argv)
 
@@ -133,8 +158,143 @@ def seconds_to_load(folder, image_size, workers):
     return seconds
 
 
+def synthetic_listing(work, count, image_size):
+    """A FolderListing of count names that are never read: the cache is built from synthesised rows."""
+    import folders
+
+    root = Path(work) / "synthetic"
+    root.mkdir()
+    files = [root / f"{index + 1:06d}.jpg" for index in range(count)]
+    return folders.FolderListing(root, files, image_size, f"synthetic{count}")
+
+
+def synthetic_decode(files, image_size, workers, skipped):
+    """folders.decode_files' chunks, made up: a block of noise, each chunk XORed with its number."""
+    import numpy as np
+    import torch
+
+    import folders
+
+    shape = (folders.DECODE_CHUNK_FILES, 3, image_size, image_size)
+    block = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    for number, start in enumerate(range(0, len(files), folders.DECODE_CHUNK_FILES)):
+        yield torch.from_numpy(block[: len(files) - start] ^ np.uint8(number % 256))
+
+
+def read_through(path):
+    """Read path once, so its pages are in the page cache."""
+    with open(path, "rb") as file:
+        while file.read(1 << 24):
+            pass
+
+
+def evict(path):
+    """Drop path's pages from the page cache, as if it had not been read since boot (no root needed)."""
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@contextlib.contextmanager
+def check(on):
+    """folders' check of the pixels' CRC-32, switched off in this process when on is False."""
+    import folders
+
+    intact = folders.FolderCache.intact
+    if not on:
+        folders.FolderCache.intact = lambda self: True
+    try:
+        yield
+    finally:
+        folders.FolderCache.intact = intact
+
+
+def checksum_seconds(listing, workers, rounds):
+    """Seconds to reuse listing's cache (open_folder) and then copy it into a training tensor, with
+    and without the CRC check, warm and cold, in alternating rounds."""
+    import folders
+
+    npy = folders.open_folder(listing, workers, say=print).source  # builds the cache if it is not there
+    times = {}
+    for round_index in range(rounds):
+        for state in ("warm", "cold"):
+            for checked in (False, True):
+                (evict if state == "cold" else read_through)(npy)
+                started = time.perf_counter()
+                with check(checked):
+                    images = folders.open_folder(listing, workers)
+                opened = time.perf_counter()
+                images.to_device("cpu")
+                copied = time.perf_counter()
+                del images  # unmapped, so that the next cold round can evict the file
+                what = f"{state}, {'with' if checked else 'without'} the check"
+                times.setdefault(f"open_folder, {what}", []).append(opened - started)
+                times.setdefault(f"open_folder + copy into the training tensor, {what}", []).append(copied - started)
+        print(f"round {round_index + 1} done", flush=True)
+    return times, npy
+
+
+CHECKSUMS = ("sha1", "sha256", "blake2b", "md5")
+
+
+def checksums_compared(npy, listing, rounds):
+    """Seconds of zlib's CRC-32 (what gan.py uses) and of hashlib's digests over the cache's pixels
+    in use, mapped and warm, in the chunks gan.py reads."""
+    import numpy as np
+
+    import folders
+
+    pixels = np.load(npy, mmap_mode="r")[: len(listing.files)].reshape(-1)
+
+    def digest(name):
+        state = hashlib.new(name)
+        for start in range(0, len(pixels), folders.CHECKSUM_CHUNK_BYTES):
+            state.update(pixels[start : start + folders.CHECKSUM_CHUNK_BYTES])
+        return state.digest()
+
+    checksums = {"zlib.crc32 (gan.py)": lambda: folders.pixels_crc32(pixels)}
+    checksums.update({f"hashlib.{name}": lambda name=name: digest(name) for name in CHECKSUMS})
+    read_through(npy)
+    times = {name: [] for name in checksums}
+    for _ in range(rounds):
+        for name, checksum in checksums.items():
+            started = time.perf_counter()
+            checksum()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def main_checksum(args):
+    """--checksum: what the CRC check adds to reusing a cache, on the JPEG folder or a synthesised cache."""
+    sys.path.insert(0, str(ROOT))
+    import folders
+
+    print(f"load before: {os.getloadavg()}; {os.cpu_count()} CPUs; torch run by {sys.executable}")
+    with tempfile.TemporaryDirectory() as work:
+        os.environ["DCGAN_CACHE_DIR"] = str(Path(work) / "cache")
+        if args.synthetic:
+            listing = synthetic_listing(work, args.synthetic, args.image_size)
+            folders.decode_files = synthetic_decode
+            print(
+                f"{args.synthetic} synthesised images at {args.image_size}px ({folders.size_text(listing.decoded_bytes)})"
+            )
+        else:
+            folder = Path(args.folder or Path(tempfile.gettempdir()) / f"dcgan-folder-cache-{args.images}")
+            make_folder(folder, args.images)
+            listing = folders.FolderListing.of(folder, args.image_size)
+            print(f"{args.images} JPEGs in {folder}, cached at {args.image_size}px")
+        workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+        times, npy = checksum_seconds(listing, workers, args.rounds)
+        compared = checksums_compared(npy, listing, args.rounds)
+    print(f"load after: {os.getloadavg()}")
+    print_table(times)
+    print_table(compared)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.checksum:
+        return main_checksum(args)
     folder = Path(args.folder or Path(tempfile.gettempdir()) / f"dcgan-folder-cache-{args.images}")
     started = time.perf_counter()
     make_folder(folder, args.images)

@@ -3,10 +3,14 @@ the "did you mean --dataset folder?" check. All in-process on the CPU with tiny 
 """
 
 import argparse
+import json
+import math
 import os
 import shutil
+import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -196,8 +200,14 @@ def wrong_row_count(npy, sidecar):
     sidecar.write_text(sidecar.read_text().replace('"rows": 5', '"rows": 4'))
 
 
+def no_checksum(npy, sidecar):
+    meta = json.loads(sidecar.read_text())
+    del meta["crc32"]
+    sidecar.write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize(
-    "damage", [cut_in_half, extended, garbage_header, no_sidecar, garbage_sidecar, wrong_row_count]
+    "damage", [cut_in_half, extended, garbage_header, no_sidecar, garbage_sidecar, wrong_row_count, no_checksum]
 )
 def test_a_damaged_cache_is_rebuilt_not_trusted(damage, tmp_path, reads, cached):
     data = write_folder(tmp_path / "data", 5)
@@ -211,6 +221,91 @@ def test_a_damaged_cache_is_rebuilt_not_trusted(damage, tmp_path, reads, cached)
     assert torch.equal(images, fresh_decode(data, 8))
     _, said = load(data, 8)
     assert said[0].startswith("image cache: reusing")
+
+
+def pixel_bytes(npy, rows):
+    """Where the pixels of the first `rows` rows lie in the .npy file: (offset, length)."""
+    array = np.load(npy, mmap_mode="r")
+    return array.offset, rows * math.prod(array.shape[1:])
+
+
+def white_pixels(npy, rows):
+    """Every pixel in use overwritten with 255, the file's size unchanged."""
+    offset, length = pixel_bytes(npy, rows)
+    with open(npy, "r+b") as file:
+        file.seek(offset)
+        file.write(b"\xff" * length)
+
+
+def one_bit_flipped(npy, rows):
+    """One bit of the last row in use flipped, as a bad disk sector might."""
+    offset, length = pixel_bytes(npy, rows)
+    with open(npy, "r+b") as file:
+        file.seek(offset + length - 1)
+        last = file.read(1)[0]
+        file.seek(offset + length - 1)
+        file.write(bytes([last ^ 1]))
+
+
+CHANGED_PIXELS = "image cache: the cache's pixels changed since it was built (their checksum differs), rebuilding it"
+
+
+@pytest.mark.parametrize("damage", [white_pixels, one_bit_flipped])
+def test_a_cache_whose_pixels_changed_on_disk_is_rebuilt_not_read(damage, tmp_path, reads, cached):
+    data = write_folder(tmp_path / "data", 5, broken=1)
+    with pytest.warns(UserWarning, match="skipped 1 of 6"):
+        load(data, 8)
+    npy = next(cached.glob("*.npy"))
+    size = npy.stat().st_size
+    damage(npy, 5)
+    assert npy.stat().st_size == size
+    reads.clear()
+    with pytest.warns(UserWarning, match="skipped 1 of 6"):
+        images, said = load(data, 8)
+    assert said == [f"{CHANGED_PIXELS}; decoding 6 files (1.1 KiB) into {npy}"]
+    assert len(reads) == 6
+    assert torch.equal(images, fresh_decode(data, 8))
+    with pytest.warns(UserWarning, match="skipped 1 of 6"):
+        _, said = load(data, 8)
+    assert said[0].startswith("image cache: reusing")
+
+
+def test_the_sidecar_holds_the_crc32_of_the_pixels_in_use(tmp_path, cached):
+    data = write_folder(tmp_path / "data", 5, broken=2)
+    with pytest.warns(UserWarning, match="skipped 2 of 7"):
+        load(data, 8)
+    npy = next(cached.glob("*.npy"))
+    meta = json.loads(npy.with_suffix(".json").read_text())
+    assert meta["rows"] == 5 and meta["version"] == folders.FOLDER_CACHE_VERSION
+    assert meta["crc32"] == zlib.crc32(fresh_decode(data, 8).numpy().tobytes())
+
+
+def test_the_cache_file_is_the_npy_that_numpy_writes(tmp_path, cached):
+    data = write_folder(tmp_path / "data", 5, broken=2)
+    with pytest.warns(UserWarning, match="skipped 2 of 7"):
+        load(data, 8)
+    npy = next(cached.glob("*.npy"))
+    # the rows of the unreadable files come last, as zeros
+    expected = np.concatenate([fresh_decode(data, 8).numpy(), np.zeros((2, 3, 8, 8), dtype=np.uint8)])
+    assert np.array_equal(np.load(npy), expected)
+    np.save(tmp_path / "by_numpy.npy", expected)
+    assert npy.read_bytes() == (tmp_path / "by_numpy.npy").read_bytes()
+
+
+def test_a_cache_made_before_checksums_is_rebuilt(tmp_path, reads, cached, monkeypatch):
+    data = write_folder(tmp_path / "data", 5)
+    with monkeypatch.context() as older:
+        older.setattr(folders, "FOLDER_CACHE_VERSION", folders.FOLDER_CACHE_VERSION - 1)
+        load(data, 8)
+    sidecar = next(cached.glob("*.json"))
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({name: meta[name] for name in ("key", "root", "rows", "skipped")}))
+    reads.clear()
+    images, said = load(data, 8)
+    assert said[0].startswith("image cache: the cache was made by an older version of gan.py, rebuilding it")
+    assert len(reads) == 5
+    assert torch.equal(images, fresh_decode(data, 8))
+    assert len(cache_files(cached)) == 2  # the older cache is gone
 
 
 def test_a_build_cut_short_leaves_nothing_that_is_trusted(tmp_path, monkeypatch, cached):
@@ -471,6 +566,37 @@ def test_the_cache_folder_comes_from_the_flag_the_variable_xdg_or_home(tmp_path,
     assert folders.folder_cache_dir(opts.cache_dir) == tmp_path / "flag" / "folders"
 
 
+SYSTEM_CACHES = {
+    # sys.platform: (the class platformdirs picks there at import, the cache root under tmp_path)
+    "win32": ("windows.Windows", ("AppData", "Local", "dcgan", "Cache")),
+    "darwin": ("macos.MacOS", ("home", "Library", "Caches", "dcgan")),
+}
+
+
+@pytest.mark.parametrize("system", list(SYSTEM_CACHES))
+def test_the_cache_folder_is_the_systems_own_and_the_flag_or_variable_wins(system, tmp_path, monkeypatch):
+    import importlib
+
+    import platformdirs
+    import platformdirs.windows
+
+    module, name = SYSTEM_CACHES[system][0].split(".")
+    by_flag, _ = options.parse_flags(["--cache-dir", str(tmp_path / "flag")])
+    monkeypatch.setattr(sys, "platform", system)
+    monkeypatch.setattr(platformdirs, "PlatformDirs", getattr(importlib.import_module(f"platformdirs.{module}"), name))
+    # the shell's answer for the local application data folder, which has no API off Windows
+    monkeypatch.setattr(platformdirs.windows, "get_win_folder", platformdirs.windows.get_win_folder_from_env_vars)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "AppData" / "Local"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv(folders.CACHE_ENV)
+    assert folders.folder_cache_dir() == tmp_path.joinpath(*SYSTEM_CACHES[system][1], "folders")
+    assert folders.folder_cache_dir(by_flag.cache_dir) == tmp_path / "flag" / "folders"
+    monkeypatch.setenv(folders.CACHE_ENV, str(tmp_path / "variable"))
+    assert folders.folder_cache_dir() == tmp_path / "variable" / "folders"
+    assert folders.folder_cache_dir(by_flag.cache_dir) == tmp_path / "flag" / "folders"
+
+
 def test_training_on_a_folder_caches_in_the_cache_folder_and_never_in_the_data(tmp_path, gan_main, monkeypatch):
     data = write_folder(tmp_path / "data", 8)
     before = everything_under(data), snapshot(data)
@@ -484,6 +610,26 @@ def test_training_on_a_folder_caches_in_the_cache_folder_and_never_in_the_data(t
     assert code == 0, err
     assert f"image cache: no cache yet, building one; decoding 8 files (6.0 KiB) into by_flag/folders/{npy.name}" in out
     assert (everything_under(data), snapshot(data)) == before
+
+
+def test_a_cache_whose_pixels_changed_is_never_trained_on_through_the_cli(tmp_path, gan_main, cached):
+    data = write_folder(tmp_path / "data", 8)
+    code, out, err = gan_main(folder_run(data))
+    assert code == 0, err
+    npy = next(cached.glob("*.npy"))
+    intact = npy.read_bytes()
+    white_pixels(npy, 8)  # white images, the file's size unchanged
+    code, out, err = gan_main(folder_run(data, "--checkpoint-dir", "again", "--image-dir", "again_images"))
+    assert code == 0, err
+    assert f"{CHANGED_PIXELS}; decoding 8 files (6.0 KiB) into {npy}" in out
+    assert out.count("image cache:") == 1 and "image cache" not in err  # one line says it
+    assert npy.read_bytes() == intact
+    # the same weights as the run on the intact cache: it trained on the images, not on white
+    first, again = (
+        torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("checkpoints", "again")
+    )
+    for key in ("netG", "netD"):
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
 
 
 def test_an_unwritable_cache_folder_still_trains_through_the_cli(tmp_path, gan_main, cache_dir, reads):
