@@ -210,7 +210,7 @@ def refuse_if_in_use(folder, flag):
     """The UserError a FolderLock of folder would raise, without locking or making anything: checks
     made before the lock (an earlier run's files) would otherwise blame a live run's files on one."""
     try:
-        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDWR | O_BINARY)
+        fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY | O_BINARY)  # read-only: another account's lock too
     except OSError:  # no lock file: no run there
         return
     try:

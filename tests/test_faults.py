@@ -857,7 +857,8 @@ def test_the_run_lock_file_on_each_system(windows, pid_text, release_steps, monk
     steps, real_close, real_remove = [], os.close, files.remove_file
 
     def close(fd):
-        steps.extend(["unlock"] if fd == lock.fd else [])
+        if fd == lock.fd:
+            steps.append("unlock")
         real_close(fd)
 
     def remove_file(path):
