@@ -51,9 +51,40 @@ NOT_RESUMED_FLAGS = (
     *PATH_FLAGS,
     *DATA_TRAITS,
 )
-# Flags only some modes read (the others would ignore them without a word).
-MODE_ONLY_FLAGS = {"checkpoint": ("generate", "interpolate", "evaluate"), "steps": ("interpolate",)}
+# The modes a run can be, and the flags only some of them read: a flag typed for a mode that never
+# reads it would be ignored without a word, so it is refused. "images" is --evaluate --images DIR.
+MODES = ("train", "generate", "interpolate", "evaluate", "images")
+# the architecture flags reach every mode with a checkpoint, which checks them against its own
+CHECKPOINT_MODES = ("train", "generate", "interpolate", "evaluate")
+DATA_MODES = ("train", "evaluate", "images")
+TRAINING_ONLY_FLAGS = (
+    "epochs", "class_loss", "lr", "beta1", "beta2", "loss", "label_smoothing", "label_noise", "spectral_loss",
+    "r1", "diffaugment", "ttur", "d_steps", "ema", "on_nan", "sync_bn", "channels", "compile", "resume",
+    "log_every", "save_every", "tensorboard", "fid_every",
+)  # fmt: skip
+MODE_ONLY_FLAGS = {
+    **dict.fromkeys(TRAINING_ONLY_FLAGS, ("train",)),
+    **dict.fromkeys([*(name for name in ARCHITECTURE_FLAGS if name != "image_size"), "recipe"], CHECKPOINT_MODES),
+    **dict.fromkeys(("dataset", "dataroot", "subset", "workers", "cache_dir"), DATA_MODES),
+    "batch_size": ("train", "evaluate"),  # the data must hold one batch; --evaluate --images scores them all
+    "eval_samples": ("train", "evaluate"),  # training reads it for --fid-every
+    "image_dir": ("train", "generate", "interpolate"),
+    "checkpoint": ("generate", "interpolate", "evaluate"),
+    "steps": ("interpolate",),
+    "class_name": ("generate", "interpolate"),
+    "to_class": ("interpolate",),
+    "truncation": ("generate", "interpolate", "evaluate"),
+    "images": ("images",),
+}
+# Read by every mode (image_size: --evaluate --images brings the real images to it), or choosing the mode.
+EVERY_MODE_FLAGS = (
+    "seed", "device", "precision", "checkpoint_dir", "image_size", "generate", "interpolate", "evaluate",
+)  # fmt: skip
 MAX_SEED = 2**63 - 1
+# --r1, --spectral-loss and --class-loss: published weights reach 100 (R1's gamma for StyleGAN2's
+# LSUN Church and Horse). At 1000 a term drowns the adversarial loss: Adam's steps do not grow with
+# the loss, so a tiny run's D(x) and D(G(z)) are the same from 1000 to 1e20; 1e300 makes it infinite.
+MAX_LOSS_WEIGHT = 1000
 # --conditional's learning rate unless --lr is typed (measured: docs/classes.md, BENCHMARKS.md)
 CONDITIONAL_LR = 3e-4
 MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
@@ -179,10 +210,10 @@ def positive_float(text):
     return value
 
 
-def non_negative_float(text):
+def loss_weight(text):
     value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    if not 0 <= value <= MAX_LOSS_WEIGHT:  # NaN fails both
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_LOSS_WEIGHT:g}, got {text}")
     return value
 
 
@@ -277,7 +308,7 @@ def add_training_flags(group):
     )
     add(
         "--class-loss",
-        type=non_negative_float,
+        type=loss_weight,
         default=1.0,
         help="with --conditional: weight of a class loss on D's projection scores (its class embeddings dotted "
         "with its last features, one score per class; P2GAN): D learns to tell real images' classes, G to draw "
@@ -304,13 +335,13 @@ def add_training_flags(group):
     )
     add(
         "--spectral-loss",
-        type=non_negative_float,
+        type=loss_weight,
         default=0.0,
         help="weight of a G loss that matches its images' power spectrum to the real batch's; 0 turns it off",
     )
     add(
         "--r1",
-        type=non_negative_float,
+        type=loss_weight,
         default=0.0,
         help="weight gamma of the R1 penalty (Mescheder et al., 2018): gamma/2 times the squared gradient of D's "
         "logits on real images with respect to those images, added to D's loss; 0 turns it off",
@@ -465,7 +496,7 @@ def parse_flags(argv=None):
         raise UserError("--resume trains; use --checkpoint with --generate, --interpolate or --evaluate")
     check_sampling_flags(parsed)
     check_images_flag(parsed, explicit)
-    refuse_flags_of_other_modes(parsed, explicit)
+    refuse_flags_of_other_modes(parser, parsed, explicit)
     from_recipe = recipe_values(parser, parsed["recipe"], explicit)
     parsed.update(from_recipe)
     if parsed["conditional"] and "lr" not in explicit:
@@ -503,16 +534,27 @@ def check_sampling_flags(flags):
         raise UserError("--truncation applies to --generate, --interpolate and --evaluate")
 
 
-def refuse_flags_of_other_modes(parsed, explicit):
+def refuse_flags_of_other_modes(parser, parsed, explicit):
     """A typed flag that the chosen mode never reads would be silently ignored: refused instead."""
     modes = [mode for mode in ("generate", "interpolate", "evaluate") if parsed[mode] not in (None, False)]
-    mode = modes[0] if modes else "train"
+    mode = "images" if parsed["images"] is not None else modes[0] if modes else "train"
     for name, readers in MODE_ONLY_FLAGS.items():
         if name in explicit and mode not in readers:
             hint = "; training continues a checkpoint with --resume PATH" if name == "checkpoint" else ""
-            used_by = ", ".join(f"--{reader}" for reader in readers)
-            doing = "training" if mode == "train" else f"--{mode}"
-            raise UserError(f"--{name} is read by {used_by} only, not by {doing}{hint}")
+            used_by = ", ".join(mode_text(reader, beside=mode) for reader in readers)
+            raise UserError(f"{option_names(parser, name)} is read by {used_by} only, not by {mode_text(mode)}{hint}")
+
+
+def option_names(parser, dest):
+    """A flag as a message names it: --class for class_name, --compile/--no-compile for compile."""
+    return "/".join(option for action in parser._actions if action.dest == dest for option in action.option_strings)
+
+
+def mode_text(mode, beside=None):
+    """How a message names a mode; beside --evaluate --images, --evaluate is "--evaluate of a checkpoint"."""
+    if mode == "evaluate" and beside == "images":
+        return "--evaluate of a checkpoint"
+    return {"train": "training", "images": "--evaluate --images"}.get(mode, f"--{mode}")
 
 
 def check_images_flag(flags, explicit):

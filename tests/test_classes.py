@@ -511,7 +511,8 @@ def test_truncation_reaches_the_generated_images(trained_run, gan_main, tmp_path
 def test_a_walk_between_classes_holds_the_noise_and_moves_the_class(conditional_run, gan_main, tmp_path):
     G, names = trained_generator(conditional_run)
     walk = after_training.Walks(2, start_class=1, end_class=3, num_classes=10)
-    noise, weights = after_training.walk_inputs(walk, 8, parsed("--interpolate", "--steps", 5), seed=0)
+    opts, _ = options.parse_flags(["--interpolate", "--steps", "5"])
+    noise, weights = after_training.walk_inputs(walk, 8, opts, seed=0)
     assert noise.shape == (5, 2, 8, 1, 1) and torch.equal(noise[0], noise[4]) and torch.equal(noise[1], noise[3])
     assert weights.shape == (10, 10)
     assert weights[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0] and weights[-1].tolist() == [0, 0, 0, 1] + [0] * 6
