@@ -2,6 +2,7 @@
 conditional BatchNorm and D's projection, and grids with one row per class."""
 
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -359,6 +360,24 @@ def test_the_labelled_grid_is_the_grid_with_a_name_left_of_each_row():
     rows_with_text = [labelled[2 + 18 * row : 18 * (row + 1), :margin].max() > 128 for row in range(3)]
     assert rows_with_text == [True, True, True]
     assert np.asarray(artifacts.labelled_grid_image(images, ["x", "y", "z"])).shape[1] < labelled.shape[1]
+
+
+@pytest.mark.parametrize("name", ["café", "Ωμέγα", "кошка"])
+def test_class_names_beyond_ascii_are_drawn_in_their_letters_not_as_boxes(name):
+    import matplotlib
+    from matplotlib.ft2font import FT2Font
+    from PIL import ImageDraw, ImageFont
+
+    dejavu = str(Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"))
+    assert set(map(ord, name)) <= set(FT2Font(dejavu).get_charmap())  # a glyph for every letter: no box
+    images = -torch.ones(16, 3, 16, 16)  # black, as the margin is
+    labelled = artifacts.labelled_grid_image(images, [name, "b"])
+    margin = labelled.width - artifacts.grid_image(images).width
+    drawn = labelled.crop((0, 0, margin, labelled.height // 2))
+    reference = Image.new("RGB", (200, 40))
+    ImageDraw.Draw(reference).text((10, 10), name, fill=(255, 255, 255), font=ImageFont.truetype(dejavu, 11))
+    # the label's pixels are DejaVu Sans's own rendering of the name, wherever it was placed
+    assert np.array_equal(np.asarray(drawn.crop(drawn.getbbox())), np.asarray(reference.crop(reference.getbbox())))
 
 
 def test_real_vs_fake_shows_each_grid_class_s_real_images_in_its_row():
