@@ -15,6 +15,7 @@ import artifacts
 import metrics
 import models
 from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file, load_module_state
+from classnames import checkpoint_class_names, class_folder
 from errors import UserError, count_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
@@ -53,7 +54,7 @@ def load_generator_for_use(opts, explicit, runtime):
     state = upgraded(load_generator_file(path))
     flags = state["flags"]
     refuse_architecture_change(opts, explicit, flags, f"checkpoint {path} was trained with another architecture")
-    class_names = saved_class_names(state, path)
+    class_names = checkpoint_class_names(state, path)
     try:
         G = generator_of(flags, len(class_names))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a negative size
@@ -69,14 +70,6 @@ def load_generator_for_use(opts, explicit, runtime):
             models.estimate_batch_norm(G, flags["nz"], runtime.device, num_classes=len(class_names))
     G.class_names = class_names
     return G.eval(), flags
-
-
-def saved_class_names(state, path):
-    """The class names a checkpoint keeps (an empty tuple for an unconditional run)."""
-    names = state.get("class_names") or ()
-    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) and name for name in names):
-        raise UserError(f"checkpoint {path} is damaged: unusable class_names")
-    return tuple(names)
 
 
 def checkpoint_path(opts):
@@ -107,7 +100,7 @@ def generate(opts, explicit, runtime):
     firsts = []
     try:
         for label in classes:
-            target = folder if label is None else folder / G.class_names[label]
+            target = folder if label is None else class_folder(folder, G.class_names[label])
             firsts.append(write_generated(G, label, opts, flags["nz"], runtime, seed, target))
         save_generated_grid(G, classes, firsts, folder / "grid.png")
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
@@ -120,7 +113,8 @@ def generate(opts, explicit, runtime):
         print(f"wrote {count_text(opts.generate, 'image')} and grid.png to {folder}/ (seed {seed})")
     elif len(classes) == 1:
         name = G.class_names[classes[0]]
-        print(f"wrote {opts.generate} images of class {name} into {folder / name}/, and grid.png (seed {seed})")
+        target = class_folder(folder, name)
+        print(f"wrote {opts.generate} images of class {name} into {target}/, and grid.png (seed {seed})")
     else:
         names = ", ".join(G.class_names[label] for label in classes)
         print(
