@@ -16,6 +16,7 @@ import artifacts
 import export
 import metrics
 from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file
+from classnames import class_folder
 from errors import UserError, count_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
@@ -111,7 +112,7 @@ def generate(opts, explicit, runtime):
     firsts = []
     try:
         for label in classes:
-            target = folder if label is None else folder / G.class_names[label]
+            target = folder if label is None else class_folder(folder, G.class_names[label])
             firsts.append(write_generated(G, label, opts, flags["nz"], runtime, seed, target))
         save_generated_grid(G, classes, firsts, folder / "grid.png")
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
@@ -124,7 +125,8 @@ def generate(opts, explicit, runtime):
         print(f"wrote {count_text(opts.generate, 'image')} and grid.png to {folder}/ (seed {seed})")
     elif len(classes) == 1:
         name = G.class_names[classes[0]]
-        print(f"wrote {opts.generate} images of class {name} into {folder / name}/, and grid.png (seed {seed})")
+        target = class_folder(folder, name)
+        print(f"wrote {opts.generate} images of class {name} into {target}/, and grid.png (seed {seed})")
     else:
         names = ", ".join(G.class_names[label] for label in classes)
         print(

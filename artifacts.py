@@ -24,6 +24,7 @@ from utils import to_float_images
 
 MAX_PLOT_POINTS = 1000
 GRID_PADDING = 2
+LABEL_FONT_PIXELS = 11  # fits the 18-pixel rows of a 16-pixel grid
 FRAME_MS, LAST_FRAME_MS = 400, 2000
 # What a training run (or --generate/--interpolate after it) leaves in --image-dir; a fresh run
 # never mixes its pictures with these. real_samples.png alone, from a run stopped before its
@@ -89,10 +90,10 @@ def tile(images, nrow, padding=2):
 
 def labelled_grid_image(images, row_names, nrow=8):
     """grid_image with each row's name written in a margin on its left (a class-row grid)."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
 
     grid = grid_image(images, nrow)
-    font = ImageFont.load_default()
+    font = label_font()
     measure = ImageDraw.Draw(grid)
     boxes = [measure.textbbox((0, 0), name, font=font) for name in row_names]
     margin = max(box[2] for box in boxes) + 6
@@ -102,8 +103,35 @@ def labelled_grid_image(images, row_names, nrow=8):
     row_pixels = (grid.height - GRID_PADDING) / len(row_names)
     for row, (name, box) in enumerate(zip(row_names, boxes)):
         middle = GRID_PADDING + row * row_pixels + (row_pixels - GRID_PADDING) / 2
-        draw.text((3, middle - (box[1] + box[3]) / 2), name, fill=(255, 255, 255), font=font)
+        # whole pixels: a fractional position blurs small text across two rows of pixels
+        draw.text((3, round(middle - (box[1] + box[3]) / 2)), name, fill=(255, 255, 255), font=font)
     return canvas
+
+
+def label_font():
+    """The font of the grids' class names: DejaVu Sans, which matplotlib ships, for its glyphs of
+    Latin, Greek and Cyrillic (Pillow's default font draws "кошка" as five boxes); Pillow's
+    default where it is missing. CJK and other scripts DejaVu lacks are boxes in both."""
+    from PIL import ImageFont
+
+    path = dejavu_sans_path()
+    return ImageFont.load_default() if path is None else ImageFont.truetype(path, LABEL_FONT_PIXELS)
+
+
+def dejavu_sans_path():
+    """DejaVuSans.ttf in matplotlib's own data (no font search, which scans the system's fonts
+    at its first use), or where a distribution's matplotlib leaves it to the system; None if absent."""
+    import matplotlib
+
+    bundled = Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+    if bundled.is_file():
+        return str(bundled)
+    from matplotlib import font_manager
+
+    try:
+        return font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"), fallback_to_default=False)
+    except ValueError:
+        return None
 
 
 def epoch_grid_image(images, row_names=None):

@@ -25,6 +25,7 @@ import platformdirs
 import torch
 from PIL import Image, ImageOps
 
+from classnames import check_class_names
 from errors import UserError, count_text
 from files import atomic_write, no_new_empty_folders
 
@@ -159,12 +160,14 @@ def decode_files(files, image_size, workers, skipped):
             yield images
 
 
-def folder_labels(root, files):
-    """The class of each file, from the sub-folder of root it is in, and the class names.
+def folder_classes(root, files):
+    """The class names of root for --conditional, from its listing (files: its image files), so a
+    wrong layout is refused before minutes of decoding and no cache is left behind.
 
     Classes are root's immediate sub-folders, sorted by name as torchvision's ImageFolder sorts
-    them, so class i here is class i there. A file directly in root, or a sub-folder without
-    images, is an error: one sub-folder per class, each holding that class's images.
+    them, so class i here is class i there. A file directly in root, a sub-folder without image
+    files, fewer than two sub-folders, or a sub-folder name --generate could not make a folder of
+    (two names that differ only in case, a name with a backslash) is an error.
     """
     root = Path(root)
     names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
@@ -174,14 +177,28 @@ def folder_labels(root, files):
             f"--conditional: {root} holds images directly in it ({loose[0]}{', ...' if len(loose) > 1 else ''}); "
             "it needs one sub-folder per class, each holding that class's images"
         )
-    index = {name: number for number, name in enumerate(names)}
-    labels = torch.tensor([index[path.relative_to(root).parts[0]] for path in files], dtype=torch.long)
-    empty = [name for name, count in zip(names, torch.bincount(labels, minlength=len(names)).tolist()) if not count]
-    if empty:
-        raise UserError(f"--conditional: class folder {root / empty[0]} holds no readable images")
+    check_class_names(names, f"--conditional: data folder {root}", "rename the sub-folder: each class becomes a folder")
+    refuse_empty_classes(root, names, {path.relative_to(root).parts[0] for path in files})
     if len(names) < 2:
         raise UserError(f"--conditional: {root} has {len(names)} class sub-folder(s); it needs at least 2")
-    return labels, tuple(names)
+    return tuple(names)
+
+
+def folder_labels(root, files, class_names):
+    """The class of each file (files: the readable ones), numbered as in class_names (folder_classes's
+    answer) by the sub-folder of root it is in; a class left with no readable image is an error."""
+    root = Path(root)
+    index = {name: number for number, name in enumerate(class_names)}
+    labels = torch.tensor([index[path.relative_to(root).parts[0]] for path in files], dtype=torch.long)
+    refuse_empty_classes(root, class_names, {class_names[label] for label in labels.unique().tolist()})
+    return labels
+
+
+def refuse_empty_classes(root, class_names, classes_with_images):
+    """A UserError naming the first class folder of class_names not among classes_with_images."""
+    empty = [name for name in class_names if name not in classes_with_images]
+    if empty:
+        raise UserError(f"--conditional: class folder {root / empty[0]} holds no readable images")
 
 
 def ignore_stop_signals(worker_id):

@@ -30,7 +30,8 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     from faults import Interrupted, StopRequest, handle_divergence, weights_finite
     from files import check_writable, locked_folders, no_new_empty_folders
     from generator import load_generator as load_generator  # the Python API: G = gan.load_generator(path)
-    from options import AFTER_TRAINING_MODES, parse_flags
+    from modes import AFTER_TRAINING_MODES
+    from options import parse_flags
     from outputs import run_outputs, summary_writer_class
     from runtime import any_rank, barrier, launcher_words, rank_rng_states, setup_runtime, stop_distributed
     from steps import STAT_NAMES, Meter, Recipe, ema_decay_at, epoch_summary, format_stat, train_step

@@ -15,6 +15,7 @@ from torch import nn
 import models
 from artifacts import to_uint8
 from checkpoint import load_generator_file, load_module_state
+from classnames import checkpoint_class_names
 from errors import UserError
 from runtime import Runtime, choose_device, choose_precision, random_seed
 from sampling import generated_batches, generator_of
@@ -35,7 +36,7 @@ def generator_from(state, path, runtime, use_ema=None):
     """The network of a loaded file (its EMA copy when it has one, unless use_ema is False), in eval
     mode on runtime's device, with BatchNorm statistics of its own weights."""
     flags = state["flags"]
-    class_names = saved_class_names(state, path)
+    class_names = checkpoint_class_names(state, path)
     try:
         G = generator_of(flags, len(class_names))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a negative size
@@ -52,14 +53,6 @@ def generator_from(state, path, runtime, use_ema=None):
     G.class_names = class_names
     G.uses_ema = use_ema
     return G.eval()
-
-
-def saved_class_names(state, path):
-    """The class names a checkpoint keeps (an empty tuple for an unconditional run)."""
-    names = state.get("class_names") or ()
-    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) and name for name in names):
-        raise UserError(f"checkpoint {path} is damaged: unusable class_names")
-    return tuple(names)
 
 
 class TrainedGenerator(nn.Module):

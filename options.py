@@ -12,6 +12,7 @@ import os
 import sys
 from types import MappingProxyType
 
+import modes
 from errors import UserError, error_prefix
 
 # This module imports no torch (seconds): --help and flag errors answer at once. So the choices
@@ -23,8 +24,6 @@ LOSSES = ("bce", "hinge")
 PRECISIONS = ("fp32", "bf16", "fp16")
 IMAGE_SIZES = tuple(2**k for k in range(4, 9))  # 16 .. 256, as models.IMAGE_SIZES
 
-# Flags that shape the networks: a checkpoint only fits, or only draws as it trained, with the same ones.
-ARCHITECTURE_FLAGS = ("arch", "g_output", "image_size", "nz", "ngf", "ndf", "spectral_norm", "conditional")
 # Resolved from the data, not typed: the number of classes (0 without --conditional) and of colour
 # channels. Saved with the flags so a checkpoint says the shapes of its networks; never resumed
 # from there, as the data is read again.
@@ -39,16 +38,11 @@ NOT_RESUMED_FLAGS = (
     *PATH_FLAGS,
     *DATA_TRAITS,
 )
-# Flags only some modes read (the others would ignore them without a word).
-# The modes that use a trained generator instead of training one, each chosen by its flag.
-AFTER_TRAINING_MODES = ("generate", "interpolate", "evaluate", "export")
-MODE_ONLY_FLAGS = {
-    "checkpoint": AFTER_TRAINING_MODES,
-    "raw": AFTER_TRAINING_MODES,
-    "steps": ("interpolate",),
-    "config": ("train",),
-}
 MAX_SEED = 2**63 - 1
+# --r1, --spectral-loss and --class-loss: published weights reach 100 (R1's gamma for StyleGAN2's
+# LSUN Church and Horse). At 1000 a term drowns the adversarial loss: Adam's steps do not grow with
+# the loss, so a tiny run's D(x) and D(G(z)) are the same from 1000 to 1e20; 1e300 makes it infinite.
+MAX_LOSS_WEIGHT = 1000
 # --conditional's learning rate unless --lr is typed (measured: docs/classes.md, BENCHMARKS.md)
 CONDITIONAL_LR = 3e-4
 MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
@@ -141,6 +135,9 @@ non_negative_float = checked(
 )
 fraction = checked("fraction", float, lambda value: 0.0 <= value < 1.0, "in [0, 1)")
 image_size = checked("image_size", int, lambda value: value in IMAGE_SIZES, "a power of two from 16 to 256")
+loss_weight = checked(
+    "loss_weight", float, lambda value: 0 <= value <= MAX_LOSS_WEIGHT, f"from 0 to {MAX_LOSS_WEIGHT:g}"
+)
 
 
 def walk_steps(text):
@@ -244,7 +241,7 @@ def add_training_flags(group):
     )
     add(
         "--class-loss",
-        type=non_negative_float,
+        type=loss_weight,
         default=1.0,
         help="with --conditional: weight of a class loss on D's projection scores (its class embeddings dotted "
         "with its last features, one score per class; P2GAN): D learns to tell real images' classes, G to draw "
@@ -271,13 +268,13 @@ def add_training_flags(group):
     )
     add(
         "--spectral-loss",
-        type=non_negative_float,
+        type=loss_weight,
         default=0.0,
         help="weight of a G loss that matches its images' power spectrum to the real batch's; 0 turns it off",
     )
     add(
         "--r1",
-        type=non_negative_float,
+        type=loss_weight,
         default=0.0,
         help="weight gamma of the R1 penalty (Mescheder et al., 2018): gamma/2 times the squared gradient of D's "
         "logits on real images with respect to those images, added to D's loss; 0 turns it off",
@@ -448,16 +445,16 @@ def parse_flags(argv=None):
         if isinstance(parsed.get(action.dest), list):  # argparse turns "--flag=--" into [] unchecked
             raise UserError(f"argument {'/'.join(action.option_strings)}: expected one argument")
     explicit = explicit_flags(parser, argv)
-    modes = [parsed[mode] not in (None, False) for mode in AFTER_TRAINING_MODES]
-    if sum(modes) > 1:
+    chosen = [parsed[mode] not in (None, False) for mode in modes.AFTER_TRAINING_MODES]
+    if sum(chosen) > 1:
         raise UserError("choose one of --generate, --interpolate, --evaluate and --export")
-    if parsed["resume"] is not None and any(modes):
+    if parsed["resume"] is not None and any(chosen):
         raise UserError("--resume trains; use --checkpoint with --generate, --interpolate, --evaluate or --export")
     if parsed["config"] is not None and parsed["resume"] is not None:
         raise UserError("--config starts a run; --resume goes on with the checkpoint's own flags")
-    check_sampling_flags(parsed)
-    check_images_flag(parsed, explicit)
-    refuse_flags_of_other_modes(parsed, explicit)
+    modes.check_sampling_flags(parsed)
+    modes.check_images_flag(parsed, explicit)
+    modes.refuse_flags_of_other_modes(parser, parsed, explicit)
     typed = explicit
     if parsed["config"] is not None:
         from_config = config_values(parser, parsed["config"], explicit)
@@ -488,44 +485,6 @@ def answer_help_and_flag_errors(argv):
     except UserError as error:
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         sys.exit(2)
-
-
-def check_sampling_flags(flags):
-    """--class, --to-class and --truncation apply to the modes that draw from a checkpoint."""
-    drawing = flags["generate"] is not None or flags["interpolate"]
-    if flags["class_name"] is not None and not drawing:
-        raise UserError("--class applies to --generate and --interpolate")
-    if flags["to_class"] is not None and (not flags["interpolate"] or flags["class_name"] is None):
-        raise UserError("--to-class applies to --interpolate, with --class naming where the walk starts")
-    if flags["truncation"] is not None and not (drawing or flags["evaluate"]):
-        raise UserError("--truncation applies to --generate, --interpolate and --evaluate")
-
-
-def refuse_flags_of_other_modes(parsed, explicit):
-    """A typed flag that the chosen mode never reads would be silently ignored: refused instead."""
-    modes = [mode for mode in AFTER_TRAINING_MODES if parsed[mode] not in (None, False)]
-    mode = modes[0] if modes else "train"
-    for name, readers in MODE_ONLY_FLAGS.items():
-        if name in explicit and mode not in readers:
-            hint = "; training continues a checkpoint with --resume PATH" if name == "checkpoint" else ""
-            used_by = ", ".join(mode_name(reader) for reader in readers)
-            doing = mode_name(mode)
-            raise UserError(f"--{name} is read by {used_by} only, not by {doing}{hint}")
-
-
-def mode_name(mode):
-    return "training" if mode == "train" else f"--{mode}"
-
-
-def check_images_flag(flags, explicit):
-    """--images DIR replaces a checkpoint's samples in --evaluate, and all of its images count."""
-    if flags["images"] is None:
-        return
-    if not flags["evaluate"]:
-        raise UserError("--images DIR goes with --evaluate: python gan.py --evaluate --images DIR")
-    for name in ("checkpoint", "eval_samples"):
-        if name in explicit:
-            raise UserError(f"--images scores every image in its folder: --{name.replace('_', '-')} does not apply")
 
 
 def config_values(parser, path, explicit):

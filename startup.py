@@ -14,10 +14,11 @@ import torch
 import artifacts
 import checkpoint
 from checkpoint import Progress, latest_checkpoint
+from classnames import checkpoint_class_names
 from errors import UserError, count_text
 from files import refuse_if_in_use
+from modes import ARCHITECTURE_FLAGS
 from options import (
-    ARCHITECTURE_FLAGS,
     NOT_RESUMED_FLAGS,
     PATH_FLAGS,
     build_parser,
@@ -267,7 +268,7 @@ def with_data_traits(opts, data, resumed):
                 f"{path} was trained on {saved['flags']['nc']}-channel images; the data now gives "
                 f"{data.channels} (--channels {saved['flags']['nc']} trains on them as it did)"
             )
-        saved_names = tuple(saved.get("class_names") or ())
+        saved_names = checkpoint_class_names(saved, path)
         if saved_names != names:
             raise UserError(
                 f"{path} was trained on the classes {class_list(saved_names)}; the data now has {class_list(names)}"

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from classnames import check_class_names
 from errors import UserError, count_text
 from folders import (
     IMAGE_SUFFIXES,
     FolderListing,
     HostImages,
     available_ram_bytes,
+    folder_classes,
     folder_labels,
     ignore_message,
     open_folder,
@@ -124,8 +126,12 @@ def cifar_class_names(folder):
             names = tuple(_ArrayUnpickler(file, encoding="latin1").load()["label_names"])
     except Exception:  # the training batches are what gan.py needs; the names have a known default
         return CIFAR_CLASSES
-    usable = len(names) == len(CIFAR_CLASSES) and all(isinstance(name, str) and name for name in names)
-    return names if usable else CIFAR_CLASSES
+    if len(names) != len(CIFAR_CLASSES):
+        return CIFAR_CLASSES
+    try:  # names --generate could not make folders of are unusable too
+        return check_class_names(names, "batches.meta", "")
+    except UserError:
+        return CIFAR_CLASSES
 
 
 def refuse_image_folder(root):
@@ -265,15 +271,21 @@ def streaming_forced():
 def read_images_and_labels(opts, with_labels, say):
     """All the data set's images, and (with_labels) their labels and class names."""
     if opts.dataset == "cifar10":
+        if with_labels:
+            check_subset_covers_classes(opts.subset, len(CIFAR_CLASSES))  # before a download
         return load_cifar10_labelled(opts.dataroot)
     if opts.dataset == "folder":
         listing = FolderListing.of(opts.dataroot, opts.image_size)
-        check_image_count(len(listing.files), opts, f"data folder {opts.dataroot} holds")  # before minutes of decoding
-        images = open_folder(listing, opts.workers, opts.cache_dir, say)
+        # what the listing tells is checked before minutes of decoding, which leave a cache behind
+        check_image_count(len(listing.files), opts, f"data folder {opts.dataroot} holds")
         if not with_labels:
-            return images, None, None
-        labels, class_names = folder_labels(opts.dataroot, images.files)
-        return images, labels, class_names
+            return open_folder(listing, opts.workers, opts.cache_dir, say), None, None
+        class_names = folder_classes(opts.dataroot, listing.files)
+        check_subset_covers_classes(opts.subset, len(class_names))
+        images = open_folder(listing, opts.workers, opts.cache_dir, say)
+        return images, folder_labels(opts.dataroot, images.files, class_names), class_names
+    if with_labels:
+        check_subset_covers_classes(opts.subset, FAKE_CLASSES)
     # as many random images as --subset asks for (512 by default): --subset 50000 is CIFAR-10-sized
     count = max(FAKE_IMAGES, opts.subset or 0)
     generator = torch.Generator().manual_seed(opts.seed)
@@ -295,7 +307,8 @@ def check_image_count(count, opts, what):
 def choose_subset(images, subset, seed, labels=None):
     """The first `subset` images of a shuffle seeded by seed (so a resumed run gets the same ones).
 
-    Returns (images, labels); with labels, each class keeps its share of the images (to within one).
+    Returns (images, labels); with labels, every class keeps one image at the least, and each
+    its share of the images (to within one) where that is more.
     """
     if subset is None:
         return images, labels
@@ -310,20 +323,38 @@ def choose_subset(images, subset, seed, labels=None):
 
 
 def balanced_first(order, labels, subset):
-    """order rearranged so that its first `subset` rows hold each class in its share of the data.
+    """order rearranged so that its first `subset` rows hold every class once, and each class in
+    its share of the data where that is more.
 
     Each row's key is how far down its own class it comes in order, as a fraction of the class's
-    size; rows are taken by that key, so every class is cut at (about) the same fraction.
+    size; rows are taken by that key, so every class is cut at (about) the same fraction. A small
+    class's first row can come after the cut (2 images beside 200: key 1/4, past the cut of
+    --subset 10): each class's first row is taken before any other, then the rest by key, and
+    the rows taken keep their order by key, so where no class was left out nothing changes.
     """
     ordered_labels = labels[order]
-    counts = torch.bincount(labels)
-    if subset < int((counts > 0).sum()):
-        raise UserError(f"--subset {subset} is smaller than the number of classes ({int((counts > 0).sum())})")
+    check_subset_covers_classes(subset, int((torch.bincount(labels) > 0).sum()))
     rank_in_class = torch.empty(len(order), dtype=torch.float64)
+    first_of_class = torch.zeros(len(order), dtype=torch.bool)
     for label in ordered_labels.unique():
         rows = (ordered_labels == label).nonzero().flatten()
         rank_in_class[rows] = (torch.arange(len(rows), dtype=torch.float64) + 0.5) / len(rows)
-    return order[torch.sort(rank_in_class, stable=True).indices]
+        first_of_class[rows[0]] = True
+    by_key = torch.sort(rank_in_class, stable=True).indices
+    firsts_ahead = torch.sort(torch.where(first_of_class, -1.0, rank_in_class), stable=True).indices
+    taken = firsts_ahead[:subset].sort().values  # in order's order, so that ties below fall as in by_key
+    taken = taken[torch.sort(rank_in_class[taken], stable=True).indices]
+    rest = by_key[~torch.isin(by_key, taken)]
+    return order[torch.cat([taken, rest])]
+
+
+def check_subset_covers_classes(subset, class_count):
+    """Under --conditional every class needs an image: a --subset of fewer images than classes is refused."""
+    if subset is not None and subset < class_count:
+        raise UserError(
+            f"--subset {subset} is smaller than the number of classes ({class_count}): --conditional needs an "
+            "image of every class"
+        )
 
 
 def place_on_device(images, device, memory_limit_bytes, say):

@@ -14,6 +14,7 @@ from PIL import Image
 import after_training
 import artifacts
 import models
+import modes
 import options
 import sampling
 import steps
@@ -353,7 +354,7 @@ def test_training_keeps_an_ema_generator(trained_run):
 
 def initial_generator(flags):
     """The generator a run with these flags starts from (seeded from --seed, as gan.start_state does)."""
-    typed = {name: flags[name] for name in (*options.ARCHITECTURE_FLAGS, "seed")}
+    typed = {name: flags[name] for name in (*modes.ARCHITECTURE_FLAGS, "seed")}
     argv = [
         f"--{name.replace('_', '-')}" + ("" if value is True else f"={value}")
         for name, value in typed.items()

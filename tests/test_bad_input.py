@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import checkpoint
+import modes
 import options
 import utils
 from errors import UserError
@@ -66,8 +67,12 @@ BAD_FLAGS = [
     (["--lr", "inf"], "--lr: must be a positive number, got inf"),
     (["--beta1", "1.5"], "--beta1: must be in [0, 1), got 1.5"),
     (["--label-smoothing", "1"], "--label-smoothing: must be in [0, 1), got 1"),
-    (["--spectral-loss", "-0.5"], "--spectral-loss: must be a number >= 0, got -0.5"),
-    (["--spectral-loss", "nan"], "--spectral-loss: must be a number >= 0, got nan"),
+    (["--spectral-loss", "-0.5"], "--spectral-loss: must be from 0 to 1000, got -0.5"),
+    (["--spectral-loss", "nan"], "--spectral-loss: must be from 0 to 1000, got nan"),
+    (["--spectral-loss", "1001"], "--spectral-loss: must be from 0 to 1000, got 1001"),
+    (["--r1", "1e300"], "--r1: must be from 0 to 1000, got 1e300"),
+    (["--r1", "inf"], "--r1: must be from 0 to 1000, got inf"),
+    (["--class-loss", "1e300", "--conditional"], "--class-loss: must be from 0 to 1000, got 1e300"),
     (["--label-smoothing", "0.1", "--loss", "hinge"], "--label-smoothing applies to --loss bce only"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--dataset", "other"], "--dataset: invalid choice: 'other'"),
@@ -100,6 +105,11 @@ def test_bad_flags(run_copy, gan_main, flags, phrase):
     assert_user_error(code, err, phrase)
     assert snapshot(run_copy) == before
     assert not (run_copy / "new_run").exists() and not (run_copy / "new_run_images").exists()
+
+
+def test_loss_weights_are_taken_up_to_their_bound():
+    opts, _ = options.parse_flags(["--r1", "1000", "--spectral-loss", "1e3", "--class-loss", "0", "--conditional"])
+    assert (opts.r1, opts.spectral_loss, opts.class_loss) == (1000.0, 1000.0, 0.0) == (options.MAX_LOSS_WEIGHT, 1e3, 0)
 
 
 def test_fresh_run_over_an_earlier_one_is_refused(run_copy, gan_main):
@@ -678,7 +688,7 @@ VALID_VALUES = {
     options.folder: st.sampled_from(["data", "runs/a", "imgs", "/tmp/x y"]),
     options.walk_steps: st.integers(1, options.MAX_WALK_STEPS).map(str),
     options.positive_float: st.floats(1e-8, 1e3).map(repr),
-    options.non_negative_float: st.floats(0, 1e3).map(repr),
+    options.loss_weight: st.floats(0, options.MAX_LOSS_WEIGHT).map(repr),
     options.fraction: st.floats(0, 0.999).map(repr),
     options.image_size: st.sampled_from([str(size) for size in (16, 32, 64, 128, 256)]),
     options.device_name: st.sampled_from(["auto", "cpu", "mps", "cuda", "cuda:1"]),
@@ -692,7 +702,7 @@ INVALID_VALUES = {
     options.folder: ["", " "],
     options.walk_steps: ["0", str(options.MAX_WALK_STEPS + 1)],
     options.positive_float: ["0", "-1", "nan", "inf"],
-    options.non_negative_float: ["-0.5", "nan", "-inf"],
+    options.loss_weight: ["-0.5", "nan", "-inf", "1000.5", "1e300"],
     options.fraction: ["1", "-0.1", "nan"],
     options.image_size: ["8", "48", "512"],
     options.device_name: ["tpu", "cuda:x"],
@@ -731,7 +741,7 @@ def command_lines(draw):
     argv, expected = list(argv[mode]), {}
     spoil = draw(st.sampled_from(["none", "none", "none", "value", "token"]))
     for action in draw(st.lists(st.sampled_from(ACTIONS), max_size=6)):
-        readers = options.MODE_ONLY_FLAGS.get(action.dest)
+        readers = modes.MODE_ONLY_FLAGS.get(action.dest)
         if readers is not None and mode not in readers:
             continue
         if spoil == "value" and invalid_value(action) is not None:
@@ -861,17 +871,84 @@ def test_dataroot_naming_the_extracted_cifar10_folder_reads_it(tmp_path, gan_mai
     assert no_download == []
 
 
+TRAINING = [*TINY_ARGS, "--epochs", "3"]
+FLAGS_A_MODE_NEVER_READS = [
+    ([*TRAINING, "--checkpoint", "checkpoints/checkpoint.pt"], "--checkpoint is read by --generate, --interpolate, "
+     "--evaluate, --export only, not by training; training continues a checkpoint with --resume PATH"),
+    ([*TRAINING, "--steps", "5"], "--steps is read by --interpolate only, not by training"),
+    (["--generate", "4", "--steps", "5"], "--steps is read by --interpolate only, not by --generate"),
+    (["--generate", "4", "--channels", "3"], "--channels is read by training only, not by --generate"),
+    (["--generate", "4", "--r1", "1"], "--r1 is read by training only, not by --generate"),
+    (["--generate", "4", "--lr", "1e-3"], "--lr is read by training only, not by --generate"),
+    (["--generate", "4", "--epochs", "5"], "--epochs is read by training only, not by --generate"),
+    (["--generate", "4", "--ema", "0"], "--ema is read by training only, not by --generate"),
+    (["--generate", "4", "--no-compile"], "--compile/--no-compile is read by training only, not by --generate"),
+    (["--generate", "4", "--dataroot", "data"], "--dataroot is read by training, --evaluate, --evaluate --images "
+     "only, not by --generate"),
+    (["--generate", "4", "--batch-size", "8"], "--batch-size is read by training, --evaluate only, not by --generate"),
+    (["--interpolate", "--workers", "0"], "--workers is read by training, --evaluate, --evaluate --images only, "
+     "not by --interpolate"),
+    (["--interpolate", "--subset", "8"], "--subset is read by training, --evaluate, --evaluate --images only, "
+     "not by --interpolate"),
+    (["--evaluate", "--channels", "1"], "--channels is read by training only, not by --evaluate"),
+    (["--evaluate", "--image-dir", "pictures"], "--image-dir is read by training, --generate, --interpolate only, "
+     "not by --evaluate"),
+    (["--evaluate", "--fid-every", "1"], "--fid-every is read by training only, not by --evaluate"),
+    (["--evaluate", "--images", "theirs", "--batch-size", "8"], "--batch-size is read by training, --evaluate of a "
+     "checkpoint only, not by --evaluate --images"),
+    (["--evaluate", "--images", "theirs", "--arch", "upsample"], "--arch is read by training, --generate, "
+     "--interpolate, --evaluate of a checkpoint only, not by --evaluate --images"),
+    (["--evaluate", "--images", "theirs", "--truncation", "0.5"], "--truncation is read by --generate, "
+     "--interpolate, --evaluate of a checkpoint only, not by --evaluate --images"),
+]  # fmt: skip
+# what each mode reads: the architecture flags (checked against the checkpoint) and the data of --evaluate
+FLAGS_EACH_MODE_READS = [
+    ["--generate", "4", "--checkpoint", "c.pt", "--checkpoint-dir", "c", "--image-dir", "i", "--seed", "1",
+     "--device", "cpu", "--precision", "fp32", "--truncation", "0.7", "--class", "cat", "--recipe", "dcgan",
+     "--arch", "dcgan", "--g-output", "tanh", "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8",
+     "--spectral-norm", "--conditional"],
+    ["--interpolate", "--steps", "4", "--class", "a", "--to-class", "b", "--image-dir", "i", "--seed", "1"],
+    ["--evaluate", "--dataset", "folder", "--dataroot", "d", "--subset", "8", "--batch-size", "4", "--workers", "0",
+     "--cache-dir", "c", "--eval-samples", "16", "--truncation", "0.7", "--checkpoint", "c.pt", "--arch", "dcgan",
+     "--image-size", "16", "--seed", "1"],
+    ["--evaluate", "--images", "theirs", "--dataset", "folder", "--dataroot", "d", "--subset", "8", "--workers", "0",
+     "--cache-dir", "c", "--image-size", "16", "--seed", "1", "--checkpoint-dir", "c", "--device", "cpu"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, phrase", FLAGS_A_MODE_NEVER_READS, ids=[" ".join(a[-3:]) for a, _ in FLAGS_A_MODE_NEVER_READS]
+)
+def test_a_flag_the_mode_never_reads_is_refused_naming_the_modes_that_read_it(argv, phrase):
+    with pytest.raises(UserError) as refused:
+        options.parse_flags(argv)
+    assert str(refused.value) == phrase
+
+
+@pytest.mark.parametrize("argv", FLAGS_EACH_MODE_READS, ids=lambda argv: argv[0])
+def test_the_flags_each_mode_reads_are_taken(argv):
+    opts, explicit = options.parse_flags(argv)
+    assert {
+        action.dest for action in options.build_parser()._actions if set(action.option_strings) & set(argv)
+    } <= explicit
+
+
+def test_every_flag_is_read_by_every_mode_or_listed_with_the_modes_that_read_it():
+    flags = {action.dest for action in options.build_parser()._actions} - {"help"}
+    assert flags == set(modes.MODE_ONLY_FLAGS) | set(modes.EVERY_MODE_FLAGS)
+    assert not set(modes.MODE_ONLY_FLAGS) & set(modes.EVERY_MODE_FLAGS)
+    assert all(set(readers) <= set(modes.MODES) for readers in modes.MODE_ONLY_FLAGS.values())
+
+
 @pytest.mark.parametrize(
     "argv, phrase",
     [
-        (["--checkpoint", "checkpoints/checkpoint.pt"], "--checkpoint is read by --generate, --interpolate, --evaluate, "
-         "--export only, not by training; training continues a checkpoint with --resume PATH"),
-        (["--steps", "5"], "--steps is read by --interpolate only, not by training"),
-        (["--generate", "4", "--steps", "5"], "--steps is read by --interpolate only, not by --generate"),
+        (FLAGS_A_MODE_NEVER_READS[0][0], FLAGS_A_MODE_NEVER_READS[0][1]),
+        (["--generate", "4", "--r1", "1"], "--r1 is read by training only, not by --generate"),
     ],
-)  # fmt: skip
-def test_flags_of_another_mode_are_refused(argv, phrase, run_copy, gan_main):
+)
+def test_flags_of_another_mode_are_refused_and_nothing_is_written(argv, phrase, run_copy, gan_main):
     before = snapshot(run_copy)
-    code, out, err = gan_main([*TINY_ARGS, "--epochs", "3", *argv])
+    code, out, err = gan_main(argv)
     assert_user_error(code, err, phrase)
-    assert snapshot(run_copy) == before
+    assert snapshot(run_copy) == before and not (run_copy / "images" / "generated").exists()

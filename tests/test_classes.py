@@ -2,6 +2,7 @@
 conditional BatchNorm and D's projection, and grids with one row per class."""
 
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 import after_training
 import artifacts
+import classnames
 import metrics
 import models
 import options
@@ -60,6 +62,16 @@ def test_cifar_labels_and_class_names_come_from_the_archive_in_order(tmp_path):
     assert utils.load_training_data(opts.replace(conditional=False), "cpu").labels is None
 
 
+@pytest.mark.parametrize("bad", ["../escape", "", "Cat"])
+def test_cifar_names_that_cannot_be_folders_give_way_to_cifars_own(bad, tmp_path):
+    names = ["cat", *(f"class-{index}" for index in range(8)), bad]  # "Cat" repeats "cat" once case is folded
+    (tmp_path / "batches.meta").write_bytes(__import__("pickle").dumps({"label_names": names}))
+    assert utils.cifar_class_names(tmp_path) == utils.CIFAR_CLASSES
+    names[-1] = "class-8"
+    (tmp_path / "batches.meta").write_bytes(__import__("pickle").dumps({"label_names": names}))
+    assert utils.cifar_class_names(tmp_path) == tuple(names)
+
+
 def test_a_folders_classes_are_its_sub_folders_sorted_as_image_folder_sorts_them(tmp_path):
     from torchvision.datasets import ImageFolder
 
@@ -84,9 +96,15 @@ def test_a_folders_classes_are_its_sub_folders_sorted_as_image_folder_sorts_them
         ({"cats": 2, ".": 1}, "holds images directly in it"),
         ({"cats": 2}, "has 1 class sub-folder(s); it needs at least 2"),
         ({"cats": 2, "dogs": 0}, "class folder data/dogs holds no readable images"),
+        ({"Cat": 1, "cat": 1}, "the class names 'Cat' and 'cat' differ only in case"),  # one folder elsewhere
+        ({"a\\b": 1, "c": 1}, "the class name 'a\\\\b' holds a path separator"),  # a folder within a folder on Windows
+        ({"line\nbreak": 1, "c": 1}, "the class name 'line\\nbreak' holds a control character"),
+        ({"cats": 1, "dogs": 1, "owls": 1}, "--subset 2 is smaller than the number of classes (3)"),
     ],
 )
-def test_a_folder_without_usable_class_folders_is_one_line_and_exit_2(layout, message, gan_main, tmp_path):
+def test_a_folder_without_usable_class_folders_is_refused_before_decoding(
+    layout, message, gan_main, tmp_path, cache_dir
+):
     root = tmp_path / "data"
     for name, count in layout.items():
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -98,6 +116,8 @@ def test_a_folder_without_usable_class_folders_is_one_line_and_exit_2(layout, me
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "images").exists()
     assert snapshot(root) == before  # the decoded-image cache lives outside the data
+    assert list(cache_dir.rglob("*")) == []  # and was never made: nothing was decoded
+    assert "image cache" not in out
 
 
 def test_subset_keeps_each_class_its_share():
@@ -111,6 +131,31 @@ def test_subset_keeps_each_class_its_share():
     torch.testing.assert_close(labels[chosen], chosen_labels)
     with pytest.raises(UserError, match="smaller than the number of classes"):
         utils.choose_subset(images, 2, seed=4, labels=labels)
+
+
+def test_subset_keeps_an_image_of_a_class_too_small_for_its_share(tmp_path):
+    root = tmp_path / "data"
+    for name, count, grey in (("many", 200, 20), ("few", 2, 40)):
+        (root / name).mkdir(parents=True)
+        for index in range(count):
+            Image.fromarray(np.full((20, 20, 3), grey, np.uint8)).save(root / name / f"{index}.png")
+    opts = parsed("--dataset", "folder", "--dataroot", root, "--conditional", "--subset", 10, "--batch-size", 2)
+    training = utils.load_training_data(opts, torch.device("cpu"))
+    assert training.class_names == ("few", "many")
+    assert torch.bincount(training.labels).tolist() == [1, 9]  # its share, 10 * 2 / 202, would be none
+    assert [int(image[0, 0, 0]) for image in training.images[training.labels == 0]] == [40]
+    again = utils.load_training_data(opts, torch.device("cpu"))  # the same images at every start
+    assert torch.equal(again.images, training.images) and torch.equal(again.labels, training.labels)
+
+
+def test_a_subset_smaller_than_cifars_classes_is_refused_before_any_download(gan_main, tmp_path, monkeypatch):
+    downloads = []
+    monkeypatch.setattr(utils, "_download_cifar10", downloads.append)
+    argv = [*TINY_ARGS, "--dataset", "cifar10", "--dataroot", "data", "--conditional", "--subset", 8, "--epochs", 1]
+    code, out, err = gan_main([*argv, "--batch-size", 2])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--subset 8 is smaller than the number of classes (10): --conditional needs an image of every class" in err
+    assert list(tmp_path.iterdir()) == [] and downloads == []  # no data/ made, nothing downloaded
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -361,6 +406,24 @@ def test_the_labelled_grid_is_the_grid_with_a_name_left_of_each_row():
     assert np.asarray(artifacts.labelled_grid_image(images, ["x", "y", "z"])).shape[1] < labelled.shape[1]
 
 
+@pytest.mark.parametrize("name", ["café", "Ωμέγα", "кошка"])
+def test_class_names_beyond_ascii_are_drawn_in_their_letters_not_as_boxes(name):
+    import matplotlib
+    from matplotlib.ft2font import FT2Font
+    from PIL import ImageDraw, ImageFont
+
+    dejavu = str(Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"))
+    assert set(map(ord, name)) <= set(FT2Font(dejavu).get_charmap())  # a glyph for every letter: no box
+    images = -torch.ones(16, 3, 16, 16)  # black, as the margin is
+    labelled = artifacts.labelled_grid_image(images, [name, "b"])
+    margin = labelled.width - artifacts.grid_image(images).width
+    drawn = labelled.crop((0, 0, margin, labelled.height // 2))
+    reference = Image.new("RGB", (200, 40))
+    ImageDraw.Draw(reference).text((10, 10), name, fill=(255, 255, 255), font=ImageFont.truetype(dejavu, 11))
+    # the label's pixels are DejaVu Sans's own rendering of the name, wherever it was placed
+    assert np.array_equal(np.asarray(drawn.crop(drawn.getbbox())), np.asarray(reference.crop(reference.getbbox())))
+
+
 def test_real_vs_fake_shows_each_grid_class_s_real_images_in_its_row():
     labels = torch.tensor([2, 0, 1, 0, 2, 1, 0])
     images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 3, 2, 2)
@@ -460,6 +523,67 @@ def test_an_unknown_class_lists_the_classes_and_writes_nothing(flags, message, c
     assert list(tmp_path.iterdir()) == []
 
 
+ESCAPE = "../../../escape"  # from --image-dir run/out: out/generated/<class> would be tmp_path/escape
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        ({0: ESCAPE}, f"the class name {ESCAPE!r} holds a path separator (/ or \\)"),
+        ({0: "ABSOLUTE"}, "holds a path separator"),  # tmp_path/absolute, written as the name
+        ({0: "..\\..\\..\\escape"}, "holds a path separator"),  # Windows' separator, on any system
+        ({0: ".."}, "the class name '..' is .., which names the folder above"),
+        ({0: "."}, "the class name '.' is ., which names the folder itself"),
+        ({0: "nul\x00byte"}, "the class name 'nul\\x00byte' holds a control character"),
+        ({0: "two\nlines"}, "the class name 'two\\nlines' holds a control character"),
+        ({0: ""}, "the class name '' is empty"),
+        ({0: "C:escape"}, "the class name 'C:escape' names a Windows drive"),
+        ({0: "bad\udcffbyte"}, "the class name 'bad\\udcffbyte' is not valid text"),  # a byte UTF-8 cannot decode
+        ({0: "x" * 300}, "is longer than a folder name may be (255 bytes)"),
+        ({0: "a", 1: "a"}, "the class name 'a' comes twice"),
+        ({0: "Cat", 1: "cat"}, "the class names 'Cat' and 'cat' differ only in case"),
+        ({0: "caf\u00e9", 1: "cafe\u0301"}, "differ only in case (or in how an accent is encoded)"),
+    ],
+)
+def test_a_checkpoint_whose_class_names_are_no_folder_names_is_refused_and_nothing_is_written(
+    names, message, conditional_run, gan_main, tmp_path
+):
+    saved = torch.load(conditional_run / "checkpoints" / "checkpoint.pt")
+    for index, name in names.items():
+        saved["class_names"][index] = str(tmp_path / "absolute") if name == "ABSOLUTE" else name
+    torch.save(saved, tmp_path / "shared.pt")
+    for mode in (
+        ["--generate", 2, "--image-dir", "run/out"],
+        ["--interpolate", "--image-dir", "run/out"],
+        ["--evaluate"],
+    ):
+        code, out, err = gan_main([*mode, "--checkpoint", "shared.pt", "--seed", 1])
+        assert code == 2 and "error: checkpoint shared.pt" in err and message in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert sorted(tmp_path.rglob("*")) == [tmp_path / "shared.pt"]  # no folder, inside --image-dir or out
+
+
+def test_resuming_a_checkpoint_whose_class_names_are_no_folder_names_is_refused(conditional_run, gan_main, tmp_path):
+    saved = torch.load(conditional_run / "checkpoints" / "checkpoint.pt")
+    saved["class_names"][3] = "two\nlines"  # a message naming it would take two lines
+    (tmp_path / "run").mkdir()
+    torch.save(saved, tmp_path / "run" / "checkpoint.pt")
+    before = snapshot(tmp_path)
+    data = ["--dataset", "cifar10", "--dataroot", conditional_run / "data"]
+    code, out, err = gan_main(["--resume", "run/checkpoint.pt", *data, "--epochs", 2, "--device", "cpu"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "checkpoint run/checkpoint.pt: the class name 'two\\nlines' holds a control character" in err
+    assert snapshot(tmp_path) == before
+    assert [path.name for path in sorted(tmp_path.rglob("*"))] == ["run", "checkpoint.pt"]  # no images/ either
+
+
+def test_every_class_folder_is_made_by_one_function_that_keeps_it_inside(tmp_path):
+    assert classnames.class_folder(tmp_path, "café") == tmp_path / "café"
+    for name in (ESCAPE, "..", str(tmp_path), "a\\b", "C:x", "nul\x00"):
+        with pytest.raises(ValueError, match="class name"):  # a bug: every way in checks the names first
+            classnames.class_folder(tmp_path, name)
+
+
 def test_class_on_an_unconditional_checkpoint_is_refused(trained_run, gan_main, tmp_path):
     for mode in (["--generate", 2], ["--interpolate"]):
         code, out, err = gan_main(
@@ -511,7 +635,8 @@ def test_truncation_reaches_the_generated_images(trained_run, gan_main, tmp_path
 def test_a_walk_between_classes_holds_the_noise_and_moves_the_class(conditional_run, gan_main, tmp_path):
     G, names = trained_generator(conditional_run)
     walk = after_training.Walks(2, start_class=1, end_class=3, num_classes=10)
-    noise, weights = after_training.walk_inputs(walk, 8, parsed("--interpolate", "--steps", 5), seed=0)
+    opts, _ = options.parse_flags(["--interpolate", "--steps", "5"])
+    noise, weights = after_training.walk_inputs(walk, 8, opts, seed=0)
     assert noise.shape == (5, 2, 8, 1, 1) and torch.equal(noise[0], noise[4]) and torch.equal(noise[1], noise[3])
     assert weights.shape == (10, 10)
     assert weights[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0] and weights[-1].tolist() == [0, 0, 0, 1] + [0] * 6
