@@ -1,5 +1,5 @@
 """The training data as the loop takes it: CIFAR-10 (downloaded from its archive), an image folder
-(decoded through folders.py's cache) or random images, loaded in turns under torchrun, then cut
+(decoded through image_cache.py's cache) or random images, loaded in turns under torchrun, then cut
 into batches shuffled per (seed, epoch), held on the device when they fit and streamed from the
 host when they do not.
 """
@@ -19,17 +19,8 @@ import torch.nn.functional as F
 
 from classnames import check_class_names
 from errors import UserError, count_text
-from folders import (
-    IMAGE_SUFFIXES,
-    FolderListing,
-    HostImages,
-    available_ram_bytes,
-    folder_classes,
-    folder_labels,
-    ignore_message,
-    open_folder,
-    size_text,
-)
+from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes, folder_classes, folder_labels, size_text
+from image_cache import FolderListing, ignore_message, open_folder
 from runtime import barrier
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
