@@ -21,8 +21,8 @@ import torch
 
 import artifacts
 from checkpoint import EXPORT_CONFIG_NAME, EXPORT_FORMAT, METRICS_LOG_NAME, parse_metrics
-from errors import UserError
-from files import atomic_write, atomic_write_bytes
+from errors import UserError, count_text
+from files import atomic_write, atomic_write_bytes, current_umask
 from generator import TrainedGenerator
 from options import NOT_RESUMED_FLAGS, PATH_FLAGS
 from runtime import Runtime
@@ -48,6 +48,7 @@ def export(G, flags, state, path, folder, runtime):
         write_model_card(cpu, flags, state, path, staging)
         onnx_error = write_onnx(cpu, staging / "generator.onnx")
         pt2_error = write_pt2(cpu, staging / "generator.pt2")
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; give a folder's usual mode
         if folder.exists():
             folder.rmdir()  # empty: replaced by the finished export in one rename
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -141,9 +142,15 @@ def last_fid(path):
 def model_card(generator, flags, state, fid):
     nz, classes = generator.nz, generator.class_names
     side, channels = generator.image_size, generator.channels
-    kind = "class-conditional" if classes else "unconditional"
+    kind = "A class-conditional" if classes else "An unconditional"
     labels = ", torch.zeros(16, dtype=torch.long)" if classes else ""
-    trained = f"{state.get('epoch')} epochs, {state.get('step')} steps" if state.get("step") else "its flags below"
+    trained = (
+        f"{count_text(state['epoch'], 'epoch')}, {count_text(state['step'], 'step')}"
+        if isinstance(state.get("epoch"), int) and isinstance(state.get("step"), int)
+        else "the flags below"
+    )
+    maps = f"noise of {nz} numbers and a class index" if classes else f"noise of {nz} numbers"
+    pipeline = "" if classes else "pipeline_tag: unconditional-image-generation\n"
     score = f" Its last FID while training was {fid[0]:.2f} (epoch {fid[1]})." if fid else ""
     which = "moving average (EMA)" if generator.G.uses_ema else "trained weights (no EMA)"
     class_line = (
@@ -152,17 +159,15 @@ def model_card(generator, flags, state, fid):
     flag_rows = "\n".join(f"| `--{name.replace('_', '-')}` | `{value}` |" for name, value in sorted(flags.items()))
     return f"""---
 library_name: pytorch
-pipeline_tag: unconditional-image-generation
-tags:
+{pipeline}tags:
 - gan
 - dcgan
 ---
 
-# A {kind} DCGAN generator, {side}x{side} px, {channels} channel{"s" if channels > 1 else ""}
+# {kind} DCGAN generator, {side}x{side} px, {channels} channel{"s" if channels > 1 else ""}
 
 The generator's {which}, trained with gan.py for {trained}.{score}
-It maps noise of {nz} numbers (and a class index{"" if classes else ", for a conditional one"}) to an
-image in [-1, 1].
+It maps {maps} to an image in [-1, 1].
 {class_line}
 ![samples](samples.png)
 

@@ -19,6 +19,7 @@ import faults
 import gan
 import options
 from errors import UserError
+from files import current_umask
 
 VARIANTS = {
     "dcgan-plain-tanh": ["--arch", "dcgan"],
@@ -96,6 +97,7 @@ def inputs(generator, batch, seed=7):
 def test_the_export_folder_holds_the_weights_config_card_samples_and_graphs(exported):
     folder, variant = exported
     names = sorted(path.name for path in (folder / "export").iterdir())
+    assert (folder / "export").stat().st_mode & 0o777 == 0o777 & ~current_umask()  # a folder's usual mode
     assert names == ["README.md", "config.json", "generator.onnx", "generator.pt2", "model.safetensors", "samples.png"]
     config = json.loads((folder / "export" / "config.json").read_text())
     assert {name: config[name] for name in EXPECTED_CONFIG[variant]} == EXPECTED_CONFIG[variant]
@@ -181,8 +183,9 @@ def test_the_pt2_graphs_load_with_torch_alone_and_give_the_generators_images(tmp
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"  # none of the program's modules was imported
     for variant, (graph, images) in expected.items():
-        # the same kernels on the same machine: equal to the last bit here, and within 1e-6 anywhere
-        torch.testing.assert_close(torch.load(f"{graph}.images.pt"), images, atol=1e-6, rtol=0, msg=variant)
+        # the graph is G in the contiguous layout, and --generate's G is channels_last on the CPU: the
+        # two layouts' kernels round differently, by a few 1e-6 at the default size (docs/export.md)
+        torch.testing.assert_close(torch.load(f"{graph}.images.pt"), images, atol=1e-5, rtol=0, msg=variant)
 
 
 def test_generate_from_the_exported_folder_writes_the_checkpoints_pngs(exported, capsys, in_process):
