@@ -897,7 +897,9 @@ FLAGS_A_MODE_NEVER_READS = [
     (["--evaluate", "--images", "theirs", "--batch-size", "8"], "--batch-size is read by training, --evaluate of a "
      "checkpoint only, not by --evaluate --images"),
     (["--evaluate", "--images", "theirs", "--arch", "upsample"], "--arch is read by training, --generate, "
-     "--interpolate, --evaluate of a checkpoint only, not by --evaluate --images"),
+     "--interpolate, --evaluate of a checkpoint, --export only, not by --evaluate --images"),
+    (["--export", "out", "--truncation", "0.5"], "--truncation applies to --generate, --interpolate and --evaluate"),
+    (["--export", "out", "--epochs", "3"], "--epochs is read by training only, not by --export"),
     (["--evaluate", "--images", "theirs", "--truncation", "0.5"], "--truncation is read by --generate, "
      "--interpolate, --evaluate of a checkpoint only, not by --evaluate --images"),
 ]  # fmt: skip
