@@ -184,7 +184,7 @@ def load_generator_file(path):
     plain state_dict come from the flags.json beside it, a model.safetensors' from its config.json."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_exported(path)
+        return refuse_non_finite(load_exported(path), path)
     if path.is_dir() or not is_state_dict(state := read_torch_file(path)) or "flags" in state:
         return load_checkpoint(path)
     flags_path = path.parent / "flags.json"
@@ -199,14 +199,17 @@ def load_generator_file(path):
         raise UserError(f"{flags_path} is not the flags.json gan.py writes")
     ema = path.name == "netG_ema.pth"  # its BatchNorm statistics may be the trained G's (a mid-epoch save)
     names = flags.pop("class_names", ())
-    return {
-        "netG": state,
-        "netG_ema": state if ema else None,
-        "flags": flags,
-        "class_names": names,
-        "epoch": None,
-        "plain": True,
-    }
+    return refuse_non_finite(
+        {
+            "netG": state,
+            "netG_ema": state if ema else None,
+            "flags": flags,
+            "class_names": names,
+            "epoch": None,
+            "plain": True,
+        },
+        path,
+    )
 
 
 def load_exported(path):
@@ -215,6 +218,8 @@ def load_exported(path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder: give the model.safetensors file in it")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     config_path = path.parent / EXPORT_CONFIG_NAME
@@ -245,6 +250,14 @@ def load_exported(path):
         "step": config.get("step"),
         "plain": True,
     }
+
+
+def refuse_non_finite(state, path):
+    """A generator file whose weights are not all finite (a diverged run's) draws nothing: refused."""
+    non_finite = non_finite_weights(state)
+    if non_finite:
+        raise UserError(f"{path} holds non-finite weights ({', '.join(non_finite)}): it cannot be used")
+    return state
 
 
 def is_state_dict(value):

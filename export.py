@@ -22,7 +22,7 @@ import torch
 import artifacts
 from checkpoint import EXPORT_CONFIG_NAME, EXPORT_FORMAT, METRICS_LOG_NAME, parse_metrics
 from errors import UserError, count_text
-from files import atomic_write, atomic_write_bytes, current_umask
+from files import atomic_write, atomic_write_bytes, check_writable, current_umask
 from generator import TrainedGenerator
 from options import NOT_RESUMED_FLAGS, PATH_FLAGS
 from runtime import Runtime
@@ -38,10 +38,13 @@ def export(G, flags, state, path, folder, runtime):
     runtime) into folder, a new or empty one; returns how far each graph's images are from G's."""
     missing_packages()  # before anything is written
     folder = Path(folder)
+    if folder.is_symlink():
+        raise UserError(f"--export {folder} is a symbolic link: give a new or empty folder")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"--export {folder} holds files: give a new or empty folder (an export never replaces one)")
+    check_writable(folder.parent)  # made if missing (gan.py removes it again on a failure), one line if it cannot be
     cpu = TrainedGenerator(cpu_copy(G), Runtime(torch.device("cpu")), flags).eval()
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent if folder.parent.is_dir() else None))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # beside it: renamed in place
     try:
         write_weights(cpu, flags, state, staging)
         write_samples(G, flags, runtime, staging)
@@ -51,7 +54,6 @@ def export(G, flags, state, path, folder, runtime):
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; give a folder's usual mode
         if folder.exists():
             folder.rmdir()  # empty: replaced by the finished export in one rename
-        folder.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -70,7 +70,8 @@ def run(argv=None, metric_feature=None):
     opts, explicit = parse_flags(argv)
     runtime = setup_runtime(opts)
     # folders made on the way to an error (or a Ctrl-C) are not left behind empty
-    made_here = (opts.dataroot, opts.image_dir, opts.checkpoint_dir) if runtime.is_main else ()
+    outputs = (opts.dataroot, opts.image_dir, opts.checkpoint_dir, opts.export)
+    made_here = tuple(folder for folder in outputs if folder is not None) if runtime.is_main else ()
     with no_new_empty_folders(made_here):
         return run_mode(opts, explicit, runtime, metric_feature)
 

@@ -46,6 +46,7 @@ MAX_LOSS_WEIGHT = 1000
 # --conditional's learning rate unless --lr is typed (measured: docs/classes.md, BENCHMARKS.md)
 CONDITIONAL_LR = 3e-4
 MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
+MAX_CONFIG_BYTES = 1 << 20  # a flags.json is a few KiB; --config reads no more than this
 # --recipe NAME sets these flags unless they are typed; why each of improved's: docs/recipes.md
 RECIPES = {
     "dcgan": {},
@@ -455,15 +456,15 @@ def parse_flags(argv=None):
     modes.check_sampling_flags(parsed)
     modes.check_images_flag(parsed, explicit)
     modes.refuse_flags_of_other_modes(parser, parsed, explicit)
-    typed = explicit
+    settled = explicit  # the flags whose values are decided: typed, or read from --config
     if parsed["config"] is not None:
         from_config = config_values(parser, parsed["config"], explicit)
         parsed.update(from_config)
         # a config's values stand as typed ones (its recipe's flags, its learning rate), but a typed --recipe wins
-        explicit = explicit | frozenset(from_config)
-    from_recipe = recipe_values(parser, parsed["recipe"], typed if "recipe" in typed else explicit)
+        settled = explicit | frozenset(from_config)
+    from_recipe = recipe_values(parser, parsed["recipe"], explicit if "recipe" in explicit else settled)
     parsed.update(from_recipe)
-    if parsed["conditional"] and "lr" not in explicit:
+    if parsed["conditional"] and "lr" not in settled:
         parsed["lr"] = CONDITIONAL_LR  # whatever the recipe's
     if "recipe" in explicit:
         # typing --recipe is typing its flags: a resume keeps them, or refuses an --arch change
@@ -492,10 +493,16 @@ def config_values(parser, path, explicit):
     flag checks a typed value. Never the folders, the mode or this machine's settings: a config,
     like a checkpoint, does not choose where files are read or written."""
     try:
-        with open(path) as file:
-            saved = json.load(file)
-    except (OSError, ValueError) as error:
-        raise UserError(f"--config {path} cannot be read: {getattr(error, 'strerror', None) or error}") from None
+        with open(path, "rb") as file:
+            text = file.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ValueError(f"it is larger than a flags.json ({MAX_CONFIG_BYTES // 1024} KiB)")
+        saved = json.loads(text)
+    except (OSError, ValueError, RecursionError) as error:
+        reason = getattr(error, "strerror", None) or (
+            "it nests too deep" if isinstance(error, RecursionError) else error
+        )
+        raise UserError(f"--config {path} cannot be read: {reason}") from None
     if not isinstance(saved, dict):
         raise UserError(f"--config {path} is not a run's flags.json (a JSON object of flags)")
     known = {action.dest for action in parser._actions}

@@ -279,7 +279,7 @@ def test_config_starts_a_run_with_a_runs_flags_and_typed_flags_win(tmp_path):
     assert (opts.nz, opts.batch_size, opts.seed, opts.epochs) == (8, 8, 1, 7)
     # never the folders, nor the mode: a config does not choose where files go
     assert (opts.dataroot, opts.checkpoint_dir, opts.resume) == ("data", "checkpoints", None)
-    assert {"arch", "lr", "nz"} <= explicit
+    assert explicit == {"config", "epochs"}  # the config's values are the run's, not typed ones
     # a typed recipe wins over the config's values of its flags
     opts, _ = options.parse_flags(["--config", str(tmp_path / "flags.json"), "--recipe", "dcgan"])
     assert (opts.arch, opts.g_output) == ("dcgan", "tanh")
@@ -292,12 +292,68 @@ def test_config_starts_a_run_with_a_runs_flags_and_typed_flags_win(tmp_path):
         ('{"arch": "resnet"}', "says --arch 'resnet', which that flag refuses"),
         ("[1, 2]", "is not a run's flags.json"),
         ("{not json", "cannot be read"),
+        ("[" * 100_000 + "]" * 100_000, "cannot be read: it nests too deep"),
+        (" " * (2 << 20), "cannot be read: it is larger than a flags.json"),
     ],
+    ids=["lr", "arch", "list", "not-json", "nested", "huge"],
 )
 def test_a_bad_config_is_one_line(tmp_path, content, message):
     (tmp_path / "flags.json").write_text(content)
     with pytest.raises(UserError, match=message):
         options.parse_flags(["--config", str(tmp_path / "flags.json")])
+
+
+def test_config_repeats_an_unconditional_run_with_another_seed(trained_run, tmp_path, gan_main):
+    """The flags.json of a run as it is (class_loss 1.0 in it, --conditional off) starts another."""
+    from conftest import copy_run
+
+    copy_run(trained_run, tmp_path)
+    argv = ["--config", "checkpoints/flags.json", "--seed", "2", "--epochs", "1"]
+    code, _, err = gan_main([*argv, "--checkpoint-dir", "seed2", "--image-dir", "seed2_images"])
+    assert code == 0, err
+    first = json.loads((tmp_path / "checkpoints" / "flags.json").read_text())
+    again = json.loads((tmp_path / "seed2" / "flags.json").read_text())
+    differing = {name for name in first if first[name] != again.get(name)}
+    # what was typed, and this machine's settings, which a config never sets (the first run typed them)
+    assert differing == {"seed", "epochs", "checkpoint_dir", "image_dir", "config", "device", "compile", "workers"}
+
+
+def test_export_refuses_a_link_and_a_parent_that_is_a_file_in_one_line(trained_run, tmp_path, gan_main):
+    from conftest import copy_run, snapshot
+
+    copy_run(trained_run, tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    before = snapshot(tmp_path)
+    code, _, err = gan_main(["--export", "link"])
+    assert code == 2 and err.strip().endswith("--export link is a symbolic link: give a new or empty folder")
+    code, _, err = gan_main(["--export", "checkpoints/checkpoint.pt/inside"])
+    assert code == 2 and "output folder checkpoints/checkpoint.pt is not writable" in err
+    code, _, err = gan_main(["--export", "new/deeper/out", "--checkpoint", "missing.pt"])
+    assert code == 2 and "missing.pt does not exist" in err
+    assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()  # no folder left behind
+
+
+def test_a_generator_file_with_non_finite_weights_is_refused(exports, tmp_path, gan_main):
+    """A diverged run's weights draw flat images: refused from model.safetensors and netG.pth alike."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = exports["dcgan-plain-tanh"]
+    shutil.copytree(source / "export", tmp_path / "export")
+    weights = load_file(tmp_path / "export" / "model.safetensors")
+    weights["main.0.weight"][0, 0, 0, 0] = float("nan")
+    save_file(weights, tmp_path / "export" / "model.safetensors")
+    with pytest.raises(UserError, match=r"model.safetensors holds non-finite weights \(netG.main.0.weight"):
+        gan.load_generator(tmp_path / "export" / "model.safetensors", device="cpu")
+    shutil.copytree(source / "checkpoints", tmp_path / "checkpoints")
+    state = torch.load(tmp_path / "checkpoints" / "netG.pth", weights_only=True)
+    state["main.0.weight"][0, 0, 0, 0] = float("inf")
+    torch.save(state, tmp_path / "checkpoints" / "netG.pth")
+    code, _, err = gan_main(["--generate", "4", "--checkpoint", "checkpoints/netG.pth"])
+    assert code == 2 and "netG.pth holds non-finite weights (netG.main.0.weight)" in err
+    assert not (tmp_path / "images").exists()
 
 
 def test_config_goes_with_training_only():
