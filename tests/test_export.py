@@ -43,10 +43,16 @@ EXPECTED_CONFIG = {
 }
 
 
-def call_gan(argv, capsys):
-    capsys.readouterr()
-    code = gan.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
+def call_gan(argv, capsys, cwd):
+    """gan.main(argv) run in the folder cwd; asserts it succeeded."""
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        capsys.readouterr()
+        code = gan.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+    finally:
+        os.chdir(here)
     assert code == 0, err
     return out
 
@@ -190,17 +196,14 @@ def test_the_pt2_graphs_load_with_torch_alone_and_give_the_generators_images(tmp
 
 def test_generate_from_the_exported_folder_writes_the_checkpoints_pngs(exported, capsys, in_process):
     folder, variant = exported
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        label = [] if variant == "dcgan-plain-tanh" else ["--class", "3"]
-        for source, images in (
-            ("checkpoints/checkpoint.pt", "from_checkpoint"),
-            ("export/model.safetensors", "from_export"),
-        ):
-            call_gan(["--generate", "6", "--seed", "5", *label, "--checkpoint", source, "--image-dir", images], capsys)
-    finally:
-        os.chdir(cwd)
+    label = [] if variant == "dcgan-plain-tanh" else ["--class", "3"]
+    for source, images in (
+        ("checkpoints/checkpoint.pt", "from_checkpoint"),
+        ("export/model.safetensors", "from_export"),
+    ):
+        call_gan(
+            ["--generate", "6", "--seed", "5", *label, "--checkpoint", source, "--image-dir", images], capsys, folder
+        )
     written = sorted((folder / "from_checkpoint" / "generated").rglob("0*.png"))
     assert len(written) == 6
     for path in written:
@@ -210,13 +213,8 @@ def test_generate_from_the_exported_folder_writes_the_checkpoints_pngs(exported,
 
 def test_load_generator_samples_what_generate_writes_from_every_kind_of_file(exported, capsys, in_process):
     folder, variant = exported
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        label = [] if variant == "dcgan-plain-tanh" else ["--class", "2"]
-        call_gan(["--generate", "5", "--seed", "9", *label, "--image-dir", "api"], capsys)
-    finally:
-        os.chdir(cwd)
+    label = [] if variant == "dcgan-plain-tanh" else ["--class", "2"]
+    call_gan(["--generate", "5", "--seed", "9", *label, "--image-dir", "api"], capsys, folder)
     pngs = sorted((folder / "api" / "generated").rglob("0*.png"))
     written = torch.stack([png_pixels(path) for path in pngs])
     for path in ("checkpoints/checkpoint.pt", "checkpoints/netG_ema.pth", "export/model.safetensors"):
