@@ -237,6 +237,9 @@ def load_exported(path):
         or not isinstance(config.get("flags"), dict)
     ):
         raise UserError(f"{config_path} is not the config.json that gan.py --export writes")
+    unusable = [name for name in ("nz", "ngf", "image_size", "channels") if not is_size(config.get(name))]
+    if unusable:
+        raise UserError(f"{config_path} is damaged: {', '.join(unusable)} must be positive whole numbers")
     names = config.get("class_names") or ()
     sizes = {name: config.get(name) for name in ("arch", "nz", "ngf", "image_size", "g_output")}
     flags = {**config["flags"], **sizes, "nc": config.get("channels"), "conditional": bool(names)}
@@ -250,6 +253,10 @@ def load_exported(path):
         "step": config.get("step"),
         "plain": True,
     }
+
+
+def is_size(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def refuse_non_finite(state, path):

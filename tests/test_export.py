@@ -354,6 +354,18 @@ def test_a_generator_file_with_non_finite_weights_is_refused(exports, tmp_path, 
     assert not (tmp_path / "images").exists()
 
 
+@pytest.mark.parametrize(("name", "value"), [("channels", 0), ("nz", "8"), ("ngf", True), ("image_size", 16.0)])
+def test_an_exported_config_with_unusable_sizes_is_one_line(exports, tmp_path, name, value):
+    import shutil
+
+    shutil.copytree(exports["dcgan-plain-tanh"] / "export", tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    (tmp_path / "export" / "config.json").write_text(json.dumps({**config, name: value}))
+    with pytest.raises(UserError) as refused:
+        gan.load_generator(tmp_path / "export" / "model.safetensors", device="cpu")
+    assert str(refused.value).endswith(f"config.json is damaged: {name} must be positive whole numbers")
+
+
 def test_config_goes_with_training_only():
     with pytest.raises(UserError, match="--config is read by training only, not by --generate"):
         options.parse_flags(["--generate", "4", "--config", "flags.json"])
