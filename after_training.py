@@ -54,8 +54,9 @@ def use_generator(opts, explicit, runtime, metric_feature=None):
 def export_generator(opts, explicit, runtime):
     """--export DIR: the generator as a folder other programs load without this one (export.py)."""
     G, state = load_generator_for_use(opts, explicit, runtime)
+    seed = export.SAMPLE_SEED if opts.seed is None else opts.seed  # of samples.png
     onnx_difference, pt2_difference = export.export(
-        G, state["flags"], state, checkpoint_path(opts), opts.export, runtime
+        G, state["flags"], state, checkpoint_path(opts), opts.export, runtime, seed
     )
     print(
         f"wrote {opts.export}/: model.safetensors, config.json, README.md, samples.png, generator.onnx "

@@ -29,11 +29,11 @@ from runtime import Runtime
 
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 ONNX_TOLERANCE = 1e-3  # largest difference allowed between ONNX Runtime's images and G's, in [-1, 1]
-SAMPLE_SEED = 0  # samples.png: --generate 64 --seed 0
+SAMPLE_SEED = 0  # samples.png without --seed: --generate 64 --seed 0
 MAX_BATCH = 1 << 16
 
 
-def export(G, flags, state, path, folder, runtime):
+def export(G, flags, state, path, folder, runtime, sample_seed=SAMPLE_SEED):
     """Write the export of G (loaded from path, with its flags and the loaded state; drawing on
     runtime) into folder, a new or empty one; returns how far each graph's images are from G's."""
     missing_packages()  # before anything is written
@@ -47,7 +47,7 @@ def export(G, flags, state, path, folder, runtime):
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # beside it: renamed in place
     try:
         write_weights(cpu, flags, state, staging)
-        write_samples(G, flags, runtime, staging)
+        write_samples(G, flags, runtime, staging, sample_seed)
         write_model_card(cpu, flags, state, path, staging)
         onnx_error = write_onnx(cpu, staging / "generator.onnx")
         pt2_error = write_pt2(cpu, staging / "generator.pt2")
@@ -112,16 +112,16 @@ def write_weights(generator, flags, state, folder):
     atomic_write(folder / EXPORT_CONFIG_NAME, lambda file: json.dump(config, file, indent=2), mode="w")
 
 
-def write_samples(G, flags, runtime, folder):
-    """samples.png: 64 images of seed 0, or a labelled row of 8 for each class (up to 10), as
+def write_samples(G, flags, runtime, folder, seed):
+    """samples.png: 64 images of seed, or a labelled row of 8 for each class (up to 10), as
     --generate draws them."""
     generator = TrainedGenerator(G, runtime, flags)
     if not generator.class_names:
-        images = generator.sample(64, seed=SAMPLE_SEED)
+        images = generator.sample(64, seed=seed)
         artifacts.save_pil(artifacts.grid_image(images.float().div(127.5).sub(1)), folder / "samples.png")
         return
     shown = generator.class_names[:10]
-    rows = [generator.sample(8, seed=SAMPLE_SEED, label=name) for name in shown]
+    rows = [generator.sample(8, seed=seed, label=name) for name in shown]
     images = torch.cat(rows).float().div(127.5).sub(1)
     artifacts.save_pil(artifacts.labelled_grid_image(images, list(shown)), folder / "samples.png")
 

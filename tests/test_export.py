@@ -248,6 +248,23 @@ def test_an_export_never_replaces_a_folder_and_names_the_pip_command_when_onnx_i
     assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()
 
 
+def test_the_samples_are_the_grid_of_what_generate_draws_for_the_seed(trained_run, tmp_path, gan_main):
+    from conftest import copy_run
+
+    import artifacts
+
+    copy_run(trained_run, tmp_path)
+    code, _, err = gan_main(["--export", "seeded", "--seed", "3"])
+    assert code == 0, err
+    pixels = gan.load_generator(tmp_path / "checkpoints" / "checkpoint.pt", device="cpu").sample(64, seed=3)
+    expected = artifacts.grid_image(pixels.float().div(127.5).sub(1))
+    assert torch.equal(png_pixels(tmp_path / "seeded" / "samples.png"), png_pixels_of(expected))
+
+
+def png_pixels_of(image):
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).int()
+
+
 def test_raw_exports_the_trained_generator_instead_of_its_average(trained_run, tmp_path, gan_main):
     from conftest import copy_run
     from safetensors.torch import load_file
