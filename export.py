@@ -28,7 +28,7 @@ from options import NOT_RESUMED_FLAGS, PATH_FLAGS
 from runtime import Runtime
 
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-ONNX_TOLERANCE = 1e-3  # largest difference allowed between ONNX Runtime's images and G's, in [-1, 1]
+GRAPH_TOLERANCE = 1e-3  # the largest difference allowed between a graph's images and G's, in [-1, 1]
 SAMPLE_SEED = 0  # samples.png without --seed: --generate 64 --seed 0
 MAX_BATCH = 1 << 16
 
@@ -49,8 +49,8 @@ def export(G, flags, state, path, folder, runtime, sample_seed=SAMPLE_SEED):
         write_weights(cpu, flags, state, staging)
         write_samples(G, flags, runtime, staging, sample_seed)
         write_model_card(cpu, flags, state, path, staging)
-        onnx_error = write_onnx(cpu, staging / "generator.onnx")
-        pt2_error = write_pt2(cpu, staging / "generator.pt2")
+        onnx_difference = write_onnx(cpu, staging / "generator.onnx")
+        pt2_difference = write_pt2(cpu, staging / "generator.pt2")
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; give a folder's usual mode
         if folder.exists():
             folder.rmdir()  # empty: replaced by the finished export in one rename
@@ -58,7 +58,7 @@ def export(G, flags, state, path, folder, runtime, sample_seed=SAMPLE_SEED):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return onnx_error, pt2_error
+    return onnx_difference, pt2_difference
 
 
 def missing_packages():
@@ -227,7 +227,7 @@ def write_onnx(generator, path):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = example_inputs(generator, batch=5)
     got = session.run(None, {name: value.numpy() for name, value in zip(names, inputs)})[0]
-    return largest_difference(torch.from_numpy(got), generator, inputs, "generator.onnx", ONNX_TOLERANCE)
+    return largest_difference(torch.from_numpy(got), generator, inputs, "generator.onnx", GRAPH_TOLERANCE)
 
 
 def write_pt2(generator, path):
@@ -239,7 +239,7 @@ def write_pt2(generator, path):
     inputs = example_inputs(generator, batch=5)
     with torch.no_grad():
         got = torch.export.load(path).module()(*inputs)
-    return largest_difference(got, generator, inputs, "generator.pt2", ONNX_TOLERANCE)
+    return largest_difference(got, generator, inputs, "generator.pt2", GRAPH_TOLERANCE)
 
 
 def largest_difference(got, generator, inputs, name, tolerance):
