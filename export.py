@@ -24,8 +24,9 @@ from checkpoint import EXPORT_CONFIG_NAME, EXPORT_FORMAT, METRICS_LOG_NAME, pars
 from errors import UserError, count_text
 from files import atomic_write, atomic_write_bytes, check_writable, current_umask
 from generator import TrainedGenerator
-from options import NOT_RESUMED_FLAGS, PATH_FLAGS
+from options import NOT_RESUMED_FLAGS
 from runtime import Runtime
+from sampling import GRID_COLUMNS, MAX_GRID_ROWS
 
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 GRAPH_TOLERANCE = 1e-3  # the largest difference allowed between a graph's images and G's, in [-1, 1]
@@ -46,9 +47,10 @@ def export(G, flags, state, path, folder, runtime, sample_seed=SAMPLE_SEED):
     cpu = TrainedGenerator(cpu_copy(G), Runtime(torch.device("cpu")), flags).eval()
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # beside it: renamed in place
     try:
-        write_weights(cpu, flags, state, staging)
+        config = config_of(cpu, flags, state)
+        write_weights(cpu, config, staging)
         write_samples(G, flags, runtime, staging, sample_seed)
-        write_model_card(cpu, flags, state, path, staging)
+        write_model_card(cpu, config, state, path, staging)
         onnx_difference = write_onnx(cpu, staging / "generator.onnx")
         pt2_difference = write_pt2(cpu, staging / "generator.pt2")
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes it private; give a folder's usual mode
@@ -80,11 +82,6 @@ def cpu_copy(G):
 # ---------------------------------------------------------------- the weights and the card
 
 
-def export_flags(flags):
-    """The training flags a shared export keeps: the folders of the machine it trained on are left out."""
-    return {name: value for name, value in flags.items() if name not in (*PATH_FLAGS, "cache_dir")}
-
-
 def config_of(generator, flags, state):
     """config.json: what rebuilds G (its sizes, output and classes), how it was trained, and where it stood."""
     return {
@@ -99,35 +96,35 @@ def config_of(generator, flags, state):
         "generator": "ema" if generator.G.uses_ema else "trained",
         "epoch": state.get("epoch"),
         "step": state.get("step"),
-        "flags": {name: value for name, value in export_flags(flags).items() if name not in NOT_RESUMED_FLAGS},
+        # the flags a run resumes: neither this machine's folders and settings nor the mode
+        "flags": {name: value for name, value in flags.items() if name not in NOT_RESUMED_FLAGS},
     }
 
 
-def write_weights(generator, flags, state, folder):
+def write_weights(generator, config, folder):
     from safetensors.torch import save
 
     weights = {name: tensor.contiguous() for name, tensor in generator.G.state_dict().items()}
     atomic_write_bytes(folder / "model.safetensors", save(weights, metadata={"format": "pt"}))
-    config = config_of(generator, flags, state)
     atomic_write(folder / EXPORT_CONFIG_NAME, lambda file: json.dump(config, file, indent=2), mode="w")
 
 
 def write_samples(G, flags, runtime, folder, seed):
-    """samples.png: 64 images of seed, or a labelled row of 8 for each class (up to 10), as
-    --generate draws them."""
+    """samples.png: 64 images of seed, or a labelled row for each class (as many as an epoch's grid
+    shows), as --generate draws them."""
     generator = TrainedGenerator(G, runtime, flags)
     if not generator.class_names:
         images = generator.sample(64, seed=seed)
         artifacts.save_pil(artifacts.grid_image(images.float().div(127.5).sub(1)), folder / "samples.png")
         return
-    shown = generator.class_names[:10]
-    rows = [generator.sample(8, seed=seed, label=name) for name in shown]
+    shown = generator.class_names[:MAX_GRID_ROWS]
+    rows = [generator.sample(GRID_COLUMNS, seed=seed, label=name) for name in shown]
     images = torch.cat(rows).float().div(127.5).sub(1)
     artifacts.save_pil(artifacts.labelled_grid_image(images, list(shown)), folder / "samples.png")
 
 
-def write_model_card(generator, flags, state, path, folder):
-    card = model_card(generator, config_of(generator, flags, state)["flags"], state, last_fid(path))
+def write_model_card(generator, config, state, path, folder):
+    card = model_card(generator, config["flags"], state, last_fid(path))
     atomic_write(folder / "README.md", lambda file: file.write(card), mode="w")
 
 
