@@ -27,7 +27,6 @@ from options import (
 )
 from runtime import broadcast_int, mixed_seed, random_seed
 from steps import Nets, build_nets
-from utils import refuse_non_square_cifar10
 
 # What the runs saved before a flag existed trained with: an older checkpoint resumes, and draws,
 # as it trained, not with the new flag's default.
@@ -74,7 +73,6 @@ def resolve_training_options(opts, explicit, runtime):
         opts, resumed = opts.replace(seed=seed), None
     else:
         opts, resumed = resumed_options(opts, explicit, runtime)
-    refuse_non_square_cifar10(opts)  # before any folder is made
     if "class_loss" in explicit and not opts.conditional:  # it would weigh a loss on classes the run has not
         raise UserError("--class-loss applies to --conditional training (the run has no classes)")
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)

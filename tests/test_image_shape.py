@@ -36,6 +36,15 @@ def band_image(path, width, height, colours, vertical=True):
     Image.fromarray(pixels).save(path)
 
 
+class MeanColour(nn.Module):
+    """Inception's stand-in for FID: each image's three channel means."""
+
+    num_features = 3
+
+    def forward(self, images_uint8):
+        return images_uint8.float().mean(dim=(2, 3))
+
+
 # ---------------------------------------------------------------- the flag
 
 
@@ -69,13 +78,22 @@ def test_saved_sizes_are_valid_only_as_the_flag_writes_them():
 
 
 def test_cifar10_refuses_a_size_that_is_not_square_before_anything_is_made(gan_main, tmp_path):
-    code, _, err = gan_main(["--image-size", "64x32", "--device", "cpu", "--epochs", "1"])
-    assert code == 2 and "Traceback" not in err
-    assert err.strip().endswith(
+    refusal = (
         "--image-size 64x32 is not square, and CIFAR-10's images are: train on a --dataset folder of images "
         "of that shape (or give a square size)"
     )
+    code, _, err = gan_main(["--image-size", "64x32", "--device", "cpu", "--epochs", "1"])
+    assert code == 2 and "Traceback" not in err and err.strip().endswith(refusal)
     assert not any(tmp_path.iterdir())
+    # --evaluate --images scores against CIFAR-10 at the size given: refused where the data is read
+    (tmp_path / "pics").mkdir()
+    for name in ("a.png", "b.png"):
+        band_image(tmp_path / "pics" / name, 64, 32, [RED, GREEN])
+    code, _, err = gan_main(
+        ["--evaluate", "--images", "pics", "--image-size", "64x32", "--device", "cpu"], MeanColour()
+    )
+    assert code == 2 and "Traceback" not in err and err.strip().endswith(refusal)
+    assert [path.name for path in tmp_path.iterdir()] == ["pics"]
 
 
 # ---------------------------------------------------------------- the networks
@@ -173,10 +191,8 @@ def test_diffaugment_shifts_and_cuts_out_by_the_height_and_the_width():
 # ---------------------------------------------------------------- a landscape run, measured by hand
 
 
-class ShapeRecordingFeatures(nn.Module):
-    """FID's feature net for the run: each image's three channel means; records the shapes it is given."""
-
-    num_features = 3
+class ShapeRecordingFeatures(MeanColour):
+    """MeanColour, recording the shapes of the images it is given."""
 
     def __init__(self):
         super().__init__()
@@ -184,7 +200,7 @@ class ShapeRecordingFeatures(nn.Module):
 
     def forward(self, images_uint8):
         self.shapes.add(tuple(images_uint8.shape[-2:]))
-        return images_uint8.float().mean(dim=(2, 3))
+        return super().forward(images_uint8)
 
 
 @pytest.fixture(scope="module")
