@@ -83,7 +83,7 @@ class FolderListing:
     def of(cls, root, image_size):
         root = Path(root)
         files = list_images(root)
-        image_size = image_size_of(*image_sides(image_size))  # 64 or "64x32", whatever the caller's spelling
+        image_size = image_size_of(*image_sides(image_size))  # 64 or "64x32", however the caller spells it
         return cls(root, files, image_size, folder_cache_key(root, files, image_size))
 
     @property

@@ -6,7 +6,7 @@ the code asks image_sides(size) for (width, height). Imports no torch, as option
 
 import re
 
-SIDES = tuple(2**k for k in range(4, 9))  # 16 .. 256
+SIDES = tuple(2**k for k in range(4, 9))  # 16 .. 256: the sides the networks take
 EXPECTED = "a power of two from 16 to 256, or WIDTHxHEIGHT with each side one (64x32)"
 SIZE_TEXT = re.compile(r"(\d+)(?:[xX](\d+))?")
 
@@ -14,37 +14,33 @@ SIZE_TEXT = re.compile(r"(\d+)(?:[xX](\d+))?")
 def parse_image_size(text):
     """--image-size's value: the side (an int) for a square (64, or 64x64), else "WIDTHxHEIGHT";
     ValueError for anything else."""
-    return image_size_of(*sides_of_text(text))
-
-
-def sides_of_text(text):
-    match = SIZE_TEXT.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"image_size must be {EXPECTED}, got {text}")
-    return int(match[1]), int(match[2] or match[1])
-
-
-def image_size_of(width, height):
-    """The size as flags keep it: the side of a square, else "WIDTHxHEIGHT"; ValueError for other sides."""
+    width, height = image_sides(text)
     if width not in SIDES or height not in SIDES:
-        raise ValueError(f"image_size must be {EXPECTED}, got {width}x{height}")
-    return width if width == height else f"{width}x{height}"
+        raise ValueError(f"image_size must be {EXPECTED}, got {text}")
+    return image_size_of(width, height)
 
 
 def image_sides(image_size):
     """(width, height) of a size as flags keep it (64 or "64x32"), or of a (width, height) pair;
-    ValueError for anything else (a size read from a damaged file)."""
+    ValueError for anything else (a size read from a damaged file). Any positive sides: the
+    networks take SIDES alone (models.num_stages), a folder's decoding any."""
+    width = height = None
     if isinstance(image_size, str):
-        width, height = sides_of_text(image_size)
+        match = SIZE_TEXT.fullmatch(image_size.strip())
+        if match is not None:
+            width, height = int(match[1]), int(match[2] or match[1])
     elif isinstance(image_size, (tuple, list)) and len(image_size) == 2:
         width, height = image_size
     elif isinstance(image_size, int):
         width = height = image_size
-    else:
-        width = height = None
-    if not all(type(side) is int and side in SIDES for side in (width, height)):  # True is no side
+    if not all(type(side) is int and side > 0 for side in (width, height)):  # True is no side
         raise ValueError(f"image_size must be {EXPECTED}, got {image_size!r}")
     return width, height
+
+
+def image_size_of(width, height):
+    """The size as flags keep it: the side of a square, else "WIDTHxHEIGHT"."""
+    return width if width == height else f"{width}x{height}"
 
 
 def is_image_size(value):
@@ -56,6 +52,5 @@ def is_image_size(value):
 
 
 def shape_size(shape):
-    """The size, as flags keep it, of images of shape (..., height, width): their side or "WIDTHxHEIGHT"."""
-    height, width = shape[-2:]
-    return width if width == height else f"{width}x{height}"
+    """The size, as flags keep it, of images of shape (..., height, width)."""
+    return image_size_of(shape[-1], shape[-2])

@@ -17,14 +17,17 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.optim.swa_utils import update_bn
 
-from imagesize import SIDES, image_sides
+from imagesize import EXPECTED, SIDES, image_sides
 
 IMAGE_SIZES = SIDES  # 16 .. 256: each side of an image_size (an int side, "WIDTHxHEIGHT" or (width, height))
 
 
 def num_stages(image_size):
     """Up- or down-sampling stages between the seed and image_size: one per doubling of the shorter side above 4."""
-    return int(math.log2(min(image_sides(image_size)))) - 2
+    sides = image_sides(image_size)
+    if not all(side in IMAGE_SIZES for side in sides):
+        raise ValueError(f"image_size must be {EXPECTED}, got {image_size!r}")
+    return int(math.log2(min(sides))) - 2
 
 
 def seed_shape(image_size):
