@@ -220,7 +220,8 @@ def add_common_flags(group):
         type=image_size,
         default=64,
         help="side of the images in pixels: 16, 32, 64, 128 or 256; WIDTHxHEIGHT (64x32) for images that are not "
-        "square, each side one of those (a folder's images are resized and centre-cropped to that shape)",
+        "square, each side one of those: a folder's images are resized and centre-cropped to that shape (CIFAR-10 "
+        "takes square sizes only)",
     )
     add(
         "--recipe",
