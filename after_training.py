@@ -22,6 +22,7 @@ from faults import Interrupted, exit_code_of
 from files import check_writable
 from folders import IMAGE_SUFFIXES, decode_files
 from generator import generator_from
+from imagesize import shape_size
 from runtime import random_seed
 from sampling import (
     GRID_COLUMNS,
@@ -341,7 +342,7 @@ def evaluate_images(opts, explicit, runtime, feature=None):
     """--evaluate --images DIR: any tool's images scored against the training data, as a checkpoint's are.
 
     Every image of DIR counts; each is brought to the real images' size the way a training folder is
-    (shorter side bilinear, centre crop), and Inception then resizes both sides alike.
+    (resized bilinear to cover it, centre crop), and Inception then resizes both sides alike.
     """
     files = image_files(opts.images)  # a bad folder fails here, before minutes of decoding
     folder = opts.checkpoint_dir
@@ -352,14 +353,14 @@ def evaluate_images(opts, explicit, runtime, feature=None):
     # shrink to the images there are when scored)
     scorers = metrics.build_metrics(runtime.device, real_opts.eval_samples, feature)
     real = load_dataset(real_opts, torch.device("cpu"), say=print)
-    side = real.shape[-1]
-    images = decode_images(opts.images, files, side, opts.workers)
+    size = shape_size(real.shape)  # a side, or "WIDTHxHEIGHT"
+    images = decode_images(opts.images, files, size, opts.workers)
     scorers = open_metrics(real_opts.replace(eval_samples=len(images)), runtime, real, feature, scorers)
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # IS and KID shuffle with the global RNG
         torch.manual_seed(real_opts.seed)
         scores = metrics.score_images(scorers, images.split(500))
-    print(scores_line(scores, f"{len(images)} images of {opts.images} at {side} px, against {len(real)} real"))
+    print(scores_line(scores, f"{len(images)} images of {opts.images} at {size} px, against {len(real)} real"))
     append_metrics(Path(folder) / METRICS_LOG_NAME, [{"images": str(opts.images), "count": len(images), **scores}])
     return scores
 
@@ -380,10 +381,11 @@ def image_files(folder):
     return files
 
 
-def decode_images(folder, files, side, workers):
-    """The readable files as uint8 (N, 3, side, side), decoded as a training folder is; a warning for the others."""
+def decode_images(folder, files, image_size, workers):
+    """The readable files as uint8 (N, 3, H, W) of image_size, decoded as a training folder is; a
+    warning for the others."""
     skipped = []
-    chunks = list(decode_files(files, side, workers, skipped))
+    chunks = list(decode_files(files, image_size, workers, skipped))
     readable = sum(map(len, chunks))
     if skipped:
         warnings.warn(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import imagesize
 from errors import UserError
 from files import WriteError, atomic_write, atomic_write_bytes
 from runtime import mixed_seed
@@ -237,9 +238,11 @@ def load_exported(path):
         or not isinstance(config.get("flags"), dict)
     ):
         raise UserError(f"{config_path} is not the config.json that gan.py --export writes")
-    unusable = [name for name in ("nz", "ngf", "image_size", "channels") if not is_size(config.get(name))]
+    unusable = [name for name in ("nz", "ngf", "channels") if not is_size(config.get(name))]
     if unusable:
         raise UserError(f"{config_path} is damaged: {', '.join(unusable)} must be positive whole numbers")
+    if not imagesize.is_image_size(config.get("image_size")):
+        raise UserError(f"{config_path} is damaged: image_size must be {imagesize.EXPECTED}")
     names = config.get("class_names") or ()
     sizes = {name: config.get(name) for name in ("arch", "nz", "ngf", "image_size", "g_output")}
     flags = {**config["flags"], **sizes, "nc": config.get("channels"), "conditional": bool(names)}

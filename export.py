@@ -140,7 +140,7 @@ def last_fid(path):
 
 def model_card(generator, flags, state, fid):
     nz, classes = generator.nz, generator.class_names
-    side, channels = generator.image_size, generator.channels
+    width, height, channels = generator.width, generator.height, generator.channels
     kind = "A class-conditional" if classes else "An unconditional"
     labels = ", torch.zeros(16, dtype=torch.long)" if classes else ""
     trained = (
@@ -163,7 +163,7 @@ library_name: pytorch
 - dcgan
 ---
 
-# {kind} DCGAN generator, {side}x{side} px, {channels} channel{"s" if channels > 1 else ""}
+# {kind} DCGAN generator, {width}x{height} px, {channels} channel{"s" if channels > 1 else ""}
 
 The generator's {which}, trained with gan.py for {trained}.{score}
 It maps {maps} to an image in [-1, 1].
@@ -175,7 +175,7 @@ It maps {maps} to an image in [-1, 1].
 ```python
 import torch
 G = torch.export.load("generator.pt2").module()
-images = G(torch.randn(16, {nz}){labels})  # (16, {channels}, {side}, {side}) in [-1, 1]
+images = G(torch.randn(16, {nz}){labels})  # (16, {channels}, {height}, {width}) in [-1, 1]
 ```
 
 Other languages: `generator.onnx` (ONNX Runtime), inputs `noise` (N, {nz}) float32{" and `labels` (N,) int64" if classes else ""}, output `images`.

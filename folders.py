@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from classnames import check_class_names
 from errors import UserError, count_text
+from imagesize import image_sides
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 DECODE_CHUNK_FILES = 256
@@ -52,7 +53,8 @@ def files_under(root):
 
 
 def read_image(path, image_size):
-    """One image as uint8 (3, S, S): converted to RGB, resized and center-cropped.
+    """One image as uint8 (3, H, W) of image_size (a side, or "WIDTHxHEIGHT"): converted to RGB,
+    resized to cover W x H (the side that fits the aspect least is cut) and centre-cropped.
 
     Returns None for a file that cannot be decoded (truncated, not an image).
     """
@@ -63,11 +65,12 @@ def read_image(path, image_size):
             image = _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         return None
-    scale = image_size / min(image.size)
-    width, height = max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale))
+    crop_width, crop_height = image_sides(image_size)
+    scale = max(crop_width / image.width, crop_height / image.height)
+    width, height = max(crop_width, round(image.width * scale)), max(crop_height, round(image.height * scale))
     image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
-    left, top = (width - image_size) // 2, (height - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
+    left, top = (width - crop_width) // 2, (height - crop_height) // 2
+    image = image.crop((left, top, left + crop_width, top + crop_height))
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 

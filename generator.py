@@ -17,6 +17,7 @@ from artifacts import to_uint8
 from checkpoint import load_generator_file, load_module_state
 from classnames import checkpoint_class_names
 from errors import UserError
+from imagesize import image_sides
 from runtime import Runtime, choose_device, choose_precision, random_seed
 from sampling import generated_batches, generator_of
 from startup import upgraded
@@ -65,6 +66,7 @@ class TrainedGenerator(nn.Module):
         self.runtime = runtime
         self.flags = dict(flags)
         self.nz, self.image_size, self.channels = flags["nz"], flags["image_size"], flags["nc"]
+        self.width, self.height = image_sides(self.image_size)
         self.class_names = G.class_names
 
     def forward(self, noise, labels=None):

@@ -6,6 +6,7 @@ trusted when its files, sidecar or pixels do not match.
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ import torch
 from errors import UserError, count_text
 from files import atomic_write, no_new_empty_folders
 from folders import HostImages, available_ram_bytes, decode_files, list_images, report_skipped, size_text
+from imagesize import image_sides, image_size_of
 
 CACHE_APP_NAME = "dcgan"
 CACHE_ENV = "DCGAN_CACHE_DIR"
@@ -74,13 +76,14 @@ class FolderListing:
 
     root: Path
     files: list
-    image_size: int
+    image_size: int | str  # a side, or "WIDTHxHEIGHT": the cache's name and key hold both sides
     key: str
 
     @classmethod
     def of(cls, root, image_size):
         root = Path(root)
         files = list_images(root)
+        image_size = image_size_of(*image_sides(image_size))  # 64 or "64x32", however the caller spells it
         return cls(root, files, image_size, folder_cache_key(root, files, image_size))
 
     @property
@@ -88,8 +91,14 @@ class FolderListing:
         return f"images-{self.image_size}px-{self.key}"
 
     @property
+    def pixels_shape(self):
+        """(height, width) of each decoded image."""
+        width, height = image_sides(self.image_size)
+        return height, width
+
+    @property
     def decoded_bytes(self):
-        return len(self.files) * 3 * self.image_size**2
+        return len(self.files) * 3 * math.prod(self.pixels_shape)
 
 
 def folder_cache_key(root, files, image_size):
@@ -179,7 +188,7 @@ def read_folder_cache(folder, listing):
     """The FolderCache of a complete cache, or None: no cache, or one not to trust. Its pixels are
     not read here (reusable_cache checks them)."""
     npy, sidecar = cache_paths(folder, listing)
-    expected_shape = (len(listing.files), 3, listing.image_size, listing.image_size)
+    expected_shape = (len(listing.files), 3, *listing.pixels_shape)
     try:
         meta = json.loads(sidecar.read_text())
         array = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never written back
@@ -296,7 +305,7 @@ class DecodedRows:
 def write_decoded(path, listing, workers, decoded):
     """Decode the folder into the .npy at path through numpy's memory map, so rows go to disk as they
     are decoded, and take the CRC-32 of the rows as they go."""
-    shape = (len(listing.files), 3, listing.image_size, listing.image_size)
+    shape = (len(listing.files), 3, *listing.pixels_shape)
     rows = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
     try:
         done = 0

@@ -1,8 +1,10 @@
 """DCGAN networks (Radford et al., 2015), an upsample-convolution variant, and their init.
 
-Pure modules: no I/O, no flags, no device logic. Depth follows the image size:
-each factor of two above 4x4 adds one stage to both networks. With num_classes, G takes the
-class through conditional BatchNorm and D through a projection; without, they are plain DCGAN.
+Pure modules: no I/O, no flags, no device logic. Depth follows the image size: each factor of
+two of the shorter side above 4 adds one stage to both networks. G starts from a seed map (4x4
+for a square) whose sides keep the image's aspect (8 wide, 4 tall at 64x32), and D ends on it.
+With num_classes, G takes the class through conditional BatchNorm and D through a projection;
+without, they are plain DCGAN.
 """
 
 import contextlib
@@ -15,14 +17,25 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.optim.swa_utils import update_bn
 
-IMAGE_SIZES = tuple(2**k for k in range(4, 9))  # 16 .. 256
+from imagesize import EXPECTED, SIDES, image_sides
+
+IMAGE_SIZES = SIDES  # 16 .. 256: each side of an image_size (an int side, "WIDTHxHEIGHT" or (width, height))
 
 
 def num_stages(image_size):
-    """Up- or down-sampling stages between 4x4 and image_size."""
-    if image_size not in IMAGE_SIZES:
-        raise ValueError(f"image_size must be one of {IMAGE_SIZES}, got {image_size}")
-    return int(math.log2(image_size)) - 2
+    """Up- or down-sampling stages between the seed and image_size: one per doubling of the shorter side above 4."""
+    sides = image_sides(image_size)
+    if not all(side in IMAGE_SIZES for side in sides):
+        raise ValueError(f"image_size must be {EXPECTED}, got {image_size!r}")
+    return int(math.log2(min(sides))) - 2
+
+
+def seed_shape(image_size):
+    """(height, width) of G's first map and D's last: 4 on the shorter side, the longer side's
+    share of the aspect on the other (4 x 8 at 64x32), so that every stage doubles both sides."""
+    width, height = image_sides(image_size)
+    stages = num_stages(image_size)
+    return height >> stages, width >> stages
 
 
 CLASS_EMBEDDING_SIZE = 128  # BigGAN's shared class embedding
@@ -89,20 +102,20 @@ class ClassGenerator(nn.Module):
 
 
 class Generator(ClassGenerator):
-    """Noise (nz x 1 x 1) to an image (nc x S x S) in [-1, 1]."""
+    """Noise (nz x 1 x 1) to an image (nc x H x W) in [-1, 1]."""
 
     def __init__(self, nz=100, ngf=64, image_size=64, nc=3, num_classes=0, output="tanh"):
         super().__init__()
         norm = batch_norm_of(num_classes)
         stages = num_stages(image_size)
         channels = ngf * 2 ** (stages - 1)
-        # nz x 1 x 1 -> (ngf*8) x 4 x 4 at 64x64
+        # nz x 1 x 1 -> (ngf*8) x 4 x 4 at 64x64; a kernel of the seed's shape: (ngf*4) x 4 x 8 at 64x32
         layers = [
-            nn.ConvTranspose2d(nz, channels, 4, 1, 0, bias=False),
+            nn.ConvTranspose2d(nz, channels, seed_shape(image_size), 1, 0, bias=False),
             norm(channels),
             nn.ReLU(True),
         ]
-        # each stage doubles the side and halves the channels: ... -> ngf x S/2 x S/2
+        # each stage doubles both sides and halves the channels: ... -> ngf x H/2 x W/2
         for _ in range(stages - 1):
             layers += [
                 nn.ConvTranspose2d(channels, channels // 2, 4, 2, 1, bias=False),
@@ -110,7 +123,7 @@ class Generator(ClassGenerator):
                 nn.ReLU(True),
             ]
             channels //= 2
-        # ngf x S/2 x S/2 -> nc x S x S
+        # ngf x H/2 x W/2 -> nc x H x W
         layers += [nn.ConvTranspose2d(channels, nc, 4, 2, 1, bias=False), OUTPUTS[output]()]
         self.main = nn.Sequential(*layers)
         self.nz = nz
@@ -120,7 +133,7 @@ class Generator(ClassGenerator):
 class ProjectionDiscriminator(nn.Module):
     """What both discriminators share: self.main ends in `head_layers` layers that make the logit
     from the last features. With num_classes, the projection discriminator (Miyato & Koyama,
-    2018): the logit gains <embed(y), features summed over the 4x4 map>."""
+    2018): the logit gains <embed(y), features summed over the seed's map (4x4 for a square)>."""
 
     head_layers = 1
 
@@ -149,7 +162,7 @@ def projection(embed, labels, pooled):
 
 
 class Discriminator(ProjectionDiscriminator):
-    """An image (nc x S x S) to one logit per image.
+    """An image (nc x H x W) to one logit per image.
 
     With spectral_norm the convolutions are spectrally normalised (Miyato et al., 2018)
     and BatchNorm is left out, as in SN-GAN's discriminator.
@@ -159,14 +172,15 @@ class Discriminator(ProjectionDiscriminator):
         super().__init__()
         wrap = full_precision_spectral_norm if spectral_norm else (lambda m: m)
         layers, channels = strided_convolutions(nc, ndf, image_size, wrap, batch_norm=not spectral_norm)
-        # (ndf*8) x 4 x 4 -> 1 x 1 x 1: a logit; the loss applies the sigmoid
-        layers.append(wrap(nn.Conv2d(channels, 1, 4, 1, 0, bias=False)))
+        # (ndf*8) x 4 x 4 -> 1 x 1 x 1: a logit; the loss applies the sigmoid. The kernel is the seed's
+        # shape, as G's first: (ndf*4) x 4 x 8 -> 1 x 1 x 1 at 64x32
+        layers.append(wrap(nn.Conv2d(channels, 1, seed_shape(image_size), 1, 0, bias=False)))
         self.main = nn.Sequential(*layers)
         self.add_projection(channels, num_classes, wrap)
 
 
 class UpsampleGenerator(ClassGenerator):
-    """Noise (nz x 1 x 1) to an image (nc x S x S) in [-1, 1], without transposed convolutions.
+    """Noise (nz x 1 x 1) to an image (nc x H x W) in [-1, 1], without transposed convolutions.
 
     Each doubling is a nearest-neighbour upsample then a 3x3 convolution: every output pixel
     gets the same number of kernel taps, so there is none of the uneven overlap that gives
@@ -180,15 +194,16 @@ class UpsampleGenerator(ClassGenerator):
         norm = batch_norm_of(num_classes)
         stages = num_stages(image_size)
         channels = ngf * 2 ** (stages - 1)
-        # nz x 1 x 1 -> (ngf*8) x 4 x 4 at 64x64; no bias as BatchNorm's beta takes its place
+        seed_height, seed_width = seed_shape(image_size)
+        # nz x 1 x 1 -> (ngf*8) x 4 x 4 at 64x64, (ngf*4) x 4 x 8 at 64x32; no bias as BatchNorm's beta takes its place
         layers = [
             nn.Flatten(),
-            nn.Linear(nz, channels * 4 * 4, bias=False),
-            nn.Unflatten(1, (channels, 4, 4)),
+            nn.Linear(nz, channels * seed_height * seed_width, bias=False),
+            nn.Unflatten(1, (channels, seed_height, seed_width)),
             norm(channels),
             nn.ReLU(True),
         ]
-        # each block doubles the side and halves the channels: ... -> ngf x S/2 x S/2
+        # each block doubles both sides and halves the channels: ... -> ngf x H/2 x W/2
         for _ in range(stages - 1):
             layers += [
                 nn.Upsample(scale_factor=2, mode="nearest"),
@@ -197,7 +212,7 @@ class UpsampleGenerator(ClassGenerator):
                 nn.ReLU(True),
             ]
             channels //= 2
-        # ngf x S/2 x S/2 -> nc x S x S: the last doubling goes straight to colours, as DCGAN's
+        # ngf x H/2 x W/2 -> nc x H x W: the last doubling goes straight to colours, as DCGAN's
         # does. A nearest-neighbour doubling has no power at the highest frequencies of the full
         # size (its response is zero at half the sampling rate), and a convolution only filters
         # what it is given, so that G cannot draw the finest detail. full_size_block adds a
@@ -213,11 +228,11 @@ class UpsampleGenerator(ClassGenerator):
 
 
 class UpsampleDiscriminator(ProjectionDiscriminator):
-    """An image (nc x S x S) to one logit per image: strided convolutions, then a linear layer.
+    """An image (nc x H x W) to one logit per image: strided convolutions, then a linear layer.
 
     Kernels are 4x4 at stride 2, a size the stride divides, so the gradient D sends back to G
-    has no checkerboard pattern either (Odena et al., 2016). A linear layer over a 4x4 map is a
-    4x4 convolution, so this is the DCGAN Discriminator plus one bias: the arch differs in G.
+    has no checkerboard pattern either (Odena et al., 2016). A linear layer over the seed's map is
+    a convolution of its shape, so this is the DCGAN Discriminator plus one bias: the arch differs in G.
     With spectral_norm the convolutions and the linear layer are spectrally normalised and
     BatchNorm is left out.
     """
@@ -228,8 +243,10 @@ class UpsampleDiscriminator(ProjectionDiscriminator):
         super().__init__()
         wrap = full_precision_spectral_norm if spectral_norm else (lambda m: m)
         layers, channels = strided_convolutions(nc, ndf, image_size, wrap, batch_norm=not spectral_norm)
-        # (ndf*8) x 4 x 4 -> (ndf*8*16) -> 1: a logit; the loss applies the sigmoid
-        layers += [nn.Flatten(), wrap(nn.Linear(channels * 4 * 4, 1))]
+        # (ndf*8) x 4 x 4 -> (ndf*8*16) -> 1: a logit; the loss applies the sigmoid (at 64x32:
+        # (ndf*4) x 4 x 8 -> (ndf*4*32) -> 1)
+        seed_height, seed_width = seed_shape(image_size)
+        layers += [nn.Flatten(), wrap(nn.Linear(channels * seed_height * seed_width, 1))]
         self.main = nn.Sequential(*layers)
         self.add_projection(channels, num_classes, wrap)
 
@@ -279,14 +296,14 @@ def full_precision_spectral_norm(module):
 
 
 def strided_convolutions(nc, ndf, image_size, wrap, batch_norm):
-    """Both discriminators' body: 4x4 stride-2 convolutions from S x S down to 4 x 4.
+    """Both discriminators' body: 4x4 stride-2 convolutions from H x W down to the seed's map (4 x 4 for a square).
 
     Returns the layers and the channels they end with (ndf * 2**(stages-1)).
     """
-    # nc x S x S -> ndf x S/2 x S/2, no BatchNorm on the input layer (DCGAN paper, section 3)
+    # nc x H x W -> ndf x H/2 x W/2, no BatchNorm on the input layer (DCGAN paper, section 3)
     layers = [wrap(nn.Conv2d(nc, ndf, 4, 2, 1, bias=False)), nn.LeakyReLU(0.2, inplace=True)]
     channels = ndf
-    # each stage halves the side and doubles the channels: ... -> (ndf*8) x 4 x 4 at 64x64
+    # each stage halves both sides and doubles the channels: ... -> (ndf*8) x 4 x 4 at 64x64, (ndf*4) x 4 x 8 at 64x32
     for _ in range(num_stages(image_size) - 1):
         layers.append(wrap(nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False)))
         if batch_norm:
@@ -391,13 +408,9 @@ def layer_outputs(layers, shape):
     for layer in layers:
         new_values = not getattr(layer, "inplace", False) and not isinstance(layer, (nn.Flatten, nn.Unflatten))
         if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
-            (kernel, _), (stride, _), (padding, _) = layer.kernel_size, layer.stride, layer.padding
-            side = shape[-1]
-            if isinstance(layer, nn.ConvTranspose2d):
-                side = (side - 1) * stride - 2 * padding + kernel
-            else:
-                side = (side + 2 * padding - kernel) // stride + 1
-            shape = (layer.out_channels, side, side)
+            transposed = isinstance(layer, nn.ConvTranspose2d)
+            sides = zip(shape[1:], layer.kernel_size, layer.stride, layer.padding)  # height, then width
+            shape = (layer.out_channels, *(convolved(*side, transposed) for side in sides))
         elif isinstance(layer, nn.Upsample):
             shape = (shape[0], *(int(side * layer.scale_factor) for side in shape[1:]))
         elif isinstance(layer, nn.Linear):
@@ -408,3 +421,10 @@ def layer_outputs(layers, shape):
             shape = (math.prod(shape),)
         total += math.prod(shape) if new_values else 0
     return total, shape
+
+
+def convolved(side, kernel, stride, padding, transposed):
+    """One side of a (transposed) convolution's output."""
+    if transposed:
+        return (side - 1) * stride - 2 * padding + kernel
+    return (side + 2 * padding - kernel) // stride + 1

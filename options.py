@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 import modes
 from errors import UserError, error_prefix
+from imagesize import EXPECTED, SIDES, parse_image_size
 
 # This module imports no torch (seconds): --help and flag errors answer at once. So the choices
 # are named here; their implementations are models.ARCHITECTURES, models.OUTPUTS, steps.LOSSES
@@ -22,7 +23,7 @@ ARCHITECTURES = ("dcgan", "upsample", "upsample-fullres")
 OUTPUTS = ("tanh", "clip")
 LOSSES = ("bce", "hinge")
 PRECISIONS = ("fp32", "bf16", "fp16")
-IMAGE_SIZES = tuple(2**k for k in range(4, 9))  # 16 .. 256, as models.IMAGE_SIZES
+IMAGE_SIZES = SIDES  # 16 .. 256, as models.IMAGE_SIZES
 
 # Resolved from the data, not typed: the number of classes (0 without --conditional) and of colour
 # channels. Saved with the flags so a checkpoint says the shapes of its networks; never resumed
@@ -135,10 +136,17 @@ non_negative_float = checked(
     "non_negative_float", float, lambda value: math.isfinite(value) and value >= 0, "a number >= 0"
 )
 fraction = checked("fraction", float, lambda value: 0.0 <= value < 1.0, "in [0, 1)")
-image_size = checked("image_size", int, lambda value: value in IMAGE_SIZES, "a power of two from 16 to 256")
 loss_weight = checked(
     "loss_weight", float, lambda value: 0 <= value <= MAX_LOSS_WEIGHT, f"from 0 to {MAX_LOSS_WEIGHT:g}"
 )
+
+
+def image_size(text):
+    """--image-size: 64 (an int, a square's side) or 64x32 (the text "64x32"; 64x64 is 64)."""
+    try:
+        return parse_image_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {EXPECTED}, got {text}") from None
 
 
 def walk_steps(text):
@@ -207,7 +215,14 @@ def add_common_flags(group):
     add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
     add("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
-    add("--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256")
+    add(
+        "--image-size",
+        type=image_size,
+        default=64,
+        help="side of the images in pixels: 16, 32, 64, 128 or 256; WIDTHxHEIGHT (64x32) for images that are not "
+        "square, each side one of those: a folder's images are resized and centre-cropped to that shape (CIFAR-10 "
+        "takes square sizes only)",
+    )
     add(
         "--recipe",
         choices=list(RECIPES),

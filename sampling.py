@@ -11,6 +11,7 @@ import torch
 
 import metrics
 import models
+from imagesize import shape_size
 from runtime import mixed_seed
 
 GRID_COLUMNS = 8  # a class-row grid: one noise vector per column, drawn as every row's class
@@ -112,7 +113,7 @@ def open_metrics(opts, runtime, real_uint8, feature=None, scorers=None):
 
 def real_cache(opts, real_uint8):
     cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
-    return metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), real_uint8.shape[-1])
+    return metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), shape_size(real_uint8.shape))
 
 
 def open_class_scorer(opts, scorers, real_uint8, labels, num_classes):

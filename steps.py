@@ -74,10 +74,19 @@ def diff_augment(images, generator=None):
 
 
 def random_shifts(images, generator=None, ratio=0.125):
-    """Whole-pixel shifts (rows, cols) per image, up to ratio of the side each way."""
-    side = images.shape[-1]
-    limit = int(side * ratio + 0.5)
-    return torch.randint(-limit, limit + 1, (images.shape[0], 2), device=images.device, generator=generator)
+    """Whole-pixel shifts (rows, cols) per image, up to ratio of the height and of the width each way."""
+    limits = [int(side * ratio + 0.5) for side in images.shape[-2:]]
+    return random_rows_and_cols(images, [-limit for limit in limits], [limit + 1 for limit in limits], generator)
+
+
+def random_rows_and_cols(images, lows, highs, generator):
+    """(N, 2) whole numbers, each image's row in [lows[0], highs[0]) and column in [lows[1], highs[1]):
+    one draw for both where the ranges agree (square images, drawn as they always were)."""
+    n, device = images.shape[0], images.device
+    if (lows[0], highs[0]) == (lows[1], highs[1]):
+        return torch.randint(lows[0], highs[0], (n, 2), device=device, generator=generator)
+    columns = [torch.randint(low, high, (n,), device=device, generator=generator) for low, high in zip(lows, highs)]
+    return torch.stack(columns, dim=1)
 
 
 def translate(images, shifts):
@@ -96,21 +105,24 @@ def translate(images, shifts):
 
 
 def random_cutout_corners(images, generator=None, ratio=0.5):
-    """Top-left corners (row, col) of a square of ratio x side per image; it may overhang."""
-    side = images.shape[-1]
-    size = int(side * ratio + 0.5)
-    centres = torch.randint(0, side + (1 - size % 2), (images.shape[0], 2), device=images.device, generator=generator)
-    return centres - size // 2
+    """Top-left corners (row, col) of a ratio x height by ratio x width rectangle per image (a square
+    for square images), its centre anywhere in the image; it may overhang."""
+    sides = images.shape[-2:]
+    sizes = [int(side * ratio + 0.5) for side in sides]
+    lows = [-(size // 2) for size in sizes]
+    return random_rows_and_cols(
+        images, lows, [side + 1 - size % 2 + low for side, size, low in zip(sides, sizes, lows)], generator
+    )
 
 
 def cutout(images, corners, ratio=0.5):
-    """Zero a square of ratio x side at each image's corner (clipped at the borders)."""
+    """Zero a ratio x height by ratio x width rectangle at each image's corner (clipped at the borders)."""
     n, _, height, width = images.shape
-    size = int(width * ratio + 0.5)
+    size_rows, size_cols = int(height * ratio + 0.5), int(width * ratio + 0.5)
     rows = torch.arange(height, device=images.device).view(1, -1, 1)
     cols = torch.arange(width, device=images.device).view(1, 1, -1)
     top, left = corners[:, 0].view(n, 1, 1), corners[:, 1].view(n, 1, 1)
-    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    inside = (rows >= top) & (rows < top + size_rows) & (cols >= left) & (cols < left + size_cols)
     return images * (~inside).unsqueeze(1).to(images.dtype)
 
 

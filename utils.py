@@ -21,6 +21,7 @@ from classnames import check_class_names
 from errors import UserError, count_text
 from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes, folder_classes, folder_labels, size_text
 from image_cache import FolderListing, ignore_message, open_folder
+from imagesize import image_sides
 from runtime import barrier
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -108,6 +109,17 @@ def load_cifar10_labelled(root, download=True):
         _extract_cifar10(archive, root)
     images, labels = zip(*(_read_cifar_batch(folder / name) for name in CIFAR_TRAIN_BATCHES))
     return torch.cat(images), torch.cat(labels), cifar_class_names(folder)
+
+
+def refuse_non_square_cifar10(image_size):
+    """CIFAR-10's images are 32x32: stretched to another aspect, every image would be distorted.
+    Refused where the data is read, which every mode that reads it passes before it writes anything."""
+    width, height = image_sides(image_size)
+    if width != height:
+        raise UserError(
+            f"--image-size {image_size} is not square, and CIFAR-10's images are: "
+            "train on a --dataset folder of images of that shape (or give a square size)"
+        )
 
 
 def cifar_class_names(folder):
@@ -262,6 +274,7 @@ def streaming_forced():
 def read_images_and_labels(opts, with_labels, say):
     """All the data set's images, and (with_labels) their labels and class names."""
     if opts.dataset == "cifar10":
+        refuse_non_square_cifar10(opts.image_size)
         if with_labels:
             check_subset_covers_classes(opts.subset, len(CIFAR_CLASSES))  # before a download
         return load_cifar10_labelled(opts.dataroot)
@@ -280,7 +293,8 @@ def read_images_and_labels(opts, with_labels, say):
     # as many random images as --subset asks for (512 by default): --subset 50000 is CIFAR-10-sized
     count = max(FAKE_IMAGES, opts.subset or 0)
     generator = torch.Generator().manual_seed(opts.seed)
-    images = torch.randint(0, 256, (count, 3, opts.image_size, opts.image_size), generator=generator, dtype=torch.uint8)
+    width, height = image_sides(opts.image_size)
+    images = torch.randint(0, 256, (count, 3, height, width), generator=generator, dtype=torch.uint8)
     labels = torch.arange(count) % FAKE_CLASSES
     return images, labels, tuple(str(index) for index in range(FAKE_CLASSES))
 
@@ -509,15 +523,16 @@ def make_batches(images, batch_size, image_size, seed, rank=0, world_size=1, dev
 
 
 def to_float_images(uint8_images, image_size, channels=3):
-    """uint8 (N, 3, s, s) to float in [-1, 1] at image_size, on the images' device; with channels=1,
-    their luma (N, 1, S, S), which is the grey value itself for greyscale images."""
+    """uint8 (N, 3, h, w) to float in [-1, 1] at image_size (N, C, H, W), on the images' device; with
+    channels=1, their luma (N, 1, H, W), which is the grey value itself for greyscale images."""
     images = uint8_images.float()
     if channels == 1 and images.shape[1] == 3:
         images = (images * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
     images = images.div_(127.5).sub_(1.0)
-    if images.shape[-1] != image_size:
+    width, height = image_sides(image_size)
+    if images.shape[-2:] != (height, width):
         # antialiasing only changes anything when shrinking; growing 32 -> 64 gives the same
         # pixels through a slower kernel
-        shrinking = images.shape[-1] > image_size
-        images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False, antialias=shrinking)
+        shrinking = images.shape[-1] > width or images.shape[-2] > height
+        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking)
     return images

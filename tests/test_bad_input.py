@@ -61,7 +61,10 @@ BAD_FLAGS = [
     (["--epochs", "0"], "--epochs: must be a positive integer, got 0"),
     (["--epochs", "two"], "--epochs: invalid"),
     (["--batch-size", "0"], "--batch-size: must be a positive integer"),
-    (["--image-size", "48"], "--image-size: must be a power of two from 16 to 256, got 48"),
+    (
+        ["--image-size", "48"],
+        "--image-size: must be a power of two from 16 to 256, or WIDTHxHEIGHT with each side one (64x32), got 48",
+    ),
     (["--lr", "-1"], "--lr: must be a positive number, got -1"),
     (["--lr", "nan"], "--lr: must be a positive number, got nan"),
     (["--lr", "inf"], "--lr: must be a positive number, got inf"),

@@ -2,7 +2,8 @@
 generator.onnx and generator.pt2 that give the images --generate gives; the exported folder serves
 as --checkpoint; gan.load_generator loads every file the program writes; --config repeats a run.
 
-Three exports cover every architecture, plain and conditional, colour and greyscale, tanh and clip.
+Three exports cover every architecture, plain and conditional, colour and greyscale, tanh and clip,
+square and not (16 wide, 32 tall).
 """
 
 import json
@@ -24,22 +25,31 @@ from files import current_umask
 VARIANTS = {
     "dcgan-plain-tanh": ["--arch", "dcgan"],
     "upsample-conditional-grey-clip": ["--arch", "upsample", "--conditional", "--channels", "1", "--g-output", "clip"],
-    "fullres-conditional-clip": ["--arch", "upsample-fullres", "--conditional", "--g-output", "clip"],
+    "fullres-conditional-clip-16x32": [
+        *["--arch", "upsample-fullres", "--conditional", "--g-output", "clip", "--image-size", "16x32"]
+    ],
 }
 EXPECTED_CONFIG = {
-    "dcgan-plain-tanh": {"arch": "dcgan", "channels": 3, "g_output": "tanh", "class_names": []},
+    "dcgan-plain-tanh": {"arch": "dcgan", "image_size": 16, "channels": 3, "g_output": "tanh", "class_names": []},
     "upsample-conditional-grey-clip": {
         "arch": "upsample",
+        "image_size": 16,
         "channels": 1,
         "g_output": "clip",
         "class_names": [str(k) for k in range(10)],
     },
-    "fullres-conditional-clip": {
+    "fullres-conditional-clip-16x32": {
         "arch": "upsample-fullres",
+        "image_size": "16x32",
         "channels": 3,
         "g_output": "clip",
         "class_names": [str(k) for k in range(10)],
     },
+}
+IMAGE_SHAPES = {  # (height, width) of each variant's images
+    "dcgan-plain-tanh": (16, 16),
+    "upsample-conditional-grey-clip": (16, 16),
+    "fullres-conditional-clip-16x32": (32, 16),
 }
 
 
@@ -107,12 +117,14 @@ def test_the_export_folder_holds_the_weights_config_card_samples_and_graphs(expo
     assert names == ["README.md", "config.json", "generator.onnx", "generator.pt2", "model.safetensors", "samples.png"]
     config = json.loads((folder / "export" / "config.json").read_text())
     assert {name: config[name] for name in EXPECTED_CONFIG[variant]} == EXPECTED_CONFIG[variant]
-    assert (config["nz"], config["ngf"], config["image_size"], config["generator"]) == (8, 8, 16, "ema")
+    assert (config["nz"], config["ngf"], config["generator"]) == (8, 8, "ema")
     assert (config["epoch"], config["step"]) == (1, 4)
     assert not {"dataroot", "image_dir", "checkpoint_dir", "cache_dir"} & set(config["flags"])  # no paths shared
     card = (folder / "export" / "README.md").read_text()
     assert 'torch.export.load("generator.pt2").module()' in card and "![samples](samples.png)" in card
     assert "| `--arch` | `" + config["arch"] + "` |" in card
+    height, width = IMAGE_SHAPES[variant]
+    assert f"DCGAN generator, {width}x{height} px" in card and f", {height}, {width}) in [-1, 1]" in card
 
 
 def test_the_safetensors_hold_the_ema_generator_with_its_own_statistics(exported):
@@ -134,19 +146,20 @@ def test_the_safetensors_hold_the_ema_generator_with_its_own_statistics(exported
 def test_the_onnx_graph_gives_the_generators_images_at_any_batch_size(exported):
     import onnxruntime
 
-    folder, _ = exported
+    folder, variant = exported
     generator = trained(folder)
     session = onnxruntime.InferenceSession(
         str(folder / "export" / "generator.onnx"), providers=["CPUExecutionProvider"]
     )
     names = [node.name for node in session.get_inputs()]
     assert names == ["noise", "labels"][: len(inputs(generator, 1))]
+    assert session.get_outputs()[0].shape[1:] == [generator.channels, *IMAGE_SHAPES[variant]]
     for batch in (1, 3, 9):
         given = inputs(generator, batch)
         got = session.run(None, {name: value.numpy() for name, value in zip(names, given)})[0]
         with torch.no_grad():
             expected = generator(*given)
-        assert got.shape == (batch, generator.channels, 16, 16)
+        assert got.shape == (batch, generator.channels, *IMAGE_SHAPES[variant])
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-3, rtol=0)
 
 
@@ -220,7 +233,7 @@ def test_load_generator_samples_what_generate_writes_from_every_kind_of_file(exp
     for path in ("checkpoints/checkpoint.pt", "checkpoints/netG_ema.pth", "export/model.safetensors"):
         generator = gan.load_generator(folder / path, device="cpu")
         sampled = generator.sample(5, seed=9, label=None if variant == "dcgan-plain-tanh" else "2")
-        assert sampled.dtype == torch.uint8 and sampled.shape == (5, generator.channels, 16, 16)
+        assert sampled.dtype == torch.uint8 and sampled.shape == (5, generator.channels, *IMAGE_SHAPES[variant])
         assert torch.equal(sampled.int().expand(-1, 3, -1, -1), written), path
 
 
@@ -371,8 +384,20 @@ def test_a_generator_file_with_non_finite_weights_is_refused(exports, tmp_path, 
     assert not (tmp_path / "images").exists()
 
 
-@pytest.mark.parametrize(("name", "value"), [("channels", 0), ("nz", "8"), ("ngf", True), ("image_size", 16.0)])
-def test_an_exported_config_with_unusable_sizes_is_one_line(exports, tmp_path, name, value):
+SIZE_REFUSED = "image_size must be a power of two from 16 to 256, or WIDTHxHEIGHT with each side one (64x32)"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "refusal"),
+    [
+        ("channels", 0, "channels must be positive whole numbers"),
+        ("nz", "8", "nz must be positive whole numbers"),
+        ("ngf", True, "ngf must be positive whole numbers"),
+        ("image_size", 16.0, SIZE_REFUSED),
+        ("image_size", "16x48", SIZE_REFUSED),
+    ],
+)
+def test_an_exported_config_with_unusable_sizes_is_one_line(exports, tmp_path, name, value, refusal):
     import shutil
 
     shutil.copytree(exports["dcgan-plain-tanh"] / "export", tmp_path / "export")
@@ -380,7 +405,7 @@ def test_an_exported_config_with_unusable_sizes_is_one_line(exports, tmp_path, n
     (tmp_path / "export" / "config.json").write_text(json.dumps({**config, name: value}))
     with pytest.raises(UserError) as refused:
         gan.load_generator(tmp_path / "export" / "model.safetensors", device="cpu")
-    assert str(refused.value).endswith(f"config.json is damaged: {name} must be positive whole numbers")
+    assert str(refused.value).endswith(f"config.json is damaged: {refusal}")
 
 
 def test_config_goes_with_training_only():
