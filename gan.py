@@ -273,8 +273,8 @@ def describe(opts, runtime, image_count, batches, length):
     return (
         f"training on {runtime.device} ({runtime.precision_name}{', compiled' if runtime.compile else ''}"
         f"{processes}): {count_text(image_count, 'image')}{classes} ({batches.describe()}), "
-        f"{count_text(len(batches), 'step')} per epoch, {length.describe()} "
-        f"(logged every {log_every_steps(opts, len(batches))}), seed {opts.seed}"
+        f"{count_text(len(batches), 'step')} per epoch (logged every {log_every_steps(opts, len(batches))}), "
+        f"{length.describe()}, seed {opts.seed}"
     )
 
 
