@@ -102,7 +102,7 @@ class RunProgressBar(tqdm):
     """tqdm's bar over the steps of the whole run, with the images a second (tqdm's rate of steps
     times the images of a step) and the epoch in its description."""
 
-    def __init__(self, length, progress, disable):
+    def __init__(self, length, progress, disable, file=None):
         self.images_per_step = length.images_per_step  # before tqdm's __init__, which draws the bar
         super().__init__(
             total=length.total_steps,
@@ -112,6 +112,7 @@ class RunProgressBar(tqdm):
             leave=False,
             dynamic_ncols=True,
             bar_format=BAR_FORMAT,
+            file=file,
         )
 
     @property
