@@ -62,6 +62,7 @@ EXAMPLES = """examples:
                                                              a large folder (e.g. CelebA) on a GPU
   python gan.py --resume                                     continue the CIFAR-10 run in checkpoints/
   python gan.py --resume --dataroot icons/ --epochs 60       continue a folder's run (a checkpoint never chooses folders)
+  python gan.py --kimg 500 --snapshot-every 1000             500,000 images, the generator kept every 1,000 steps
   python gan.py --generate 1000 --seed 7                     images from the latest checkpoint
   python gan.py --interpolate                                latent walks, grid and GIF
   python gan.py --evaluate --dataroot icons/                 FID, IS, KID, precision/recall of the latest checkpoint
@@ -429,7 +430,7 @@ def add_after_training_flags(group):
         "--checkpoint",
         type=not_a_link_loop,
         default=None,
-        help="checkpoint for --generate/--interpolate/--evaluate [default: latest]",
+        help="checkpoint (or snapshot) for --generate/--interpolate/--evaluate/--export [default: latest]",
     )
     add(
         "--evaluate",
