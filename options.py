@@ -54,6 +54,16 @@ RECIPES = {
     "dcgan": {},
     "improved": {"arch": "upsample-fullres", "g_output": "clip", "spectral_loss": 3.0, "lr": 3e-4},
 }
+KIMG_HELP = (
+    "train on N thousand images instead of --epochs, rounded up to whole steps of --batch-size x processes "
+    "(a step count, whatever the data's size); the run may end inside an epoch, and a resumed run continues "
+    "to this many [default: --epochs decides]"
+)
+SNAPSHOT_HELP = (
+    "also keep the generator every STEPS steps (its EMA where there is one) in <checkpoint-dir>/snapshots/"
+    "snapshot-<step>.pt, for --generate, --interpolate, --evaluate and --export (--checkpoint PATH); a snapshot "
+    "is not a point to resume from; 0: none"
+)
 EXAMPLES = """examples:
   python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
   python gan.py --dataset folder --dataroot icons/ --recipe improved --image-size 32 --ngf 32 --ndf 32 --batch-size 64 --epochs 30
@@ -209,15 +219,7 @@ def add_common_flags(group):
     )
     add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
-    add(
-        "--kimg",
-        type=positive_float,
-        default=None,
-        metavar="N",
-        help="train on N thousand images instead of --epochs, rounded up to whole steps of --batch-size x "
-        "processes (a step count, whatever the data's size); the run may end inside an epoch, and a resumed "
-        "run continues to this many [default: --epochs decides]",
-    )
+    add("--kimg", type=positive_float, default=None, metavar="N", help=KIMG_HELP)
     add("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
     add("--image-size", type=image_size, default=64, help="side of the images in pixels: 16, 32, 64, 128 or 256")
     add(
@@ -374,22 +376,9 @@ def add_run_flags(group):
         help="also write the checkpoint every N steps, as a Ctrl-C does (a kill -9 then loses at most N steps); "
         "0: at the end of each epoch only",
     )
-    add(
-        "--snapshot-every",
-        type=non_negative_int,
-        default=0,
-        metavar="STEPS",
-        help="also keep the generator every STEPS steps (its EMA where there is one) in "
-        "<checkpoint-dir>/snapshots/snapshot-<step>.pt, for --generate, --interpolate, --evaluate and --export "
-        "(--checkpoint PATH); a snapshot is not a point to resume from; 0: none",
-    )
-    add(
-        "--keep-snapshots",
-        type=positive_int,
-        default=None,
-        metavar="K",
-        help="with --snapshot-every: keep the K newest snapshots, deleting older ones [default: all]",
-    )
+    add("--snapshot-every", type=non_negative_int, default=0, metavar="STEPS", help=SNAPSHOT_HELP)
+    keep_help = "with --snapshot-every: keep the K newest snapshots, deleting older ones [default: all]"
+    add("--keep-snapshots", type=positive_int, default=None, metavar="K", help=keep_help)
     add("--tensorboard", action="store_true", help="also log to TensorBoard (needs the tensorboard package)")
 
 
