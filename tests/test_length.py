@@ -127,7 +127,9 @@ def test_a_kimg_run_ends_at_its_step_inside_an_epoch(kimg_run):
     )
 
 
-def test_a_kimg_run_resumes_exactly_to_its_total_and_trains_on_when_raised(kimg_run, gan_main, tiny_args, monkeypatch):
+def test_a_kimg_run_resumes_exactly_to_its_total_and_trains_on_when_raised(
+    kimg_run, gan_main, tiny_args, tmp_path, monkeypatch
+):
     straight = load(kimg_run[0] / "checkpoints" / "checkpoint.pt")
     resume = ["--resume", "--device", "cpu", "--no-compile"]
     # stopped (as by Ctrl-C) after step 3; the resume goes on to the checkpoint's --kimg
@@ -136,8 +138,13 @@ def test_a_kimg_run_resumes_exactly_to_its_total_and_trains_on_when_raised(kimg_
     code, out, err = gan_main([*tiny_args, *KIMG_6, "--checkpoint-dir", "stopped"])
     assert code == 130, err
     stop_at.clear()
+    # a snapshot's write cut short by a kill -9 left its temp file: the next run in the folder removes it
+    torn = tmp_path / "stopped" / "snapshots" / ".snapshot-0000002.pt.k9x2ab7q.tmp"
+    torn.parent.mkdir()
+    torn.write_bytes(b"half a snapshot")
     code, out, err = gan_main([*resume, "--checkpoint-dir", "stopped"])
     assert code == 0, err
+    assert not torn.exists()
     assert bar_start(err) == ("epoch 1/2", 3, 6)
     # a shorter --kimg (3 steps, inside the first epoch), resumed with the longer one
     code, out, err = gan_main([*tiny_args, "--kimg", "0.024", "--checkpoint-dir", "raised", "--image-dir", "raised_i"])
