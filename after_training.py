@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import artifacts
 import export
 import metrics
+import snapshots
 from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file
 from classnames import class_folder
 from errors import UserError, count_text
@@ -70,6 +71,8 @@ def load_generator_for_use(opts, explicit, runtime):
     loaded with it (its flags, upgraded)."""
     path = checkpoint_path(opts)
     state = upgraded(load_generator_file(path))
+    if opts.raw:
+        snapshots.refuse_raw(state, path)
     refuse_architecture_change(
         opts, explicit, state["flags"], f"checkpoint {path} was trained with another architecture"
     )
@@ -80,6 +83,8 @@ def load_generator_for_use(opts, explicit, runtime):
 
 def trained_as(state, path):
     """Where a loaded file's flags came from, or its epoch."""
+    if snapshots.is_snapshot(state):
+        return f"a snapshot at step {state['step']}"
     if state.get("plain"):
         return f"flags from {path.parent / ('config.json' if path.suffix == '.safetensors' else 'flags.json')}"
     return f"epoch {state['epoch']}"

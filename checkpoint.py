@@ -39,6 +39,12 @@ class Progress:
     best_fid: float = math.inf
     rollbacks: int = 0
 
+    @property
+    def epochs_begun(self):
+        """The epochs done, and the one in progress if it has begun: the epoch whose pictures a
+        --kimg run that ends inside an epoch draws."""
+        return self.epoch + (self.batch > 0)
+
     @classmethod
     def from_checkpoint(cls, state):
         return cls(
@@ -473,8 +479,9 @@ def append_metrics(path, rows):
         raise WriteError(path, error) from None
 
 
-# written beside checkpoint.pt at each save: a fresh run never replaces them, even without checkpoint.pt
-RUN_FILES = ("best.pt", "netG.pth", "netD.pth", "netG_ema.pth", "flags.json")
+# written beside checkpoint.pt at each save (snapshots/: with --snapshot-every): a fresh run never
+# replaces them, even without checkpoint.pt
+RUN_FILES = ("best.pt", "netG.pth", "netD.pth", "netG_ema.pth", "flags.json", "snapshots/")
 
 
 def earlier_run_files(checkpoint_dir):

@@ -258,10 +258,11 @@ OWN_SUFFIXES = (".pt", ".pth", ".json", ".jsonl", ".png", ".gif", ".npz")
 
 
 def remove_stale_temp_files(folder):
-    """Temp files of atomic_write left in folder (or a generated*/ folder in it) by a run killed or
-    stopped by a second Ctrl-C mid-write; called with the folder locked, so none is in use."""
+    """Temp files of atomic_write left in folder (or a generated*/ or snapshots/ folder in it) by a run
+    killed or stopped by a second Ctrl-C mid-write; called with the folder locked, so none is in use."""
     folder = Path(folder)
-    for path in [*folder.glob(f".*{TEMP_SUFFIX}"), *folder.glob(f"generated*/.*{TEMP_SUFFIX}")]:
+    inner = (f"{name}/.*{TEMP_SUFFIX}" for name in ("generated*", "snapshots"))
+    for path in [*folder.glob(f".*{TEMP_SUFFIX}"), *(path for pattern in inner for path in folder.glob(pattern))]:
         match = TEMP_FILE_NAME.fullmatch(path.name)
         if match and match["name"].endswith(OWN_SUFFIXES) and path.is_file() and not path.is_symlink():
             with contextlib.suppress(OSError):

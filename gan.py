@@ -32,8 +32,10 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     from generator import load_generator as load_generator  # the Python API: G = gan.load_generator(path)
     from modes import AFTER_TRAINING_MODES
     from options import parse_flags
-    from outputs import run_outputs, summary_writer_class
+    from outputs import finished_line, run_outputs, summary_writer_class
+    from runlength import RunLength, RunProgressBar
     from runtime import any_rank, barrier, launcher_words, rank_rng_states, setup_runtime, stop_distributed
+    from snapshots import snapshot_due
     from steps import STAT_NAMES, Meter, Recipe, ema_decay_at, epoch_summary, format_stat, train_step
     from utils import load_batches
 except KeyboardInterrupt:
@@ -125,33 +127,31 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
     data, batches = load_batches(opts, runtime)
     opts = startup.with_data_traits(opts, data, resumed)
     state = startup.start_state(opts, runtime, resumed)
-    if state.progress.epoch >= opts.epochs:
-        runtime.say(f"already trained {count_text(state.progress.epoch, 'epoch')}; raise --epochs to train more")
+    length = RunLength.of(opts, len(batches), runtime.world_size, state.progress)
+    if length.done(state.progress):
+        runtime.say(length.already_trained(state.progress))
         return state
     with run_outputs(opts, runtime, state.progress, data, locks, metric_feature) as outputs:
         stop = StopRequest(announce=runtime.is_main)
         stop.install()
         outputs.start(fresh=resumed is None)
-        runtime.say(describe(opts, runtime, len(data.images), batches))
-        train_epochs(state, batches, opts, runtime, outputs, stop)
+        runtime.say(describe(opts, runtime, len(data.images), batches, length))
+        train_epochs(state, batches, length, opts, runtime, outputs, stop)
         outputs.draw_real_vs_fake(state.nets, state.fixed_noise)
+    if runtime.is_main:  # once every file is on disk
+        runtime.say(finished_line(opts, state.progress))
     return state
 
 
-def train_epochs(state, batches, opts, runtime, outputs, stop):
-    """The epochs: D and G steps, a log row every log_every_steps, pictures and a checkpoint after each."""
+def train_epochs(state, batches, length, opts, runtime, outputs, stop):
+    """The epochs: D and G steps, a log row every log_every_steps, pictures and a checkpoint after
+    each, until the run's length (runlength.py), with one progress bar for the whole run."""
     log_every = log_every_steps(opts, len(batches))
     recipe = Recipe.from_options(opts)
-    while state.progress.epoch < opts.epochs:
+    bar = RunProgressBar(length, state.progress, disable=not runtime.is_main)
+    while not length.done(state.progress):
         progress, started, first_batch = state.progress, time.perf_counter(), state.progress.batch
-        bar = tqdm(
-            total=len(batches),
-            initial=progress.batch,
-            desc=f"epoch {progress.epoch + 1}/{opts.epochs}",
-            disable=not runtime.is_main,
-            leave=False,
-            dynamic_ncols=True,
-        )
+        bar.follow(length, progress)
         meter = Meter(runtime.device)
         for real, labels in batches.labelled_epoch(progress.epoch, start=progress.batch):
             update_g = (progress.step + 1) % opts.d_steps == 0
@@ -163,19 +163,20 @@ def train_epochs(state, batches, opts, runtime, outputs, stop):
             bar.update(1)
             if progress.step % log_every == 0 and not log_interval(state, meter, bar, opts, runtime, outputs):
                 break  # rolled back to the last checkpoint: train its next epoch again
+            if snapshot_due(progress.step, opts) and not save_snapshot(state, opts, runtime, outputs):
+                break
+            if length.ends_inside_epoch(progress):  # --kimg: the run ends here, its pictures and checkpoint too
+                finish_epoch(state, meter, bar, first_batch, started, length, opts, runtime, outputs)
+                break
             if save_due(progress, len(batches), opts) and not save_mid_epoch(state, opts, runtime, outputs):
                 break
             if stop_requested(stop, progress.step, log_every, runtime):
                 save_and_stop(state, stop, bar, opts, runtime, outputs, f"stopped at epoch {progress.epoch + 1}")
         else:
-            if log_interval(state, meter, bar, opts, runtime, outputs) and weights_finite(
-                state, opts, runtime, outputs
-            ):
-                images_done = (progress.batch - first_batch) * opts.batch_size * runtime.world_size
-                finish_epoch(state, meter, images_done, time.perf_counter() - started, opts, runtime, outputs)
-                if any_rank(stop.requested, runtime):
-                    raise stopped(stop, f"{stop.name}: stopped after epoch {progress.epoch}", opts, runtime)
-        bar.close()
+            finished = finish_epoch(state, meter, bar, first_batch, started, length, opts, runtime, outputs)
+            if finished and any_rank(stop.requested, runtime):
+                raise stopped(stop, f"{stop.name}: stopped after epoch {progress.epoch}", opts, runtime)
+    bar.close()
 
 
 def log_every_steps(opts, steps_per_epoch):
@@ -222,6 +223,15 @@ def save_mid_epoch(state, opts, runtime, outputs):
     return True
 
 
+def save_snapshot(state, opts, runtime, outputs):
+    """--snapshot-every: the generator of this step, of finite weights only; False when they were
+    not and the run rolled back."""
+    if not weights_finite(state, opts, runtime, outputs):
+        return False
+    outputs.save_snapshot(state)
+    return True
+
+
 def save_and_stop(state, stop, bar, opts, runtime, outputs, what):
     bar.close()
     # non-finite weights are not saved over the last good checkpoint (on_nan stop raises Diverged here)
@@ -236,26 +246,35 @@ def stopped(stop, what, opts, runtime):
     return faults.interruption(stop, what, latest_checkpoint(opts.checkpoint_dir), command)
 
 
-def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
-    """FID, the checkpoint and the pictures (rank 0: outputs.end_epoch), then the epoch's summary line."""
+def finish_epoch(state, meter, bar, first_batch, started, length, opts, runtime, outputs):
+    """The epoch's last log row; then, its weights finite, FID, the checkpoint and the pictures
+    (rank 0: outputs.end_epoch) and its summary line. A --kimg run that ends inside an epoch ends
+    it here too, and the checkpoint stands where it stopped. False when the run rolled back."""
+    if not (log_interval(state, meter, bar, opts, runtime, outputs) and weights_finite(state, opts, runtime, outputs)):
+        return False
     progress = state.progress
-    progress.epoch += 1
-    progress.batch = 0
+    images_done = (progress.batch - first_batch) * opts.batch_size * runtime.world_size
+    seconds = time.perf_counter() - started
+    if not length.ends_inside_epoch(progress):
+        progress.epoch += 1
+        progress.batch = 0
     fid = outputs.end_epoch(state, rank_rng_states(runtime))
     if runtime.is_main:
-        runtime.say(epoch_summary(meter.epoch_means(), progress.epoch, opts.epochs, seconds, images_done, fid))
+        means = meter.epoch_means()
+        runtime.say(epoch_summary(means, progress.epochs_begun, length.last_epoch, seconds, images_done, fid))
     barrier(runtime)
+    return True
 
 
-def describe(opts, runtime, image_count, batches):
+def describe(opts, runtime, image_count, batches, length):
     processes = f", {runtime.world_size} processes" if runtime.distributed else ""
     classes = f" of {opts.num_classes} classes" if opts.num_classes else ""
     classes += ", greyscale (1 channel)" if opts.nc == 1 else ""
     return (
         f"training on {runtime.device} ({runtime.precision_name}{', compiled' if runtime.compile else ''}"
         f"{processes}): {count_text(image_count, 'image')}{classes} ({batches.describe()}), "
-        f"{count_text(len(batches), 'step')} per epoch "
-        f"(logged every {log_every_steps(opts, len(batches))}), seed {opts.seed}"
+        f"{count_text(len(batches), 'step')} per epoch (logged every {log_every_steps(opts, len(batches))}), "
+        f"{length.describe()}, seed {opts.seed}"
     )
 
 

@@ -39,6 +39,8 @@ NOT_RESUMED_FLAGS = (
     *PATH_FLAGS,
     *DATA_TRAITS,
 )
+# Flags that set how long a run trains (runlength.py): one of them, typed or taken from a checkpoint
+LENGTH_FLAGS = ("epochs", "kimg")
 MAX_SEED = 2**63 - 1
 # --r1, --spectral-loss and --class-loss: published weights reach 100 (R1's gamma for StyleGAN2's
 # LSUN Church and Horse). At 1000 a term drowns the adversarial loss: Adam's steps do not grow with
@@ -53,6 +55,16 @@ RECIPES = {
     "dcgan": {},
     "improved": {"arch": "upsample-fullres", "g_output": "clip", "spectral_loss": 3.0, "lr": 3e-4},
 }
+KIMG_HELP = (
+    "train on N thousand images instead of --epochs, rounded up to whole steps of --batch-size x processes "
+    "(a step count, whatever the data's size); the run may end inside an epoch, and a resumed run continues "
+    "to this many [default: --epochs decides]"
+)
+SNAPSHOT_HELP = (
+    "also keep the generator every STEPS steps (its EMA where there is one) in <checkpoint-dir>/snapshots/"
+    "snapshot-<step>.pt, for --generate, --interpolate, --evaluate and --export (--checkpoint PATH); a snapshot "
+    "is not a point to resume from; 0: none"
+)
 EXAMPLES = """examples:
   python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
   python gan.py --dataset folder --dataroot icons/ --recipe improved --image-size 32 --ngf 32 --ndf 32 --batch-size 64 --epochs 30
@@ -61,6 +73,7 @@ EXAMPLES = """examples:
                                                              a large folder (e.g. CelebA) on a GPU
   python gan.py --resume                                     continue the CIFAR-10 run in checkpoints/
   python gan.py --resume --dataroot icons/ --epochs 60       continue a folder's run (a checkpoint never chooses folders)
+  python gan.py --kimg 500 --snapshot-every 1000             500,000 images, the generator kept every 1,000 steps
   python gan.py --generate 1000 --seed 7                     images from the latest checkpoint
   python gan.py --interpolate                                latent walks, grid and GIF
   python gan.py --evaluate --dataroot icons/                 FID, IS, KID, precision/recall of the latest checkpoint
@@ -214,6 +227,7 @@ def add_common_flags(group):
     )
     add("--dataroot", type=folder, default="data", help="where CIFAR-10 is downloaded, or the image folder")
     add("--epochs", type=positive_int, default=25, help="total epochs to train (a resumed run continues to this many)")
+    add("--kimg", type=positive_float, default=None, metavar="N", help=KIMG_HELP)
     add("--batch-size", type=positive_int, default=128, help="images per step, per process under torchrun")
     add(
         "--image-size",
@@ -377,6 +391,9 @@ def add_run_flags(group):
         help="also write the checkpoint every N steps, as a Ctrl-C does (a kill -9 then loses at most N steps); "
         "0: at the end of each epoch only",
     )
+    add("--snapshot-every", type=non_negative_int, default=0, metavar="STEPS", help=SNAPSHOT_HELP)
+    keep_help = "with --snapshot-every: keep the K newest snapshots, deleting older ones [default: all]"
+    add("--keep-snapshots", type=positive_int, default=None, metavar="K", help=keep_help)
     add("--tensorboard", action="store_true", help="also log to TensorBoard (needs the tensorboard package)")
 
 
@@ -417,7 +434,7 @@ def add_after_training_flags(group):
         "--checkpoint",
         type=not_a_link_loop,
         default=None,
-        help="checkpoint for --generate/--interpolate/--evaluate [default: latest]",
+        help="checkpoint (or snapshot) for --generate/--interpolate/--evaluate/--export [default: latest]",
     )
     add(
         "--evaluate",
@@ -468,6 +485,8 @@ def parse_flags(argv=None):
         raise UserError("--resume trains; use --checkpoint with --generate, --interpolate, --evaluate or --export")
     if parsed["config"] is not None and parsed["resume"] is not None:
         raise UserError("--config starts a run; --resume goes on with the checkpoint's own flags")
+    if set(LENGTH_FLAGS) <= explicit:
+        raise UserError("--kimg and --epochs both say how long to train: give one of them")
     modes.check_sampling_flags(parsed)
     modes.check_images_flag(parsed, explicit)
     modes.refuse_flags_of_other_modes(parser, parsed, explicit)
@@ -525,6 +544,8 @@ def config_values(parser, path, explicit):
     for name, value in saved.items():
         if name in explicit or name in NOT_RESUMED_FLAGS or name not in known:
             continue  # typed flags win; unknown names are a newer or older program's
+        if name in LENGTH_FLAGS and explicit & set(LENGTH_FLAGS):
+            continue  # a typed --epochs or --kimg sets the length, whichever flag the config used
         if not saved_flag_is_valid(parser, name, value):
             raise UserError(f"--config {path} says --{name.replace('_', '-')} {value!r}, which that flag refuses")
         values[name] = value

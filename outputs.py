@@ -17,11 +17,15 @@ import threading
 import warnings
 from pathlib import Path
 
+import torch
+
 import artifacts
 import checkpoint
 import sampling
-from errors import UserError
+import snapshots
+from errors import UserError, count_text
 from models import estimate_batch_norm
+from startup import generate_command
 from steps import STAT_NAMES
 
 PENDING_JOBS = 4  # two epochs' checkpoint and pictures: training runs at most that far ahead of the disk
@@ -123,6 +127,9 @@ class NoOutputs:
     def save_checkpoint(self, state, rank_rng, ema_statistics_estimated=False, path=None):
         pass
 
+    def save_snapshot(self, state):
+        pass
+
     def wait(self):
         pass
 
@@ -158,7 +165,7 @@ class RunOutputs:
 
     def start(self, fresh):
         """real_samples.png, written anew by a fresh run."""
-        real = self.real.images[:64].cpu()
+        real = drawn_real_samples(self.real.images, self.opts.seed)
         self.writer.submit(lambda: self.pictures.write_real_samples(real, self.opts.image_size, fresh))
 
     def check_folders(self, *folders):
@@ -180,6 +187,17 @@ class RunOutputs:
                 checkpoint.write_run_files(saved, self.checkpoint_dir)
             else:
                 checkpoint.save_checkpoint(saved, path)
+
+        self.writer.submit(write)
+
+    def save_snapshot(self, state):
+        """The generator of this step as a snapshot (snapshots.py), copied now, written into the folder
+        this run still holds; then the oldest beyond --keep-snapshots are deleted."""
+        saved = snapshots.snapshot_state(state.nets, state.progress, self.opts)
+
+        def write():
+            self.check_folders(self.checkpoint_dir)
+            snapshots.write_snapshot(saved, self.checkpoint_dir, self.opts.keep_snapshots)
 
         self.writer.submit(write)
 
@@ -218,7 +236,7 @@ class RunOutputs:
         fid = self.evaluate(state, G, rank_rng)  # before the checkpoint: it keeps the best FID
         self.save_checkpoint(state, rank_rng, estimated)
         samples = sampling.grid_samples(G, state.fixed_noise, self.opts, self.runtime).detach().float().cpu()
-        epoch = state.progress.epoch
+        epoch = state.progress.epochs_begun
         self.writer.submit(lambda: self.draw_epoch(samples, epoch, fid is not None))
         return fid
 
@@ -236,7 +254,7 @@ class RunOutputs:
 
     def evaluate(self, state, G, rank_rng):
         """FID after this epoch if it is due: logged, and best.pt kept. Returns the FID or None."""
-        epoch = state.progress.epoch
+        epoch = state.progress.epochs_begun
         if not self.evaluator.due(epoch) or (scores := self.evaluator.evaluate(G, epoch)) is None:
             return None
         self.log({"epoch": epoch, "step": state.progress.step, **scores})
@@ -256,6 +274,24 @@ class RunOutputs:
             self.pictures.write_real_vs_fake(self.real_rows, fake, self.opts.image_size, row_names)
 
         self.writer.submit(draw)
+
+
+def drawn_real_samples(images, seed, count=64):
+    """real_samples.png's images: count drawn at random from the whole data (every class of a folder
+    of classes), the same for a seed, through a generator of their own: the training's random
+    stream is the one it would be without the picture."""
+    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return images[rows.to(images.device) if isinstance(images, torch.Tensor) else rows].cpu()
+
+
+def finished_line(opts, progress):
+    """What a finished run wrote, and the command that draws from it."""
+    found = snapshots.snapshot_files(opts.checkpoint_dir)
+    kept = f", {count_text(len(found), 'snapshot')} in {found[0].parent}/" if found else ""
+    return (
+        f"finished at step {progress.step}: pictures in {Path(opts.image_dir)}/, the checkpoint "
+        f"{checkpoint.latest_checkpoint(opts.checkpoint_dir)}{kept}. Draw from it: {generate_command(opts)}"
+    )
 
 
 def estimate_ema_statistics(nets, opts, runtime):

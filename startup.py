@@ -13,18 +13,21 @@ import torch
 
 import artifacts
 import checkpoint
+import snapshots
 from checkpoint import Progress, latest_checkpoint
 from classnames import checkpoint_class_names
 from errors import UserError, count_text
 from files import refuse_if_in_use
 from modes import ARCHITECTURE_FLAGS
 from options import (
+    LENGTH_FLAGS,
     NOT_RESUMED_FLAGS,
     PATH_FLAGS,
     build_parser,
     check_recipe,
     saved_flag_is_valid,
 )
+from runlength import length_change
 from runtime import broadcast_int, mixed_seed, random_seed
 from steps import Nets, build_nets
 
@@ -73,6 +76,8 @@ def resolve_training_options(opts, explicit, runtime):
         opts, resumed = opts.replace(seed=seed), None
     else:
         opts, resumed = resumed_options(opts, explicit, runtime)
+    if "keep_snapshots" in explicit and not opts.snapshot_every:
+        raise UserError("--keep-snapshots K applies with --snapshot-every STEPS (the run keeps no snapshots)")
     if "class_loss" in explicit and not opts.conditional:  # it would weigh a loss on classes the run has not
         raise UserError("--class-loss applies to --conditional training (the run has no classes)")
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
@@ -119,6 +124,7 @@ def resumed_options(opts, explicit, runtime):
     if not opts.resume and not path.is_file():
         raise UserError(f"--resume: no checkpoint in {opts.checkpoint_dir}/ (give its path: --resume PATH)")
     state = load_upgraded(path)
+    snapshots.refuse_resuming(state, path)
     opts, changes = merge_resume_flags(opts, explicit, state["flags"], path)
     for change in changes:
         runtime.say(f"resume: changed {change}")
@@ -158,15 +164,18 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
         if not hasattr(opts, name) or name in NOT_RESUMED_FLAGS:
             continue
         if name in explicit:
-            if getattr(opts, name) != saved:
+            if getattr(opts, name) != saved and name not in LENGTH_FLAGS:
                 changed.append(f"--{name.replace('_', '-')} {saved} -> {getattr(opts, name)}")
         elif name != "seed":
             if not saved_flag_is_valid(parser, name, saved):
                 raise UserError(f"checkpoint {path} is damaged: it says --{name.replace('_', '-')} {saved!r}")
             merged[name] = saved
+    if explicit & set(LENGTH_FLAGS):  # the length typed now, in epochs or images, replaces the saved one
+        merged.pop("kimg", None)
     resolved = opts.replace(**merged)
     check_recipe(resolved._values)
-    return resolved, changed
+    change = length_change(saved_flags, resolved.as_dict())
+    return resolved, changed + ([change] if change else [])
 
 
 def refuse_architecture_change(opts, explicit, saved_flags, what):
@@ -378,6 +387,17 @@ def resume_command(opts, launcher=("python",)):
             words += [f"--{name.replace('_', '-')}", getattr(opts, name)]
     if opts.cache_dir is not None:  # not needed to resume, but without it the folder is decoded again
         words += ["--cache-dir", opts.cache_dir]
+    return shlex.join(words)
+
+
+def generate_command(opts, count=64):
+    """The command that draws count images from the run's latest checkpoint, with its folders
+    where they are not the defaults (one process: --generate runs without torchrun)."""
+    parser = build_parser()
+    words = ["python", script_as_run(), "--generate", str(count)]
+    for name in ("checkpoint_dir", "image_dir"):
+        if getattr(opts, name) != parser.get_default(name):
+            words += [f"--{name.replace('_', '-')}", getattr(opts, name)]
     return shlex.join(words)
 
 

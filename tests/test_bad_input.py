@@ -712,8 +712,9 @@ INVALID_VALUES = {
 }
 MODE_FLAGS = {"generate", "interpolate", "evaluate", "resume"}
 # --images has its own tests (test_metrics.py): it turns --evaluate into another kind of run; --class and
-# --to-class take a conditional checkpoint's class names (test_classes.py)
-OWN_TESTS = {"help", "images", "class_name", "to_class"}
+# --to-class take a conditional checkpoint's class names (test_classes.py); --config reads a run's flags.json,
+# which no drawn name holds (test_export.py)
+OWN_TESTS = {"help", "images", "class_name", "to_class", "config"}
 ACTIONS = [a for a in options.build_parser()._actions if a.option_strings and a.dest not in MODE_FLAGS | OWN_TESTS]
 
 

@@ -68,7 +68,7 @@ def test_help_opens_with_the_flags_most_runs_need():
     text = options.build_parser().format_help()
     first_group = text.split("the flags most runs need:")[1].split("\n\n")[0]
     listed = re.findall(r"^  (--[-\w]+)", first_group, re.M)
-    assert listed == ["--dataset", "--dataroot", "--epochs", "--batch-size", "--image-size", "--recipe"]
+    assert listed == ["--dataset", "--dataroot", "--epochs", "--kimg", "--batch-size", "--image-size", "--recipe"]
     assert text.index("the flags most runs need:") < text.index("\ntraining:") < text.index("\n  --arch ")
 
 
