@@ -73,6 +73,7 @@ def resolve_training_options(opts, explicit, runtime):
         opts, resumed = opts.replace(seed=seed), None
     else:
         opts, resumed = resumed_options(opts, explicit, runtime)
+    refuse_what_torchrun_cannot_train(opts, runtime)
     if "class_loss" in explicit and not opts.conditional:  # it would weigh a loss on classes the run has not
         raise UserError("--class-loss applies to --conditional training (the run has no classes)")
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
@@ -82,6 +83,23 @@ def resolve_training_options(opts, explicit, runtime):
         # the folder is searched recursively: the next start would train on this run's grids
         raise UserError(f"--image-dir {opts.image_dir} is inside --dataroot {opts.dataroot}: give one outside it")
     return opts, resumed
+
+
+def refuse_what_torchrun_cannot_train(opts, runtime):
+    """--sync-bn's combinations that fail only across processes, refused before the data is read.
+
+    SyncBatchNorm runs on CUDA alone, and its backward has no derivative of its own: R1's penalty,
+    a gradient differentiated again, cannot pass through D's BatchNorm layers once they synchronise.
+    """
+    if not (runtime.distributed and opts.sync_bn):
+        return  # in one process --sync-bn has nothing to synchronise
+    if runtime.device.type != "cuda":
+        raise UserError(f"--sync-bn needs CUDA GPUs; it does not run on {runtime.device.type}")
+    if opts.r1 and not opts.spectral_norm:
+        raise UserError(
+            "--r1 with --sync-bn: R1 differentiates D's gradient again, which SyncBatchNorm cannot; add "
+            "--spectral-norm (a D without BatchNorm), drop --sync-bn, or use --r1 0"
+        )
 
 
 def refuse_earlier_run(opts, runtime):

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from errors import UserError
 from models import build_discriminator, build_generator, init_weights, update_ema
 
 # ---------------------------------------------------------------- losses
@@ -254,9 +253,7 @@ def wrap_for_training(nets, opts, runtime):
     G_train, D_train, D_no_sync = nets.G, nets.D, nets.D
     d_step_forward, g_step_forward = d_forward, g_forward
     if runtime.distributed:
-        if opts.sync_bn:
-            if runtime.device.type != "cuda":
-                raise UserError(f"--sync-bn needs CUDA GPUs; it does not run on {runtime.device.type}")
+        if opts.sync_bn:  # on CUDA: startup.refuse_what_torchrun_cannot_train
             nets.G = nn.SyncBatchNorm.convert_sync_batchnorm(nets.G)
             nets.D = nn.SyncBatchNorm.convert_sync_batchnorm(nets.D)
             D_no_sync = nets.D

@@ -341,8 +341,40 @@ def test_a_bad_flag_stops_every_rank_with_its_message(tmp_path):
     assert "argument --image-size: must be a power of two from 16 to 256, got 20" in result.stderr
 
 
-def test_sync_bn_on_the_cpu_is_refused_before_wrapping():
-    opts, _ = options.parse_flags(["--device", "cpu", "--image-size", "16", "--ngf", "8", "--ndf", "8", "--sync-bn"])
-    runtime = Runtime(torch.device("cpu"), rank=0, world_size=2)
-    with pytest.raises(errors.UserError, match="--sync-bn needs CUDA"):
-        steps.build_nets(opts, runtime)
+def torchrun_of_two_on(monkeypatch, device):
+    """gan.main as rank 0 of two processes on device, without a process group (the refusals come first)."""
+    import gan
+
+    monkeypatch.setattr(gan, "setup_runtime", lambda opts: Runtime(torch.device(device), rank=0, world_size=2))
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "message"),
+    [
+        ("cpu", ["--sync-bn"], "--sync-bn needs CUDA GPUs; it does not run on cpu"),
+        (
+            "cuda",
+            ["--sync-bn", "--r1", "1"],
+            "--r1 with --sync-bn: R1 differentiates D's gradient again, which SyncBatchNorm cannot; add "
+            "--spectral-norm (a D without BatchNorm), drop --sync-bn, or use --r1 0",
+        ),
+    ],
+)
+def test_sync_bn_combinations_torchrun_cannot_train_are_refused_before_anything_is_written(
+    monkeypatch, gan_main, tmp_path, device, flags, message
+):
+    torchrun_of_two_on(monkeypatch, device)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", *flags])
+    assert (code, out, err) == (2, "", f"gan.py: error: {message}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_r1_with_sync_bn_trains_with_a_d_without_batchnorm(monkeypatch):
+    """--spectral-norm leaves D without BatchNorm: R1's double backward never meets SyncBatchNorm."""
+    opts, explicit = options.parse_flags([*TINY_ARGS, "--sync-bn", "--r1", "1", "--spectral-norm"])
+    two_gpus = Runtime(torch.device("cuda", 0), rank=0, world_size=2)
+    startup.refuse_what_torchrun_cannot_train(opts, two_gpus)  # no error
+    with pytest.raises(errors.UserError, match="--r1 with --sync-bn"):
+        startup.refuse_what_torchrun_cannot_train(opts.replace(spectral_norm=False), two_gpus)
+    # one process: --sync-bn has nothing to synchronise, and nothing is refused
+    startup.refuse_what_torchrun_cannot_train(opts.replace(spectral_norm=False), Runtime(torch.device("cpu")))
