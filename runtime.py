@@ -166,12 +166,17 @@ def setup_runtime(opts):
     device = choose_device(opts.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    precision = choose_precision(opts.precision, device)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 keeps 10 of fp32's 23 mantissa bits: --precision fp32 means fp32 in every matmul and
+        # convolution; under autocast, the fp32 left (losses, normalisations) may take its speed
+        tf32 = precision is not None
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     return Runtime(
         device,
-        choose_precision(opts.precision, device),
+        precision,
         choose_compile(opts.compile, device, opts.sync_bn),
         rank,
         world_size,

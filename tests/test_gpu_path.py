@@ -172,6 +172,30 @@ def test_each_machine_prepares_its_data_before_its_other_processes_read_it(monke
 # ---------------------------------------------------------------- precision and compilation
 
 
+@pytest.fixture
+def cuda_math_settings():
+    """torch.backends' CUDA settings as they are now, put back after the test (monkeypatch cannot:
+    they are properties computed by torch's C++ side)."""
+    settings = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"))
+    settings += ((torch.backends.cudnn, "benchmark"),)
+    saved = [getattr(module, name) for module, name in settings]
+    yield
+    for (module, name), value in zip(settings, saved):
+        setattr(module, name, value)
+
+
+@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("bf16", True), ("fp16", True), ("auto", True)])
+def test_fp32_runs_no_tf32_on_cuda(monkeypatch, cuda_math_settings, precision, tf32):
+    """TF32 keeps 10 bits of an fp32 input's 23: --precision fp32 asks for full fp32 matmuls and
+    convolutions; under autocast the fp32 that is left (losses, Adam) may take TF32's speed."""
+    FakeCuda(monkeypatch, count=1)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32  # the opposite first
+    opts, _ = options.parse_flags([*TINY_ARGS[:2], "--device", "cuda", "--no-compile", "--precision", precision])
+    on_cuda = runtime.setup_runtime(opts)
+    assert on_cuda.device == CUDA and on_cuda.precision_name.startswith(precision if precision != "auto" else "bf16")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+
+
 def test_auto_precision_counts_only_native_bf16(monkeypatch):
     FakeCuda(monkeypatch, count=1, bf16_native=False)  # a V100 or T4: bf16 only in emulation
     assert runtime.choose_precision("auto", CUDA) == torch.float16
