@@ -125,8 +125,10 @@ def mean_log_spectrum(images):
     mean removed and normalised to unit power: the shape of the spectrum, not its brightness."""
     if images.shape[1] == 1:
         grey = images[:, 0].float()
-    else:
-        grey = (images.float() * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1)
+    else:  # weighed by Python numbers: a tensor of them would be copied to the device at every call
+        red, green, blue = LUMA
+        colours = images.float()
+        grey = colours[:, 0] * red + colours[:, 1] * green + colours[:, 2] * blue
     grey = grey - grey.mean(dim=(1, 2), keepdim=True)
     power = torch.fft.fft2(grey).abs().square().flatten(1)
     power = power / (power.sum(dim=1, keepdim=True) + LOG_FLOOR)
