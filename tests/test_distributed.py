@@ -20,7 +20,6 @@ import errors
 import options
 import runtime
 import startup
-import steps
 import utils
 from checkpoint import Progress
 from runtime import Runtime, choose_precision

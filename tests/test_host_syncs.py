@@ -27,8 +27,8 @@ READ_BY_THE_HOST = {
 
 
 def copy_between_devices(func, args, kwargs):
-    """"copy to DEVICE" (with ", non-blocking" when the host need not wait) for a copy from one
-    device to another; None for any other op."""
+    """The copy from one device to another as "copy to DEVICE" (", non-blocking" added where the host
+    need not wait for it); None for any other op."""
     if func is aten._to_copy.default and "device" in kwargs and torch.device(kwargs["device"]) != args[0].device:
         target, non_blocking = torch.device(kwargs["device"]), kwargs.get("non_blocking", False)
     elif func is aten.copy_.default and args[0].device != args[1].device:
