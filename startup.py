@@ -37,6 +37,7 @@ TRAINED_BEFORE_THE_FLAG = {
     "nc": 3,
     "class_loss": 0.0,
     "g_output": "tanh",
+    "r1_every": 1,  # R1 on every D step, before lazy regularisation
 }
 SIZE_FLAGS = ("nz", "ngf", "ndf", "batch_size", "image_size")
 
@@ -76,6 +77,8 @@ def resolve_training_options(opts, explicit, runtime):
     refuse_what_torchrun_cannot_train(opts, runtime)
     if "class_loss" in explicit and not opts.conditional:  # it would weigh a loss on classes the run has not
         raise UserError("--class-loss applies to --conditional training (the run has no classes)")
+    if "r1_every" in explicit and not opts.r1:  # it would space out a penalty the run does not take
+        raise UserError("--r1-every applies with --r1 (the penalty's weight), which is 0 in this run")
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
     if problem:
         raise UserError(problem)
