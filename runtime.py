@@ -242,6 +242,11 @@ def barrier(runtime):
 
 def broadcast_int(value, runtime):
     """Rank 0's value of an integer on every rank (e.g. a seed drawn at random)."""
+    return broadcast_object(value, runtime)
+
+
+def broadcast_object(value, runtime):
+    """Rank 0's value (anything pickle takes: a checkpoint's state, an error) on every rank."""
     if not runtime.distributed:
         return value
     box = [value]

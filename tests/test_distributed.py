@@ -326,6 +326,22 @@ def test_fid_under_torchrun_is_scored_by_rank_zero_alone(ddp_run):
     assert (ddp_run["folder"] / "checkpoints" / "best.pt").is_file()
 
 
+@pytest.mark.timeout(120)
+def test_a_rollback_without_a_shared_filesystem_takes_rank_zeros_checkpoint_on_every_rank(tmp_path):
+    """Each rank in a folder of its own, as on two machines: the checkpoint of epoch 1 is on rank
+    0's disk alone. Rank 1's losses turn NaN in epoch 2 (the logged means are every rank's); both
+    ranks roll back to rank 0's checkpoint and train epoch 2 again to the same weights."""
+    flags = [*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"]
+    result = check_ok(torchrun(flags, tmp_path, DDP_WORKER_OWN_DISK="1", DDP_WORKER_NAN=f"1:{STEPS_PER_EPOCH + 1}"))
+    assert result.stdout.count("rolled back to checkpoints/checkpoint.pt (epoch 1) with noise seed 1001") == 1
+    assert not (tmp_path / "disk1" / "checkpoints" / "checkpoint.pt").exists()
+    saved = torch.load(tmp_path / "disk0" / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["rollbacks"]) == (2, 2 * STEPS_PER_EPOCH, 1)
+    states = [rank_state(tmp_path, rank) for rank in (0, 1)]
+    for what in ("G", "D", "G_ema"):
+        assert_same_parameters(states, what)
+
+
 def test_an_error_on_one_rank_stops_the_whole_job(tmp_path):
     result = torchrun([*TINY_ARGS, "--epochs", "1"], tmp_path, DDP_WORKER_FAIL_RANK="1")
     assert result.returncode != 0
