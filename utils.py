@@ -79,8 +79,9 @@ def prepared_in_turns(load, runtime):
     for current in range(3):
         if current == turn:
             loaded = load()
-        if current < 2:
-            barrier(runtime)
+        # after the last turn too: the ranks leave together, and DDP's first collectives (whose
+        # timeout is short) do not wait for the last loads
+        barrier(runtime)
     return loaded
 
 

@@ -25,6 +25,7 @@ from checkpoint import Progress
 from runtime import Runtime, choose_precision
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+TIMEOUT_WORKER = Path(__file__).resolve().parent / "timeout_worker.py"
 STEPS_PER_EPOCH = 2  # TINY_ARGS: 32 images, batches of 8, split over 2 ranks
 TIMEOUT_S = 300  # a hung job fails the test instead of the whole suite
 # ddp_run's three two-process jobs took 1 to 2 minutes on a busy 2-core machine, counted in the time
@@ -340,6 +341,36 @@ def test_a_rollback_without_a_shared_filesystem_takes_rank_zeros_checkpoint_on_e
     states = [rank_state(tmp_path, rank) for rank in (0, 1)]
     for what in ("G", "D", "G_ema"):
         assert_same_parameters(states, what)
+
+
+@pytest.mark.timeout(60)
+def test_ranks_wait_for_the_data_longer_than_for_a_training_collective(tmp_path):
+    """Rank 0 prepares the data for 4 s, longer than the 2 s the worker gives the training
+    collectives: rank 1 waits for it at the data's barrier, and then gives up on a collective
+    rank 0 comes 4 s late to, after the collectives' 2 s."""
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(TIMEOUT_WORKER), str(tmp_path)],
+            env=subprocess_env(
+                RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [process.communicate(timeout=50)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert (tmp_path / "rank1.txt").exists(), outputs
+    lines = (tmp_path / "rank1.txt").read_text().splitlines()
+    prepared, collective = (float(re.search(r"[0-9.]+ s", line).group()[:-2]) for line in lines)
+    assert lines[0].startswith("prepared after") and 4 <= prepared < 8, outputs
+    assert lines[1].startswith("collective timed out after") and 2 <= collective < 4, outputs
 
 
 def test_an_error_on_one_rank_stops_the_whole_job(tmp_path):
