@@ -17,8 +17,8 @@ import options  # noqa: E402
 import runtime  # noqa: E402
 import utils  # noqa: E402
 
-COLLECTIVE_SECONDS = 2  # the training collectives' timeout here
-LATE_SECONDS = 4  # how long rank 0 keeps the other waiting, each time
+COLLECTIVE_SECONDS = 1  # the training collectives' timeout here
+LATE_SECONDS = 2  # how long rank 0 keeps the other waiting, each time
 
 
 def main():
