@@ -112,7 +112,8 @@ RECIPES = {
     "improved": ["--recipe", "improved"],  # the spectral loss, of both batches, at every G step
     # classes, and colour images trained on as their luma
     "conditional greyscale": ["--conditional", "--channels", "1"],
-    "streamed": ["--conditional", "--channels", "1", "--r1", "1", "--d-steps", "2", "--ema", "0"],
+    # and R1 at step 2 (of 0 to 3), with a G step at every second D step
+    "streamed": ["--conditional", "--channels", "1", "--r1", "1", "--r1-every", "2", "--d-steps", "2", "--ema", "0"],
 }
 
 
