@@ -14,7 +14,7 @@ import torch
 from checkpoint import latest_checkpoint, load_checkpoint, restore
 from errors import UserError
 from options import MAX_SEED
-from runtime import barrier, mixed_seed
+from runtime import broadcast_object, mixed_seed
 
 EXIT_DIVERGED = 3
 MAX_ROLLBACKS = 3
@@ -173,13 +173,10 @@ def handle_divergence(state, what, opts, runtime, outputs):
     progress = state.progress
     where = f"{what} became non-finite at step {progress.step} (epoch {progress.epoch + 1})"
     outputs.wait()  # the last checkpoint on disk, not in the writer's queue
-    barrier(runtime)  # every rank diverges at the same step: on disk before any rank looks
-    path = latest_checkpoint(opts.checkpoint_dir)
-    verdict = on_divergence(where, opts.on_nan, path, progress.rollbacks)
+    verdict, saved, path = rank_zeros_verdict(where, opts, progress.rollbacks, runtime)
     if verdict != ROLL_BACK:
         raise verdict
     rollbacks = progress.rollbacks + 1
-    saved = load_checkpoint(path)
     restore(state, saved, path, runtime)
     state.progress.rollbacks = rollbacks
     outputs.rolled_back(state.progress.step)
@@ -187,3 +184,22 @@ def handle_divergence(state, what, opts, runtime, outputs):
     torch.manual_seed(mixed_seed(noise_seed, runtime.rank) if runtime.distributed else noise_seed)
     runtime.say(f"{where}; rolled back to {path} (epoch {saved['epoch']}) with noise seed {noise_seed}")
     return False
+
+
+def rank_zeros_verdict(where, opts, rollbacks, runtime):
+    """(ROLL_BACK, the checkpoint's state, its path), or (the error to raise, None, path), as rank 0
+    finds them, on every rank (every rank diverges at the same step: its logged means are all ranks').
+
+    Rank 0 alone writes checkpoints: without a shared filesystem the other ranks have none on their
+    disks, or an older one, so rank 0 reads its own and sends it, and all roll back to the same
+    weights or all stop.
+    """
+    answer = None
+    if runtime.is_main:
+        path = latest_checkpoint(opts.checkpoint_dir)
+        verdict = on_divergence(where, opts.on_nan, path, rollbacks)
+        try:
+            answer = (verdict, load_checkpoint(path) if verdict == ROLL_BACK else None, path)
+        except UserError as error:  # damaged since it was written: every rank stops with its message
+            answer = (error, None, path)
+    return broadcast_object(answer, runtime)

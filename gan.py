@@ -156,7 +156,7 @@ def train_epochs(state, batches, length, opts, runtime, outputs, stop):
         for real, labels in batches.labelled_epoch(progress.epoch, start=progress.batch):
             update_g = (progress.step + 1) % opts.d_steps == 0
             decay = ema_decay_at(opts.ema, progress.step)
-            stats = train_step(state.nets, real, recipe, runtime, update_g, decay, labels)
+            stats = train_step(state.nets, real, recipe, runtime, update_g, decay, labels, progress.step)
             meter.add(stats)
             progress.step += 1
             progress.batch += 1

@@ -309,6 +309,14 @@ def add_training_flags(group):
         help="weight gamma of the R1 penalty (Mescheder et al., 2018): gamma/2 times the squared gradient of D's "
         "logits on real images with respect to those images, added to D's loss; 0 turns it off",
     )
+    add(
+        "--r1-every",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="with --r1: the penalty on every N-th D step only, weighted N times (StyleGAN2's lazy "
+        "regularisation: the same average weight; the other steps compile); 1: on every step",
+    )
     add("--spectral-norm", action="store_true", help="spectral normalisation on D's layers (drops D's BatchNorm)")
     add("--diffaugment", action="store_true", help="differentiable color/translation/cutout on D's inputs")
     add("--ttur", action="store_true", help="two time-scale update rule: D lr 4e-4, G lr 1e-4 (overrides --lr)")

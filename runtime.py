@@ -18,11 +18,15 @@ from errors import UserError
 from options import MAX_SEED
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# How long a rank waits for the others at a collective. NCCL's default is 10 minutes, but one process
-# per machine works alone while the others wait: it downloads CIFAR-10 or decodes a folder into the
-# cache (an hour for millions of images: BENCHMARKS.md, folder_cache.py), runs the first FID pass over every real
-# image, or estimates the EMA's statistics. A job that truly hangs waits this long.
-COLLECTIVE_TIMEOUT = timedelta(hours=2)
+# How long a rank waits for the others at a training collective (DDP's all-reduces, the logged means,
+# a stop request): NCCL's default. The ranks step together, so a rank that hangs there (a stuck GPU,
+# a disk that no longer answers) stops the job after this long, not hours later.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# How long the ranks wait for one process working alone, at barrier(): it downloads CIFAR-10 or
+# decodes a folder into the cache (an hour for millions of images: BENCHMARKS.md, image_cache.py),
+# or rank 0 runs the first FID pass over every real image at an epoch's end. These waits go through
+# torchrun's key-value store, not through a collective bound by the timeout above.
+PREPARATION_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Runtime:
     local_rank: int = 0  # the process's rank on its machine: local rank 0 prepares the machine's data
     compile_mode: str | None = None  # torch.compile's mode; None is its default (benchmarks try others)
     channels_last: bool = True  # benchmarks compare it with the contiguous layout
+    waits: "StoreBarrier | None" = None  # the barriers of the ranks, under torchrun
 
     @property
     def is_main(self):
@@ -162,27 +167,34 @@ def missing_compiler(device):
 
 def setup_runtime(opts):
     """Device, precision and compilation; joins the torchrun process group if there is one."""
-    rank, world_size, local_rank = start_distributed(opts.device)
+    rank, world_size, local_rank, waits = start_distributed(opts.device)
     device = choose_device(opts.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    precision = choose_precision(opts.precision, device)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 keeps 10 of fp32's 23 mantissa bits: --precision fp32 means fp32 in every matmul and
+        # convolution; under autocast, the fp32 left (losses, normalisations) may take its speed
+        tf32 = precision is not None
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     return Runtime(
         device,
-        choose_precision(opts.precision, device),
+        precision,
         choose_compile(opts.compile, device, opts.sync_bn),
         rank,
         world_size,
         local_rank,
+        waits=waits,
     )
 
 
 def start_distributed(requested_device):
-    """Join torchrun's process group when its variables are set; else (0, 1, 0)."""
+    """Join torchrun's process group when its variables are set: (rank, world size, local rank,
+    the ranks' StoreBarrier); else (0, 1, 0, None)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, 0
+        return 0, 1, 0, None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_nccl = requested_device in ("auto", "cuda") or requested_device.startswith("cuda:")
     use_nccl = use_nccl and torch.cuda.is_available()
@@ -190,9 +202,14 @@ def start_distributed(requested_device):
     if use_nccl:
         gpu = torch.device("cuda", gpu_of_process(requested_device, local_rank))
         torch.cuda.set_device(gpu)
-    # device_id: NCCL binds the group to this GPU at once, and barriers need not guess it
-    dist.init_process_group("nccl" if use_nccl else "gloo", timeout=COLLECTIVE_TIMEOUT, device_id=gpu)
-    return dist.get_rank(), dist.get_world_size(), local_rank
+    # the rendezvous init_process_group would make, kept: the barriers wait in its store
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=PREPARATION_TIMEOUT))
+    backend = "nccl" if use_nccl else "gloo"
+    # device_id: NCCL binds the group to this GPU at once
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT, device_id=gpu
+    )
+    return dist.get_rank(), dist.get_world_size(), local_rank, StoreBarrier(store, world_size)
 
 
 def launcher_words(runtime):
@@ -231,12 +248,43 @@ def stop_distributed():
 
 
 def barrier(runtime):
+    """Wait for every rank, up to PREPARATION_TIMEOUT: where the others wait for one at work alone."""
     if runtime.distributed:
-        dist.barrier()
+        runtime.waits.wait()
+
+
+class StoreBarrier:
+    """Barriers in torchrun's key-value store: each rank counts itself in, and the last one in
+    opens the barrier for all. No collective runs, so the wait has its own timeout.
+
+    Every rank passes the same barriers in the same order: the count names each one.
+    """
+
+    def __init__(self, store, world_size):
+        self.store, self.world_size = store, world_size
+        self.passed = 0
+
+    def wait(self):
+        self.passed += 1
+        key = f"gan.py/barrier/{self.passed}"
+        if self.store.add(key, 1) == self.world_size:
+            self.store.set(f"{key}/all", "1")
+        try:
+            self.store.wait([f"{key}/all"], PREPARATION_TIMEOUT)
+        except dist.DistStoreError:
+            raise UserError(
+                f"waited {PREPARATION_TIMEOUT} (h:mm:ss) for the other processes, which did not come: one of "
+                "them is stuck or has died"
+            ) from None
 
 
 def broadcast_int(value, runtime):
     """Rank 0's value of an integer on every rank (e.g. a seed drawn at random)."""
+    return broadcast_object(value, runtime)
+
+
+def broadcast_object(value, runtime):
+    """Rank 0's value (anything pickle takes: a checkpoint's state, an error) on every rank."""
     if not runtime.distributed:
         return value
     box = [value]

@@ -40,6 +40,7 @@ TRAINED_BEFORE_THE_FLAG = {
     "nc": 3,
     "class_loss": 0.0,
     "g_output": "tanh",
+    "r1_every": 1,  # R1 on every D step, before lazy regularisation
 }
 SIZE_FLAGS = ("nz", "ngf", "ndf", "batch_size", "image_size")
 
@@ -78,8 +79,11 @@ def resolve_training_options(opts, explicit, runtime):
         opts, resumed = resumed_options(opts, explicit, runtime)
     if "keep_snapshots" in explicit and not opts.snapshot_every:
         raise UserError("--keep-snapshots K applies with --snapshot-every STEPS (the run keeps no snapshots)")
+    refuse_what_torchrun_cannot_train(opts, runtime)
     if "class_loss" in explicit and not opts.conditional:  # it would weigh a loss on classes the run has not
         raise UserError("--class-loss applies to --conditional training (the run has no classes)")
+    if "r1_every" in explicit and not opts.r1:  # it would space out a penalty the run does not take
+        raise UserError("--r1-every applies with --r1 (the penalty's weight), which is 0 in this run")
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
     if problem:
         raise UserError(problem)
@@ -87,6 +91,23 @@ def resolve_training_options(opts, explicit, runtime):
         # the folder is searched recursively: the next start would train on this run's grids
         raise UserError(f"--image-dir {opts.image_dir} is inside --dataroot {opts.dataroot}: give one outside it")
     return opts, resumed
+
+
+def refuse_what_torchrun_cannot_train(opts, runtime):
+    """--sync-bn's combinations that fail only across processes, refused before the data is read.
+
+    SyncBatchNorm runs on CUDA alone, and its backward has no derivative of its own: R1's penalty,
+    a gradient differentiated again, cannot pass through D's BatchNorm layers once they synchronise.
+    """
+    if not (runtime.distributed and opts.sync_bn):
+        return  # in one process --sync-bn has nothing to synchronise
+    if runtime.device.type != "cuda":
+        raise UserError(f"--sync-bn needs CUDA GPUs; it does not run on {runtime.device.type}")
+    if opts.r1 and not opts.spectral_norm:
+        raise UserError(
+            "--r1 with --sync-bn: R1 differentiates D's gradient again, which SyncBatchNorm cannot; add "
+            "--spectral-norm (a D without BatchNorm), drop --sync-bn, or use --r1 0"
+        )
 
 
 def refuse_earlier_run(opts, runtime):

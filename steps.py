@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from errors import UserError
 from models import build_discriminator, build_generator, init_weights, update_ema
 
 # ---------------------------------------------------------------- losses
@@ -138,8 +137,10 @@ def mean_log_spectrum(images):
     mean removed and normalised to unit power: the shape of the spectrum, not its brightness."""
     if images.shape[1] == 1:
         grey = images[:, 0].float()
-    else:
-        grey = (images.float() * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1)
+    else:  # weighed by Python numbers: a tensor of them would be copied to the device at every call
+        red, green, blue = LUMA
+        colours = images.float()
+        grey = colours[:, 0] * red + colours[:, 1] * green + colours[:, 2] * blue
     grey = grey - grey.mean(dim=(1, 2), keepdim=True)
     power = torch.fft.fft2(grey).abs().square().flatten(1)
     power = power / (power.sum(dim=1, keepdim=True) + LOG_FLOOR)
@@ -164,13 +165,26 @@ class Recipe:
     spectral_loss: float = 0.0
     class_loss: float = 0.0
     r1: float = 0.0
+    r1_every: int = 16
 
     @classmethod
     def from_options(cls, opts):
         class_loss = opts.class_loss if opts.num_classes else 0.0
         return cls(
-            opts.loss, opts.label_smoothing, opts.label_noise, opts.diffaugment, opts.spectral_loss, class_loss, opts.r1
+            opts.loss,
+            opts.label_smoothing,
+            opts.label_noise,
+            opts.diffaugment,
+            opts.spectral_loss,
+            class_loss,
+            opts.r1,
+            opts.r1_every,
         )
+
+    def r1_due(self, step):
+        """Whether D step `step` (counted over the whole run: a resume goes on as it would have)
+        takes the R1 penalty: every r1_every-th one, from the first (StyleGAN2's lazy regularisation)."""
+        return self.r1 > 0 and step % self.r1_every == 0
 
     def augment(self, images):
         return diff_augment(images) if self.diffaugment else images
@@ -195,6 +209,7 @@ class Nets:
     G_train: nn.Module | None = None
     D_train: nn.Module | None = None
     D_no_sync: nn.Module | None = None
+    D_r1: nn.Module | None = None  # D as the R1 steps call it: never compiled (no double backward)
     d_forward: Callable = None
     g_forward: Callable = None
 
@@ -266,9 +281,7 @@ def wrap_for_training(nets, opts, runtime):
     G_train, D_train, D_no_sync = nets.G, nets.D, nets.D
     d_step_forward, g_step_forward = d_forward, g_forward
     if runtime.distributed:
-        if opts.sync_bn:
-            if runtime.device.type != "cuda":
-                raise UserError(f"--sync-bn needs CUDA GPUs; it does not run on {runtime.device.type}")
+        if opts.sync_bn:  # on CUDA: startup.refuse_what_torchrun_cannot_train
             nets.G = nn.SyncBatchNorm.convert_sync_batchnorm(nets.G)
             nets.D = nn.SyncBatchNorm.convert_sync_batchnorm(nets.D)
             D_no_sync = nets.D
@@ -276,19 +289,20 @@ def wrap_for_training(nets, opts, runtime):
         # D's running statistics are never used (D only ever runs in training mode), and broadcasting
         # them in place between D's two forwards of one update breaks autograd on torch 2.11
         G_train, D_train = DDP(nets.G, device_ids=ids), ddp_without_buffer_sync(nets.D, ids)
-    # torch.compile does not take the double backward of --r1: D's update then runs eager
+    # torch.compile does not take the double backward of --r1: the D steps that take the penalty
+    # (one in --r1-every) run d_forward eager, with D_r1; the others, the compiled update
+    D_r1 = D_train
     if runtime.compile and runtime.distributed:
         # dynamo splits a compiled DDP module at its gradient buckets, so that the all-reduces
         # overlap the backward; it does that only for the DDP module itself, not inside a bigger graph
-        G_train, D_no_sync = compiled(G_train, runtime), compiled(D_no_sync, runtime)
-        D_train = D_train if opts.r1 else compiled(D_train, runtime)
+        G_train, D_train, D_no_sync = (compiled(module, runtime) for module in (G_train, D_train, D_no_sync))
     elif runtime.compile:
         # each update's augment + forward + loss + statistics as one graph (its backward is compiled
         # with it), static shapes: the last incomplete batch of an epoch is dropped
         G_train = compiled(G_train, runtime)
-        d_step_forward = d_forward if opts.r1 else compiled(d_forward, runtime)
+        d_step_forward = compiled(d_forward, runtime)
         g_step_forward = compiled(g_forward, runtime)
-    nets.G_train, nets.D_train, nets.D_no_sync = G_train, D_train, D_no_sync
+    nets.G_train, nets.D_train, nets.D_no_sync, nets.D_r1 = G_train, D_train, D_no_sync, D_r1
     nets.d_forward, nets.g_forward = d_step_forward, g_step_forward
 
 
@@ -313,27 +327,56 @@ def judge_with_class_loss(D, images, labels, recipe):
     return logits, recipe.class_loss * F.cross_entropy(class_scores.float(), labels)
 
 
-def r1_penalty(real_logits, real_input):
+def r1_penalty(real_logits, real_input, scaler=None):
     """The batch's mean squared norm of the gradient of D's logits with respect to its real input
-    images; kept in the graph (create_graph), so that D's update descends it too."""
-    (gradient,) = torch.autograd.grad(real_logits.float().sum(), real_input, create_graph=True)
-    return gradient.float().square().flatten(1).sum(dim=1).mean()
+    images; kept in the graph (create_graph), so that D's update descends it too.
+
+    With fp16's loss scaling (scaler enabled) the gradient is taken at the loss scale and divided
+    by it in fp32, as GradScaler's recipe for gradient penalties does: unscaled, fp16's small
+    gradients inside D flush to zero. Each logit's gradient starts at the scale over the batch
+    size, as in the backward of the loss (a mean); the scale itself would overflow fp16 at
+    GradScaler's first scale. Where the scaled gradient overflows, the penalty reads 0 but its
+    backward carries the overflow to D's gradients: the scaler skips the update and lowers its
+    scale, as for any overflow, and the logged loss stays finite.
+    """
+    logits_sum = real_logits.float().sum()
+    if scaler is None or not scaler.is_enabled():
+        (gradient,) = torch.autograd.grad(logits_sum, real_input, create_graph=True)
+        return gradient.float().square().flatten(1).sum(dim=1).mean()
+    # on the device, as the scaler keeps it: no host sync
+    start = scaler.scale(torch.ones((), device=logits_sum.device)) / real_logits.shape[0]
+    (scaled,) = torch.autograd.grad(logits_sum * start, real_input, create_graph=True)
+    penalty = (scaled.float() / start).square().flatten(1).sum(dim=1).mean()
+    return OverflowReadsZero.apply(penalty)
 
 
-def d_forward(D, real, fake, recipe, labels=None):
+class OverflowReadsZero(torch.autograd.Function):
+    """A value that reads 0 where it is not finite, while its gradient flows back unchanged."""
+
+    @staticmethod
+    def forward(ctx, value):
+        return torch.where(torch.isfinite(value), value, torch.zeros_like(value))
+
+    @staticmethod
+    def backward(ctx, gradient):
+        return gradient
+
+
+def d_forward(D, real, fake, recipe, labels=None, r1_weight=0.0, scaler=None):
     """D's loss on a real and a fake batch (with the class loss of the real one's classes), and
     its mean outputs as probabilities.
 
     labels: the classes of both batches (fakes are drawn as the real batch's classes), or None.
+    r1_weight: gamma of the R1 penalty added at this step (0: none); scaler: D's loss scaler.
     """
     real_input = recipe.augment(real)
-    if recipe.r1:
+    if r1_weight:
         real_input = real_input.detach().requires_grad_(True)
     real_logits, class_loss = judge_with_class_loss(D, real_input, labels, recipe)
     fake_logits = judge(D, recipe.augment(fake), labels)
     loss = LOSSES[recipe.loss][0](real_logits.float(), fake_logits.float(), recipe) + class_loss
-    if recipe.r1:
-        loss = loss + recipe.r1 / 2 * r1_penalty(real_logits, real_input)
+    if r1_weight:
+        loss = loss + r1_weight / 2 * r1_penalty(real_logits, real_input, scaler)
     d_real = torch.sigmoid(real_logits.detach().float()).mean()
     return loss, d_real, torch.sigmoid(fake_logits.detach().float()).mean()
 
@@ -348,10 +391,18 @@ def g_forward(D, real, fake, recipe, labels=None):
     return loss
 
 
-def d_step(nets, real, fake, recipe, runtime, labels=None):
-    """One D update on a real and a (detached) fake batch; returns device statistics."""
+def d_step(nets, real, fake, recipe, runtime, labels=None, step=0):
+    """One D update on a real and a (detached) fake batch; returns device statistics.
+
+    step: the run's D step count, which decides whether R1 is due; weighted by the interval, the
+    penalty keeps its average weight (StyleGAN2's lazy regularisation).
+    """
     with runtime.autocast():
-        loss_d, d_real, d_fake = nets.d_forward(nets.D_train, real, fake.detach(), recipe, labels)
+        if recipe.r1_due(step):
+            r1_weight = recipe.r1 * recipe.r1_every
+            loss_d, d_real, d_fake = d_forward(nets.D_r1, real, fake.detach(), recipe, labels, r1_weight, nets.scaler_D)
+        else:
+            loss_d, d_real, d_fake = nets.d_forward(nets.D_train, real, fake.detach(), recipe, labels)
     nets.opt_D.zero_grad(set_to_none=True)
     nets.scaler_D.scale(loss_d).backward()
     nets.scaler_D.step(nets.opt_D)
@@ -388,16 +439,17 @@ def ema_decay_at(decay, step):
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
-def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0, labels=None):
+def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0, labels=None, step=0):
     """D step then (if update_g) G step on the same fake batch, as in the DCGAN example.
 
     labels: the real batch's classes for a class-conditional pair; G draws its fakes as the same
     classes, so D sees real and fake batches of one class mix (the data's own balance).
+    step: the steps the run has made before this one (--r1-every counts them).
     """
     noise = torch.randn(real.shape[0], nets.G.nz, 1, 1, device=real.device)
     with torch.set_grad_enabled(update_g), runtime.autocast():
         fake = nets.G_train(noise) if labels is None else nets.G_train(noise, labels)
-    stats = d_step(nets, real, fake, recipe, runtime, labels)
+    stats = d_step(nets, real, fake, recipe, runtime, labels, step)
     if update_g:
         stats.update(g_step(nets, real, fake, recipe, runtime, labels))
         if nets.G_ema is not None:

@@ -80,8 +80,9 @@ def prepared_in_turns(load, runtime):
     for current in range(3):
         if current == turn:
             loaded = load()
-        if current < 2:
-            barrier(runtime)
+        # after the last turn too: the ranks leave together, and DDP's first collectives (whose
+        # timeout is short) do not wait for the last loads
+        barrier(runtime)
     return loaded
 
 
@@ -457,12 +458,14 @@ class StreamedBatches(DeviceBatches):
     """
 
     def __init__(self, images, batch_size, image_size, seed, rank=0, world_size=1, device="cpu", **layout):
+        self.device = torch.device(device)  # first: the labels go there
         super().__init__(images, batch_size, image_size, seed, rank, world_size, **layout)
-        self.device = torch.device(device)
 
     @property
     def label_device(self):
-        return torch.device("cpu")  # indexed by the host's order; a batch's labels are copied with its images
+        # on the device, where the epoch's order picks each batch's: a copy of a batch's labels from
+        # the host's pageable memory would wait for the device to finish its queue at every step
+        return self.device
 
     def describe(self):
         return f"streamed from {self.images.source or 'host memory'}"
@@ -470,6 +473,7 @@ class StreamedBatches(DeviceBatches):
     def labelled_epoch(self, epoch, start=0):
         """Yield the (images, labels) of one epoch, images float in [-1, 1] on the device, skipping the first `start`."""
         order = epoch_order(self.seed, epoch, len(self.images))
+        device_order = order.to(self.device) if self.labels is not None else None  # once an epoch
         buffers = [self.host_buffer(), self.host_buffer()]  # one being gathered into while the other is copied
         copied = [None, None]  # per buffer: the event after which its last copy to the device is done
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gather-batches") as gatherer:
@@ -487,11 +491,12 @@ class StreamedBatches(DeviceBatches):
                     pending = gather_later(index + 1)
                 # converted before yielding: on the CPU, device_batch is the buffer itself
                 images = to_float_images(device_batch, self.image_size, self.channels)
-                labels = self.labels_of(batch_rows(order, index, self.batch_size, self.rank, self.world_size))
-                yield (
-                    images.to(self.dtype, memory_format=self.memory_format),
-                    None if labels is None else labels.to(self.device),
-                )
+                yield images.to(self.dtype, memory_format=self.memory_format), self.device_labels(device_order, index)
+
+    def device_labels(self, device_order, index):
+        if device_order is None:
+            return None
+        return self.labels_of(batch_rows(device_order, index, self.batch_size, self.rank, self.world_size))
 
     def host_buffer(self):
         shape = (self.batch_size, *self.images.shape[1:])
@@ -522,12 +527,20 @@ def make_batches(images, batch_size, image_size, seed, rank=0, world_size=1, dev
     return DeviceBatches(images, batch_size, image_size, seed, rank, world_size, **layout)
 
 
+def luma(images):
+    """(N, 3, H, W) colours to their (N, H, W) luma. Weighed with Python numbers, which a kernel
+    takes as arguments: a tensor of the weights would be copied to the device at every batch, and
+    a copy from the host's pageable memory waits for the device to finish its queue."""
+    red, green, blue = LUMA
+    return images[:, 0] * red + images[:, 1] * green + images[:, 2] * blue
+
+
 def to_float_images(uint8_images, image_size, channels=3):
     """uint8 (N, 3, h, w) to float in [-1, 1] at image_size (N, C, H, W), on the images' device; with
     channels=1, their luma (N, 1, H, W), which is the grey value itself for greyscale images."""
     images = uint8_images.float()
     if channels == 1 and images.shape[1] == 3:
-        images = (images * torch.tensor(LUMA, device=images.device).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        images = luma(images).unsqueeze(1)
     images = images.div_(127.5).sub_(1.0)
     width, height = image_sides(image_size)
     if images.shape[-2:] != (height, width):

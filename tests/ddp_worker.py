@@ -7,7 +7,9 @@ it trained on (and the batch's labels under --conditional) and the global RNG st
 began with. Run with plain python, it is rank 0 of a one-process run. With DDP_WORKER_FAIL_RANK=R
 set, loading the data fails on rank R only; with DDP_WORKER_SIGINT=R:S, rank R alone gets a SIGINT
 after its step S; with DDP_WORKER_STAND_IN_FEATURES=1, --fid-every scores with a tiny feature net
-instead of Inception.
+instead of Inception. With DDP_WORKER_OWN_DISK=1 each rank runs in a folder of its own, OUT_DIR/diskR,
+as on machines without a shared filesystem; with DDP_WORKER_NAN=R:N, rank R's N-th D step reports a
+NaN loss.
 """
 
 import os
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
 import errors  # noqa: E402
 import gan  # noqa: E402
+import steps  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -82,6 +85,23 @@ def main():
             raise errors.UserError(f"injected data failure on rank {rank}")
 
         utils.load_training_data = failing_load
+
+    nan_rank, _, nan_step = os.environ.get("DDP_WORKER_NAN", "").partition(":")
+    if nan_rank == str(rank):
+        real_d_step, d_steps = steps.d_step, []
+
+        def nan_d_step(*args, **kwargs):
+            stats = real_d_step(*args, **kwargs)
+            d_steps.append(1)
+            if len(d_steps) == int(nan_step):
+                stats["loss_d"] = torch.full_like(stats["loss_d"], float("nan"))
+            return stats
+
+        steps.d_step = nan_d_step
+
+    if os.environ.get("DDP_WORKER_OWN_DISK") == "1":
+        (out_dir / f"disk{rank}").mkdir()
+        os.chdir(out_dir / f"disk{rank}")
 
     feature = ChannelMeans() if os.environ.get("DDP_WORKER_STAND_IN_FEATURES") == "1" else None
     exit_code = gan.main(argv, feature)

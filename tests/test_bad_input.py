@@ -75,6 +75,8 @@ BAD_FLAGS = [
     (["--spectral-loss", "1001"], "--spectral-loss: must be from 0 to 1000, got 1001"),
     (["--r1", "1e300"], "--r1: must be from 0 to 1000, got 1e300"),
     (["--r1", "inf"], "--r1: must be from 0 to 1000, got inf"),
+    (["--r1", "1", "--r1-every", "0"], "--r1-every: must be a positive integer, got 0"),
+    (["--r1-every", "4"], "--r1-every applies with --r1 (the penalty's weight), which is 0 in this run"),
     (["--class-loss", "1e300", "--conditional"], "--class-loss: must be from 0 to 1000, got 1e300"),
     (["--label-smoothing", "0.1", "--loss", "hinge"], "--label-smoothing applies to --loss bce only"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),

@@ -20,12 +20,12 @@ import errors
 import options
 import runtime
 import startup
-import steps
 import utils
 from checkpoint import Progress
 from runtime import Runtime, choose_precision
 
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+TIMEOUT_WORKER = Path(__file__).resolve().parent / "timeout_worker.py"
 STEPS_PER_EPOCH = 2  # TINY_ARGS: 32 images, batches of 8, split over 2 ranks
 TIMEOUT_S = 300  # a hung job fails the test instead of the whole suite
 # ddp_run's three two-process jobs took 1 to 2 minutes on a busy 2-core machine, counted in the time
@@ -327,6 +327,52 @@ def test_fid_under_torchrun_is_scored_by_rank_zero_alone(ddp_run):
     assert (ddp_run["folder"] / "checkpoints" / "best.pt").is_file()
 
 
+@pytest.mark.timeout(120)
+def test_a_rollback_without_a_shared_filesystem_takes_rank_zeros_checkpoint_on_every_rank(tmp_path):
+    """Each rank in a folder of its own, as on two machines: the checkpoint of epoch 1 is on rank
+    0's disk alone. Rank 1's losses turn NaN in epoch 2 (the logged means are every rank's); both
+    ranks roll back to rank 0's checkpoint and train epoch 2 again to the same weights."""
+    flags = [*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"]
+    result = check_ok(torchrun(flags, tmp_path, DDP_WORKER_OWN_DISK="1", DDP_WORKER_NAN=f"1:{STEPS_PER_EPOCH + 1}"))
+    assert result.stdout.count("rolled back to checkpoints/checkpoint.pt (epoch 1) with noise seed 1001") == 1
+    assert not (tmp_path / "disk1" / "checkpoints" / "checkpoint.pt").exists()
+    saved = torch.load(tmp_path / "disk0" / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"], saved["rollbacks"]) == (2, 2 * STEPS_PER_EPOCH, 1)
+    states = [rank_state(tmp_path, rank) for rank in (0, 1)]
+    for what in ("G", "D", "G_ema"):
+        assert_same_parameters(states, what)
+
+
+@pytest.mark.timeout(60)
+def test_ranks_wait_for_the_data_longer_than_for_a_training_collective(tmp_path):
+    """Rank 0 prepares the data for 2 s, longer than the 1 s the worker gives the training
+    collectives: rank 1 waits for it at the data's barrier, and then gives up on a collective
+    rank 0 comes 2 s late to, after the collectives' 1 s."""
+    port = free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(TIMEOUT_WORKER), str(tmp_path)],
+            env=subprocess_env(
+                RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [process.communicate(timeout=50)[0] for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    assert (tmp_path / "rank1.txt").exists(), outputs
+    lines = (tmp_path / "rank1.txt").read_text().splitlines()
+    prepared, collective = (float(re.search(r"[0-9.]+ s", line).group()[:-2]) for line in lines)
+    assert lines[0].startswith("prepared after") and 2 <= prepared < 5, outputs
+    assert lines[1].startswith("collective timed out after") and 1 <= collective < 2, outputs
+
+
 def test_an_error_on_one_rank_stops_the_whole_job(tmp_path):
     result = torchrun([*TINY_ARGS, "--epochs", "1"], tmp_path, DDP_WORKER_FAIL_RANK="1")
     assert result.returncode != 0
@@ -341,8 +387,40 @@ def test_a_bad_flag_stops_every_rank_with_its_message(tmp_path):
     assert "argument --image-size: must be a power of two from 16 to 256, got 20" in result.stderr
 
 
-def test_sync_bn_on_the_cpu_is_refused_before_wrapping():
-    opts, _ = options.parse_flags(["--device", "cpu", "--image-size", "16", "--ngf", "8", "--ndf", "8", "--sync-bn"])
-    runtime = Runtime(torch.device("cpu"), rank=0, world_size=2)
-    with pytest.raises(errors.UserError, match="--sync-bn needs CUDA"):
-        steps.build_nets(opts, runtime)
+def torchrun_of_two_on(monkeypatch, device):
+    """gan.main as rank 0 of two processes on device, without a process group (the refusals come first)."""
+    import gan
+
+    monkeypatch.setattr(gan, "setup_runtime", lambda opts: Runtime(torch.device(device), rank=0, world_size=2))
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "message"),
+    [
+        ("cpu", ["--sync-bn"], "--sync-bn needs CUDA GPUs; it does not run on cpu"),
+        (
+            "cuda",
+            ["--sync-bn", "--r1", "1"],
+            "--r1 with --sync-bn: R1 differentiates D's gradient again, which SyncBatchNorm cannot; add "
+            "--spectral-norm (a D without BatchNorm), drop --sync-bn, or use --r1 0",
+        ),
+    ],
+)
+def test_sync_bn_combinations_torchrun_cannot_train_are_refused_before_anything_is_written(
+    monkeypatch, gan_main, tmp_path, device, flags, message
+):
+    torchrun_of_two_on(monkeypatch, device)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", *flags])
+    assert (code, out, err) == (2, "", f"gan.py: error: {message}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_r1_with_sync_bn_trains_with_a_d_without_batchnorm(monkeypatch):
+    """--spectral-norm leaves D without BatchNorm: R1's double backward never meets SyncBatchNorm."""
+    opts, explicit = options.parse_flags([*TINY_ARGS, "--sync-bn", "--r1", "1", "--spectral-norm"])
+    two_gpus = Runtime(torch.device("cuda", 0), rank=0, world_size=2)
+    startup.refuse_what_torchrun_cannot_train(opts, two_gpus)  # no error
+    with pytest.raises(errors.UserError, match="--r1 with --sync-bn"):
+        startup.refuse_what_torchrun_cannot_train(opts.replace(spectral_norm=False), two_gpus)
+    # one process: --sync-bn has nothing to synchronise, and nothing is refused
+    startup.refuse_what_torchrun_cannot_train(opts.replace(spectral_norm=False), Runtime(torch.device("cpu")))

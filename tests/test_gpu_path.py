@@ -95,10 +95,36 @@ class FakeCuda:
         )
 
 
+class FakeStore:
+    """torchrun's key-value store, as a dict; wait() returns once the keys are there (or fails)."""
+
+    def __init__(self):
+        self.values, self.waits = {}, []
+
+    def add(self, key, amount):
+        self.values[key] = self.values.get(key, 0) + amount
+        return self.values[key]
+
+    def set(self, key, value):
+        self.values[key] = value
+
+    def wait(self, keys, timeout):
+        self.waits.append(timeout)
+        assert all(key in self.values for key in keys), f"{keys} would wait {timeout}"
+
+
 @pytest.fixture
 def joined_groups(monkeypatch):
-    """The arguments of every init_process_group call (no group is made)."""
+    """The arguments of every init_process_group call (no group is made), with the store and the
+    timeout of torchrun's rendezvous."""
     calls = []
+    store = FakeStore()
+
+    def rendezvous(url, **kwargs):
+        calls.append(("rendezvous", url, kwargs))
+        yield store, 1, 2
+
+    monkeypatch.setattr(runtime.dist, "rendezvous", rendezvous)
     monkeypatch.setattr(runtime.dist, "init_process_group", lambda *args, **kwargs: calls.append((args, kwargs)))
     monkeypatch.setattr(runtime.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(runtime.dist, "get_world_size", lambda: 2)
@@ -112,20 +138,50 @@ def torchrun_environment(monkeypatch, local_rank, processes_here=2, world_size=2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes_here))
 
 
-def test_the_process_group_waits_hours_and_knows_its_gpu(monkeypatch, joined_groups):
+def test_the_process_group_knows_its_gpu_and_its_collectives_wait_ten_minutes(monkeypatch, joined_groups):
     fake = FakeCuda(monkeypatch, count=2)
     torchrun_environment(monkeypatch, local_rank=1)
-    assert runtime.start_distributed("auto") == (1, 2, 1)
-    (args, kwargs), = joined_groups  # fmt: skip
+    rank, world_size, local_rank, waits = runtime.start_distributed("auto")
+    assert (rank, world_size, local_rank) == (1, 2, 1)
+    rendezvous, (args, kwargs) = joined_groups
+    assert rendezvous == ("rendezvous", "env://", {"timeout": runtime.PREPARATION_TIMEOUT})
     assert args == ("nccl",)
-    assert kwargs["timeout"] == runtime.COLLECTIVE_TIMEOUT >= datetime.timedelta(hours=1)
+    assert kwargs["timeout"] == runtime.COLLECTIVE_TIMEOUT == datetime.timedelta(minutes=10)
+    assert (kwargs["store"], kwargs["rank"], kwargs["world_size"]) == (waits.store, 1, 2)
     assert kwargs["device_id"] == torch.device("cuda", 1) and fake.devices == [torch.device("cuda", 1)]
 
 
 def test_gloo_groups_wait_as_long(monkeypatch, joined_groups):
     torchrun_environment(monkeypatch, local_rank=1)
-    runtime.start_distributed("cpu")
-    assert joined_groups == [(("gloo",), {"timeout": runtime.COLLECTIVE_TIMEOUT, "device_id": None})]
+    waits = runtime.start_distributed("cpu")[3]
+    assert joined_groups[1] == (
+        ("gloo",),
+        {"store": waits.store, "rank": 1, "world_size": 2, "timeout": runtime.COLLECTIVE_TIMEOUT, "device_id": None},
+    )
+
+
+def test_the_ranks_wait_hours_for_one_another_through_the_store(monkeypatch, joined_groups):
+    """barrier(): each rank counts itself in; the last one in opens the barrier for all. Rank 0
+    preparing the data (or scoring FID) may take hours: the wait's timeout is not the collectives'."""
+    torchrun_environment(monkeypatch, local_rank=1)
+    waits = runtime.start_distributed("cpu")[3]
+    two = runtime.Runtime(CPU, rank=1, world_size=2, waits=waits)
+    waits.store.add("gan.py/barrier/1", 1)  # the other rank came first
+    runtime.barrier(two)
+    assert waits.store.values == {"gan.py/barrier/1": 2, "gan.py/barrier/1/all": "1"}
+    assert waits.store.waits == [runtime.PREPARATION_TIMEOUT] >= [datetime.timedelta(hours=1)]
+    with pytest.raises(AssertionError, match=r"\['gan.py/barrier/2/all'\] would wait"):
+        runtime.barrier(two)  # the next barrier has its own keys, and this rank is the first there
+
+    def timed_out(keys, timeout):
+        raise runtime.dist.DistStoreError(f"wait timeout after {timeout}, keys: {keys}")
+
+    monkeypatch.setattr(waits.store, "wait", timed_out)
+    with pytest.raises(UserError) as refused:
+        runtime.barrier(two)
+    assert str(refused.value) == (
+        "waited 2:00:00 (h:mm:ss) for the other processes, which did not come: one of them is stuck or has died"
+    )
 
 
 def test_more_processes_than_gpus_is_one_clear_error(monkeypatch, joined_groups, gan_main):
@@ -148,15 +204,15 @@ def test_one_named_gpu_for_every_process_of_a_machine_is_refused(monkeypatch, jo
     # one process per machine may name its GPU
     torchrun_environment(monkeypatch, local_rank=0, processes_here=1)
     runtime.start_distributed("cuda:1")
-    assert fake.devices == [torch.device("cuda", 1)] and joined_groups[0][1]["device_id"] == torch.device("cuda", 1)
+    assert fake.devices == [torch.device("cuda", 1)] and joined_groups[1][1]["device_id"] == torch.device("cuda", 1)
 
 
 @pytest.mark.parametrize(
     "rank, local_rank, turns",
-    [(0, 0, ["load", "barrier", "barrier"]),  # rank 0 first: on a shared filesystem its copy serves all
-     (1, 1, ["barrier", "barrier", "load"]),  # rank 0's machine: reads rank 0's copy
-     (2, 0, ["barrier", "load", "barrier"]),  # another machine's first process: its machine's copy
-     (3, 1, ["barrier", "barrier", "load"])],  # and the rest of that machine after it
+    [(0, 0, ["load", "barrier", "barrier", "barrier"]),  # rank 0 first: on a shared filesystem its copy serves all
+     (1, 1, ["barrier", "barrier", "load", "barrier"]),  # rank 0's machine: reads rank 0's copy
+     (2, 0, ["barrier", "load", "barrier", "barrier"]),  # another machine's first process: its machine's copy
+     (3, 1, ["barrier", "barrier", "load", "barrier"])],  # and the rest of that machine after it
 )  # fmt: skip
 def test_each_machine_prepares_its_data_before_its_other_processes_read_it(monkeypatch, rank, local_rank, turns):
     order = []
@@ -170,6 +226,30 @@ def test_each_machine_prepares_its_data_before_its_other_processes_read_it(monke
 
 
 # ---------------------------------------------------------------- precision and compilation
+
+
+@pytest.fixture
+def cuda_math_settings():
+    """torch.backends' CUDA settings as they are now, put back after the test (monkeypatch cannot:
+    they are properties computed by torch's C++ side)."""
+    settings = ((torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"))
+    settings += ((torch.backends.cudnn, "benchmark"),)
+    saved = [getattr(module, name) for module, name in settings]
+    yield
+    for (module, name), value in zip(settings, saved):
+        setattr(module, name, value)
+
+
+@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("bf16", True), ("fp16", True), ("auto", True)])
+def test_fp32_runs_no_tf32_on_cuda(monkeypatch, cuda_math_settings, precision, tf32):
+    """TF32 keeps 10 bits of an fp32 input's 23: --precision fp32 asks for full fp32 matmuls and
+    convolutions; under autocast the fp32 that is left (losses, Adam) may take TF32's speed."""
+    FakeCuda(monkeypatch, count=1)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32  # the opposite first
+    opts, _ = options.parse_flags([*TINY_ARGS[:2], "--device", "cuda", "--no-compile", "--precision", precision])
+    on_cuda = runtime.setup_runtime(opts)
+    assert on_cuda.device == CUDA and on_cuda.precision_name.startswith(precision if precision != "auto" else "bf16")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
 
 
 def test_auto_precision_counts_only_native_bf16(monkeypatch):

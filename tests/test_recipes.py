@@ -14,7 +14,7 @@ import options
 import startup
 import steps
 from models import Discriminator, Generator
-from runtime import setup_runtime
+from runtime import Runtime, setup_runtime
 
 NET_ARGS = ["--device", "cpu", "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8"]
 
@@ -329,13 +329,10 @@ class PixelD(nn.Module):
 
 @pytest.mark.parametrize("gamma", [2.0, 0.5])
 def test_r1_adds_gamma_over_2_times_the_squared_input_gradient_on_real_images(gamma):
-    opts, _ = options.parse_flags([*NET_ARGS, "--r1", str(gamma)])
-    recipe = steps.Recipe.from_options(opts)
-    assert recipe.r1 == gamma
     generator = torch.Generator().manual_seed(0)
     real, fake = torch.rand(4, 3, 16, 16, generator=generator), torch.rand(4, 3, 16, 16, generator=generator)
     D = PixelD()
-    with_r1, _, _ = steps.d_forward(D, real, fake, recipe)
+    with_r1, _, _ = steps.d_forward(D, real, fake, steps.Recipe(), r1_weight=gamma)
     without, _, _ = steps.d_forward(D, real, fake, steps.Recipe())
     penalty = r1_by_hand(D, real)  # here: |weight + x|^2 per image
     torch.testing.assert_close(penalty, (D.weight.detach() + real.flatten(1)).square().sum(dim=1).mean())
@@ -346,31 +343,144 @@ def test_r1_adds_gamma_over_2_times_the_squared_input_gradient_on_real_images(ga
     torch.testing.assert_close(D.weight.grad, expected)
 
 
-def test_the_r1_flag_reaches_ds_update_in_a_run(monkeypatch, gan_main, tiny_args):
-    seen = []
-    penalty = steps.r1_penalty
-    monkeypatch.setattr(
-        steps, "r1_penalty", lambda logits, images: seen.append(images.shape) or penalty(logits, images)
-    )
-    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--r1", "1"])
-    assert code == 0, err
-    assert seen == [torch.Size([8, 3, 16, 16])] * 4  # one D update per step, on the real batch
-    seen.clear()
-    code, _, err = gan_main([*tiny_args, "--epochs", "1", "--checkpoint-dir", "off", "--image-dir", "off-images"])
-    assert code == 0, err
-    assert seen == []  # off by default
+def nets_of_one_d(D, opts):
+    """Nets around D alone, whose updates leave it as it is (lr 0), as a CPU fp32 run wraps it."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    frozen = torch.optim.SGD(D.parameters(), lr=0.0)
+    return steps.Nets(None, D, None, frozen, scaler, scaler, D_train=D, D_r1=D, d_forward=steps.d_forward)
 
 
-def test_with_r1_a_compiled_run_keeps_ds_update_eager():
-    """torch.compile takes no double backward: with --r1 the D update is the plain function."""
+@pytest.mark.parametrize("gamma", [2.0, 0.5])
+def test_lazy_r1_weighs_the_penalty_16_times_on_every_16th_d_step(gamma):
+    """StyleGAN2's lazy regularisation: the penalty on D steps 0, 16, 32, ... alone, weighted by
+    the interval, so that its weight per step is gamma/2 on average, as when it was on every step."""
+    opts, _ = options.parse_flags([*NET_ARGS, "--r1", str(gamma)])
+    recipe = steps.Recipe.from_options(opts)
+    assert (recipe.r1, recipe.r1_every) == (gamma, 16)
+    generator = torch.Generator().manual_seed(0)
+    real, fake = torch.rand(4, 3, 16, 16, generator=generator), torch.rand(4, 3, 16, 16, generator=generator)
+    D = PixelD()
+    nets = nets_of_one_d(D, opts)
+    with torch.no_grad():
+        real_logits, fake_logits = D(real), D(fake)
+    adversarial = steps.bce_d_loss(real_logits, fake_logits, recipe)
+    penalty = (D.weight.detach() + real.flatten(1)).square().sum(dim=1).mean()  # PixelD's, by hand
+    penalty_gradient = (D.weight.detach() + real.flatten(1)).mean(dim=0) * 2
+    losses, gradients = [], []
+    for step in range(33):
+        losses.append(steps.d_step(nets, real, fake, recipe, Runtime(torch.device("cpu")), step=step)["loss_d"])
+        gradients.append(D.weight.grad.clone())
+    with_penalty = adversarial + gamma * 16 / 2 * penalty
+    for step, loss in enumerate(losses):
+        expected = with_penalty if step in (0, 16, 32) else adversarial
+        torch.testing.assert_close(loss, expected, msg=f"step {step}")
+    torch.testing.assert_close(gradients[16] - gradients[1], gamma * 16 / 2 * penalty_gradient)
+    torch.testing.assert_close(gradients[1], gradients[15], rtol=0, atol=0)
+
+
+def test_r1_is_off_by_default():
+    recipe = steps.Recipe.from_options(options.parse_flags(NET_ARGS)[0])
+    assert recipe.r1 == 0 and not any(recipe.r1_due(step) for step in range(64))
+
+
+def test_r1_every_decides_by_the_step_count_and_a_resume_goes_on_exactly(monkeypatch, gan_main, tiny_args, tmp_path):
+    """--r1-every 3 with 4 steps an epoch: steps 0 and 3, then after a resume at step 4, step 6,
+    not step 4 (a count kept in memory would start again); the resumed run equals one in one go."""
+    d_steps, with_penalty = [], []
+    real_d_step, real_penalty = steps.d_step, steps.r1_penalty
+    monkeypatch.setattr(steps, "d_step", lambda *args, **kwargs: d_steps.append(1) or real_d_step(*args, **kwargs))
+    monkeypatch.setattr(steps, "r1_penalty", lambda *args: with_penalty.append(len(d_steps) - 1) or real_penalty(*args))
+    flags = [*tiny_args, "--r1", "1", "--r1-every", "3"]
+    runs = {
+        "resumed": [[*flags, "--epochs", "1"], ["--resume", "--epochs", "2"]],
+        "straight": [[*flags, "--epochs", "2"]],
+    }
+    penalised = {}
+    for name, argvs in runs.items():
+        for argv in argvs:
+            d_steps.clear(), with_penalty.clear()
+            code, _, err = gan_main([*argv, "--checkpoint-dir", name, "--image-dir", f"{name}-images"])
+            assert code == 0, err
+            penalised.setdefault(name, []).append(list(with_penalty))
+    assert penalised == {"resumed": [[0, 3], [2]], "straight": [[0, 3, 6]]}  # the resume starts at step 4
+    resumed, straight = (torch.load(tmp_path / name / "checkpoint.pt") for name in ("resumed", "straight"))
+    for key in ("netG", "netD", "optG", "optD", "rng"):
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
+
+
+def test_a_run_saved_before_lazy_r1_resumes_with_r1_on_every_step():
+    before = {k: v for k, v in saved_flags(["--r1", "1"]).items() if k != "r1_every"}
+    opts, explicit = options.parse_flags(["--resume"])
+    assert startup.merge_resume_flags(opts, explicit, startup.upgraded_flags(before), "ckpt")[0].r1_every == 1
+
+
+def test_with_r1_a_compiled_run_compiles_the_d_steps_without_it():
+    """torch.compile takes no double backward: the R1 steps call the plain d_forward with a D
+    that is not compiled; the others, the compiled update."""
     from runtime import Runtime
 
     opts, _ = options.parse_flags([*NET_ARGS, "--r1", "1"])
-    compiling = Runtime(torch.device("cpu"), compile=True)
-    nets = steps.build_nets(opts, compiling)
-    assert nets.d_forward is steps.d_forward and nets.g_forward is not steps.g_forward
-    plain = steps.build_nets(opts.replace(r1=0.0), compiling)
-    assert plain.d_forward is not steps.d_forward
+    nets = steps.build_nets(opts, Runtime(torch.device("cpu"), compile=True))
+    assert nets.d_forward is not steps.d_forward and nets.g_forward is not steps.g_forward
+    assert nets.D_r1 is nets.D and nets.D_train is nets.D
+    called = []
+    nets.d_forward = lambda D, *args, **kwargs: called.append(("compiled", D)) or steps.d_forward(D, *args, **kwargs)
+    recipe = steps.Recipe.from_options(opts)
+    real, fake = torch.rand(4, 3, 16, 16) * 2 - 1, torch.rand(4, 3, 16, 16) * 2 - 1
+    for step in (0, 1, 16):
+        steps.d_step(nets, real, fake, recipe, Runtime(torch.device("cpu")), step=step)
+    assert called == [("compiled", nets.D)]  # step 1 alone
+
+
+# ---------------------------------------------------------------- R1 under fp16 loss scaling
+
+
+class ScaledPixels(nn.Module):
+    """logit = sum of the pixels times scale, in the input's precision."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale, dtype=torch.float16))
+
+    def forward(self, images):
+        return (images * self.scale * 1e-4).sum(dim=(1, 2, 3))
+
+
+def test_r1_under_fp16_takes_the_gradient_at_the_loss_scale_and_unscales_it():
+    """A gradient of 1e-8 per pixel is below fp16's smallest number: unscaled it flushes to zero,
+    taken at GradScaler's first loss scale (2**16, over the batch's 2 images) it survives, and is
+    divided back in fp32."""
+    images = torch.ones(2, 3, 4, 4, dtype=torch.float16, requires_grad=True)
+    D = ScaledPixels(1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    unscaled = steps.r1_penalty(D(images), images)
+    scaled = steps.r1_penalty(D(images), images, scaler)
+    assert float(unscaled.detach()) == 0.0
+    assert float(scaled.detach()) == pytest.approx(3 * 4 * 4 * 1e-16, rel=2e-3, abs=0)  # 48 pixels of (1e-8)**2
+    assert scaled.dtype == torch.float32
+
+
+def test_r1_where_the_scaled_gradient_overflows_skips_the_step_as_any_overflow():
+    """The penalty reads 0 (a finite loss is logged), and D's gradients are not finite, so the
+    scaler skips the update and lowers its scale."""
+    images = torch.ones(2, 3, 4, 4, dtype=torch.float16, requires_grad=True)
+    D = ScaledPixels(1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # 2**23 a logit: beyond fp16's 65504
+    penalty = steps.r1_penalty(D(images), images, scaler)
+    assert float(penalty.detach()) == 0.0
+    penalty.backward()
+    assert not torch.isfinite(D.scale.grad).all()
+
+
+def test_r1_with_a_loss_scaler_in_fp32_is_bitwise_the_unscaled_penalty():
+    D = PixelD()
+    real = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    penalties = []
+    for scaler in (None, torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", init_scale=2.0**16)):
+        images = real.clone().requires_grad_(True)
+        penalties.append(steps.r1_penalty(D(images), images, scaler))
+    assert penalties[0] == penalties[1] == penalties[2]  # bitwise: scaled and divided by a power of two
 
 
 # ---------------------------------------------------------------- TTUR
