@@ -1,6 +1,6 @@
-"""The training maths: losses, DiffAugment, the networks with their optimizers, the D and G
-updates (plain functions of (nets, batch, recipe) that return device tensors) and the sums of
-their statistics between two logs. No I/O.
+"""The training maths: losses, the networks with their optimizers, the D and G updates (plain
+functions of (nets, batch, recipe) that return device tensors) and the sums of their statistics
+between two logs; what D sees of the images comes from augment.py. No I/O.
 """
 
 import copy
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from augment import AugmentStrength, adaptive_augment, diff_augment, x_flipped
 from errors import UserError
 from models import build_discriminator, build_generator, init_weights, update_ema
 
@@ -45,73 +46,6 @@ def hinge_g_loss(fake_logits):
 
 
 LOSSES = {"bce": (bce_d_loss, bce_g_loss), "hinge": (hinge_d_loss, hinge_g_loss)}
-
-
-# ---------------------------------------------------------------- DiffAugment
-
-
-def diff_augment(images, generator=None):
-    """Color, translation and cutout on a batch (Zhao et al., 2020), differentiable.
-
-    Applied to real and fake images alike before D, so D never sees un-augmented data.
-    Computed in fp32 with whole-pixel shifts, as the paper's code does: under bf16 autocast
-    G's images are bf16, and a sampling grid rounded to bf16 would move some pixels of the
-    fakes only, a tell D could learn.
-    """
-    images = images.float()
-    n = images.shape[0]
-
-    def uniform():
-        return torch.rand(n, 1, 1, 1, device=images.device, generator=generator)
-
-    images = images + (uniform() - 0.5)
-    mean = images.mean(dim=1, keepdim=True)
-    images = (images - mean) * (uniform() * 2) + mean
-    mean = images.mean(dim=[1, 2, 3], keepdim=True)
-    images = (images - mean) * (uniform() + 0.5) + mean
-    images = translate(images, random_shifts(images, generator))
-    return cutout(images, random_cutout_corners(images, generator))
-
-
-def random_shifts(images, generator=None, ratio=0.125):
-    """Whole-pixel shifts (rows, cols) per image, up to ratio of the side each way."""
-    side = images.shape[-1]
-    limit = int(side * ratio + 0.5)
-    return torch.randint(-limit, limit + 1, (images.shape[0], 2), device=images.device, generator=generator)
-
-
-def translate(images, shifts):
-    """Shift each image by whole pixels, filling with zeros: pixel (i, j) comes from (i+dy, j+dx)."""
-    n, _, height, width = images.shape
-    batch = torch.arange(n, device=images.device).view(n, 1, 1)
-    # indices into the image padded by one zero pixel; anything outside lands on the padding
-    rows = (torch.arange(height, device=images.device).view(1, -1, 1) + shifts[:, 0].view(n, 1, 1) + 1).clamp(
-        0, height + 1
-    )
-    cols = (torch.arange(width, device=images.device).view(1, 1, -1) + shifts[:, 1].view(n, 1, 1) + 1).clamp(
-        0, width + 1
-    )
-    padded = F.pad(images, (1, 1, 1, 1)).permute(0, 2, 3, 1)
-    return padded[batch, rows, cols].permute(0, 3, 1, 2)
-
-
-def random_cutout_corners(images, generator=None, ratio=0.5):
-    """Top-left corners (row, col) of a square of ratio x side per image; it may overhang."""
-    side = images.shape[-1]
-    size = int(side * ratio + 0.5)
-    centres = torch.randint(0, side + (1 - size % 2), (images.shape[0], 2), device=images.device, generator=generator)
-    return centres - size // 2
-
-
-def cutout(images, corners, ratio=0.5):
-    """Zero a square of ratio x side at each image's corner (clipped at the borders)."""
-    n, _, height, width = images.shape
-    size = int(width * ratio + 0.5)
-    rows = torch.arange(height, device=images.device).view(1, -1, 1)
-    cols = torch.arange(width, device=images.device).view(1, 1, -1)
-    top, left = corners[:, 0].view(n, 1, 1), corners[:, 1].view(n, 1, 1)
-    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-    return images * (~inside).unsqueeze(1).to(images.dtype)
 
 
 # ---------------------------------------------------------------- the spectral loss
@@ -152,15 +86,27 @@ class Recipe:
     spectral_loss: float = 0.0
     class_loss: float = 0.0
     r1: float = 0.0
+    mirror: bool = False
 
     @classmethod
     def from_options(cls, opts):
         class_loss = opts.class_loss if opts.num_classes else 0.0
         return cls(
-            opts.loss, opts.label_smoothing, opts.label_noise, opts.diffaugment, opts.spectral_loss, class_loss, opts.r1
+            opts.loss,
+            opts.label_smoothing,
+            opts.label_noise,
+            opts.diffaugment,
+            opts.spectral_loss,
+            class_loss,
+            opts.r1,
+            opts.mirror,
         )
 
-    def augment(self, images):
+    def augment(self, images, strength=None):
+        """What D sees of images: at ADA's strength p under --ada (strength, with or without
+        --diffaugment), DiffAugment's full strength under --diffaugment alone, else the images."""
+        if strength is not None:
+            return adaptive_augment(images, strength.p)
         return diff_augment(images) if self.diffaugment else images
 
 
@@ -169,7 +115,7 @@ class Recipe:
 
 @dataclass
 class Nets:
-    """The two networks, their optimizers and the generator's moving average."""
+    """The two networks, their optimizers, the generator's moving average and ADA's strength."""
 
     G: nn.Module
     D: nn.Module
@@ -178,6 +124,7 @@ class Nets:
     scaler_G: torch.amp.GradScaler
     scaler_D: torch.amp.GradScaler
     G_ema: nn.Module | None = None
+    augment_strength: AugmentStrength | None = None  # --ada's p, D's training state like its optimizer's
     # what the steps call: compiled and/or DDP-wrapped views of G and D, and the forward halves
     # of the two updates (compiled as whole graphs on a single device)
     G_train: nn.Module | None = None
@@ -212,6 +159,7 @@ def build_nets(opts, runtime):
         scaler_G=runtime.grad_scaler(),
         scaler_D=runtime.grad_scaler(),
         G_ema=copy.deepcopy(G).eval().requires_grad_(False) if opts.ema > 0 else None,
+        augment_strength=AugmentStrength.start(runtime.device, opts.ada_target) if opts.ada else None,
     )
     wrap_for_training(nets, opts, runtime)
     if nets.G_ema is not None and runtime.distributed:
@@ -308,17 +256,20 @@ def r1_penalty(real_logits, real_input):
     return gradient.float().square().flatten(1).sum(dim=1).mean()
 
 
-def d_forward(D, real, fake, recipe, labels=None):
+def d_forward(D, real, fake, recipe, labels=None, strength=None):
     """D's loss on a real and a fake batch (with the class loss of the real one's classes), and
     its mean outputs as probabilities.
 
     labels: the classes of both batches (fakes are drawn as the real batch's classes), or None.
+    strength: --ada's AugmentStrength, which is told the signs of D's logits on the real batch.
     """
-    real_input = recipe.augment(real)
+    real_input = recipe.augment(real, strength)
     if recipe.r1:
         real_input = real_input.detach().requires_grad_(True)
     real_logits, class_loss = judge_with_class_loss(D, real_input, labels, recipe)
-    fake_logits = judge(D, recipe.augment(fake), labels)
+    if strength is not None:
+        strength.observe(real_logits)
+    fake_logits = judge(D, recipe.augment(fake, strength), labels)
     loss = LOSSES[recipe.loss][0](real_logits.float(), fake_logits.float(), recipe) + class_loss
     if recipe.r1:
         loss = loss + recipe.r1 / 2 * r1_penalty(real_logits, real_input)
@@ -326,10 +277,10 @@ def d_forward(D, real, fake, recipe, labels=None):
     return loss, d_real, torch.sigmoid(fake_logits.detach().float()).mean()
 
 
-def g_forward(D, real, fake, recipe, labels=None):
+def g_forward(D, real, fake, recipe, labels=None, strength=None):
     """G's loss: what D makes of its (augmented) images, plus the weighted spectral loss and the
     class loss of the classes they were drawn as."""
-    fake_logits, class_loss = judge_with_class_loss(D, recipe.augment(fake), labels, recipe)
+    fake_logits, class_loss = judge_with_class_loss(D, recipe.augment(fake, strength), labels, recipe)
     loss = LOSSES[recipe.loss][1](fake_logits.float()) + class_loss
     if recipe.spectral_loss:
         loss = loss + recipe.spectral_loss * spectral_loss(fake, real)
@@ -339,7 +290,9 @@ def g_forward(D, real, fake, recipe, labels=None):
 def d_step(nets, real, fake, recipe, runtime, labels=None):
     """One D update on a real and a (detached) fake batch; returns device statistics."""
     with runtime.autocast():
-        loss_d, d_real, d_fake = nets.d_forward(nets.D_train, real, fake.detach(), recipe, labels)
+        loss_d, d_real, d_fake = nets.d_forward(
+            nets.D_train, real, fake.detach(), recipe, labels, nets.augment_strength
+        )
     nets.opt_D.zero_grad(set_to_none=True)
     nets.scaler_D.scale(loss_d).backward()
     nets.scaler_D.step(nets.opt_D)
@@ -356,7 +309,7 @@ def g_step(nets, real, fake, recipe, runtime, labels=None):
         with runtime.autocast():
             # D outside DDP: it has no gradients to all-reduce here (with --sync-bn its
             # BatchNorm layers still synchronise their statistics, on every rank alike)
-            loss_g = nets.g_forward(nets.D_no_sync, real, fake, recipe, labels)
+            loss_g = nets.g_forward(nets.D_no_sync, real, fake, recipe, labels, nets.augment_strength)
         nets.opt_G.zero_grad(set_to_none=True)
         nets.scaler_G.scale(loss_g).backward()
     finally:
@@ -382,6 +335,7 @@ def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0, labels
     labels: the real batch's classes for a class-conditional pair; G draws its fakes as the same
     classes, so D sees real and fake batches of one class mix (the data's own balance).
     """
+    real = x_flipped(real) if recipe.mirror else real  # --mirror: the images' mirror images as more data
     noise = torch.randn(real.shape[0], nets.G.nz, 1, 1, device=real.device)
     with torch.set_grad_enabled(update_g), runtime.autocast():
         fake = nets.G_train(noise) if labels is None else nets.G_train(noise, labels)
@@ -390,6 +344,8 @@ def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0, labels
         stats.update(g_step(nets, real, fake, recipe, runtime, labels))
         if nets.G_ema is not None:
             update_ema(nets.G_ema, nets.G, ema_decay)
+    if nets.augment_strength is not None:
+        nets.augment_strength.after_step(runtime)
     return stats
 
 

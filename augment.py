@@ -1,0 +1,192 @@
+"""What D sees: the augmentations of its input images and their strength. DiffAugment's colour,
+translation and cutout (Zhao et al., 2020); x-flips, of the real images alone as more data (--mirror)
+or of everything D sees as one more augmentation; and ADA's adaptive strength p (Karras et al., 2020).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ADA's controller. p moves every 4 steps, as in ADA, by sign(r - target) times the images of
+# those steps over the images that take p from 0 to 1. ADA's 500k images suit runs of tens of
+# millions; these runs see tens or hundreds of thousands (a few thousand steps of 64), in which
+# p would hardly leave 0. At 20k images p can reach a typical 0.2-0.4 within a few epochs of a
+# small folder (where D starts to memorise it), and one move at batch 64 is 0.013: small next to
+# the values it settles at.
+ADA_INTERVAL_STEPS = 4
+ADA_RAMP_IMAGES = 20_000
+ADA_TARGET = 0.6  # ADA's r_t target; --ada-target's default
+# the log row's name of p, and the progress bar's label for it
+STRENGTH_LABELS = {"augment_p": "p"}
+
+
+# ---------------------------------------------------------------- the operations
+
+
+def x_flipped(images, generator=None):
+    """Each image mirrored left-right with probability 1/2, one draw per image."""
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def diff_augment(images, generator=None):
+    """Color, translation and cutout on a batch (Zhao et al., 2020), differentiable.
+
+    Applied to real and fake images alike before D, so D never sees un-augmented data.
+    Computed in fp32 with whole-pixel shifts, as the paper's code does: under bf16 autocast
+    G's images are bf16, and a sampling grid rounded to bf16 would move some pixels of the
+    fakes only, a tell D could learn.
+    """
+    images = recoloured(images.float(), generator)
+    images = translate(images, random_shifts(images, generator))
+    return cutout(images, random_cutout_corners(images, generator))
+
+
+def adaptive_augment(images, p, generator=None):
+    """x-flip, colour, translation and cutout, each applied to each image with probability p (a
+    0-dim tensor: a compiled graph takes it as an input, and never recompiles as p moves).
+
+    In fp32, as diff_augment. The draws: one per image and operation first, then diff_augment's
+    own, after the flips': at p = 1 this is diff_augment of x_flipped images, at p = 0 the images.
+    """
+    images = images.float()
+    applied = (torch.rand(images.shape[0], 4, device=images.device, generator=generator) < p).view(-1, 4, 1, 1, 1)
+    images = torch.where(applied[:, 0], x_flipped(images, generator), images)
+    images = torch.where(applied[:, 1], recoloured(images, generator), images)
+    images = torch.where(applied[:, 2], translate(images, random_shifts(images, generator)), images)
+    return torch.where(applied[:, 3], cutout(images, random_cutout_corners(images, generator)), images)
+
+
+def recoloured(images, generator=None):
+    """DiffAugment's colour: random brightness, saturation and contrast per image."""
+
+    def uniform():
+        return torch.rand(images.shape[0], 1, 1, 1, device=images.device, generator=generator)
+
+    images = images + (uniform() - 0.5)
+    mean = images.mean(dim=1, keepdim=True)
+    images = (images - mean) * (uniform() * 2) + mean
+    mean = images.mean(dim=[1, 2, 3], keepdim=True)
+    return (images - mean) * (uniform() + 0.5) + mean
+
+
+def random_shifts(images, generator=None, ratio=0.125):
+    """Whole-pixel shifts (rows, cols) per image, up to ratio of the side each way."""
+    side = images.shape[-1]
+    limit = int(side * ratio + 0.5)
+    return torch.randint(-limit, limit + 1, (images.shape[0], 2), device=images.device, generator=generator)
+
+
+def translate(images, shifts):
+    """Shift each image by whole pixels, filling with zeros: pixel (i, j) comes from (i+dy, j+dx)."""
+    n, _, height, width = images.shape
+    batch = torch.arange(n, device=images.device).view(n, 1, 1)
+    # indices into the image padded by one zero pixel; anything outside lands on the padding
+    rows = (torch.arange(height, device=images.device).view(1, -1, 1) + shifts[:, 0].view(n, 1, 1) + 1).clamp(
+        0, height + 1
+    )
+    cols = (torch.arange(width, device=images.device).view(1, 1, -1) + shifts[:, 1].view(n, 1, 1) + 1).clamp(
+        0, width + 1
+    )
+    padded = F.pad(images, (1, 1, 1, 1)).permute(0, 2, 3, 1)
+    return padded[batch, rows, cols].permute(0, 3, 1, 2)
+
+
+def random_cutout_corners(images, generator=None, ratio=0.5):
+    """Top-left corners (row, col) of a square of ratio x side per image; it may overhang."""
+    side = images.shape[-1]
+    size = int(side * ratio + 0.5)
+    centres = torch.randint(0, side + (1 - size % 2), (images.shape[0], 2), device=images.device, generator=generator)
+    return centres - size // 2
+
+
+def cutout(images, corners, ratio=0.5):
+    """Zero a square of ratio x side at each image's corner (clipped at the borders)."""
+    n, _, height, width = images.shape
+    size = int(width * ratio + 0.5)
+    rows = torch.arange(height, device=images.device).view(1, -1, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, -1)
+    top, left = corners[:, 0].view(n, 1, 1), corners[:, 1].view(n, 1, 1)
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images * (~inside).unsqueeze(1).to(images.dtype)
+
+
+# ---------------------------------------------------------------- ADA's strength
+
+
+@dataclass
+class AugmentStrength:
+    """ADA's p, with the signs of D's logits on the real images since p last moved, all on the device.
+
+    signs holds (the sum of sign(D(x)), the images judged) over the interval; under torchrun every
+    step's pair is all-reduced, so that every rank holds the same sums and p, and the checkpoint
+    (rank 0's) holds all of it, whichever step it is saved at.
+    """
+
+    p: torch.Tensor
+    signs: torch.Tensor
+    step_signs: torch.Tensor  # the current step's pair, written by D's update
+    target: float = ADA_TARGET
+    steps: int = 0  # steps since p last moved
+
+    @classmethod
+    def start(cls, device, target=ADA_TARGET):
+        return cls(torch.zeros((), device=device), torch.zeros(2, device=device), torch.zeros(2, device=device), target)
+
+    def observe(self, real_logits):
+        """D's logits on the real batch (inside D's update, maybe compiled: no host sync)."""
+        signs = real_logits.detach().float().sign()
+        self.step_signs.copy_(torch.stack([signs.sum(), signs.new_full((), signs.numel())]))
+
+    def after_step(self, runtime):
+        """The step's signs into the interval's; p moves at the interval's end."""
+        if runtime.distributed:
+            torch.distributed.all_reduce(self.step_signs)
+        self.signs += self.step_signs
+        self.steps += 1
+        if self.steps == ADA_INTERVAL_STEPS:
+            self.adjust()
+
+    def adjust(self):
+        """p += sign(r - target) * images / ADA_RAMP_IMAGES, clamped to [0, 1], where r is the
+        interval's mean sign of D's logits on real images; then a new interval starts."""
+        total, images = self.signs.unbind()
+        moved = self.p + torch.sign(total / images - self.target) * images / ADA_RAMP_IMAGES
+        self.p.copy_(moved.clamp(0.0, 1.0))
+        self.signs.zero_()
+        self.steps = 0
+
+    def state_dict(self):
+        return {"p": self.p.detach().cpu().clone(), "signs": self.signs.detach().cpu().clone(), "steps": self.steps}
+
+    def load_state_dict(self, saved):
+        """A checkpoint's state (checked by valid_state); None, a run saved without --ada: p starts at 0."""
+        if saved is None:
+            return
+        self.p.copy_(saved["p"])
+        self.signs.copy_(saved["signs"])
+        self.steps = saved["steps"]
+
+
+def valid_state(saved):
+    """Whether a checkpoint's "augment" value is None or a state AugmentStrength can go on from."""
+    if saved is None:
+        return True
+    if not isinstance(saved, dict) or set(saved) != {"p", "signs", "steps"}:
+        return False
+    p, signs, steps = saved["p"], saved["signs"], saved["steps"]
+    if not (isinstance(p, torch.Tensor) and p.shape == () and p.is_floating_point()):
+        return False
+    if not (isinstance(signs, torch.Tensor) and signs.shape == (2,) and signs.is_floating_point()):
+        return False
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and 0 <= steps < ADA_INTERVAL_STEPS):
+        return False
+    total, images = signs.tolist()
+    return 0.0 <= float(p) <= 1.0 and math.isfinite(images) and abs(total) <= images
+
+
+def strength_row(strength):
+    """p for the log row (a host read: at log rows only); nothing without --ada."""
+    return {} if strength is None else {"augment_p": strength.p.item()}
