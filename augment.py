@@ -12,9 +12,8 @@ import torch.nn.functional as F
 # ADA's controller. p moves every 4 steps, as in ADA, by sign(r - target) times the images of
 # those steps over the images that take p from 0 to 1. ADA's 500k images suit runs of tens of
 # millions; these runs see tens or hundreds of thousands (a few thousand steps of 64), in which
-# p would hardly leave 0. At 20k images p can reach a typical 0.2-0.4 within a few epochs of a
-# small folder (where D starts to memorise it), and one move at batch 64 is 0.013: small next to
-# the values it settles at.
+# p would hardly leave 0. At 20k, p can rise by 0.3 in the first few epochs of a small folder,
+# when D starts to memorise it, and one move at batch 64 (0.013) is small next to such values.
 ADA_INTERVAL_STEPS = 4
 ADA_RAMP_IMAGES = 20_000
 ADA_TARGET = 0.6  # ADA's r_t target; --ada-target's default

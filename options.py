@@ -287,10 +287,10 @@ def add_training_flags(group):
         "--ada",
         action="store_true",
         help="adaptive augmentation (ADA, Karras et al., 2020): x-flip, colour, translation and cutout on all D sees, "
-        "each applied to each image with probability p; p starts at 0 and moves every 4 steps so that the share "
-        "of real images D calls real (the mean sign of its logits) stays near --ada-target: it can go from 0 to 1 "
-        "in 20k images (ADA's 500k suits runs of millions, and would hardly move in these runs of a few "
-        "thousand steps). Takes --diffaugment's place when both are given; logged as augment_p",
+        "each applied to each image with probability p. p starts at 0 and every 4 steps moves up or down by those "
+        "steps' images / 20k, so that the mean sign of D's logits on real images stays near --ada-target (20k, not "
+        "ADA's 500k: in these runs of a few thousand steps p would hardly move at ADA's speed). With --diffaugment "
+        "too, the same; p is logged as augment_p",
     )
     add(
         "--ada-target",

@@ -222,15 +222,7 @@ def test_a_checkpoint_from_before_ada_resumes_with_ada_from_p_0(gan_main, tmp_pa
     assert "resume: changed --ada False -> True" in out
     p = torch.load(path, weights_only=True)["augment"]["p"].item()
     assert p in (0.0, pytest.approx(32 / ADA_RAMP_IMAGES))  # 4 steps of 8 images: one move up, or none
-
-
-# ---------------------------------------------------------------- what is refused
-
-
-def test_ada_target_without_ada_is_refused(gan_main, tmp_path):
-    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--ada-target", "0.5"])
-    assert code == 2 and "Traceback" not in err
-    assert (
-        err.strip() == "gan.py: error: --ada-target applies to --ada training (the run's augmentation is not adaptive)"
-    )
-    assert not (tmp_path / "checkpoints").exists()
+    # the run has --ada now: --ada-target may be typed at its resume (refused without --ada: test_bad_input)
+    code, out, err = gan_main(["--resume", "--epochs", "3", "--ada-target", "0.5"])
+    assert code == 0, err
+    assert "resume: changed --ada-target 0.6 -> 0.5" in out
