@@ -130,10 +130,10 @@ def test_p_moves_by_the_sign_of_the_mean_sign_minus_the_target_times_the_images_
     # r = (9 - 1) / 10 = 0.8 > 0.6: up one step, and only at the interval's end
     assert run_interval(strength, logits_with_signs(9, 1)) == (0.0, pytest.approx(step))
     assert strength.steps == 0 and strength.signs.tolist() == [0.0, 0.0]  # a new interval
-    # r = (8 - 0) / 10 with two zeros: 0.8, up again
-    assert run_interval(strength, logits_with_signs(8, 0, zero=2))[1] == pytest.approx(2 * step)
-    # r = 0.6 exactly: sign 0, p stays
-    assert run_interval(strength, logits_with_signs(8, 2))[1] == pytest.approx(2 * step)
+    # r = (6 - 0) / 10 with four zeros: a logit of 0 has sign 0, and its image counts: 0.6, p stays
+    assert run_interval(strength, logits_with_signs(6, 0, zero=4))[1] == pytest.approx(step)
+    # r = 1 > 0.6: up again
+    assert run_interval(strength, logits_with_signs(10, 0))[1] == pytest.approx(2 * step)
     # r = 0.4 < 0.6: down; then clamped at 0, not below
     assert run_interval(strength, logits_with_signs(7, 3))[1] == pytest.approx(step)
     assert run_interval(strength, logits_with_signs(0, 10))[1] == 0.0
