@@ -154,6 +154,24 @@ def test_the_interval_counts_its_images_and_signs_across_steps():
     assert strength.state_dict()["steps"] == 2 and strength.state_dict()["signs"].tolist() == [-2.0, 12.0]
 
 
+def test_the_flips_the_pipeline_and_the_controller_read_nothing_back_to_the_host(monkeypatch):
+    """No .item(), bool() or float() of a tensor: on a GPU each would wait for the step to finish."""
+
+    def host_read(*args):
+        raise AssertionError("a host read in the hot loop")
+
+    strength = AugmentStrength.start(torch.device("cpu"))
+    images = torch.rand(8, 3, 16, 16)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for _ in range(ADA_INTERVAL_STEPS):
+        augment.adaptive_augment(augment.x_flipped(images), strength.p)
+        strength.observe(torch.randn(8, 1))
+        strength.after_step(CPU)
+    monkeypatch.undo()
+    assert strength.steps == 0 and strength.p.item() in (0.0, pytest.approx(32 / ADA_RAMP_IMAGES))
+
+
 def expected_p_at_log_rows(real_signs, target, log_every):
     """p after every log_every-th step, by ADA's formula, from each step's signs of D's logits."""
     p, total, images, rows = 0.0, 0.0, 0, []
