@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import augment
 import imagesize
 from errors import UserError
 from files import WriteError, atomic_write, atomic_write_bytes
@@ -94,6 +95,7 @@ def checkpoint_state(nets, progress, fixed_noise, opts, runtime, ema_statistics_
         "rollbacks": progress.rollbacks,
         "fixed_noise": fixed_noise.cpu().clone(),
         "rng": rng,
+        "augment": nets.augment_strength.state_dict() if nets.augment_strength is not None else None,
         "flags": opts.as_dict(),
         **({"class_names": list(opts.class_names)} if opts.num_classes else {}),
     }
@@ -319,6 +321,8 @@ def damaged_fields(state):
     damaged += [k for k in ("scalerG", "scalerD") if state.get(k) is not None and not isinstance(state[k], dict)]
     if "best_fid" in state and not isinstance(state["best_fid"], (int, float)):
         damaged.append("best_fid")
+    if not augment.valid_state(state.get("augment")):
+        damaged.append("augment")
     return damaged
 
 
@@ -360,6 +364,8 @@ def restore_state(nets, state, runtime, path):
         nets.opt_D.load_state_dict(with_this_runs_settings(state["optD"], nets.opt_D))
         restore_scaler(nets.scaler_G, state.get("scalerG"))
         restore_scaler(nets.scaler_D, state.get("scalerD"))
+        if nets.augment_strength is not None:
+            nets.augment_strength.load_state_dict(state.get("augment"))
         torch.set_rng_state(state["rng"]["cpu"])
         if runtime.device.type == "cuda":
             restore_cuda_rng(state, runtime.device)

@@ -25,6 +25,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     import after_training
     import faults
     import startup
+    from augment import STRENGTH_LABELS, strength_row
     from checkpoint import latest_checkpoint
     from errors import UserError, count_text, error_prefix
     from faults import Interrupted, StopRequest, handle_divergence, weights_finite
@@ -195,10 +196,11 @@ def log_interval(state, meter, bar, opts, runtime, outputs):
     if meter.steps == 0:
         return True
     averaged = meter.steps  # fewer than the interval's after a resume inside it: the row says so
-    means = meter.read_interval(runtime)
+    means = meter.read_interval(runtime) | strength_row(state.nets.augment_strength)  # augment_p under --ada
     if not all(math.isfinite(v) for v in means.values() if v is not None):
         return handle_divergence(state, "losses", opts, runtime, outputs)
-    bar.set_postfix({label: format_stat(means[name], 3) for name, label in STAT_NAMES.items()})
+    shown = STAT_NAMES | STRENGTH_LABELS
+    bar.set_postfix({label: format_stat(means[name], 3) for name, label in shown.items() if name in means})
     outputs.log({"epoch": state.progress.epoch + 1, "step": state.progress.step, "steps": averaged, **means})
     return True
 

@@ -17,8 +17,9 @@ CHECKPOINT_MODES = ("train", "generate", "interpolate", "evaluate", "export")
 DATA_MODES = ("train", "evaluate", "images")
 TRAINING_ONLY_FLAGS = (
     "epochs", "kimg", "class_loss", "lr", "beta1", "beta2", "loss", "label_smoothing", "label_noise", "spectral_loss",
-    "r1", "r1_every", "diffaugment", "ttur", "d_steps", "ema", "on_nan", "sync_bn", "channels", "compile", "resume",
-    "log_every", "save_every", "snapshot_every", "keep_snapshots", "tensorboard", "fid_every",
+    "r1", "r1_every", "diffaugment", "ada", "ada_target", "mirror", "ttur", "d_steps", "ema", "on_nan", "sync_bn",
+    "channels", "compile", "resume", "log_every", "save_every", "snapshot_every", "keep_snapshots", "tensorboard",
+    "fid_every",
 )  # fmt: skip
 MODE_ONLY_FLAGS = {
     **dict.fromkeys(TRAINING_ONLY_FLAGS, ("train",)),

@@ -149,6 +149,7 @@ non_negative_float = checked(
     "non_negative_float", float, lambda value: math.isfinite(value) and value >= 0, "a number >= 0"
 )
 fraction = checked("fraction", float, lambda value: 0.0 <= value < 1.0, "in [0, 1)")
+ada_target = checked("ada_target", float, lambda value: 0 < value < 1, "between 0 and 1 (not 0 or 1)")
 loss_weight = checked(
     "loss_weight", float, lambda value: 0 <= value <= MAX_LOSS_WEIGHT, f"from 0 to {MAX_LOSS_WEIGHT:g}"
 )
@@ -319,6 +320,28 @@ def add_training_flags(group):
     )
     add("--spectral-norm", action="store_true", help="spectral normalisation on D's layers (drops D's BatchNorm)")
     add("--diffaugment", action="store_true", help="differentiable color/translation/cutout on D's inputs")
+    add(
+        "--ada",
+        action="store_true",
+        help="adaptive augmentation (ADA, Karras et al., 2020): x-flip, colour, translation and cutout on all D sees, "
+        "each applied to each image with probability p. p starts at 0 and every 4 steps moves up or down by those "
+        "steps' images / 20k, so that the mean sign of D's logits on real images stays near --ada-target (20k, not "
+        "ADA's 500k: in these runs of a few thousand steps p would hardly move at ADA's speed). With --diffaugment "
+        "too, the same; p is logged as augment_p",
+    )
+    add(
+        "--ada-target",
+        type=ada_target,
+        default=0.6,
+        help="with --ada: the mean sign of D's logits on real images that p is tuned to hold (ADA's); "
+        "higher lets D be surer of the real images before p rises",
+    )
+    add(
+        "--mirror",
+        action="store_true",
+        help="flip each real image left-right with probability 1/2 at every step: the data's mirror images "
+        "as more data, for images whose mirror image is as real (not text or digits)",
+    )
     add("--ttur", action="store_true", help="two time-scale update rule: D lr 4e-4, G lr 1e-4 (overrides --lr)")
     add("--d-steps", type=positive_int, default=1, help="D updates per G update, each on its own batch")
     add("--ema", type=fraction, default=0.999, help="decay of the generator's moving average; 0 turns it off")

@@ -41,6 +41,8 @@ TRAINED_BEFORE_THE_FLAG = {
     "class_loss": 0.0,
     "g_output": "tanh",
     "r1_every": 1,  # R1 on every D step, before lazy regularisation
+    "mirror": False,
+    "ada": False,
 }
 SIZE_FLAGS = ("nz", "ngf", "ndf", "batch_size", "image_size")
 
@@ -53,7 +55,14 @@ def upgraded(state):
     if not names and flags.get("conditional") and isinstance(flags.get("num_classes"), int):
         # a conditional run's flags.json from before it kept the class names: the classes by index
         names = [str(index) for index in range(flags["num_classes"])]
-    return {**state, "flags": flags, "class_names": names or (), "world_size": state.get("world_size", 1)}
+    # augment: --ada's strength; None (a run from before --ada, or without it) starts p at 0
+    return {
+        **state,
+        "flags": flags,
+        "class_names": names or (),
+        "world_size": state.get("world_size", 1),
+        "augment": state.get("augment"),
+    }
 
 
 def upgraded_flags(saved_flags):
@@ -84,6 +93,8 @@ def resolve_training_options(opts, explicit, runtime):
         raise UserError("--class-loss applies to --conditional training (the run has no classes)")
     if "r1_every" in explicit and not opts.r1:  # it would space out a penalty the run does not take
         raise UserError("--r1-every applies with --r1 (the penalty's weight), which is 0 in this run")
+    if "ada_target" in explicit and not opts.ada:  # it would tune a strength the run has not
+        raise UserError("--ada-target applies to --ada training (the run's augmentation is not adaptive)")
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
     if problem:
         raise UserError(problem)

@@ -1,6 +1,6 @@
-"""The training maths: losses, DiffAugment, the networks with their optimizers, the D and G
-updates (plain functions of (nets, batch, recipe) that return device tensors) and the sums of
-their statistics between two logs. No I/O.
+"""The training maths: losses, the networks with their optimizers, the D and G updates (plain
+functions of (nets, batch, recipe) that return device tensors) and the sums of their statistics
+between two logs; what D sees of the images comes from augment.py. No I/O.
 """
 
 import copy
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from augment import AugmentStrength, adaptive_augment, diff_augment, x_flipped
 from models import build_discriminator, build_generator, init_weights, update_ema
 
 # ---------------------------------------------------------------- losses
@@ -44,85 +45,6 @@ def hinge_g_loss(fake_logits):
 
 
 LOSSES = {"bce": (bce_d_loss, bce_g_loss), "hinge": (hinge_d_loss, hinge_g_loss)}
-
-
-# ---------------------------------------------------------------- DiffAugment
-
-
-def diff_augment(images, generator=None):
-    """Color, translation and cutout on a batch (Zhao et al., 2020), differentiable.
-
-    Applied to real and fake images alike before D, so D never sees un-augmented data.
-    Computed in fp32 with whole-pixel shifts, as the paper's code does: under bf16 autocast
-    G's images are bf16, and a sampling grid rounded to bf16 would move some pixels of the
-    fakes only, a tell D could learn.
-    """
-    images = images.float()
-    n = images.shape[0]
-
-    def uniform():
-        return torch.rand(n, 1, 1, 1, device=images.device, generator=generator)
-
-    images = images + (uniform() - 0.5)
-    mean = images.mean(dim=1, keepdim=True)
-    images = (images - mean) * (uniform() * 2) + mean
-    mean = images.mean(dim=[1, 2, 3], keepdim=True)
-    images = (images - mean) * (uniform() + 0.5) + mean
-    images = translate(images, random_shifts(images, generator))
-    return cutout(images, random_cutout_corners(images, generator))
-
-
-def random_shifts(images, generator=None, ratio=0.125):
-    """Whole-pixel shifts (rows, cols) per image, up to ratio of the height and of the width each way."""
-    limits = [int(side * ratio + 0.5) for side in images.shape[-2:]]
-    return random_rows_and_cols(images, [-limit for limit in limits], [limit + 1 for limit in limits], generator)
-
-
-def random_rows_and_cols(images, lows, highs, generator):
-    """(N, 2) whole numbers, each image's row in [lows[0], highs[0]) and column in [lows[1], highs[1]):
-    one draw for both where the ranges agree (square images, drawn as they always were)."""
-    n, device = images.shape[0], images.device
-    if (lows[0], highs[0]) == (lows[1], highs[1]):
-        return torch.randint(lows[0], highs[0], (n, 2), device=device, generator=generator)
-    columns = [torch.randint(low, high, (n,), device=device, generator=generator) for low, high in zip(lows, highs)]
-    return torch.stack(columns, dim=1)
-
-
-def translate(images, shifts):
-    """Shift each image by whole pixels, filling with zeros: pixel (i, j) comes from (i+dy, j+dx)."""
-    n, _, height, width = images.shape
-    batch = torch.arange(n, device=images.device).view(n, 1, 1)
-    # indices into the image padded by one zero pixel; anything outside lands on the padding
-    rows = (torch.arange(height, device=images.device).view(1, -1, 1) + shifts[:, 0].view(n, 1, 1) + 1).clamp(
-        0, height + 1
-    )
-    cols = (torch.arange(width, device=images.device).view(1, 1, -1) + shifts[:, 1].view(n, 1, 1) + 1).clamp(
-        0, width + 1
-    )
-    padded = F.pad(images, (1, 1, 1, 1)).permute(0, 2, 3, 1)
-    return padded[batch, rows, cols].permute(0, 3, 1, 2)
-
-
-def random_cutout_corners(images, generator=None, ratio=0.5):
-    """Top-left corners (row, col) of a ratio x height by ratio x width rectangle per image (a square
-    for square images), its centre anywhere in the image; it may overhang."""
-    sides = images.shape[-2:]
-    sizes = [int(side * ratio + 0.5) for side in sides]
-    lows = [-(size // 2) for size in sizes]
-    return random_rows_and_cols(
-        images, lows, [side + 1 - size % 2 + low for side, size, low in zip(sides, sizes, lows)], generator
-    )
-
-
-def cutout(images, corners, ratio=0.5):
-    """Zero a ratio x height by ratio x width rectangle at each image's corner (clipped at the borders)."""
-    n, _, height, width = images.shape
-    size_rows, size_cols = int(height * ratio + 0.5), int(width * ratio + 0.5)
-    rows = torch.arange(height, device=images.device).view(1, -1, 1)
-    cols = torch.arange(width, device=images.device).view(1, 1, -1)
-    top, left = corners[:, 0].view(n, 1, 1), corners[:, 1].view(n, 1, 1)
-    inside = (rows >= top) & (rows < top + size_rows) & (cols >= left) & (cols < left + size_cols)
-    return images * (~inside).unsqueeze(1).to(images.dtype)
 
 
 # ---------------------------------------------------------------- the spectral loss
@@ -166,6 +88,7 @@ class Recipe:
     class_loss: float = 0.0
     r1: float = 0.0
     r1_every: int = 16
+    mirror: bool = False
 
     @classmethod
     def from_options(cls, opts):
@@ -179,6 +102,7 @@ class Recipe:
             class_loss,
             opts.r1,
             opts.r1_every,
+            opts.mirror,
         )
 
     def r1_due(self, step):
@@ -186,7 +110,11 @@ class Recipe:
         takes the R1 penalty: every r1_every-th one, from the first (StyleGAN2's lazy regularisation)."""
         return self.r1 > 0 and step % self.r1_every == 0
 
-    def augment(self, images):
+    def augment(self, images, strength=None):
+        """What D sees of images: at ADA's strength p under --ada (strength, with or without
+        --diffaugment), DiffAugment's full strength under --diffaugment alone, else the images."""
+        if strength is not None:
+            return adaptive_augment(images, strength.p)
         return diff_augment(images) if self.diffaugment else images
 
 
@@ -195,7 +123,7 @@ class Recipe:
 
 @dataclass
 class Nets:
-    """The two networks, their optimizers and the generator's moving average."""
+    """The two networks, their optimizers, the generator's moving average and ADA's strength."""
 
     G: nn.Module
     D: nn.Module
@@ -204,6 +132,7 @@ class Nets:
     scaler_G: torch.amp.GradScaler
     scaler_D: torch.amp.GradScaler
     G_ema: nn.Module | None = None
+    augment_strength: AugmentStrength | None = None  # --ada's p, D's training state like its optimizer's
     # what the steps call: compiled and/or DDP-wrapped views of G and D, and the forward halves
     # of the two updates (compiled as whole graphs on a single device)
     G_train: nn.Module | None = None
@@ -239,6 +168,7 @@ def build_nets(opts, runtime):
         scaler_G=runtime.grad_scaler(),
         scaler_D=runtime.grad_scaler(),
         G_ema=copy.deepcopy(G).eval().requires_grad_(False) if opts.ema > 0 else None,
+        augment_strength=AugmentStrength.start(runtime.device, opts.ada_target) if opts.ada else None,
     )
     wrap_for_training(nets, opts, runtime)
     if nets.G_ema is not None and runtime.distributed:
@@ -362,18 +292,21 @@ class OverflowReadsZero(torch.autograd.Function):
         return gradient
 
 
-def d_forward(D, real, fake, recipe, labels=None, r1_weight=0.0, scaler=None):
+def d_forward(D, real, fake, recipe, labels=None, strength=None, r1_weight=0.0, scaler=None):
     """D's loss on a real and a fake batch (with the class loss of the real one's classes), and
     its mean outputs as probabilities.
 
     labels: the classes of both batches (fakes are drawn as the real batch's classes), or None.
+    strength: --ada's AugmentStrength, which is told the signs of D's logits on the real batch.
     r1_weight: gamma of the R1 penalty added at this step (0: none); scaler: D's loss scaler.
     """
-    real_input = recipe.augment(real)
+    real_input = recipe.augment(real, strength)
     if r1_weight:
         real_input = real_input.detach().requires_grad_(True)
     real_logits, class_loss = judge_with_class_loss(D, real_input, labels, recipe)
-    fake_logits = judge(D, recipe.augment(fake), labels)
+    if strength is not None:
+        strength.observe(real_logits)
+    fake_logits = judge(D, recipe.augment(fake, strength), labels)
     loss = LOSSES[recipe.loss][0](real_logits.float(), fake_logits.float(), recipe) + class_loss
     if r1_weight:
         loss = loss + r1_weight / 2 * r1_penalty(real_logits, real_input, scaler)
@@ -381,10 +314,10 @@ def d_forward(D, real, fake, recipe, labels=None, r1_weight=0.0, scaler=None):
     return loss, d_real, torch.sigmoid(fake_logits.detach().float()).mean()
 
 
-def g_forward(D, real, fake, recipe, labels=None):
+def g_forward(D, real, fake, recipe, labels=None, strength=None):
     """G's loss: what D makes of its (augmented) images, plus the weighted spectral loss and the
     class loss of the classes they were drawn as."""
-    fake_logits, class_loss = judge_with_class_loss(D, recipe.augment(fake), labels, recipe)
+    fake_logits, class_loss = judge_with_class_loss(D, recipe.augment(fake, strength), labels, recipe)
     loss = LOSSES[recipe.loss][1](fake_logits.float()) + class_loss
     if recipe.spectral_loss:
         loss = loss + recipe.spectral_loss * spectral_loss(fake, real)
@@ -400,9 +333,13 @@ def d_step(nets, real, fake, recipe, runtime, labels=None, step=0):
     with runtime.autocast():
         if recipe.r1_due(step):
             r1_weight = recipe.r1 * recipe.r1_every
-            loss_d, d_real, d_fake = d_forward(nets.D_r1, real, fake.detach(), recipe, labels, r1_weight, nets.scaler_D)
+            loss_d, d_real, d_fake = d_forward(
+                nets.D_r1, real, fake.detach(), recipe, labels, nets.augment_strength, r1_weight, nets.scaler_D
+            )
         else:
-            loss_d, d_real, d_fake = nets.d_forward(nets.D_train, real, fake.detach(), recipe, labels)
+            loss_d, d_real, d_fake = nets.d_forward(
+                nets.D_train, real, fake.detach(), recipe, labels, nets.augment_strength
+            )
     nets.opt_D.zero_grad(set_to_none=True)
     nets.scaler_D.scale(loss_d).backward()
     nets.scaler_D.step(nets.opt_D)
@@ -419,7 +356,7 @@ def g_step(nets, real, fake, recipe, runtime, labels=None):
         with runtime.autocast():
             # D outside DDP: it has no gradients to all-reduce here (with --sync-bn its
             # BatchNorm layers still synchronise their statistics, on every rank alike)
-            loss_g = nets.g_forward(nets.D_no_sync, real, fake, recipe, labels)
+            loss_g = nets.g_forward(nets.D_no_sync, real, fake, recipe, labels, nets.augment_strength)
         nets.opt_G.zero_grad(set_to_none=True)
         nets.scaler_G.scale(loss_g).backward()
     finally:
@@ -446,6 +383,7 @@ def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0, labels
     classes, so D sees real and fake batches of one class mix (the data's own balance).
     step: the steps the run has made before this one (--r1-every counts them).
     """
+    real = x_flipped(real) if recipe.mirror else real  # --mirror: the images' mirror images as more data
     noise = torch.randn(real.shape[0], nets.G.nz, 1, 1, device=real.device)
     with torch.set_grad_enabled(update_g), runtime.autocast():
         fake = nets.G_train(noise) if labels is None else nets.G_train(noise, labels)
@@ -454,6 +392,8 @@ def train_step(nets, real, recipe, runtime, update_g=True, ema_decay=0.0, labels
         stats.update(g_step(nets, real, fake, recipe, runtime, labels))
         if nets.G_ema is not None:
             update_ema(nets.G_ema, nets.G, ema_decay)
+    if nets.augment_strength is not None:
+        nets.augment_strength.after_step(runtime)
     return stats
 
 

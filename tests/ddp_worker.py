@@ -3,8 +3,8 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py OUT_DIR [gan.py flags]
 
 Writes OUT_DIR/rank{R}.pt with the rank's parameters, a fingerprint of every real batch
-it trained on (and the batch's labels under --conditional) and the global RNG state its first step
-began with. Run with plain python, it is rank 0 of a one-process run. With DDP_WORKER_FAIL_RANK=R
+it trained on (and the batch's labels under --conditional), the global RNG state its first step
+began with and its --ada state. Run with plain python, it is rank 0 of a one-process run. With DDP_WORKER_FAIL_RANK=R
 set, loading the data fails on rank R only; with DDP_WORKER_SIGINT=R:S, rank R alone gets a SIGINT
 after its step S; with DDP_WORKER_STAND_IN_FEATURES=1, --fid-every scores with a tiny feature net
 instead of Inception. With DDP_WORKER_OWN_DISK=1 each rank runs in a folder of its own, OUT_DIR/diskR,
@@ -117,6 +117,7 @@ def main():
             "G_ema": checkpoint.cpu_state(nets.G_ema) if nets.G_ema is not None else None,
             "G_params": [name for name, _ in nets.G.named_parameters()],
             "D_params": [name for name, _ in nets.D.named_parameters()],
+            "augment": nets.augment_strength.state_dict() if nets.augment_strength is not None else None,
         }
         torch.save(state, out_dir / f"rank{rank}.pt")
     return exit_code

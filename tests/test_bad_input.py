@@ -79,6 +79,11 @@ BAD_FLAGS = [
     (["--r1-every", "4"], "--r1-every applies with --r1 (the penalty's weight), which is 0 in this run"),
     (["--class-loss", "1e300", "--conditional"], "--class-loss: must be from 0 to 1000, got 1e300"),
     (["--label-smoothing", "0.1", "--loss", "hinge"], "--label-smoothing applies to --loss bce only"),
+    (["--ada", "--ada-target", "1"], "--ada-target: must be between 0 and 1 (not 0 or 1), got 1"),
+    (["--ada", "--ada-target", "0"], "--ada-target: must be between 0 and 1 (not 0 or 1), got 0"),
+    (["--ada", "--ada-target", "nan"], "--ada-target: must be between 0 and 1 (not 0 or 1), got nan"),
+    (["--ada", "--ada-target", "-0.6"], "--ada-target: must be between 0 and 1 (not 0 or 1), got -0.6"),
+    (["--ada-target", "0.5"], "--ada-target applies to --ada training"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--dataset", "other"], "--dataset: invalid choice: 'other'"),
     (["--device", "tpu"], "--device: must be auto, cpu, mps, cuda or cuda:N, got tpu"),
@@ -485,6 +490,10 @@ def test_resume_from_a_checkpoint_with_unusable_flags(run_copy, gan_main, flags)
     [
         {"epoch": "two"}, {"step": None}, {"epoch": -5}, {"batch": -1}, {"seed": "x"}, {"epoch": True},
         {"netG_ema": torch.zeros(2)}, {"netD": [1, 2]}, {"rng": torch.zeros(2)}, {"optG": None}, {"best_fid": "low"},
+        {"augment": torch.zeros(2)}, {"augment": {"p": torch.tensor(1.5), "signs": torch.zeros(2), "steps": 0}},
+        {"augment": {"p": torch.tensor(0.1), "signs": torch.tensor([9.0, 8.0]), "steps": 2}},
+        {"augment": {"p": torch.tensor(0.1), "signs": torch.zeros(2), "steps": 4}},
+        {"augment": {"p": torch.tensor(float("nan")), "signs": torch.zeros(2), "steps": 0}},
     ],
     ids=repr,
 )  # fmt: skip
@@ -953,6 +962,8 @@ def test_every_flag_is_read_by_every_mode_or_listed_with_the_modes_that_read_it(
     [
         (FLAGS_A_MODE_NEVER_READS[0][0], FLAGS_A_MODE_NEVER_READS[0][1]),
         (["--generate", "4", "--r1", "1"], "--r1 is read by training only, not by --generate"),
+        (["--generate", "4", "--mirror"], "--mirror is read by training only, not by --generate"),
+        (["--evaluate", "--ada"], "--ada is read by training only, not by --evaluate"),
     ],
 )
 def test_flags_of_another_mode_are_refused_and_nothing_is_written(argv, phrase, run_copy, gan_main):

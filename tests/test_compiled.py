@@ -19,8 +19,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 NET_FLAGS = ["--device", "cpu", "--image-size", "16", "--nz", "8", "--ngf", "8", "--ndf", "8"]
-# the same in every test, so that inductor's cache serves the later ones
-STEP_FLAGS = ["--precision", "bf16", "--diffaugment", "--spectral-loss", "1"]
+# the same in every test, so that inductor's cache serves the later ones; --ada's pipeline holds
+# DiffAugment's operations, each behind its gate, and takes p as an input of the graphs
+STEP_FLAGS = ["--precision", "bf16", "--diffaugment", "--ada", "--spectral-loss", "1"]
 
 
 def build(*flags):
@@ -32,6 +33,7 @@ def build(*flags):
 
 def run_steps(nets, opts, runtime, count=3):
     recipe = steps.Recipe.from_options(opts)
+    nets.augment_strength.p.fill_(0.5)  # every operation on about half the images (p moves at step 4)
     generator = torch.Generator().manual_seed(5)
     history = []
     for step in range(count):
@@ -49,9 +51,10 @@ def weights(nets):
 # inductor compiles both updates and their backward: 88 s with a cold compile cache on a busy 2-core machine
 @pytest.mark.timeout(180)
 def test_compiled_bf16_steps_agree_with_eager_ones():
-    """Whole compiled updates (DiffAugment, both D forwards, the losses with the spectral loss's
-    FFT, their backward) give the statistics of the eager updates, and change G's and D's weights
-    as they do, within bf16 rounding.
+    """Whole compiled updates (the augment pipeline at p = 0.5, both D forwards, the losses with the
+    spectral loss's FFT, their backward) give the statistics of the eager updates, and change G's
+    and D's weights as they do, within bf16 rounding; the compiled D update counts the signs of its
+    logits on the real images into --ada's sums.
 
     The tolerance is calibrated: measured, the compiled steps' change of the weights differs from
     the eager steps' by 0.11 of it for G and 0.03 for D (bf16 rounds differently in fused kernels and flips
@@ -68,6 +71,8 @@ def test_compiled_bf16_steps_agree_with_eager_ones():
     eager_history = run_steps(eager, opts, runtime)
     with torch._inductor.config.patch(fallback_random=True):  # DiffAugment's draws as in eager
         compiled_history = run_steps(compiled, opts_c, runtime_c)
+    for strength in (eager.augment_strength, compiled.augment_strength):
+        assert strength.steps == 3 and strength.signs[1].item() == 3 * 8
     for eager_stats, compiled_stats in zip(eager_history, compiled_history):
         assert set(compiled_stats) == {"loss_d", "loss_g", "d_real", "d_fake"}
         for name, value in eager_stats.items():
@@ -77,11 +82,20 @@ def test_compiled_bf16_steps_agree_with_eager_ones():
         eager_change, compiled_change = eager_end[name] - start[name], compiled_end[name] - start[name]
         relative = ((compiled_change - eager_change).norm() / eager_change.norm()).item()
         assert relative < 0.3, name
+    # p is an input of the graphs, not a constant in them: another p compiles nothing new
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    compiled.augment_strength.p.fill_(0.9)
+    with torch._inductor.config.patch(fallback_random=True):
+        real = torch.zeros(8, 3, 16, 16).contiguous(memory_format=runtime_c.memory_format)
+        steps.train_step(compiled, real, steps.Recipe.from_options(opts_c), runtime_c, ema_decay=0.5)
+    assert counters["stats"]["unique_graphs"] == graphs and compiled.augment_strength.steps == 0
 
 
 def test_the_cli_compiles_a_bounded_number_of_graphs(gan_main, tmp_path):
-    """Two epochs with --d-steps 2 and DiffAugment, the epoch pictures (sampling), a resume: a fixed
-    set of graphs, none of them split by a graph break, and no recompilation as the run goes on."""
+    """Two epochs with --d-steps 2 and --ada, the epoch pictures (sampling), a resume: a fixed set
+    of graphs, none of them split by a graph break, and no recompilation as the run goes on."""
     import torch._inductor.config
     from torch._dynamo.utils import counters
 

@@ -68,10 +68,12 @@ def metric_steps(folder):
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    """A 1-epoch two-process run, then its resume to 2 epochs; the outputs of both."""
+    """A 1-epoch two-process run, then its resume to 2 epochs; the outputs of both. With --ada and
+    --mirror, whose state each rank keeps: the checkpoint falls inside ADA's interval of 4 steps."""
     folder = tmp_path_factory.mktemp("ddp_run")
     # without --seed: each rank would draw its own random seed unless rank 0's reaches them all
     unseeded = [arg for arg in TINY_ARGS if arg not in ("--seed", TINY_ARGS[TINY_ARGS.index("--seed") + 1])]
+    unseeded += ["--ada", "--mirror"]
     first = check_ok(torchrun([*unseeded, "--epochs", "1", "--ema", "0.9"], folder))
     first_states = [rank_state(folder, rank) for rank in (0, 1)]
     first_metric_steps = metric_steps(folder)
@@ -190,12 +192,25 @@ def test_resume_under_torchrun_continues_from_the_checkpoint(ddp_run):
     assert first_order != second_order
 
 
-EXACT_KEYS = ("netG", "netD", "netG_ema", "optG", "optD", "fixed_noise", "rng", "epoch", "batch", "step")
+EXACT_KEYS = ("netG", "netD", "netG_ema", "optG", "optD", "fixed_noise", "rng", "augment", "epoch", "batch", "step")
 
 
 def assert_same_checkpoint(resumed, straight):
     for key in EXACT_KEYS:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@WITH_DDP_RUN
+def test_under_torchrun_every_rank_holds_the_sums_of_all_ranks_and_the_same_p(ddp_run):
+    """--ada: each step's signs are all-reduced, so the checkpoint (rank 0's) holds the interval's
+    sums over both ranks' images: 2 steps of 8 images on each of 2 ranks."""
+    saved = ddp_run["first_checkpoint"]["augment"]
+    assert saved["steps"] == 2 and saved["signs"][1].item() == 2 * 8 * 2 and saved["p"].item() == 0.0
+    for states in (ddp_run["first_states"], ddp_run["resumed_states"]):
+        rank0, rank1 = (state["augment"] for state in states)
+        torch.testing.assert_close(rank0, rank1, rtol=0, atol=0)
+    torch.testing.assert_close(ddp_run["first_states"][0]["augment"], saved, rtol=0, atol=0)
+    assert ddp_run["resumed_states"][0]["augment"]["steps"] == 0  # step 4 ended the interval: p moved or held
 
 
 @WITH_DDP_RUN

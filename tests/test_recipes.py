@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+import augment
 import options
 import startup
 import steps
@@ -112,16 +113,16 @@ def test_the_spectral_norm_flag_builds_such_a_d():
 
 def test_diffaugment_changes_the_images_and_keeps_the_shape():
     images = torch.rand(6, 3, 16, 16) * 2 - 1
-    augmented = steps.diff_augment(images, torch.Generator().manual_seed(0))
+    augmented = augment.diff_augment(images, torch.Generator().manual_seed(0))
     assert augmented.shape == images.shape
     assert not torch.allclose(augmented, images)
-    again = steps.diff_augment(images, torch.Generator().manual_seed(0))
+    again = augment.diff_augment(images, torch.Generator().manual_seed(0))
     torch.testing.assert_close(augmented, again)  # the randomness is the generator's only
 
 
 def test_diffaugment_is_differentiable():
     images = (torch.rand(6, 3, 16, 16) * 2 - 1).requires_grad_(True)
-    steps.diff_augment(images, torch.Generator().manual_seed(1)).square().sum().backward()
+    augment.diff_augment(images, torch.Generator().manual_seed(1)).square().sum().backward()
     assert images.grad is not None
     assert torch.isfinite(images.grad).all()
     assert images.grad.abs().sum() > 0
@@ -129,7 +130,7 @@ def test_diffaugment_is_differentiable():
 
 def test_translate_moves_whole_pixels_and_fills_with_zeros():
     images = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4).expand(2, 3, 4, 4).contiguous() + 1
-    shifted = steps.translate(images, torch.tensor([[1, 0], [-1, 2]]))
+    shifted = augment.translate(images, torch.tensor([[1, 0], [-1, 2]]))
     # image 0: pixel (i, j) comes from (i + 1, j); its last row falls off the edge
     torch.testing.assert_close(shifted[0, :, :3], images[0, :, 1:])
     assert (shifted[0, :, 3] == 0).all()
@@ -139,7 +140,7 @@ def test_translate_moves_whole_pixels_and_fills_with_zeros():
 
 
 def test_random_shifts_are_whole_pixels_up_to_an_eighth_of_the_side():
-    shifts = steps.random_shifts(torch.zeros(4000, 3, 32, 32), torch.Generator().manual_seed(0))
+    shifts = augment.random_shifts(torch.zeros(4000, 3, 32, 32), torch.Generator().manual_seed(0))
     assert shifts.dtype == torch.int64
     assert set(shifts.unique().tolist()) == set(range(-4, 5))  # int(32 * 0.125 + 0.5) = 4, as in the paper
 
@@ -147,7 +148,7 @@ def test_random_shifts_are_whole_pixels_up_to_an_eighth_of_the_side():
 def test_cutout_zeroes_a_half_side_square_clipped_at_the_borders():
     images = torch.ones(3, 3, 32, 32)
     corners = torch.tensor([[0, 0], [20, 24], [-8, 10]])
-    cut = steps.cutout(images, corners)
+    cut = augment.cutout(images, corners)
     assert (cut[0, :, :16, :16] == 0).all() and cut[0].sum() == 3 * (32 * 32 - 16 * 16)
     assert (cut[1, :, 20:, 24:] == 0).all() and cut[1].sum() == 3 * (32 * 32 - 12 * 8)
     assert (cut[2, :, :8, 10:26] == 0).all() and cut[2].sum() == 3 * (32 * 32 - 8 * 16)
@@ -156,8 +157,8 @@ def test_cutout_zeroes_a_half_side_square_clipped_at_the_borders():
 def test_diffaugment_of_bf16_and_fp32_images_shifts_the_same_whole_pixels():
     """Under autocast the fakes are bf16: they must move exactly as fp32 reals would."""
     images = torch.rand(64, 3, 64, 64) * 2 - 1
-    fp32 = steps.diff_augment(images, torch.Generator().manual_seed(3))
-    bf16 = steps.diff_augment(images.bfloat16(), torch.Generator().manual_seed(3))
+    fp32 = augment.diff_augment(images, torch.Generator().manual_seed(3))
+    bf16 = augment.diff_augment(images.bfloat16(), torch.Generator().manual_seed(3))
     assert bf16.dtype == torch.float32  # augmented in fp32
     # the same pixels were moved and cut out: zeros in the same places, values within bf16 rounding
     torch.testing.assert_close(bf16 == 0, fp32 == 0)
@@ -179,7 +180,7 @@ def test_the_diffaugment_flag_gives_d_the_augmented_images(monkeypatch):
         hook.remove()
         torch.manual_seed(7)
         torch.randn(4, nz, 1, 1)  # the step's noise comes first
-        expected = steps.diff_augment(real) if flags else real
+        expected = augment.diff_augment(real) if flags else real
         assert len(seen) == 3  # real and fake in the D step, fake in the G step
         torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
 
@@ -203,7 +204,7 @@ def test_the_diffaugment_flag_augments_the_fakes_in_both_updates():
         hook.remove()
     torch.manual_seed(7)
     torch.randn(4, nz, 1, 1)  # the step's noise comes first
-    expected = [steps.diff_augment(real), steps.diff_augment(fakes[0]), steps.diff_augment(fakes[0])]
+    expected = [augment.diff_augment(real), augment.diff_augment(fakes[0]), augment.diff_augment(fakes[0])]
     assert len(seen) == 3 and len(fakes) == 1
     for index, (images, wanted) in enumerate(zip(seen, expected, strict=True)):
         torch.testing.assert_close(images, wanted, rtol=0, atol=0, msg=lambda m, i=index: f"D's input {i}: {m}")

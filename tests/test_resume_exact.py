@@ -72,3 +72,24 @@ def test_one_epoch_and_a_resume_equal_two_epochs_in_one_go(kind, gan_main, tmp_p
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
     log = "metrics.jsonl"
     assert (tmp_path / "resumed" / log).read_text() == (tmp_path / "straight" / log).read_text()
+
+
+def test_ada_and_mirror_resume_exactly_from_inside_an_interval(gan_main, tmp_path):
+    """--ada --mirror: 2 epochs and a resume to 3 give bitwise the weights, p, the interval's sums
+    and the log of 3 epochs in one go. 3 steps per epoch against ADA's interval of 4: the first
+    checkpoint stops 2 steps into an interval, and p has moved once (at step 4) before it."""
+    ada = [*TINY_ARGS, "--seed", "2", "--subset", "24", "--ada", "--ada-target", "0.2", "--mirror"]
+    code, _, err = gan_main([*ada, "--epochs", "3", *folders_of("straight")])
+    assert code == 0, err
+    code, _, err = gan_main([*ada, "--epochs", "2", *folders_of("resumed")])
+    assert code == 0, err
+    halfway = torch.load(tmp_path / "resumed" / "checkpoint.pt")["augment"]
+    assert halfway["steps"] == 2 and halfway["signs"][1].item() == 16 and halfway["p"].item() > 0
+    code, out, err = gan_main(["--resume", *folders_of("resumed"), "--epochs", "3", "--device", "cpu", "--no-compile"])
+    assert code == 0, err
+    straight, resumed = (torch.load(tmp_path / name / "checkpoint.pt") for name in ("straight", "resumed"))
+    assert resumed["step"] == straight["step"] == 9 and straight["augment"]["steps"] == 1
+    for key in ("netG", "netD", "netG_ema", "optG", "optD", "rng", "augment"):
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
+    log = "metrics.jsonl"
+    assert (tmp_path / "resumed" / log).read_text() == (tmp_path / "straight" / log).read_text()
