@@ -399,7 +399,10 @@ def test_an_error_on_one_rank_stops_the_whole_job(tmp_path):
 def test_a_bad_flag_stops_every_rank_with_its_message(tmp_path):
     result = torchrun([*TINY_ARGS, "--image-size", "20"], tmp_path)
     assert result.returncode != 0
-    assert "argument --image-size: must be a power of two from 16 to 256, got 20" in result.stderr
+    assert (
+        "argument --image-size: must be a power of two from 16 to 256, or WIDTHxHEIGHT with each side one (64x32), got 20"
+        in result.stderr
+    )
 
 
 def torchrun_of_two_on(monkeypatch, device):

@@ -10,10 +10,10 @@ from conftest import load_folder, png_pixels
 from PIL import Image
 from torch import nn
 
+import augment
 import faults
 import gan
 import options
-import steps
 from folders import read_image
 from models import ARCHITECTURES, build_discriminator, build_generator, count_values, init_weights
 
@@ -178,13 +178,13 @@ def test_the_cache_of_one_orientation_never_serves_the_other(tmp_path, cache_dir
 
 
 def test_diffaugment_shifts_and_cuts_out_by_the_height_and_the_width():
-    shifts = steps.random_shifts(torch.zeros(4000, 3, 16, 64), torch.Generator().manual_seed(0))
+    shifts = augment.random_shifts(torch.zeros(4000, 3, 16, 64), torch.Generator().manual_seed(0))
     assert set(shifts[:, 0].tolist()) == set(range(-2, 3)) and set(shifts[:, 1].tolist()) == set(range(-8, 9))
     # a portrait batch: the cut-out rectangle's centre lands anywhere, also in the lower half
-    corners = steps.random_cutout_corners(torch.zeros(4000, 3, 64, 16), torch.Generator().manual_seed(0))
+    corners = augment.random_cutout_corners(torch.zeros(4000, 3, 64, 16), torch.Generator().manual_seed(0))
     assert (corners[:, 0].min(), corners[:, 0].max()) == (-16, 48)
     assert (corners[:, 1].min(), corners[:, 1].max()) == (-4, 12)
-    cut = steps.cutout(torch.ones(1, 3, 64, 16), torch.tensor([[0, 0]]))
+    cut = augment.cutout(torch.ones(1, 3, 64, 16), torch.tensor([[0, 0]]))
     assert (cut[0, :, :32, :8] == 0).all() and cut.sum() == 3 * (64 * 16 - 32 * 8)
 
 
