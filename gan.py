@@ -34,6 +34,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     from options import parse_flags
     from outputs import run_outputs, summary_writer_class
     from runtime import any_rank, barrier, launcher_words, rank_rng_states, setup_runtime, stop_distributed
+    from save_schedule import SaveSchedule
     from steps import STAT_NAMES, Meter, Recipe, ema_decay_at, epoch_summary, format_stat, train_step
     from utils import load_batches
 except KeyboardInterrupt:
@@ -139,9 +140,11 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
 
 
 def train_epochs(state, batches, opts, runtime, outputs, stop):
-    """The epochs: D and G steps, a log row every log_every_steps, pictures and a checkpoint after each."""
+    """The epochs: D and G steps, a log row every log_every_steps, a grid after each (the checkpoint
+    and the other pictures when save_schedule.py says)."""
     log_every = log_every_steps(opts, len(batches))
     recipe = Recipe.from_options(opts)
+    saves = SaveSchedule(opts, runtime)
     while state.progress.epoch < opts.epochs:
         progress, started, first_batch = state.progress, time.perf_counter(), state.progress.batch
         bar = tqdm(
@@ -172,8 +175,10 @@ def train_epochs(state, batches, opts, runtime, outputs, stop):
                 state, opts, runtime, outputs
             ):
                 images_done = (progress.batch - first_batch) * opts.batch_size * runtime.world_size
-                finish_epoch(state, meter, images_done, time.perf_counter() - started, opts, runtime, outputs)
-                if any_rank(stop.requested, runtime):
+                seconds = time.perf_counter() - started
+                stopping, save_all = saves.agree(progress, stop.requested)
+                finish_epoch(state, meter, images_done, seconds, save_all, opts, runtime, outputs)
+                if stopping:
                     raise stopped(stop, f"{stop.name}: stopped after epoch {progress.epoch}", opts, runtime)
         bar.close()
 
@@ -227,6 +232,7 @@ def save_and_stop(state, stop, bar, opts, runtime, outputs, what):
     # non-finite weights are not saved over the last good checkpoint (on_nan stop raises Diverged here)
     if weights_finite(state, opts, runtime, outputs):
         outputs.save_checkpoint(state, rank_rng_states(runtime))
+    outputs.draw_progress()  # the GIF frames and the loss plot that the last epoch ends left for later
     outputs.wait()  # what was saved is on disk before the message says so
     raise stopped(stop, f"{stop.name}: {what}, step {state.progress.step}", opts, runtime)
 
@@ -236,12 +242,13 @@ def stopped(stop, what, opts, runtime):
     return faults.interruption(stop, what, latest_checkpoint(opts.checkpoint_dir), command)
 
 
-def finish_epoch(state, meter, images_done, seconds, opts, runtime, outputs):
-    """FID, the checkpoint and the pictures (rank 0: outputs.end_epoch), then the epoch's summary line."""
+def finish_epoch(state, meter, images_done, seconds, save_all, opts, runtime, outputs):
+    """FID, the grid and (save_all: save_schedule.py) the checkpoint and the other pictures (rank 0:
+    outputs.end_epoch), then the epoch's summary line."""
     progress = state.progress
     progress.epoch += 1
     progress.batch = 0
-    fid = outputs.end_epoch(state, rank_rng_states(runtime))
+    fid = outputs.end_epoch(state, rank_rng_states(runtime), save_all)
     if runtime.is_main:
         runtime.say(epoch_summary(meter.epoch_means(), progress.epoch, opts.epochs, seconds, images_done, fid))
     barrier(runtime)
