@@ -26,6 +26,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     import faults
     import startup
     from checkpoint import latest_checkpoint
+    from compiling import compile_if_it_pays, training_step
     from errors import UserError, count_text, error_prefix
     from faults import Interrupted, StopRequest, handle_divergence, weights_finite
     from files import check_writable, locked_folders, no_new_empty_folders
@@ -125,6 +126,7 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
         summary_writer_class()  # fail fast, before the data, when it is missing; no event file yet
     data, batches = load_batches(opts, runtime)
     opts = startup.with_data_traits(opts, data, resumed)
+    runtime = compile_if_it_pays(runtime, opts, len(batches), resumed)
     state = startup.start_state(opts, runtime, resumed)
     if state.progress.epoch >= opts.epochs:
         runtime.say(f"already trained {count_text(state.progress.epoch, 'epoch')}; raise --epochs to train more")
@@ -145,6 +147,7 @@ def train_epochs(state, batches, opts, runtime, outputs, stop):
     log_every = log_every_steps(opts, len(batches))
     recipe = Recipe.from_options(opts)
     saves = SaveSchedule(opts, runtime)
+    step = training_step(train_step, runtime)  # compiled whole under --compile max
     while state.progress.epoch < opts.epochs:
         progress, started, first_batch = state.progress, time.perf_counter(), state.progress.batch
         bar = tqdm(
@@ -159,7 +162,7 @@ def train_epochs(state, batches, opts, runtime, outputs, stop):
         for real, labels in batches.labelled_epoch(progress.epoch, start=progress.batch):
             update_g = (progress.step + 1) % opts.d_steps == 0
             decay = ema_decay_at(opts.ema, progress.step)
-            stats = train_step(state.nets, real, recipe, runtime, update_g, decay, labels)
+            stats = step(state.nets, real, recipe, runtime, update_g, decay, labels)
             meter.add(stats)
             progress.step += 1
             progress.batch += 1
