@@ -19,6 +19,7 @@ import faults
 import gan
 import options
 import save_schedule
+import steps
 from checkpoint import Progress
 from runtime import Runtime
 
@@ -176,6 +177,30 @@ def test_a_run_killed_after_an_epoch_that_saved_nothing_resumes_exactly_from_its
     log = checkpoint.METRICS_LOG_NAME
     assert (tmp_path / "checkpoints" / log).read_text() == (tmp_path / "straight" / log).read_text()
     assert gif_frames_as_epochs(images) == ([1, 2, 3], [artifacts.FRAME_MS] * 2 + [artifacts.LAST_FRAME_MS])
+
+
+def test_a_rollback_drops_the_waiting_frames_of_the_epochs_it_trains_again(monkeypatch, gan_main, tmp_path):
+    """Epochs 2 and 3 draw their grids alone; a NaN in epoch 4 rolls back to epoch 1's checkpoint:
+    the frames of 2 and 3 are forgotten, and the GIF ends with one frame of each epoch as it was
+    trained the second time."""
+    set_clock(monkeypatch, [0, 10, 20])
+    written = record_writes(monkeypatch)
+    real_d_step, calls = steps.d_step, []
+
+    def d_step(*args, **kwargs):
+        stats = real_d_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3 * STEPS_PER_EPOCH + 2:
+            stats["loss_d"] = torch.full_like(stats["loss_d"], math.nan)
+        return stats
+
+    monkeypatch.setattr(steps, "d_step", d_step)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "4", "--on-nan", "rollback"])
+    assert code == 0, err
+    assert "rolled back to checkpoints/checkpoint.pt (epoch 1)" in out
+    assert written["checkpoints"] == [(1, 4), (4, 16)] and written["frames"] == [1, 3]
+    assert written["grids"] == [f"epoch_{epoch:03d}.png" for epoch in (1, 2, 3, 2, 3, 4)]
+    assert gif_frames_as_epochs(tmp_path / "images")[0] == [1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------- the decision itself
