@@ -6,9 +6,10 @@ The files of each epoch's end (its grid; the checkpoint, GIF frames and plots wh
 says) are written on a thread of their own on an accelerator (BackgroundWriter), so the training
 never waits while a PNG is encoded or a checkpoint is fsynced; on the CPU, where such a thread takes
 its time from the steps, InlineWriter writes them where they are handed over. Jobs run one at a
-time in the order given (a checkpoint before its pictures). A job must own what it writes: copies taken on the training thread before it
-is handed over. After a job fails, the later ones are dropped (no picture of an epoch whose
-checkpoint failed) and the error is raised on the training thread at its next hand-over, wait or close.
+time in the order given (a checkpoint before its pictures). A job must own what it writes: copies
+taken on the training thread before it is handed over. After a job fails, the later ones are
+dropped (no picture of an epoch whose checkpoint failed) and the error is raised on the training
+thread at its next hand-over, wait or close.
 """
 
 import contextlib
