@@ -309,8 +309,8 @@ def gif_header(width, height):
 def encode_frame(image, delay_ms):
     """One frame's blocks: a graphic control extension, then PIL's image with its palette made local.
 
-    Its 256 colours are chosen by PIL's fast octree: PIL's default (median cut) took a hundred times
-    as long, most of an epoch's end at 64 px (BENCHMARKS.md).
+    Its 256 colours are chosen by PIL's fast octree: PIL's default (median cut) took many times as
+    long, more than the rest of an epoch's pictures at 64 px (BENCHMARKS.md).
     """
     buffer = io.BytesIO()
     image.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(buffer, format="GIF")

@@ -1,18 +1,23 @@
 """What the end of an epoch costs a whole run: the share of wall time not spent training.
 
 Runs the same gan.py command for a few epochs and for more epochs (fresh folders each), and
-reads each epoch's training seconds from its summary line ("[3/6] ... 2.1s ..."). The extra
+reads each epoch's training seconds from its summary line, as its images over its images per
+second ("[3/6] ... 2.1s  853 img/s": they keep their precision where "0.0s" does not). The extra
 epochs add extra wall seconds; whatever of those is not training is the end of the epochs
 (EMA statistics, pictures, checkpoint: what the training thread waits for, and what a writer
 thread takes from it):
 
     share = 1 - (extra training seconds) / (extra wall seconds)
 
-Start-up cancels out in the difference; an untimed 1-epoch run first builds the folder cache.
+and, measured directly, the seconds the longer run spent in gan.finish_epoch (its runs go through
+this script's --timed-run, which wraps it) as a share of that run's whole wall time, start-up
+included. Start-up cancels out in the difference; an untimed 1-epoch run first builds the folder cache.
 Default: the small-folder run (the digits written as 32x32 PNGs, --recipe improved at 32 px,
-ngf=ndf=32, batch 64: 28 steps per epoch). --stand-in: the short epochs of a GPU on a CPU, 1 and
-43 epochs of one step each of a tiny model (--dataset fake, 16 px, ngf=ndf=8, batch 8), where the
-end of each epoch weighs as much against its steps as it does at GPU speed.
+ngf=ndf=32, batch 64: 28 steps per epoch). --stand-in: a CPU's stand-in for a GPU's short
+epochs, 1 and 43 epochs of one step each of a tiny model (--dataset fake, 16 px, ngf=ndf=8, batch
+8). It stands in for the number of epoch ends and their files, not for their weights: the EMA's
+statistics (512 samples through G) weigh far more against one step of 8 images than against a GPU
+epoch of 390 steps.
 
     python benchmarks/epoch_end.py                          # 2 and 6 epochs, 2 rounds
     python benchmarks/epoch_end.py --folder my_images/ --flags --image-size 64
@@ -38,6 +43,7 @@ STAND_IN_EPOCHS = [1, 43]
 # precision where a one-step epoch's "0.0s" does not
 SUMMARY = re.compile(r"^\[\d+/\d+\] .* \d+(?:\.\d+)?s  (\d+) img/s", re.M)
 STEPS = re.compile(r"([\d,]+) steps? per epoch")
+EPOCH_ENDS = re.compile(r"^epoch ends: (\d+\.\d+) s$", re.M)
 
 
 def parse_args(argv=None):
@@ -64,8 +70,9 @@ def digits_folder(work_dir):
 
 
 def run(epochs, data, flags, run_dir, env):
-    """(wall seconds, training seconds summed over the epochs) of one fresh run; data: its data flags."""
-    command = [sys.executable, str(ROOT / "gan.py"), *data,
+    """(wall seconds, training seconds summed over the epochs, seconds in gan.finish_epoch) of one
+    fresh run; data: its data flags."""
+    command = [sys.executable, __file__, "--timed-run", *data,
                "--epochs", str(epochs), "--seed", "0", "--device", "cpu", *flags,
                "--checkpoint-dir", str(run_dir / "checkpoints"), "--image-dir", str(run_dir / "images")]  # fmt: skip
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
@@ -79,7 +86,28 @@ def run(epochs, data, flags, run_dir, env):
     if len(rates) != epochs:
         raise RuntimeError(f"found {len(rates)} epoch summaries in the output of {epochs} epochs")
     images = int(STEPS.search(output).group(1).replace(",", "")) * batch_size(flags)
-    return wall, sum(images / rate for rate in rates)
+    return wall, sum(images / rate for rate in rates), float(EPOCH_ENDS.search(output).group(1))
+
+
+def timed_run(argv):
+    """gan.main(argv), with the seconds spent in gan.finish_epoch printed last (rank 0's epoch
+    ends: FID, the EMA's statistics, the grid, and the checkpoint and plots where they are due)."""
+    sys.path.insert(0, str(ROOT))
+    import gan
+
+    real_finish_epoch, spent = gan.finish_epoch, [0.0]
+
+    def finish_epoch(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return real_finish_epoch(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    gan.finish_epoch = finish_epoch
+    code = gan.main(argv)
+    print(f"epoch ends: {spent[0]:.3f} s", file=sys.stderr)
+    return code
 
 
 def batch_size(flags):
@@ -98,24 +126,30 @@ def main(argv=None):
     print(f"load average before: {os.getloadavg()}; gan.py {' '.join(args.flags)}; epochs {args.epochs}")
     short, long = args.epochs
     run(1, data, args.flags, work_dir / "warm-up", env)  # builds the folder cache, untimed
-    shares = []
+    shares, whole_run_shares = [], []
     print(
         "| round | wall s (short / long) | training s (short / long) | epoch-end share of the extra wall time "
-        "| epoch-end s per extra epoch |"
+        f"| epoch-end s per extra epoch | epoch ends of the {long}-epoch run, s (share of its wall time) |"
     )
-    print("|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|")
     for index in range(args.rounds):
-        wall_short, train_short = run(short, data, args.flags, work_dir / "short", env)
-        wall_long, train_long = run(long, data, args.flags, work_dir / "long", env)
+        wall_short, train_short, _ = run(short, data, args.flags, work_dir / "short", env)
+        wall_long, train_long, ends_long = run(long, data, args.flags, work_dir / "long", env)
         share = 1 - (train_long - train_short) / (wall_long - wall_short)
         shares.append(share)
+        whole_run_shares.append(ends_long / wall_long)
         per_epoch = (wall_long - wall_short - train_long + train_short) / (long - short)
         print(
             f"| {index + 1} | {wall_short:.1f} / {wall_long:.1f} | {train_short:.1f} / {train_long:.1f} | {share:.1%} "
-            f"| {per_epoch:.3f} |"
+            f"| {per_epoch:.3f} | {ends_long:.2f} ({ends_long / wall_long:.1%}) |"
         )
-    print(f"median share: {statistics.median(shares):.1%}; load average after: {os.getloadavg()}")
+    print(
+        f"median share of the extra wall time: {statistics.median(shares):.1%}; of the {long}-epoch run's wall "
+        f"time: {statistics.median(whole_run_shares):.1%}; load average after: {os.getloadavg()}"
+    )
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--timed-run"]:
+        sys.exit(timed_run(sys.argv[2:]))
     main()

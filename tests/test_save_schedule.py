@@ -52,10 +52,10 @@ def record_writes(monkeypatch):
         written["frames"].append(len(blocks))
         real_append(gif, blocks, size)
 
-    def save_pil(image, path):
+    def save_pil(image, path, **kwargs):
         if path.name.startswith("epoch_"):
             written["grids"].append(path.name)
-        real_save_pil(image, path)
+        real_save_pil(image, path, **kwargs)
 
     monkeypatch.setattr(checkpoint, "write_run_files", write_run_files)
     monkeypatch.setattr(artifacts, "plot_losses", plot_losses)
