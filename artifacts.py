@@ -182,11 +182,14 @@ def save_gif(frames, path, frame_seconds=0.4):
 
 
 class EpochPictures:
-    """images/: real_samples.png once, then per epoch a grid, a GIF frame and the loss plot."""
+    """images/: real_samples.png once, then per epoch a grid; its GIF frame and the loss plot
+    when draw_progress is called (at the epoch ends that save: save_schedule.py)."""
 
     def __init__(self, image_dir, rows, epochs_done):
         self.image_dir = Path(image_dir)
         self.rows = rows  # the metrics log, kept in memory so a plot never re-reads it
+        # (step at the epoch's end, size, encoded GIF frame) of the epochs whose frames wait for draw_progress
+        self.frames = []
         self.gif = ProgressGif(self.image_dir / "progress.gif")
         with drawing(self.gif.path):
             self.gif.open([self.grid_path(e) for e in range(1, epochs_done + 1) if self.grid_path(e).is_file()])
@@ -201,14 +204,27 @@ class EpochPictures:
             with drawing(path):
                 save_grid(to_float_images(real_uint8, image_size), path)
 
-    def add_epoch(self, samples, epoch, row_names=None):
-        """The epoch's grid (labelled rows of classes with row_names) as a PNG and a GIF frame."""
+    def add_epoch(self, samples, epoch, row_names=None, step=0):
+        """The epoch's grid (labelled rows of classes with row_names) as a PNG; its GIF frame waits
+        for draw_progress. step: the run's step at the epoch's end, for forget_frames_after."""
         with drawing(self.grid_path(epoch)):
             grid = epoch_grid_image(samples, row_names)
             save_pil(grid, self.grid_path(epoch))
-            self.gif.append(grid)
+            # encoded now, a few times smaller than the picture, and the work spread over the epochs
+            self.frames.append((step, grid.size, encode_frame(grid, FRAME_MS)))
+
+    def draw_progress(self):
+        """The waiting GIF frames, in the order of their epochs, and the loss plot of every row so far."""
+        frames, self.frames = self.frames, []
+        if frames:
+            with drawing(self.gif.path):
+                self.gif.append_encoded([block for _, _, block in frames], frames[0][1])
         with drawing(self.image_dir / "losses.png"):
             plot_losses(self.rows, self.image_dir / "losses.png")
+
+    def forget_frames_after(self, step):
+        """Drop the waiting frames of epochs that ended after step (a rollback trains them again)."""
+        self.frames = [frame for frame in self.frames if frame[0] <= step]
 
     def write_real_vs_fake(self, real_uint8, fake, image_size, row_names=None):
         path = self.image_dir / "real_vs_fake.png"
@@ -256,24 +272,32 @@ class ProgressGif:
             data += block
         atomic_write_bytes(self.path, bytes(data) + b";")
 
-    def append(self, image):
-        """Add one PIL frame at the end; the previous last frame goes back to the usual delay."""
-        if self.last_delay_at is None or not self.path.is_file():  # the first frame, or the GIF was removed
-            atomic_write_bytes(self.path, gif_header(*image.size) + encode_frame(image, LAST_FRAME_MS) + b";")
-            self.last_delay_at = len(gif_header(*image.size)) + 4
+    def append(self, *images):
+        """Add PIL frames at the end; the previous last frame goes back to the usual delay."""
+        self.append_encoded([encode_frame(image, FRAME_MS) for image in images], images[0].size)
+
+    def append_encoded(self, blocks, size):
+        """Add frames encoded by encode_frame at FRAME_MS, of size (width, height), in one write;
+        the new last one is held longer, the previous last goes back to the usual delay."""
+        last_delay_in_blocks = sum(map(len, blocks[:-1])) + 4  # a block starts with its delay's extension
+        new = bytearray(b"".join(blocks))
+        new[last_delay_in_blocks : last_delay_in_blocks + 2] = struct.pack("<H", LAST_FRAME_MS // 10)
+        if self.last_delay_at is None or not self.path.is_file():  # the first frames, or the GIF was removed
+            header = gif_header(*size)
+            atomic_write_bytes(self.path, header + new + b";")
+            self.last_delay_at = len(header) + last_delay_in_blocks
             return
-        block = encode_frame(image, LAST_FRAME_MS)
         try:
             with open(self.path, "r+b") as file:
                 file.seek(self.last_delay_at)
                 file.write(struct.pack("<H", FRAME_MS // 10))
                 end = file.seek(-1, os.SEEK_END)  # the trailer byte
-                file.write(block + b";")
+                file.write(new + b";")
                 file.flush()
                 os.fsync(file.fileno())
         except OSError as error:
             raise WriteError(self.path, error) from None
-        self.last_delay_at = end + 4
+        self.last_delay_at = end + last_delay_in_blocks
 
 
 def gif_header(width, height):
@@ -283,9 +307,13 @@ def gif_header(width, height):
 
 
 def encode_frame(image, delay_ms):
-    """One frame's blocks: a graphic control extension, then PIL's image with its palette made local."""
+    """One frame's blocks: a graphic control extension, then PIL's image with its palette made local.
+
+    Its 256 colours are chosen by PIL's fast octree: PIL's default (median cut) took many times as
+    long, more than the rest of an epoch's pictures at 64 px (BENCHMARKS.md).
+    """
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="GIF")
+    image.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(buffer, format="GIF")
     data = buffer.getvalue()
     packed = data[10]
     palette_size = 3 * 2 ** ((packed & 7) + 1) if packed & 0x80 else 0

@@ -27,6 +27,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     import startup
     from augment import STRENGTH_LABELS, strength_row
     from checkpoint import latest_checkpoint
+    from compiling import compile_if_it_pays, training_step
     from errors import UserError, count_text, error_prefix
     from faults import Interrupted, StopRequest, handle_divergence, weights_finite
     from files import check_writable, locked_folders, no_new_empty_folders
@@ -36,6 +37,7 @@ try:  # importing torch takes seconds: a Ctrl-C meanwhile gets one line, not a t
     from outputs import finished_line, run_outputs, summary_writer_class
     from runlength import RunLength, RunProgressBar
     from runtime import any_rank, barrier, launcher_words, rank_rng_states, setup_runtime, stop_distributed
+    from save_schedule import SaveSchedule
     from snapshots import snapshot_due
     from steps import STAT_NAMES, Meter, Recipe, ema_decay_at, epoch_summary, format_stat, train_step
     from utils import load_batches
@@ -127,6 +129,7 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
         summary_writer_class()  # fail fast, before the data, when it is missing; no event file yet
     data, batches = load_batches(opts, runtime)
     opts = startup.with_data_traits(opts, data, resumed)
+    runtime = compile_if_it_pays(runtime, opts, len(batches), resumed)
     state = startup.start_state(opts, runtime, resumed)
     length = RunLength.of(opts, len(batches), runtime.world_size, state.progress)
     if length.done(state.progress):
@@ -145,10 +148,13 @@ def train_in_locked_folders(opts, resumed, runtime, metric_feature, locks):
 
 
 def train_epochs(state, batches, length, opts, runtime, outputs, stop):
-    """The epochs: D and G steps, a log row every log_every_steps, pictures and a checkpoint after
-    each, until the run's length (runlength.py), with one progress bar for the whole run."""
+    """The epochs: D and G steps, a log row every log_every_steps, a grid after each (the checkpoint
+    and the other pictures when save_schedule.py says), until the run's length (runlength.py), with
+    one progress bar for the whole run."""
     log_every = log_every_steps(opts, len(batches))
     recipe = Recipe.from_options(opts)
+    saves = SaveSchedule(opts, runtime, length)
+    step = training_step(train_step, runtime)  # compiled whole under --compile max
     bar = RunProgressBar(length, state.progress, disable=not runtime.is_main)
     while not length.done(state.progress):
         progress, started, first_batch = state.progress, time.perf_counter(), state.progress.batch
@@ -157,7 +163,7 @@ def train_epochs(state, batches, length, opts, runtime, outputs, stop):
         for real, labels in batches.labelled_epoch(progress.epoch, start=progress.batch):
             update_g = (progress.step + 1) % opts.d_steps == 0
             decay = ema_decay_at(opts.ema, progress.step)
-            stats = train_step(state.nets, real, recipe, runtime, update_g, decay, labels, progress.step)
+            stats = step(state.nets, real, recipe, runtime, update_g, decay, labels, progress.step)
             meter.add(stats)
             progress.step += 1
             progress.batch += 1
@@ -167,15 +173,14 @@ def train_epochs(state, batches, length, opts, runtime, outputs, stop):
             if snapshot_due(progress.step, opts) and not save_snapshot(state, opts, runtime, outputs):
                 break
             if length.ends_inside_epoch(progress):  # --kimg: the run ends here, its pictures and checkpoint too
-                finish_epoch(state, meter, bar, first_batch, started, length, opts, runtime, outputs)
+                finish_epoch(state, meter, bar, first_batch, started, length, saves, stop, opts, runtime, outputs)
                 break
             if save_due(progress, len(batches), opts) and not save_mid_epoch(state, opts, runtime, outputs):
                 break
             if stop_requested(stop, progress.step, log_every, runtime):
                 save_and_stop(state, stop, bar, opts, runtime, outputs, f"stopped at epoch {progress.epoch + 1}")
         else:
-            finished = finish_epoch(state, meter, bar, first_batch, started, length, opts, runtime, outputs)
-            if finished and any_rank(stop.requested, runtime):
+            if finish_epoch(state, meter, bar, first_batch, started, length, saves, stop, opts, runtime, outputs):
                 raise stopped(stop, f"{stop.name}: stopped after epoch {progress.epoch}", opts, runtime)
     bar.close()
 
@@ -239,6 +244,7 @@ def save_and_stop(state, stop, bar, opts, runtime, outputs, what):
     # non-finite weights are not saved over the last good checkpoint (on_nan stop raises Diverged here)
     if weights_finite(state, opts, runtime, outputs):
         outputs.save_checkpoint(state, rank_rng_states(runtime))
+    outputs.draw_progress()  # the GIF frames and the loss plot that the last epoch ends left for later
     outputs.wait()  # what was saved is on disk before the message says so
     raise stopped(stop, f"{stop.name}: {what}, step {state.progress.step}", opts, runtime)
 
@@ -248,19 +254,21 @@ def stopped(stop, what, opts, runtime):
     return faults.interruption(stop, what, latest_checkpoint(opts.checkpoint_dir), command)
 
 
-def finish_epoch(state, meter, bar, first_batch, started, length, opts, runtime, outputs):
-    """The epoch's last log row; then, its weights finite, FID, the checkpoint and the pictures
-    (rank 0: outputs.end_epoch) and its summary line. A --kimg run that ends inside an epoch ends
-    it here too, and the checkpoint stands where it stopped. False when the run rolled back."""
+def finish_epoch(state, meter, bar, first_batch, started, length, saves, stop, opts, runtime, outputs):
+    """The epoch's last log row; then, its weights finite, FID, the grid and (when save_schedule.py
+    says) the checkpoint and the other pictures (rank 0: outputs.end_epoch), and its summary line.
+    A --kimg run that ends inside an epoch ends it here too, and the checkpoint stands where it
+    stopped. True when a stop was asked for: all is saved, and the run stops here."""
     if not (log_interval(state, meter, bar, opts, runtime, outputs) and weights_finite(state, opts, runtime, outputs)):
-        return False
+        return False  # rolled back to the last checkpoint
     progress = state.progress
     images_done = (progress.batch - first_batch) * opts.batch_size * runtime.world_size
     seconds = time.perf_counter() - started
+    stopping, save_all = saves.agree(progress, stop.requested)
     if not length.ends_inside_epoch(progress):
         progress.epoch += 1
         progress.batch = 0
-    fid = outputs.end_epoch(state, rank_rng_states(runtime))
+    fid = outputs.end_epoch(state, rank_rng_states(runtime), save_all)
     if runtime.is_main:
         means = meter.epoch_means()
         runtime.say(epoch_summary(means, progress.epochs_begun, length.last_epoch, seconds, images_done, fid))

@@ -338,7 +338,8 @@ def init_weights(module):
 
 @torch.no_grad()
 def update_ema(ema_net, net, decay):
-    """ema <- decay * ema + (1 - decay) * net for parameters; buffers are copied.
+    """ema <- decay * ema + (1 - decay) * net for parameters; buffers are copied. decay: a number,
+    or a 0-dim tensor on the nets' device.
 
     The copied BatchNorm statistics are the trained G's, not the average's: before the average
     draws samples, estimate_batch_norm gives it its own.
@@ -347,7 +348,12 @@ def update_ema(ema_net, net, decay):
     on every update, a host sync in the hot loop.
     """
     ema_params = list(ema_net.parameters())
-    torch._foreach_lerp_(ema_params, [p.detach() for p in net.parameters()], 1.0 - decay)
+    params = [p.detach() for p in net.parameters()]
+    if isinstance(decay, torch.Tensor):  # --compile max's, in its CUDA graphs' memory (compiling.py)
+        torch._foreach_mul_(ema_params, decay)
+        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - decay))
+    else:
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
     ema_buffers = list(ema_net.buffers())
     if ema_buffers:  # _foreach_copy_ refuses empty lists; a net may have no buffers
         torch._foreach_copy_(ema_buffers, list(net.buffers()))

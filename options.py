@@ -394,7 +394,13 @@ def add_run_flags(group):
         help="auto: bf16 autocast on CUDA (fp16 with loss scaling where bf16 is missing) and on CPUs with bf16 "
         "instructions (AVX512-BF16 or AMX, as torch reports them), fp32 elsewhere",
     )
-    add("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the steps; auto: on CUDA only")
+    add(
+        "--compile",
+        choices=["auto", "on", "off", "max"],
+        default="auto",
+        help="torch.compile the steps; auto: on CUDA, when the run is long enough to win back the compile's "
+        "time (docs/speed.md); max: the whole step as CUDA graphs (CUDA, one process, bf16 or fp32)",
+    )
     add("--no-compile", dest="compile", action="store_const", const="off", help="the same as --compile off")
     add("--image-dir", type=folder, default="images", help="folder for grids, plots and generated images")
     add("--checkpoint-dir", type=folder, default="checkpoints", help="folder for checkpoints and the metrics log")

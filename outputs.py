@@ -2,13 +2,14 @@
 and FID (RunOutputs), and the writer that puts those files on disk. The other ranks of a torchrun
 job get NoOutputs, which writes nothing.
 
-The files of each epoch's end (checkpoint, grid, GIF frame, plots) are written on a thread of their
-own on an accelerator (BackgroundWriter), so the training never waits while a PNG is encoded or a
-checkpoint is fsynced; on the CPU, where such a thread takes its time from the steps, InlineWriter
-writes them where they are handed over. Jobs run one at a time in the order given (a checkpoint
-before its pictures). A job must own what it writes: copies taken on the training thread before it
-is handed over. After a job fails, the later ones are dropped (no picture of an epoch whose
-checkpoint failed) and the error is raised on the training thread at its next hand-over, wait or close.
+The files of each epoch's end (its grid; the checkpoint, GIF frames and plots when save_schedule.py
+says) are written on a thread of their own on an accelerator (BackgroundWriter), so the training
+never waits while a PNG is encoded or a checkpoint is fsynced; on the CPU, where such a thread takes
+its time from the steps, InlineWriter writes them where they are handed over. Jobs run one at a
+time in the order given (a checkpoint before its pictures). A job must own what it writes: copies
+taken on the training thread before it is handed over. After a job fails, the later ones are
+dropped (no picture of an epoch whose checkpoint failed) and the error is raised on the training
+thread at its next hand-over, wait or close.
 """
 
 import contextlib
@@ -28,7 +29,9 @@ from models import estimate_batch_norm
 from startup import generate_command
 from steps import STAT_NAMES
 
-PENDING_JOBS = 4  # two epochs' checkpoint and pictures: training runs at most that far ahead of the disk
+# A checkpoint, its pictures, and the grids and log rows of the short epochs that train while they
+# are written: the training runs at most this many jobs ahead of the disk
+PENDING_JOBS = 16
 
 
 class BackgroundWriter:
@@ -136,8 +139,11 @@ class NoOutputs:
     def rolled_back(self, step):
         pass
 
-    def end_epoch(self, state, rank_rng):
+    def end_epoch(self, state, rank_rng, save_all=True):
         return None
+
+    def draw_progress(self):
+        pass
 
     def draw_real_vs_fake(self, nets, fixed_noise):
         pass
@@ -206,8 +212,9 @@ class RunOutputs:
         self.writer.wait()
 
     def rolled_back(self, step):
-        """The run went back to the checkpoint of step: the log and the plots forget the later rows."""
+        """The run went back to the checkpoint of step: the log, the plots and the GIF forget what came later."""
         self.pictures.rows = checkpoint.truncate_metrics(self.log_path, step)
+        self.pictures.forget_frames_after(step)
 
     def log(self, row):
         """A row of the metrics log, behind the checkpoint handed over before it: the log on disk
@@ -223,27 +230,41 @@ class RunOutputs:
                 if row.get(name) is not None:
                     self.tensorboard.add_scalar(name, row[name], row["step"])
 
-    def end_epoch(self, state, rank_rng):
-        """FID, the checkpoint, then the pictures of the epoch just ended; returns the FID or None.
+    def end_epoch(self, state, rank_rng, save_all=True):
+        """FID, the checkpoint (save_all), then the pictures of the epoch just ended; returns the FID or None.
 
         The checkpoint comes before the pictures: a picture that fails (or a full disk) then never
-        costs the epoch, and no picture on disk belongs to an epoch without its checkpoint. On an
-        accelerator both are written on the writer's thread while the next epoch trains, and a
-        write that failed is raised at the next hand-over.
+        costs the epoch. Without save_all the epoch gets its grid alone; its GIF frame waits for
+        the next epoch end that saves, and a grid may then belong to an epoch newer than the
+        checkpoint (a resume trains that epoch again and draws it anew). On an accelerator all is
+        written on the writer's thread while the next epoch trains, and a write that failed is
+        raised at the next hand-over.
         """
         estimated = estimate_ema_statistics(state.nets, self.opts, self.runtime)
         G = state.nets.for_samples
         fid = self.evaluate(state, G, rank_rng)  # before the checkpoint: it keeps the best FID
-        self.save_checkpoint(state, rank_rng, estimated)
+        if save_all:
+            self.save_checkpoint(state, rank_rng, estimated)
         samples = sampling.grid_samples(G, state.fixed_noise, self.opts, self.runtime).detach().float().cpu()
-        epoch = state.progress.epochs_begun
-        self.writer.submit(lambda: self.draw_epoch(samples, epoch, fid is not None))
+        epoch, step = state.progress.epochs_begun, state.progress.step
+        self.writer.submit(lambda: self.draw_epoch(samples, epoch, step, fid is not None, save_all))
         return fid
 
-    def draw_epoch(self, samples, epoch, scored):
-        """The epoch's grid, GIF frame and plots (the FID plot when it was scored)."""
+    def draw_progress(self):
+        """The GIF frames and the loss plot that epoch ends without save_all left for later."""
+
+        def draw():
+            self.check_folders(self.image_dir)
+            self.pictures.draw_progress()
+
+        self.writer.submit(draw)
+
+    def draw_epoch(self, samples, epoch, step, scored, save_all):
+        """The epoch's grid; with save_all the GIF frames and loss plot; the FID plot when it was scored."""
         self.check_folders(self.image_dir)
-        self.pictures.add_epoch(samples, epoch, sampling.grid_row_names(self.opts))
+        self.pictures.add_epoch(samples, epoch, sampling.grid_row_names(self.opts), step)
+        if save_all:
+            self.pictures.draw_progress()
         if scored:
             with artifacts.drawing(self.image_dir / "fid.png"):
                 artifacts.plot_fid(self.pictures.rows, self.image_dir / "fid.png")

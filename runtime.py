@@ -40,6 +40,8 @@ class Runtime:
     compile_mode: str | None = None  # torch.compile's mode; None is its default (benchmarks try others)
     channels_last: bool = True  # benchmarks compare it with the contiguous layout
     waits: "StoreBarrier | None" = None  # the barriers of the ranks, under torchrun
+    compile_auto: bool = False  # --compile auto: compiled only if the run's steps repay it (compiling.py)
+    whole_step: bool = False  # --compile max: the whole step compiled into CUDA graphs (compiling.py)
 
     @property
     def is_main(self):
@@ -125,24 +127,42 @@ def cpu_has_native_bf16():
 
 
 def choose_compile(requested, device, sync_bn=False):
-    """auto: compiled on CUDA, where it pays; on the CPU it costs a minute of start-up.
+    """auto: compiled on CUDA, where it may pay (compiling.py then asks whether the run is long
+    enough); on the CPU it costs a minute of start-up. max: on CUDA alone (CUDA graphs).
 
     Not with --sync-bn: dynamo breaks its graphs at SyncBatchNorm, and compile + DDP + SyncBatchNorm
     has open upstream error reports; auto leaves such a run uncompiled.
     """
     if requested == "off" or (requested == "auto" and (device.type != "cuda" or sync_bn)):
         return False
+    if requested == "max" and device.type != "cuda":
+        raise UserError(
+            f"--compile max captures the step as CUDA graphs, which need CUDA (not {device.type}); use --compile on"
+        )
     if sync_bn:
-        raise UserError("--sync-bn does not work with --compile on; use --compile off (or auto)")
+        raise UserError(f"--sync-bn does not work with --compile {requested}; use --compile off (or auto)")
     if sys.platform == "win32":
-        raise UserError("--compile on: torch.compile does not run on Windows here; use --compile off")
+        raise UserError(f"--compile {requested}: torch.compile does not run on Windows here; use --compile off")
     missing = missing_compiler(device)
     if missing and requested == "auto":
         warnings.warn(f"torch.compile needs {missing}: training uncompiled (--compile off)", stacklevel=2)
         return False
     if missing:
-        raise UserError(f"--compile on needs {missing}: install one or use --compile off")
+        raise UserError(f"--compile {requested} needs {missing}: install one or use --compile off")
     return True
+
+
+def check_whole_step(amp_dtype, world_size, r1, ada=False):
+    """--compile max's limits: one process, no loss scaling (its checks read the GPU between the
+    graphs), no double backward (--r1), no count kept in Python inside the step (--ada's)."""
+    if world_size > 1:
+        raise UserError("--compile max runs in one process; under torchrun use --compile on")
+    if amp_dtype == torch.float16:
+        raise UserError("--compile max needs --precision bf16 or fp32 (fp16's loss scaling reads the GPU each step)")
+    if r1:
+        raise UserError("--compile max does not take --r1 (torch.compile takes no double backward); use --compile on")
+    if ada:
+        raise UserError("--compile max does not take --ada (its steps are counted in Python); use --compile on")
 
 
 def missing_compiler(device):
@@ -179,13 +199,20 @@ def setup_runtime(opts):
         tf32 = precision is not None
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+    compile = choose_compile(opts.compile, device, opts.sync_bn)
+    whole_step = opts.compile == "max"
+    if whole_step:
+        check_whole_step(precision, world_size, opts.r1, opts.ada)
     return Runtime(
         device,
         precision,
-        choose_compile(opts.compile, device, opts.sync_bn),
+        compile,
         rank,
         world_size,
         local_rank,
+        compile_mode="reduce-overhead" if whole_step else None,
+        compile_auto=compile and opts.compile == "auto",
+        whole_step=whole_step,
         waits=waits,
     )
 

@@ -159,6 +159,8 @@ def build_nets(opts, runtime):
     # fused Adam on CUDA: one kernel per step; on the CPU the foreach kernels are as fast
     cuda = runtime.device.type == "cuda"
     adam = {"betas": (opts.beta1, opts.beta2), "fused": True if cuda else None, "foreach": None if cuda else True}
+    if runtime.whole_step:  # its step counts on the GPU, so that CUDA graphs can capture the update
+        adam["capturable"] = True
     Adam = torch.optim.Adam if runtime.compile else EagerAdam
     nets = Nets(
         G=G,
@@ -226,7 +228,7 @@ def wrap_for_training(nets, opts, runtime):
         # dynamo splits a compiled DDP module at its gradient buckets, so that the all-reduces
         # overlap the backward; it does that only for the DDP module itself, not inside a bigger graph
         G_train, D_train, D_no_sync = (compiled(module, runtime) for module in (G_train, D_train, D_no_sync))
-    elif runtime.compile:
+    elif runtime.compile and not runtime.whole_step:  # --compile max compiles train_step whole instead
         # each update's augment + forward + loss + statistics as one graph (its backward is compiled
         # with it), static shapes: the last incomplete batch of an epoch is dropped
         G_train = compiled(G_train, runtime)

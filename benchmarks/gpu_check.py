@@ -1,13 +1,18 @@
 """A self-check of gan.py's GPU path: one command, a PASS/FAIL table with one line per check.
 
-    python benchmarks/gpu_check.py                    # a CUDA machine: 64 px, under 8 minutes on one GPU
+    python benchmarks/gpu_check.py                    # a CUDA machine: 64 px, one GPU or more
     python benchmarks/gpu_check.py --device cpu       # the same checks at tiny sizes (the test suite runs it)
 
-Needs no internet: the data is --dataset fake and FID scores with a stand-in feature net instead
-of Inception. Every check runs the program's own code (gan.main in this process, or gan.py as a
-subprocess) in a temporary folder; the last rows are a short throughput and profile run. On the CPU
-the compiled rows are skipped (tests/test_compiled.py compiles there), and so is the 2-process
-FID row (tests/test_distributed.py runs it with gloo). Exits 1 when a check fails.
+Needs no internet: the data is --dataset fake (or greyscale PNGs it writes) and FID scores with a
+stand-in feature net instead of Inception. Every check runs the program's own code (gan.main in
+this process, or gan.py under torchrun) in a temporary folder. Each training row checks that G and
+D learned: each made one Adam update per step (less the steps fp16's loss scaling skipped) and
+moved its weights from the ones the run began with. The last rows are short throughput, ceiling
+and profile runs. On the CPU the compiled rows are skipped (tests/test_compiled.py compiles
+there), and so are the torchrun rows (tests/test_distributed.py runs them with gloo). On one GPU
+the torchrun rows run 2 processes on it, their collectives through gloo (NCCL takes one process
+per GPU). Exits 1 when a check fails; tests/test_self_check.py breaks each check on the CPU and
+sees its row fail.
 """
 
 import argparse
@@ -27,22 +32,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+import ceiling  # noqa: E402
+import learning  # noqa: E402
 import profile_step  # noqa: E402
 import throughput  # noqa: E402
 
 import checkpoint  # noqa: E402
 import gan  # noqa: E402
 import runtime  # noqa: E402
+import sampling  # noqa: E402
+import startup  # noqa: E402
 import utils  # noqa: E402
 from folders import HostImages  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+SHARE_GPU = "GPU_CHECK_SHARE_GPU"  # set to 1 for the torchrun workers of a one-GPU machine
 LONG_EPOCH = 8  # the Ctrl-C check's epochs are this many times the others'
+# Training variants beside the precision rows: (row name, flags, what their checkpoint must show)
+VARIANTS = {
+    "--conditional": (["--conditional"], lambda flags: flags["conditional"] and flags["num_classes"] == 10),
+    "--r1": (["--r1", "1"], lambda flags: flags["r1"] == 1.0),
+    "--g-output clip": (["--g-output", "clip"], lambda flags: flags["g_output"] == "clip"),
+    "--recipe improved": (
+        ["--recipe", "improved"],
+        lambda flags: (flags["arch"], flags["g_output"], flags["spectral_loss"]) == ("upsample-fullres", "clip", 3.0),
+    ),
+}
 # the sizes of the checks: the default model at 64 px on CUDA; a tiny one on the CPU
 SIZES = {
     "cuda": {"image_size": 64, "batch_size": 128, "images": 2560, "eval_samples": 512, "nets": []},
@@ -84,6 +105,7 @@ class Checks:
         self.device, self.work = torch.device(device), Path(work)
         self.sizes = SIZES["cuda" if self.device.type == "cuda" else "cpu"]
         self.trained = None  # the folder of the first training run, for --generate and --interpolate
+        self.images_per_s = None  # gan.py's, from the throughput row, for the ceiling row
 
     # ------------------------------------------------------------ running gan.py
 
@@ -139,9 +161,11 @@ class Checks:
         return "; ".join(versions)
 
     def training(self, precision, compile_mode):
-        """A short run in one precision: it finishes, and its checkpoint holds finite weights."""
-        if compile_mode == "on" and self.device.type != "cuda":
+        """A short run in one precision: it finishes, G and D learned, its checkpoint is readable."""
+        if compile_mode != "off" and self.device.type != "cuda":
             return None
+        if compile_mode == "max" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            return None  # --compile max takes no fp16 loss scaling, and bf16 is emulated here
         name = f"train-{precision}-compile-{compile_mode}"
         torch._dynamo.reset()  # each precision compiles its own graphs; none of the last run's linger
         started = time.perf_counter()
@@ -150,9 +174,34 @@ class Checks:
         state = self.saved(name)  # refuses non-finite weights
         expect((state["epoch"], state["step"]) == (1, self.steps_per_epoch()), f"saved at step {state['step']}")
         label = runtime.Runtime(self.device, runtime.PRECISIONS[precision]).precision_name
-        expect(f"({label}{', compiled' if compile_mode == 'on' else ''}" in out, f"did not train in {label}")
+        expect(f"({label}{', compiled' if compile_mode != 'off' else ''}" in out, f"did not train in {label}")
         self.trained = self.trained or name
-        return f"1 epoch of {self.steps_per_epoch()} steps in {seconds:.1f} s, weights finite, checkpoint readable"
+        return f"1 epoch of {self.steps_per_epoch()} steps in {seconds:.1f} s; {learned(state, self.steps_per_epoch())}"
+
+    def variant(self, row_name, data=()):
+        """A short uncompiled run with a variant's flags: it trains, G and D learn, the checkpoint shows the flags."""
+        flags, shows = VARIANTS[row_name]
+        name = "variant-" + "".join(c for c in row_name if c.isalnum())
+        self.run_ok([*self.flags(name), *data, "--compile", "off", "--epochs", "1", *flags])
+        state = self.saved(name)
+        expect(shows(startup.upgraded_flags(state["flags"])), f"the checkpoint's flags do not show {row_name}")
+        return learned(state, self.steps_per_epoch())
+
+    def greyscale(self):
+        """A folder of greyscale PNGs: G and D of one channel (--channels auto), and they learn."""
+        folder = self.work / "greyscale-images"
+        folder.mkdir(parents=True, exist_ok=True)
+        side, generator = self.sizes["image_size"], torch.Generator().manual_seed(0)
+        for index in range(self.sizes["images"]):
+            pixels = torch.randint(0, 256, (side, side), generator=generator, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy(), "L").save(folder / f"{index:05d}.png")
+        name = "greyscale"
+        data = ["--dataset", "folder", "--dataroot", folder, "--workers", "0"]
+        self.run_ok([*self.flags(name), *data, "--compile", "off", "--epochs", "1"])
+        state = self.saved(name)
+        channels = sampling.generator_of(state["flags"])(torch.zeros(1, state["flags"]["nz"], 1, 1)).shape[1]
+        expect(state["flags"]["nc"] == 1 and channels == 1, f"{channels} channels drawn")
+        return f"1 channel; {learned(state, self.steps_per_epoch())}"
 
     def interrupt_and_resume(self):
         """A real SIGINT (Ctrl-C) once --save-every has saved mid-epoch, then --resume to that epoch's end."""
@@ -204,7 +253,13 @@ class Checks:
             if value.device.type != self.device.type and not (key == "step" and not fused(optimizer))
         ]
         expect(not misplaced, f"optimizer state misplaced: {misplaced[:3]}")
-        expect(self.saved(name)["epoch"] == 2, "the resumed epoch was not saved")
+        resumed = self.saved(name)
+        expect(resumed["epoch"] == 2, "the resumed epoch was not saved")
+        updates = learning.adam_updates(resumed["optG"]), learning.adam_updates(resumed["optD"])
+        expect(
+            updates == (resumed["step"], resumed["step"]),
+            f"Adam's updates {updates} did not go on from the checkpoint's",
+        )
         fused_flags = {fused(state.nets.opt_G), fused(state.nets.opt_D)}
         return f"resumed on {self.device} (fused Adam: {fused_flags == {True}}), optimizer state on {self.device.type}"
 
@@ -239,25 +294,49 @@ class Checks:
         return fid_logged(self.work / name)
 
     def fid_torchrun(self):
-        """The same under a 2-process torchrun (NCCL): rank 0 scores alone, nobody hangs."""
-        if self.device.type != "cuda" or torch.cuda.device_count() < 2:
+        """The same under a 2-process torchrun: rank 0 scores alone, nobody hangs."""
+        if self.device.type != "cuda":
             return None
         name = "fid-torchrun"
         flags = [*self.flags(name), "--epochs", "1", "--fid-every", "1", "--eval-samples", self.sizes["eval_samples"]]
-        flags[flags.index("--device") + 1] = "cuda"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                   __file__, "--fid-worker", *map(str, flags)]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=400)
-        expect(result.returncode == 0, f"exit {result.returncode}: {result.stderr[-300:]}")
+        self.torchrun(flags)
         return fid_logged(self.work / name)
+
+    def ddp(self, sync_bn=False):
+        """2 processes under torchrun: both train their shards, G and D learn, the checkpoint holds both ranks."""
+        if self.device.type != "cuda":
+            return None
+        name = "ddp-sync-bn" if sync_bn else "ddp"
+        self.torchrun([*self.flags(name), "--epochs", "1", "--compile", "off", *(["--sync-bn"] if sync_bn else [])])
+        state = self.saved(name)
+        expect(state["world_size"] == 2 and len(state["rng"]["ranks"]) == 2, f"world size {state['world_size']}")
+        steps_per_epoch = self.sizes["images"] // (2 * self.sizes["batch_size"])
+        expect(state["step"] == steps_per_epoch, f"saved at step {state['step']}, not {steps_per_epoch}")
+        return f"2 processes{' (one GPU, gloo)' if self.shares_a_gpu() else ''}; {learned(state, steps_per_epoch)}"
+
+    def shares_a_gpu(self):
+        return torch.cuda.device_count() < 2
+
+    def torchrun(self, flags):
+        """gan.py's flags under a 2-process torchrun (this script's --worker: the stand-in features)."""
+        flags = list(map(str, flags))
+        flags[flags.index("--device") + 1] = "cuda:0" if self.shares_a_gpu() else "cuda"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   __file__, "--worker", *flags]  # fmt: skip
+        environment = {**os.environ, SHARE_GPU: "1" if self.shares_a_gpu() else "0"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=400, env=environment)
+        expect(result.returncode == 0, f"exit {result.returncode}: {result.stderr[-300:]}")
 
     def generate_and_interpolate(self):
         expect(self.trained is not None, "no training run finished to sample from")
         folder = self.work / self.trained
         where = ["--checkpoint-dir", folder / "checkpoints", "--image-dir", folder / "images", "--device", self.device]
         self.run_ok(["--generate", "20", *where])
-        written = sorted((folder / "images" / "generated").glob("*.png"))
-        expect(len(written) >= 20, f"{len(written)} images written")
+        written = sorted(p for p in (folder / "images" / "generated").glob("*.png") if p.name != "grid.png")
+        expect(len(written) == 20, f"{len(written)} images written")
+        side = self.sizes["image_size"]
+        sizes = {Image.open(path).size for path in written}
+        expect(sizes == {(side, side)}, f"images of {sorted(sizes)} pixels, not {side}")
         self.run_ok(["--interpolate", *where])
         expect((folder / "images" / "interpolation.gif").is_file(), "no interpolation.gif")
         return f"{len(written)} PNGs; interpolation.png and .gif"
@@ -268,11 +347,33 @@ class Checks:
             self.benchmark_args(), self.sizes["image_size"], self.sizes["batch_size"], *self.benchmark_images()
         )
         expect(all(row["images_per_s"] > 0 for row in rows), "a pipeline did not run")
+        self.images_per_s = rows[0]["images_per_s"]  # gan.py's (compiled on CUDA)
         return "; ".join(
             f"{row['pipeline']}: {row['images_per_s']:,.0f} img/s, {row['vs_classic']:.1f}x, "
             f"compile {row['compile_s']:.1f} s"
             for row in rows
         )
+
+    def ceiling(self):
+        """gan.py's images/s (the throughput row's) beside the step's arithmetic ceiling: its FLOPs
+        counted over one step, over the matmul rate measured here (bf16 on CUDA, fp32 on the CPU)."""
+        expect(self.images_per_s is not None, "no images/s from the throughput row")
+        args, batch = self.benchmark_args(), self.sizes["batch_size"]
+        images, _ = self.benchmark_images()
+        pipeline = throughput.ProgramPipeline(args, images, self.sizes["image_size"], batch)  # eager: countable
+        pipeline.run(1)
+        flops = ceiling.step_flops(pipeline)
+        expect(flops > 0, "no FLOPs counted in a step")
+        dtype = ceiling.rate_dtype(self.device)
+        rate = ceiling.matmul_rate(self.device, dtype)
+        limit = ceiling.ceiling_images_per_s(flops, batch, rate)
+        reached = self.images_per_s / limit
+        detail = (
+            f"{self.images_per_s:,.0f} img/s of a ceiling of {limit:,.0f} ({reached:.1%}): {flops / 1e9:.3g} GFLOP "
+            f"per step of {batch}, {str(dtype).split('.')[-1]} matmul {rate / 1e12:.3g} TFLOP/s"
+        )
+        expect(0 < reached <= 1, f"above the ceiling, so the count or the rate is wrong: {detail}")
+        return detail
 
     def profile(self):
         """Kernels per step and the GPU's busy share of it (operators per step on the CPU)."""
@@ -282,8 +383,10 @@ class Checks:
         pipeline = throughput.ProgramPipeline(args, images, self.sizes["image_size"], self.sizes["batch_size"], mode)
         pipeline.run(args.warmup)
         figures = profile_step.profile_steps(pipeline, args.steps)
+        expect(figures["operators_per_step"] > 0, "no operators recorded")
         if figures["kernels_per_step"] is None:
             return f"{figures['operators_per_step']:.0f} operators per step (no GPU)"
+        expect(figures["kernels_per_step"] > 0, "no kernels recorded")
         return f"{figures['kernels_per_step']:.0f} kernels per step; GPU busy {100 * figures['busy_share']:.0f}%"
 
     def benchmark_args(self):
@@ -296,6 +399,13 @@ class Checks:
 
     def benchmark_images(self):
         return throughput.synthetic_cifar(max(self.sizes["images"], 4 * self.sizes["batch_size"]))
+
+
+def learned(state, steps_per_network):
+    """learning.report's line on how G and D learned in a checkpoint, or Failed with its problem."""
+    line, problem = learning.report(state, steps_per_network)
+    expect(problem is None, problem)
+    return line
 
 
 def free_port():
@@ -353,20 +463,34 @@ def environment_set(variables):
                 os.environ[name] = value
 
 
+def share_one_gpu():
+    """This torchrun process on GPU 0 beside the other, their collectives through gloo on CUDA
+    tensors: gan.py gives each process a GPU of its own, and NCCL takes one process per GPU."""
+    real_init = runtime.dist.init_process_group
+    runtime.gpu_of_process = lambda requested_device, local_rank: 0
+    runtime.dist.init_process_group = lambda backend, **kwargs: real_init("gloo", **{**kwargs, "device_id": None})
+
+
 def plan(checks):
     """(row name, the call that checks it) in the order they run."""
     rows = [("environment", checks.environment)]
     for compile_mode in ("off", "on"):
         for precision in PRECISIONS:
             rows.append((f"train {precision}, --compile {compile_mode}", lambda p=precision, c=compile_mode: checks.training(p, c)))  # fmt: skip
+    rows.append(("train bf16, --compile max", lambda: checks.training("bf16", "max")))
+    rows += [(f"train {name}", lambda name=name: checks.variant(name)) for name in VARIANTS]
     return rows + [
+        ("train greyscale data", checks.greyscale),
         ("Ctrl-C with --save-every, then --resume", checks.interrupt_and_resume),
         ("CPU checkpoint resumed here", checks.cpu_checkpoint_resumed),
         ("streamed batches = held batches", checks.streamed_batches),
+        ("2-process torchrun", checks.ddp),
+        ("2-process torchrun, --sync-bn", lambda: checks.ddp(sync_bn=True)),
         ("--fid-every (stand-in features)", checks.fid),
         ("--fid-every under 2-process torchrun", checks.fid_torchrun),
         ("--generate and --interpolate", checks.generate_and_interpolate),
         ("throughput (short)", checks.throughput),
+        ("arithmetic ceiling", checks.ceiling),
         ("profile (short)", checks.profile),
     ]
 
@@ -396,7 +520,9 @@ def format_row(row):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--fid-worker"]:  # one process of the torchrun check: gan.py with the stand-in features
+    if argv[:1] == ["--worker"]:  # one process of a torchrun check: gan.py with the stand-in features
+        if os.environ.get(SHARE_GPU) == "1":
+            share_one_gpu()
         return gan.main(argv[1:], ChannelStatistics())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (tiny sizes) [cuda]")

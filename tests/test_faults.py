@@ -241,17 +241,19 @@ def test_second_signal_calls_os_exit_with_the_signal_code(monkeypatch, capsys):
 # ---------------------------------------------------------------- kill -9
 
 
-def test_kill_9_while_writing_a_checkpoint_loses_at_most_the_epoch_in_progress(gan_main, tmp_path):
-    # killed halfway through writing epoch 2's checkpoint: a write that is not atomic would tear it
+def test_kill_9_while_writing_a_checkpoint_loses_at_most_the_epochs_since_the_last(gan_main, tmp_path):
+    # killed halfway through writing the second checkpoint, epoch 3's (epoch 2, seconds after the
+    # first, drew its grid alone: save_schedule.py): a write that is not atomic would tear it
     result = run_with_fault(
         [*TINY_ARGS, "--epochs", "3", "--log-every", "1"], tmp_path, FAULT_WRITE="checkpoint.pt:2:KILL"
     )
     assert result.returncode == -signal.SIGKILL, result.stderr
     state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, STEPS_PER_EPOCH)
-    assert logged_steps(tmp_path) == list(range(1, 2 * STEPS_PER_EPOCH + 1))  # epoch 2 was trained, then lost
+    assert logged_steps(tmp_path) == list(range(1, 3 * STEPS_PER_EPOCH + 1))  # epochs 2 and 3 trained, then lost
     assert len(checkpoint_temp_files(tmp_path)) == 1
-    assert not (tmp_path / "images" / "epoch_002.png").exists()  # no picture of an epoch without its checkpoint
+    assert (tmp_path / "images" / "epoch_002.png").exists()  # a grid alone: the resume draws it anew
+    assert not (tmp_path / "images" / "epoch_003.png").exists()  # its checkpoint comes first
 
     code, out, err = gan_main(["--resume", "--device", "cpu", "--workers", "0"])
     assert code == 0, err
@@ -376,7 +378,7 @@ def test_full_disk_after_the_first_checkpoint(failing, monkeypatch, gan_main, tm
 
 def test_a_full_disk_after_the_checkpoint_costs_only_the_pictures(monkeypatch, gan_main, tmp_path):
     fill_the_disk_after("write_run_files", checkpoint, 2, "fsync", monkeypatch, tmp_path)
-    code, out, err = gan_main([*TINY_ARGS, "--epochs", "3"])
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
     assert code == 2
     assert f"gan.py: error: cannot write {Path('images') / 'epoch_002.png'}: No space left on device" in err
     assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2
@@ -424,7 +426,7 @@ def test_output_folders_removed_mid_run_stop_it_without_making_them_again(monkey
         shutil.rmtree(tmp_path / "images")
 
     at_the_end_of_epoch(2, remove_both, monkeypatch)
-    code, out, err = gan_main([*TINY_ARGS, "--epochs", "3"])
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
     assert code == 2
     assert "gan.py: error: output folder checkpoints (--checkpoint-dir) was removed or replaced while this run" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -443,7 +445,7 @@ def test_a_run_whose_folder_was_taken_over_never_writes_into_it(monkeypatch, gan
 
     at_the_end_of_epoch(2, second_run_starts, monkeypatch)
     try:
-        code, out, err = gan_main([*TINY_ARGS, "--epochs", "3"])
+        code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
     finally:
         other["lock"].release()
     assert code == 2 and "output folder checkpoints (--checkpoint-dir) was removed or replaced" in err
@@ -456,7 +458,7 @@ def test_image_folder_replaced_by_a_file_stops_the_run_after_the_epochs_checkpoi
         (tmp_path / "images").write_text("not a folder")
 
     at_the_end_of_epoch(2, replace_images, monkeypatch)
-    code, out, err = gan_main([*TINY_ARGS, "--epochs", "3"])
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
     assert code == 2
     assert "gan.py: error: output folder images (--image-dir) was removed or replaced while this run" in err
     assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 2  # saved before the pictures
