@@ -273,7 +273,7 @@ def finish_epoch(state, meter, bar, first_batch, started, length, saves, stop, o
         means = meter.epoch_means()
         runtime.say(epoch_summary(means, progress.epochs_begun, length.last_epoch, seconds, images_done, fid))
     barrier(runtime)
-    return True
+    return stopping
 
 
 def describe(opts, runtime, image_count, batches, length):
