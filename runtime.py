@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +28,9 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 # or rank 0 runs the first FID pass over every real image at an epoch's end. These waits go through
 # torchrun's key-value store, not through a collective bound by the timeout above.
 PREPARATION_TIMEOUT = timedelta(hours=2)
+# the store's wait blocks in C++, where a signal is not seen: waited in slices, a SIGTERM from
+# torchrun (another rank has failed) or a Ctrl-C is handled between two of them
+WAIT_SLICE = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -296,13 +300,17 @@ class StoreBarrier:
         key = f"gan.py/barrier/{self.passed}"
         if self.store.add(key, 1) == self.world_size:
             self.store.set(f"{key}/all", "1")
-        try:
-            self.store.wait([f"{key}/all"], PREPARATION_TIMEOUT)
-        except dist.DistStoreError:
-            raise UserError(
-                f"waited {PREPARATION_TIMEOUT} (h:mm:ss) for the other processes, which did not come: one of "
-                "them is stuck or has died"
-            ) from None
+        deadline = time.monotonic() + PREPARATION_TIMEOUT.total_seconds()
+        while True:
+            try:
+                self.store.wait([f"{key}/all"], min(WAIT_SLICE, PREPARATION_TIMEOUT))
+                return
+            except dist.DistStoreError:
+                if time.monotonic() >= deadline:
+                    raise UserError(
+                        f"waited {PREPARATION_TIMEOUT} (h:mm:ss) for the other processes, which did not come: "
+                        "one of them is stuck or has died"
+                    ) from None
 
 
 def broadcast_int(value, runtime):

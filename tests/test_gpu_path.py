@@ -169,16 +169,23 @@ def test_the_ranks_wait_hours_for_one_another_through_the_store(monkeypatch, joi
     waits.store.add("gan.py/barrier/1", 1)  # the other rank came first
     runtime.barrier(two)
     assert waits.store.values == {"gan.py/barrier/1": 2, "gan.py/barrier/1/all": "1"}
-    assert waits.store.waits == [runtime.PREPARATION_TIMEOUT] >= [datetime.timedelta(hours=1)]
+    assert waits.store.waits == [runtime.WAIT_SLICE]
     with pytest.raises(AssertionError, match=r"\['gan.py/barrier/2/all'\] would wait"):
         runtime.barrier(two)  # the next barrier has its own keys, and this rank is the first there
 
+    slices = []
+
     def timed_out(keys, timeout):
+        slices.append(timeout)
         raise runtime.dist.DistStoreError(f"wait timeout after {timeout}, keys: {keys}")
 
+    # waited in slices of a second (a signal is handled between two), for two hours in all
+    clock = iter([0.0, 1.0, 3600.0, 7199.0, 7200.0])
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(waits.store, "wait", timed_out)
     with pytest.raises(UserError) as refused:
         runtime.barrier(two)
+    assert slices == [datetime.timedelta(seconds=1)] * 4 and runtime.PREPARATION_TIMEOUT == datetime.timedelta(hours=2)
     assert str(refused.value) == (
         "waited 2:00:00 (h:mm:ss) for the other processes, which did not come: one of them is stuck or has died"
     )
