@@ -24,9 +24,9 @@ from checkpoint import EXPORT_CONFIG_NAME, EXPORT_FORMAT, METRICS_LOG_NAME, pars
 from errors import UserError, count_text
 from files import atomic_write, atomic_write_bytes, check_writable, current_umask
 from generator import TrainedGenerator
-from options import NOT_RESUMED_FLAGS
 from runtime import Runtime
 from sampling import GRID_COLUMNS, MAX_GRID_ROWS
+from savedflags import NOT_RESUMED_FLAGS
 
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 GRAPH_TOLERANCE = 1e-3  # the largest difference allowed between a graph's images and G's, in [-1, 1]

@@ -6,7 +6,6 @@ import argparse
 import copy
 import difflib
 import errno
-import json
 import math
 import os
 import sys
@@ -15,6 +14,7 @@ from types import MappingProxyType
 import modes
 from errors import UserError, error_prefix
 from imagesize import EXPECTED, SIDES, parse_image_size
+from savedflags import DATA_TRAITS, LENGTH_FLAGS, config_values
 
 # This module imports no torch (seconds): --help and flag errors answer at once. So the choices
 # are named here; their implementations are models.ARCHITECTURES, models.OUTPUTS, steps.LOSSES
@@ -25,22 +25,6 @@ LOSSES = ("bce", "hinge")
 PRECISIONS = ("fp32", "bf16", "fp16")
 IMAGE_SIZES = SIDES  # 16 .. 256, as models.IMAGE_SIZES
 
-# Resolved from the data, not typed: the number of classes (0 without --conditional) and of colour
-# channels. Saved with the flags so a checkpoint says the shapes of its networks; never resumed
-# from there, as the data is read again.
-DATA_TRAITS = {"num_classes": 0, "nc": 3}
-# Folders a checkpoint never chooses: a copied or downloaded checkpoint must not decide where
-# files are read or written. A resumed run writes beside the checkpoint it resumes.
-PATH_FLAGS = ("dataroot", "image_dir", "checkpoint_dir")
-# Flags that describe this invocation or this machine, never taken from a checkpoint.
-NOT_RESUMED_FLAGS = (
-    *"resume checkpoint generate interpolate evaluate export raw config".split(),
-    *"images device compile precision workers tensorboard class_name to_class truncation cache_dir".split(),
-    *PATH_FLAGS,
-    *DATA_TRAITS,
-)
-# Flags that set how long a run trains (runlength.py): one of them, typed or taken from a checkpoint
-LENGTH_FLAGS = ("epochs", "kimg")
 MAX_SEED = 2**63 - 1
 # --r1, --spectral-loss and --class-loss: published weights reach 100 (R1's gamma for StyleGAN2's
 # LSUN Church and Horse). At 1000 a term drowns the adversarial loss: Adam's steps do not grow with
@@ -49,7 +33,6 @@ MAX_LOSS_WEIGHT = 1000
 # --conditional's learning rate unless --lr is typed (measured: docs/classes.md, BENCHMARKS.md)
 CONDITIONAL_LR = 3e-4
 MAX_WALK_STEPS = 1000  # --interpolate's grid is steps images wide
-MAX_CONFIG_BYTES = 1 << 20  # a flags.json is a few KiB; --config reads no more than this
 # --recipe NAME sets these flags unless they are typed; why each of improved's: docs/recipes.md
 RECIPES = {
     "dcgan": {},
@@ -557,51 +540,6 @@ def answer_help_and_flag_errors(argv):
     except UserError as error:
         print(f"{error_prefix()}: error: {error}", file=sys.stderr)
         sys.exit(2)
-
-
-def config_values(parser, path, explicit):
-    """The flags of a run's flags.json (--config FILE) that were not typed now, each checked as its
-    flag checks a typed value. Never the folders, the mode or this machine's settings: a config,
-    like a checkpoint, does not choose where files are read or written."""
-    try:
-        with open(path, "rb") as file:
-            text = file.read(MAX_CONFIG_BYTES + 1)
-        if len(text) > MAX_CONFIG_BYTES:
-            raise ValueError(f"it is larger than a flags.json ({MAX_CONFIG_BYTES // 1024} KiB)")
-        saved = json.loads(text)
-    except (OSError, ValueError, RecursionError) as error:
-        reason = getattr(error, "strerror", None) or (
-            "it nests too deep" if isinstance(error, RecursionError) else error
-        )
-        raise UserError(f"--config {path} cannot be read: {reason}") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"--config {path} is not a run's flags.json (a JSON object of flags)")
-    known = {action.dest for action in parser._actions}
-    values = {}
-    for name, value in saved.items():
-        if name in explicit or name in NOT_RESUMED_FLAGS or name not in known:
-            continue  # typed flags win; unknown names are a newer or older program's
-        if name in LENGTH_FLAGS and explicit & set(LENGTH_FLAGS):
-            continue  # a typed --epochs or --kimg sets the length, whichever flag the config used
-        if not saved_flag_is_valid(parser, name, value):
-            raise UserError(f"--config {path} says --{name.replace('_', '-')} {value!r}, which that flag refuses")
-        values[name] = value
-    return values
-
-
-def saved_flag_is_valid(parser, name, value):
-    """Whether a value read from a file (a checkpoint, a config) is one the flag's parser could have produced."""
-    action = next((a for a in parser._actions if a.dest == name), None)
-    if action is None or value is None:
-        return action is None or action.default is None
-    if action.choices is not None:
-        return isinstance(value, str) and value in action.choices
-    if action.type is None:  # store_true flags and plain strings
-        return type(value) is type(action.default) or isinstance(value, str)
-    try:
-        return type(value) is not bool and action.type(str(value)) == value
-    except (argparse.ArgumentTypeError, ValueError, TypeError):
-        return False
 
 
 def recipe_values(parser, name, explicit):

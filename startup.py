@@ -19,16 +19,10 @@ from classnames import checkpoint_class_names
 from errors import UserError, count_text
 from files import refuse_if_in_use
 from modes import ARCHITECTURE_FLAGS
-from options import (
-    LENGTH_FLAGS,
-    NOT_RESUMED_FLAGS,
-    PATH_FLAGS,
-    build_parser,
-    check_recipe,
-    saved_flag_is_valid,
-)
+from options import build_parser, check_recipe
 from runlength import length_change
 from runtime import broadcast_int, mixed_seed, random_seed
+from savedflags import LENGTH_FLAGS, NOT_RESUMED_FLAGS, PATH_FLAGS, saved_flag_is_valid
 from steps import Nets, build_nets
 
 # What the runs saved before a flag existed trained with: an older checkpoint resumes, and draws,

@@ -14,6 +14,7 @@ import augment
 import faults
 import gan
 import options
+import savedflags
 from folders import read_image
 from models import ARCHITECTURES, build_discriminator, build_generator, count_values, init_weights
 
@@ -72,9 +73,9 @@ def test_a_size_that_is_not_two_powers_of_two_from_16_to_256_is_one_line(gan_mai
 def test_saved_sizes_are_valid_only_as_the_flag_writes_them():
     parser = options.build_parser()
     for value in (64, 16, "64x32", "16x256"):
-        assert options.saved_flag_is_valid(parser, "image_size", value), value
+        assert savedflags.saved_flag_is_valid(parser, "image_size", value), value
     for value in ("64x64", "64X32", "64", [64, 32], 64.0, True, "64x48", 512):
-        assert not options.saved_flag_is_valid(parser, "image_size", value), value
+        assert not savedflags.saved_flag_is_valid(parser, "image_size", value), value
 
 
 def test_cifar10_refuses_a_size_that_is_not_square_before_anything_is_made(gan_main, tmp_path):
