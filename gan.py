@@ -264,11 +264,11 @@ def finish_epoch(state, meter, bar, first_batch, started, length, saves, stop, o
     progress = state.progress
     images_done = (progress.batch - first_batch) * opts.batch_size * runtime.world_size
     seconds = time.perf_counter() - started
-    stopping, save_all = saves.agree(progress, stop.requested)
+    stopping, writes = saves.agree(progress, stop.requested)
     if not length.ends_inside_epoch(progress):
         progress.epoch += 1
         progress.batch = 0
-    fid = outputs.end_epoch(state, rank_rng_states(runtime), save_all)
+    fid = outputs.end_epoch(state, rank_rng_states(runtime), writes)
     if runtime.is_main:
         means = meter.epoch_means()
         runtime.say(epoch_summary(means, progress.epochs_begun, length.last_epoch, seconds, images_done, fid))

@@ -139,7 +139,7 @@ class NoOutputs:
     def rolled_back(self, step):
         pass
 
-    def end_epoch(self, state, rank_rng, save_all=True):
+    def end_epoch(self, state, rank_rng, writes):
         return None
 
     def draw_progress(self):
@@ -230,12 +230,13 @@ class RunOutputs:
                 if row.get(name) is not None:
                     self.tensorboard.add_scalar(name, row[name], row["step"])
 
-    def end_epoch(self, state, rank_rng, save_all=True):
-        """FID, the checkpoint (save_all), then the pictures of the epoch just ended; returns the FID or None.
+    def end_epoch(self, state, rank_rng, writes):
+        """FID, the checkpoint (writes.checkpoint), then the pictures of the epoch just ended (the
+        progress pictures with writes.progress: save_schedule.py); returns the FID or None.
 
         The checkpoint comes before the pictures: a picture that fails (or a full disk) then never
-        costs the epoch. Without save_all the epoch gets its grid alone; its GIF frame waits for
-        the next epoch end that saves, and a grid may then belong to an epoch newer than the
+        costs the epoch. Without writes.progress its GIF frame waits for the next epoch end that
+        draws them; without writes.checkpoint a grid may belong to an epoch newer than the
         checkpoint (a resume trains that epoch again and draws it anew). On an accelerator all is
         written on the writer's thread while the next epoch trains, and a write that failed is
         raised at the next hand-over.
@@ -243,15 +244,15 @@ class RunOutputs:
         estimated = estimate_ema_statistics(state.nets, self.opts, self.runtime)
         G = state.nets.for_samples
         fid = self.evaluate(state, G, rank_rng)  # before the checkpoint: it keeps the best FID
-        if save_all:
+        if writes.checkpoint:
             self.save_checkpoint(state, rank_rng, estimated)
         samples = sampling.grid_samples(G, state.fixed_noise, self.opts, self.runtime).detach().float().cpu()
         epoch, step = state.progress.epochs_begun, state.progress.step
-        self.writer.submit(lambda: self.draw_epoch(samples, epoch, step, fid is not None, save_all))
+        self.writer.submit(lambda: self.draw_epoch(samples, epoch, step, fid is not None, writes.progress))
         return fid
 
     def draw_progress(self):
-        """The GIF frames and the loss plot that epoch ends without save_all left for later."""
+        """The GIF frames and the loss plot that epoch ends without writes.progress left for later."""
 
         def draw():
             self.check_folders(self.image_dir)
@@ -259,11 +260,11 @@ class RunOutputs:
 
         self.writer.submit(draw)
 
-    def draw_epoch(self, samples, epoch, step, scored, save_all):
-        """The epoch's grid; with save_all the GIF frames and loss plot; the FID plot when it was scored."""
+    def draw_epoch(self, samples, epoch, step, scored, progress):
+        """The epoch's grid; with progress the GIF frames and loss plot; the FID plot when it was scored."""
         self.check_folders(self.image_dir)
         self.pictures.add_epoch(samples, epoch, sampling.grid_row_names(self.opts), step)
-        if save_all:
+        if progress:
             self.pictures.draw_progress()
         if scored:
             with artifacts.drawing(self.image_dir / "fid.png"):

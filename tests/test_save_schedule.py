@@ -29,7 +29,8 @@ EXACT_KEYS = ("netG", "netD", "netG_ema", "optG", "optD", "fixed_noise", "rng", 
 
 
 def set_clock(monkeypatch, seconds):
-    """Rank 0's clock reads these seconds at the successive epoch ends, then the last for ever."""
+    """Rank 0's clock reads the first of these seconds when training starts, the others at the
+    successive epoch ends, then the last for ever."""
     readings = itertools.chain(seconds, itertools.repeat(seconds[-1]))
     monkeypatch.setattr(save_schedule, "time", SimpleNamespace(monotonic=lambda: next(readings)))
 
@@ -89,15 +90,16 @@ def assert_same_training(resumed, straight):
 
 
 def test_short_epochs_write_their_grid_and_everything_else_every_save_seconds(monkeypatch, gan_main, tmp_path):
-    # epoch ends at 0, 20, 50, 61, 100 and 130 s: the first writes everything, the fourth is 61 s
-    # after it, the last is the run's end; the others draw their grid alone
-    set_clock(monkeypatch, [0, 20, 50, 61, 100, 130])
+    # training starts at 0 s, epochs end at 1, 20, 50, 61, 100 and 130 s: the first writes its
+    # checkpoint (the plots wait for the clock), the fourth is 61 s after the start and writes
+    # everything, the last is the run's end; the others draw their grid alone
+    set_clock(monkeypatch, [0, 1, 20, 50, 61, 100, 130])
     written = record_writes(monkeypatch)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "6"])
     assert code == 0, err
     assert written["checkpoints"] == [(1, 4), (4, 16), (6, 24)]
-    assert written["plots"] == [(4, 2), (16, 8), (24, 12)]  # the last plot holds every row of the log
-    assert written["frames"] == [1, 3, 2]  # epoch 1's frame; then 2, 3 and 4's; then 5 and 6's
+    assert written["plots"] == [(16, 8), (24, 12)]  # the last plot holds every row of the log
+    assert written["frames"] == [4, 2]  # the frames of epochs 1 to 4; then 5 and 6's
     assert written["grids"] == [f"epoch_{epoch:03d}.png" for epoch in range(1, 7)]
     epochs, durations = gif_frames_as_epochs(tmp_path / "images")
     assert epochs == [1, 2, 3, 4, 5, 6]
@@ -106,13 +108,13 @@ def test_short_epochs_write_their_grid_and_everything_else_every_save_seconds(mo
 
 
 def test_save_every_steps_stay_exact_at_epoch_ends(monkeypatch, gan_main):
-    set_clock(monkeypatch, [0, 1, 2, 3, 4])
+    set_clock(monkeypatch, [0, 1, 2, 3, 4, 5])
     written = record_writes(monkeypatch)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "5", "--save-every", "8"])
     assert code == 0, err
-    # steps 8 and 16 end epochs 2 and 4; epoch 3 (step 12) draws its grid alone
+    # steps 8 and 16 end epochs 2 and 4; epoch 1 writes its checkpoint alone, epoch 3 (step 12) its grid
     assert written["checkpoints"] == [(1, 4), (2, 8), (4, 16), (5, 20)]
-    assert written["frames"] == [1, 1, 2, 1]
+    assert written["frames"] == [2, 2, 1]
 
 
 class Killed(BaseException):
@@ -136,7 +138,7 @@ def steps_counted(monkeypatch):
 def test_a_stop_writes_the_checkpoint_and_what_the_epoch_ends_left_and_resumes_exactly(monkeypatch, gan_main, tmp_path):
     code, _, err = gan_main([*TINY_ARGS, "--epochs", "3", "--checkpoint-dir", "straight", "--image-dir", "s"])
     assert code == 0, err
-    set_clock(monkeypatch, [0, 10])
+    set_clock(monkeypatch, [0, 0, 10])
     written = record_writes(monkeypatch)
     done, _ = steps_counted(monkeypatch)
     stop_at = {"step": 2 * STEPS_PER_EPOCH + 2}  # a Ctrl-C in epoch 3; epoch 2 drew its grid alone
@@ -144,7 +146,7 @@ def test_a_stop_writes_the_checkpoint_and_what_the_epoch_ends_left_and_resumes_e
     code, _, err = gan_main([*TINY_ARGS, "--epochs", "3"])
     assert code == 130 and "SIGINT: stopped at epoch 3, step 10" in err, err
     assert written["checkpoints"] == [(1, 4), (2, 10)]  # the stop's: 2 epochs done and 2 batches
-    assert written["frames"] == [1, 1] and written["plots"] == [(4, 2), (10, 5)]
+    assert written["frames"] == [2] and written["plots"] == [(10, 5)]  # the stop draws what waited
     assert gif_frames_as_epochs(tmp_path / "images")[0] == [1, 2]
     stop_at["step"] = math.inf
     code, out, err = gan_main(["--resume", "--device", "cpu", "--workers", "0"])
@@ -159,14 +161,14 @@ def test_a_run_killed_after_an_epoch_that_saved_nothing_resumes_exactly_from_its
 ):
     code, _, err = gan_main([*TINY_ARGS, "--epochs", "3", "--checkpoint-dir", "straight", "--image-dir", "s"])
     assert code == 0, err
-    set_clock(monkeypatch, [0, 10])  # epoch 2 draws its grid alone
+    set_clock(monkeypatch, [0, 0, 10])  # epoch 1 writes its checkpoint and grid, epoch 2 its grid alone
     _, kill = steps_counted(monkeypatch)
     kill["step"] = 2 * STEPS_PER_EPOCH + 2  # in epoch 3
     with pytest.raises(Killed):
         gan_main([*TINY_ARGS, "--epochs", "3"])
     images = tmp_path / "images"
     assert sorted(path.name for path in images.glob("epoch_*.png")) == ["epoch_001.png", "epoch_002.png"]
-    assert artifacts.gif_frames((images / "progress.gif").read_bytes())[0] == 1  # epoch 1's frame alone
+    assert not (images / "progress.gif").exists()  # no epoch end has drawn the progress pictures yet
     state = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "checkpoint.pt")
     assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 4)
     kill["step"] = math.inf
@@ -181,10 +183,10 @@ def test_a_run_killed_after_an_epoch_that_saved_nothing_resumes_exactly_from_its
 
 
 def test_a_rollback_drops_the_waiting_frames_of_the_epochs_it_trains_again(monkeypatch, gan_main, tmp_path):
-    """Epochs 2 and 3 draw their grids alone; a NaN in epoch 4 rolls back to epoch 1's checkpoint:
-    the frames of 2 and 3 are forgotten, and the GIF ends with one frame of each epoch as it was
-    trained the second time."""
-    set_clock(monkeypatch, [0, 10, 20])
+    """Epoch 1 writes its checkpoint and grid, epochs 2 and 3 their grids alone; a NaN in epoch 4
+    rolls back to epoch 1's checkpoint: the waiting frames of 2 and 3 are forgotten, epoch 1's kept,
+    and the GIF ends with one frame of each epoch as it was trained the second time."""
+    set_clock(monkeypatch, [0, 0, 10, 20])
     written = record_writes(monkeypatch)
     real_d_step, calls = steps.d_step, []
 
@@ -199,7 +201,7 @@ def test_a_rollback_drops_the_waiting_frames_of_the_epochs_it_trains_again(monke
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "4", "--on-nan", "rollback"])
     assert code == 0, err
     assert "rolled back to checkpoints/checkpoint.pt (epoch 1)" in out
-    assert written["checkpoints"] == [(1, 4), (4, 16)] and written["frames"] == [1, 3]
+    assert written["checkpoints"] == [(1, 4), (4, 16)] and written["frames"] == [4]
     assert written["grids"] == [f"epoch_{epoch:03d}.png" for epoch in (1, 2, 3, 2, 3, 4)]
     assert gif_frames_as_epochs(tmp_path / "images")[0] == [1, 2, 3, 4]
 
@@ -213,12 +215,24 @@ def schedule(rank=0, world_size=1):
     return save_schedule.SaveSchedule(opts, Runtime(torch.device("cpu"), rank=rank, world_size=world_size), length)
 
 
+CHECKPOINT_ONLY = save_schedule.EpochEndWrites(checkpoint=True, progress=False)
+GRID_ONLY = save_schedule.EpochEndWrites(checkpoint=False, progress=False)
+EVERYTHING = save_schedule.EpochEndWrites(checkpoint=True, progress=True)
+
+
 def test_a_stop_at_an_epoch_end_writes_everything(monkeypatch):
     set_clock(monkeypatch, [0, 5, 6])
     saves = schedule()
-    assert saves.agree(Progress(epoch=0, step=4), stop_requested=False) == (False, True)  # the first
-    assert saves.agree(Progress(epoch=1, step=8), stop_requested=False) == (False, False)
-    assert saves.agree(Progress(epoch=2, step=12), stop_requested=True) == (True, True)
+    assert saves.agree(Progress(epoch=0, step=4), stop_requested=False) == (False, CHECKPOINT_ONLY)  # the first
+    assert saves.agree(Progress(epoch=1, step=8), stop_requested=False) == (False, GRID_ONLY)
+    assert saves.agree(Progress(epoch=2, step=12), stop_requested=True) == (True, EVERYTHING)
+
+
+def test_the_clock_counts_from_the_start_of_training_then_from_each_full_save(monkeypatch):
+    set_clock(monkeypatch, [100, 130, 159, 160, 200, 219, 220])
+    saves = schedule()
+    writes = [saves.agree(Progress(epoch=epoch, step=4 * epoch + 4), False)[1] for epoch in range(6)]
+    assert writes == [CHECKPOINT_ONLY, GRID_ONLY, EVERYTHING, GRID_ONLY, GRID_ONLY, EVERYTHING]
 
 
 @pytest.fixture
@@ -233,8 +247,10 @@ def one_process_group():
 
 def test_under_torchrun_only_rank_0s_clock_decides(monkeypatch, one_process_group):
     """Each rank adds its flags to one all_reduce: a rank but 0 brings its stop request, never its clock."""
-    set_clock(monkeypatch, [0, 0, 0])
     first_epoch = Progress(epoch=0, step=4)
-    assert schedule(rank=1, world_size=2).agree(first_epoch, stop_requested=False) == (False, False)
-    assert schedule(rank=1, world_size=2).agree(first_epoch, stop_requested=True) == (True, True)
-    assert schedule(rank=0, world_size=2).agree(first_epoch, stop_requested=False) == (False, True)
+    set_clock(monkeypatch, [0, 61])  # a minute after the start: rank 0's clock would save everything
+    assert schedule(rank=1, world_size=2).agree(first_epoch, stop_requested=False) == (False, CHECKPOINT_ONLY)
+    set_clock(monkeypatch, [0, 61])
+    assert schedule(rank=1, world_size=2).agree(first_epoch, stop_requested=True) == (True, EVERYTHING)
+    set_clock(monkeypatch, [0, 61])
+    assert schedule(rank=0, world_size=2).agree(first_epoch, stop_requested=False) == (False, EVERYTHING)
