@@ -50,7 +50,7 @@ SNAPSHOT_HELP = (
 )
 EXAMPLES = """examples:
   python gan.py --epochs 25                                  CIFAR-10, downloaded into data/
-  python gan.py --dataset folder --dataroot icons/ --recipe improved --image-size 32 --ngf 32 --ndf 32 --batch-size 64 --epochs 30
+  python gan.py --dataset folder --dataroot icons/ --recipe improved --mirror --image-size 32 --ngf 32 --ndf 32 --batch-size 64 --epochs 30
                                                              a small folder of your own, on a CPU
   python gan.py --dataset folder --dataroot celeba/ --recipe improved --image-size 64
                                                              a large folder (e.g. CelebA) on a GPU

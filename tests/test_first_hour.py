@@ -54,8 +54,8 @@ def test_help_shows_every_default_and_examples():
     for wanted in (
         "CIFAR-10",
         # the README's small-folder command, and how its run goes on (a checkpoint never chooses folders)
-        "--dataset folder --dataroot icons/ --recipe improved --image-size 32 --ngf 32 --ndf 32 --batch-size 64 "
-        "--epochs 30",
+        "--dataset folder --dataroot icons/ --recipe improved --mirror --image-size 32 --ngf 32 --ndf 32 "
+        "--batch-size 64 --epochs 30",
         "--resume --dataroot icons/",
         "--generate",
         "torchrun --nproc_per_node",
