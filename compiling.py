@@ -8,6 +8,9 @@ import time
 
 import torch
 
+from checkpoint import Progress
+from runlength import RunLength
+
 # --compile auto's estimate of a compile's cost and of what it saves per step: estimates, not yet
 # measured on a GPU (docs/speed.md says where they come from). A run compiles when its steps times
 # the saving exceed the cost.
@@ -15,10 +18,13 @@ COMPILE_SECONDS = 60.0
 STEP_SECONDS_SAVED = 0.002
 
 
-def steps_left(opts, resumed, steps_per_epoch):
-    """The steps this run will train: to --epochs, from the checkpoint it resumes (if any)."""
-    epoch, batch = (resumed[0]["epoch"], resumed[0].get("batch", 0)) if resumed else (0, 0)
-    return max(0, (opts.epochs - epoch) * steps_per_epoch - batch)
+def steps_left(opts, resumed, steps_per_epoch, world_size=1):
+    """The steps this run will train: to its length (--epochs or --kimg), from the checkpoint it
+    resumes (if any)."""
+    saved = resumed[0] if resumed else {}
+    progress = Progress(epoch=saved.get("epoch", 0), batch=saved.get("batch", 0), step=saved.get("step", 0))
+    length = RunLength.of(opts, steps_per_epoch, world_size, progress)
+    return max(0, length.total_steps - length.position(progress))
 
 
 def compile_pays(steps):
@@ -30,7 +36,7 @@ def compile_if_it_pays(runtime, opts, steps_per_epoch, resumed):
     compile's time back; --compile on, off and max as given."""
     if not runtime.compile_auto:
         return runtime
-    steps = steps_left(opts, resumed, steps_per_epoch)
+    steps = steps_left(opts, resumed, steps_per_epoch, runtime.world_size)
     if compile_pays(steps):
         return dataclasses.replace(runtime, compile_auto=False)
     runtime.say(

@@ -65,6 +65,14 @@ def test_steps_left_count_from_the_checkpoint():
     assert compiling.steps_left(opts, ({"epoch": 3, "batch": 2}, "checkpoint.pt"), 7) == 47
 
 
+def test_steps_left_of_a_kimg_run_are_its_images_in_steps():
+    opts, _ = options.parse_flags(["--kimg", "100", "--batch-size", "128"])
+    assert compiling.steps_left(opts, None, 390) == 782  # 100,000 images in steps of 128, rounded up
+    assert compiling.steps_left(opts, None, 390, world_size=2) == 391  # 256 images a step
+    resumed = ({"epoch": 1, "batch": 110, "step": 500}, "checkpoint.pt")
+    assert compiling.steps_left(opts, resumed, 390) == 282
+
+
 def test_the_first_compiled_step_says_how_long_it_took(monkeypatch, capsys):
     clock = iter([10.0, 17.25])
     monkeypatch.setattr(compiling, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
