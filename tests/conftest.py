@@ -322,6 +322,27 @@ class RunsCode:
 # ---------------------------------------------------------------- reading what the program wrote
 
 
+def measured_values(arch, image_size, width=8, nz=8):
+    """What models.count_values estimates, measured on the networks themselves: (their parameters,
+    the values their layers output that take memory of their own: not in-place activations, not
+    reshapes), for a batch of one."""
+    import torch
+
+    from models import build_discriminator, build_generator
+
+    G, D = build_generator(arch, nz, width, image_size), build_discriminator(arch, width, image_size)
+    outputs = []
+
+    def record(module, inputs, output):
+        if output.data_ptr() != inputs[0].data_ptr():
+            outputs.append(output[0].numel())
+
+    for layer in [*G.main, *D.main]:
+        layer.register_forward_hook(record)
+    D(G(torch.zeros(2, nz, 1, 1)))
+    return sum(p.numel() for net in (G, D) for p in net.parameters()), sum(outputs)
+
+
 def load_folder(root, image_size, workers, cache_dir=None, say=None):
     """A whole folder as the program decodes it: a uint8 CPU tensor (N, 3, S, S), through the cache."""
     return image_cache.open_folder(image_cache.FolderListing.of(root, image_size), workers, cache_dir, say).to_device(
