@@ -19,23 +19,20 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from flat_art import render_flat_art
 from photos import load_photographs, random_crops, save_grid
-from quality import read_pngs, write_pngs
+from quality import read_pngs, run_gan_commands, write_pngs
 from scores import RandomFeatures, flat_share, frechet_distance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metrics import nearest_neighbour_scores  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "improved": ["--recipe", "improved"],
     "improved+mirror": ["--recipe", "improved", "--mirror"],
@@ -83,14 +80,8 @@ def train_and_sample(variant, seed, folder, args, run_dir):
         "--seed", str(seed), "--workers", "0", *VARIANTS[variant],
     ]  # fmt: skip
     generate = ["--generate", str(args.samples), "--seed", "12345"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    started = time.perf_counter()
-    for flags in (train, generate):
-        command = [sys.executable, str(ROOT / "gan.py"), *flags, *common]
-        done = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return read_pngs(run_dir / "images" / "generated"), time.perf_counter() - started
+    seconds = run_gan_commands([train, generate], common, run_dir)
+    return read_pngs(run_dir / "images" / "generated"), seconds
 
 
 def scores_of(images, reference, feature, reference_features):

@@ -369,18 +369,24 @@ def train_and_sample(recipe, seed, args, digits_dir, runs_dir, image_size=IMAGE_
     ]  # fmt: skip
     conditional = "--conditional" in RECIPES[recipe]
     generate = ["--generate", str(args.class_samples if conditional else args.samples), "--seed", "12345"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    started = time.perf_counter()
-    for step_flags in (train, generate):
-        command = [sys.executable, str(ROOT / "gan.py"), *step_flags, *common]
-        done = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    seconds = time.perf_counter() - started
+    seconds = run_gan_commands([train, generate], common, run_dir)
     generated = run_dir / "images" / "generated"
     if conditional:  # {digit: its images}, from --generate's folder per class
         return {int(folder.name): read_pngs(folder) for folder in generated.iterdir() if folder.is_dir()}, seconds
     return read_pngs(generated), seconds
+
+
+def run_gan_commands(flag_lists, common, run_dir):
+    """gan.py with each list of flags (and common) in turn, one CPU thread, in run_dir; their seconds
+    in all. RuntimeError, with the end of its stderr, where one fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    for flags in flag_lists:
+        command = [sys.executable, str(ROOT / "gan.py"), *flags, *common]
+        done = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started
 
 
 def summarise(values):
