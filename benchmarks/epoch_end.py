@@ -17,11 +17,14 @@ ngf=ndf=32, batch 64: 28 steps per epoch). --stand-in: a CPU's stand-in for a GP
 epochs, 1 and 43 epochs of one step each of a tiny model (--dataset fake, 16 px, ngf=ndf=8, batch
 8). It stands in for the number of epoch ends and their files, not for their weights: the EMA's
 statistics (512 samples through G) weigh far more against one step of 8 images than against a GPU
-epoch of 390 steps.
+epoch of 390 steps. The stand-in writes its files as an accelerator does, on the writer's own
+thread (outputs.epoch_file_writer); --writer inline writes them on the training thread, as the
+CPU does.
 
     python benchmarks/epoch_end.py                          # 2 and 6 epochs, 2 rounds
     python benchmarks/epoch_end.py --folder my_images/ --flags --image-size 64
     python benchmarks/epoch_end.py --stand-in               # 1 and 43 one-step epochs, 2 rounds
+    python benchmarks/epoch_end.py --stand-in --writer inline
 """
 
 import argparse
@@ -53,11 +56,15 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, nargs=2, default=None, help="the shorter and the longer run [2 6]")
     p.add_argument("--rounds", type=int, default=2, help="pairs of runs, alternating short and long")
     p.add_argument("--work-dir", default=None, help="runs and the digits [a temp folder]")
+    p.add_argument("--writer", choices=["background", "inline"], default=None,
+                   help="where the files are written: on the writer's thread (an accelerator's way) or on the "
+                   "training thread (the CPU's) [background with --stand-in, else the CPU's]")
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=None, help="gan.py flags (last)")
     args = p.parse_args(argv)
     if args.stand_in and args.folder:
         p.error("--stand-in trains on fake data: give --folder or --stand-in, not both")
     args.epochs = args.epochs or (STAND_IN_EPOCHS if args.stand_in else [2, 6])
+    args.writer = args.writer or ("background" if args.stand_in else "inline")
     args.flags = args.flags if args.flags is not None else STAND_IN_FLAGS if args.stand_in else SMALL_FOLDER_FLAGS
     return args
 
@@ -69,10 +76,10 @@ def digits_folder(work_dir):
     return digits_image_folder(work_dir)
 
 
-def run(epochs, data, flags, run_dir, env):
+def run(epochs, data, flags, run_dir, env, writer):
     """(wall seconds, training seconds summed over the epochs, seconds in gan.finish_epoch) of one
-    fresh run; data: its data flags."""
-    command = [sys.executable, __file__, "--timed-run", *data,
+    fresh run; data: its data flags; writer: background or inline."""
+    command = [sys.executable, __file__, "--timed-run", writer, *data,
                "--epochs", str(epochs), "--seed", "0", "--device", "cpu", *flags,
                "--checkpoint-dir", str(run_dir / "checkpoints"), "--image-dir", str(run_dir / "images")]  # fmt: skip
     subprocess.run(["rm", "-rf", str(run_dir)], check=True)
@@ -89,11 +96,16 @@ def run(epochs, data, flags, run_dir, env):
     return wall, sum(images / rate for rate in rates), float(EPOCH_ENDS.search(output).group(1))
 
 
-def timed_run(argv):
+def timed_run(writer, argv):
     """gan.main(argv), with the seconds spent in gan.finish_epoch printed last (rank 0's epoch
-    ends: FID, the EMA's statistics, the grid, and the checkpoint and plots where they are due)."""
+    ends: FID, the EMA's statistics, the grid, and the checkpoint and plots where they are due);
+    writer: background (the files written on the writer's thread) or inline."""
     sys.path.insert(0, str(ROOT))
     import gan
+    import outputs
+
+    if writer == "background":
+        outputs.epoch_file_writer = lambda runtime: outputs.BackgroundWriter()
 
     real_finish_epoch, spent = gan.finish_epoch, [0.0]
 
@@ -123,9 +135,9 @@ def main(argv=None):
     else:
         data = ["--dataset", "folder", "--dataroot", str(Path(args.folder) if args.folder else digits_folder(work_dir))]
     env = {**os.environ, "XDG_CACHE_HOME": str(work_dir / "cache")}  # the folder cache, not the user's
-    print(f"load average before: {os.getloadavg()}; gan.py {' '.join(args.flags)}; epochs {args.epochs}")
+    print(f"load average before: {os.getloadavg()}; gan.py {' '.join(args.flags)}; writer {args.writer}; epochs {args.epochs}")
     short, long = args.epochs
-    run(1, data, args.flags, work_dir / "warm-up", env)  # builds the folder cache, untimed
+    run(1, data, args.flags, work_dir / "warm-up", env, args.writer)  # builds the folder cache, untimed
     shares, whole_run_shares = [], []
     print(
         "| round | wall s (short / long) | training s (short / long) | epoch-end share of the extra wall time "
@@ -133,8 +145,8 @@ def main(argv=None):
     )
     print("|---:|---:|---:|---:|---:|---:|")
     for index in range(args.rounds):
-        wall_short, train_short, _ = run(short, data, args.flags, work_dir / "short", env)
-        wall_long, train_long, ends_long = run(long, data, args.flags, work_dir / "long", env)
+        wall_short, train_short, _ = run(short, data, args.flags, work_dir / "short", env, args.writer)
+        wall_long, train_long, ends_long = run(long, data, args.flags, work_dir / "long", env, args.writer)
         share = 1 - (train_long - train_short) / (wall_long - wall_short)
         shares.append(share)
         whole_run_shares.append(ends_long / wall_long)
@@ -151,5 +163,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--timed-run"]:
-        sys.exit(timed_run(sys.argv[2:]))
+        sys.exit(timed_run(sys.argv[2], sys.argv[3:]))
     main()
