@@ -1,5 +1,6 @@
 """Class names as folder names: checked wherever they enter (a data folder's sub-folders, CIFAR-10's
-batches.meta, a checkpoint), and turned into a path in one place, class_folder.
+batches.meta, a checkpoint), and turned into a path in one place, class_folder; a --conditional
+data folder's classes and labels, from its sub-folders.
 
 A checkpoint someone shares decides nothing on this disk: --generate makes a folder of each class
 name, so a name that is not one plain folder name (`../x`, `/tmp/x`, `..`) or that names the same
@@ -9,6 +10,8 @@ folder as another (`a` twice; `Cat` and `cat` on macOS and Windows) is refused b
 import os
 import unicodedata
 from pathlib import Path, PureWindowsPath
+
+import torch
 
 from errors import UserError
 
@@ -85,3 +88,44 @@ def checkpoint_class_names(state, path):
     if not isinstance(names, (list, tuple)):
         raise UserError(f"checkpoint {path} is damaged: unusable class_names")
     return check_class_names(names, f"checkpoint {path}", "it is refused, as --generate makes a folder of each class")
+
+
+def folder_classes(root, files):
+    """The class names of root for --conditional, from its listing (files: its image files), so a
+    wrong layout is refused before minutes of decoding and no cache is left behind.
+
+    Classes are root's immediate sub-folders, sorted by name as torchvision's ImageFolder sorts
+    them, so class i here is class i there. A file directly in root, a sub-folder without image
+    files, fewer than two sub-folders, or a sub-folder name --generate could not make a folder of
+    (two names that differ only in case, a name with a backslash) is an error.
+    """
+    root = Path(root)
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    loose = [path.name for path in files if path.parent == root]
+    if loose:
+        raise UserError(
+            f"--conditional: {root} holds images directly in it ({loose[0]}{', ...' if len(loose) > 1 else ''}); "
+            "it needs one sub-folder per class, each holding that class's images"
+        )
+    check_class_names(names, f"--conditional: data folder {root}", "rename the sub-folder: each class becomes a folder")
+    refuse_empty_classes(root, names, {path.relative_to(root).parts[0] for path in files})
+    if len(names) < 2:
+        raise UserError(f"--conditional: {root} has {len(names)} class sub-folder(s); it needs at least 2")
+    return tuple(names)
+
+
+def folder_labels(root, files, class_names):
+    """The class of each file (files: the readable ones), numbered as in class_names (folder_classes's
+    answer) by the sub-folder of root it is in; a class left with no readable image is an error."""
+    root = Path(root)
+    index = {name: number for number, name in enumerate(class_names)}
+    labels = torch.tensor([index[path.relative_to(root).parts[0]] for path in files], dtype=torch.long)
+    refuse_empty_classes(root, class_names, {class_names[label] for label in labels.unique().tolist()})
+    return labels
+
+
+def refuse_empty_classes(root, class_names, classes_with_images):
+    """A UserError naming the first class folder of class_names not among classes_with_images."""
+    empty = [name for name in class_names if name not in classes_with_images]
+    if empty:
+        raise UserError(f"--conditional: class folder {root / empty[0]} holds no readable images")

@@ -2,6 +2,7 @@
 printed without a traceback (exit code 2), and the words that start and fill such lines.
 """
 
+import math
 import os
 
 
@@ -18,3 +19,11 @@ def error_prefix():
 def count_text(count, noun):
     """'1 image', '2 images', '20,000 images'."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def size_text(size_bytes):
+    """A size for people: bytes below a KiB, else KiB, MiB, GiB, ... up to EiB, with one decimal."""
+    if size_bytes < 2**10:
+        return count_text(size_bytes, "byte")
+    power = min(int(math.log(size_bytes, 2**10)), 6)
+    return f"{size_bytes / 2 ** (10 * power):.1f} {'KMGTPE'[power - 1]}iB"

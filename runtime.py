@@ -24,7 +24,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # a disk that no longer answers) stops the job after this long, not hours later.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 # How long the ranks wait for one process working alone, at barrier(): it downloads CIFAR-10 or
-# decodes a folder into the cache (an hour for millions of images: BENCHMARKS.md, image_cache.py),
+# decodes a folder into the cache (an hour for millions of images: BENCHMARKS.md, folders.py),
 # or rank 0 runs the first FID pass over every real image at an epoch's end. These waits go through
 # torchrun's key-value store, not through a collective bound by the timeout above.
 PREPARATION_TIMEOUT = timedelta(hours=2)

@@ -261,7 +261,7 @@ def training_memory_problem(opts, device, half_precision=False):
     # the flag to name: the one whose default would shrink the need the most
     lowered = {name: training_bytes({**flags, name: defaults.get_default(name)}, half_precision) for name in SIZE_FLAGS}
     flag = min(SIZE_FLAGS, key=lambda name: math.inf if lowered[name] is None else lowered[name])
-    from folders import size_text
+    from errors import size_text
 
     need_text = f"at least {size_text(needed)}" if needed is not None else "more than 8 EiB"
     return (

@@ -1,5 +1,5 @@
 """The training data as the loop takes it: CIFAR-10 (downloaded from its archive), an image folder
-(decoded through image_cache.py's cache) or random images, loaded in turns under torchrun, then cut
+(decoded once into folders.py's cache) or random images, loaded in turns under torchrun, then cut
 into batches shuffled per (seed, epoch), held on the device when they fit and streamed from the
 host when they do not.
 """
@@ -17,10 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from classnames import check_class_names
-from errors import UserError, count_text
-from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes, folder_classes, folder_labels, size_text
-from image_cache import FolderListing, ignore_message, open_folder
+from classnames import check_class_names, folder_classes, folder_labels
+from errors import UserError, count_text, size_text
+from folders import IMAGE_SUFFIXES, FolderListing, HostImages, available_ram_bytes, ignore_message, open_folder
 from imagesize import image_sides
 from runtime import barrier
 

@@ -56,9 +56,13 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, nargs=2, default=None, help="the shorter and the longer run [2 6]")
     p.add_argument("--rounds", type=int, default=2, help="pairs of runs, alternating short and long")
     p.add_argument("--work-dir", default=None, help="runs and the digits [a temp folder]")
-    p.add_argument("--writer", choices=["background", "inline"], default=None,
-                   help="where the files are written: on the writer's thread (an accelerator's way) or on the "
-                   "training thread (the CPU's) [background with --stand-in, else the CPU's]")
+    p.add_argument(
+        "--writer",
+        choices=["background", "inline"],
+        default=None,
+        help="where the files are written: on the writer's thread (an accelerator's way) or on the "
+        "training thread (the CPU's) [background with --stand-in, else the CPU's]",
+    )
     p.add_argument("--flags", nargs=argparse.REMAINDER, default=None, help="gan.py flags (last)")
     args = p.parse_args(argv)
     if args.stand_in and args.folder:
@@ -135,7 +139,9 @@ def main(argv=None):
     else:
         data = ["--dataset", "folder", "--dataroot", str(Path(args.folder) if args.folder else digits_folder(work_dir))]
     env = {**os.environ, "XDG_CACHE_HOME": str(work_dir / "cache")}  # the folder cache, not the user's
-    print(f"load average before: {os.getloadavg()}; gan.py {' '.join(args.flags)}; writer {args.writer}; epochs {args.epochs}")
+    print(
+        f"load average before: {os.getloadavg()}; gan.py {' '.join(args.flags)}; writer {args.writer}; epochs {args.epochs}"
+    )
     short, long = args.epochs
     run(1, data, args.flags, work_dir / "warm-up", env, args.writer)  # builds the folder cache, untimed
     shares, whole_run_shares = [], []

@@ -15,7 +15,7 @@ Then the same two cases for utils.load_dataset alone, in this process, for all t
 About 5 minutes on 2 CPU cores (3 rounds of about 90 s, plus writing the JPEGs once; a complete
 folder is reused).
 
---checksum times what the pixels' CRC-32 adds to reusing a cache: image_cache.open_folder with and
+--checksum times what the pixels' CRC-32 adds to reusing a cache: folders.open_folder with and
 without the check (the check switched off in this process only), then the copy into the tensor a
 run trains from, with the file in the page cache ("warm") and evicted from it first ("cold", by
 posix_fadvise: a start days after the last); and the CRC-32 against other checksums of the same
@@ -126,10 +126,9 @@ def key_seconds(folder, image_size, rounds):
     import hashlib
 
     import folders
-    import image_cache
 
     def without_ctime(root, files, size):
-        digest = hashlib.sha256(f"{image_cache.FOLDER_CACHE_VERSION} {size}\n".encode())
+        digest = hashlib.sha256(f"{folders.FOLDER_CACHE_VERSION} {size}\n".encode())
         for path in files:
             stat = path.stat()
             digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -137,7 +136,7 @@ def key_seconds(folder, image_size, rounds):
 
     times = {"list + key with ctime (gan.py)": [], "list + key without ctime": []}
     for _ in range(rounds):
-        for name, key in zip(times, (image_cache.folder_cache_key, without_ctime)):
+        for name, key in zip(times, (folders.folder_cache_key, without_ctime)):
             started = time.perf_counter()
             key(folder, folders.list_images(folder), image_size)
             times[name].append(time.perf_counter() - started)
@@ -161,12 +160,12 @@ def seconds_to_load(folder, image_size, workers):
 
 def synthetic_listing(work, count, image_size):
     """A FolderListing of count names that are never read: the cache is built from synthesised rows."""
-    import image_cache
+    import folders
 
     root = Path(work) / "synthetic"
     root.mkdir()
     files = [root / f"{index + 1:06d}.jpg" for index in range(count)]
-    return image_cache.FolderListing(root, files, image_size, f"synthetic{count}")
+    return folders.FolderListing(root, files, image_size, f"synthetic{count}")
 
 
 def synthetic_decode(files, image_size, workers, skipped):
@@ -199,23 +198,23 @@ def evict(path):
 @contextlib.contextmanager
 def check(on):
     """folders' check of the pixels' CRC-32, switched off in this process when on is False."""
-    import image_cache
+    import folders
 
-    intact = image_cache.FolderCache.intact
+    intact = folders.FolderCache.intact
     if not on:
-        image_cache.FolderCache.intact = lambda self: True
+        folders.FolderCache.intact = lambda self: True
     try:
         yield
     finally:
-        image_cache.FolderCache.intact = intact
+        folders.FolderCache.intact = intact
 
 
 def checksum_seconds(listing, workers, rounds):
     """Seconds to reuse listing's cache (open_folder) and then copy it into a training tensor, with
     and without the CRC check, warm and cold, in alternating rounds."""
-    import image_cache
+    import folders
 
-    npy = image_cache.open_folder(listing, workers, say=print).source  # builds the cache if it is not there
+    npy = folders.open_folder(listing, workers, say=print).source  # builds the cache if it is not there
     times = {}
     for round_index in range(rounds):
         for state in ("warm", "cold"):
@@ -223,7 +222,7 @@ def checksum_seconds(listing, workers, rounds):
                 (evict if state == "cold" else read_through)(npy)
                 started = time.perf_counter()
                 with check(checked):
-                    images = image_cache.open_folder(listing, workers)
+                    images = folders.open_folder(listing, workers)
                 opened = time.perf_counter()
                 images.to_device("cpu")
                 copied = time.perf_counter()
@@ -243,17 +242,17 @@ def checksums_compared(npy, listing, rounds):
     in use, mapped and warm, in the chunks gan.py reads."""
     import numpy as np
 
-    import image_cache
+    import folders
 
     pixels = np.load(npy, mmap_mode="r")[: len(listing.files)].reshape(-1)
 
     def digest(name):
         state = hashlib.new(name)
-        for start in range(0, len(pixels), image_cache.CHECKSUM_CHUNK_BYTES):
-            state.update(pixels[start : start + image_cache.CHECKSUM_CHUNK_BYTES])
+        for start in range(0, len(pixels), folders.CHECKSUM_CHUNK_BYTES):
+            state.update(pixels[start : start + folders.CHECKSUM_CHUNK_BYTES])
         return state.digest()
 
-    checksums = {"zlib.crc32 (gan.py)": lambda: image_cache.pixels_crc32(pixels)}
+    checksums = {"zlib.crc32 (gan.py)": lambda: folders.pixels_crc32(pixels)}
     checksums.update({f"hashlib.{name}": lambda name=name: digest(name) for name in CHECKSUMS})
     read_through(npy)
     times = {name: [] for name in checksums}
@@ -269,7 +268,6 @@ def main_checksum(args):
     """--checksum: what the CRC check adds to reusing a cache, on the JPEG folder or a synthesised cache."""
     sys.path.insert(0, str(ROOT))
     import folders
-    import image_cache
 
     print(f"load before: {os.getloadavg()}; {os.cpu_count()} CPUs; torch run by {sys.executable}")
     with tempfile.TemporaryDirectory() as work:
@@ -283,7 +281,7 @@ def main_checksum(args):
         else:
             folder = Path(args.folder or Path(tempfile.gettempdir()) / f"dcgan-folder-cache-{args.images}")
             make_folder(folder, args.images)
-            listing = image_cache.FolderListing.of(folder, args.image_size)
+            listing = folders.FolderListing.of(folder, args.image_size)
             print(f"{args.images} JPEGs in {folder}, cached at {args.image_size}px")
         workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
         times, npy = checksum_seconds(listing, workers, args.rounds)

@@ -21,7 +21,7 @@ import pytest
 
 import checkpoint
 import faults
-import image_cache
+import folders
 import utils
 from files import LOCK_NAME
 
@@ -54,20 +54,20 @@ def one_torch_thread():
 def session_cache_dir(tmp_path_factory):
     """The decoded-image cache of every run of the test suite (in-process or a subprocess, which
     inherits the environment) goes to a temp folder, never to the real ~/.cache/dcgan."""
-    saved = os.environ.get(image_cache.CACHE_ENV)
-    os.environ[image_cache.CACHE_ENV] = str(tmp_path_factory.mktemp("session_cache"))
+    saved = os.environ.get(folders.CACHE_ENV)
+    os.environ[folders.CACHE_ENV] = str(tmp_path_factory.mktemp("session_cache"))
     yield
     if saved is None:
-        os.environ.pop(image_cache.CACHE_ENV, None)
+        os.environ.pop(folders.CACHE_ENV, None)
     else:
-        os.environ[image_cache.CACHE_ENV] = saved
+        os.environ[folders.CACHE_ENV] = saved
 
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path_factory, monkeypatch):
     """Each test's own cache folder (outside tmp_path, so that tests of tmp_path see only their files)."""
     folder = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv(image_cache.CACHE_ENV, str(folder))
+    monkeypatch.setenv(folders.CACHE_ENV, str(folder))
     return folder
 
 
@@ -345,9 +345,7 @@ def measured_values(arch, image_size, width=8, nz=8):
 
 def load_folder(root, image_size, workers, cache_dir=None, say=None):
     """A whole folder as the program decodes it: a uint8 CPU tensor (N, 3, S, S), through the cache."""
-    return image_cache.open_folder(image_cache.FolderListing.of(root, image_size), workers, cache_dir, say).to_device(
-        "cpu"
-    )
+    return folders.open_folder(folders.FolderListing.of(root, image_size), workers, cache_dir, say).to_device("cpu")
 
 
 def load_cifar10(root, download=True):

@@ -16,8 +16,7 @@ import checkpoint
 import gan
 import options
 import startup
-from errors import UserError, count_text
-from folders import size_text
+from errors import UserError, count_text, size_text
 
 
 def help_entries(text):
