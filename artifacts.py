@@ -36,15 +36,6 @@ RUN_PICTURES = (
 )  # fmt: skip
 
 
-def earlier_run_pictures(image_dir):
-    """Names of an earlier run's pictures in image_dir (the first few, then how many more)."""
-    folder = Path(image_dir)
-    if not folder.is_dir():
-        return []
-    found = sorted({p.name for pattern in RUN_PICTURES for p in folder.glob(pattern) if not is_empty_folder(p)})
-    return found[:3] + ([f"{len(found) - 3} more"] if len(found) > 3 else [])
-
-
 def is_empty_folder(path):
     return path.is_dir() and not any(path.iterdir())
 

@@ -490,10 +490,6 @@ def append_metrics(path, rows):
 RUN_FILES = ("best.pt", "netG.pth", "netD.pth", "netG_ema.pth", "flags.json", "snapshots/")
 
 
-def earlier_run_files(checkpoint_dir):
-    return [name for name in RUN_FILES if (Path(checkpoint_dir) / name).exists()]
-
-
 def orphan_log(checkpoint_dir):
     """The metrics log of a run that saved no checkpoint in checkpoint_dir (rows, but no checkpoint.pt), or None."""
     path = Path(checkpoint_dir) / METRICS_LOG_NAME

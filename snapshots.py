@@ -78,15 +78,6 @@ def snapshot_files(checkpoint_dir):
     return [path for _, path in sorted(found)]
 
 
-def refuse_resuming(state, path):
-    """A snapshot holds the generator alone: training cannot go on from it."""
-    if is_snapshot(state):
-        raise UserError(
-            f"{path} is a snapshot (the generator alone, at step {state['step']}), not a point to resume from: "
-            f"resume the run's checkpoint.pt, or draw from this step with --generate --checkpoint {path}"
-        )
-
-
 def refuse_raw(state, path):
     """--raw asks for the trained G, which a snapshot of a run with an EMA does not hold."""
     if is_snapshot(state) and state.get("netG_ema") is not None:

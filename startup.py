@@ -128,7 +128,7 @@ def refuse_earlier_run(opts, runtime):
             f"{earlier} holds an earlier run: continue it with --resume, "
             "or train into another --checkpoint-dir (or delete that folder)"
         )
-    files = checkpoint.earlier_run_files(opts.checkpoint_dir)
+    files = earlier_run_files(opts.checkpoint_dir)
     if files:  # its checkpoint.pt is gone, but a fresh run would replace these
         raise UserError(
             f"{opts.checkpoint_dir} holds an earlier run's files ({', '.join(files)}): "
@@ -136,7 +136,7 @@ def refuse_earlier_run(opts, runtime):
         )
     # pictures beside the log of a run that never saved a checkpoint are that run's: replaced
     orphan = checkpoint.orphan_log(opts.checkpoint_dir)
-    pictures = artifacts.earlier_run_pictures(opts.image_dir)
+    pictures = earlier_run_pictures(opts.image_dir)
     if pictures and not orphan:
         # a fresh run would overwrite some of that run's grids and leave the others beside its own
         raise UserError(
@@ -145,12 +145,27 @@ def refuse_earlier_run(opts, runtime):
         )
 
 
+def earlier_run_files(checkpoint_dir):
+    """Names of the files an earlier run left in checkpoint_dir beside (or instead of) its checkpoint.pt."""
+    return [name for name in checkpoint.RUN_FILES if (Path(checkpoint_dir) / name).exists()]
+
+
+def earlier_run_pictures(image_dir):
+    """Names of an earlier run's pictures in image_dir (the first few, then how many more)."""
+    folder = Path(image_dir)
+    if not folder.is_dir():
+        return []
+    pictures = (path for pattern in artifacts.RUN_PICTURES for path in folder.glob(pattern))
+    found = sorted({path.name for path in pictures if not path.is_dir() or any(path.iterdir())})  # not empty folders
+    return found[:3] + ([f"{len(found) - 3} more"] if len(found) > 3 else [])
+
+
 def resumed_options(opts, explicit, runtime):
     path = resume_path(opts)
     if not opts.resume and not path.is_file():
         raise UserError(f"--resume: no checkpoint in {opts.checkpoint_dir}/ (give its path: --resume PATH)")
     state = load_upgraded(path)
-    snapshots.refuse_resuming(state, path)
+    refuse_resuming_a_snapshot(state, path)
     opts, changes = merge_resume_flags(opts, explicit, state["flags"], path)
     for change in changes:
         runtime.say(f"resume: changed {change}")
@@ -162,6 +177,15 @@ def resumed_options(opts, explicit, runtime):
             "give another --checkpoint-dir"
         )
     return opts.replace(seed=state.get("seed", opts.seed)), (state, path)
+
+
+def refuse_resuming_a_snapshot(state, path):
+    """A snapshot holds the generator alone: training cannot go on from it."""
+    if snapshots.is_snapshot(state):
+        raise UserError(
+            f"{path} is a snapshot (the generator alone, at step {state['step']}), not a point to resume from: "
+            f"resume the run's checkpoint.pt, or draw from this step with --generate --checkpoint {path}"
+        )
 
 
 def resume_path(opts):
@@ -200,7 +224,7 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
         merged.pop("kimg", None)
     resolved = opts.replace(**merged)
     check_recipe(resolved._values)
-    change = length_change(saved_flags, resolved.as_dict())
+    change = length_change(saved_flags, resolved._values)
     return resolved, changed + ([change] if change else [])
 
 
