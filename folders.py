@@ -141,12 +141,29 @@ def decode_files(files, image_size, workers, skipped):
         generator=torch.Generator(),
         worker_init_fn=ignore_stop_signals,
     )
-    done = 0
-    for images, readable in loader:
-        skipped.extend(files[done + i] for i in (~readable).nonzero().flatten().tolist())
-        done += len(readable)
-        if len(images):
-            yield images
+    done, chunks = 0, iter(loader)
+    try:
+        for images, readable in chunks:
+            skipped.extend(files[done + i] for i in (~readable).nonzero().flatten().tolist())
+            done += len(readable)
+            if len(images):
+                yield images
+    except BaseException:
+        stop_decoding_now(chunks)
+        raise
+
+
+def stop_decoding_now(chunks):
+    """Kill a stopped decode's worker processes at once: they hold nothing to save, and they ignore
+    the stop signals (ignore_stop_signals), so the DataLoader's own shutdown would wait seconds for
+    each to finish its chunk. Their pids leave the DataLoader's watch first, or it would take their
+    deaths for a failure and print a second error."""
+    if getattr(chunks, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(chunks))
+        chunks._worker_pids_set = False
+    for worker in getattr(chunks, "_workers", ()):
+        if worker.is_alive():
+            worker.kill()
 
 
 def ignore_stop_signals(worker_id):

@@ -1107,6 +1107,34 @@ def test_sigterm_to_the_process_group_while_decoding_is_one_line(start_gan, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "stderr.txt", "stdout.txt"]
 
 
+def test_a_stopped_decode_kills_its_workers_at_once(tmp_path, monkeypatch):
+    """A stop while a worker is inside a chunk ends the decode at once: the workers ignore the stop
+    signals, so the DataLoader's own shutdown would wait for each to finish its chunk first."""
+    import multiprocessing
+
+    for index in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{index}.png")
+    real_read_image = folders.read_image
+
+    def read_image(path, image_size):  # in the workers: every file but the first takes a minute
+        if path.name != "0.png":
+            time.sleep(60)
+        return real_read_image(path, image_size)
+
+    monkeypatch.setattr(folders, "read_image", read_image)
+    monkeypatch.setattr(folders, "DECODE_CHUNK_FILES", 1)
+    decoding = folders.decode_files(sorted(tmp_path.glob("*.png")), 8, 2, [])
+    try:
+        assert next(decoding).shape == (1, 3, 8, 8)  # the first file's chunk; the workers are in the others
+        with pytest.raises(KeyboardInterrupt):
+            decoding.throw(KeyboardInterrupt)
+        assert multiprocessing.active_children() == []
+    finally:
+        decoding.close()
+        for worker in multiprocessing.active_children():
+            worker.kill()
+
+
 def test_the_resume_command_names_the_folders_a_checkpoint_never_chooses():
     opts, _ = options.parse_flags(["--dataset", "folder", "--dataroot", "my data", "--image-dir", "pics"])
     assert startup.resume_command(opts.replace(checkpoint_dir="ck")) == (
