@@ -154,10 +154,9 @@ def decode_files(files, image_size, workers, skipped):
 
 
 def stop_decoding_now(chunks):
-    """Kill a stopped decode's worker processes at once: they hold nothing to save, and they ignore
-    the stop signals (ignore_stop_signals), so the DataLoader's own shutdown would wait seconds for
-    each to finish its chunk. Their pids leave the DataLoader's watch first, or it would take their
-    deaths for a failure and print a second error."""
+    """Kill a stopped decode's workers at once (they ignore stop signals and hold nothing to save),
+    where the DataLoader would wait for each to finish its chunk; its watch over their pids ends
+    first, or it would take their deaths for a failure and print a second error."""
     if getattr(chunks, "_worker_pids_set", False):
         torch.utils.data._utils.signal_handling._remove_worker_pids(id(chunks))
         chunks._worker_pids_set = False
@@ -266,8 +265,7 @@ def available_ram_bytes(with_swap=False):
 CACHE_APP_NAME = "dcgan"
 CACHE_ENV = "DCGAN_CACHE_DIR"
 FOLDER_CACHE_NAME = "folders"
-# Bump when read_image's pixels or the cache's files change, so caches made by older code are
-# rebuilt, not trusted (3: the sidecar records the pixels' checksum; a cache without one is rebuilt).
+# Bump when read_image's pixels or the cache's files change: caches made by older code are rebuilt
 FOLDER_CACHE_VERSION = 3
 # The checksum reads the mapped cache this much at a time: large enough that the calls cost nothing
 # beside the CRC, small enough that no chunk is a second copy of the images in memory.
@@ -278,9 +276,8 @@ ABANDONED_BUILD_SECONDS = 3600
 
 
 # ---------------------------------------------------------------- the decoded-image cache
-# Decoding CelebA's 202,599 JPEGs with PIL takes minutes, so the decoded images are kept in the
-# user's cache folder (cache_root()/folders/images-<S>px-<key>.npy), never beside the data: a
-# folder of images stays what its owner made it, for ImageFolder and for git. The key digests
+# The decoded images are kept in the user's cache folder (cache_root()/folders/images-<S>px-<key>.npy),
+# never beside the data: a folder stays what its owner made it, for ImageFolder and git. The key digests
 # every file's name, size, modification time and inode change time (the ctime moves on every
 # write, even one that restores the mtime, and costs nothing: it comes with the same stat), the
 # image size and the decoder: any change gives another name. The JSON sidecar, written last once
