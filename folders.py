@@ -157,9 +157,10 @@ def stop_decoding_now(chunks):
     """Kill a stopped decode's workers at once (they ignore stop signals and hold nothing to save),
     where the DataLoader would wait for each to finish its chunk; its watch over their pids ends
     first, or it would take their deaths for a failure and print a second error."""
-    if getattr(chunks, "_worker_pids_set", False):
-        torch.utils.data._utils.signal_handling._remove_worker_pids(id(chunks))
-        chunks._worker_pids_set = False
+    if not getattr(chunks, "_worker_pids_set", False):
+        return  # no workers, or a DataLoader this does not know: its own shutdown, slower
+    torch.utils.data._utils.signal_handling._remove_worker_pids(id(chunks))
+    chunks._worker_pids_set = False
     for worker in getattr(chunks, "_workers", ()):
         if worker.is_alive():
             worker.kill()
@@ -359,7 +360,7 @@ def open_folder(listing, workers, cache_dir=None, say=None):
     listing: FolderListing.of(the folder, the image size); cache_dir: --cache-dir (None: cache_root's
     choice); say: gets the one line saying whether the cache was reused or built.
     """
-    say = say or ignore_message
+    say = say or (lambda message: None)
     folder = folder_cache_dir(cache_dir)
     with no_new_empty_folders([folder]):  # a build that fails leaves no empty cache folders behind
         cached, reason = reusable_cache(folder, listing)
@@ -384,10 +385,6 @@ def with_files(images, skipped, listing):
     unreadable = {str(Path(name)) for name in skipped} | {str(listing.root / name) for name in skipped}
     images.files = [path for path in listing.files if str(path) not in unreadable]
     return images
-
-
-def ignore_message(message):
-    pass
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from classnames import check_class_names, folder_classes, folder_labels
 from errors import UserError, count_text, size_text
-from folders import IMAGE_SUFFIXES, FolderListing, HostImages, available_ram_bytes, ignore_message, open_folder
+from folders import IMAGE_SUFFIXES, FolderListing, HostImages, available_ram_bytes, open_folder
 from imagesize import image_sides
 from runtime import barrier
 
@@ -247,7 +247,7 @@ def load_training_data(opts, device, say=None, memory_limit_bytes=None, with_lab
     if streaming_forced():
         images, memory_limit_bytes = images if isinstance(images, HostImages) else HostImages(images), 0
     if isinstance(images, HostImages):
-        images = place_on_device(images, device, memory_limit_bytes, say or ignore_message)
+        images = place_on_device(images, device, memory_limit_bytes, say or (lambda message: None))
     else:
         images = images.to(device)
     return TrainingData(images, labels, class_names, channels)
