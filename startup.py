@@ -16,7 +16,7 @@ import checkpoint
 import snapshots
 from checkpoint import Progress, latest_checkpoint
 from classnames import checkpoint_class_names
-from errors import UserError, count_text
+from errors import UserError, count_text, size_text
 from files import refuse_if_in_use
 from modes import ARCHITECTURE_FLAGS
 from options import build_parser, check_recipe
@@ -285,8 +285,6 @@ def training_memory_problem(opts, device, half_precision=False):
     # the flag to name: the one whose default would shrink the need the most
     lowered = {name: training_bytes({**flags, name: defaults.get_default(name)}, half_precision) for name in SIZE_FLAGS}
     flag = min(SIZE_FLAGS, key=lambda name: math.inf if lowered[name] is None else lowered[name])
-    from errors import size_text
-
     need_text = f"at least {size_text(needed)}" if needed is not None else "more than 8 EiB"
     return (
         f"--{flag.replace('_', '-')} {getattr(opts, flag)} is too large: training would need {need_text} of memory, "
