@@ -37,7 +37,7 @@ from sampling import (
     score,
 )
 from startup import refuse_architecture_change, refuse_saved_folders, upgraded
-from utils import load_dataset, load_training_data
+from utils import load_dataset, load_training_data, refuse_non_square_cifar10
 
 
 def use_generator(opts, explicit, runtime, metric_feature=None):
@@ -319,6 +319,7 @@ def evaluate(opts, explicit, runtime, feature=None):
     eval_opts = opts.replace(
         **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
     )
+    refuse_non_square_cifar10(eval_opts)
     # Inception first: offline without its weights, fail before minutes of decoding the data
     scorers = metrics.build_metrics(runtime.device, eval_opts.eval_samples, feature)
     real = load_training_data(eval_opts, torch.device("cpu"), say=print, with_labels=bool(G.num_classes))
@@ -354,6 +355,7 @@ def evaluate_images(opts, explicit, runtime, feature=None):
     check_writable(folder)
     # the subset is drawn as training draws it; the dataset must hold one image, not a batch
     real_opts = opts.replace(batch_size=1, seed=opts.seed if opts.seed is not None else 0, eval_samples=len(files))
+    refuse_non_square_cifar10(real_opts)
     # Inception first: offline without its weights, fail before minutes of decoding (KID's subsets
     # shrink to the images there are when scored)
     scorers = metrics.build_metrics(runtime.device, real_opts.eval_samples, feature)

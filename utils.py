@@ -111,13 +111,14 @@ def load_cifar10_labelled(root, download=True):
     return torch.cat(images), torch.cat(labels), cifar_class_names(folder)
 
 
-def refuse_non_square_cifar10(image_size):
+def refuse_non_square_cifar10(opts):
     """CIFAR-10's images are 32x32: stretched to another aspect, every image would be distorted.
-    Refused where the data is read, which every mode that reads it passes before it writes anything."""
-    width, height = image_sides(image_size)
-    if width != height:
+    Refused where the data is read, which every mode that reads it passes before it writes anything,
+    and by --evaluate before it builds Inception (a download on first use)."""
+    width, height = image_sides(opts.image_size)
+    if opts.dataset == "cifar10" and width != height:
         raise UserError(
-            f"--image-size {image_size} is not square, and CIFAR-10's images are: "
+            f"--image-size {opts.image_size} is not square, and CIFAR-10's images are: "
             "train on a --dataset folder of images of that shape (or give a square size)"
         )
 
@@ -274,7 +275,7 @@ def streaming_forced():
 def read_images_and_labels(opts, with_labels, say):
     """All the data set's images, and (with_labels) their labels and class names."""
     if opts.dataset == "cifar10":
-        refuse_non_square_cifar10(opts.image_size)
+        refuse_non_square_cifar10(opts)
         if with_labels:
             check_subset_covers_classes(opts.subset, len(CIFAR_CLASSES))  # before a download
         return load_cifar10_labelled(opts.dataroot)

@@ -13,6 +13,7 @@ from torch import nn
 import augment
 import faults
 import gan
+import metrics
 import options
 import savedflags
 from folders import read_image
@@ -78,7 +79,7 @@ def test_saved_sizes_are_valid_only_as_the_flag_writes_them():
         assert not savedflags.saved_flag_is_valid(parser, "image_size", value), value
 
 
-def test_cifar10_refuses_a_size_that_is_not_square_before_anything_is_made(gan_main, tmp_path):
+def test_cifar10_refuses_a_size_that_is_not_square_before_anything_is_made(gan_main, tmp_path, monkeypatch):
     refusal = (
         "--image-size 64x32 is not square, and CIFAR-10's images are: train on a --dataset folder of images "
         "of that shape (or give a square size)"
@@ -86,7 +87,8 @@ def test_cifar10_refuses_a_size_that_is_not_square_before_anything_is_made(gan_m
     code, _, err = gan_main(["--image-size", "64x32", "--device", "cpu", "--epochs", "1"])
     assert code == 2 and "Traceback" not in err and err.strip().endswith(refusal)
     assert not any(tmp_path.iterdir())
-    # --evaluate --images scores against CIFAR-10 at the size given: refused where the data is read
+    # --evaluate --images scores against CIFAR-10 at the size given: refused before Inception is built
+    monkeypatch.setattr(metrics, "build_metrics", lambda *args: pytest.fail("built the scorers first"))
     (tmp_path / "pics").mkdir()
     for name in ("a.png", "b.png"):
         band_image(tmp_path / "pics" / name, 64, 32, [RED, GREEN])
@@ -250,6 +252,24 @@ def test_generate_writes_32_by_16_pngs_and_load_generator_draws_them(landscape_r
     sampled = generator.sample(3, seed=4)
     assert sampled.shape == (3, 3, 16, 32)
     assert torch.equal(sampled.int(), torch.stack([png_pixels(path) for path in written]))
+
+
+def test_evaluating_a_non_square_checkpoint_against_cifar10_is_refused_before_inception(
+    landscape_run, gan_main, monkeypatch
+):
+    folder, _ = landscape_run
+    checkpoints = sorted(path.name for path in (folder / "checkpoints").iterdir())
+    log = (folder / "checkpoints" / "metrics.jsonl").read_bytes()
+    monkeypatch.setattr(metrics, "build_metrics", lambda *args: pytest.fail("built the scorers first"))
+    checkpoint = folder / "checkpoints" / "checkpoint.pt"
+    code, _, err = gan_main(["--evaluate", "--checkpoint", checkpoint, "--dataset", "cifar10", "--device", "cpu"])
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().endswith(
+        "--image-size 32x16 is not square, and CIFAR-10's images are: train on a --dataset folder of images "
+        "of that shape (or give a square size)"
+    )
+    assert sorted(path.name for path in (folder / "checkpoints").iterdir()) == checkpoints
+    assert (folder / "checkpoints" / "metrics.jsonl").read_bytes() == log
 
 
 def test_the_run_keeps_the_size_as_typed_and_fid_sees_the_images_at_it(landscape_run):
