@@ -24,6 +24,7 @@ import artifacts
 import checkpoint
 import sampling
 import snapshots
+from augment import STRENGTH_LABELS
 from errors import UserError, count_text
 from models import estimate_batch_norm
 from startup import generate_command
@@ -226,7 +227,7 @@ class RunOutputs:
         checkpoint.append_metrics(self.log_path, [row])
         self.pictures.rows.append(row)
         if self.tensorboard is not None:
-            for name in STAT_NAMES:
+            for name in STAT_NAMES | STRENGTH_LABELS:  # the losses, and --ada's strength
                 if row.get(name) is not None:
                     self.tensorboard.add_scalar(name, row[name], row["step"])
 

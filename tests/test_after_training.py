@@ -2,8 +2,10 @@
 the EMA generator, and --tensorboard."""
 
 import functools
+import json
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +15,11 @@ from PIL import Image
 
 import after_training
 import artifacts
+import gan
 import models
 import modes
 import options
+import outputs
 import sampling
 import steps
 from runtime import Runtime, choose_precision
@@ -511,6 +515,34 @@ def test_tensorboard_writes_event_files(tmp_path):
     check_ok(run_gan([*TINY_ARGS, "--epochs", "1", "--tensorboard"], tmp_path))
     events = list((tmp_path / "checkpoints" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_tensorboard_gets_each_log_rows_losses_and_adas_strength_and_the_grid(monkeypatch, gan_main, tmp_path):
+    scalars, images = [], []
+
+    class Recorder:  # torch's SummaryWriter, as much of it as the run uses
+        def __init__(self, log_dir):
+            assert log_dir == str(Path("checkpoints") / "tensorboard")
+
+        def add_scalar(self, name, value, step):
+            scalars.append((name, step, value))
+
+        def add_images(self, name, batch, step):
+            images.append((name, step, tuple(batch.shape), float(batch.min()) >= 0 and float(batch.max()) <= 1))
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(gan, "summary_writer_class", lambda: Recorder)
+    monkeypatch.setattr(outputs, "summary_writer_class", lambda: Recorder)
+    code, _, err = gan_main([*TINY_ARGS, "--epochs", "1", "--tensorboard", "--ada"])
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "loss_d" in row]
+    assert [row["step"] for row in rows] == [2, 4]
+    names = ("loss_d", "loss_g", "d_real", "d_fake", "augment_p")
+    assert scalars == [(name, row["step"], row[name]) for row in rows for name in names]
+    assert images == [("samples", 1, (64, 3, 16, 16), True)]
 
 
 def test_generate_file_names_are_padded_for_large_counts(trained_run, gan_main, monkeypatch, tmp_path):
