@@ -18,8 +18,6 @@ import threading
 import warnings
 from pathlib import Path
 
-import torch
-
 import artifacts
 import checkpoint
 import sampling
@@ -172,7 +170,7 @@ class RunOutputs:
 
     def start(self, fresh):
         """real_samples.png, written anew by a fresh run."""
-        real = drawn_real_samples(self.real.images, self.opts.seed)
+        real = sampling.drawn_real_samples(self.real.images, self.opts.seed)
         self.writer.submit(lambda: self.pictures.write_real_samples(real, self.opts.image_size, fresh))
 
     def check_folders(self, *folders):
@@ -297,14 +295,6 @@ class RunOutputs:
             self.pictures.write_real_vs_fake(self.real_rows, fake, self.opts.image_size, row_names)
 
         self.writer.submit(draw)
-
-
-def drawn_real_samples(images, seed, count=64):
-    """real_samples.png's images: count drawn at random from the whole data (every class of a folder
-    of classes), the same for a seed, through a generator of their own: the training's random
-    stream is the one it would be without the picture."""
-    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-    return images[rows.to(images.device) if isinstance(images, torch.Tensor) else rows].cpu()
 
 
 def finished_line(opts, progress):

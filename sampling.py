@@ -91,15 +91,23 @@ def grid_samples(G, fixed_noise, opts, runtime):
 
 
 def real_grid_images(images, labels, opts):
-    """Real images laid out as grid_samples' fakes: the first 64, or each grid class's first
-    GRID_COLUMNS (repeated where a class has fewer)."""
+    """Real images laid out as grid_samples' fakes: real_samples.png's 64 (drawn_real_samples), or
+    each grid class's first GRID_COLUMNS (repeated where a class has fewer)."""
     if not opts.num_classes:
-        return images[:64]
+        return drawn_real_samples(images, opts.seed)
     rows = []
     for label in grid_classes(opts.num_classes, opts.seed).tolist():
         members = (labels == label).nonzero().flatten()
         rows.append(members.repeat(GRID_COLUMNS)[:GRID_COLUMNS])
     return images[torch.cat(rows).to(images.device) if isinstance(images, torch.Tensor) else torch.cat(rows)]
+
+
+def drawn_real_samples(images, seed, count=64):
+    """real_samples.png's images: count drawn at random from the whole data (every class of a folder
+    of classes), the same for a seed, through a generator of their own: the training's random
+    stream is the one it would be without the picture."""
+    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return images[rows.to(images.device) if isinstance(images, torch.Tensor) else rows].cpu()
 
 
 def open_metrics(opts, runtime, real_uint8, feature=None, scorers=None):

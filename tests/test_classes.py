@@ -432,6 +432,16 @@ def test_real_vs_fake_shows_each_grid_class_s_real_images_in_its_row():
     assert rows.tolist() == [[1, 3, 6, 1, 3, 6, 1, 3], [2, 5, 2, 5, 2, 5, 2, 5], [0, 4, 0, 4, 0, 4, 0, 4]]
 
 
+def test_real_vs_fake_shows_real_samples_draw_without_classes():
+    """Not the data's first 64 (a folder's first class, or its first files): the same seeded draw
+    from all of it as real_samples.png."""
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 3, 2, 2)
+    shown = sampling.real_grid_images(images, None, parsed("--seed", "7"))
+    drawn = torch.randperm(100, generator=torch.Generator().manual_seed(7))[:64]
+    assert shown[:, 0, 0, 0].tolist() == drawn.tolist()
+    assert torch.equal(shown, sampling.drawn_real_samples(images, 7))
+
+
 def test_conditional_training_with_every_option_saves_the_class_names(gan_main, tmp_path):
     flags = ["--arch", "upsample-fullres", "--spectral-norm", "--loss", "hinge", "--diffaugment", "--d-steps", "2"]
     code, out, err = gan_main([*TINY_ARGS, *flags, "--spectral-loss", 1, "--conditional", "--epochs", 1])
