@@ -263,10 +263,6 @@ class ProgressGif:
             data += block
         atomic_write_bytes(self.path, bytes(data) + b";")
 
-    def append(self, *images):
-        """Add PIL frames at the end; the previous last frame goes back to the usual delay."""
-        self.append_encoded([encode_frame(image, FRAME_MS) for image in images], images[0].size)
-
     def append_encoded(self, blocks, size):
         """Add frames encoded by encode_frame at FRAME_MS, of size (width, height), in one write;
         the new last one is held longer, the previous last goes back to the usual delay."""

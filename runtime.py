@@ -303,7 +303,7 @@ class StoreBarrier:
         deadline = time.monotonic() + PREPARATION_TIMEOUT.total_seconds()
         while True:
             try:
-                self.store.wait([f"{key}/all"], min(WAIT_SLICE, PREPARATION_TIMEOUT))
+                self.store.wait([f"{key}/all"], WAIT_SLICE)
                 return
             except dist.DistStoreError:
                 if time.monotonic() >= deadline:
@@ -311,11 +311,6 @@ class StoreBarrier:
                         f"waited {PREPARATION_TIMEOUT} (h:mm:ss) for the other processes, which did not come: "
                         "one of them is stuck or has died"
                     ) from None
-
-
-def broadcast_int(value, runtime):
-    """Rank 0's value of an integer on every rank (e.g. a seed drawn at random)."""
-    return broadcast_object(value, runtime)
 
 
 def broadcast_object(value, runtime):
@@ -345,11 +340,17 @@ def rank_rng_states(runtime):
 
 def any_rank(flag, runtime):
     """Whether flag is true on any rank; every rank must call this at the same point."""
+    return any_ranks((flag,), runtime)[0]
+
+
+def any_ranks(flags, runtime):
+    """Each flag: whether it is true on any rank (a tuple of bools), in one collective; every rank
+    calls this at the same point."""
     if not runtime.distributed:
-        return flag
-    tensor = torch.tensor([float(flag)], device=runtime.device)
-    dist.all_reduce(tensor)
-    return bool(tensor.item())
+        return tuple(bool(flag) for flag in flags)
+    counts = torch.tensor([float(flag) for flag in flags], device=runtime.device)
+    dist.all_reduce(counts)
+    return tuple(bool(count) for count in counts.tolist())
 
 
 def random_seed():

@@ -6,7 +6,7 @@ every epoch end draws its grid, and the rest waits until SAVE_SECONDS of wall ti
 import time
 from dataclasses import dataclass
 
-import torch
+from runtime import any_ranks
 
 # Wall seconds between the epoch ends that write the checkpoint, the loss plot and the GIF frames
 # when epochs are shorter: what a crash (or an --on-nan rollback) can cost at most, beyond the
@@ -60,12 +60,3 @@ class SaveSchedule:
             or (save_every > 0 and progress.step % save_every == 0)  # --save-every's steps stay exact
             or now - self.drawn_at >= SAVE_SECONDS
         )
-
-
-def any_ranks(flags, runtime):
-    """Each flag: whether it is true on any rank (a tuple of bools); every rank calls this at the same point."""
-    if not runtime.distributed:
-        return tuple(bool(flag) for flag in flags)
-    counts = torch.tensor([float(flag) for flag in flags], device=runtime.device)
-    torch.distributed.all_reduce(counts)
-    return tuple(bool(count) for count in counts.tolist())

@@ -21,7 +21,7 @@ from files import refuse_if_in_use
 from modes import ARCHITECTURE_FLAGS
 from options import build_parser, check_recipe
 from runlength import length_change
-from runtime import broadcast_int, mixed_seed, random_seed
+from runtime import broadcast_object, mixed_seed, random_seed
 from savedflags import LENGTH_FLAGS, NOT_RESUMED_FLAGS, PATH_FLAGS, saved_flag_is_valid
 from steps import Nets, build_nets
 
@@ -76,7 +76,7 @@ def resolve_training_options(opts, explicit, runtime):
     if opts.resume is None:
         refuse_earlier_run(opts, runtime)
         # under torchrun every rank must train on rank 0's seed, or their shards would overlap
-        seed = opts.seed if opts.seed is not None else broadcast_int(random_seed(), runtime)
+        seed = opts.seed if opts.seed is not None else broadcast_object(random_seed(), runtime)
         opts, resumed = opts.replace(seed=seed), None
     else:
         opts, resumed = resumed_options(opts, explicit, runtime)
@@ -156,7 +156,7 @@ def earlier_run_pictures(image_dir):
     if not folder.is_dir():
         return []
     pictures = (path for pattern in artifacts.RUN_PICTURES for path in folder.glob(pattern))
-    found = sorted({path.name for path in pictures if not path.is_dir() or any(path.iterdir())})  # not empty folders
+    found = sorted({path.name for path in pictures if not artifacts.is_empty_folder(path)})
     return found[:3] + ([f"{len(found) - 3} more"] if len(found) > 3 else [])
 
 

@@ -26,11 +26,16 @@ def gif_contents(path):
     return values, durations
 
 
+def append(gif, image):
+    """One PIL frame at the end of gif, encoded as an epoch end encodes its frame."""
+    gif.append_encoded([artifacts.encode_frame(image, artifacts.FRAME_MS)], image.size)
+
+
 def test_appended_frames_make_a_gif_pil_reads(tmp_path):
     gif = artifacts.ProgressGif(tmp_path / "progress.gif")
     gif.open([])
     for value in (10, 120, 250):
-        gif.append(frame(value))
+        append(gif, frame(value))
     values, durations = gif_contents(tmp_path / "progress.gif")
     assert values == [10, 120, 250]
     assert durations == [artifacts.FRAME_MS, artifacts.FRAME_MS, artifacts.LAST_FRAME_MS]
@@ -47,7 +52,7 @@ def test_appending_a_frame_never_reencodes_earlier_ones(tmp_path, monkeypatch):
     per_append = []
     for value in range(60):
         before = len(encodes)
-        gif.append(frame(value * 4))
+        append(gif, frame(value * 4))
         per_append.append(len(encodes) - before)
     assert per_append == [1] * 60
     monkeypatch.undo()
@@ -81,7 +86,7 @@ def test_a_damaged_gif_is_rebuilt_from_the_epoch_grids_at_start(tmp_path, damage
     reopened = artifacts.ProgressGif(gif_path)
     reopened.open(paths)
     assert gif_path.read_bytes() == intact
-    reopened.append(frame(200))
+    append(reopened, frame(200))
     assert gif_contents(gif_path) == ([5, 25, 45, 200], [400, 400, 400, 2000])
 
 
