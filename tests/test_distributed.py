@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARGS, subprocess_env
+from conftest import GAN_PY, TINY_ARGS, subprocess_env
 
 import errors
 import options
@@ -39,11 +39,12 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def torchrun(args, cwd, processes=2, **env):
-    """gan.py's CLI (through the worker) in that many processes; the CompletedProcess."""
+def torchrun(args, cwd, processes=2, script=WORKER, **env):
+    """gan.py's CLI (through the worker, or gan.py itself) in that many processes; the CompletedProcess."""
+    script_args = [str(WORKER), str(cwd)] if script == WORKER else [str(script)]
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKER), str(cwd), *map(str, args),
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script_args, *map(str, args),
     ]  # fmt: skip
     return subprocess.run(
         command, cwd=cwd, env=subprocess_env(**env), capture_output=True, text=True, timeout=TIMEOUT_S
@@ -397,12 +398,12 @@ def test_an_error_on_one_rank_stops_the_whole_job(tmp_path):
 
 
 def test_a_bad_flag_stops_every_rank_with_its_message(tmp_path):
-    result = torchrun([*TINY_ARGS, "--image-size", "20"], tmp_path)
+    """`torchrun gan.py` itself: each rank answers the flag error before it imports torch."""
+    result = torchrun([*TINY_ARGS, "--image-size", "20"], tmp_path, script=GAN_PY)
     assert result.returncode != 0
-    assert (
-        "argument --image-size: must be a power of two from 16 to 256, or WIDTHxHEIGHT with each side one (64x32), got 20"
-        in result.stderr
-    )
+    message = "argument --image-size: must be a power of two from 16 to 256, or WIDTHxHEIGHT with each side one (64x32), got 20"
+    assert result.stderr.count(message) == 2  # one line from each rank
+    assert not list(tmp_path.iterdir())
 
 
 def torchrun_of_two_on(monkeypatch, device):
