@@ -128,7 +128,13 @@ def pytest_configure(config):
 # The files that take longest, first: pytest-xdist hands files to its workers in the order they are
 # collected (pyproject.toml's --no-loadscope-reorder), and a long file handed out last would keep one
 # worker busy while the other waits.
-SLOWEST_FILES_FIRST = ("test_distributed.py", "test_compiled.py", "test_faults.py", "test_self_check.py", "test_export.py")
+SLOWEST_FILES_FIRST = (
+    "test_distributed.py",
+    "test_compiled.py",
+    "test_faults.py",
+    "test_self_check.py",
+    "test_export.py",
+)
 
 
 def pytest_collection_modifyitems(items):
