@@ -60,9 +60,10 @@ def raw_run(tmp_path_factory):
 # ---------------------------------------------------------------- --generate
 
 
-def test_generate_writes_n_images_and_a_grid(trained_run, tmp_path):
+def test_generate_writes_n_images_and_a_grid(trained_run, gan_main, tmp_path):
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
-    result = check_ok(run_gan(["--generate", 7, "--checkpoint", checkpoint, "--seed", 3], tmp_path))
+    code, out, err = gan_main(["--generate", 7, "--checkpoint", checkpoint, "--seed", 3])
+    assert code == 0, err
     folder = tmp_path / "images" / "generated"
     singles = sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png")
     assert singles == [f"{i:04d}.png" for i in range(7)]
@@ -71,9 +72,9 @@ def test_generate_writes_n_images_and_a_grid(trained_run, tmp_path):
     # 7 images in a grid of side floor(sqrt(7)) = 2: 2 columns, 4 rows
     with Image.open(folder / "grid.png") as grid:
         assert grid.size == grid_pixels(columns=2, rows=4)
-    assert "using the EMA generator" in result.stdout
-    assert "wrote 7 images" in result.stdout and "seed 3" in result.stdout
-    assert "Traceback" not in result.stderr
+    assert "using the EMA generator" in out
+    assert "wrote 7 images" in out and "seed 3" in out
+    assert "Traceback" not in err
 
 
 def test_generate_honours_image_dir(trained_run, gan_main, tmp_path):
@@ -148,19 +149,20 @@ def test_generate_spans_several_internal_batches(trained_run, gan_main, monkeypa
         assert grid.size == grid_pixels(columns=2, rows=4)
 
 
-def test_generate_from_a_checkpoint_without_ema_uses_the_raw_generator(raw_run, tmp_path):
+def test_generate_from_a_checkpoint_without_ema_uses_the_raw_generator(raw_run, gan_main, tmp_path):
     checkpoint = raw_run / "checkpoints" / "checkpoint.pt"
-    result = check_ok(run_gan(["--generate", 3, "--checkpoint", checkpoint, "--seed", 1], tmp_path))
-    assert "using the raw generator" in result.stdout
+    code, out, err = gan_main(["--generate", 3, "--checkpoint", checkpoint, "--seed", 1])
+    assert code == 0, err
+    assert "using the raw generator" in out
     assert len(list((tmp_path / "images" / "generated").glob("0*.png"))) == 3
 
 
-def test_generate_refuses_an_explicit_other_architecture(trained_run, tmp_path):
+def test_generate_refuses_an_explicit_other_architecture(trained_run, gan_main, tmp_path):
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
-    result = run_gan(["--generate", 3, "--checkpoint", checkpoint, "--image-size", 32], tmp_path)
-    assert result.returncode == 2
-    assert "another architecture" in result.stderr and "--image-size 32 (checkpoint: 16)" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, err = gan_main(["--generate", 3, "--checkpoint", checkpoint, "--image-size", 32])
+    assert code == 2
+    assert "another architecture" in err and "--image-size 32 (checkpoint: 16)" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "images" / "generated").exists()
 
 
@@ -226,11 +228,12 @@ def test_generate_without_a_checkpoint_is_a_clear_error(gan_main, tmp_path):
 # ---------------------------------------------------------------- --interpolate and slerp
 
 
-def test_interpolate_writes_a_grid_and_a_gif(trained_run, tmp_path):
+def test_interpolate_writes_a_grid_and_a_gif(trained_run, gan_main, tmp_path):
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
     steps = 5
-    result = check_ok(run_gan(["--interpolate", "--steps", steps, "--checkpoint", checkpoint, "--seed", 2], tmp_path))
-    assert "using the EMA generator" in result.stdout
+    code, out, err = gan_main(["--interpolate", "--steps", steps, "--checkpoint", checkpoint, "--seed", 2])
+    assert code == 0, err
+    assert "using the EMA generator" in out
     # rows are the 8 walks, columns the steps along each
     with Image.open(tmp_path / "images" / "interpolation.png") as grid:
         assert grid.size == grid_pixels(columns=steps, rows=8)
@@ -510,9 +513,10 @@ def test_tensorboard_missing_is_a_clear_error(monkeypatch, gan_main, tmp_path):
     assert not (tmp_path / "checkpoints" / "checkpoint.pt").exists(), "refused before training"
 
 
-def test_tensorboard_writes_event_files(tmp_path):
+def test_tensorboard_writes_event_files(gan_main, tmp_path):
     pytest.importorskip("tensorboard")
-    check_ok(run_gan([*TINY_ARGS, "--epochs", "1", "--tensorboard"], tmp_path))
+    code, _, err = gan_main([*TINY_ARGS, "--epochs", "1", "--tensorboard"])
+    assert code == 0, err
     events = list((tmp_path / "checkpoints" / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
 
