@@ -157,9 +157,10 @@ def stop_decoding_now(chunks):
     """Kill a stopped decode's workers at once (they ignore stop signals and hold nothing to save),
     where the DataLoader would wait for each to finish its chunk; its watch over their pids ends
     first, or it would take their deaths for a failure and print a second error."""
-    if not getattr(chunks, "_worker_pids_set", False):
+    remove_pids = getattr(torch.utils.data._utils.signal_handling, "_remove_worker_pids", None)
+    if remove_pids is None or not getattr(chunks, "_worker_pids_set", False):
         return  # no workers, or a DataLoader this does not know: its own shutdown, slower
-    torch.utils.data._utils.signal_handling._remove_worker_pids(id(chunks))
+    remove_pids(id(chunks))
     chunks._worker_pids_set = False
     for worker in getattr(chunks, "_workers", ()):
         if worker.is_alive():

@@ -1135,6 +1135,26 @@ def test_a_stopped_decode_kills_its_workers_at_once(tmp_path, monkeypatch):
             worker.kill()
 
 
+def test_a_stopped_decode_on_a_dataloader_it_does_not_know_raises_the_stop(tmp_path, monkeypatch):
+    """Without the DataLoader internals that stop_decoding_now uses, the stop still comes out as
+    the stop (its one line), through the DataLoader's own shutdown, not as an AttributeError."""
+    import multiprocessing
+
+    for index in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{index}.png")
+    monkeypatch.delattr(torch.utils.data._utils.signal_handling, "_remove_worker_pids")
+    monkeypatch.setattr(folders, "DECODE_CHUNK_FILES", 1)
+    decoding = folders.decode_files(sorted(tmp_path.glob("*.png")), 8, 2, [])
+    try:
+        assert next(decoding).shape == (1, 3, 8, 8)
+        with pytest.raises(KeyboardInterrupt):
+            decoding.throw(KeyboardInterrupt)
+    finally:
+        decoding.close()
+        for worker in multiprocessing.active_children():
+            worker.kill()
+
+
 def test_the_resume_command_names_the_folders_a_checkpoint_never_chooses():
     opts, _ = options.parse_flags(["--dataset", "folder", "--dataroot", "my data", "--image-dir", "pics"])
     assert startup.resume_command(opts.replace(checkpoint_dir="ck")) == (
