@@ -25,6 +25,8 @@ from utils import to_float_images
 MAX_PLOT_POINTS = 1000
 GRID_PADDING = 2
 LABEL_FONT_PIXELS = 11  # fits the 18-pixel rows of a 16-pixel grid
+REAL_VS_FAKE_GRID_PIXELS = 540  # about the width of each grid in the DCGAN tutorial's figure
+TITLE_FONT_PIXELS, FIGURE_MARGIN = 16, 12
 FRAME_MS, LAST_FRAME_MS = 400, 2000
 # What a training run (or --generate/--interpolate after it) leaves in --image-dir; a fresh run
 # never mixes its pictures with these. real_samples.png alone, from a run stopped before its
@@ -57,9 +59,11 @@ def drawing(path):
 # ---------------------------------------------------------------- grids
 
 
-def grid_image(images, nrow=8):
-    """Images in [-1, 1] as one PIL grid with 2-pixel padding."""
-    return to_pil(tile(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow, GRID_PADDING))
+def grid_image(images, nrow=8, scale=1):
+    """Images in [-1, 1] as one PIL grid with 2-pixel padding; with scale, each pixel a square of
+    scale x scale pixels."""
+    grid = to_pil(tile(images.detach().float().cpu().clamp(-1, 1).add(1).div(2), nrow, GRID_PADDING))
+    return grid if scale == 1 else grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
 
 
 def tile(images, nrow, padding=2):
@@ -79,34 +83,36 @@ def tile(images, nrow, padding=2):
     return F.pad(grid, (0, padding, 0, padding))  # and below and right of the last row and column
 
 
-def labelled_grid_image(images, row_names, nrow=8):
+def labelled_grid_image(images, row_names, nrow=8, scale=1):
     """grid_image with each row's name written in a margin on its left (a class-row grid)."""
     from PIL import ImageDraw
 
-    grid = grid_image(images, nrow)
-    font = label_font()
+    grid = grid_image(images, nrow, scale)
+    # an enlarged grid's names are larger too, up to a title's size
+    font = dejavu_font(min(LABEL_FONT_PIXELS * scale, TITLE_FONT_PIXELS))
     measure = ImageDraw.Draw(grid)
     boxes = [measure.textbbox((0, 0), name, font=font) for name in row_names]
     margin = max(box[2] for box in boxes) + 6
     canvas = Image.new("RGB", (grid.width + margin, grid.height))
     canvas.paste(grid, (margin, 0))
     draw = ImageDraw.Draw(canvas)
-    row_pixels = (grid.height - GRID_PADDING) / len(row_names)
+    padding = GRID_PADDING * scale
+    row_pixels = (grid.height - padding) / len(row_names)
     for row, (name, box) in enumerate(zip(row_names, boxes)):
-        middle = GRID_PADDING + row * row_pixels + (row_pixels - GRID_PADDING) / 2
+        middle = padding + row * row_pixels + (row_pixels - padding) / 2
         # whole pixels: a fractional position blurs small text across two rows of pixels
         draw.text((3, round(middle - (box[1] + box[3]) / 2)), name, fill=(255, 255, 255), font=font)
     return canvas
 
 
-def label_font():
-    """The font of the grids' class names: DejaVu Sans, which matplotlib ships, for its glyphs of
-    Latin, Greek and Cyrillic (Pillow's default font draws "кошка" as five boxes); Pillow's
-    default where it is missing. CJK and other scripts DejaVu lacks are boxes in both."""
+def dejavu_font(pixels):
+    """The font of the pictures' words (class names, titles): DejaVu Sans, which matplotlib ships,
+    for its glyphs of Latin, Greek and Cyrillic (Pillow's default font draws "кошка" as five boxes);
+    Pillow's default where it is missing. CJK and other scripts DejaVu lacks are boxes in both."""
     from PIL import ImageFont
 
     path = dejavu_sans_path()
-    return ImageFont.load_default() if path is None else ImageFont.truetype(path, LABEL_FONT_PIXELS)
+    return ImageFont.load_default() if path is None else ImageFont.truetype(path, pixels)
 
 
 def dejavu_sans_path():
@@ -125,9 +131,9 @@ def dejavu_sans_path():
         return None
 
 
-def epoch_grid_image(images, row_names=None):
+def epoch_grid_image(images, row_names=None, scale=1):
     """An epoch's grid: 8 x 8 samples, or a labelled row per class."""
-    return grid_image(images) if row_names is None else labelled_grid_image(images, row_names)
+    return grid_image(images, scale=scale) if row_names is None else labelled_grid_image(images, row_names, scale=scale)
 
 
 def save_grid(images, path, nrow=8):
@@ -372,10 +378,13 @@ def plot_losses(rows, path):
     keys = ("step", "loss_d", "loss_g", "d_real", "d_fake")
     rows = [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in keys)]
     column = {k: binned([r[k] for r in rows]) for k in keys}
-    figure, (loss_axes, score_axes) = new_figure((8, 6), 2, 1, sharex=True)
+    margins = {"left": 0.1, "right": 0.98, "bottom": 0.08, "top": 0.96, "hspace": 0.08}
+    figure, (loss_axes, score_axes) = new_figure((8, 6), 2, 1, margins, sharex=True)
     loss_axes.plot(column["step"], column["loss_d"], label="Loss_D")
     loss_axes.plot(column["step"], column["loss_g"], label="Loss_G")
     loss_axes.set_ylabel("loss")
+    # powers of ten beyond these in an offset above the axis: the tick labels stay narrow enough for the fixed margins
+    loss_axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     loss_axes.legend()
     score_axes.plot(column["step"], column["d_real"], label="D(x)")
     score_axes.plot(column["step"], column["d_fake"], label="D(G(z))")
@@ -392,7 +401,8 @@ NEIGHBOUR_METRICS = ("precision", "recall", "density", "coverage")
 def plot_fid(rows, path):
     """FID against epoch, and beside it precision, recall, density and coverage (higher is better)."""
     rows = [r for r in rows if isinstance(r.get("fid"), (int, float)) and isinstance(r.get("epoch"), int)]
-    figure, (fid_axes, neighbour_axes) = new_figure((11, 4), 1, 2)
+    margins = {"left": 0.07, "right": 0.99, "bottom": 0.12, "top": 0.95, "wspace": 0.2}
+    figure, (fid_axes, neighbour_axes) = new_figure((11, 4), 1, 2, margins)
     fid_axes.plot([r["epoch"] for r in rows], [r["fid"] for r in rows], marker="o")
     fid_axes.set_xlabel("epoch")
     fid_axes.set_ylabel("FID (lower is better)")
@@ -408,27 +418,40 @@ def plot_fid(rows, path):
 
 
 def plot_real_vs_fake(real_images, fake_images, path, row_names=None):
-    """The DCGAN tutorial's last figure: real images beside generated ones (rows of classes with row_names)."""
-    figure, (real_axes, fake_axes) = new_figure((12, 6), 1, 2)
-    for axes, images, title in ((real_axes, real_images, "Real images"), (fake_axes, fake_images, "Fake images")):
-        axes.imshow(epoch_grid_image(images, row_names))
-        axes.set_title(title)
-        axes.axis("off")
-    save_figure(figure, path)
+    """The DCGAN tutorial's last figure: real images beside generated ones (rows of classes with
+    row_names), each grid under its title, enlarged by a whole number so that no pixel is blurred."""
+    from PIL import ImageDraw
+
+    side = max(real_images.shape[-2:])
+    scale = max(1, round(REAL_VS_FAKE_GRID_PIXELS / (8 * (side + GRID_PADDING) + GRID_PADDING)))
+    grids = [epoch_grid_image(images, row_names, scale) for images in (real_images, fake_images)]
+    font = dejavu_font(TITLE_FONT_PIXELS)
+    top = FIGURE_MARGIN + TITLE_FONT_PIXELS + FIGURE_MARGIN
+    width = sum(grid.width for grid in grids) + 3 * FIGURE_MARGIN
+    canvas = Image.new("RGB", (width, top + max(grid.height for grid in grids) + FIGURE_MARGIN), "white")
+    draw = ImageDraw.Draw(canvas)
+    left = FIGURE_MARGIN
+    for grid, title in zip(grids, ("Real images", "Fake images")):
+        canvas.paste(grid, (left, top))
+        box = draw.textbbox((0, 0), title, font=font)
+        draw.text((left + (grid.width - box[2] - box[0]) // 2, FIGURE_MARGIN - box[1]), title, fill="black", font=font)
+        left += grid.width + FIGURE_MARGIN
+    save_pil(canvas, path)
 
 
-def new_figure(size_inches, rows=1, columns=1, **options):
+def new_figure(size_inches, rows, columns, margins, **options):
     """A figure and its axes. matplotlib is imported here, at the first plot, not at start-up
     (pyplot takes a good part of a second); a Figure of its own, unlike pyplot's, keeps no global
-    state, so it can be drawn on any thread, and needs no display."""
+    state, so it can be drawn on any thread, and needs no display. margins: subplots_adjust's
+    fractions, fixed, where tight_layout would draw the whole figure once more to find them."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=size_inches)
+    figure.subplots_adjust(**margins)
     return figure, figure.subplots(rows, columns, **options)
 
 
 def save_figure(figure, path):
     buffer = io.BytesIO()
-    figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=100)
     atomic_write_bytes(path, buffer.getvalue())

@@ -125,6 +125,49 @@ def test_damaged_log_rows_are_skipped_with_one_warning(tmp_path):
     assert (tmp_path / "losses.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("low, high", [(0, 1.5), (-150, 300), (-9999.5, 25000.25), (-0.00012, 0.00031), (1e6, 1e6 + 3)])
+def test_every_word_of_the_loss_plot_lies_inside_the_picture(low, high, tmp_path, monkeypatch):
+    """The plot's margins are fixed (no layout pass): the tick labels, their power of ten and the
+    axis labels fit inside them whatever the size of the losses."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    drawn = {}
+    monkeypatch.setattr(artifacts, "save_figure", lambda figure, path: drawn.update(figure=figure))
+    rows = [
+        {"step": s, "loss_d": low + (high - low) * (s % 7) / 7, "loss_g": high, "d_real": 0.5, "d_fake": 0.4}
+        for s in range(300)
+    ]
+    artifacts.plot_losses(rows, tmp_path / "losses.png")
+    figure = drawn["figure"]
+    words = figure.get_tightbbox(FigureCanvasAgg(figure).get_renderer())  # in inches
+    width, height = figure.get_size_inches()
+    assert words.x0 >= 0 and words.y0 >= 0 and words.x1 <= width and words.y1 <= height, words
+    assert [axes.get_ylabel() for axes in figure.axes] == ["loss", "D output"]
+
+
+def test_real_vs_fake_shows_each_grid_whole_under_its_title(tmp_path):
+    """Each grid enlarged by a whole number (8-pixel images: 7 times, to about the tutorial's size),
+    its pixels unchanged, under a title that the picture's edge does not cut."""
+    import torch
+
+    real, fake = torch.rand(16, 3, 8, 8) * 2 - 1, torch.rand(64, 3, 8, 8) * 2 - 1
+    artifacts.plot_real_vs_fake(real, fake, tmp_path / "real_vs_fake.png")
+    picture = Image.open(tmp_path / "real_vs_fake.png")
+    real_grid, fake_grid = artifacts.grid_image(real, scale=7), artifacts.grid_image(fake, scale=7)
+    assert real_grid.size == (574, 154) and fake_grid.size == (574, 574)
+    margin, top = artifacts.FIGURE_MARGIN, 2 * artifacts.FIGURE_MARGIN + artifacts.TITLE_FONT_PIXELS
+    assert picture.size == (2 * 574 + 3 * margin, top + 574 + margin)
+    shown_real = picture.crop((margin, top, margin + 574, top + 154))
+    shown_fake = picture.crop((2 * margin + 574, top, 2 * margin + 2 * 574, top + 574))
+    assert np.array_equal(np.asarray(shown_real), np.asarray(real_grid))
+    assert np.array_equal(np.asarray(shown_fake), np.asarray(fake_grid))
+    pixels = np.asarray(picture.convert("L"))
+    assert (pixels[0] == 255).all() and (pixels[:, 0] == 255).all() and (pixels[:, -1] == 255).all()
+    titles = pixels[:top]
+    assert (titles[:, : margin + 574] < 128).any() and (titles[:, margin + 574 :] < 128).any(), "both titles"
+    assert (titles[: margin // 2] == 255).all(), "nothing of a title at the picture's top edge"
+
+
 def test_real_vs_fake_puts_the_two_grids_side_by_side(tmp_path):
     import torch
 
