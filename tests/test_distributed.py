@@ -400,14 +400,15 @@ def test_an_error_on_one_rank_stops_the_whole_job(tmp_path):
 
 def test_a_bad_flag_stops_every_rank_with_its_message(tmp_path):
     """`torchrun gan.py` itself: each rank answers the flag error before it imports torch. torchrun
-    stops the other ranks as soon as one fails, so a rank that had not yet read its flags ends by
-    torchrun's SIGTERM, without a message of its own."""
+    stops the other ranks as soon as one fails, so a rank may end by torchrun's SIGTERM: before it
+    read its flags (no message of its own) or after printing its message, while it exits."""
     result = torchrun([*TINY_ARGS, "--image-size", "20"], tmp_path, script=GAN_PY)
     assert result.returncode != 0
     exit_codes = sorted(int(code) for code in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", result.stderr, re.M))
     assert len(exit_codes) == 2 and 2 in exit_codes and set(exit_codes) <= {2, -signal.SIGTERM}, result.stderr
     message = "argument --image-size: must be a power of two from 16 to 256, or WIDTHxHEIGHT with each side one (64x32), got 20"
-    assert result.stderr.count(message) == exit_codes.count(2)  # one line from each rank that read its flags
+    # one line from each rank that exited 2, and at most one from each rank
+    assert exit_codes.count(2) <= result.stderr.count(message) <= len(exit_codes)
     assert f'File "{GAN_PY}"' not in result.stderr  # torchrun's own traceback only, none from gan.py
     assert not list(tmp_path.iterdir())
 
