@@ -373,11 +373,16 @@ def binned(values, points=MAX_PLOT_POINTS):
     return [sum(values[i : i + size]) / len(values[i : i + size]) for i in range(0, len(values), size)]
 
 
-def plot_losses(rows, path):
-    """Loss_D and Loss_G, and D(x) and D(G(z)), against training step (rows with all four numbers)."""
+def loss_columns(rows):
+    """{step, loss_d, loss_g, d_real, d_fake: the values to plot}, from the rows with all five numbers."""
     keys = ("step", "loss_d", "loss_g", "d_real", "d_fake")
     rows = [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in keys)]
-    column = {k: binned([r[k] for r in rows]) for k in keys}
+    return {k: binned([r[k] for r in rows]) for k in keys}
+
+
+def plot_losses(rows, path):
+    """Loss_D and Loss_G, and D(x) and D(G(z)), against training step (rows with all four numbers)."""
+    column = loss_columns(rows)
     margins = {"left": 0.1, "right": 0.98, "bottom": 0.08, "top": 0.96, "hspace": 0.08}
     figure, (loss_axes, score_axes) = new_figure((8, 6), 2, 1, margins, sharex=True)
     loss_axes.plot(column["step"], column["loss_d"], label="Loss_D")

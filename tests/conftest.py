@@ -5,6 +5,7 @@ End-to-end tests run the real CLI as a subprocess (`run_gan`); fast checks call
 """
 
 import contextlib
+import io
 import os
 import pickle
 import queue
@@ -18,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+import artifacts
 import checkpoint
 import faults
 import folders
@@ -69,6 +72,25 @@ def cache_dir(tmp_path_factory, monkeypatch):
     folder = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv(folders.CACHE_ENV, str(folder))
     return folder
+
+
+@pytest.fixture(autouse=True)
+def loss_plot_stand_in(request, monkeypatch):
+    """An in-process run's losses.png is one white pixel, written where and when the plot would be,
+    from the same columns of the same rows: matplotlib's plot is most of what a tiny run's epoch end
+    costs, and the suite holds hundreds of them. The plot itself is drawn by the tests marked
+    real_loss_plot and by every run in a subprocess."""
+    if request.node.get_closest_marker("real_loss_plot"):
+        return
+
+    white = io.BytesIO()
+    Image.new("L", (1, 1), 255).save(white, format="png")
+
+    def plot_losses(rows, path):
+        artifacts.loss_columns(rows)
+        artifacts.atomic_write_bytes(path, white.getvalue())  # as save_figure writes the plot
+
+    monkeypatch.setattr(artifacts, "plot_losses", plot_losses)
 
 
 WRITER_STOP_SECONDS = 10  # a job of a tiny run is written in well under a second

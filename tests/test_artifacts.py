@@ -97,6 +97,7 @@ def test_an_intact_gif_is_kept_as_it_is(tmp_path, monkeypatch):
     artifacts.ProgressGif(tmp_path / "progress.gif").open(paths)
 
 
+@pytest.mark.real_loss_plot
 def test_loss_plot_draws_a_bounded_number_of_points(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
@@ -109,6 +110,7 @@ def test_loss_plot_draws_a_bounded_number_of_points(tmp_path, monkeypatch):
     assert artifacts.binned([1, 2, 3, 4, 5, 6], points=3) == [1.5, 3.5, 5.5]
 
 
+@pytest.mark.real_loss_plot
 def test_damaged_log_rows_are_skipped_with_one_warning(tmp_path):
     log = tmp_path / checkpoint.METRICS_LOG_NAME
     good = '{"epoch": 1, "step": 2, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.5, "d_fake": 0.4}\n'
@@ -125,6 +127,7 @@ def test_damaged_log_rows_are_skipped_with_one_warning(tmp_path):
     assert (tmp_path / "losses.png").stat().st_size > 0
 
 
+@pytest.mark.real_loss_plot
 @pytest.mark.parametrize("low, high", [(0, 1.5), (-150, 300), (-9999.5, 25000.25), (-0.00012, 0.00031), (1e6, 1e6 + 3)])
 def test_every_word_of_the_loss_plot_lies_inside_the_picture(low, high, tmp_path, monkeypatch):
     """The plot's margins are fixed (no layout pass): the tick labels, their power of ten and the
