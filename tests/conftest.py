@@ -5,7 +5,6 @@ End-to-end tests run the real CLI as a subprocess (`run_gan`); fast checks call
 """
 
 import contextlib
-import io
 import os
 import pickle
 import queue
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from stand_ins import one_pixel_loss_plot
 
 import artifacts
 import checkpoint
@@ -76,21 +75,9 @@ def cache_dir(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def loss_plot_stand_in(request, monkeypatch):
-    """An in-process run's losses.png is one white pixel, written where and when the plot would be,
-    from the same columns of the same rows: matplotlib's plot is most of what a tiny run's epoch end
-    costs, and the suite holds hundreds of them. The plot itself is drawn by the tests marked
-    real_loss_plot and by every run in a subprocess."""
-    if request.node.get_closest_marker("real_loss_plot"):
-        return
-
-    white = io.BytesIO()
-    Image.new("L", (1, 1), 255).save(white, format="png")
-
-    def plot_losses(rows, path):
-        artifacts.loss_columns(rows)
-        artifacts.atomic_write_bytes(path, white.getvalue())  # as save_figure writes the plot
-
-    monkeypatch.setattr(artifacts, "plot_losses", plot_losses)
+    """An in-process run's losses.png is stand_ins.one_pixel_loss_plot's, but in the tests marked real_loss_plot."""
+    if not request.node.get_closest_marker("real_loss_plot"):
+        monkeypatch.setattr(artifacts, "plot_losses", one_pixel_loss_plot)
 
 
 WRITER_STOP_SECONDS = 10  # a job of a tiny run is written in well under a second
