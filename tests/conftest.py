@@ -2,6 +2,9 @@
 
 End-to-end tests run the real CLI as a subprocess (`run_gan`); fast checks call
 `gan.main(argv)` in-process (`gan_main`). Everything runs on the CPU with tiny nets.
+
+The program's modules (and with them torch) are imported in the functions that use them:
+pytest-xdist's controller loads this file too, before it starts the workers, and uses none of them.
 """
 
 import contextlib
@@ -18,14 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stand_ins import one_pixel_loss_plot
-
-import artifacts
-import checkpoint
-import faults
-import folders
-import utils
-from files import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 GAN_PY = ROOT / "gan.py"
@@ -56,26 +51,34 @@ def one_torch_thread():
 def session_cache_dir(tmp_path_factory):
     """The decoded-image cache of every run of the test suite (in-process or a subprocess, which
     inherits the environment) goes to a temp folder, never to the real ~/.cache/dcgan."""
-    saved = os.environ.get(folders.CACHE_ENV)
-    os.environ[folders.CACHE_ENV] = str(tmp_path_factory.mktemp("session_cache"))
+    from folders import CACHE_ENV
+
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("session_cache"))
     yield
     if saved is None:
-        os.environ.pop(folders.CACHE_ENV, None)
+        os.environ.pop(CACHE_ENV, None)
     else:
-        os.environ[folders.CACHE_ENV] = saved
+        os.environ[CACHE_ENV] = saved
 
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path_factory, monkeypatch):
     """Each test's own cache folder (outside tmp_path, so that tests of tmp_path see only their files)."""
+    from folders import CACHE_ENV
+
     folder = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv(folders.CACHE_ENV, str(folder))
+    monkeypatch.setenv(CACHE_ENV, str(folder))
     return folder
 
 
 @pytest.fixture(autouse=True)
 def loss_plot_stand_in(request, monkeypatch):
     """An in-process run's losses.png is stand_ins.one_pixel_loss_plot's, but in the tests marked real_loss_plot."""
+    from stand_ins import one_pixel_loss_plot
+
+    import artifacts
+
     if not request.node.get_closest_marker("real_loss_plot"):
         monkeypatch.setattr(artifacts, "plot_losses", one_pixel_loss_plot)
 
@@ -177,6 +180,7 @@ def gan_main(monkeypatch, capsys, tmp_path):
     Much faster than a subprocess (no torch import); use it for checks that fail or
     finish before training. The signal handlers of a training run are not installed.
     """
+    import faults
     import gan
 
     monkeypatch.chdir(tmp_path)
@@ -227,6 +231,8 @@ def run_copy(trained_run, tmp_path):
 def snapshot(folder):
     """{relative path: bytes} of every file under folder, to prove nothing was touched (but the
     lock file a run holds while it runs)."""
+    from files import LOCK_NAME
+
     folder = Path(folder)
     files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_NAME)
     return {str(p.relative_to(folder)): p.read_bytes() for p in files}
@@ -361,16 +367,22 @@ def measured_values(arch, image_size, width=8, nz=8):
 
 def load_folder(root, image_size, workers, cache_dir=None, say=None):
     """A whole folder as the program decodes it: a uint8 CPU tensor (N, 3, S, S), through the cache."""
+    import folders
+
     return folders.open_folder(folders.FolderListing.of(root, image_size), workers, cache_dir, say).to_device("cpu")
 
 
 def load_cifar10(root, download=True):
     """CIFAR-10's 50k training images as the program reads them: uint8 (N, 3, 32, 32) on the CPU."""
+    import utils
+
     return utils.load_cifar10_labelled(root, download)[0]
 
 
 def read_metrics_log(path):
     """The metrics log's rows as dicts, read as a resume reads it (torn or damaged lines skipped)."""
+    import checkpoint
+
     path = Path(path)
     if not path.is_file():
         return []
