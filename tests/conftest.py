@@ -197,6 +197,20 @@ def gan_main(monkeypatch, capsys, tmp_path):
     return call
 
 
+def run_in_process(argv, folder):
+    """gan.main(argv)'s exit code, run in folder in this process as gan_main runs it (its signal
+    handlers left alone): for a run that a module's tests share, which need not be a new process."""
+    import faults
+    import gan
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setattr(faults.StopRequest, "install", lambda self: None)
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            patch.delenv(name, raising=False)
+        return gan.main([str(a) for a in argv])
+
+
 # ---------------------------------------------------------------- a trained run, made once
 
 

@@ -10,7 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, as_pixels, check_ok, drawn_pixels, png_pixels, run_gan, saved_generator, truncated_noise
+from conftest import (
+    TINY_ARGS,
+    as_pixels,
+    drawn_pixels,
+    png_pixels,
+    run_in_process,
+    saved_generator,
+    truncated_noise,
+)
 from PIL import Image
 
 import after_training
@@ -53,7 +61,7 @@ def gif_frames(path):
 def raw_run(tmp_path_factory):
     """A 1-epoch TINY_ARGS run trained with --ema 0: its checkpoint has no EMA generator."""
     folder = tmp_path_factory.mktemp("raw_run")
-    check_ok(run_gan([*TINY_ARGS, "--epochs", "1", "--ema", "0"], folder))
+    assert run_in_process([*TINY_ARGS, "--epochs", "1", "--ema", "0"], folder) == 0
     return folder
 
 

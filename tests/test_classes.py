@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_ARGS, as_pixels, check_ok, png_pixels, run_gan, snapshot, write_cifar10_archive
+from conftest import (
+    TINY_ARGS,
+    as_pixels,
+    png_pixels,
+    run_in_process,
+    snapshot,
+    write_cifar10_archive,
+)
 from PIL import Image
 
 import after_training
@@ -465,9 +472,8 @@ def conditional_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("conditional_run")
     (folder / "data").mkdir()
     write_cifar10_archive(folder / "data", images_per_batch=8)
-    check_ok(
-        run_gan([*TINY_ARGS, "--dataset", "cifar10", "--dataroot", "data", "--conditional", "--epochs", 1], folder)
-    )
+    flags = [*TINY_ARGS, "--dataset", "cifar10", "--dataroot", "data", "--conditional", "--epochs", 1]
+    assert run_in_process(flags, folder) == 0
     return folder
 
 
