@@ -180,13 +180,10 @@ def gan_main(monkeypatch, capsys, tmp_path):
     Much faster than a subprocess (no torch import); use it for checks that fail or
     finish before training. The signal handlers of a training run are not installed.
     """
-    import faults
     import gan
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(faults.StopRequest, "install", lambda self: None)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    ready_for_main_in_process(monkeypatch)
 
     def call(argv, metric_feature=None):
         capsys.readouterr()
@@ -197,17 +194,24 @@ def gan_main(monkeypatch, capsys, tmp_path):
     return call
 
 
-def run_in_process(argv, folder):
-    """gan.main(argv)'s exit code, run in folder in this process as gan_main runs it (its signal
-    handlers left alone): for a run that a module's tests share, which need not be a new process."""
+def ready_for_main_in_process(patch):
+    """Through the MonkeyPatch patch, what gan.main needs to run inside the test process: a training
+    run's signal handlers not installed (pytest's own stay), and no torchrun variables."""
     import faults
+
+    patch.setattr(faults.StopRequest, "install", lambda self: None)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        patch.delenv(name, raising=False)
+
+
+def run_in_process(argv, folder):
+    """gan.main(argv)'s exit code, run in folder in this process as gan_main runs it: for a run that
+    a module's tests share, which need not be a new process."""
     import gan
 
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
-        patch.setattr(faults.StopRequest, "install", lambda self: None)
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            patch.delenv(name, raising=False)
+        ready_for_main_in_process(patch)
         return gan.main([str(a) for a in argv])
 
 

@@ -14,9 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, png_pixels, subprocess_env
+from conftest import TINY_ARGS, png_pixels, ready_for_main_in_process, subprocess_env
 
-import faults
 import gan
 import options
 from errors import UserError
@@ -71,9 +70,7 @@ def call_gan(argv, capsys, cwd):
 def in_process(tmp_path_factory):
     """gan.main in-process with the StopRequest's signal handlers left alone, as conftest's gan_main."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(faults.StopRequest, "install", lambda self: None)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        patch.delenv(name, raising=False)
+    ready_for_main_in_process(patch)
     yield
     patch.undo()
 

@@ -6,12 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import load_folder, measured_values, png_pixels
+from conftest import load_folder, measured_values, png_pixels, ready_for_main_in_process
 from PIL import Image
 from torch import nn
 
 import augment
-import faults
 import gan
 import metrics
 import options
@@ -206,9 +205,7 @@ def landscape_run(tmp_path_factory):
         band_image(folder / "data" / f"{index}.png", 48, 24, colours, vertical=index % 2 == 0)
     features = ShapeRecordingFeatures()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(faults.StopRequest, "install", lambda self: None)
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            patch.delenv(name, raising=False)
+        ready_for_main_in_process(patch)
         patch.chdir(folder)
         fid_flags = ["--fid-every", "1", "--eval-samples", "8"]
         assert gan.main([*LANDSCAPE_ARGS, "--epochs", "1", *fid_flags], features) == 0

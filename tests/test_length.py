@@ -13,12 +13,11 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, png_pixels, read_metrics_log
+from conftest import TINY_ARGS, png_pixels, read_metrics_log, ready_for_main_in_process
 from conftest import snapshot as folder_files
 from PIL import Image
 
 import export
-import faults
 import gan
 import options
 import runlength
@@ -34,9 +33,7 @@ def main_in_process(argv):
     """gan.main(argv) as conftest's gan_main calls it, for a run that a module's tests share."""
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(faults.StopRequest, "install", lambda self: None)
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            patch.delenv(name, raising=False)
+        ready_for_main_in_process(patch)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = gan.main([str(word) for word in argv])
     return code, out.getvalue(), err.getvalue()
