@@ -41,6 +41,13 @@ class ChannelMeans(nn.Module):
         return images_uint8.float().mean(dim=(2, 3))
 
 
+def fingerprints(real):
+    """Each image of a batch as a position-weighted sum of its pixels, in float64: enough to tell
+    any two images apart (a plain sum in the batch's bf16 made two random images collide)."""
+    pixels = real.double().flatten(1)
+    return (pixels * torch.arange(1, pixels.size(1) + 1, dtype=torch.float64)).sum(1).tolist()
+
+
 def main():
     out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     rank = int(os.environ.get("RANK", "0"))
@@ -51,10 +58,7 @@ def main():
     def recording_train_step(nets, real, *args, **kwargs):
         if seen["first_step_rng"] is None:
             seen["first_step_rng"] = torch.get_rng_state()
-        # images of a batch as position-weighted sums of their pixels, in float64: enough to tell
-        # any two images apart (a plain sum in the batch's bf16 made two random images collide)
-        pixels = real.double().flatten(1)
-        seen["batches"].append((pixels * torch.arange(1, pixels.size(1) + 1, dtype=torch.float64)).sum(1).tolist())
+        seen["batches"].append(fingerprints(real))
         labels = args[4] if len(args) > 4 else kwargs.get("labels")  # train_step's labels: None unless --conditional
         seen["labels"].append(None if labels is None else labels.tolist())
         return real_train_step(nets, real, *args, **kwargs)
