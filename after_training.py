@@ -315,9 +315,11 @@ def evaluate(opts, explicit, runtime, feature=None):
     # the data it trained on, unless typed now; batch_size too: the dataset must hold one batch
     trained_on = {name: flags[name] for name in ("dataset", "subset", "batch_size") if name in flags}
     typed = {name: getattr(opts, name) for name in explicit if name in trained_on}
-    seed = opts.seed if opts.seed is not None else (flags.get("seed") or 0)
+    run_seed = flags.get("seed") or 0
+    seed = opts.seed if opts.seed is not None else run_seed  # the samples' noise
+    # a --subset is drawn with the run's seed, as training drew it: --seed changes the samples alone
     eval_opts = opts.replace(
-        **{**trained_on, **typed}, image_size=flags["image_size"], seed=seed, checkpoint_dir=folder
+        **{**trained_on, **typed}, image_size=flags["image_size"], seed=run_seed, checkpoint_dir=folder
     )
     refuse_non_square_cifar10(eval_opts)
     # Inception first: offline without its weights, fail before minutes of decoding the data

@@ -120,8 +120,13 @@ def open_metrics(opts, runtime, real_uint8, feature=None, scorers=None):
 
 
 def real_cache(opts, real_uint8):
-    cache_folder = opts.dataroot if opts.dataset == "cifar10" else opts.checkpoint_dir
-    return metrics.real_cache_path(cache_folder, opts.dataset, len(real_uint8), shape_size(real_uint8.shape))
+    """Where the real images' statistics are cached: a folder's beside its run's checkpoint;
+    CIFAR-10's in --dataroot, shared by every run, so a --subset's name there holds the seed that
+    drew it (another seed's subset holds other images)."""
+    if opts.dataset != "cifar10":
+        return metrics.real_cache_path(opts.checkpoint_dir, opts.dataset, len(real_uint8), shape_size(real_uint8.shape))
+    drawn = f"{len(real_uint8)}" if opts.subset is None else f"{len(real_uint8)}_seed{opts.seed}"
+    return metrics.real_cache_path(opts.dataroot, opts.dataset, drawn, shape_size(real_uint8.shape))
 
 
 def open_class_scorer(opts, scorers, real_uint8, labels, num_classes):

@@ -607,6 +607,19 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(run_copy, gan_main, arg
     assert snapshot(run_copy) == before
 
 
+def make_fixed_noise_non_finite(state):
+    state["fixed_noise"].view(-1)[1] = math.nan
+
+
+def test_a_checkpoint_with_non_finite_fixed_noise_is_refused(run_copy, gan_main):
+    """The resumed run would draw every grid from the saved fixed noise: NaN there is refused too."""
+    edited_checkpoint(make_fixed_noise_non_finite)(checkpoint_path(run_copy))
+    before = snapshot(run_copy)
+    code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert_user_error(code, err, "checkpoints/checkpoint.pt holds non-finite weights (fixed_noise)")
+    assert snapshot(run_copy) == before
+
+
 @pytest.mark.parametrize("container", ["torch.save", "plain pickle"])
 def test_a_checkpoint_that_would_run_code_is_refused_unrun(run_copy, gan_main, tmp_path, container):
     marker = tmp_path / "code_ran"

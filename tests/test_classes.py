@@ -771,3 +771,15 @@ def test_fid_every_and_evaluate_report_intra_fid_and_class_consistency(gan_main,
     assert code == 0, err
     line = next(line for line in out.splitlines() if line.startswith("FID"))
     assert "intra-FID" in line and "class consistency" in line
+
+
+def test_an_interpolation_of_more_than_ten_classes_walks_the_ten_rows_of_the_run_s_grids():
+    """Past 10 classes --interpolate walks the classes the run's grids show, chosen by the run's
+    seed: --seed here draws the noise alone."""
+    G, _ = conditional_pair(classes=25)
+    G.class_names = tuple(f"class{index}" for index in range(25))
+    opts, _ = options.parse_flags(["--interpolate", "--seed", "7"])
+    walks = after_training.plan_walks(G, opts, {"seed": 1}, walks=8)
+    shown = sampling.grid_classes(25, 1).tolist()
+    assert walks.classes.tolist() == shown and shown != sampling.grid_classes(25, 7).tolist()
+    assert walks.row_names == [f"class{index}" for index in shown] and walks.count == 10

@@ -306,6 +306,20 @@ def test_rollback_reloads_the_checkpoint_with_a_new_seed_and_finishes(monkeypatc
     assert logged_steps(tmp_path) == [2, 4, 6, 8]  # each once, though epoch 2 ran twice
 
 
+def test_a_resumed_run_counts_its_rollbacks_on_from_the_checkpoint(monkeypatch, gan_main, tmp_path):
+    """The count of rollbacks is saved and restored: the resumed run's first rollback is the run's
+    second, with noise seed 1 + 2 x 1000, and the checkpoint then counts 2."""
+    nan_d_step(monkeypatch, first_bad_call=STEPS_PER_EPOCH + 2, last_bad_call=STEPS_PER_EPOCH + 2)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"])
+    assert code == 0, err
+    nan_d_step(monkeypatch, first_bad_call=2, last_bad_call=2)
+    code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert code == 0, err
+    assert f"rolled back to {CHECKPOINT} (epoch 2) with noise seed 2001" in out
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
+    assert (state["epoch"], state["step"], state["rollbacks"]) == (3, 3 * STEPS_PER_EPOCH, 2)
+
+
 def test_rollback_gives_up_after_max_rollbacks(monkeypatch, gan_main, tmp_path):
     nan_d_step(monkeypatch, first_bad_call=STEPS_PER_EPOCH + 2)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "2", "--on-nan", "rollback"])

@@ -30,7 +30,9 @@ import artifacts
 import folders
 import metrics
 import models
+import options
 import sampling
+import utils
 from runtime import Runtime, choose_precision
 
 EVAL_ARGS = ("--eval-samples", "16")
@@ -336,6 +338,59 @@ def test_evaluate_scores_the_images_of_noise_truncated_as_truncation_says(gan_ma
     assert len(generated) == 3  # FID, KID and IS each see them
     for images in generated:
         torch.testing.assert_close(images.int(), expected, rtol=0, atol=1)
+
+
+def image_rows(images):
+    """The images of a uint8 batch as sorted bytes: the same set in any order compares equal."""
+    return sorted(bytes(image.contiguous().numpy()) for image in images)
+
+
+def test_evaluate_scores_against_the_subset_the_run_trained_on(gan_main, tiny_args, tmp_path):
+    """A --subset 32 --seed 1 run is scored against its own 32 images, drawn with the run's seed:
+    without --seed, and with --seed 5, which draws other samples but the same real images."""
+    code, _, err = gan_main([*tiny_args, "--epochs", "1"])
+    assert code == 0, err
+    opts, _ = options.parse_flags([*tiny_args, "--epochs", "1"])
+    trained_on = image_rows(utils.load_training_data(opts, torch.device("cpu"), with_labels=False).images)
+    generated = []
+    for seed in ([], ["--seed", "5"]):
+        for cache in (tmp_path / "checkpoints").glob("fid_real_*.pt"):
+            cache.unlink()  # each evaluation reads the real images again
+        recorder = ImageRecordingFeatures()
+        code, _, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu", *seed], recorder)
+        assert code == 0, err
+        real = [images for images in recorder.batches if len(images) != 16]  # the generated batches hold 16
+        assert len(real) == 2 and all(image_rows(images) == trained_on for images in real)  # FID's and KID's
+        generated.append(next(images for images in recorder.batches if len(images) == 16))
+    assert not torch.equal(*generated)
+
+
+def test_evaluate_of_a_checkpoint_elsewhere_logs_beside_it(gan_main, stand_in, tiny_args, tmp_path):
+    run = ["--checkpoint-dir", "run/checkpoints", "--image-dir", "run/images"]
+    code, _, err = gan_main([*tiny_args, *run, "--epochs", "1"])
+    assert code == 0, err
+    argv = ["--evaluate", *EVAL_ARGS, "--device", "cpu", "--checkpoint", "run/checkpoints/checkpoint.pt"]
+    code, _, err = gan_main(argv, stand_in)
+    assert code == 0, err
+    rows = read_rows(tmp_path / "run" / "checkpoints" / "metrics.jsonl")
+    assert rows[-1]["evaluate"] == "run/checkpoints/checkpoint.pt" and "fid" in rows[-1]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no ./checkpoints made
+
+
+def test_cifar10_s_shared_real_statistics_are_named_for_the_seed_that_drew_a_subset():
+    """CIFAR-10's cache in --dataroot serves every run: two seeds' subsets of one size hold other
+    images, and a cache each; the whole training set's does not depend on the seed."""
+    real = torch.zeros(40, 3, 32, 32, dtype=torch.uint8)
+
+    def cache(*flags):
+        opts, _ = options.parse_flags(["--dataroot", "data", *flags])
+        return sampling.real_cache(opts, real).name
+
+    assert cache("--subset", "40", "--seed", "1") == "fid_real_cifar10_40_seed1_32px.pt"
+    assert cache("--subset", "40", "--seed", "2") == "fid_real_cifar10_40_seed2_32px.pt"
+    assert cache("--seed", "1") == cache("--seed", "2") == "fid_real_cifar10_40_32px.pt"
+    folder = ["--dataset", "folder", "--checkpoint-dir", "run", "--subset", "40", "--seed", "1"]
+    assert cache(*folder) == "fid_real_folder_40_32px.pt"  # beside its run's checkpoint, one run's
 
 
 # ---------------------------------------------------------------- offline: no Inception weights
