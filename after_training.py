@@ -17,7 +17,7 @@ import export
 import metrics
 import snapshots
 from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file
-from classnames import class_folder
+from classnames import GENERATED_GRID, class_folder
 from errors import UserError, count_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
@@ -70,7 +70,7 @@ def load_generator_for_use(opts, explicit, runtime):
     """The generator of a checkpoint (its EMA copy when it has one, unless --raw) and what was
     loaded with it (its flags, upgraded)."""
     path = checkpoint_path(opts)
-    state = upgraded(load_generator_file(path))
+    state = upgraded(load_generator_file(path), path)
     if opts.raw:
         snapshots.refuse_raw(state, path)
     refuse_architecture_change(
@@ -100,7 +100,7 @@ def class_index(G, name, path, flag="--class"):
         raise UserError(f"{flag} {name}: {path} was trained without --conditional, so it has no classes")
     if name in G.class_names:
         return G.class_names.index(name)
-    if name.isdecimal() and int(name) < G.num_classes:
+    if name.isdecimal() and len(name) <= len(str(G.num_classes)) and int(name) < G.num_classes:
         return int(name)
     listed = ", ".join(f"{index}: {class_name}" for index, class_name in enumerate(G.class_names))
     raise UserError(f"{flag} {name}: no such class in {path}; its classes are {listed}")
@@ -121,7 +121,7 @@ def generate(opts, explicit, runtime):
         for label in classes:
             target = folder if label is None else class_folder(folder, G.class_names[label])
             firsts.append(write_generated(G, label, opts, flags["nz"], runtime, seed, target))
-        save_generated_grid(G, classes, firsts, folder / "grid.png")
+        save_generated_grid(G, classes, firsts, folder / GENERATED_GRID)
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say what is on disk
         written = sum(1 for _ in folder.rglob("[0-9]*.png"))
         total = count_text(opts.generate * len(classes), "image")

@@ -21,7 +21,9 @@ import augment
 import imagesize
 from errors import UserError
 from files import WriteError, atomic_write, atomic_write_bytes
+from options import MAX_SEED
 from runtime import mixed_seed
+from savedflags import MAX_CONFIG_BYTES, read_small_json
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
@@ -198,7 +200,7 @@ def load_generator_file(path):
         return load_checkpoint(path)
     flags_path = path.parent / "flags.json"
     try:
-        flags = json.loads(flags_path.read_text())
+        flags = read_small_json(flags_path, MAX_CONFIG_BYTES)
     except (OSError, ValueError) as error:
         raise UserError(
             f"{path} holds only a network's weights, and the sizes to build it come from {flags_path}, which "
@@ -234,7 +236,7 @@ def load_exported(path):
     config_path = path.parent / EXPORT_CONFIG_NAME
     try:
         weights = load_file(path, device="cpu")
-        config = json.loads(config_path.read_text())
+        config = read_small_json(config_path, MAX_CONFIG_BYTES, "an export's config.json")
     except (OSError, ValueError, SafetensorError) as error:
         raise UserError(
             f"cannot read {path} with {config_path} ({getattr(error, 'strerror', None) or error}): "
@@ -314,6 +316,8 @@ def damaged_fields(state):
 
     counts = ("epoch", "step", "batch", "seed", "rollbacks", "world_size")
     damaged = [k for k in counts if k in state and not is_count(state[k])]
+    if is_count(state.get("seed")) and state["seed"] > MAX_SEED:  # a resumed run trains on with it
+        damaged.append("seed")
     if state.get("world_size") == 0:
         damaged.append("world_size")
     damaged += [k for k in ("netG", "netD", "netG_ema") if state.get(k) is not None and not is_weights(state[k])]
@@ -460,7 +464,7 @@ def parse_metrics(text):
     for index, line in enumerate(lines):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
             row = None
         if isinstance(row, dict) and is_step(row.get("step", 0)):
             rows.append(row)

@@ -17,6 +17,7 @@ from errors import UserError
 
 # NAME_MAX of Linux and macOS file systems, in bytes of UTF-8; a longer name fails mkdir
 MAX_NAME_BYTES = 255
+GENERATED_GRID = "grid.png"  # --generate writes it beside a folder of each class
 SEPARATORS = {"/", "\\", os.sep, os.altsep} - {None}
 
 
@@ -34,6 +35,8 @@ def unsafe_because(name):
         return "holds a control character (such as NUL or a line break)"
     if any(unicodedata.category(character) == "Cs" for character in name):
         return "is not valid text (bytes the file system's encoding does not decode)"
+    if same_folder_key(name) == same_folder_key(GENERATED_GRID):
+        return f"is {GENERATED_GRID}, the name of the grid --generate writes beside the class folders"
     if PureWindowsPath(name).drive:  # "C:x": relative to drive C's current folder, anywhere on it
         return "names a Windows drive"
     if len(name.encode()) > MAX_NAME_BYTES:

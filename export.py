@@ -41,7 +41,9 @@ def export(G, flags, state, path, folder, runtime, sample_seed=SAMPLE_SEED):
     folder = Path(folder)
     if folder.is_symlink():
         raise UserError(f"--export {folder} is a symbolic link: give a new or empty folder")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--export {folder} is a file: give a new or empty folder")
+    if folder.exists() and any(folder.iterdir()):
         raise UserError(f"--export {folder} holds files: give a new or empty folder (an export never replaces one)")
     check_writable(folder.parent)  # made if missing (gan.py removes it again on a failure), one line if it cannot be
     cpu = TrainedGenerator(cpu_copy(G), Runtime(torch.device("cpu")), flags).eval()

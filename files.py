@@ -115,6 +115,8 @@ def atomic_write_bytes(path, data):
 def check_writable(folder):
     """Fail early, before any training, if folder cannot be created or written."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output folder {folder} is a file: give a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

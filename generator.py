@@ -29,7 +29,7 @@ def load_generator(path, device=None):
     device = choose_device("auto" if device is None else str(device))
     runtime = Runtime(device, choose_precision("auto", device))
     path = Path(path)
-    state = upgraded(load_generator_file(path))
+    state = upgraded(load_generator_file(path), path)
     return TrainedGenerator(generator_from(state, path, runtime), runtime, state["flags"])
 
 

@@ -399,7 +399,7 @@ def count_values(arch, nz, ngf, ndf, image_size):
         with torch.device("meta"):
             G = build_generator(arch, nz, ngf, image_size)
             D = build_discriminator(arch, ndf, image_size)  # spectral norm adds two vectors per layer
-    except RuntimeError:  # "Storage size calculation overflowed"
+    except (RuntimeError, TypeError, OverflowError):  # overflowed, or a size past a C long
         return None
     parameters = sum(p.numel() for net in (G, D) for p in net.parameters())
     g_outputs, image_shape = layer_outputs(G.main, (nz, 1, 1))

@@ -5,6 +5,8 @@ value it holds checked as its flag checks a typed one.
 
 import argparse
 import json
+import os
+import stat
 
 from errors import UserError
 
@@ -32,16 +34,9 @@ def config_values(parser, path, explicit):
     flag checks a typed value. Never the folders, the mode or this machine's settings: a config,
     like a checkpoint, does not choose where files are read or written."""
     try:
-        with open(path, "rb") as file:
-            text = file.read(MAX_CONFIG_BYTES + 1)
-        if len(text) > MAX_CONFIG_BYTES:
-            raise ValueError(f"it is larger than a flags.json ({MAX_CONFIG_BYTES // 1024} KiB)")
-        saved = json.loads(text)
-    except (OSError, ValueError, RecursionError) as error:
-        reason = getattr(error, "strerror", None) or (
-            "it nests too deep" if isinstance(error, RecursionError) else error
-        )
-        raise UserError(f"--config {path} cannot be read: {reason}") from None
+        saved = read_small_json(path, MAX_CONFIG_BYTES)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--config {path} cannot be read: {getattr(error, 'strerror', None) or error}") from None
     if not isinstance(saved, dict):
         raise UserError(f"--config {path} is not a run's flags.json (a JSON object of flags)")
     known = {action.dest for action in parser._actions}
@@ -64,9 +59,29 @@ def saved_flag_is_valid(parser, name, value):
         return action is None or action.default is None
     if action.choices is not None:
         return isinstance(value, str) and value in action.choices
-    if action.type is None:  # store_true flags and plain strings
-        return type(value) is type(action.default) or isinstance(value, str)
+    if isinstance(action.default, bool):  # on/off flags: a string ("false") would count as on
+        return type(value) is bool
+    if action.type is None:  # plain strings
+        return isinstance(value, str)
     try:
         return type(value) is not bool and action.type(str(value)) == value
     except (argparse.ArgumentTypeError, ValueError, TypeError):
         return False
+
+
+def read_small_json(path, limit, what="a flags.json"):
+    """The JSON in path, a regular file of at most limit bytes (what: the file it should be, for
+    the message). OSError, or ValueError saying why: a device such as /dev/zero, or a named pipe,
+    would be read forever or wait for a writer, and JSON nested past Python's recursion limit
+    would end in a traceback."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a pipe opens without a writer
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("it is not a regular file")
+        text = file.read(limit + 1)
+    if len(text) > limit:
+        raise ValueError(f"it is larger than {what} ({limit // 1024} KiB)")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("it nests too deep") from None

@@ -19,7 +19,7 @@ from classnames import checkpoint_class_names
 from errors import UserError, count_text, size_text
 from files import refuse_if_in_use
 from modes import ARCHITECTURE_FLAGS
-from options import build_parser, check_recipe
+from options import MAX_SEED, build_parser, check_recipe
 from runlength import length_change
 from runtime import broadcast_object, mixed_seed, random_seed
 from savedflags import LENGTH_FLAGS, NOT_RESUMED_FLAGS, PATH_FLAGS, saved_flag_is_valid
@@ -39,12 +39,15 @@ TRAINED_BEFORE_THE_FLAG = {
     "ada": False,
 }
 SIZE_FLAGS = ("nz", "ngf", "ndf", "batch_size", "image_size")
+# a conditional G has a row of weights per class: a file claiming more is refused before it is built
+MAX_CLASSES = 10_000
 
 
-def upgraded(state):
-    """A checkpoint's dict (or load_generator_file's) as today's program reads it: the one place
-    that knows what older versions left out."""
+def upgraded(state, path):
+    """A checkpoint's dict (or load_generator_file's, from path) as today's program reads it: the
+    one place that knows what older versions left out."""
     flags = upgraded_flags(state["flags"])
+    refuse_unusable_flags(flags, path)
     names = state.get("class_names")
     if not names and flags.get("conditional") and isinstance(flags.get("num_classes"), int):
         # a conditional run's flags.json from before it kept the class names: the classes by index
@@ -59,12 +62,35 @@ def upgraded(state):
     }
 
 
+def refuse_unusable_flags(flags, path):
+    """A loaded file's flags that nothing could draw or export with, refused in one line: the
+    channels, classes and seed it would build and draw with, and any value an export could not
+    write into its config.json (anything but plain numbers, text and on/off)."""
+    unusable = [str(name) for name, value in flags.items() if not isinstance(name, str) or not is_plain(value)]
+    unusable += [] if flags.get("nc") in (1, 3) else ["nc"]
+    classes = flags.get("num_classes", 0)
+    unusable += [] if is_count(classes) and classes <= MAX_CLASSES else ["num_classes"]
+    seed = flags.get("seed")
+    unusable += [] if seed is None or is_count(seed) and seed <= MAX_SEED else ["seed"]
+    if unusable:
+        shown = ", ".join(dict.fromkeys(unusable[:3]))
+        raise UserError(f"checkpoint {path} is damaged: unusable flags ({shown})")
+
+
+def is_plain(value):
+    return value is None or type(value) in (bool, int, float, str)
+
+
+def is_count(value):
+    return type(value) is int and value >= 0
+
+
 def upgraded_flags(saved_flags):
     return {**TRAINED_BEFORE_THE_FLAG, **saved_flags}
 
 
 def load_upgraded(path):
-    return upgraded(checkpoint.load_checkpoint(path))
+    return upgraded(checkpoint.load_checkpoint(path), path)
 
 
 # ---------------------------------------------------------------- may the run start?

@@ -295,6 +295,12 @@ def read_images_and_labels(opts, with_labels, say):
     count = max(FAKE_IMAGES, opts.subset or 0)
     generator = torch.Generator().manual_seed(opts.seed)
     width, height = image_sides(opts.image_size)
+    needed, available = count * 3 * width * height, available_ram_bytes()
+    if available is not None and needed > available:
+        raise UserError(
+            f"--subset {opts.subset}: that many random images of {width}x{height} px need {size_text(needed)} "
+            f"of memory, and {size_text(available)} is available"
+        )
     images = torch.randint(0, 256, (count, 3, height, width), generator=generator, dtype=torch.uint8)
     labels = torch.arange(count) % FAKE_CLASSES
     return images, labels, tuple(str(index) for index in range(FAKE_CLASSES))

@@ -530,7 +530,7 @@ def test_evaluate_checks_its_output_folder_before_scoring(run_copy, gan_main):
     code, out, err = gan_main(
         ["--evaluate", "--checkpoint", "checkpoints/checkpoint.pt", "--checkpoint-dir", "blocker"]
     )
-    assert_user_error(code, err, "output folder blocker is not writable")
+    assert_user_error(code, err, "output folder blocker is a file: give a folder")
     assert "FID" not in out
 
 
@@ -607,6 +607,94 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(run_copy, gan_main, arg
     assert snapshot(run_copy) == before
 
 
+def unusable_flag(name, value, **more):
+    """An edit that gives the checkpoint's flags name: value (and the more flags)."""
+    return lambda state: state["flags"].update({name: value, **more})
+
+
+def without_class_names(edit):
+    return lambda state: (edit(state), state.pop("class_names", None))
+
+
+@pytest.mark.parametrize("argv", [["--generate", "2"], ["--export", "out"], ["--resume", "--epochs", "3"]])
+@pytest.mark.parametrize(
+    ("edit", "unusable"),
+    [
+        (unusable_flag("nc", 5), "nc"),  # images of 5 channels: no PNG, no network of the data
+        (unusable_flag("nc", 0), "nc"),
+        (without_class_names(unusable_flag("num_classes", 10**10, conditional=True)), "num_classes"),
+        (unusable_flag("seed", 2**70), "seed"),  # past torch's seeds
+        (unusable_flag("nz", torch.tensor(8)), "nz"),  # a tensor builds G, but no export's config.json can hold it
+        (unusable_flag("zzz", b"x"), "zzz"),
+        (unusable_flag(7, 1), "7"),
+    ],
+    ids=["nc-5", "nc-0", "classes", "seed", "tensor", "bytes", "number-key"],
+)
+def test_a_checkpoint_with_unusable_flags_is_refused_in_one_line(run_copy, gan_main, argv, edit, unusable):
+    edited_checkpoint(edit)(checkpoint_path(run_copy))
+    before = snapshot(run_copy)
+    code, out, err = gan_main(argv)
+    assert_user_error(code, err, f"checkpoints/checkpoint.pt is damaged: unusable flags ({unusable})")
+    assert snapshot(run_copy) == before and not (run_copy / "out").exists()
+
+
+def test_a_checkpoint_seed_past_torch_s_seeds_is_refused_by_resume(run_copy, gan_main):
+    edited_checkpoint(lambda state: state.update(seed=2**70))(checkpoint_path(run_copy))
+    before = snapshot(run_copy)
+    code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert_user_error(code, err, "checkpoints/checkpoint.pt is damaged: unusable seed")
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize(("name", "value"), [("mirror", "no"), ("spectral_norm", "false"), ("ada", 1)])
+def test_an_on_off_flag_a_checkpoint_holds_as_text_or_a_number_is_refused_by_resume(run_copy, gan_main, name, value):
+    """A string would count as on: "false" would train with spectral norm."""
+    edited_checkpoint(unusable_flag(name, value))(checkpoint_path(run_copy))
+    before = snapshot(run_copy)
+    code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert_user_error(code, err, f"checkpoints/checkpoint.pt is damaged: it says --{name.replace('_', '-')} {value!r}")
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("kind", ["device", "pipe", "nested"])
+def test_a_flags_json_beside_netg_that_is_no_file_of_flags_is_refused_at_once(run_copy, gan_main, kind):
+    """Read to its end, /dev/zero would fill the memory and a named pipe would wait for a writer
+    for ever; JSON nested past Python's recursion limit would end in a traceback."""
+    flags = run_copy / "checkpoints" / "flags.json"
+    flags.unlink()
+    if kind == "device":
+        flags.symlink_to("/dev/zero")
+    elif kind == "pipe":
+        os.mkfifo(flags)
+    else:
+        flags.write_text("[" * 100_000 + "]" * 100_000)
+    why = {"device": "it is not a regular file", "pipe": "it is not a regular file", "nested": "it nests too deep"}
+    code, out, err = gan_main(["--generate", "2", "--checkpoint", "checkpoints/netG.pth"])
+    assert_user_error(code, err, f"which cannot be read ({why[kind]}): give checkpoint.pt instead")
+    assert not (run_copy / "images" / "generated").exists()
+
+
+def test_a_deeply_nested_line_in_the_metrics_log_is_a_damaged_line(run_copy, gan_main):
+    log = run_copy / "checkpoints" / "metrics.jsonl"
+    log.write_text(log.read_text() + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.warns(UserWarning, match="skipped 1 damaged lines of checkpoints/metrics.jsonl"):
+        code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert code == 0, err
+
+
+def test_fake_data_larger_than_the_memory_is_refused_before_it_is_drawn(tmp_path, gan_main):
+    for subset in ("1000000000", "99999999999999999999"):
+        code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--subset", subset])
+        assert_user_error(code, err, f"--subset {subset}: that many random images of 16x16 px need ")
+        assert "of memory, and " in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_a_noise_length_too_large_to_count_is_too_large_not_a_traceback(tmp_path, gan_main):
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--nz", "99999999999999999999"])
+    assert_user_error(code, err, "--nz 99999999999999999999 is too large: training would need more than 8 EiB")
+
+
 def make_fixed_noise_non_finite(state):
     state["fixed_noise"].view(-1)[1] = math.nan
 
@@ -655,7 +743,7 @@ def test_output_folder_that_is_a_file(tmp_path, gan_main, flag):
     blocker = tmp_path / "blocker"
     blocker.write_bytes(b"precious")
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", flag, blocker])
-    assert_user_error(code, err, f"output folder {blocker} is not writable")
+    assert_user_error(code, err, f"output folder {blocker} is a file: give a folder")
     assert blocker.read_bytes() == b"precious"
 
 

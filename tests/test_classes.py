@@ -530,7 +530,9 @@ def test_generate_one_class_by_name_or_by_index(conditional_run, gan_main, tmp_p
     [
         (["--generate", 2, "--class", "zebra"], "no such class in"),
         (["--interpolate", "--class", "cat", "--to-class", "10"], "--to-class 10: no such class"),
+        (["--generate", 2, "--class", "9" * 5000], "no such class in"),  # past int()'s 4300 digits
     ],
+    ids=["name", "index", "long-index"],
 )
 def test_an_unknown_class_lists_the_classes_and_writes_nothing(flags, message, conditional_run, gan_main, tmp_path):
     code, out, err = gan_main([*flags, "--checkpoint", conditional_run / "checkpoints" / "checkpoint.pt"])
@@ -556,6 +558,7 @@ ESCAPE = "../../../escape"  # from --image-dir run/out: out/generated/<class> wo
         ({0: "C:escape"}, "the class name 'C:escape' names a Windows drive"),
         ({0: "bad\udcffbyte"}, "the class name 'bad\\udcffbyte' is not valid text"),  # a byte UTF-8 cannot decode
         ({0: "x" * 300}, "is longer than a folder name may be (255 bytes)"),
+        ({0: "Grid.PNG"}, "the class name 'Grid.PNG' is grid.png, the name of the grid --generate writes beside"),
         ({0: "a", 1: "a"}, "the class name 'a' comes twice"),
         ({0: "Cat", 1: "cat"}, "the class names 'Cat' and 'cat' differ only in case"),
         ({0: "caf\u00e9", 1: "cafe\u0301"}, "differ only in case (or in how an accent is encoded)"),
@@ -783,3 +786,19 @@ def test_an_interpolation_of_more_than_ten_classes_walks_the_ten_rows_of_the_run
     shown = sampling.grid_classes(25, 1).tolist()
     assert walks.classes.tolist() == shown and shown != sampling.grid_classes(25, 7).tolist()
     assert walks.row_names == [f"class{index}" for index in shown] and walks.count == 10
+
+
+def test_a_class_folder_named_as_generate_s_grid_is_refused_before_training(gan_main, tmp_path):
+    """--generate writes grid.png beside a folder of each class: a class of that name would stop it
+    half-way, so the data folder is refused at once, before anything is decoded or written."""
+    for name in ("grid.png", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in range(4):
+            Image.new("RGB", (8, 8), (index * 60, 0, 0)).save(tmp_path / "data" / name / f"{index}.png")
+    before = snapshot(tmp_path)
+    flags = [*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--conditional", "--subset", 8, "--epochs", 1]
+    code, out, err = gan_main([*flags, "--cache-dir", "cache"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the class name 'grid.png' is grid.png, the name of the grid --generate writes beside" in err
+    assert "rename the sub-folder" in err
+    assert snapshot(tmp_path) == before and not (tmp_path / "cache").exists()

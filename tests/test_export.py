@@ -315,12 +315,14 @@ def test_config_starts_a_run_with_a_runs_flags_and_typed_flags_win(tmp_path):
     [
         ('{"lr": -1}', "says --lr -1, which that flag refuses"),
         ('{"arch": "resnet"}', "says --arch 'resnet', which that flag refuses"),
+        ('{"spectral_norm": "false"}', "says --spectral-norm 'false', which that flag refuses"),  # not on
+        ('{"mirror": 1}', "says --mirror 1, which that flag refuses"),
         ("[1, 2]", "is not a run's flags.json"),
         ("{not json", "cannot be read"),
         ("[" * 100_000 + "]" * 100_000, "cannot be read: it nests too deep"),
         (" " * (2 << 20), "cannot be read: it is larger than a flags.json"),
     ],
-    ids=["lr", "arch", "list", "not-json", "nested", "huge"],
+    ids=["lr", "arch", "on-off-text", "on-off-number", "list", "not-json", "nested", "huge"],
 )
 def test_a_bad_config_is_one_line(tmp_path, content, message):
     (tmp_path / "flags.json").write_text(content)
@@ -353,7 +355,9 @@ def test_export_refuses_a_link_and_a_parent_that_is_a_file_in_one_line(trained_r
     code, _, err = gan_main(["--export", "link"])
     assert code == 2 and err.strip().endswith("--export link is a symbolic link: give a new or empty folder")
     code, _, err = gan_main(["--export", "checkpoints/checkpoint.pt/inside"])
-    assert code == 2 and "output folder checkpoints/checkpoint.pt is not writable" in err
+    assert code == 2 and "output folder checkpoints/checkpoint.pt is a file: give a folder" in err
+    code, _, err = gan_main(["--export", "checkpoints/flags.json"])
+    assert code == 2 and err.strip().endswith("--export checkpoints/flags.json is a file: give a new or empty folder")
     code, _, err = gan_main(["--export", "new/deeper/out", "--checkpoint", "missing.pt"])
     assert code == 2 and "missing.pt does not exist" in err
     assert snapshot(tmp_path) == before and not (tmp_path / "new").exists()  # no folder left behind
