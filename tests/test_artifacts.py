@@ -111,6 +111,17 @@ def test_loss_plot_draws_a_bounded_number_of_points(tmp_path, monkeypatch):
 
 
 @pytest.mark.real_loss_plot
+def test_each_line_of_the_loss_plot_draws_its_own_column_under_its_own_name(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(artifacts, "save_figure", lambda figure, path: figures.append(figure))
+    rows = [{"step": s, "loss_d": 1.0 + s, "loss_g": 2.0 + s, "d_real": 0.1 * s, "d_fake": 0.05 * s} for s in (2, 4)]
+    artifacts.plot_losses(rows, tmp_path / "losses.png")
+    drawn = {line.get_label(): line.get_ydata().tolist() for axes in figures[0].axes for line in axes.get_lines()}
+    assert drawn == {"Loss_D": [3.0, 5.0], "Loss_G": [4.0, 6.0], "D(x)": [0.2, 0.4], "D(G(z))": [0.1, 0.2]}
+    assert all(line.get_xdata().tolist() == [2, 4] for axes in figures[0].axes for line in axes.get_lines())
+
+
+@pytest.mark.real_loss_plot
 def test_damaged_log_rows_are_skipped_with_one_warning(tmp_path):
     log = tmp_path / checkpoint.METRICS_LOG_NAME
     good = '{"epoch": 1, "step": 2, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.5, "d_fake": 0.4}\n'

@@ -1061,3 +1061,24 @@ def test_flags_of_another_mode_are_refused_and_nothing_is_written(argv, phrase, 
     code, out, err = gan_main(argv)
     assert_user_error(code, err, phrase)
     assert snapshot(run_copy) == before and not (run_copy / "images" / "generated").exists()
+
+
+@pytest.mark.parametrize(("smoothing", "noise"), [("0.5", "0.5"), ("0.7", "0.4")])
+def test_label_smoothing_and_noise_that_reach_one_are_refused(tmp_path, gan_main, smoothing, noise):
+    """At a sum of 1 a real image's target and a fake one's overlap, and D has nothing to learn."""
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--label-smoothing", smoothing, "--label-noise", noise])
+    assert_user_error(code, err, "--label-smoothing plus --label-noise must stay below 1")
+    assert list(tmp_path.iterdir()) == []
+    opts, _ = options.parse_flags([*TINY_ARGS, "--label-smoothing", "0.5", "--label-noise", "0.49"])
+    assert (opts.label_smoothing, opts.label_noise) == (0.5, 0.49)
+
+
+def test_a_folder_subset_smaller_than_a_batch_is_refused_before_anything_is_decoded(tmp_path, gan_main):
+    (tmp_path / "data").mkdir()
+    for index in range(12):
+        Image.new("RGB", (8, 8), (index * 20, 0, 0)).save(tmp_path / "data" / f"{index}.png")
+    before = snapshot(tmp_path)
+    data = ["--dataset", "folder", "--dataroot", "data", "--cache-dir", "cache"]
+    code, out, err = gan_main([*TINY_ARGS, *data, "--subset", "4", "--batch-size", "8", "--epochs", "1"])
+    assert_user_error(code, err, "--subset 4 is fewer images than one batch (--batch-size 8)")
+    assert snapshot(tmp_path) == before and not (tmp_path / "cache").exists()

@@ -1,6 +1,7 @@
 """--conditional: labels from CIFAR-10 and from a folder's sub-folders, the class reaching G's
 conditional BatchNorm and D's projection, and grids with one row per class."""
 
+import json
 import tarfile
 from pathlib import Path
 
@@ -355,6 +356,13 @@ def test_conditional_training_takes_its_own_learning_rate_unless_one_is_typed():
     assert startup.merge_resume_flags(opts, explicit, saved, "checkpoint.pt")[0].lr == 2e-4
 
 
+def test_a_config_of_a_conditional_run_keeps_its_learning_rate(tmp_path):
+    """--config repeats the run: its --lr stands as the run trained with it, not --conditional's own."""
+    (tmp_path / "flags.json").write_text(json.dumps({**parsed("--conditional", "--lr", "5e-4").as_dict()}))
+    assert parsed("--config", tmp_path / "flags.json").lr == 5e-4
+    assert parsed("--config", tmp_path / "flags.json", "--lr", "1e-3").lr == 1e-3
+
+
 def test_class_loss_without_classes_is_refused_and_nothing_is_written(gan_main, tmp_path):
     code, out, err = gan_main([*TINY_ARGS, "--epochs", 1, "--class-loss", 0.5])
     assert code == 2 and "--class-loss applies to --conditional training" in err
@@ -558,6 +566,7 @@ ESCAPE = "../../../escape"  # from --image-dir run/out: out/generated/<class> wo
         ({0: "C:escape"}, "the class name 'C:escape' names a Windows drive"),
         ({0: "bad\udcffbyte"}, "the class name 'bad\\udcffbyte' is not valid text"),  # a byte UTF-8 cannot decode
         ({0: "x" * 300}, "is longer than a folder name may be (255 bytes)"),
+        ({0: "\u732b" * 100}, "is longer than a folder name may be (255 bytes)"),  # 100 letters, 300 bytes
         ({0: "Grid.PNG"}, "the class name 'Grid.PNG' is grid.png, the name of the grid --generate writes beside"),
         ({0: "a", 1: "a"}, "the class name 'a' comes twice"),
         ({0: "Cat", 1: "cat"}, "the class names 'Cat' and 'cat' differ only in case"),
@@ -724,6 +733,10 @@ def test_one_colour_image_keeps_three_channels_and_the_flag_decides_over_the_dat
     assert luma[0, 0, 0, 0].item() == pytest.approx((0.299 * 200 + 0.587 * 10 + 0.114 * 10) / 127.5 - 1)
     batch = next(utils.DeviceBatches(colour[:, :, :, :].clone(), 2, 4, seed=0, channels=1).epoch(0))
     torch.testing.assert_close(batch, luma)
+    # every channel counts: a blue tint over equal red and green is colour too
+    for tint in ((90, 90, 200), (90, 200, 200), (200, 90, 90)):
+        tinted = torch.tensor(tint, dtype=torch.uint8).view(1, 3, 1, 1).expand(4, 3, 4, 4)
+        assert not utils.all_greyscale(tinted) and utils.all_greyscale(tinted[:, :1].expand(4, 3, 4, 4))
 
 
 # ---------------------------------------------------------------- intra-FID and class consistency

@@ -103,6 +103,7 @@ def test_compile_max_off_cuda_is_refused_in_one_line(gan_main, tmp_path):
     "flags, message",
     [(["--precision", "fp16"], "--compile max needs --precision bf16 or fp32"),
      (["--r1", "1"], "--compile max does not take --r1"),
+     (["--ada"], "--compile max does not take --ada"),
      (["--sync-bn"], "--sync-bn does not work with --compile max")],
 )  # fmt: skip
 def test_compile_max_refuses_what_its_graphs_cannot_hold(monkeypatch, flags, message):

@@ -7,6 +7,7 @@ square and not (16 wide, 32 tall).
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -414,3 +415,56 @@ def test_config_goes_with_training_only():
         options.parse_flags(["--generate", "4", "--config", "flags.json"])
     with pytest.raises(UserError, match="--config starts a run"):
         options.parse_flags(["--resume", "--config", "flags.json"])
+
+
+def test_sample_with_seed_0_and_a_truncation_draws_what_generate_writes_for_them(trained_run, tmp_path, gan_main):
+    """Seed 0 is a seed, not "none given", and the truncation reaches the noise: the Python API
+    draws the pixels of --generate 4 --seed 0 --truncation 0.5."""
+    from conftest import copy_run
+
+    copy_run(trained_run, tmp_path)
+    code, _, err = gan_main(["--generate", "4", "--seed", "0", "--truncation", "0.5", "--device", "cpu"])
+    assert code == 0, err
+    written = torch.stack([png_pixels(path) for path in sorted((tmp_path / "images" / "generated").glob("0*.png"))])
+    G = gan.load_generator(tmp_path / "checkpoints" / "checkpoint.pt", device="cpu")
+    assert torch.equal(G.sample(4, seed=0, truncation=0.5).int(), written)
+    assert not torch.equal(G.sample(4, seed=0).int(), written)  # the truncation changes the images
+
+
+def test_sample_refuses_a_class_outside_the_generator_s_listing_its_classes(exports):
+    G = gan.load_generator(exports["upsample-conditional-grey-clip"] / "export" / "model.safetensors", device="cpu")
+    assert G.class_names == tuple(str(index) for index in range(10))
+    for label in (-1, 10, "zebra"):
+        with pytest.raises(ValueError, match=f"no class {label!r}; the classes are 0, 1, 2, .*, 9"):
+            G.sample(2, seed=1, label=label)
+
+
+def test_the_model_card_quotes_the_last_fid_of_training(trained_run, tmp_path, gan_main):
+    from conftest import copy_run
+
+    copy_run(trained_run, tmp_path)
+    rows = [
+        {"epoch": 1, "step": 4, "fid": 50.0},
+        {"evaluate": "x.pt", "fid": 10.0},
+        {"epoch": 2, "step": 8, "fid": 40.5},
+    ]
+    with open(tmp_path / "checkpoints" / "metrics.jsonl", "a") as log:
+        log.write("".join(json.dumps(row) + "\n" for row in rows))
+    code, _, err = gan_main(["--export", "card"])
+    assert code == 0, err
+    assert "Its last FID while training was 40.50 (epoch 2)." in (tmp_path / "card" / "README.md").read_text()
+
+
+def test_a_graph_whose_images_are_not_the_generator_s_is_refused(exports):
+    """The check each graph passes before an export is kept: NaN images, or images further from
+    the generator's than the tolerance, fail it."""
+    import export
+
+    G = gan.load_generator(exports["dcgan-plain-tanh"] / "checkpoints" / "checkpoint.pt", device="cpu")
+    inputs = export.example_inputs(G, batch=3)
+    with torch.no_grad():
+        images = G(*inputs)
+    assert export.largest_difference(images, G, inputs, "generator.onnx", export.GRAPH_TOLERANCE) == 0
+    for got in (torch.full_like(images, math.nan), images + 2 * export.GRAPH_TOLERANCE):
+        with pytest.raises(RuntimeError, match="generator.onnx's images differ from the generator's by"):
+            export.largest_difference(got, G, inputs, "generator.onnx", export.GRAPH_TOLERANCE)

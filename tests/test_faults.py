@@ -280,7 +280,7 @@ def test_nan_losses_stop_with_the_last_good_checkpoint(monkeypatch, gan_main, tm
     nan_d_step(monkeypatch, first_bad_call=STEPS_PER_EPOCH + 2)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
     assert code == faults.EXIT_DIVERGED == 3
-    assert "non-finite at step 6" in err
+    assert "losses became non-finite at step 6 (epoch 2)" in err  # the second step of epoch 2
     assert f"last good checkpoint is {CHECKPOINT}" in err and "--resume" in err
     state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT)
     assert (state["epoch"], state["step"]) == (1, STEPS_PER_EPOCH)

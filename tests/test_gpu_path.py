@@ -201,6 +201,14 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch, joined_groups,
     assert "Traceback" not in err and fake.devices == [] and joined_groups == []
 
 
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:2"])
+def test_a_gpu_past_the_ones_here_is_one_clear_error(monkeypatch, gan_main, tmp_path, device):
+    fake = FakeCuda(monkeypatch, count=1)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--device", device])
+    assert code == 2 and err == f"gan.py: error: --device {device}: only 1 GPU(s) here\n"
+    assert fake.devices == [] and list(tmp_path.iterdir()) == []
+
+
 def test_one_named_gpu_for_every_process_of_a_machine_is_refused(monkeypatch, joined_groups, gan_main):
     fake = FakeCuda(monkeypatch, count=2)
     torchrun_environment(monkeypatch, local_rank=0)
