@@ -323,6 +323,9 @@ def damaged_fields(state):
     damaged += [k for k in ("netG", "netD", "netG_ema") if state.get(k) is not None and not is_weights(state[k])]
     damaged += [k for k in ("optG", "optD", "rng") if k in state and not isinstance(state[k], dict)]
     damaged += [k for k in ("scalerG", "scalerD") if state.get(k) is not None and not isinstance(state[k], dict)]
+    noise = state.get("fixed_noise")
+    if noise is not None and not (isinstance(noise, torch.Tensor) and noise.is_floating_point()):
+        damaged.append("fixed_noise")  # complex noise would lose its imaginary part, with torch's warning
     if "best_fid" in state and not isinstance(state["best_fid"], (int, float)):
         damaged.append("best_fid")
     if not augment.valid_state(state.get("augment")):

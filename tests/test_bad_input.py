@@ -699,6 +699,17 @@ def make_fixed_noise_non_finite(state):
     state["fixed_noise"].view(-1)[1] = math.nan
 
 
+@pytest.mark.parametrize(
+    "noise", [torch.zeros(64, 8, 1, 1, dtype=torch.complex64), torch.zeros(64, 8, 1, 1, dtype=torch.long), "noise"]
+)
+def test_a_checkpoint_whose_fixed_noise_is_no_real_noise_is_refused(run_copy, gan_main, noise):
+    edited_checkpoint(lambda state: state.update(fixed_noise=noise))(checkpoint_path(run_copy))
+    before = snapshot(run_copy)
+    code, out, err = gan_main(["--resume", "--epochs", "3"])
+    assert_user_error(code, err, "checkpoints/checkpoint.pt is damaged: unusable fixed_noise")
+    assert snapshot(run_copy) == before
+
+
 def test_a_checkpoint_with_non_finite_fixed_noise_is_refused(run_copy, gan_main):
     """The resumed run would draw every grid from the saved fixed noise: NaN there is refused too."""
     edited_checkpoint(make_fixed_noise_non_finite)(checkpoint_path(run_copy))
