@@ -179,7 +179,8 @@ def fresh_generated_folder(image_dir):
         folder = base if number == 1 else base.with_name(f"generated-{number}")
         if not folder.exists() or artifacts.is_empty_folder(folder):
             if number > 1:
-                print(f"{base}/ holds the images of an earlier --generate: writing into {folder}/")
+                what = f"{base} is a file" if base.is_file() else f"{base}/ holds the images of an earlier --generate"
+                print(f"{what}: writing into {folder}/")
             check_writable(folder)
             return folder
 

@@ -20,7 +20,7 @@ import torch
 import augment
 import imagesize
 from errors import UserError
-from files import WriteError, atomic_write, atomic_write_bytes
+from files import WriteError, atomic_write, atomic_write_bytes, remove_file
 from options import MAX_SEED
 from runtime import mixed_seed
 from savedflags import MAX_CONFIG_BYTES, read_small_json
@@ -133,6 +133,8 @@ def write_run_files(state, folder):
     save_checkpoint(state["netD"], folder / "netD.pth")
     if state["netG_ema"] is not None:
         save_checkpoint(state["netG_ema"], folder / "netG_ema.pth")
+    else:  # resumed with --ema 0: an older average beside this checkpoint would be drawn as its EMA
+        remove_file(folder / "netG_ema.pth")
     # the class names too: netG.pth and netG_ema.pth of a conditional run are rebuilt from this file
     flags = {**state["flags"], **({"class_names": state["class_names"]} if "class_names" in state else {})}
     atomic_write(folder / "flags.json", lambda f: json.dump(flags, f, indent=2), mode="w")
@@ -168,6 +170,7 @@ def load_checkpoint(path):
             f"checkpoint {path} holds non-finite weights ({', '.join(non_finite)}): it cannot be used; "
             "resume an earlier checkpoint"
         )
+    refuse_negative_variances(state, path)
     return state
 
 
@@ -277,7 +280,23 @@ def refuse_non_finite(state, path):
     non_finite = non_finite_weights(state)
     if non_finite:
         raise UserError(f"{path} holds non-finite weights ({', '.join(non_finite)}): it cannot be used")
+    refuse_negative_variances(state, path)
     return state
+
+
+def refuse_negative_variances(state, path):
+    """BatchNorm divides by the square root of its running variance: a negative one draws NaN, every
+    image black. A damaged or edited file, refused like non-finite weights."""
+    named = {k: state.get(k) for k in ("netG", "netG_ema")}
+    negative = [
+        f"{net}.{name}"
+        for net, weights in named.items()
+        for name, value in (weights or {}).items()
+        if name.endswith("running_var") and value.is_floating_point() and bool((value < 0).any())
+    ]
+    if negative:
+        shown = ", ".join(dict.fromkeys(negative[:3]))
+        raise UserError(f"{path} holds negative BatchNorm variances ({shown}): it cannot be used")
 
 
 def is_state_dict(value):

@@ -7,6 +7,7 @@ config.json), ready to draw, and the Python API other programs use:
     images = G.sample(16, seed=0)     # uint8 (16, C, H, W): what --generate 16 --seed 0 writes
 """
 
+import math
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from checkpoint import load_generator_file, load_module_state
 from classnames import checkpoint_class_names
 from errors import UserError
 from imagesize import image_sides
+from options import MAX_SEED
 from runtime import Runtime, choose_device, choose_precision, random_seed
 from sampling import generated_batches, generator_of
 from startup import upgraded
@@ -78,6 +80,7 @@ class TrainedGenerator(nn.Module):
     def sample(self, n, seed=None, label=None, truncation=None):
         """n images as uint8 (n, C, H, W) on the CPU: --generate n --seed seed [--class label]
         [--truncation T] writes these pixels. label: a class name or index (a conditional G needs one)."""
+        refuse_sampling_arguments(n, seed, truncation)
         labels = None
         if self.class_names:
             if label is None:
@@ -95,6 +98,16 @@ class TrainedGenerator(nn.Module):
         if label in self.class_names:
             return self.class_names.index(label)
         raise ValueError(f"no class {label!r}; the classes are {', '.join(self.class_names)}")
+
+
+def refuse_sampling_arguments(n, seed, truncation):
+    """The checks the command line makes of --generate, --seed and --truncation, as ValueErrors."""
+    if type(n) is not int or n < 1:
+        raise ValueError(f"n must be a whole number of images, 1 or more, got {n!r}")
+    if seed is not None and not (type(seed) is int and 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be a whole number from 0 to 2**63-1, got {seed!r}")
+    if truncation is not None and not (isinstance(truncation, (int, float)) and 0 < truncation < math.inf):
+        raise ValueError(f"truncation must be a positive number, got {truncation!r}")
 
 
 def uint8_pixels(images):

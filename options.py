@@ -157,16 +157,20 @@ def folder(text):
     """A folder's name; an empty one ("$UNSET_VARIABLE") would mean the current folder."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty name")
-    return not_a_link_loop(text)
+    return path_name(text)
 
 
-def not_a_link_loop(text):
-    """A path, refused where symbolic links lead in a circle (every later check would fail obscurely)."""
+def path_name(text):
+    """A path, refused where symbolic links lead in a circle or a name in it is longer than file
+    systems allow (every later check would fail obscurely, or with a traceback)."""
     try:
         os.stat(text)
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise argparse.ArgumentTypeError(f"{text} is a loop of symbolic links (each points to the next)") from None
+        if error.errno == errno.ENAMETOOLONG:
+            shown = text if len(text) <= 60 else f"{text[:60]}..."
+            raise argparse.ArgumentTypeError(f"{shown} holds a name longer than file systems allow") from None
     return text
 
 
@@ -364,7 +368,7 @@ def add_run_flags(group):
     add = group.add_argument
     add(
         "--config",
-        type=not_a_link_loop,
+        type=path_name,
         default=None,
         metavar="FILE",
         help="start a run with the flags of a run's flags.json (checkpoints/flags.json); flags typed beside it win",
@@ -389,7 +393,7 @@ def add_run_flags(group):
     add("--checkpoint-dir", type=folder, default="checkpoints", help="folder for checkpoints and the metrics log")
     add(
         "--resume",
-        type=not_a_link_loop,
+        type=path_name,
         nargs="?",
         const="",
         default=None,
@@ -452,7 +456,7 @@ def add_after_training_flags(group):
     )
     add(
         "--checkpoint",
-        type=not_a_link_loop,
+        type=path_name,
         default=None,
         help="checkpoint (or snapshot) for --generate/--interpolate/--evaluate/--export [default: latest]",
     )

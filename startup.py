@@ -18,6 +18,7 @@ from checkpoint import Progress, latest_checkpoint
 from classnames import checkpoint_class_names
 from errors import UserError, count_text, size_text
 from files import refuse_if_in_use
+from folders import cache_root
 from modes import ARCHITECTURE_FLAGS
 from options import MAX_SEED, build_parser, check_recipe
 from runlength import length_change
@@ -118,10 +119,19 @@ def resolve_training_options(opts, explicit, runtime):
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
     if problem:
         raise UserError(problem)
-    if opts.dataset == "folder" and Path(opts.image_dir).resolve().is_relative_to(Path(opts.dataroot).resolve()):
-        # the folder is searched recursively: the next start would train on this run's grids
-        raise UserError(f"--image-dir {opts.image_dir} is inside --dataroot {opts.dataroot}: give one outside it")
+    if opts.dataset == "folder":
+        refuse_outputs_inside_the_data(opts)
     return opts, resumed
+
+
+def refuse_outputs_inside_the_data(opts):
+    """The data folder is searched recursively: the next start would train on this run's grids, and
+    a --conditional run would take the checkpoint or cache folder for a class. Nothing is written there."""
+    root = Path(opts.dataroot).resolve()
+    cache = ("--cache-dir", opts.cache_dir) if opts.cache_dir else ("the decoded-image cache", cache_root())
+    for what, folder in (("--image-dir", opts.image_dir), ("--checkpoint-dir", opts.checkpoint_dir), cache):
+        if Path(folder).resolve().is_relative_to(root):
+            raise UserError(f"{what} {folder} is inside --dataroot {opts.dataroot}: give one outside it")
 
 
 def refuse_what_torchrun_cannot_train(opts, runtime):

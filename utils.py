@@ -236,6 +236,7 @@ def load_training_data(opts, device, say=None, memory_limit_bytes=None, with_lab
     """load_dataset's images as TrainingData, with their labels when with_labels (default:
     opts.conditional) asks for them."""
     with_labels = opts.conditional if with_labels is None else with_labels
+    forced = streaming_forced()  # a bad value is refused before minutes of decoding, not after
     images, labels, class_names = read_images_and_labels(opts, with_labels, say)
     if not with_labels:
         labels = class_names = None
@@ -245,7 +246,7 @@ def load_training_data(opts, device, say=None, memory_limit_bytes=None, with_lab
         raise UserError(
             f"the dataset has {count_text(len(images), 'image')}, fewer than --batch-size {opts.batch_size}"
         )
-    if streaming_forced():
+    if forced:
         images, memory_limit_bytes = images if isinstance(images, HostImages) else HostImages(images), 0
     if isinstance(images, HostImages):
         images = place_on_device(images, device, memory_limit_bytes, say or (lambda message: None))

@@ -609,3 +609,21 @@ def test_generate_from_a_plain_state_dict_without_flags_json_says_what_to_give(t
     )
     assert "give checkpoint.pt instead" in err
     assert not (tmp_path / "images").exists()
+
+
+def test_a_file_where_the_generated_folder_goes_is_named_as_a_file(trained_run, gan_main, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "generated").write_text("my notes")
+    code, out, err = gan_main(["--generate", 1, "--checkpoint", trained_run / "checkpoints" / "checkpoint.pt"])
+    assert code == 0, err
+    assert "images/generated is a file: writing into images/generated-2/" in out
+    assert (tmp_path / "images" / "generated").read_text() == "my notes"
+
+
+def test_a_resume_with_ema_0_leaves_no_older_average_beside_its_checkpoint(run_copy, gan_main):
+    """netG_ema.pth would otherwise stay beside a checkpoint without one, and be drawn as its EMA."""
+    assert (run_copy / "checkpoints" / "netG_ema.pth").is_file()
+    code, out, err = gan_main(["--resume", "--epochs", 3, "--ema", 0])
+    assert code == 0, err
+    assert torch.load(run_copy / "checkpoints" / "checkpoint.pt")["netG_ema"] is None
+    assert sorted(path.name for path in (run_copy / "checkpoints").glob("netG*.pth")) == ["netG.pth"]

@@ -807,7 +807,7 @@ VALID_VALUES = {
     options.fraction: st.floats(0, 0.999).map(repr),
     options.image_size: st.sampled_from([str(size) for size in (16, 32, 64, 128, 256)]),
     options.device_name: st.sampled_from(["auto", "cpu", "mps", "cuda", "cuda:1"]),
-    options.not_a_link_loop: st.sampled_from(["ck.pt", "runs/checkpoint.pt"]),
+    options.path_name: st.sampled_from(["ck.pt", "runs/checkpoint.pt"]),
 }
 # a value each flag refuses, at the edges of its range
 INVALID_VALUES = {
@@ -841,7 +841,7 @@ def valid_value(action):
 
 def invalid_value(action):
     """A strategy for a value the flag refuses, or None where every value is accepted."""
-    if action.nargs == 0 or action.type is options.not_a_link_loop:
+    if action.nargs == 0 or action.type is options.path_name:
         return None
     if action.choices is not None:
         return st.sampled_from(["nope", action.choices[0].upper() + "x"])
@@ -1093,3 +1093,79 @@ def test_a_folder_subset_smaller_than_a_batch_is_refused_before_anything_is_deco
     code, out, err = gan_main([*TINY_ARGS, *data, "--subset", "4", "--batch-size", "8", "--epochs", "1"])
     assert_user_error(code, err, "--subset 4 is fewer images than one batch (--batch-size 8)")
     assert snapshot(tmp_path) == before and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "phrase"),
+    [
+        (["--checkpoint-dir", "data/ck"], "--checkpoint-dir data/ck is inside --dataroot data: give one outside it"),
+        (["--cache-dir", "data/cache"], "--cache-dir data/cache is inside --dataroot data: give one outside it"),
+        ([], "the decoded-image cache data/cached is inside --dataroot data: give one outside it"),
+    ],
+    ids=["checkpoints", "cache", "cache-variable"],
+)
+def test_no_output_goes_into_the_data_folder(tmp_path, gan_main, monkeypatch, flags, phrase):
+    """The folder is searched recursively, and a --conditional run would take a folder the run
+    made there for a class: the checkpoints and the decoded-image cache stay outside it, as the
+    pictures do."""
+    from folders import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, "data/cached")
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in range(4):
+            Image.new("RGB", (8, 8), (index * 60, 0, 0)).save(tmp_path / "data" / name / f"{index}.png")
+    before = snapshot(tmp_path)
+    data = ["--dataset", "folder", "--dataroot", "data", "--conditional", "--subset", "8", "--image-dir", "out"]
+    code, out, err = gan_main([*TINY_ARGS, *data, "--checkpoint-dir", "run", *flags, "--epochs", "1"])
+    assert_user_error(code, err, phrase)
+    assert snapshot(tmp_path) == before and sorted(path.name for path in tmp_path.iterdir()) == ["data"]
+
+
+LONG_NAME = "n" * 300  # over the 255 bytes a name may take on Linux and macOS
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--image-dir", LONG_NAME],
+        ["--checkpoint-dir", f"{LONG_NAME}/deeper"],
+        ["--dataroot", LONG_NAME],
+        ["--cache-dir", LONG_NAME],
+        ["--resume", f"{LONG_NAME}/checkpoint.pt"],
+        ["--generate", "1", "--checkpoint", f"{LONG_NAME}/checkpoint.pt"],
+        ["--export", LONG_NAME],
+        ["--evaluate", "--images", LONG_NAME],
+        ["--config", LONG_NAME],
+    ],
+    ids=lambda flags: flags[-2] if flags[-2].startswith("--") else flags[0],
+)
+def test_a_name_longer_than_file_systems_allow_is_one_line(tmp_path, gan_main, flags):
+    code, out, err = gan_main([*TINY_ARGS, *flags])
+    assert_user_error(code, err, f"{'n' * 60}... holds a name longer than file systems allow")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_streaming_switch_is_refused_before_a_folder_is_decoded(tmp_path, gan_main, monkeypatch):
+    monkeypatch.setenv(utils.STREAM_VARIABLE, "garbage")
+    (tmp_path / "data").mkdir()
+    for index in range(8):
+        Image.new("RGB", (8, 8), (index * 20, 0, 0)).save(tmp_path / "data" / f"{index}.png")
+    data = ["--dataset", "folder", "--dataroot", "data", "--cache-dir", "cache", "--subset", "8"]
+    code, out, err = gan_main([*TINY_ARGS, *data, "--epochs", "1"])
+    assert_user_error(code, err, "GAN_STREAM_BATCHES=garbage: give 1 (stream the batches from host memory) or 0")
+    assert "decoding" not in out and not (tmp_path / "cache").exists()
+
+
+def make_a_variance_negative(state):
+    state["netG_ema"]["main.1.running_var"][0] = -1.0
+
+
+def test_a_generator_with_a_negative_batchnorm_variance_is_refused(run_copy, gan_main):
+    """It would draw NaN: every image black, with exit code 0."""
+    edited_checkpoint(make_a_variance_negative)(checkpoint_path(run_copy))
+    before = snapshot(run_copy)
+    for argv in (["--generate", "2"], ["--export", "out"], ["--resume", "--epochs", "3"]):
+        code, out, err = gan_main(argv)
+        assert_user_error(code, err, "holds negative BatchNorm variances (netG_ema.main.1.running_var): it cannot")
+        assert snapshot(run_copy) == before

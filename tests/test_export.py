@@ -468,3 +468,21 @@ def test_a_graph_whose_images_are_not_the_generator_s_is_refused(exports):
     for got in (torch.full_like(images, math.nan), images + 2 * export.GRAPH_TOLERANCE):
         with pytest.raises(RuntimeError, match="generator.onnx's images differ from the generator's by"):
             export.largest_difference(got, G, inputs, "generator.onnx", export.GRAPH_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"n": 0}, "n must be a whole number of images, 1 or more, got 0"),
+        ({"n": 2.5}, "n must be a whole number of images, 1 or more, got 2.5"),
+        ({"seed": -1}, r"seed must be a whole number from 0 to 2\*\*63-1, got -1"),
+        ({"seed": 2**63}, r"seed must be a whole number from 0 to 2\*\*63-1"),
+        ({"truncation": 0}, "truncation must be a positive number, got 0"),
+        ({"truncation": -1.0}, "truncation must be a positive number, got -1.0"),
+        ({"truncation": math.nan}, "truncation must be a positive number, got nan"),
+    ],
+)
+def test_sample_refuses_what_the_command_line_refuses(exports, arguments, message):
+    G = gan.load_generator(exports["dcgan-plain-tanh"] / "export" / "model.safetensors", device="cpu")
+    with pytest.raises(ValueError, match=message):
+        G.sample(**{"n": 2, "seed": 1, **arguments})
