@@ -314,6 +314,17 @@ def test_cifar10_archive_with_a_damaged_batch(tmp_path, gan_main, no_download):
     assert_user_error(code, err, f"{batch} is not a CIFAR-10 batch (KeyError); delete {batch.parent} and run again")
 
 
+@pytest.mark.parametrize("label", [10, -1])
+def test_cifar10_batch_with_a_label_past_its_ten_classes_is_refused(tmp_path, gan_main, no_download, label):
+    dataroot = extracted_cifar10(tmp_path / "data")
+    batch = dataroot / "cifar-10-batches-py" / "data_batch_2"
+    saved = pickle.loads(batch.read_bytes())
+    saved["labels"][0] = label
+    batch.write_bytes(pickle.dumps(saved))
+    code, out, err = gan_main(cifar_args(dataroot))
+    assert_user_error(code, err, f"{batch} is not a CIFAR-10 batch (ValueError); delete {batch.parent} and run again")
+
+
 def test_cifar10_batch_that_would_run_code_is_refused(tmp_path, gan_main, no_download):
     dataroot = extracted_cifar10(tmp_path / "data")
     marker = tmp_path / "code_ran"

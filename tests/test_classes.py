@@ -78,6 +78,9 @@ def test_cifar_names_that_cannot_be_folders_give_way_to_cifars_own(bad, tmp_path
     names[-1] = "class-8"
     (tmp_path / "batches.meta").write_bytes(__import__("pickle").dumps({"label_names": names}))
     assert utils.cifar_class_names(tmp_path) == tuple(names)
+    for wrong_count in (names[:9], [*names, "class-10"]):  # a class per label 0..9, no more, no fewer
+        (tmp_path / "batches.meta").write_bytes(__import__("pickle").dumps({"label_names": wrong_count}))
+        assert utils.cifar_class_names(tmp_path) == utils.CIFAR_CLASSES
 
 
 def test_a_folders_classes_are_its_sub_folders_sorted_as_image_folder_sorts_them(tmp_path):

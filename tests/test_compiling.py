@@ -59,6 +59,18 @@ def test_auto_compiles_only_runs_long_enough_to_repay_it(
         assert f"--compile auto: {steps:,} steps would not win back a compile (about 60 s)" in said
 
 
+def test_auto_counts_a_kimg_run_s_steps_in_global_batches_of_every_process(monkeypatch, capsys):
+    """--kimg 1000 on two processes of 128 images a step: 3,907 steps, not the 7,813 of one process."""
+    import dataclasses
+
+    cuda, opts = runtime_on_cuda(monkeypatch, "--kimg", "1000")
+    two = dataclasses.replace(cuda, world_size=2)
+    decided = compiling.compile_if_it_pays(two, opts, CIFAR10_STEPS, None)
+    assert not decided.compile
+    assert "--compile auto: 3,907 steps would not win back a compile" in capsys.readouterr().out
+    assert compiling.steps_left(opts, None, CIFAR10_STEPS, 1) == 7_813
+
+
 def test_steps_left_count_from_the_checkpoint():
     opts, _ = options.parse_flags(["--epochs", "10"])
     assert compiling.steps_left(opts, None, 7) == 70

@@ -333,13 +333,16 @@ def test_a_build_removes_the_leftovers_of_abandoned_builds(tmp_path, cached):
     cache = cached
     cache.mkdir()
     abandoned, recent = cache / ".images-8px-0123.npy.abc.tmp", cache / ".images-8px-4567.npy.def.tmp"
-    for path in (abandoned, recent):
+    # renamed in place by a build that died before it wrote the sidecar: no cache of anyone's
+    orphan, recent_orphan = cache / "images-8px-89ab.npy", cache / "images-8px-cdef.npy"
+    for path in (abandoned, recent, orphan, recent_orphan):
         path.write_bytes(bytes(100))
     hours_ago = time.time() - 2 * folders.ABANDONED_BUILD_SECONDS
-    os.utime(abandoned, (hours_ago, hours_ago))
+    for path in (abandoned, orphan):
+        os.utime(path, (hours_ago, hours_ago))
     load(data, 8)
-    assert not abandoned.exists()
-    assert recent.exists()  # it may belong to a build still running beside this one
+    assert not abandoned.exists() and not orphan.exists()
+    assert recent.exists() and recent_orphan.exists()  # they may belong to a build still running beside this one
 
 
 def test_an_unwritable_cache_folder_means_decoding_into_memory(tmp_path, reads, cache_dir):

@@ -346,3 +346,17 @@ def test_the_bar_shows_images_a_second(monkeypatch):
         assert re.fullmatch(r"epoch 2/2:  50%\|[^|]*\| 4/8 steps \[00:0\d<00:01, 60 img/s\]", str(bar))
     finally:
         bar.close()
+
+
+def test_a_kimg_run_that_ends_on_an_epoch_s_last_step_saves_the_next_epoch_s_start(gan_main, tiny_args, tmp_path):
+    """--kimg 0.064 is 8 steps: exactly 2 epochs of 4. The checkpoint stands at epoch 2's end (epoch
+    2, batch 0), as a run of --epochs 2 leaves it, and a raise to 0.096 trains the third epoch once."""
+    code, out, err = gan_main([*tiny_args, "--kimg", "0.064"])
+    assert code == 0, err
+    state = load(tmp_path / "checkpoints" / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 8)
+    code, out, err = gan_main(["--resume", "--kimg", "0.096"])
+    assert code == 0, err
+    assert summaries(out) == ["3/3"] and "no steps left" not in out
+    state = load(tmp_path / "checkpoints" / "checkpoint.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (3, 0, 12)

@@ -220,6 +220,14 @@ def test_identical_sets_score_one_and_far_apart_sets_zero():
     assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
 
 
+def test_the_neighbour_scores_need_one_point_more_than_their_largest_k():
+    """Each point's k-th neighbour is searched among the others: k = 5 needs 6 points (--eval-samples
+    5 gives no neighbour scores, and no error)."""
+    points = np.random.default_rng(3).normal(size=(6, 5))
+    assert neighbour_scores(points[:5], points[:5] + 0.1) == {}
+    assert set(neighbour_scores(points, points + 0.1)) == {"precision", "recall", "density", "coverage"}
+
+
 def test_the_four_scores_of_a_case_worked_by_hand():
     """Real points at 0..6 on a line: their 3rd-neighbour radii are 3, 2, 2, 2, 2, 2, 3 and their
     5th-neighbour radii 5, 4, 3, 3, 3, 4, 5. Generated: two points at 0, one at -3, four at 50.
@@ -290,6 +298,9 @@ def test_fid_every_logs_fid_plots_it_and_keeps_the_best(gan_main, stand_in, tiny
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert best["best_fid"] == pytest.approx(min(row["fid"] for row in rows))
     assert best["epoch"] == min(rows, key=lambda row: row["fid"])["epoch"]
+    # the checkpoint keeps the best so far too (it is saved after the epoch's FID): a resume compares with it
+    last = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
+    assert last["best_fid"] == best["best_fid"]
 
 
 def test_the_real_statistics_are_computed_once_and_then_read(gan_main, stand_in, tiny_args, tmp_path):

@@ -272,6 +272,24 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def test_every_file_a_run_writes_has_a_file_s_usual_mode(trained_run):
+    """Written through a temp file (mkstemp makes it 0600), each is given the mode a plain open gives:
+    other users, and a web server showing the pictures, can read them."""
+    from files import current_umask
+
+    usual = 0o666 & ~current_umask()
+    written = [path for path in trained_run.rglob("*") if path.is_file() and path.suffix != ".txt"]
+    assert len(written) >= 12
+    assert {path.name: path.stat().st_mode & 0o777 for path in written} == {path.name: usual for path in written}
+
+
+def test_one_folder_can_take_the_checkpoints_and_the_pictures(gan_main, tmp_path):
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--checkpoint-dir", "out", "--image-dir", "out"])
+    assert code == 0, err
+    names = {path.name for path in (tmp_path / "out").iterdir()}
+    assert {"checkpoint.pt", "flags.json", "metrics.jsonl", "epoch_001.png", "losses.png"} <= names
+
+
 def test_a_run_writes_every_file(trained_run):
     images, checkpoints = trained_run / "images", trained_run / "checkpoints"
     expected_images = {"real_samples.png", "epoch_001.png", "epoch_002.png", "losses.png", "progress.gif"}
