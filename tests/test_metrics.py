@@ -298,7 +298,7 @@ def test_fid_every_logs_fid_plots_it_and_keeps_the_best(gan_main, stand_in, tiny
     best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
     assert best["best_fid"] == pytest.approx(min(row["fid"] for row in rows))
     assert best["epoch"] == min(rows, key=lambda row: row["fid"])["epoch"]
-    # the checkpoint keeps the best so far too (it is saved after the epoch's FID): a resume compares with it
+    # the checkpoint keeps the best so far too: a resume compares with it
     last = torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)
     assert last["best_fid"] == best["best_fid"]
 
@@ -307,6 +307,9 @@ def test_the_real_statistics_are_computed_once_and_then_read(gan_main, stand_in,
     real_count = 32  # --subset 32 in TINY_ARGS; generated batches hold 16 (--eval-samples)
     code, _, err = gan_main([*tiny_args, *EVAL_ARGS, "--epochs", "1", "--fid-every", "1"], stand_in)
     assert code == 0, err
+    # saved after the epoch's FID, the checkpoint holds it as the best so far, for a resume to compare with
+    (row,) = [row for row in read_rows(tmp_path / "checkpoints" / "metrics.jsonl") if "fid" in row]
+    assert torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)["best_fid"] == row["fid"]
     caches = list((tmp_path / "checkpoints").glob("fid_real_*.pt"))
     assert len(caches) == 1
     assert stand_in.batch_sizes.count(real_count) == 2  # FID and KID, once each
