@@ -439,20 +439,18 @@ def test_sample_refuses_a_class_outside_the_generator_s_listing_its_classes(expo
             G.sample(2, seed=1, label=label)
 
 
-def test_the_model_card_quotes_the_last_fid_of_training(trained_run, tmp_path, gan_main):
-    from conftest import copy_run
+def test_the_model_card_quotes_the_last_fid_of_training_not_of_an_evaluate(tmp_path):
+    """The card's "Its last FID while training was 40.50 (epoch 2)." comes from the log beside the checkpoint."""
+    import export
 
-    copy_run(trained_run, tmp_path)
     rows = [
         {"epoch": 1, "step": 4, "fid": 50.0},
-        {"evaluate": "x.pt", "fid": 10.0},
         {"epoch": 2, "step": 8, "fid": 40.5},
+        {"evaluate": "x.pt", "fid": 10.0},
     ]
-    with open(tmp_path / "checkpoints" / "metrics.jsonl", "a") as log:
-        log.write("".join(json.dumps(row) + "\n" for row in rows))
-    code, _, err = gan_main(["--export", "card"])
-    assert code == 0, err
-    assert "Its last FID while training was 40.50 (epoch 2)." in (tmp_path / "card" / "README.md").read_text()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert export.last_fid(tmp_path / "checkpoint.pt") == (40.5, 2)
+    assert export.last_fid(tmp_path / "elsewhere" / "checkpoint.pt") is None
 
 
 def test_a_graph_whose_images_are_not_the_generator_s_is_refused(exports):

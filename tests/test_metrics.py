@@ -359,12 +359,11 @@ def image_rows(images):
     return sorted(bytes(image.contiguous().numpy()) for image in images)
 
 
-def test_evaluate_scores_against_the_subset_the_run_trained_on(gan_main, tiny_args, tmp_path):
+def test_evaluate_scores_against_the_subset_the_run_trained_on(trained_run, gan_main, tiny_args, tmp_path):
     """A --subset 32 --seed 1 run is scored against its own 32 images, drawn with the run's seed:
     without --seed, and with --seed 5, which draws other samples but the same real images."""
-    code, _, err = gan_main([*tiny_args, "--epochs", "1"])
-    assert code == 0, err
-    opts, _ = options.parse_flags([*tiny_args, "--epochs", "1"])
+    copy_run(trained_run, tmp_path)
+    opts, _ = options.parse_flags([*tiny_args, "--epochs", "2"])
     trained_on = image_rows(utils.load_training_data(opts, torch.device("cpu"), with_labels=False).images)
     generated = []
     for seed in ([], ["--seed", "5"]):
@@ -379,10 +378,8 @@ def test_evaluate_scores_against_the_subset_the_run_trained_on(gan_main, tiny_ar
     assert not torch.equal(*generated)
 
 
-def test_evaluate_of_a_checkpoint_elsewhere_logs_beside_it(gan_main, stand_in, tiny_args, tmp_path):
-    run = ["--checkpoint-dir", "run/checkpoints", "--image-dir", "run/images"]
-    code, _, err = gan_main([*tiny_args, *run, "--epochs", "1"])
-    assert code == 0, err
+def test_evaluate_of_a_checkpoint_elsewhere_logs_beside_it(trained_run, gan_main, stand_in, tmp_path):
+    copy_run(trained_run, tmp_path / "run")
     argv = ["--evaluate", *EVAL_ARGS, "--device", "cpu", "--checkpoint", "run/checkpoints/checkpoint.pt"]
     code, _, err = gan_main(argv, stand_in)
     assert code == 0, err
