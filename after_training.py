@@ -100,7 +100,8 @@ def class_index(G, name, path, flag="--class"):
         raise UserError(f"{flag} {name}: {path} was trained without --conditional, so it has no classes")
     if name in G.class_names:
         return G.class_names.index(name)
-    if name.isdecimal() and len(name) <= len(str(G.num_classes)) and int(name) < G.num_classes:
+    # past int()'s 4,300 digits a number is a ValueError; leading zeros ("03") are still an index
+    if name.isdecimal() and len(name.lstrip("0")) <= len(str(G.num_classes)) and int(name) < G.num_classes:
         return int(name)
     listed = ", ".join(f"{index}: {class_name}" for index, class_name in enumerate(G.class_names))
     raise UserError(f"{flag} {name}: no such class in {path}; its classes are {listed}")

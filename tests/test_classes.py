@@ -818,3 +818,12 @@ def test_a_class_folder_named_as_generate_s_grid_is_refused_before_training(gan_
     assert "the class name 'grid.png' is grid.png, the name of the grid --generate writes beside" in err
     assert "rename the sub-folder" in err
     assert snapshot(tmp_path) == before and not (tmp_path / "cache").exists()
+
+
+def test_a_class_given_by_its_index_may_have_leading_zeros_but_no_more_digits_than_an_index_takes():
+    G, _ = conditional_pair(classes=12)
+    G.class_names = tuple(f"class{index}" for index in range(12))
+    assert [after_training.class_index(G, name, "c.pt") for name in ("3", "03", "0011", "class7")] == [3, 3, 11, 7]
+    for name in ("12", "9" * 5000):
+        with pytest.raises(UserError, match="no such class in c.pt"):
+            after_training.class_index(G, name, "c.pt")
