@@ -287,16 +287,15 @@ def refuse_non_finite(state, path):
 def refuse_negative_variances(state, path):
     """BatchNorm divides by the square root of its running variance: a negative one draws NaN, every
     image black. A damaged or edited file, refused like non-finite weights."""
-    named = {k: state.get(k) for k in ("netG", "netG_ema")}
     negative = [
-        f"{net}.{name}"
-        for net, weights in named.items()
-        for name, value in (weights or {}).items()
-        if name.endswith("running_var") and value.is_floating_point() and bool((value < 0).any())
+        name
+        for name, value in floating_weights(state, ("netG", "netG_ema"))
+        if name.endswith("running_var") and bool((value < 0).any())
     ]
     if negative:
-        shown = ", ".join(dict.fromkeys(negative[:3]))
-        raise UserError(f"{path} holds negative BatchNorm variances ({shown}): it cannot be used")
+        raise UserError(
+            f"{path} holds negative BatchNorm variances ({', '.join(first_few(negative))}): it cannot be used"
+        )
 
 
 def is_state_dict(value):
@@ -311,24 +310,33 @@ def why_unreadable(error):
 
 def non_finite_weights(state):
     """The networks (and fixed noise) holding NaN or infinite values: a diverged run's weights."""
-    named = {k: state.get(k) for k in ("netG", "netD", "netG_ema")}
-    found = [
-        f"{net}.{name}"
-        for net, weights in named.items()
-        for name, value in (weights or {}).items()
-        if value.is_floating_point() and not bool(torch.isfinite(value).all())
-    ]
+    found = [name for name, value in floating_weights(state) if not bool(torch.isfinite(value).all())]
     noise = state.get("fixed_noise")
     if isinstance(noise, torch.Tensor) and noise.is_floating_point() and not bool(torch.isfinite(noise).all()):
         found.append("fixed_noise")
-    return found[:3] + ([f"{len(found) - 3} more"] if len(found) > 3 else [])
+    return first_few(found)
+
+
+def floating_weights(state, nets=("netG", "netD", "netG_ema")):
+    """("net.name", tensor) for each floating-point tensor of the networks in state."""
+    for net in nets:
+        for name, value in (state.get(net) or {}).items():
+            if value.is_floating_point():
+                yield f"{net}.{name}", value
+
+
+def first_few(names):
+    """The first three names, then how many more: one line however many there are."""
+    return names[:3] + ([f"{len(names) - 3} more"] if len(names) > 3 else [])
+
+
+def is_count(value):
+    """A whole number from 0 up, not a bool: an epoch, a step, a seed, a number of classes."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def damaged_fields(state):
     """Fields whose type gan.py cannot use: caught here rather than deep inside training."""
-
-    def is_count(value):
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
     def is_weights(value):
         return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())

@@ -123,10 +123,10 @@ def real_cache(opts, real_uint8):
     """Where the real images' statistics are cached: a folder's beside its run's checkpoint;
     CIFAR-10's in --dataroot, shared by every run, so a --subset's name there holds the seed that
     drew it (another seed's subset holds other images)."""
-    if opts.dataset != "cifar10":
-        return metrics.real_cache_path(opts.checkpoint_dir, opts.dataset, len(real_uint8), shape_size(real_uint8.shape))
-    drawn = f"{len(real_uint8)}" if opts.subset is None else f"{len(real_uint8)}_seed{opts.seed}"
-    return metrics.real_cache_path(opts.dataroot, opts.dataset, drawn, shape_size(real_uint8.shape))
+    shared = opts.dataset == "cifar10"
+    drawn = f"{len(real_uint8)}_seed{opts.seed}" if shared and opts.subset is not None else len(real_uint8)
+    folder = opts.dataroot if shared else opts.checkpoint_dir
+    return metrics.real_cache_path(folder, opts.dataset, drawn, shape_size(real_uint8.shape))
 
 
 def open_class_scorer(opts, scorers, real_uint8, labels, num_classes):

@@ -14,7 +14,7 @@ import torch
 import artifacts
 import checkpoint
 import snapshots
-from checkpoint import Progress, latest_checkpoint
+from checkpoint import Progress, is_count, latest_checkpoint
 from classnames import checkpoint_class_names
 from errors import UserError, count_text, size_text
 from files import refuse_if_in_use
@@ -80,10 +80,6 @@ def refuse_unusable_flags(flags, path):
 
 def is_plain(value):
     return value is None or type(value) in (bool, int, float, str)
-
-
-def is_count(value):
-    return type(value) is int and value >= 0
 
 
 def upgraded_flags(saved_flags):
