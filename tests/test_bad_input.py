@@ -19,6 +19,8 @@ from conftest import TINY_ARGS, RunsCode, measured_values, run_gan, snapshot, wr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_classes import class_folder
+from test_data_cache import write_folder
 
 import checkpoint
 import modes
@@ -1096,12 +1098,9 @@ def test_label_smoothing_and_noise_that_reach_one_are_refused(tmp_path, gan_main
 
 
 def test_a_folder_subset_smaller_than_a_batch_is_refused_before_anything_is_decoded(tmp_path, gan_main):
-    (tmp_path / "data").mkdir()
-    for index in range(12):
-        Image.new("RGB", (8, 8), (index * 20, 0, 0)).save(tmp_path / "data" / f"{index}.png")
+    write_folder(tmp_path / "data", 12)
     before = snapshot(tmp_path)
-    data = ["--dataset", "folder", "--dataroot", "data", "--cache-dir", "cache"]
-    code, out, err = gan_main([*TINY_ARGS, *data, "--subset", "4", "--batch-size", "8", "--epochs", "1"])
+    code, out, err = gan_main([*folder_args("data"), "--cache-dir", "cache", "--subset", "4", "--batch-size", "8"])
     assert_user_error(code, err, "--subset 4 is fewer images than one batch (--batch-size 8)")
     assert snapshot(tmp_path) == before and not (tmp_path / "cache").exists()
 
@@ -1122,13 +1121,10 @@ def test_no_output_goes_into_the_data_folder(tmp_path, gan_main, monkeypatch, fl
     from folders import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, "data/cached")
-    for name in ("a", "b"):
-        (tmp_path / "data" / name).mkdir(parents=True)
-        for index in range(4):
-            Image.new("RGB", (8, 8), (index * 60, 0, 0)).save(tmp_path / "data" / name / f"{index}.png")
+    class_folder(tmp_path / "data", ["a", "b"], per_class=4)
     before = snapshot(tmp_path)
-    data = ["--dataset", "folder", "--dataroot", "data", "--conditional", "--subset", "8", "--image-dir", "out"]
-    code, out, err = gan_main([*TINY_ARGS, *data, "--checkpoint-dir", "run", *flags, "--epochs", "1"])
+    outputs = ["--image-dir", "out", "--checkpoint-dir", "run", *flags]
+    code, out, err = gan_main([*folder_args("data"), "--conditional", "--subset", "8", *outputs])
     assert_user_error(code, err, phrase)
     assert snapshot(tmp_path) == before and sorted(path.name for path in tmp_path.iterdir()) == ["data"]
 
@@ -1159,11 +1155,8 @@ def test_a_name_longer_than_file_systems_allow_is_one_line(tmp_path, gan_main, f
 
 def test_a_bad_streaming_switch_is_refused_before_a_folder_is_decoded(tmp_path, gan_main, monkeypatch):
     monkeypatch.setenv(utils.STREAM_VARIABLE, "garbage")
-    (tmp_path / "data").mkdir()
-    for index in range(8):
-        Image.new("RGB", (8, 8), (index * 20, 0, 0)).save(tmp_path / "data" / f"{index}.png")
-    data = ["--dataset", "folder", "--dataroot", "data", "--cache-dir", "cache", "--subset", "8"]
-    code, out, err = gan_main([*TINY_ARGS, *data, "--epochs", "1"])
+    write_folder(tmp_path / "data", 8)
+    code, out, err = gan_main([*folder_args("data"), "--cache-dir", "cache", "--subset", "8"])
     assert_user_error(code, err, "GAN_STREAM_BATCHES=garbage: give 1 (stream the batches from host memory) or 0")
     assert "decoding" not in out and not (tmp_path / "cache").exists()
 

@@ -807,10 +807,7 @@ def test_an_interpolation_of_more_than_ten_classes_walks_the_ten_rows_of_the_run
 def test_a_class_folder_named_as_generate_s_grid_is_refused_before_training(gan_main, tmp_path):
     """--generate writes grid.png beside a folder of each class: a class of that name would stop it
     half-way, so the data folder is refused at once, before anything is decoded or written."""
-    for name in ("grid.png", "b"):
-        (tmp_path / "data" / name).mkdir(parents=True)
-        for index in range(4):
-            Image.new("RGB", (8, 8), (index * 60, 0, 0)).save(tmp_path / "data" / name / f"{index}.png")
+    class_folder(tmp_path / "data", ["grid.png", "b"], per_class=4)
     before = snapshot(tmp_path)
     flags = [*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--conditional", "--subset", 8, "--epochs", 1]
     code, out, err = gan_main([*flags, "--cache-dir", "cache"])
