@@ -17,7 +17,7 @@ import export
 import metrics
 import snapshots
 from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file
-from classnames import GENERATED_GRID, class_folder
+from classnames import GENERATED_GRID, class_folder, refuse_other_classes
 from errors import UserError, count_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
@@ -321,16 +321,18 @@ def evaluate(opts, explicit, runtime, feature=None):
     seed = opts.seed if opts.seed is not None else run_seed  # the samples' noise
     # a --subset is drawn with the run's seed, as training drew it: --seed changes the samples alone
     eval_opts = opts.replace(
-        **{**trained_on, **typed}, image_size=flags["image_size"], seed=run_seed, checkpoint_dir=folder
+        **{**trained_on, **typed},
+        image_size=flags["image_size"],
+        seed=run_seed,
+        checkpoint_dir=folder,
+        class_names=tuple(G.class_names),
     )
     refuse_non_square_cifar10(eval_opts)
     # Inception first: offline without its weights, fail before minutes of decoding the data
     scorers = metrics.build_metrics(runtime.device, eval_opts.eval_samples, feature)
     real = load_training_data(eval_opts, torch.device("cpu"), say=print, with_labels=bool(G.num_classes))
-    if real.class_names is not None and real.class_names != G.class_names:
-        raise UserError(
-            f"{path} was trained on the classes {', '.join(G.class_names)}; the data has {', '.join(real.class_names)}"
-        )
+    if real.class_names is not None:
+        refuse_other_classes(G.class_names, real.class_names, path, "the data")
     scorers = open_metrics(eval_opts, runtime, real.images, feature, scorers)
     class_scorer = open_class_scorer(eval_opts, scorers, real.images, real.labels, G.num_classes)
     scores = score(scorers, G, eval_opts, runtime, seed, class_scorer)

@@ -127,6 +127,14 @@ def folder_labels(root, files, class_names):
     return labels
 
 
+def refuse_other_classes(trained, found, checkpoint, data):
+    """A UserError when the data's classes (found) are not the ones the checkpoint trained on: class i
+    would draw another class."""
+    if tuple(found) != tuple(trained):
+        shown = [", ".join(names) if names else "none (unconditional)" for names in (trained, found)]
+        raise UserError(f"{checkpoint} was trained on the classes {shown[0]}; {data} has {shown[1]}")
+
+
 def refuse_empty_classes(root, class_names, classes_with_images):
     """A UserError naming the first class folder of class_names not among classes_with_images."""
     empty = [name for name in class_names if name not in classes_with_images]

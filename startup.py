@@ -15,7 +15,7 @@ import artifacts
 import checkpoint
 import snapshots
 from checkpoint import Progress, is_count, latest_checkpoint
-from classnames import checkpoint_class_names
+from classnames import checkpoint_class_names, refuse_other_classes
 from errors import UserError, count_text, size_text
 from files import refuse_if_in_use
 from folders import cache_root
@@ -208,7 +208,9 @@ def resumed_options(opts, explicit, runtime):
             f"{latest_checkpoint(opts.checkpoint_dir)} holds another run: resuming {path} there would replace it; "
             "give another --checkpoint-dir"
         )
-    return opts.replace(seed=state.get("seed", opts.seed)), (state, path)
+    # the classes it trained on: a folder with others is refused before it is decoded (utils.py)
+    classes = checkpoint_class_names(state, path) if opts.conditional else ()
+    return opts.replace(seed=state.get("seed", opts.seed), class_names=classes), (state, path)
 
 
 def refuse_resuming_a_snapshot(state, path):
@@ -357,16 +359,8 @@ def with_data_traits(opts, data, resumed):
                 f"{path} was trained on {saved['flags']['nc']}-channel images; the data now gives "
                 f"{data.channels} (--channels {saved['flags']['nc']} trains on them as it did)"
             )
-        saved_names = checkpoint_class_names(saved, path)
-        if saved_names != names:
-            raise UserError(
-                f"{path} was trained on the classes {class_list(saved_names)}; the data now has {class_list(names)}"
-            )
+        refuse_other_classes(checkpoint_class_names(saved, path), names, path, "the data now")
     return opts.replace(num_classes=len(names), class_names=names, nc=data.channels)
-
-
-def class_list(names):
-    return ", ".join(names) if names else "none (unconditional)"
 
 
 # ---------------------------------------------------------------- the state it starts from

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from classnames import check_class_names, folder_classes, folder_labels
+from classnames import check_class_names, folder_classes, folder_labels, refuse_other_classes
 from errors import UserError, count_text, size_text
 from folders import IMAGE_SUFFIXES, FolderListing, HostImages, available_ram_bytes, open_folder
 from imagesize import image_sides
@@ -287,6 +287,8 @@ def read_images_and_labels(opts, with_labels, say):
         if not with_labels:
             return open_folder(listing, opts.workers, opts.cache_dir, say), None, None
         class_names = folder_classes(opts.dataroot, listing.files)
+        if opts.class_names:  # a checkpoint's classes: others are refused before decoding replaces the cache
+            refuse_other_classes(opts.class_names, class_names, "the checkpoint", f"data folder {opts.dataroot}")
         check_subset_covers_classes(opts.subset, len(class_names))
         images = open_folder(listing, opts.workers, opts.cache_dir, say)
         return images, folder_labels(opts.dataroot, images.files, class_names), class_names

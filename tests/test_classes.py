@@ -608,6 +608,53 @@ def test_resuming_a_checkpoint_whose_class_names_are_no_folder_names_is_refused(
     assert [path.name for path in sorted(tmp_path.rglob("*"))] == ["run", "checkpoint.pt"]  # no images/ either
 
 
+def test_a_folder_whose_classes_changed_is_refused_before_it_is_decoded_again(gan_main, tmp_path, cache_dir):
+    """Class i of the checkpoint would draw another class; decoding first would replace the
+    folder's cache with one of a run that never starts."""
+    from test_metrics import StandInFeatures
+
+    class_folder(tmp_path / "data", ["cat", "dog"], per_class=16)
+    code, out, err = gan_main([*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--conditional", "--epochs", 1])
+    assert code == 0, err
+    class_folder(tmp_path / "data", ["ant"])
+    before, cache = snapshot(tmp_path), snapshot(cache_dir)
+    message = "the checkpoint was trained on the classes cat, dog; data folder data has ant, cat, dog"
+    code, out, err = gan_main(["--resume", "--dataroot", "data", "--epochs", 2, "--device", "cpu"])
+    assert code == 2 and err.strip().endswith(message), err
+    code, out, err = gan_main(["--evaluate", "--eval-samples", 8, "--device", "cpu"], StandInFeatures())
+    assert code == 2 and err.strip().endswith(message), err
+    assert snapshot(tmp_path) == before and snapshot(cache_dir) == cache
+
+
+def test_data_whose_classes_are_not_the_checkpoint_s_is_refused_whatever_its_source(conditional_run, gan_main):
+    """The check after decoding, for data whose classes the listing does not tell (CIFAR-10's
+    batches.meta, fake data)."""
+    from test_metrics import StandInFeatures
+
+    checkpoint = conditional_run / "checkpoints" / "checkpoint.pt"
+    code, out, err = gan_main(["--evaluate", "--checkpoint", checkpoint, "--dataset", "fake"], StandInFeatures())
+    classes = "airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck"
+    assert code == 2 and err.strip().endswith(
+        f"{checkpoint} was trained on the classes {classes}; the data has 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+    ), err
+    saved = torch.load(checkpoint)
+    data = utils.TrainingData(torch.zeros(1), None, tuple(str(index) for index in range(10)), 3)
+    opts = parsed("--conditional")
+    with pytest.raises(UserError) as refused:
+        startup.with_data_traits(opts, data, (saved, Path("run.pt")))
+    assert (
+        str(refused.value)
+        == f"run.pt was trained on the classes {classes}; the data now has 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+    )
+    unconditional = utils.TrainingData(torch.zeros(1), None, None, 3)
+    with pytest.raises(UserError, match="; the data now has none \\(unconditional\\)$"):
+        startup.with_data_traits(opts, unconditional, (saved, Path("run.pt")))
+    named = startup.with_data_traits(
+        opts, utils.TrainingData(torch.zeros(1), None, tuple(saved["class_names"]), 3), (saved, Path("run.pt"))
+    )
+    assert named.class_names == tuple(saved["class_names"]) and named.num_classes == 10
+
+
 def test_every_class_folder_is_made_by_one_function_that_keeps_it_inside(tmp_path):
     assert classnames.class_folder(tmp_path, "café") == tmp_path / "café"
     for name in (ESCAPE, "..", str(tmp_path), "a\\b", "C:x", "nul\x00"):
