@@ -72,13 +72,23 @@ def load_generator_for_use(opts, explicit, runtime):
     path = checkpoint_path(opts)
     state = upgraded(load_generator_file(path), path)
     if opts.raw:
-        snapshots.refuse_raw(state, path)
+        refuse_raw(state, path)
     refuse_architecture_change(
         opts, explicit, state["flags"], f"checkpoint {path} was trained with another architecture"
     )
     G = generator_from(state, path, runtime, use_ema=False if opts.raw else None)
     print(f"using the {'EMA' if G.uses_ema else 'raw'} generator of {path} ({trained_as(state, path)})")
     return G, state
+
+
+def refuse_raw(state, path):
+    """--raw asks for the trained G, which a file holding the moving average alone does not: a
+    snapshot of a run with an EMA, netG_ema.pth, or an export of the EMA."""
+    if state.get("netG_ema") is not None and (snapshots.is_snapshot(state) or state.get("plain")):
+        what = "is a snapshot of" if snapshots.is_snapshot(state) else "holds"
+        raise UserError(
+            f"--raw: {path} {what} the moving average (EMA) alone; the trained generator is in the run's checkpoint.pt"
+        )
 
 
 def trained_as(state, path):

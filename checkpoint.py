@@ -261,7 +261,8 @@ def load_exported(path):
     flags = {**config["flags"], **sizes, "nc": config.get("channels"), "conditional": bool(names)}
     return {
         "netG": weights,
-        "netG_ema": weights,  # as exported: its BatchNorm statistics are its own
+        # as exported: its BatchNorm statistics are its own; --export --raw exports the trained G
+        "netG_ema": weights if config.get("generator") != "trained" else None,
         "netG_ema_own_statistics": True,
         "flags": {**flags, "num_classes": len(names) if isinstance(names, (list, tuple)) else 0},
         "class_names": names,

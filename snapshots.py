@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 from checkpoint import cpu_state, save_checkpoint
-from errors import UserError
 from files import WriteError
 
 SNAPSHOT_FORMAT = "dcgan-snapshot-1"
@@ -76,12 +75,3 @@ def snapshot_files(checkpoint_dir):
         return []
     found = [(int(match[1]), path) for path in folder.iterdir() if (match := NAME.fullmatch(path.name))]
     return [path for _, path in sorted(found)]
-
-
-def refuse_raw(state, path):
-    """--raw asks for the trained G, which a snapshot of a run with an EMA does not hold."""
-    if is_snapshot(state) and state.get("netG_ema") is not None:
-        raise UserError(
-            f"--raw: {path} is a snapshot of the moving average (EMA) alone; the trained generator is in the "
-            "run's checkpoint.pt"
-        )

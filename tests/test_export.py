@@ -11,11 +11,12 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ARGS, png_pixels, ready_for_main_in_process, subprocess_env
+from conftest import TINY_ARGS, png_pixels, ready_for_main_in_process, snapshot, subprocess_env
 
 import gan
 import options
@@ -287,6 +288,31 @@ def test_raw_exports_the_trained_generator_instead_of_its_average(trained_run, t
     weights = load_file(tmp_path / "raw" / "model.safetensors")
     assert all(torch.equal(weights[name], tensor) for name, tensor in state["netG"].items())
     assert json.loads((tmp_path / "raw" / "config.json").read_text())["generator"] == "trained"
+    # read back as what it holds: the trained G, which --raw may ask for; drawn as --raw draws it
+    for source, raw in (
+        ("checkpoints/checkpoint.pt", ["--raw"]),
+        ("raw/model.safetensors", []),
+        ("raw/model.safetensors", ["--raw"]),
+    ):
+        folder = f"drawn_{len(raw)}_{Path(source).stem}"
+        code, out, err = gan_main(["--generate", 3, "--seed", 4, *raw, "--checkpoint", source, "--image-dir", folder])
+        assert code == 0 and f"using the raw generator of {source}" in out, err
+    for name in ("0000.png", "0001.png", "0002.png"):
+        drawn = {
+            (tmp_path / folder / "generated" / name).read_bytes()
+            for folder in ("drawn_1_checkpoint", "drawn_0_model", "drawn_1_model")
+        }
+        assert len(drawn) == 1, name
+
+
+@pytest.mark.parametrize("source", ["export/model.safetensors", "checkpoints/netG_ema.pth"])
+def test_raw_is_refused_on_a_file_that_holds_the_moving_average_alone(source, exports, gan_main, tmp_path):
+    folder = exports["dcgan-plain-tanh"]
+    before = snapshot(folder)
+    code, out, err = gan_main(["--generate", 2, "--raw", "--checkpoint", folder / source])
+    message = f"--raw: {folder / source} holds the moving average (EMA) alone; the trained generator is in the run's checkpoint.pt"
+    assert code == 2 and err.strip().endswith(message), err
+    assert snapshot(folder) == before and list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- --config
