@@ -59,7 +59,10 @@ class RunLength:
         """The length of a run of opts at steps_per_epoch, from progress (where it starts)."""
         images_per_step = opts.batch_size * world_size
         if opts.kimg is None:
-            total = opts.epochs * steps_per_epoch
+            # the steps taken, then the epochs' steps still to go: a resume with another --batch-size
+            # took its earlier steps at another size
+            to_go = (opts.epochs - progress.epoch) * steps_per_epoch - progress.batch
+            total = progress.step + max(0, to_go)
             return cls(steps_per_epoch, total, opts.epochs, images_per_step, epochs=opts.epochs)
         total = kimg_steps(opts.kimg, opts.batch_size, world_size)
         # the batches left in this epoch, then whole epochs; counted from where the run stands, as
@@ -79,8 +82,6 @@ class RunLength:
 
     def position(self, progress):
         """Steps done of total_steps."""
-        if self.kimg is None:
-            return progress.epoch * self.steps_per_epoch + progress.batch
         return progress.step
 
     def epoch_text(self, progress):

@@ -182,6 +182,12 @@ def test_the_bar_counts_the_whole_run_fresh_and_resumed(gan_main, tiny_args):
         "finished at step 12: pictures in images/, the checkpoint checkpoints/checkpoint.pt. "
         "Draw from it: python gan.py --generate 64"
     )
+    # at half the batch size an epoch takes 8 steps: the 12 taken, then 8 to the end of epoch 4
+    code, out, err = gan_main(["--resume", "--epochs", "4", "--batch-size", "4", "--device", "cpu", "--no-compile"])
+    assert code == 0, err
+    assert "8 steps per epoch (logged every 2), 20 steps in all" in out
+    assert bar_start(err) == ("epoch 4/4", 12, 20) and re.search(r"\| 20/20 steps", err)
+    assert out.splitlines()[-1].startswith("finished at step 20:")
 
 
 # ---------------------------------------------------------------- snapshots
