@@ -30,6 +30,7 @@ from imagesize import image_sides, image_size_of
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 DECODE_CHUNK_FILES = 256
+MAX_COVER_AREA = 64  # an image resized to more than this many crops' area: the crop's part alone is resized
 
 
 # ---------------------------------------------------------------- image folders
@@ -77,9 +78,13 @@ def read_image(path, image_size):
     crop_width, crop_height = image_sides(image_size)
     scale = max(crop_width / image.width, crop_height / image.height)
     width, height = max(crop_width, round(image.width * scale)), max(crop_height, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
     left, top = (width - crop_width) // 2, (height - crop_height) // 2
-    image = image.crop((left, top, left + crop_width, top + crop_height))
+    crop = (left, top, left + crop_width, top + crop_height)
+    if width * height <= MAX_COVER_AREA * crop_width * crop_height:
+        image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None).crop(crop)
+    else:  # a strip (1 x 2,000,000 px) would cover the crop in gigabytes: only the crop's part is resized
+        box = [side * (image.width / width, image.height / height)[index % 2] for index, side in enumerate(crop)]
+        image = image.resize((crop_width, crop_height), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
@@ -356,11 +361,9 @@ def cache_paths(folder, listing):
 
 
 def open_folder(listing, workers, cache_dir=None, say=None):
-    """A folder's readable images as HostImages mapped from the decoded-image cache, built first if needed.
-
-    listing: FolderListing.of(the folder, the image size); cache_dir: --cache-dir (None: cache_root's
-    choice); say: gets the one line saying whether the cache was reused or built.
-    """
+    """A folder's readable images (listing: FolderListing.of(folder, image size)) as HostImages mapped
+    from the decoded-image cache in cache_dir (None: cache_root's choice), built first if needed; say
+    gets the one line telling whether the cache was reused or built."""
     say = say or (lambda message: None)
     folder = folder_cache_dir(cache_dir)
     with no_new_empty_folders([folder]):  # a build that fails leaves no empty cache folders behind

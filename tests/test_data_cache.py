@@ -752,6 +752,37 @@ def test_a_photo_is_decoded_the_way_its_exif_orientation_says(orientation, top, 
         assert near(image[:, :6, :], top) and near(image[:, 10:, :], bottom)
 
 
+@pytest.mark.parametrize("size, image_size", [((1, 3000), "16"), ((5000, 2), "16x32"), ((40, 30), "16")])
+def test_a_strip_is_cropped_before_it_is_resized_and_keeps_its_pixels(size, image_size, tmp_path, monkeypatch):
+    """A 1 x 3000 strip resized to cover 16 px would be 16 x 48000 (1 x 2,000,000: gigabytes): the
+    crop's part alone is resized, giving the crop of the whole resized within a level of rounding.
+    An ordinary image is resized whole, as before (its cached pixels stay the same)."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "strip.png")
+    with Image.open(tmp_path / "strip.png") as image:
+        width, height = folders.image_sides(image_size)
+        scale = max(width / image.width, height / image.height)
+        whole = image.convert("RGB").resize(
+            (max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+            Image.Resampling.BILINEAR,
+            reducing_gap=None,
+        )
+    left, top = (whole.width - width) // 2, (whole.height - height) // 2
+    expected = torch.from_numpy(np.asarray(whole.crop((left, top, left + width, top + height)))).permute(2, 0, 1)
+    sizes, resize = [], Image.Image.resize
+    monkeypatch.setattr(
+        Image.Image,
+        "resize",
+        lambda self, size, *args, **kwargs: sizes.append(size) or resize(self, size, *args, **kwargs),
+    )
+    decoded = folders.read_image(tmp_path / "strip.png", image_size)
+    assert decoded.shape == (3, height, width) and (decoded.int() - expected.int()).abs().max() <= 1
+    if size == (40, 30):
+        assert sizes == [(21, 16)] and torch.equal(decoded, expected)
+    else:
+        assert sizes == [(width, height)]
+
+
 def test_a_symlinked_sub_folder_is_read_and_a_link_back_up_is_not_followed_round(tmp_path):
     elsewhere = write_folder(tmp_path / "elsewhere", 3)
     data = write_folder(tmp_path / "data", 2)
