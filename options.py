@@ -147,9 +147,10 @@ def image_size(text):
 
 
 def walk_steps(text):
+    """A walk's images: its two ends at the least."""
     value = positive_int(text)
-    if value > MAX_WALK_STEPS:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_WALK_STEPS}, got {text}")
+    if not 2 <= value <= MAX_WALK_STEPS:
+        raise argparse.ArgumentTypeError(f"must be from 2 to {MAX_WALK_STEPS}, got {text}")
     return value
 
 
@@ -429,7 +430,7 @@ def add_after_training_flags(group):
         "--steps",
         type=walk_steps,
         default=10,
-        help=f"images per latent walk for --interpolate (at most {MAX_WALK_STEPS})",
+        help=f"images per latent walk for --interpolate, its two ends included (2 to {MAX_WALK_STEPS})",
     )
     add(
         "--class",
