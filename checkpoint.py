@@ -12,6 +12,7 @@ import numbers
 import os
 import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from savedflags import MAX_CONFIG_BYTES, read_small_json
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_LOG_NAME = "metrics.jsonl"
 FORMAT = "dcgan-checkpoint-1"
+# the numbers torch computes everything on (not float8 or quantized); the loaders say which a field may hold
+USABLE_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool}
+USABLE_DTYPES |= {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.complex64, torch.complex128}
 EXPORT_FORMAT = "dcgan-generator-1"
 EXPORT_CONFIG_NAME = "config.json"
 
@@ -50,13 +54,8 @@ class Progress:
 
     @classmethod
     def from_checkpoint(cls, state):
-        return cls(
-            epoch=state["epoch"],
-            batch=state.get("batch", 0),
-            step=state["step"],
-            best_fid=state.get("best_fid", math.inf),
-            rollbacks=state.get("rollbacks", 0),
-        )
+        saved = {"batch": 0, "best_fid": math.inf, "rollbacks": 0, **state}
+        return cls(*(saved[name] for name in ("epoch", "batch", "step", "best_fid", "rollbacks")))
 
 
 def latest_checkpoint(checkpoint_dir):
@@ -175,21 +174,58 @@ def load_checkpoint(path):
 
 
 def read_torch_file(path):
-    """What torch.save wrote to path, loaded without running code from it."""
+    """What torch.save wrote to path, loaded without running code from it, and holding only tensors
+    that take the memory their bytes in the file say."""
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if is_compressed_zip(path):
+        raise UserError(f"cannot read checkpoint {path}: it is not a checkpoint of this program (compressed entries)")
     try:
         with warnings.catch_warnings():
             # a plain pickle file draws torch's warning about its protocol before the error below:
             # the user gets the one line that says what is wrong
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            warnings.filterwarnings("ignore", message="Validating sparse tensor")  # refused below
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling errors come in many types; all mean "not ours"
         # torch's message ends in advice to load with weights_only=False: for a file of unknown
         # origin that would run its code, so it is never passed on
         raise UserError(
             f"cannot read checkpoint {path}: it is not a checkpoint of this program ({why_unreadable(error)})"
         ) from None
+    return refuse_unusable_tensors(state, path)
+
+
+def is_compressed_zip(path):
+    """torch.save stores its zip entries: a compressed one can unpack a thousandfold."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(entry.compress_type != zipfile.ZIP_STORED for entry in archive.infolist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False  # not a zip, or a damaged one: torch.load says what is wrong with it
+
+
+def refuse_unusable_tensors(state, path):
+    """state, unless it holds a tensor gan.py never writes: sparse, on no real device, of a number
+    torch cannot check (float8), or a view larger than its storage (bytes in the file, gigabytes checked)."""
+    unusable, pending, seen = [], [("", state)], set()
+    while pending:
+        name, value = pending.pop()
+        if isinstance(value, (dict, list, tuple)) and id(value) not in seen:  # a pickle can hold itself
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            pending += [(f"{name}.{key}".lstrip("."), item) for key, item in items]
+        elif isinstance(value, torch.Tensor) and not usable_tensor(value):
+            unusable.append(name)
+    if unusable:
+        raise UserError(f"checkpoint {path} is damaged: unusable tensors ({', '.join(first_few(sorted(unusable)))})")
+    return state
+
+
+def usable_tensor(tensor):
+    if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.dtype not in USABLE_DTYPES:
+        return False
+    return tensor.numel() <= tensor.untyped_storage().nbytes() // tensor.element_size()
 
 
 def load_generator_file(path):
@@ -238,7 +274,7 @@ def load_exported(path):
         raise UserError(f"checkpoint {path} does not exist")
     config_path = path.parent / EXPORT_CONFIG_NAME
     try:
-        weights = load_file(path, device="cpu")
+        weights = refuse_unusable_tensors(load_file(path, device="cpu"), path)
         config = read_small_json(config_path, MAX_CONFIG_BYTES, "an export's config.json")
     except (OSError, ValueError, SafetensorError) as error:
         raise UserError(

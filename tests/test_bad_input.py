@@ -505,6 +505,62 @@ def test_resume_from_a_checkpoint_with_damaged_fields(run_copy, gan_main, fields
     assert_user_error(code, err, f"checkpoint checkpoints/checkpoint.pt is damaged: unusable {next(iter(fields))}")
 
 
+def huge_view():
+    """A (50000, 50000) view of one stored float: 4 bytes in the file, 2.5 GB once its values are checked."""
+    return torch.zeros(1).as_strided((50_000, 50_000), (0, 0))
+
+
+def looped():
+    """A list holding itself, which a pickle can build."""
+    loop = [torch.zeros(1)]
+    loop.append(loop)
+    return loop
+
+
+@pytest.mark.parametrize(
+    "edit, unusable",
+    [
+        (lambda s: s["netD"].update(evil=huge_view()), "netD.evil"),
+        (lambda s: s.update(fixed_noise=huge_view()), "fixed_noise"),
+        (lambda s: s["netG"].update({"main.1.weight": s["netG"]["main.1.weight"].to(torch.float8_e4m3fn)}), "netG.main.1.weight"),
+        (lambda s: s["netG_ema"].update({"main.1.bias": s["netG_ema"]["main.1.bias"].to_sparse()}), "netG_ema.main.1.bias"),
+        (lambda s: s["optG"]["state"][0].update(exp_avg=s["optG"]["state"][0]["exp_avg"].to_sparse()), "optG.state.0.exp_avg"),
+        (lambda s: s["rng"].update(loop=looped(), cpu=huge_view()), "rng.cpu"),
+        (lambda s: s["netD"].update({"main.0.weight": torch.zeros(2, device="meta")}), "netD.main.0.weight"),
+    ],
+    ids=["zero-stride view", "noise view", "float8", "sparse", "sparse moment", "self-holding list", "meta"],
+)  # fmt: skip
+def test_a_checkpoint_with_tensors_gan_py_never_writes_is_refused_before_any_is_computed_on(
+    run_copy, gan_main, edit, unusable
+):
+    edited_checkpoint(edit)(checkpoint_path(run_copy))
+    before = snapshot(run_copy)
+    for mode in (["--resume", "--epochs", "3"], ["--generate", "2"], ["--export", "exported"]):
+        code, out, err = gan_main([*mode, "--device", "cpu"] if mode[0] != "--export" else mode)
+        assert_user_error(code, err, f"checkpoint checkpoints/checkpoint.pt is damaged: unusable tensors ({unusable})")
+    assert snapshot(run_copy) == before and not (run_copy / "exported").exists()
+
+
+def test_a_checkpoint_whose_entries_are_compressed_is_refused_before_they_are_unpacked(run_copy, gan_main):
+    """torch.save stores its entries; a deflated one (a few KB unpacking to gigabytes) is not its file."""
+    import zipfile
+
+    path = checkpoint_path(run_copy)
+    with (
+        zipfile.ZipFile(path) as stored,
+        zipfile.ZipFile(run_copy / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as deflated,
+    ):
+        for entry in stored.infolist():
+            deflated.writestr(entry.filename, stored.read(entry))
+    assert (
+        torch.load(run_copy / "deflated.pt", weights_only=True)["step"] == torch.load(path, weights_only=True)["step"]
+    )
+    code, out, err = gan_main(["--generate", "2", "--checkpoint", "deflated.pt"])
+    assert_user_error(
+        code, err, "cannot read checkpoint deflated.pt: it is not a checkpoint of this program (compressed entries)"
+    )
+
+
 @pytest.mark.parametrize("flags", [{"nz": -1}, {"image_size": 48}, {"ngf": None}], ids=repr)
 def test_generate_from_a_checkpoint_with_unusable_flags(run_copy, gan_main, flags):
     edited_checkpoint(lambda s: s["flags"].update(flags))(checkpoint_path(run_copy))

@@ -410,6 +410,11 @@ def test_a_generator_file_with_non_finite_weights_is_refused(exports, tmp_path, 
     code, _, err = gan_main(["--generate", "4", "--checkpoint", "checkpoints/netG.pth"])
     assert code == 2 and "netG.pth holds non-finite weights (netG.main.0.weight)" in err
     assert not (tmp_path / "images").exists()
+    # float8, whose values torch cannot check: refused as a tensor gan.py never writes
+    weights["main.0.weight"] = weights["main.0.weight"].to(torch.float8_e4m3fn)
+    save_file(weights, tmp_path / "export" / "model.safetensors")
+    with pytest.raises(UserError, match=r"model.safetensors is damaged: unusable tensors \(main.0.weight\)$"):
+        gan.load_generator(tmp_path / "export" / "model.safetensors", device="cpu")
 
 
 SIZE_REFUSED = "image_size must be a power of two from 16 to 256, or WIDTHxHEIGHT with each side one (64x32)"
