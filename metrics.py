@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import save_checkpoint
+from checkpoint import save_checkpoint, why_unreadable
 from errors import UserError
 from files import no_new_empty_folders
 
@@ -48,6 +48,8 @@ def build_metrics(device, eval_samples, feature=None):
     # its state across ranks in compute() would pair its collectives with that barrier and hang
     local = {"sync_on_compute": False}
     folder = Path(torch.hub.get_dir()) / "checkpoints"
+    if feature is None:
+        refuse_unsafe_weights(folder / INCEPTION_URL.rsplit("/", 1)[1])
     try:
         # torch hub makes its folders before it downloads: a failed download leaves none of them behind
         with no_new_empty_folders([folder]):
@@ -61,6 +63,20 @@ def build_metrics(device, eval_samples, feature=None):
     except (OSError, RuntimeError, ValueError, ImportError) as error:  # download or hub failures
         raise MetricsUnavailable(WEIGHTS_HINT.format(reason=_short(error), folder=folder)) from None
     return {name: metric.to(device) for name, metric in metrics.items()}
+
+
+def refuse_unsafe_weights(path):
+    """torch-fidelity unpickles the weights file in full (weights_only=False), where a file copied in
+    by hand could run code: a file there must load as tensors alone first."""
+    if not path.is_file():
+        return  # downloaded from INCEPTION_URL on first use
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling errors come in many types; all mean "not the weights"
+        raise MetricsUnavailable(
+            f"{path} is not the Inception weights file: {why_unreadable(error)}; remove it, and it is "
+            f"downloaded from {INCEPTION_URL} on first use"
+        ) from None
 
 
 def _short(error):

@@ -8,6 +8,7 @@ A small stand-in feature net replaces Inception (no download, no GPU).
 import json
 import shutil
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,6 +446,35 @@ def test_a_failed_weights_download_leaves_no_folder_behind(mode, request, gan_ma
         assert code == 0 and err.count("Inception weights could not be loaded") == 1
     assert "no network in this test" in err and str(no_inception_weights) in err and "Traceback" not in err
     assert not (tmp_path / "torch_home").exists()
+
+
+class RunsCode:
+    """Unpickled in full, it makes the file it names: what a weights file copied in by hand could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_weights_file_that_would_run_code_is_refused_before_torch_fidelity_unpickles_it(
+    trained_run, gan_main, no_inception_weights, tmp_path
+):
+    copy_run(trained_run, tmp_path)
+    no_inception_weights.mkdir(parents=True)
+    weights = no_inception_weights / metrics.INCEPTION_URL.rsplit("/", 1)[1]
+    torch.save({"fc.weight": RunsCode(tmp_path / "ran")}, weights)
+    code, _, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu"])
+    assert code == 2 and err.splitlines() == [
+        f"gan.py: error: {weights} is not the Inception weights file: it holds Python objects besides tensors and "
+        f"numbers, and loading those could run code; remove it, and it is downloaded from {metrics.INCEPTION_URL} "
+        "on first use"
+    ]
+    assert not (tmp_path / "ran").exists()
+    torch.save({"fc.weight": torch.zeros(1)}, weights)  # tensors alone pass on to torch-fidelity, which says why not
+    code, _, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu"])
+    assert code == 2 and "error: the Inception weights could not be loaded (Error(s) in loading state_dict" in err
 
 
 def test_evaluate_without_weights_decodes_no_folder_first(
