@@ -287,7 +287,7 @@ def load_exported(path):
         or not isinstance(config.get("flags"), dict)
     ):
         raise UserError(f"{config_path} is not the config.json that gan.py --export writes")
-    unusable = [name for name in ("nz", "ngf", "channels") if not is_size(config.get(name))]
+    unusable = [name for name in ("nz", "ngf", "channels") if not is_count(config.get(name)) or not config[name]]
     if unusable:
         raise UserError(f"{config_path} is damaged: {', '.join(unusable)} must be positive whole numbers")
     if not imagesize.is_image_size(config.get("image_size")):
@@ -306,10 +306,6 @@ def load_exported(path):
         "step": config.get("step"),
         "plain": True,
     }
-
-
-def is_size(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def refuse_non_finite(state, path):
@@ -404,10 +400,11 @@ def load_module_state(module, state_dict, what, path):
         if name in own and value.is_floating_point() != own[name].is_floating_point() or value.is_complex():
             raise UserError(f"checkpoint {path} does not fit this {what}: {name} holds {value.dtype} values")
     try:
-        module.load_state_dict(state_dict)
+        with warnings.catch_warnings():  # a module on the meta device checks the sizes alone
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+            module.load_state_dict(state_dict)
     except (RuntimeError, KeyError, TypeError, AttributeError) as error:
-        first = str(error).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])[:300]
+        detail = " ".join(line.strip() for line in str(error).strip().splitlines()[:3])[:300]
         raise UserError(f"checkpoint {path} does not fit this {what}: {detail}") from None
 
 

@@ -40,14 +40,23 @@ def generator_from(state, path, runtime, use_ema=None):
     mode on runtime's device, with BatchNorm statistics of its own weights."""
     flags = state["flags"]
     class_names = checkpoint_class_names(state, path)
-    try:
-        G = generator_of(flags, len(class_names))
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # RuntimeError: a negative size
-        raise UserError(f"checkpoint {path} has unusable flags ({error})") from None
     use_ema = state.get("netG_ema") is not None if use_ema is None else use_ema
     if use_ema and state.get("netG_ema") is None:
         raise UserError(f"{path} holds no moving average of the generator (it trained with --ema 0)")
-    load_module_state(G, state["netG_ema"] if use_ema else state["netG"], "generator", path)
+    weights = state["netG_ema"] if use_ema else state["netG"]
+    try:
+        with torch.device("meta"):  # sizes the weights do not have (nz 2,000,000) refused before they take memory
+            load_module_state(generator_of(flags, len(class_names)), weights, "generator", path)
+        G = generator_of(flags, len(class_names))
+    except (
+        KeyError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+        OverflowError,
+    ) as error:  # a negative size, or one past 2**63
+        raise UserError(f"checkpoint {path} has unusable flags ({str(error).splitlines()[0][:200]})") from None
+    load_module_state(G, weights, "generator", path)
     G.to(runtime.device, memory_format=runtime.memory_format)
     if use_ema and not state.get("netG_ema_own_statistics"):
         # saved mid-epoch or on a Ctrl-C, or by an older version: the trained G's statistics

@@ -19,6 +19,7 @@ from classnames import checkpoint_class_names, refuse_other_classes
 from errors import UserError, count_text, size_text
 from files import refuse_if_in_use
 from folders import cache_root
+from models import build_discriminator, build_generator
 from modes import ARCHITECTURE_FLAGS
 from options import MAX_SEED, build_parser, check_recipe
 from runlength import length_change
@@ -377,6 +378,8 @@ class TrainState:
 
 def start_state(opts, runtime, resumed):
     """Networks seeded from --seed (every rank alike), then the resumed checkpoint if any."""
+    if resumed is not None:
+        refuse_networks_that_do_not_fit(opts, *resumed)
     torch.manual_seed(opts.seed)
     nets = build_nets(opts, runtime)
     fixed_noise = torch.randn(64, opts.nz, 1, 1, generator=torch.Generator().manual_seed(opts.seed))
@@ -395,6 +398,19 @@ def start_state(opts, runtime, resumed):
             restore_rank_rng(resumed[0], opts, runtime, state.progress.step)
     state.fixed_noise = state.fixed_noise.to(runtime.device)
     return state
+
+
+def refuse_networks_that_do_not_fit(opts, saved, path):
+    """The checkpoint's networks held against those its flags build, on the meta device: sizes its
+    weights do not have (nz 2,000,000) are refused before the networks take gigabytes."""
+    try:
+        with torch.device("meta"):
+            G = build_generator(opts.arch, opts.nz, opts.ngf, opts.image_size, opts.nc, opts.num_classes, opts.g_output)
+            D = build_discriminator(opts.arch, opts.ndf, opts.image_size, opts.spectral_norm, opts.nc, opts.num_classes)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:  # a size past 2**63
+        raise UserError(f"checkpoint {path} has unusable flags ({str(error).splitlines()[0][:200]})") from None
+    checkpoint.load_module_state(G, saved["netG"], "generator", path)
+    checkpoint.load_module_state(D, saved.get("netD", {}), "discriminator", path)
 
 
 def carry_position(progress, saved, path, opts, runtime):

@@ -3,6 +3,7 @@ leaves what is already on disk untouched. Ends with fuzzing of the flag parser a
 checkpoint reader: they may only succeed or raise UserError."""
 
 import io
+import json
 import math
 import os
 import pickle
@@ -539,6 +540,48 @@ def test_a_checkpoint_with_tensors_gan_py_never_writes_is_refused_before_any_is_
         code, out, err = gan_main([*mode, "--device", "cpu"] if mode[0] != "--export" else mode)
         assert_user_error(code, err, f"checkpoint checkpoints/checkpoint.pt is damaged: unusable tensors ({unusable})")
     assert snapshot(run_copy) == before and not (run_copy / "exported").exists()
+
+
+MISFIT = "does not fit this generator: Error(s) in loading state_dict for Generator: size mismatch for main.0.weight"
+
+
+@pytest.mark.parametrize(
+    "nz, on_resume, on_generate",
+    [
+        (200_000, MISFIT, MISFIT),
+        (10**30, f"--nz {10**30} is too large: training would need more than 8 EiB", "has unusable flags (empty(): argument"),
+    ],
+)  # fmt: skip
+def test_sizes_the_weights_do_not_have_are_refused_before_the_networks_are_built(
+    run_copy, gan_main, monkeypatch, nz, on_resume, on_generate
+):
+    """nz 2,000,000 would build an 8 GB generator of ngf 8, and the weights in the file are nz 8's:
+    refused from the sizes alone, on the meta device, by every path that builds from a file's flags."""
+    import generator
+    import startup
+
+    devices = []
+    monkeypatch.setattr(
+        startup, "build_nets", lambda *args: pytest.fail("networks built before the sizes were checked")
+    )
+    monkeypatch.setattr(
+        generator,
+        "generator_of",
+        lambda *a, _real=generator.generator_of: devices.append(torch.empty(0).device) or _real(*a),
+    )
+    edited_checkpoint(lambda s: s["flags"].update(nz=nz))(checkpoint_path(run_copy))
+    flags = run_copy / "checkpoints" / "flags.json"
+    flags.write_text(json.dumps({**json.loads(flags.read_text()), "nz": nz}))
+    before = snapshot(run_copy)
+    for mode, refusal in (
+        (["--resume", "--epochs", "3"], on_resume),
+        (["--generate", "2"], on_generate),
+        (["--generate", "2", "--checkpoint", "checkpoints/netG_ema.pth"], on_generate),
+    ):
+        code, out, err = gan_main([*mode, "--device", "cpu"])
+        assert_user_error(code, err, refusal)
+    assert snapshot(run_copy) == before
+    assert devices == [torch.device("meta")] * 2  # once for each --generate, on no real device
 
 
 def test_a_checkpoint_whose_entries_are_compressed_is_refused_before_they_are_unpacked(run_copy, gan_main):
