@@ -18,12 +18,12 @@ import metrics
 import snapshots
 from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file
 from classnames import GENERATED_GRID, class_folder, refuse_other_classes
-from errors import UserError, count_text
+from errors import UserError, count_text, size_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
-from folders import IMAGE_SUFFIXES, decode_files
+from folders import IMAGE_SUFFIXES, available_ram_bytes, decode_files
 from generator import generator_from
-from imagesize import shape_size
+from imagesize import image_sides, shape_size
 from runtime import random_seed
 from sampling import (
     GRID_COLUMNS,
@@ -38,6 +38,9 @@ from sampling import (
 )
 from startup import refuse_architecture_change, refuse_saved_folders, upgraded
 from utils import load_dataset, load_training_data, refuse_non_square_cifar10
+
+# the peak memory of --interpolate per value of its walks' images, with a margin (BENCHMARKS.md)
+WALK_BYTES_PER_VALUE = 32
 
 
 def use_generator(opts, explicit, runtime, metric_feature=None):
@@ -217,6 +220,7 @@ def interpolate(opts, explicit, runtime, walks=8):
     G, state = load_generator_for_use(opts, explicit, runtime)
     flags = state["flags"]
     walk = plan_walks(G, opts, flags, walks)
+    refuse_walks_beyond_memory(walk.count, opts.steps, flags["image_size"])
     folder = Path(opts.image_dir)
     check_writable(folder)
     seed = opts.seed if opts.seed is not None else random_seed()
@@ -242,6 +246,18 @@ def interpolate(opts, explicit, runtime, walks=8):
         f"wrote {grid_path.name} and {gif_path.name} to {folder}/ ({walk.count} walks{walk.what}, "
         f"{opts.steps} steps, seed {seed})"
     )
+
+
+def refuse_walks_beyond_memory(walks, steps, image_size):
+    """The walks' images are held whole, for the grid and the GIF: more than the memory can hold is
+    refused before minutes of drawing, not ended by the system."""
+    width, height = image_sides(image_size)
+    needed, available = walks * steps * 3 * width * height * WALK_BYTES_PER_VALUE, available_ram_bytes()
+    if available is not None and needed > available:
+        raise UserError(
+            f"--steps {steps}: {walks} walks of {width}x{height} px images need about {size_text(needed)} of "
+            f"memory, and {size_text(available)} is available: take fewer --steps"
+        )
 
 
 def fresh_interpolation_paths(folder):

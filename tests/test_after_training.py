@@ -251,6 +251,24 @@ def test_interpolate_writes_a_grid_and_a_gif(trained_run, gan_main, tmp_path):
         assert gif.size == grid_pixels(columns=2, rows=4)  # the 8 walks at one step
 
 
+def test_walks_beyond_the_memory_are_refused_before_they_are_drawn(trained_run, gan_main, tmp_path, monkeypatch):
+    """8 walks of 16x16 px images, 10 steps: 61,440 values, 1.9 MiB at 32 bytes each."""
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    needed = 8 * 10 * 3 * 16 * 16 * after_training.WALK_BYTES_PER_VALUE
+    monkeypatch.setattr(after_training, "available_ram_bytes", lambda: needed - 1)
+    monkeypatch.setattr(after_training, "sample", lambda *args: pytest.fail("drew before the memory check"))
+    code, out, err = gan_main(["--interpolate", "--checkpoint", checkpoint, "--image-dir", "walks"])
+    assert code == 2 and err.strip().endswith(
+        "error: --steps 10: 8 walks of 16x16 px images need about 1.9 MiB of memory, and 1.9 MiB is available: "
+        "take fewer --steps"
+    )
+    assert not (tmp_path / "walks").exists()
+    monkeypatch.setattr(after_training, "available_ram_bytes", lambda: needed)
+    monkeypatch.setattr(after_training, "sample", sampling.sample)
+    code, out, err = gan_main(["--interpolate", "--checkpoint", checkpoint, "--image-dir", "walks"])
+    assert code == 0 and (tmp_path / "walks" / "interpolation.gif").is_file(), err
+
+
 def test_interpolation_rows_walk_from_the_start_noise_to_the_end_noise(trained_run, gan_main, tmp_path):
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
     code, _, err = gan_main(["--interpolate", "--steps", 4, "--checkpoint", checkpoint, "--seed", 2])
