@@ -292,6 +292,8 @@ def load_exported(path):
         raise UserError(f"{config_path} is damaged: {', '.join(unusable)} must be positive whole numbers")
     if not imagesize.is_image_size(config.get("image_size")):
         raise UserError(f"{config_path} is damaged: image_size must be {imagesize.EXPECTED}")
+    if any(config.get(name) is not None and not is_count(config[name]) for name in ("epoch", "step")):
+        raise UserError(f"{config_path} is damaged: epoch and step must be whole numbers from 0")
     names = config.get("class_names") or ()
     sizes = {name: config.get(name) for name in ("arch", "nz", "ngf", "image_size", "g_output")}
     flags = {**config["flags"], **sizes, "nc": config.get("channels"), "conditional": bool(names)}

@@ -24,9 +24,10 @@ from checkpoint import EXPORT_CONFIG_NAME, EXPORT_FORMAT, METRICS_LOG_NAME, pars
 from errors import UserError, count_text
 from files import atomic_write, atomic_write_bytes, check_writable, current_umask
 from generator import TrainedGenerator
+from options import build_parser
 from runtime import Runtime
 from sampling import GRID_COLUMNS, MAX_GRID_ROWS
-from savedflags import NOT_RESUMED_FLAGS
+from savedflags import DATA_TRAITS, NOT_RESUMED_FLAGS, saved_flag_is_valid
 
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 GRAPH_TOLERANCE = 1e-3  # the largest difference allowed between a graph's images and G's, in [-1, 1]
@@ -46,6 +47,7 @@ def export(G, flags, state, path, folder, runtime, sample_seed=SAMPLE_SEED):
     if folder.exists() and any(folder.iterdir()):
         raise UserError(f"--export {folder} holds files: give a new or empty folder (an export never replaces one)")
     check_writable(folder.parent)  # made if missing (gan.py removes it again on a failure), one line if it cannot be
+    flags = checked_flags(flags, path)
     cpu = TrainedGenerator(cpu_copy(G), Runtime(torch.device("cpu")), flags).eval()
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))  # beside it: renamed in place
     try:
@@ -101,6 +103,18 @@ def config_of(generator, flags, state):
         # the flags a run resumes: neither this machine's folders and settings nor the mode
         "flags": {name: value for name, value in flags.items() if name not in NOT_RESUMED_FLAGS},
     }
+
+
+def checked_flags(flags, path):
+    """The run's flags as an export copies them into config.json and the model card: a value its
+    flag could not take (Markdown in --loss, an infinite --lr) is refused, as --resume refuses it,
+    and a name this program does not know is left out."""
+    parser = build_parser()
+    known = {action.dest for action in parser._actions} | set(DATA_TRAITS)
+    for name, value in flags.items():
+        if name in known and name not in DATA_TRAITS and not saved_flag_is_valid(parser, name, value):
+            raise UserError(f"checkpoint {path} is damaged: it says --{name.replace('_', '-')} {value!r}")
+    return {name: value for name, value in flags.items() if name in known}
 
 
 def write_weights(generator, config, folder):

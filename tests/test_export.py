@@ -428,6 +428,8 @@ SIZE_REFUSED = "image_size must be a power of two from 16 to 256, or WIDTHxHEIGH
         ("ngf", True, "ngf must be positive whole numbers"),
         ("image_size", 16.0, SIZE_REFUSED),
         ("image_size", "16x48", SIZE_REFUSED),
+        ("epoch", -5, "epoch and step must be whole numbers from 0"),
+        ("step", "x", "epoch and step must be whole numbers from 0"),
     ],
 )
 def test_an_exported_config_with_unusable_sizes_is_one_line(exports, tmp_path, name, value, refusal):
@@ -439,6 +441,37 @@ def test_an_exported_config_with_unusable_sizes_is_one_line(exports, tmp_path, n
     with pytest.raises(UserError) as refused:
         gan.load_generator(tmp_path / "export" / "model.safetensors", device="cpu")
     assert str(refused.value).endswith(f"config.json is damaged: {refusal}")
+
+
+@pytest.mark.parametrize(
+    "flag, value, refused",
+    [
+        ("loss", "bce`|\n\n## injected\n<img src=x onerror=alert(1)>", True),
+        ("lr", math.inf, True),
+        ("zz\nnew", 1, False),
+    ],
+    ids=["markdown in a flag", "infinite lr", "unknown name"],
+)
+def test_a_re_export_copies_only_flags_the_program_takes(exports, tmp_path, gan_main, flag, value, refused):
+    """A shared export's config.json goes into the new config.json and model card: a value its flag
+    could not take is refused, as --resume refuses it; a name the program does not know is left out."""
+    import shutil
+
+    shutil.copytree(exports["dcgan-plain-tanh"] / "export", tmp_path / "shared")
+    config = json.loads((tmp_path / "shared" / "config.json").read_text())
+    config["flags"][flag] = value
+    (tmp_path / "shared" / "config.json").write_text(json.dumps(config))
+    code, out, err = gan_main(["--export", "again", "--checkpoint", "shared/model.safetensors"])
+    if refused:
+        assert code == 2 and err.strip().endswith(
+            f"checkpoint shared/model.safetensors is damaged: it says --{flag} {value!r}"
+        ), err
+        assert not (tmp_path / "again").exists()
+        return
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    del config["flags"][flag]
+    assert again["flags"] == config["flags"] and "zz" not in (tmp_path / "again" / "README.md").read_text()
 
 
 def test_config_goes_with_training_only():
