@@ -377,9 +377,8 @@ def damaged_fields(state):
         return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
 
     counts = ("epoch", "step", "batch", "seed", "rollbacks", "world_size")
-    damaged = [k for k in counts if k in state and not is_count(state[k])]
-    if is_count(state.get("seed")) and state["seed"] > MAX_SEED:  # a resumed run trains on with it
-        damaged.append("seed")
+    # torch keeps a seed, and a step that seeds the noise, in 64 bits
+    damaged = [k for k in counts if k in state and not (is_count(state[k]) and state[k] <= MAX_SEED)]
     if state.get("world_size") == 0:
         damaged.append("world_size")
     damaged += [k for k in ("netG", "netD", "netG_ema") if state.get(k) is not None and not is_weights(state[k])]
@@ -413,9 +412,10 @@ def load_module_state(module, state_dict, what, path):
 def restore(state, saved, path, runtime):
     """A checkpoint's networks, optimizers, position and fixed noise, into a run's TrainState."""
     state.progress = Progress.from_checkpoint(saved)
-    fixed = saved.get("fixed_noise")
-    if isinstance(fixed, torch.Tensor) and fixed.shape == state.fixed_noise.shape:
-        state.fixed_noise = fixed.to(state.fixed_noise.dtype)
+    fixed = saved.get("fixed_noise")  # a real floating tensor or None: damaged_fields
+    if fixed is not None and fixed.shape != state.fixed_noise.shape:  # every grid would change at the resume
+        raise UserError(f"checkpoint {path} is damaged: unusable fixed_noise (of shape {tuple(fixed.shape)})")
+    state.fixed_noise = fixed.to(state.fixed_noise.dtype) if fixed is not None else state.fixed_noise
     restore_state(state.nets, saved, runtime, path)
 
 

@@ -493,6 +493,7 @@ def test_resume_from_a_checkpoint_with_unusable_flags(run_copy, gan_main, flags)
     "fields",
     [
         {"epoch": "two"}, {"step": None}, {"epoch": -5}, {"batch": -1}, {"seed": "x"}, {"epoch": True},
+        {"step": 2**70}, {"rollbacks": 2**63}, {"fixed_noise": torch.zeros(2, 2)},
         {"netG_ema": torch.zeros(2)}, {"netD": [1, 2]}, {"rng": torch.zeros(2)}, {"optG": None}, {"best_fid": "low"},
         {"augment": torch.zeros(2)}, {"augment": {"p": torch.tensor(1.5), "signs": torch.zeros(2), "steps": 0}},
         {"augment": {"p": torch.tensor(0.1), "signs": torch.tensor([9.0, 8.0]), "steps": 2}},
