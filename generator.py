@@ -102,7 +102,7 @@ class TrainedGenerator(nn.Module):
         return uint8_pixels(torch.cat([images.cpu() for images in batches]))
 
     def class_index(self, label):
-        if isinstance(label, int) and 0 <= label < len(self.class_names):
+        if type(label) is int and 0 <= label < len(self.class_names):  # not True, an int to Python
             return label
         if label in self.class_names:
             return self.class_names.index(label)

@@ -498,7 +498,7 @@ def test_sample_with_seed_0_and_a_truncation_draws_what_generate_writes_for_them
 def test_sample_refuses_a_class_outside_the_generator_s_listing_its_classes(exports):
     G = gan.load_generator(exports["upsample-conditional-grey-clip"] / "export" / "model.safetensors", device="cpu")
     assert G.class_names == tuple(str(index) for index in range(10))
-    for label in (-1, 10, "zebra"):
+    for label in (-1, 10, "zebra", True):
         with pytest.raises(ValueError, match=f"no class {label!r}; the classes are 0, 1, 2, .*, 9"):
             G.sample(2, seed=1, label=label)
 
