@@ -16,7 +16,7 @@ import artifacts
 import export
 import metrics
 import snapshots
-from checkpoint import METRICS_LOG_NAME, append_metrics, latest_checkpoint, load_generator_file
+from checkpoint import METRICS_LOG_NAME, append_metrics, exported_file, latest_checkpoint, load_generator_file
 from classnames import GENERATED_GRID, class_folder, refuse_other_classes
 from errors import UserError, count_text, size_text
 from faults import Interrupted, exit_code_of
@@ -104,7 +104,7 @@ def trained_as(state, path):
 
 
 def checkpoint_path(opts):
-    return Path(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
+    return exported_file(opts.checkpoint) if opts.checkpoint else latest_checkpoint(opts.checkpoint_dir)
 
 
 def class_index(G, name, path, flag="--class"):

@@ -232,7 +232,7 @@ def load_generator_file(path):
     """A checkpoint, a generator's plain state_dict that gan.py wrote beside one (netG.pth,
     netG_ema.pth) or an exported model.safetensors, as a checkpoint-like dict: the flags of a
     plain state_dict come from the flags.json beside it, a model.safetensors' from its config.json."""
-    path = Path(path)
+    path = exported_file(path)
     if path.suffix == ".safetensors":
         return refuse_non_finite(load_exported(path), path)
     if path.is_dir() or not is_state_dict(state := read_torch_file(path)) or "flags" in state:
@@ -260,6 +260,11 @@ def load_generator_file(path):
         },
         path,
     )
+
+
+def exported_file(path):
+    """path, or the model.safetensors in it when it is the folder --export wrote."""
+    return Path(path) / "model.safetensors" if (Path(path) / "model.safetensors").is_file() else Path(path)
 
 
 def load_exported(path):
@@ -532,15 +537,11 @@ def parse_metrics(text):
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deep
             row = None
-        if isinstance(row, dict) and is_step(row.get("step", 0)):
+        if isinstance(row, dict) and type(row.get("step", 0)) is int:  # not True
             rows.append(row)
         elif line.strip() and not (index == len(lines) - 1 and not text.endswith("\n")):
             damaged += 1
     return rows, damaged
-
-
-def is_step(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def append_metrics(path, rows):

@@ -8,14 +8,13 @@ config.json), ready to draw, and the Python API other programs use:
 """
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
 import models
 from artifacts import to_uint8
-from checkpoint import load_generator_file, load_module_state
+from checkpoint import exported_file, load_generator_file, load_module_state
 from classnames import checkpoint_class_names
 from errors import UserError
 from imagesize import image_sides
@@ -30,7 +29,7 @@ def load_generator(path, device=None):
     None), drawing in the precision --precision auto picks there, as --generate does."""
     device = choose_device("auto" if device is None else str(device))
     runtime = Runtime(device, choose_precision("auto", device))
-    path = Path(path)
+    path = exported_file(path)
     state = upgraded(load_generator_file(path), path)
     return TrainedGenerator(generator_from(state, path, runtime), runtime, state["flags"])
 

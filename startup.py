@@ -197,6 +197,11 @@ def resumed_options(opts, explicit, runtime):
     path = resume_path(opts)
     if not opts.resume and not path.is_file():
         raise UserError(f"--resume: no checkpoint in {opts.checkpoint_dir}/ (give its path: --resume PATH)")
+    if checkpoint.exported_file(path).suffix == ".safetensors":
+        raise UserError(
+            f"{path} is an export, the generator alone: resume the run's checkpoint.pt (--generate --checkpoint "
+            f"{path} draws from it)"
+        )
     state = load_upgraded(path)
     refuse_resuming_a_snapshot(state, path)
     opts, changes = merge_resume_flags(opts, explicit, state["flags"], path)

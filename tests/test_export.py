@@ -212,15 +212,17 @@ def test_generate_from_the_exported_folder_writes_the_checkpoints_pngs(exported,
     for source, images in (
         ("checkpoints/checkpoint.pt", "from_checkpoint"),
         ("export/model.safetensors", "from_export"),
+        ("export", "from_export_folder"),  # the folder --export wrote stands for its model.safetensors
     ):
-        call_gan(
+        out = call_gan(
             ["--generate", "6", "--seed", "5", *label, "--checkpoint", source, "--image-dir", images], capsys, folder
         )
+    assert "using the EMA generator of export/model.safetensors (flags from export/config.json)" in out
     written = sorted((folder / "from_checkpoint" / "generated").rglob("0*.png"))
     assert len(written) == 6
     for path in written:
-        twin = folder / "from_export" / path.relative_to(folder / "from_checkpoint")
-        assert path.read_bytes() == twin.read_bytes(), path.name
+        for twin in ("from_export", "from_export_folder"):
+            assert path.read_bytes() == (folder / twin / path.relative_to(folder / "from_checkpoint")).read_bytes()
 
 
 def test_load_generator_samples_what_generate_writes_from_every_kind_of_file(exported, capsys, in_process):
@@ -229,7 +231,7 @@ def test_load_generator_samples_what_generate_writes_from_every_kind_of_file(exp
     call_gan(["--generate", "5", "--seed", "9", *label, "--image-dir", "api"], capsys, folder)
     pngs = sorted((folder / "api" / "generated").rglob("0*.png"))
     written = torch.stack([png_pixels(path) for path in pngs])
-    for path in ("checkpoints/checkpoint.pt", "checkpoints/netG_ema.pth", "export/model.safetensors"):
+    for path in ("checkpoints/checkpoint.pt", "checkpoints/netG_ema.pth", "export/model.safetensors", "export"):
         generator = gan.load_generator(folder / path, device="cpu")
         sampled = generator.sample(5, seed=9, label=None if variant == "dcgan-plain-tanh" else "2")
         assert sampled.dtype == torch.uint8 and sampled.shape == (5, generator.channels, *IMAGE_SHAPES[variant])
@@ -472,6 +474,18 @@ def test_a_re_export_copies_only_flags_the_program_takes(exports, tmp_path, gan_
     again = json.loads((tmp_path / "again" / "config.json").read_text())
     del config["flags"][flag]
     assert again["flags"] == config["flags"] and "zz" not in (tmp_path / "again" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("source", ["export/model.safetensors", "export"])
+def test_resuming_an_export_is_refused_naming_what_it_is(source, exports, gan_main):
+    folder = exports["dcgan-plain-tanh"]
+    before = snapshot(folder)
+    code, out, err = gan_main(["--resume", folder / source, "--epochs", 3])
+    assert code == 2 and err.strip().endswith(
+        f"{folder / source} is an export, the generator alone: resume the run's checkpoint.pt "
+        f"(--generate --checkpoint {folder / source} draws from it)"
+    ), err
+    assert snapshot(folder) == before
 
 
 def test_config_goes_with_training_only():
