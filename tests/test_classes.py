@@ -608,6 +608,18 @@ def test_resuming_a_checkpoint_whose_class_names_are_no_folder_names_is_refused(
     assert [path.name for path in sorted(tmp_path.rglob("*"))] == ["run", "checkpoint.pt"]  # no images/ either
 
 
+def test_a_class_whose_every_image_is_unreadable_is_refused(gan_main, tmp_path):
+    """The listing sees two image files in dogs/; decoding finds neither readable: a class with no
+    images would be drawn from nothing."""
+    class_folder(tmp_path / "data", ["cats"], per_class=16)
+    (tmp_path / "data" / "dogs").mkdir()
+    class_folder(tmp_path / "data", [], broken=["dogs/1.png", "dogs/2.png"])
+    argv = [*TINY_ARGS, "--dataset", "folder", "--dataroot", "data", "--conditional", "--subset", 16]
+    code, out, err = gan_main([*argv, "--epochs", 1])
+    assert code == 2 and err.strip().endswith("error: --conditional: class folder data/dogs holds no readable images")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_folder_whose_classes_changed_is_refused_before_it_is_decoded_again(gan_main, tmp_path, cache_dir):
     """Class i of the checkpoint would draw another class; decoding first would replace the
     folder's cache with one of a run that never starts."""
@@ -646,6 +658,11 @@ def test_data_whose_classes_are_not_the_checkpoint_s_is_refused_whatever_its_sou
         str(refused.value)
         == f"run.pt was trained on the classes {classes}; the data now has 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
     )
+    reordered = utils.TrainingData(torch.zeros(1), None, tuple(reversed(saved["class_names"])), 3)
+    with pytest.raises(
+        UserError, match="; the data now has truck, ship, horse, frog, dog, deer, cat, bird, automobile, airplane$"
+    ):
+        startup.with_data_traits(opts, reordered, (saved, Path("run.pt")))  # class i would draw class 9 - i
     unconditional = utils.TrainingData(torch.zeros(1), None, None, 3)
     with pytest.raises(UserError, match="; the data now has none \\(unconditional\\)$"):
         startup.with_data_traits(opts, unconditional, (saved, Path("run.pt")))

@@ -91,6 +91,20 @@ def test_kimg_gives_whole_steps_of_the_global_batch(kimg, batch_size, world_size
     assert length.last_epoch == -(-steps // 7)
 
 
+@pytest.mark.parametrize(
+    "before, after, change",
+    [
+        (0.1234567, 0.1234568, "--kimg 0.1234567 -> 0.1234568"),  # 6 digits would call them the same
+        (1234567, 25000, "--kimg 1234567 -> 25000"),  # neither 1.23457e+06 nor 25000.0
+        (0.05, 0.05, None),
+    ],
+)
+def test_kimg_is_written_and_compared_as_typed(before, after, change):
+    typed = [options.parse_flags(["--kimg", str(kimg)])[0].as_dict() for kimg in (before, after)]
+    assert runlength.length_change(*typed) == change
+    assert runlength.length_text(typed[0]) == f"--kimg {before}"
+
+
 def test_epochs_give_their_steps_and_end_at_an_epoch_end():
     opts, _ = options.parse_flags(["--epochs", "3"])
     length = RunLength.of(opts, steps_per_epoch=4, world_size=2, progress=Progress())

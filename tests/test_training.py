@@ -283,6 +283,19 @@ def test_every_file_a_run_writes_has_a_file_s_usual_mode(trained_run):
     assert {path.name: path.stat().st_mode & 0o777 for path in written} == {path.name: usual for path in written}
 
 
+def test_real_vs_fake_shows_the_last_epoch_grid_s_samples(gan_main, tmp_path, monkeypatch):
+    """The closing picture's fakes are the generator the grids draw (the EMA, after its statistics
+    were estimated) on the fixed noise: the last epoch's grid, tile for tile."""
+    import artifacts
+
+    shown = []
+    monkeypatch.setattr(artifacts, "plot_real_vs_fake", lambda real, fake, path, row_names=None: shown.append(fake))
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "2"])
+    assert code == 0, err
+    last_grid = np.asarray(Image.open(tmp_path / "images" / "epoch_002.png").convert("RGB"))
+    assert len(shown) == 1 and np.array_equal(np.asarray(artifacts.grid_image(shown[0])), last_grid)
+
+
 def test_one_folder_can_take_the_checkpoints_and_the_pictures(gan_main, tmp_path):
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "1", "--checkpoint-dir", "out", "--image-dir", "out"])
     assert code == 0, err
