@@ -175,6 +175,13 @@ def path_name(text):
     return text
 
 
+def file_name(text):
+    """path_name, refused when empty ("$UNSET_VARIABLE"): --checkpoint would quietly mean the latest."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file, got an empty name")
+    return path_name(text)
+
+
 def device_name(text):
     if text in ("auto", "cpu", "mps", "cuda") or (text.startswith("cuda:") and text[5:].isdecimal()):
         return text
@@ -369,7 +376,7 @@ def add_run_flags(group):
     add = group.add_argument
     add(
         "--config",
-        type=path_name,
+        type=file_name,
         default=None,
         metavar="FILE",
         help="start a run with the flags of a run's flags.json (checkpoints/flags.json); flags typed beside it win",
@@ -457,7 +464,7 @@ def add_after_training_flags(group):
     )
     add(
         "--checkpoint",
-        type=path_name,
+        type=file_name,
         default=None,
         help="checkpoint (or snapshot) for --generate/--interpolate/--evaluate/--export [default: latest]",
     )

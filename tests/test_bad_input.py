@@ -96,6 +96,8 @@ BAD_FLAGS = [
     (["--seed", "9223372036854775808"], "--seed: must be from 0 to 2**63-1, got 9223372036854775808"),
     (["--image-dir", ""], "--image-dir: must name a folder, got an empty name"),
     (["--dataroot", " "], "--dataroot: must name a folder, got an empty name"),
+    (["--generate", "2", "--checkpoint", ""], "--checkpoint: must name a file, got an empty name"),
+    (["--config", " "], "--config: must name a file, got an empty name"),
     (["--steps", "5000000"], "--steps: must be from 2 to 1000, got 5000000"),
     (["--interpolate", "--steps", "1"], "--steps: must be from 2 to 1000, got 1"),
     (
@@ -922,6 +924,7 @@ VALID_VALUES = {
     options.image_size: st.sampled_from([str(size) for size in (16, 32, 64, 128, 256)]),
     options.device_name: st.sampled_from(["auto", "cpu", "mps", "cuda", "cuda:1"]),
     options.path_name: st.sampled_from(["ck.pt", "runs/checkpoint.pt"]),
+    options.file_name: st.sampled_from(["ck.pt", "runs/checkpoint.pt"]),
 }
 # a value each flag refuses, at the edges of its range
 INVALID_VALUES = {
@@ -929,6 +932,7 @@ INVALID_VALUES = {
     options.non_negative_int: ["-1", "x"],
     options.seed: ["-1", str(2**63)],
     options.folder: ["", " "],
+    options.file_name: ["", " "],
     options.walk_steps: ["0", "1", str(options.MAX_WALK_STEPS + 1)],
     options.positive_float: ["0", "-1", "nan", "inf"],
     options.loss_weight: ["-0.5", "nan", "-inf", "1000.5", "1e300"],
