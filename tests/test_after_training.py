@@ -157,6 +157,27 @@ def test_generate_spans_several_internal_batches(trained_run, gan_main, monkeypa
         assert grid.size == grid_pixels(columns=2, rows=4)
 
 
+def test_the_generated_grid_holds_the_first_64_images_of_all_the_batches(trained_run, gan_main, monkeypatch, tmp_path):
+    """--generate 100 drawn in batches of 30 (30, 30, 30, 10): grid.png is 8 x 8 tiles, images
+    0000 to 0063 in order (two whole batches and 4 of the third), not the first 64 of each batch."""
+    real_batches = sampling.generated_batches
+    monkeypatch.setattr(
+        after_training, "generated_batches", lambda *a, **k: real_batches(*a, **{**k, "batch_size": 30})
+    )
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    code, _, err = gan_main(["--generate", 100, "--checkpoint", checkpoint, "--seed", 0])
+    assert code == 0, err
+    folder = tmp_path / "images" / "generated"
+    assert (folder / "0099.png").is_file() and not (folder / "0100.png").exists()
+    grid = png_pixels(folder / "grid.png")
+    assert grid.shape[1:] == grid_pixels(columns=8, rows=8)[::-1]
+    tile = SIDE + PADDING
+    for index in range(64):
+        row, column = divmod(index, 8)
+        drawn = grid[:, PADDING + row * tile :, PADDING + column * tile :][:, :SIDE, :SIDE]
+        assert torch.equal(drawn, png_pixels(folder / f"{index:04d}.png")), index
+
+
 def test_generate_from_a_checkpoint_without_ema_uses_the_raw_generator(raw_run, gan_main, tmp_path):
     checkpoint = raw_run / "checkpoints" / "checkpoint.pt"
     code, out, err = gan_main(["--generate", 3, "--checkpoint", checkpoint, "--seed", 1])
@@ -328,6 +349,19 @@ def test_slerp_of_orthogonal_unit_vectors_by_hand():
         angle = t * math.pi / 2
         torch.testing.assert_close(point, torch.tensor([math.cos(angle), math.sin(angle), 0.0]))
         assert point.norm().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_walk_of_each_class_draws_every_step_of_a_row_in_that_row_s_class():
+    """--interpolate of a conditional G walks one class per row; the walks are drawn flattened step
+    by step (step 0 of every row, then step 1, ...), so the labels of each step are the rows' classes
+    in row order, not one class for several steps."""
+    classes = torch.tensor([4, 1, 7])  # rows in no sorted order, as a sample of more than 10 classes may not be
+    walk = after_training.Walks(3, classes, row_names=["four", "one", "seven"])
+    opts, _ = options.parse_flags(["--interpolate", "--steps", "4"])
+    noise, labels = after_training.walk_inputs(walk, 8, opts, seed=0)
+    assert noise.shape == (4, 3, 8, 1, 1) and labels.shape == (4 * 3,)
+    for step, step_labels in enumerate(labels.view(4, 3)):
+        assert step_labels.tolist() == [4, 1, 7], step
 
 
 def test_slerp_keeps_the_angle_proportional_to_the_fraction():
@@ -591,6 +625,52 @@ def test_generate_file_names_are_padded_for_large_counts(trained_run, gan_main, 
 
 def _first_batch_only(real_batches, *args, **kwargs):
     yield next(real_batches(*args, **kwargs))
+
+
+@pytest.mark.parametrize(
+    ("count", "first", "last"),
+    [(1001, "0000.png", "1000.png"), (10000, "0000.png", "9999.png"), (10001, "00000.png", "10000.png")],
+)
+def test_generate_pads_file_names_to_the_digits_of_the_last_image_s_number(
+    count, first, last, trained_run, gan_main, monkeypatch, tmp_path
+):
+    """Images are numbered from 0, so --generate 10000 ends at 9999.png: 4 digits, as few as ever,
+    and one more only from 10001 images. Every name has the last one's width, so they sort in order.
+    Only the names are checked: the PNGs are not written, and the batches are blank images."""
+    saved = []
+    monkeypatch.setattr(after_training.artifacts, "save_png", lambda image, path: saved.append(path.name))
+    monkeypatch.setattr(after_training.artifacts, "save_grid", lambda images, path, nrow=8: saved.append(path.name))
+
+    def blank_batches(G, n, nz, runtime, seed, batch_size=500, **kwargs):
+        for start in range(0, n, batch_size):
+            yield torch.zeros(min(batch_size, n - start), 3, SIDE, SIDE)
+
+    monkeypatch.setattr(after_training, "generated_batches", blank_batches)
+    checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
+    code, _, err = gan_main(["--generate", count, "--checkpoint", checkpoint, "--seed", 0])
+    assert code == 0, err
+    names = saved[:-1]
+    assert (len(names), names[0], names[-1], saved[-1]) == (count, first, last, "grid.png")
+    assert {len(name) for name in names} == {len(last)} and names == sorted(names)
+    assert [int(name.removesuffix(".png")) for name in names] == list(range(count))
+
+
+def test_evaluate_images_counts_files_whose_suffix_is_in_capitals(gan_main, tmp_path):
+    """A camera's IMG_0001.JPG and a tool's .PNG are images as much as .png ones: --evaluate --images
+    scores all six files, whatever the case of their suffix."""
+    from test_metrics import StandInFeatures, write_colour_pngs
+
+    write_colour_pngs(tmp_path / "real", [(i, 2 * i, 3 * i) for i in range(8)], (16, 16))
+    (tmp_path / "theirs").mkdir()
+    names = ("a.png", "b.PNG", "c.JPG", "d.Jpeg", "e.jpg", "f.Png")
+    for index, name in enumerate(names):
+        Image.new("RGB", (16, 16), (10 * index, 20, 30)).save(tmp_path / "theirs" / name)
+    argv = ["--evaluate", "--images", "theirs", "--device", "cpu", "--dataset", "folder", "--dataroot", "real"]
+    code, out, err = gan_main([*argv, "--image-size", "16", "--workers", "0"], StandInFeatures())
+    assert code == 0, err
+    assert "6 images of theirs at 16 px, against 8 real" in out
+    row = json.loads((tmp_path / "checkpoints" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (row["images"], row["count"]) == ("theirs", 6)
 
 
 # ---------------------------------------------------------------- --generate from the plain state_dicts
