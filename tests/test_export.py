@@ -20,6 +20,7 @@ from conftest import TINY_ARGS, png_pixels, ready_for_main_in_process, snapshot,
 
 import gan
 import options
+import startup
 from errors import UserError
 from files import current_umask
 
@@ -382,6 +383,22 @@ def test_config_starts_a_run_with_a_runs_flags_and_typed_flags_win(tmp_path):
     # a typed recipe wins over the config's values of its flags
     opts, _ = options.parse_flags(["--config", str(tmp_path / "flags.json"), "--recipe", "dcgan"])
     assert (opts.arch, opts.g_output) == ("dcgan", "tanh")
+
+
+def test_config_and_resume_take_neither_this_machine_s_settings_nor_a_length_a_typed_one_replaces(tmp_path):
+    """A run's flags.json or checkpoint from an H100 (bf16, 8 workers) repeats its training, not its
+    machine; and a typed --epochs sets the length of a run whose file says --kimg."""
+    machine = ["--precision", "bf16", "--workers", "8", "--device", "cuda"]
+    saved = options.parse_flags([*TINY_ARGS, "--kimg", "0.05", *machine])[0].as_dict()
+    defaults = options.parse_flags([])[0]
+    (tmp_path / "flags.json").write_text(json.dumps(saved))
+    opts, _ = options.parse_flags(["--config", str(tmp_path / "flags.json"), "--epochs", "3"])
+    assert (opts.kimg, opts.epochs, opts.lr, opts.nz) == (None, 3, 2e-4, 8)
+    assert (opts.precision, opts.workers, opts.device) == ("auto", defaults.workers, "auto")
+    typed, explicit = options.parse_flags(["--resume", "--epochs", "3"])
+    resumed, _ = startup.merge_resume_flags(typed, explicit, saved, tmp_path / "checkpoint.pt")
+    assert (resumed.kimg, resumed.epochs, resumed.nz) == (None, 3, 8)
+    assert (resumed.precision, resumed.workers, resumed.device) == ("auto", defaults.workers, "auto")
 
 
 @pytest.mark.parametrize(
