@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -224,7 +225,9 @@ def dynamic_batch(generator):
 def write_onnx(generator, path):
     """generator.onnx, checked with ONNX Runtime at another batch size; returns the largest difference."""
     names = ["noise", "labels"][: len(example_inputs(generator))]
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter reports each stage on stdout
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # it reports each stage on stdout
+        # the noise and the labels share the batch axis, whose one name the exporter warns it keeps once
+        warnings.filterwarnings("ignore", message="# The axis name: batch will not be used")
         torch.onnx.export(
             generator,
             example_inputs(generator),
