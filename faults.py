@@ -130,6 +130,18 @@ def exit_code_of(interrupt):
     return getattr(interrupt, "exit_code", 128 + signal.SIGINT)
 
 
+def interrupt_within(error):
+    """The Ctrl-C (or SIGTERM) that error was raised while handling, if any: a library whose except
+    clause fails on the interrupt (torch's ONNX exporter, mid-import) raises an error of its own."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class Interrupted(Exception):
     """A run stopped by a signal after saving its state; main() prints the message."""
 

@@ -68,6 +68,11 @@ def main(argv=None, metric_feature=None):
     except KeyboardInterrupt as interrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return faults.exit_code_of(interrupt)
+    except Exception as error:
+        if faults.interrupt_within(error) is None:
+            raise
+        print("interrupted; nothing was written", file=sys.stderr)
+        return faults.exit_code_of(faults.interrupt_within(error))
     return 0
 
 

@@ -1095,6 +1095,28 @@ def test_sigterm_before_training_is_one_line_and_leaves_nothing(monkeypatch, gan
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back as it was
 
 
+@pytest.mark.parametrize("signal_number, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_that_a_library_turns_into_an_error_of_its_own_is_still_an_interruption(
+    signal_number, code, run_copy, gan_main, monkeypatch
+):
+    """torch's ONNX exporter, stopped mid-import, fails in its own except clause: an AttributeError
+    raised while handling the Ctrl-C. It is the interruption, in one line; the export is not left."""
+    import export
+
+    def exporter_stopped_mid_import(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal_number)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise AttributeError("module 'torch._dynamo' has no attribute 'exc'") from None
+
+    monkeypatch.setattr(export.torch.onnx, "export", exporter_stopped_mid_import)
+    before = sorted(path.name for path in run_copy.iterdir())
+    code_seen, out, err = gan_main(["--export", "exported"])
+    assert (code_seen, err) == (code, "interrupted; nothing was written\n")
+    assert sorted(path.name for path in run_copy.iterdir()) == before  # neither the export nor its staging
+
+
 # gan.py and two decoding workers started, signalled and waited for: 27-61 s on a busy 2-core machine
 @pytest.mark.timeout(120)
 def test_sigterm_to_the_process_group_while_decoding_is_one_line(start_gan, tmp_path):
