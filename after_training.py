@@ -17,7 +17,7 @@ import export
 import metrics
 import snapshots
 from checkpoint import METRICS_LOG_NAME, append_metrics, exported_file, latest_checkpoint, load_generator_file
-from classnames import GENERATED_GRID, class_folder, refuse_other_classes
+from classnames import GENERATED_GRID, class_folder, index_of, refuse_other_classes
 from errors import UserError, count_text, size_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
@@ -111,8 +111,8 @@ def class_index(G, name, path, flag="--class"):
     """The index of the class a user named (by name, or by index), or a UserError listing the classes."""
     if not G.num_classes:
         raise UserError(f"{flag} {name}: {path} was trained without --conditional, so it has no classes")
-    if name in G.class_names:
-        return G.class_names.index(name)
+    if index_of(G.class_names, name) is not None:
+        return index_of(G.class_names, name)
     # past int()'s 4,300 digits a number is a ValueError; leading zeros ("03") are still an index
     if name.isdecimal() and len(name.lstrip("0")) <= len(str(G.num_classes)) and int(name) < G.num_classes:
         return int(name)

@@ -44,6 +44,14 @@ def unsafe_because(name):
     return None
 
 
+def index_of(names, name):
+    """The index of name among names, or None; an accent typed decomposed (as macOS keyboards and
+    file names may give it) names the class written composed, which looks the same."""
+    composed = [unicodedata.normalize("NFC", known) for known in names]
+    typed = unicodedata.normalize("NFC", name) if isinstance(name, str) else None
+    return composed.index(typed) if typed in composed else None
+
+
 def same_folder_key(name):
     """What two names share when they name one folder on a case-insensitive file system (macOS,
     Windows): case folded, and composed accents made one with their decomposed forms."""

@@ -15,7 +15,7 @@ from torch import nn
 import models
 from artifacts import to_uint8
 from checkpoint import exported_file, load_generator_file, load_module_state
-from classnames import checkpoint_class_names
+from classnames import checkpoint_class_names, index_of
 from errors import UserError
 from imagesize import image_sides
 from options import MAX_SEED
@@ -103,8 +103,8 @@ class TrainedGenerator(nn.Module):
     def class_index(self, label):
         if type(label) is int and 0 <= label < len(self.class_names):  # not True, an int to Python
             return label
-        if label in self.class_names:
-            return self.class_names.index(label)
+        if index_of(self.class_names, label) is not None:
+            return index_of(self.class_names, label)
         raise ValueError(f"no class {label!r}; the classes are {', '.join(self.class_names)}")
 
 
