@@ -21,7 +21,7 @@ from classnames import GENERATED_GRID, class_folder, index_of, refuse_other_clas
 from errors import UserError, count_text, size_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
-from folders import IMAGE_SUFFIXES, available_ram_bytes, decode_files
+from folders import IMAGE_SUFFIXES, available_ram_bytes, decode_files, refuse_missing_folder
 from generator import generator_from
 from imagesize import image_sides, shape_size
 from runtime import random_seed
@@ -354,6 +354,8 @@ def evaluate(opts, explicit, runtime, feature=None):
         class_names=tuple(G.class_names),
     )
     refuse_non_square_cifar10(eval_opts)
+    if eval_opts.dataset == "folder":  # told before Inception's weights, which may be the next complaint
+        refuse_missing_folder(eval_opts.dataroot)
     # Inception first: offline without its weights, fail before minutes of decoding the data
     scorers = metrics.build_metrics(runtime.device, eval_opts.eval_samples, feature)
     real = load_training_data(eval_opts, torch.device("cpu"), say=print, with_labels=bool(G.num_classes))

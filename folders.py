@@ -36,12 +36,15 @@ MAX_COVER_AREA = 64  # an image resized to more than this many crops' area: the 
 # ---------------------------------------------------------------- image folders
 
 
+def refuse_missing_folder(root):
+    if not Path(root).is_dir():
+        what = "is a file: --dataroot names the folder of the images" if Path(root).exists() else "does not exist"
+        raise UserError(f"data folder {root} {what}")
+    return Path(root)
+
+
 def list_images(root):
-    root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise UserError(f"data folder {root} is a file: --dataroot names the folder that holds the images")
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist")
+    root = refuse_missing_folder(root)
     files = sorted(p for p in files_under(root) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UserError(f"data folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -210,12 +213,9 @@ def why_unreadable(path):
 
 
 class HostImages:
-    """uint8 images (N, 3, S, S) in host memory or in a memory-mapped cache file, read by rows on demand.
-
-    What load_dataset returns for a folder too large for the device: StreamedBatches gathers
-    each batch's rows from it, and nothing reads the whole array at once. Slicing gives a
-    CPU tensor, so the real-sample grid and FID's real statistics read it like a tensor.
-    """
+    """uint8 images (N, 3, S, S) in host memory or in a memory-mapped cache file, read by rows on
+    demand: what load_dataset returns for a folder too large for the device. StreamedBatches gathers
+    each batch's rows, nothing reads the whole array at once, and a slice is a CPU tensor."""
 
     def __init__(self, array, source=None, rows=None):
         self.files = None  # the readable files, one per row of array, where a folder's listing is known

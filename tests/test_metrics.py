@@ -488,6 +488,9 @@ def test_evaluate_without_weights_decodes_no_folder_first(
     code, out, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu", "--dataroot", data])
     assert code == 2 and "weights-inception-2015-12-05-6726825d.pth" in err
     assert list(cache_dir.iterdir()) == []
+    # a folder that is not there is the first thing to tell, before the weights' download fails
+    code, out, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu", "--dataroot", tmp_path / "moved"])
+    assert code == 2 and err == f"gan.py: error: data folder {tmp_path / 'moved'} does not exist\n"
 
 
 def test_training_without_weights_warns_once_and_trains_on(gan_main, no_inception_weights, tiny_args, tmp_path):
