@@ -68,11 +68,12 @@ def main(argv=None, metric_feature=None):
     except KeyboardInterrupt as interrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return faults.exit_code_of(interrupt)
-    except Exception as error:
-        if faults.interrupt_within(error) is None:
+    except Exception as error:  # a library that met the Ctrl-C in an except clause of its own
+        interrupt = faults.interrupt_within(error)
+        if interrupt is None:
             raise
         print("interrupted; nothing was written", file=sys.stderr)
-        return faults.exit_code_of(faults.interrupt_within(error))
+        return faults.exit_code_of(interrupt)
     return 0
 
 

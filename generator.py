@@ -47,13 +47,7 @@ def generator_from(state, path, runtime, use_ema=None):
         with torch.device("meta"):  # sizes the weights do not have (nz 2,000,000) refused before they take memory
             load_module_state(generator_of(flags, len(class_names)), weights, "generator", path)
         G = generator_of(flags, len(class_names))
-    except (
-        KeyError,
-        TypeError,
-        ValueError,
-        RuntimeError,
-        OverflowError,
-    ) as error:  # a negative size, or one past 2**63
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:  # a negative size, 2**64
         raise UserError(f"checkpoint {path} has unusable flags ({str(error).splitlines()[0][:200]})") from None
     load_module_state(G, weights, "generator", path)
     G.to(runtime.device, memory_format=runtime.memory_format)
