@@ -191,9 +191,10 @@ def fresh_generated_folder(image_dir):
     base = Path(image_dir) / "generated"
     for number in itertools.count(1):
         folder = base if number == 1 else base.with_name(f"generated-{number}")
-        if not folder.exists() or artifacts.is_empty_folder(folder):
+        if not os.path.lexists(folder) or artifacts.is_empty_folder(folder):  # a broken link is stepped around too
             if number > 1:
-                what = f"{base} is a file" if base.is_file() else f"{base}/ holds the images of an earlier --generate"
+                what = f"{base} is a file" if base.is_file() else f"{base} is a link to nowhere"
+                what = what if not base.is_dir() else f"{base}/ holds the images of an earlier --generate"
                 print(f"{what}: writing into {folder}/")
             check_writable(folder)
             return folder

@@ -716,6 +716,12 @@ def test_a_file_where_the_generated_folder_goes_is_named_as_a_file(trained_run, 
     assert code == 0, err
     assert "images/generated is a file: writing into images/generated-2/" in out
     assert (tmp_path / "images" / "generated").read_text() == "my notes"
+    (tmp_path / "images" / "generated").unlink()
+    (tmp_path / "images" / "generated").symlink_to(tmp_path / "moved")  # a link to a folder since removed
+    code, out, err = gan_main(["--generate", 1, "--checkpoint", trained_run / "checkpoints" / "checkpoint.pt"])
+    assert code == 0, err
+    assert "images/generated is a link to nowhere: writing into images/generated-3/" in out
+    assert (tmp_path / "images" / "generated").is_symlink() and not (tmp_path / "moved").exists()
 
 
 def test_a_resume_with_ema_0_leaves_no_older_average_beside_its_checkpoint(run_copy, gan_main):
