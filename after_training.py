@@ -111,8 +111,9 @@ def class_index(G, name, path, flag="--class"):
     """The index of the class a user named (by name, or by index), or a UserError listing the classes."""
     if not G.num_classes:
         raise UserError(f"{flag} {name}: {path} was trained without --conditional, so it has no classes")
-    if index_of(G.class_names, name) is not None:
-        return index_of(G.class_names, name)
+    named = index_of(G.class_names, name)
+    if named is not None:
+        return named
     # past int()'s 4,300 digits a number is a ValueError; leading zeros ("03") are still an index
     if name.isdecimal() and len(name.lstrip("0")) <= len(str(G.num_classes)) and int(name) < G.num_classes:
         return int(name)
@@ -193,8 +194,10 @@ def fresh_generated_folder(image_dir):
         folder = base if number == 1 else base.with_name(f"generated-{number}")
         if not os.path.lexists(folder) or artifacts.is_empty_folder(folder):  # a broken link is stepped around too
             if number > 1:
-                what = f"{base} is a file" if base.is_file() else f"{base} is a link to nowhere"
-                what = what if not base.is_dir() else f"{base}/ holds the images of an earlier --generate"
+                if base.is_dir():
+                    what = f"{base}/ holds the images of an earlier --generate"
+                else:
+                    what = f"{base} is a file" if base.is_file() else f"{base} is a link to nowhere"
                 print(f"{what}: writing into {folder}/")
             check_writable(folder)
             return folder

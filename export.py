@@ -28,7 +28,7 @@ from generator import TrainedGenerator
 from options import build_parser
 from runtime import Runtime
 from sampling import GRID_COLUMNS, MAX_GRID_ROWS
-from savedflags import DATA_TRAITS, NOT_RESUMED_FLAGS, saved_flag_is_valid
+from savedflags import DATA_TRAITS, NOT_RESUMED_FLAGS, refuse_damaged_flag
 
 EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 GRAPH_TOLERANCE = 1e-3  # the largest difference allowed between a graph's images and G's, in [-1, 1]
@@ -113,8 +113,8 @@ def checked_flags(flags, path):
     parser = build_parser()
     known = {action.dest for action in parser._actions} | set(DATA_TRAITS)
     for name, value in flags.items():
-        if name in known and name not in DATA_TRAITS and not saved_flag_is_valid(parser, name, value):
-            raise UserError(f"checkpoint {path} is damaged: it says --{name.replace('_', '-')} {value!r}")
+        if name in known and name not in DATA_TRAITS:
+            refuse_damaged_flag(parser, name, value, path)
     return {name: value for name, value in flags.items() if name in known}
 
 

@@ -21,7 +21,7 @@ from imagesize import image_sides
 from options import MAX_SEED
 from runtime import Runtime, choose_device, choose_precision, random_seed
 from sampling import generated_batches, generator_of
-from startup import upgraded
+from startup import built_from_flags, upgraded
 
 
 def load_generator(path, device=None):
@@ -43,12 +43,11 @@ def generator_from(state, path, runtime, use_ema=None):
     if use_ema and state.get("netG_ema") is None:
         raise UserError(f"{path} holds no moving average of the generator (it trained with --ema 0)")
     weights = state["netG_ema"] if use_ema else state["netG"]
-    try:
-        with torch.device("meta"):  # sizes the weights do not have (nz 2,000,000) refused before they take memory
-            load_module_state(generator_of(flags, len(class_names)), weights, "generator", path)
-        G = generator_of(flags, len(class_names))
-    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:  # a negative size, 2**64
-        raise UserError(f"checkpoint {path} has unusable flags ({str(error).splitlines()[0][:200]})") from None
+    # sizes the weights do not have (nz 2,000,000) are refused before they take memory
+    load_module_state(
+        built_from_flags(path, generator_of, flags, len(class_names), meta=True), weights, "generator", path
+    )
+    G = built_from_flags(path, generator_of, flags, len(class_names))
     load_module_state(G, weights, "generator", path)
     G.to(runtime.device, memory_format=runtime.memory_format)
     if use_ema and not state.get("netG_ema_own_statistics"):
@@ -97,8 +96,9 @@ class TrainedGenerator(nn.Module):
     def class_index(self, label):
         if type(label) is int and 0 <= label < len(self.class_names):  # not True, an int to Python
             return label
-        if index_of(self.class_names, label) is not None:
-            return index_of(self.class_names, label)
+        named = index_of(self.class_names, label)
+        if named is not None:
+            return named
         raise ValueError(f"no class {label!r}; the classes are {', '.join(self.class_names)}")
 
 

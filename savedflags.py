@@ -69,6 +69,12 @@ def saved_flag_is_valid(parser, name, value):
         return False
 
 
+def refuse_damaged_flag(parser, name, value, path):
+    """A value read from the file at path that its flag could not have produced: the file is damaged."""
+    if not saved_flag_is_valid(parser, name, value):
+        raise UserError(f"checkpoint {path} is damaged: it says --{name.replace('_', '-')} {value!r}")
+
+
 def read_small_json(path, limit, what="a flags.json"):
     """The JSON in path, a regular file of at most limit bytes (what: the file it should be, for
     the message). OSError, or ValueError saying why: a device such as /dev/zero, or a named pipe,

@@ -3,6 +3,7 @@ files or the checkpoint it resumes (older checkpoints upgraded first), the memor
 state it starts from (networks, position, RNG), and the command that resumes it.
 """
 
+import contextlib
 import math
 import shlex
 import sys
@@ -24,7 +25,7 @@ from modes import ARCHITECTURE_FLAGS
 from options import MAX_SEED, build_parser, check_recipe
 from runlength import length_change
 from runtime import broadcast_object, mixed_seed, random_seed
-from savedflags import LENGTH_FLAGS, NOT_RESUMED_FLAGS, PATH_FLAGS, saved_flag_is_valid
+from savedflags import LENGTH_FLAGS, NOT_RESUMED_FLAGS, PATH_FLAGS, refuse_damaged_flag
 from steps import Nets, build_nets
 
 # What the runs saved before a flag existed trained with: an older checkpoint resumes, and draws,
@@ -257,8 +258,7 @@ def merge_resume_flags(opts, explicit, saved_flags, path):
             if getattr(opts, name) != saved and name not in LENGTH_FLAGS:
                 changed.append(f"--{name.replace('_', '-')} {saved} -> {getattr(opts, name)}")
         elif name != "seed":
-            if not saved_flag_is_valid(parser, name, saved):
-                raise UserError(f"checkpoint {path} is damaged: it says --{name.replace('_', '-')} {saved!r}")
+            refuse_damaged_flag(parser, name, saved, path)
             merged[name] = saved
     if explicit & set(LENGTH_FLAGS):  # the length typed now, in epochs or images, replaces the saved one
         merged.pop("kimg", None)
@@ -408,14 +408,22 @@ def start_state(opts, runtime, resumed):
 def refuse_networks_that_do_not_fit(opts, saved, path):
     """The checkpoint's networks held against those its flags build, on the meta device: sizes its
     weights do not have (nz 2,000,000) are refused before the networks take gigabytes."""
-    try:
-        with torch.device("meta"):
-            G = build_generator(opts.arch, opts.nz, opts.ngf, opts.image_size, opts.nc, opts.num_classes, opts.g_output)
-            D = build_discriminator(opts.arch, opts.ndf, opts.image_size, opts.spectral_norm, opts.nc, opts.num_classes)
-    except (TypeError, ValueError, RuntimeError, OverflowError) as error:  # a size past 2**63
-        raise UserError(f"checkpoint {path} has unusable flags ({str(error).splitlines()[0][:200]})") from None
+    sizes = (opts.arch, opts.nz, opts.ngf, opts.image_size, opts.nc, opts.num_classes, opts.g_output)
+    G = built_from_flags(path, build_generator, *sizes, meta=True)
+    sizes = (opts.arch, opts.ndf, opts.image_size, opts.spectral_norm, opts.nc, opts.num_classes)
+    D = built_from_flags(path, build_discriminator, *sizes, meta=True)
     checkpoint.load_module_state(G, saved["netG"], "generator", path)
     checkpoint.load_module_state(D, saved.get("netD", {}), "discriminator", path)
+
+
+def built_from_flags(path, build, *sizes, meta=False):
+    """build(*sizes), a network of a loaded file's flags; on the meta device it allocates nothing.
+    Sizes no network can have are one line."""
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return build(*sizes)
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:  # a negative size, 2**64
+        raise UserError(f"checkpoint {path} has unusable flags ({str(error).splitlines()[0][:200]})") from None
 
 
 def carry_position(progress, saved, path, opts, runtime):
