@@ -16,7 +16,7 @@ import artifacts
 import export
 import metrics
 import snapshots
-from checkpoint import METRICS_LOG_NAME, append_metrics, exported_file, latest_checkpoint, load_generator_file
+from checkpoint import exported_file, latest_checkpoint, load_generator_file
 from classnames import GENERATED_GRID, class_folder, index_of, refuse_other_classes
 from errors import UserError, count_text, size_text
 from faults import Interrupted, exit_code_of
@@ -24,6 +24,7 @@ from files import check_writable
 from folders import IMAGE_SUFFIXES, available_ram_bytes, decode_files, refuse_missing_folder
 from generator import generator_from
 from imagesize import image_sides, shape_size
+from metricslog import METRICS_LOG_NAME, append_metrics
 from runtime import random_seed
 from sampling import (
     GRID_COLUMNS,

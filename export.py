@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 import artifacts
-from checkpoint import EXPORT_CONFIG_NAME, EXPORT_FORMAT, METRICS_LOG_NAME, parse_metrics
+from checkpoint import EXPORT_CONFIG_NAME, EXPORT_FORMAT
 from errors import UserError, count_text
 from files import atomic_write, atomic_write_bytes, check_writable, current_umask
 from generator import TrainedGenerator
+from metricslog import METRICS_LOG_NAME, parse_metrics
 from options import build_parser
 from runtime import Runtime
 from sampling import GRID_COLUMNS, MAX_GRID_ROWS

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import artifacts
 import checkpoint
+import metricslog
 import sampling
 import snapshots
 from augment import STRENGTH_LABELS
@@ -160,8 +161,8 @@ class RunOutputs:
         self.opts, self.runtime, self.writer, self.real = opts, runtime, writer, real
         self.image_dir, self.checkpoint_dir = Path(opts.image_dir), Path(opts.checkpoint_dir)
         self.locks = locks
-        self.log_path = self.checkpoint_dir / checkpoint.METRICS_LOG_NAME
-        rows = checkpoint.truncate_metrics(self.log_path, progress.step)
+        self.log_path = self.checkpoint_dir / metricslog.METRICS_LOG_NAME
+        rows = metricslog.truncate_metrics(self.log_path, progress.step)
         self.pictures = artifacts.EpochPictures(self.image_dir, rows, progress.epoch)
         self.tensorboard = open_tensorboard(opts)
         self.evaluator = sampling.TrainingEvaluator(opts, runtime, real.images, metric_feature, real.labels)
@@ -212,7 +213,7 @@ class RunOutputs:
 
     def rolled_back(self, step):
         """The run went back to the checkpoint of step: the log, the plots and the GIF forget what came later."""
-        self.pictures.rows = checkpoint.truncate_metrics(self.log_path, step)
+        self.pictures.rows = metricslog.truncate_metrics(self.log_path, step)
         self.pictures.forget_frames_after(step)
 
     def log(self, row):
@@ -222,7 +223,7 @@ class RunOutputs:
 
     def write_row(self, row):
         self.check_folders(self.checkpoint_dir)
-        checkpoint.append_metrics(self.log_path, [row])
+        metricslog.append_metrics(self.log_path, [row])
         self.pictures.rows.append(row)
         if self.tensorboard is not None:
             for name in STAT_NAMES | STRENGTH_LABELS:  # the losses, and --ada's strength

@@ -14,12 +14,13 @@ import torch
 
 import artifacts
 import checkpoint
+import metricslog
 import snapshots
 from checkpoint import Progress, is_count, latest_checkpoint
 from classnames import checkpoint_class_names, refuse_other_classes
 from errors import UserError, count_text, size_text
 from files import refuse_if_in_use
-from folders import cache_root
+from foldercache import cache_root
 from models import build_discriminator, build_generator
 from modes import ARCHITECTURE_FLAGS
 from options import MAX_SEED, build_parser, check_recipe
@@ -169,7 +170,7 @@ def refuse_earlier_run(opts, runtime):
             "train into another --checkpoint-dir, or move them away first"
         )
     # pictures beside the log of a run that never saved a checkpoint are that run's: replaced
-    orphan = checkpoint.orphan_log(opts.checkpoint_dir)
+    orphan = metricslog.orphan_log(opts.checkpoint_dir)
     pictures = earlier_run_pictures(opts.image_dir)
     if pictures and not orphan:
         # a fresh run would overwrite some of that run's grids and leave the others beside its own
@@ -470,7 +471,7 @@ def restore_rank_rng(saved, opts, runtime, step):
 def keep_orphan_log(opts, runtime):
     """A fresh run's log starts empty; the rows of a run that saved no checkpoint here (killed in
     its first epoch, or stopped by a full disk) are kept beside it, under another name."""
-    kept = checkpoint.set_aside_orphan_log(opts.checkpoint_dir)
+    kept = metricslog.set_aside_orphan_log(opts.checkpoint_dir)
     if kept is not None:
         runtime.say(f"kept the log of a run that saved no checkpoint as {kept}")
 

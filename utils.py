@@ -1,5 +1,5 @@
 """The training data as the loop takes it: CIFAR-10 (downloaded from its archive), an image folder
-(decoded once into folders.py's cache) or random images, loaded in turns under torchrun, then cut
+(decoded once into foldercache.py's cache) or random images, loaded in turns under torchrun, then cut
 into batches shuffled per (seed, epoch), held on the device when they fit and streamed from the
 host when they do not.
 """
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from classnames import check_class_names, folder_classes, folder_labels, refuse_other_classes
 from errors import UserError, count_text, size_text
-from folders import IMAGE_SUFFIXES, FolderListing, HostImages, available_ram_bytes, open_folder
+from foldercache import FolderListing, open_folder
+from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes
 from imagesize import image_sides
 from runtime import barrier
 
@@ -29,8 +30,8 @@ CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-# batches and FID's Inception need the rest. A larger dataset is streamed from the cache.
 # The images may take this share of the device's free memory; the nets, their activations, the
+# batches and FID's Inception need the rest. A larger dataset is streamed from the cache.
 DEVICE_MEMORY_SHARE = 0.5
 FAKE_IMAGES = 512
 FAKE_CLASSES = 10  # --dataset fake --conditional: random images labelled 0, 1, ..., 9, 0, 1, ...

@@ -45,6 +45,7 @@ import throughput  # noqa: E402
 
 import checkpoint  # noqa: E402
 import gan  # noqa: E402
+import metricslog  # noqa: E402
 import runtime  # noqa: E402
 import sampling  # noqa: E402
 import startup  # noqa: E402
@@ -420,7 +421,7 @@ def fused(optimizer):
 
 def fid_logged(folder):
     rows = [
-        json.loads(line) for line in (folder / "checkpoints" / checkpoint.METRICS_LOG_NAME).read_text().splitlines()
+        json.loads(line) for line in (folder / "checkpoints" / metricslog.METRICS_LOG_NAME).read_text().splitlines()
     ]
     scores = [row for row in rows if "fid" in row]
     expect(len(scores) == 1 and scores[0]["fid"] >= 0, f"FID rows: {scores}")

@@ -51,7 +51,7 @@ def one_torch_thread():
 def session_cache_dir(tmp_path_factory):
     """The decoded-image cache of every run of the test suite (in-process or a subprocess, which
     inherits the environment) goes to a temp folder, never to the real ~/.cache/dcgan."""
-    from folders import CACHE_ENV
+    from foldercache import CACHE_ENV
 
     saved = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("session_cache"))
@@ -65,7 +65,7 @@ def session_cache_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path_factory, monkeypatch):
     """Each test's own cache folder (outside tmp_path, so that tests of tmp_path see only their files)."""
-    from folders import CACHE_ENV
+    from foldercache import CACHE_ENV
 
     folder = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv(CACHE_ENV, str(folder))
@@ -385,9 +385,11 @@ def measured_values(arch, image_size, width=8, nz=8):
 
 def load_folder(root, image_size, workers, cache_dir=None, say=None):
     """A whole folder as the program decodes it: a uint8 CPU tensor (N, 3, S, S), through the cache."""
-    import folders
+    import foldercache
 
-    return folders.open_folder(folders.FolderListing.of(root, image_size), workers, cache_dir, say).to_device("cpu")
+    return foldercache.open_folder(foldercache.FolderListing.of(root, image_size), workers, cache_dir, say).to_device(
+        "cpu"
+    )
 
 
 def load_cifar10(root, download=True):
@@ -399,12 +401,12 @@ def load_cifar10(root, download=True):
 
 def read_metrics_log(path):
     """The metrics log's rows as dicts, read as a resume reads it (torn or damaged lines skipped)."""
-    import checkpoint
+    import metricslog
 
     path = Path(path)
     if not path.is_file():
         return []
-    rows, damaged = checkpoint.parse_metrics(path.read_bytes().decode("utf-8", errors="replace"))
+    rows, damaged = metricslog.parse_metrics(path.read_bytes().decode("utf-8", errors="replace"))
     if damaged:
         warnings.warn(f"skipped {damaged} damaged lines of {path}", stacklevel=2)
     return rows

@@ -7,7 +7,7 @@ from conftest import read_metrics_log
 from PIL import Image
 
 import artifacts
-import checkpoint
+import metricslog
 
 
 def frame(value, size=(20, 12)):
@@ -123,7 +123,7 @@ def test_each_line_of_the_loss_plot_draws_its_own_column_under_its_own_name(tmp_
 
 @pytest.mark.real_loss_plot
 def test_damaged_log_rows_are_skipped_with_one_warning(tmp_path):
-    log = tmp_path / checkpoint.METRICS_LOG_NAME
+    log = tmp_path / metricslog.METRICS_LOG_NAME
     good = '{"epoch": 1, "step": 2, "loss_d": 1.0, "loss_g": 2.0, "d_real": 0.5, "d_fake": 0.4}\n'
     log.write_bytes(
         good.encode()

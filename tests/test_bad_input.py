@@ -1223,7 +1223,7 @@ def test_no_output_goes_into_the_data_folder(tmp_path, gan_main, monkeypatch, fl
     """The folder is searched recursively, and a --conditional run would take a folder the run
     made there for a class: the checkpoints and the decoded-image cache stay outside it, as the
     pictures do."""
-    from folders import CACHE_ENV
+    from foldercache import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, "data/cached")
     class_folder(tmp_path / "data", ["a", "b"], per_class=4)

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import errors
+import foldercache
 import folders
 import options
 import utils
@@ -81,7 +82,7 @@ def cache_files(folder):
 @pytest.fixture
 def cached(cache_dir):
     """The folder where the decoded-image caches go (cache_dir: the test's $DCGAN_CACHE_DIR)."""
-    return cache_dir / folders.FOLDER_CACHE_NAME
+    return cache_dir / foldercache.FOLDER_CACHE_NAME
 
 
 def folder_opts(dataroot, **changes):
@@ -276,7 +277,7 @@ def test_the_sidecar_holds_the_crc32_of_the_pixels_in_use(tmp_path, cached):
         load(data, 8)
     npy = next(cached.glob("*.npy"))
     meta = json.loads(npy.with_suffix(".json").read_text())
-    assert meta["rows"] == 5 and meta["version"] == folders.FOLDER_CACHE_VERSION
+    assert meta["rows"] == 5 and meta["version"] == foldercache.FOLDER_CACHE_VERSION
     assert meta["crc32"] == zlib.crc32(fresh_decode(data, 8).numpy().tobytes())
 
 
@@ -295,7 +296,7 @@ def test_the_cache_file_is_the_npy_that_numpy_writes(tmp_path, cached):
 def test_a_cache_made_before_checksums_is_rebuilt(tmp_path, reads, cached, monkeypatch):
     data = write_folder(tmp_path / "data", 5)
     with monkeypatch.context() as older:
-        older.setattr(folders, "FOLDER_CACHE_VERSION", folders.FOLDER_CACHE_VERSION - 1)
+        older.setattr(foldercache, "FOLDER_CACHE_VERSION", foldercache.FOLDER_CACHE_VERSION - 1)
         load(data, 8)
     sidecar = next(cached.glob("*.json"))
     meta = json.loads(sidecar.read_text())
@@ -337,7 +338,7 @@ def test_a_build_removes_the_leftovers_of_abandoned_builds(tmp_path, cached):
     orphan, recent_orphan = cache / "images-8px-89ab.npy", cache / "images-8px-cdef.npy"
     for path in (abandoned, recent, orphan, recent_orphan):
         path.write_bytes(bytes(100))
-    hours_ago = time.time() - 2 * folders.ABANDONED_BUILD_SECONDS
+    hours_ago = time.time() - 2 * foldercache.ABANDONED_BUILD_SECONDS
     for path in (abandoned, orphan):
         os.utime(path, (hours_ago, hours_ago))
     load(data, 8)
@@ -347,11 +348,11 @@ def test_a_build_removes_the_leftovers_of_abandoned_builds(tmp_path, cached):
 
 def test_an_unwritable_cache_folder_means_decoding_into_memory(tmp_path, reads, cache_dir):
     data = write_folder(tmp_path / "data", 4)
-    (cache_dir / folders.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go: mkdir fails")
+    (cache_dir / foldercache.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go: mkdir fails")
     before = snapshot(data), everything_under(data)
     for _ in range(2):
         images, said = load(data, 8)
-        assert said[0].startswith(f"image cache: none ({cache_dir / folders.FOLDER_CACHE_NAME} is not writable")
+        assert said[0].startswith(f"image cache: none ({cache_dir / foldercache.FOLDER_CACHE_NAME} is not writable")
         assert said[0].endswith("decoding 4 files into memory")
         assert torch.equal(images, fresh_decode(data, 8))
     assert len(reads) == 8
@@ -360,8 +361,8 @@ def test_an_unwritable_cache_folder_means_decoding_into_memory(tmp_path, reads, 
 
 def test_without_a_cache_a_folder_too_large_for_memory_is_a_clear_error(tmp_path, monkeypatch, cache_dir):
     data = write_folder(tmp_path / "data", 4)
-    (cache_dir / folders.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
-    monkeypatch.setattr(folders, "available_ram_bytes", lambda: 1000)
+    (cache_dir / foldercache.FOLDER_CACHE_NAME).write_text("blocks the cache folder")
+    monkeypatch.setattr(foldercache, "available_ram_bytes", lambda: 1000)
     with pytest.raises(errors.UserError, match="the decoded-image cache cannot be kept .*: give --cache-dir a folder"):
         load(data, 8)
 
@@ -556,17 +557,17 @@ def folder_run(data, *flags):
 
 def test_the_cache_folder_comes_from_the_flag_the_variable_xdg_or_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv(folders.CACHE_ENV)
+    monkeypatch.delenv(foldercache.CACHE_ENV)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    assert folders.folder_cache_dir() == tmp_path / "home" / ".cache" / "dcgan" / "folders"
+    assert foldercache.folder_cache_dir() == tmp_path / "home" / ".cache" / "dcgan" / "folders"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # not absolute: ignored, as the XDG spec says
-    assert folders.folder_cache_dir() == tmp_path / "home" / ".cache" / "dcgan" / "folders"
+    assert foldercache.folder_cache_dir() == tmp_path / "home" / ".cache" / "dcgan" / "folders"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert folders.folder_cache_dir() == tmp_path / "xdg" / "dcgan" / "folders"
-    monkeypatch.setenv(folders.CACHE_ENV, str(tmp_path / "variable"))
-    assert folders.folder_cache_dir() == tmp_path / "variable" / "folders"
+    assert foldercache.folder_cache_dir() == tmp_path / "xdg" / "dcgan" / "folders"
+    monkeypatch.setenv(foldercache.CACHE_ENV, str(tmp_path / "variable"))
+    assert foldercache.folder_cache_dir() == tmp_path / "variable" / "folders"
     opts, _ = options.parse_flags(["--cache-dir", str(tmp_path / "flag")])
-    assert folders.folder_cache_dir(opts.cache_dir) == tmp_path / "flag" / "folders"
+    assert foldercache.folder_cache_dir(opts.cache_dir) == tmp_path / "flag" / "folders"
 
 
 SYSTEM_CACHES = {
@@ -592,18 +593,18 @@ def test_the_cache_folder_is_the_systems_own_and_the_flag_or_variable_wins(syste
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "AppData" / "Local"))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.delenv(folders.CACHE_ENV)
-    assert folders.folder_cache_dir() == tmp_path.joinpath(*SYSTEM_CACHES[system][1], "folders")
-    assert folders.folder_cache_dir(by_flag.cache_dir) == tmp_path / "flag" / "folders"
-    monkeypatch.setenv(folders.CACHE_ENV, str(tmp_path / "variable"))
-    assert folders.folder_cache_dir() == tmp_path / "variable" / "folders"
-    assert folders.folder_cache_dir(by_flag.cache_dir) == tmp_path / "flag" / "folders"
+    monkeypatch.delenv(foldercache.CACHE_ENV)
+    assert foldercache.folder_cache_dir() == tmp_path.joinpath(*SYSTEM_CACHES[system][1], "folders")
+    assert foldercache.folder_cache_dir(by_flag.cache_dir) == tmp_path / "flag" / "folders"
+    monkeypatch.setenv(foldercache.CACHE_ENV, str(tmp_path / "variable"))
+    assert foldercache.folder_cache_dir() == tmp_path / "variable" / "folders"
+    assert foldercache.folder_cache_dir(by_flag.cache_dir) == tmp_path / "flag" / "folders"
 
 
 def test_training_on_a_folder_caches_in_the_cache_folder_and_never_in_the_data(tmp_path, gan_main, monkeypatch):
     data = write_folder(tmp_path / "data", 8)
     before = everything_under(data), snapshot(data)
-    monkeypatch.delenv(folders.CACHE_ENV)
+    monkeypatch.delenv(foldercache.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     code, out, err = gan_main(folder_run(data))
     assert code == 0, err
@@ -638,10 +639,10 @@ def test_a_cache_whose_pixels_changed_is_never_trained_on_through_the_cli(tmp_pa
 def test_an_unwritable_cache_folder_still_trains_through_the_cli(tmp_path, gan_main, cache_dir, reads):
     data = write_folder(tmp_path / "data", 8)
     before = everything_under(data), snapshot(data)
-    (cache_dir / folders.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go")
+    (cache_dir / foldercache.FOLDER_CACHE_NAME).write_text("a file where the cache folder would go")
     code, out, err = gan_main(folder_run(data))
     assert code == 0, err
-    assert f"image cache: none ({cache_dir / folders.FOLDER_CACHE_NAME} is not writable" in out
+    assert f"image cache: none ({cache_dir / foldercache.FOLDER_CACHE_NAME} is not writable" in out
     assert "decoding 8 files into memory" in out and len(reads) == 8
     assert torch.load(tmp_path / "checkpoints" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert (everything_under(data), snapshot(data)) == before
@@ -659,7 +660,7 @@ def test_bad_input_is_refused_before_anything_is_decoded(count, flags, message, 
     monkeypatch.setattr(folders, "read_image", lambda *args: pytest.fail("decoded before checking the input"))
     code, out, err = gan_main(folder_run(data, *flags))
     assert code == 2 and err.strip() == f"gan.py: error: {message.format(data=data)}"
-    assert everything_under(Path(os.environ[folders.CACHE_ENV])) == []
+    assert everything_under(Path(os.environ[foldercache.CACHE_ENV])) == []
     assert everything_under(tmp_path) == everything_under(data.parent)  # no output folder made, nothing in data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
@@ -676,9 +677,9 @@ class FakeDisk:
 
 
 def test_a_build_short_of_disk_removes_the_least_recently_used_caches_of_other_folders(tmp_path, monkeypatch, cached):
-    monkeypatch.setattr(folders, "DISK_SPARE_BYTES", 0)
+    monkeypatch.setattr(foldercache, "DISK_SPARE_BYTES", 0)
     disk = FakeDisk(cached, capacity=10**6)
-    monkeypatch.setattr(folders.shutil, "disk_usage", disk)
+    monkeypatch.setattr(foldercache.shutil, "disk_usage", disk)
     first, second, third = (write_folder(tmp_path / name, 4) for name in ("first", "second", "third"))
     load(first, 8)
     disk.capacity = sum(p.stat().st_size for p in cached.iterdir()) * 5 // 2  # room for two caches, not three
@@ -688,7 +689,7 @@ def test_a_build_short_of_disk_removes_the_least_recently_used_caches_of_other_f
     _, said = load(first, 8)  # used again: now the second is the least recently used
     assert said[0].startswith("image cache: reusing")
     load(third, 8)
-    roots = sorted(folders.sidecar_root(sidecar) for sidecar in cached.glob("*.json"))
+    roots = sorted(foldercache.sidecar_root(sidecar) for sidecar in cached.glob("*.json"))
     assert roots == sorted(str(folder.resolve()) for folder in (first, third))
     _, said = load(first, 8)
     assert said[0].startswith("image cache: reusing")
@@ -707,7 +708,7 @@ def test_each_part_of_a_files_identity_alone_changes_the_cache_key(field, tmp_pa
             return self.name
 
     def key(*files):
-        return folders.folder_cache_key(tmp_path, list(files), 16)
+        return foldercache.folder_cache_key(tmp_path, list(files), 16)
 
     base = key(FakeFile("a.png"), FakeFile("b.png"))
     assert key(FakeFile("a.png"), FakeFile("b.png")) == base
@@ -724,7 +725,7 @@ def test_a_folder_streamed_through_the_cli_trains_exactly_as_one_held_in_memory(
     monkeypatch.setattr(utils, "DEVICE_MEMORY_SHARE", 1e-15)  # no room: the batches come from the cache file
     code, out, err = gan_main(folder_run(data, "--checkpoint-dir", "streamed", "--image-dir", "streamed_images"))
     assert code == 0, err
-    npy = next(Path(os.environ[folders.CACHE_ENV], folders.FOLDER_CACHE_NAME).glob("*.npy"))
+    npy = next(Path(os.environ[foldercache.CACHE_ENV], foldercache.FOLDER_CACHE_NAME).glob("*.npy"))
     assert f"12 images (streamed from {npy}), 3 steps per epoch" in out
     held, streamed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("held", "streamed"))
     for key in ("netG", "netD", "netG_ema"):

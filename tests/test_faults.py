@@ -35,6 +35,7 @@ import faults
 import files
 import folders
 import gan
+import metricslog
 import options
 import startup
 import steps
@@ -82,7 +83,7 @@ def stderr_of(folder):
 
 
 def logged_steps(folder):
-    rows = read_metrics_log(Path(folder) / "checkpoints" / checkpoint.METRICS_LOG_NAME)
+    rows = read_metrics_log(Path(folder) / "checkpoints" / metricslog.METRICS_LOG_NAME)
     return [row["step"] for row in rows if "loss_d" in row]
 
 
@@ -265,11 +266,11 @@ def test_kill_9_while_writing_a_checkpoint_loses_at_most_the_epochs_since_the_la
 
 
 def test_resume_drops_a_torn_last_line_of_the_metrics_log(tmp_path):
-    log = tmp_path / checkpoint.METRICS_LOG_NAME
+    log = tmp_path / metricslog.METRICS_LOG_NAME
     rows = [{"step": step, "loss_d": 1.0} for step in (1, 2, 3)]
     log.write_text("".join(f'{{"step": {r["step"]}, "loss_d": 1.0}}\n' for r in rows) + '{"step": 4, "lo')
-    assert checkpoint.truncate_metrics(log, last_step=3) == rows
-    checkpoint.append_metrics(log, [{"step": 4, "loss_d": 2.0}])
+    assert metricslog.truncate_metrics(log, last_step=3) == rows
+    metricslog.append_metrics(log, [{"step": 4, "loss_d": 2.0}])
     assert read_metrics_log(log) == [*rows, {"step": 4, "loss_d": 2.0}]
 
 
@@ -382,8 +383,8 @@ def test_full_disk_after_the_first_checkpoint(failing, monkeypatch, gan_main, tm
     assert f"gan.py: error: cannot write {CHECKPOINT}: No space left on device" in err
     after = snapshot(tmp_path / "checkpoints")
     # the metrics log is appended to, never replaced
-    after.pop(checkpoint.METRICS_LOG_NAME)
-    saved.pop(checkpoint.METRICS_LOG_NAME)
+    after.pop(metricslog.METRICS_LOG_NAME)
+    saved.pop(metricslog.METRICS_LOG_NAME)
     assert after == saved
     assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT)["epoch"] == 1
     assert not (tmp_path / "images" / "epoch_002.png").exists()
@@ -454,7 +455,7 @@ def test_a_run_whose_folder_was_taken_over_never_writes_into_it(monkeypatch, gan
         shutil.rmtree(tmp_path / "checkpoints")
         other["lock"] = files.FolderLock(tmp_path / "checkpoints", "--checkpoint-dir")
         (tmp_path / CHECKPOINT).write_bytes(b"the second run's checkpoint")
-        checkpoint.append_metrics(tmp_path / "checkpoints" / checkpoint.METRICS_LOG_NAME, [{"step": 1}])
+        metricslog.append_metrics(tmp_path / "checkpoints" / metricslog.METRICS_LOG_NAME, [{"step": 1}])
         other["files"] = snapshot(tmp_path / "checkpoints")
 
     at_the_end_of_epoch(2, second_run_starts, monkeypatch)
@@ -963,14 +964,14 @@ def test_a_save_every_checkpoint_resumes_exactly(trained_run, monkeypatch, gan_m
     resumed, reference = (torch.load(run / CHECKPOINT) for run in (tmp_path, trained_run))
     for key in ("netG", "netD", "netG_ema", "optG", "optD"):
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=lambda m, key=key: f"{key}: {m}")
-    log = Path("checkpoints") / checkpoint.METRICS_LOG_NAME
+    log = Path("checkpoints") / metricslog.METRICS_LOG_NAME
     assert (tmp_path / log).read_text() == (trained_run / log).read_text()
 
 
 def test_a_fresh_run_keeps_the_log_of_a_run_without_checkpoint(gan_main, tmp_path):
     (tmp_path / "checkpoints").mkdir()
     earlier = '{"epoch": 1, "step": 100, "loss_d": 1.0}\n{"epoch": 1, "step": 200, "loss_d": 0.5}\n'
-    (tmp_path / "checkpoints" / checkpoint.METRICS_LOG_NAME).write_text(earlier)
+    (tmp_path / "checkpoints" / metricslog.METRICS_LOG_NAME).write_text(earlier)
     code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
     assert code == 0, err
     kept = Path("checkpoints") / "metrics.1.jsonl"
@@ -1030,7 +1031,7 @@ def test_a_picture_that_fails_to_draw_is_a_warning(monkeypatch, gan_main, tmp_pa
 
 
 def test_a_damaged_metrics_log_costs_no_epoch(run_copy, gan_main):
-    log = run_copy / "checkpoints" / checkpoint.METRICS_LOG_NAME
+    log = run_copy / "checkpoints" / metricslog.METRICS_LOG_NAME
     with open(log, "ab") as file:  # rows a hand edit or another program could leave
         file.write(b'{"epoch": 2, "step": 7, "loss_d": 1.0}\n[1, 2]\n"text"\n{"step": "8"}\n\xff\xfe\n')
     with pytest.warns(UserWarning, match="skipped 4 damaged lines"):

@@ -28,6 +28,7 @@ from test_data_cache import folder_run, write_folder
 from torch import nn
 
 import artifacts
+import foldercache
 import folders
 import metrics
 import models
@@ -483,7 +484,7 @@ def test_evaluate_without_weights_decodes_no_folder_first(
     data = write_folder(tmp_path / "data", 8)
     code, _, err = gan_main(folder_run(data))
     assert code == 0, err
-    shutil.rmtree(cache_dir / folders.FOLDER_CACHE_NAME)
+    shutil.rmtree(cache_dir / foldercache.FOLDER_CACHE_NAME)
     monkeypatch.setattr(folders, "read_image", lambda *args: pytest.fail("decoded before loading Inception"))
     code, out, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu", "--dataroot", data])
     assert code == 2 and "weights-inception-2015-12-05-6726825d.pth" in err

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_ARGS, write_cifar10_archive
 from PIL import Image
 
-import folders
+import foldercache
 
 
 def write_image_folder(folder, count=32):
@@ -43,7 +43,7 @@ def dataset_flags(kind, tmp_path):
 
 
 def drop_decoded_caches(cache_dir):
-    shutil.rmtree(cache_dir / folders.FOLDER_CACHE_NAME, ignore_errors=True)
+    shutil.rmtree(cache_dir / foldercache.FOLDER_CACHE_NAME, ignore_errors=True)
 
 
 def folders_of(name):

@@ -17,6 +17,7 @@ import artifacts
 import checkpoint
 import faults
 import gan
+import metricslog
 import options
 import save_schedule
 import steps
@@ -177,7 +178,7 @@ def test_a_run_killed_after_an_epoch_that_saved_nothing_resumes_exactly_from_its
     assert "resuming checkpoints/checkpoint.pt: 1 epoch done, step 4" in out
     resumed, straight = (torch.load(tmp_path / run / "checkpoint.pt") for run in ("checkpoints", "straight"))
     assert_same_training(resumed, straight)
-    log = checkpoint.METRICS_LOG_NAME
+    log = metricslog.METRICS_LOG_NAME
     assert (tmp_path / "checkpoints" / log).read_text() == (tmp_path / "straight" / log).read_text()
     assert gif_frames_as_epochs(images) == ([1, 2, 3], [artifacts.FRAME_MS] * 2 + [artifacts.LAST_FRAME_MS])
 
