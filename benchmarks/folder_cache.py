@@ -15,7 +15,7 @@ Then the same two cases for utils.load_dataset alone, in this process, for all t
 About 5 minutes on 2 CPU cores (3 rounds of about 90 s, plus writing the JPEGs once; a complete
 folder is reused).
 
---checksum times what the pixels' CRC-32 adds to reusing a cache: folders.open_folder with and
+--checksum times what the pixels' CRC-32 adds to reusing a cache: foldercache.open_folder with and
 without the check (the check switched off in this process only), then the copy into the tensor a
 run trains from, with the file in the page cache ("warm") and evicted from it first ("cold", by
 posix_fadvise: a start days after the last); and the CRC-32 against other checksums of the same
@@ -125,10 +125,11 @@ def key_seconds(folder, image_size, rounds):
     sys.path.insert(0, str(ROOT))
     import hashlib
 
+    import foldercache
     import folders
 
     def without_ctime(root, files, size):
-        digest = hashlib.sha256(f"{folders.FOLDER_CACHE_VERSION} {size}\n".encode())
+        digest = hashlib.sha256(f"{foldercache.FOLDER_CACHE_VERSION} {size}\n".encode())
         for path in files:
             stat = path.stat()
             digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -136,7 +137,7 @@ def key_seconds(folder, image_size, rounds):
 
     times = {"list + key with ctime (gan.py)": [], "list + key without ctime": []}
     for _ in range(rounds):
-        for name, key in zip(times, (folders.folder_cache_key, without_ctime)):
+        for name, key in zip(times, (foldercache.folder_cache_key, without_ctime)):
             started = time.perf_counter()
             key(folder, folders.list_images(folder), image_size)
             times[name].append(time.perf_counter() - started)
@@ -160,12 +161,12 @@ def seconds_to_load(folder, image_size, workers):
 
 def synthetic_listing(work, count, image_size):
     """A FolderListing of count names that are never read: the cache is built from synthesised rows."""
-    import folders
+    import foldercache
 
     root = Path(work) / "synthetic"
     root.mkdir()
     files = [root / f"{index + 1:06d}.jpg" for index in range(count)]
-    return folders.FolderListing(root, files, image_size, f"synthetic{count}")
+    return foldercache.FolderListing(root, files, image_size, f"synthetic{count}")
 
 
 def synthetic_decode(files, image_size, workers, skipped):
@@ -198,23 +199,23 @@ def evict(path):
 @contextlib.contextmanager
 def check(on):
     """folders' check of the pixels' CRC-32, switched off in this process when on is False."""
-    import folders
+    import foldercache
 
-    intact = folders.FolderCache.intact
+    intact = foldercache.FolderCache.intact
     if not on:
-        folders.FolderCache.intact = lambda self: True
+        foldercache.FolderCache.intact = lambda self: True
     try:
         yield
     finally:
-        folders.FolderCache.intact = intact
+        foldercache.FolderCache.intact = intact
 
 
 def checksum_seconds(listing, workers, rounds):
     """Seconds to reuse listing's cache (open_folder) and then copy it into a training tensor, with
     and without the CRC check, warm and cold, in alternating rounds."""
-    import folders
+    import foldercache
 
-    npy = folders.open_folder(listing, workers, say=print).source  # builds the cache if it is not there
+    npy = foldercache.open_folder(listing, workers, say=print).source  # builds the cache if it is not there
     times = {}
     for round_index in range(rounds):
         for state in ("warm", "cold"):
@@ -222,7 +223,7 @@ def checksum_seconds(listing, workers, rounds):
                 (evict if state == "cold" else read_through)(npy)
                 started = time.perf_counter()
                 with check(checked):
-                    images = folders.open_folder(listing, workers)
+                    images = foldercache.open_folder(listing, workers)
                 opened = time.perf_counter()
                 images.to_device("cpu")
                 copied = time.perf_counter()
@@ -242,17 +243,17 @@ def checksums_compared(npy, listing, rounds):
     in use, mapped and warm, in the chunks gan.py reads."""
     import numpy as np
 
-    import folders
+    import foldercache
 
     pixels = np.load(npy, mmap_mode="r")[: len(listing.files)].reshape(-1)
 
     def digest(name):
         state = hashlib.new(name)
-        for start in range(0, len(pixels), folders.CHECKSUM_CHUNK_BYTES):
-            state.update(pixels[start : start + folders.CHECKSUM_CHUNK_BYTES])
+        for start in range(0, len(pixels), foldercache.CHECKSUM_CHUNK_BYTES):
+            state.update(pixels[start : start + foldercache.CHECKSUM_CHUNK_BYTES])
         return state.digest()
 
-    checksums = {"zlib.crc32 (gan.py)": lambda: folders.pixels_crc32(pixels)}
+    checksums = {"zlib.crc32 (gan.py)": lambda: foldercache.pixels_crc32(pixels)}
     checksums.update({f"hashlib.{name}": lambda name=name: digest(name) for name in CHECKSUMS})
     read_through(npy)
     times = {name: [] for name in checksums}
@@ -267,21 +268,20 @@ def checksums_compared(npy, listing, rounds):
 def main_checksum(args):
     """--checksum: what the CRC check adds to reusing a cache, on the JPEG folder or a synthesised cache."""
     sys.path.insert(0, str(ROOT))
-    import folders
+    import foldercache
+    from errors import size_text
 
     print(f"load before: {os.getloadavg()}; {os.cpu_count()} CPUs; torch run by {sys.executable}")
     with tempfile.TemporaryDirectory() as work:
         os.environ["DCGAN_CACHE_DIR"] = str(Path(work) / "cache")
         if args.synthetic:
             listing = synthetic_listing(work, args.synthetic, args.image_size)
-            folders.decode_files = synthetic_decode
-            print(
-                f"{args.synthetic} synthesised images at {args.image_size}px ({folders.size_text(listing.decoded_bytes)})"
-            )
+            foldercache.decode_files = synthetic_decode
+            print(f"{args.synthetic} synthesised images at {args.image_size}px ({size_text(listing.decoded_bytes)})")
         else:
             folder = Path(args.folder or Path(tempfile.gettempdir()) / f"dcgan-folder-cache-{args.images}")
             make_folder(folder, args.images)
-            listing = folders.FolderListing.of(folder, args.image_size)
+            listing = foldercache.FolderListing.of(folder, args.image_size)
             print(f"{args.images} JPEGs in {folder}, cached at {args.image_size}px")
         workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
         times, npy = checksum_seconds(listing, workers, args.rounds)
