@@ -37,7 +37,7 @@ from sampling import (
     sample,
     score,
 )
-from startup import refuse_architecture_change, refuse_saved_folders, upgraded
+from startup import refuse_architecture_change, refuse_saved_folders, refuse_scoring_beyond_memory, upgraded
 from utils import load_dataset, load_training_data, refuse_non_square_cifar10
 
 # the peak memory of --interpolate per value of its walks' images, with a margin (BENCHMARKS.md)
@@ -361,6 +361,7 @@ def evaluate(opts, explicit, runtime, feature=None):
     refuse_non_square_cifar10(eval_opts)
     if eval_opts.dataset == "folder":  # told before Inception's weights, which may be the next complaint
         refuse_missing_folder(eval_opts.dataroot)
+    refuse_scoring_beyond_memory(opts.eval_samples, runtime.device, f"--eval-samples {opts.eval_samples}")
     # Inception first: offline without its weights, fail before minutes of decoding the data
     scorers = metrics.build_metrics(runtime.device, eval_opts.eval_samples, feature)
     real = load_training_data(eval_opts, torch.device("cpu"), say=print, with_labels=bool(G.num_classes))
@@ -395,6 +396,7 @@ def evaluate_images(opts, explicit, runtime, feature=None):
     # the subset is drawn as training draws it; the dataset must hold one image, not a batch
     real_opts = opts.replace(batch_size=1, seed=opts.seed if opts.seed is not None else 0, eval_samples=len(files))
     refuse_non_square_cifar10(real_opts)
+    refuse_scoring_beyond_memory(len(files), runtime.device, f"--images {opts.images}")
     # Inception first: offline without its weights, fail before minutes of decoding (KID's subsets
     # shrink to the images there are when scored)
     scorers = metrics.build_metrics(runtime.device, real_opts.eval_samples, feature)

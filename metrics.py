@@ -16,6 +16,10 @@ from errors import UserError
 from files import no_new_empty_folders
 
 KID_REAL_LIMIT = 10_000  # KID keeps every real feature; more than this adds memory, not accuracy
+# Kept for each generated image scored: KID's 2,048 Inception pool features and IS's 1,008 logits,
+# in float32, each concatenated into a copy when scored (the real images' side is not counted: a
+# lower bound, so that no evaluation that fits is refused)
+SCORING_BYTES_PER_IMAGE = 2 * 4 * (2048 + 1008)
 PRECISION_RECALL_K = 3  # Kynkaanniemi et al. 2019, and StyleGAN2-ADA's pr50k3
 DENSITY_COVERAGE_K = 5  # Naeem et al. 2020, and StudioGAN
 DISTANCE_CHUNK_VALUES = 1 << 25  # distances held at once (128 MiB in fp32): 50k x 50k never is

@@ -21,6 +21,7 @@ from classnames import checkpoint_class_names, refuse_other_classes
 from errors import UserError, count_text, size_text
 from files import refuse_if_in_use
 from foldercache import cache_root
+from metrics import SCORING_BYTES_PER_IMAGE
 from models import build_discriminator, build_generator
 from modes import ARCHITECTURE_FLAGS
 from options import MAX_SEED, build_parser, check_recipe
@@ -118,6 +119,8 @@ def resolve_training_options(opts, explicit, runtime):
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
     if problem:
         raise UserError(problem)
+    if opts.fid_every:
+        refuse_scoring_beyond_memory(opts.eval_samples, runtime.device, f"--eval-samples {opts.eval_samples}")
     if opts.dataset == "folder":
         refuse_outputs_inside_the_data(opts)
     return opts, resumed
@@ -331,6 +334,17 @@ def training_memory_problem(opts, device, half_precision=False):
         f"--{flag.replace('_', '-')} {getattr(opts, flag)} is too large: training would need {need_text} of memory, "
         f"and {device} has {size_text(available)} free"
     )
+
+
+def refuse_scoring_beyond_memory(images, device, flag):
+    """Scoring keeps the features of every image it scores: more than the device can hold is refused
+    before the minutes of drawing them, not ended by the system at the end (flag: what chose the count)."""
+    needed, available = images * SCORING_BYTES_PER_IMAGE, free_memory_bytes(device)
+    if available is not None and needed > available:
+        raise UserError(
+            f"{flag}: the Inception features of {count_text(images, 'image')} need about {size_text(needed)} of "
+            f"memory, and {device} has {size_text(available)} free: score fewer images"
+        )
 
 
 def training_bytes(flags, half_precision):

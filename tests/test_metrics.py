@@ -34,6 +34,7 @@ import metrics
 import models
 import options
 import sampling
+import startup
 import utils
 from runtime import Runtime, choose_precision
 
@@ -638,6 +639,59 @@ def test_evaluate_images_refuses_a_folder_of_unreadable_files(gan_main, stand_in
     code, _, err = gan_main([*argv, "--image-size", "16", "--workers", "0"], stand_in)
     assert code == 2
     assert "--images theirs holds 0 readable images" in err
+
+
+# 2,048 pool features for KID and 1,008 logits for IS, in float32, each copied once when scored
+FEATURE_BYTES_PER_IMAGE = 2 * 4 * (2048 + 1008)
+
+
+def test_training_refuses_to_score_more_images_than_the_memory_holds(gan_main, tiny_args, tmp_path):
+    """--fid-every 1 --eval-samples 10**10: 24,448 bytes of features each, 222.4 TiB, refused before
+    the data is read; without --fid-every training scores nothing, and the count is not checked."""
+    huge = ["--epochs", "1", "--eval-samples", "10000000000"]
+    code, _, err = gan_main([*tiny_args, *huge, "--fid-every", "1"])
+    line = err.strip()
+    assert code == 2 and "\n" not in line, err
+    assert line.startswith(
+        "gan.py: error: --eval-samples 10000000000: the Inception features of 10,000,000,000 images need about "
+        "222.4 TiB of memory, and cpu has "
+    )
+    assert line.endswith(" free: score fewer images")
+    assert not any(tmp_path.iterdir())
+    code, _, err = gan_main([*tiny_args, *huge, "--dataset", "folder", "--dataroot", "missing"])
+    assert code == 2 and err.strip() == "gan.py: error: data folder missing does not exist"
+
+
+def test_evaluate_refuses_more_images_than_the_memory_holds_to_the_byte(
+    trained_run, gan_main, stand_in, tmp_path, monkeypatch
+):
+    """16 images need 391,168 bytes of features: one byte fewer is refused before any is drawn."""
+    copy_run(trained_run, tmp_path)
+    needed = 16 * FEATURE_BYTES_PER_IMAGE
+    monkeypatch.setattr(startup, "free_memory_bytes", lambda device: needed - 1)
+    code, _, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu"], stand_in)
+    assert code == 2 and err.strip() == (
+        "gan.py: error: --eval-samples 16: the Inception features of 16 images need about 382.0 KiB of memory, "
+        "and cpu has 382.0 KiB free: score fewer images"
+    )
+    assert stand_in.batch_sizes == []
+    monkeypatch.setattr(startup, "free_memory_bytes", lambda device: needed)
+    code, out, err = gan_main(["--evaluate", *EVAL_ARGS, "--device", "cpu"], stand_in)
+    assert code == 0 and "(16 generated images)" in out, err
+
+
+def test_evaluate_images_refuses_a_folder_whose_features_the_memory_cannot_hold(
+    gan_main, stand_in, tmp_path, monkeypatch
+):
+    """3 images need 73,344 bytes of features: with one byte fewer free, refused before decoding."""
+    write_colour_pngs(tmp_path / "theirs", [(i, 2 * i, 3 * i) for i in range(3)], (16, 16))
+    monkeypatch.setattr(startup, "free_memory_bytes", lambda device: 3 * FEATURE_BYTES_PER_IMAGE - 1)
+    monkeypatch.setattr(folders, "read_image", lambda *args: pytest.fail("decoded before the memory check"))
+    code, _, err = gan_main(["--evaluate", "--images", "theirs", "--device", "cpu"], stand_in)
+    assert code == 2 and err.strip() == (
+        "gan.py: error: --images theirs: the Inception features of 3 images need about 71.6 KiB of memory, "
+        "and cpu has 71.6 KiB free: score fewer images"
+    )
 
 
 def test_images_needs_evaluate(gan_main, tmp_path):
