@@ -25,6 +25,7 @@ from folders import IMAGE_SUFFIXES, available_ram_bytes, decode_files, refuse_mi
 from generator import generator_from
 from imagesize import image_sides, shape_size
 from metricslog import METRICS_LOG_NAME, append_metrics
+from modes import refuse_flags_of_other_datasets
 from runtime import random_seed
 from sampling import (
     GRID_COLUMNS,
@@ -358,6 +359,7 @@ def evaluate(opts, explicit, runtime, feature=None):
         checkpoint_dir=folder,
         class_names=tuple(G.class_names),
     )
+    refuse_flags_of_other_datasets(eval_opts.dataset, explicit)
     refuse_non_square_cifar10(eval_opts)
     if eval_opts.dataset == "folder":  # told before Inception's weights, which may be the next complaint
         refuse_missing_folder(eval_opts.dataroot)
@@ -395,6 +397,7 @@ def evaluate_images(opts, explicit, runtime, feature=None):
     check_writable(folder)
     # the subset is drawn as training draws it; the dataset must hold one image, not a batch
     real_opts = opts.replace(batch_size=1, seed=opts.seed if opts.seed is not None else 0, eval_samples=len(files))
+    refuse_flags_of_other_datasets(real_opts.dataset, explicit)
     refuse_non_square_cifar10(real_opts)
     refuse_scoring_beyond_memory(len(files), runtime.device, f"--images {opts.images}")
     # Inception first: offline without its weights, fail before minutes of decoding (KID's subsets
@@ -423,7 +426,7 @@ def image_files(folder):
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if len(files) < 2:  # FID needs a covariance
         raise UserError(
-            f"--images {folder} holds {len(files)} image files; scoring needs 2 at the least "
+            f"--images {folder} holds {count_text(len(files), 'image file')}; scoring needs 2 at the least "
             f"({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
     return files

@@ -37,6 +37,9 @@ MODE_ONLY_FLAGS = {
     "truncation": ("generate", "interpolate", "evaluate"),
     "images": ("images",),
 }
+# The data flags some datasets never read: random images have no folder, and only a folder is decoded
+# into the cache.
+DATASET_ONLY_FLAGS = {"dataroot": ("cifar10", "folder"), "cache_dir": ("folder",)}
 # Read by every mode (image_size: --evaluate --images brings the real images to it), or choosing the mode.
 EVERY_MODE_FLAGS = (
     "seed", "device", "precision", "checkpoint_dir", "image_size", "generate", "interpolate", "evaluate", "export",
@@ -70,6 +73,15 @@ def refuse_flags_of_other_modes(parser, parsed, explicit):
             hint = "; training continues a checkpoint with --resume PATH" if name == "checkpoint" else ""
             used_by = ", ".join(mode_text(reader, beside=mode) for reader in readers)
             raise UserError(f"{option_names(parser, name)} is read by {used_by} only, not by {mode_text(mode)}{hint}")
+
+
+def refuse_flags_of_other_datasets(dataset, explicit):
+    """Told once the dataset is known (a checkpoint's, or the one typed): a typed --dataroot or
+    --cache-dir that the dataset never reads would be silently ignored, and is refused instead."""
+    for name, readers in DATASET_ONLY_FLAGS.items():
+        if name in explicit and dataset not in readers:
+            read_by = " and ".join(f"--dataset {reader}" for reader in readers)
+            raise UserError(f"--{name.replace('_', '-')} is read by {read_by} only, not by --dataset {dataset}")
 
 
 def option_names(parser, dest):

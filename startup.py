@@ -23,7 +23,7 @@ from files import refuse_if_in_use
 from foldercache import cache_root
 from metrics import SCORING_BYTES_PER_IMAGE
 from models import build_discriminator, build_generator
-from modes import ARCHITECTURE_FLAGS
+from modes import ARCHITECTURE_FLAGS, refuse_flags_of_other_datasets
 from options import MAX_SEED, build_parser, check_recipe
 from runlength import length_change
 from runtime import broadcast_object, mixed_seed, random_seed
@@ -107,6 +107,7 @@ def resolve_training_options(opts, explicit, runtime):
         opts, resumed = opts.replace(seed=seed), None
     else:
         opts, resumed = resumed_options(opts, explicit, runtime)
+    refuse_flags_of_other_datasets(opts.dataset, explicit)
     if "keep_snapshots" in explicit and not opts.snapshot_every:
         raise UserError("--keep-snapshots K applies with --snapshot-every STEPS (the run keeps no snapshots)")
     refuse_what_torchrun_cannot_train(opts, runtime)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARGS, RunsCode, measured_values, run_gan, snapshot, write_cifar10_archive
+from conftest import TINY_ARGS, RunsCode, copy_run, measured_values, run_gan, snapshot, write_cifar10_archive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -1159,6 +1159,50 @@ def test_a_flag_the_mode_never_reads_is_refused_naming_the_modes_that_read_it(ar
     with pytest.raises(UserError) as refused:
         options.parse_flags(argv)
     assert str(refused.value) == phrase
+
+
+FAKE_DATA_READS_NO_FOLDER = "is read by --dataset cifar10 and --dataset folder only, not by --dataset fake"
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        ([*TINY_ARGS, "--epochs", "1", "--dataroot", "data"], f"--dataroot {FAKE_DATA_READS_NO_FOLDER}"),
+        ([*TINY_ARGS, "--epochs", "1", "--cache-dir", "cache"], "--cache-dir is read by --dataset folder only, not by --dataset fake"),
+        (["--epochs", "1", "--device", "cpu", "--cache-dir", "cache"], "--cache-dir is read by --dataset folder only, not by --dataset cifar10"),
+        (["--evaluate", "--images", "theirs", "--cache-dir", "cache"], "--cache-dir is read by --dataset folder only, not by --dataset cifar10"),
+    ],
+    ids=["fake --dataroot", "fake --cache-dir", "cifar10 --cache-dir", "--images --cache-dir"],
+)  # fmt: skip
+def test_a_data_flag_the_dataset_never_reads_is_refused_before_anything_is_read(tmp_path, gan_main, argv, phrase):
+    (tmp_path / "theirs").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "theirs" / name)
+    before = snapshot(tmp_path)
+    code, out, err = gan_main(argv)
+    assert_user_error(code, err, phrase)
+    assert err.strip() == f"gan.py: error: {phrase}"
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["--resume", "--epochs", "3", "--dataroot", "data"], f"--dataroot {FAKE_DATA_READS_NO_FOLDER}"),
+        (["--evaluate", "--eval-samples", "16", "--device", "cpu", "--dataroot", "data"], f"--dataroot {FAKE_DATA_READS_NO_FOLDER}"),
+        (["--evaluate", "--eval-samples", "16", "--device", "cpu", "--cache-dir", "cache"], "--cache-dir is read by --dataset folder only, not by --dataset fake"),
+    ],
+    ids=["--resume", "--evaluate --dataroot", "--evaluate --cache-dir"],
+)  # fmt: skip
+def test_the_dataset_a_checkpoint_trained_on_decides_which_data_flags_are_read(
+    trained_run, tmp_path, gan_main, argv, phrase
+):
+    """The checkpoint's --dataset fake, not the default cifar10, is the one the typed flags are held against."""
+    copy_run(trained_run, tmp_path)
+    before = snapshot(tmp_path)
+    code, out, err = gan_main(argv)
+    assert_user_error(code, err, phrase)
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("argv", FLAGS_EACH_MODE_READS, ids=lambda argv: argv[0])

@@ -615,6 +615,11 @@ def test_evaluate_images_decodes_the_folder_at_the_real_images_side_not_image_si
         (lambda root: (root / "theirs").write_text("x"), [], "--images theirs is a file"),
         (lambda root: (root / "theirs").mkdir(), [], "holds 0 image files"),
         (
+            lambda root: write_colour_pngs(root / "theirs", [(1, 2, 3)], (8, 8)),
+            [],
+            "--images theirs holds 1 image file; scoring needs 2 at the least (.bmp,",
+        ),
+        (
             lambda root: write_colour_pngs(root / "theirs", [(1, 2, 3)] * 3, (8, 8)),
             ["--eval-samples", "9"],
             "--eval-samples does not apply",
