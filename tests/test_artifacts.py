@@ -3,6 +3,7 @@ GIF is rebuilt, plots draw a bounded number of points and skip damaged log rows.
 
 import numpy as np
 import pytest
+import torch
 from conftest import read_metrics_log
 from PIL import Image
 
@@ -39,6 +40,19 @@ def test_appended_frames_make_a_gif_pil_reads(tmp_path):
     values, durations = gif_contents(tmp_path / "progress.gif")
     assert values == [10, 120, 250]
     assert durations == [artifacts.FRAME_MS, artifacts.FRAME_MS, artifacts.LAST_FRAME_MS]
+
+
+def test_a_walk_gif_holds_each_frame_frame_seconds_and_the_last_longer(tmp_path):
+    artifacts.save_gif([frame(10), frame(120), frame(250)], tmp_path / "walk.gif", frame_seconds=0.1)
+    assert gif_contents(tmp_path / "walk.gif") == ([10, 120, 250], [100, 100, artifacts.LAST_FRAME_MS])
+
+
+def test_a_png_holds_each_value_rounded_to_the_nearest_level(tmp_path):
+    """0.5 is 127.5 levels: 128 in the file; 0.3 is 76.5: 77 (cut off, they would be 127 and 76)."""
+    values = torch.tensor([0.0, 0.3, 0.5, 1.0]).view(1, 1, 4)
+    artifacts.save_png(values, tmp_path / "levels.png")
+    with Image.open(tmp_path / "levels.png") as image:
+        assert np.asarray(image.convert("L"))[0].tolist() == [0, 77, 128, 255]
 
 
 def test_appending_a_frame_never_reencodes_earlier_ones(tmp_path, monkeypatch):

@@ -679,6 +679,10 @@ READABLE = {
     "opaque-rgba.png": (lambda: png_bytes(solid("RGBA", (200, 40, 90, 255))), (200, 40, 90)),
     "clear-rgba.png": (lambda: png_bytes(solid("RGBA", (200, 40, 90, 0))), (255, 255, 255)),
     "grey-alpha.png": (lambda: png_bytes(solid("LA", (30, 255))), (30, 30, 30)),
+    # grey 30 at alpha 128 of 255, over white: 30 * 128/255 + 255 * 127/255
+    "half-clear-grey-alpha.png": (lambda: png_bytes(solid("LA", (30, 128))), (142, 142, 142)),
+    # 32-bit integer greyscale whose values stay within 8 bits: kept as they are, not read as 16-bit
+    "32-bit-grey.tif": (lambda: png_bytes(solid("I", 200), format="TIFF"), (200, 200, 200)),
     "palette.png": (lambda: png_bytes(palette_image(transparent=False)), (200, 40, 90)),
     "palette-transparent.png": (lambda: png_bytes(palette_image(transparent=True)), (255, 255, 255)),
     "jpeg-named.png": (lambda: png_bytes(solid("RGB", (0, 0, 0)), format="JPEG"), (0, 0, 0)),

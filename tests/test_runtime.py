@@ -71,3 +71,27 @@ def test_upsampling_without_antialiasing_gives_the_same_pixels():
     torch.testing.assert_close(grown, reference, atol=1e-6, rtol=0)
     shrunk = utils.to_float_images(torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8), 32)
     assert shrunk.shape == (4, 3, 32, 32)
+
+
+def test_shrinking_averages_the_pixels_it_drops():
+    """64 -> 32 is bilinear with antialiasing: every source pixel weighs in, where plain bilinear
+    would sample between two of every four and alias fine detail."""
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shrunk = utils.to_float_images(images, 32)
+    reference = F.interpolate(images.float() / 127.5 - 1, size=32, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(shrunk, reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "processes, per_machine, words",
+    [(4, "2", ("torchrun", "--nnodes=2", "--nproc_per_node=2")), (4, "4", ("torchrun", "--nproc_per_node=4")),
+     (1, None, ("python",))],
+)  # fmt: skip
+def test_the_resume_command_starts_as_many_machines_and_processes_as_the_run(
+    monkeypatch, processes, per_machine, words
+):
+    if per_machine is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", per_machine)
+    assert runtime.launcher_words(runtime.Runtime(torch.device("cpu"), world_size=processes)) == words
