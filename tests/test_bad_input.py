@@ -26,6 +26,7 @@ from test_data_cache import write_folder
 import checkpoint
 import modes
 import options
+import startup
 import utils
 from errors import UserError
 
@@ -126,6 +127,45 @@ def test_bad_flags(run_copy, gan_main, flags, phrase):
 def test_loss_weights_are_taken_up_to_their_bound():
     opts, _ = options.parse_flags(["--r1", "1000", "--spectral-loss", "1e3", "--class-loss", "0", "--conditional"])
     assert (opts.r1, opts.spectral_loss, opts.class_loss) == (1000.0, 1000.0, 0.0) == (options.MAX_LOSS_WEIGHT, 1e3, 0)
+
+
+@pytest.mark.parametrize(
+    "pictures, named",
+    [(["fid.png"], "fid.png"), (["losses.png", "epoch_002.png", "epoch_001.png"], "epoch_001.png, epoch_002.png, losses.png")],
+    ids=["fid.png alone", "three"],
+)  # fmt: skip
+def test_a_fresh_run_names_the_earlier_pictures_it_would_replace(tmp_path, gan_main, pictures, named):
+    (tmp_path / "images").mkdir()
+    for name in pictures:
+        Image.new("RGB", (4, 4)).save(tmp_path / "images" / name)
+    before = snapshot(tmp_path)
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 2 and err.strip() == (
+        f"gan.py: error: images holds an earlier run's pictures ({named}): train into another --image-dir, "
+        "or move them away first"
+    )
+    assert snapshot(tmp_path) == before
+
+
+def test_the_pictures_of_a_run_that_saved_no_checkpoint_are_replaced_and_its_log_set_aside(tmp_path, gan_main):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "images" / "epoch_001.png")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "metrics.jsonl").write_text('{"step": 2, "loss_d": 1.0}\n')
+    code, out, err = gan_main([*TINY_ARGS, "--epochs", "1"])
+    assert code == 0, err
+    assert (tmp_path / "checkpoints" / "metrics.1.jsonl").read_text() == '{"step": 2, "loss_d": 1.0}\n'
+    assert checkpoint.load_checkpoint(tmp_path / "checkpoints" / "checkpoint.pt")["step"] == 4
+
+
+def test_the_memory_a_run_needs_counts_half_precision_activations_at_two_bytes():
+    """Weights, gradients and Adam's two moments in fp32 (16 bytes a parameter; --ema 0 keeps no
+    average), and each layer's output once per image of a batch: 4 bytes each, 2 in bf16 or fp16."""
+    flags = ["--image-size", "32", "--nz", "8", "--ngf", "8", "--ndf", "8", "--batch-size", "4", "--ema", "0"]
+    opts, _ = options.parse_flags(flags)
+    parameters, outputs = measured_values("dcgan", 32)
+    assert startup.training_bytes(opts.as_dict(), half_precision=False) == 16 * parameters + 4 * 4 * outputs
+    assert startup.training_bytes(opts.as_dict(), half_precision=True) == 16 * parameters + 4 * 2 * outputs
 
 
 def test_fresh_run_over_an_earlier_one_is_refused(run_copy, gan_main):
@@ -501,6 +541,7 @@ def test_resume_from_a_checkpoint_with_unusable_flags(run_copy, gan_main, flags)
         {"augment": {"p": torch.tensor(0.1), "signs": torch.tensor([9.0, 8.0]), "steps": 2}},
         {"augment": {"p": torch.tensor(0.1), "signs": torch.zeros(2), "steps": 4}},
         {"augment": {"p": torch.tensor(float("nan")), "signs": torch.zeros(2), "steps": 0}},
+        {"world_size": 0},
     ],
     ids=repr,
 )  # fmt: skip

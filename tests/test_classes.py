@@ -910,3 +910,9 @@ def test_a_class_given_by_its_index_may_have_leading_zeros_but_no_more_digits_th
     for name in ("12", "9" * 5000):
         with pytest.raises(UserError, match="no such class in c.pt"):
             after_training.class_index(G, name, "c.pt")
+
+
+def test_a_conditional_subset_of_one_image_per_class_is_taken():
+    opts, _ = options.parse_flags([*TINY_ARGS, "--conditional", "--subset", "10", "--batch-size", "5"])
+    data = utils.load_training_data(opts, "cpu")
+    assert sorted(data.labels.tolist()) == list(range(10))

@@ -3,6 +3,7 @@ the "did you mean --dataset folder?" check. All in-process on the CPU with tiny 
 """
 
 import argparse
+import io
 import json
 import math
 import os
@@ -794,3 +795,69 @@ def test_a_symlinked_sub_folder_is_read_and_a_link_back_up_is_not_followed_round
     assert sorted(files) == sorted(["image_1.png", "sub/image_0.png", *expected_linked])
     images, _ = load(data, 8)
     assert len(images) == 5
+
+
+def camera_folder(folder, count):
+    """Images named as cameras name them, with upper-case suffixes: IMG_0000.PNG, IMG_0001.JPG, ..."""
+    for index in range(count):
+        write_png(folder / f"IMG_{index:04d}.{'JPG' if index % 2 else 'PNG'}", seed=index)
+    return folder
+
+
+def test_a_folder_of_upper_case_suffixes_trains_on_every_image(tmp_path):
+    data = camera_folder(tmp_path / "data", 6)
+    images = utils.load_dataset(folder_opts(data), "cpu")
+    assert torch.equal(images, torch.stack([REAL_READ_IMAGE(path, 8) for path in sorted(data.iterdir())]))
+
+
+def test_the_cli_asks_for_dataset_folder_on_upper_case_suffixes(tmp_path, gan_main, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse_download)
+    before = everything_under(camera_folder(tmp_path / "my_images", 2))
+    code, out, err = gan_main(["--dataroot", "my_images", "--device", "cpu", "--epochs", "1", "--no-compile"])
+    assert code == 2 and err.strip().endswith(
+        "my_images holds image files but no CIFAR-10: did you mean --dataset folder?"
+    )
+    assert everything_under(tmp_path / "my_images") == before
+
+
+@pytest.mark.parametrize("broken, more", [(3, ""), (4, " and 1 more")])
+def test_the_warning_names_three_unreadable_files_and_counts_the_rest(tmp_path, broken, more):
+    data = write_folder(tmp_path / "data", 4, broken=broken)
+    why = r" \(not an image format Pillow reads\)"
+    named = ", ".join(f"broken_{index}.jpg{why}" for index in range(3))
+    message = f"^skipped {broken} of {4 + broken} files in {data} that are not readable images: {named}{more}$"
+    with pytest.warns(UserWarning, match=message):
+        load(data, 8)
+
+
+def test_a_cache_is_built_only_with_a_gib_of_disk_to_spare_beyond_it(tmp_path, monkeypatch, cached):
+    """4 images of 8 x 8 decode to 768 bytes; the disk must hold those and 1 GiB for what follows."""
+    data = write_folder(tmp_path / "data", 4)
+    disk = FakeDisk(cached, capacity=768 + 2**30 - 1)
+    monkeypatch.setattr(foldercache.shutil, "disk_usage", disk)
+    images, said = load(data, 8)
+    assert said == [
+        f"image cache: none ({cached} has 1.0 GiB free, the cache needs 768 bytes); decoding 4 files into memory"
+    ]
+    assert cache_files(cached) == [] and torch.equal(images, fresh_decode(data, 8))
+    disk.capacity += 1
+    _, said = load(data, 8)
+    assert said[0].startswith("image cache: no cache yet, building one")
+
+
+def test_a_relative_data_root_finds_its_older_cache_when_a_file_changes(tmp_path, monkeypatch, cached):
+    monkeypatch.chdir(tmp_path)
+    write_folder(tmp_path / "data", 4)
+    load(Path("data"), 8)
+    time.sleep(0.05)  # beyond the file system's coarse clock
+    write_png(tmp_path / "data" / "image_1.png", seed=99)
+    _, said = load(Path("data"), 8)
+    assert said[0].startswith("image cache: the files changed since the cache was made, rebuilding it")
+    assert len(cache_files(cached)) == 2  # the new cache's .npy and sidecar: the older one is gone
+
+
+def test_the_memory_the_system_can_give_adds_free_swap_when_asked(monkeypatch):
+    meminfo = "MemTotal:  1000 kB\nMemAvailable:  600 kB\nSwapTotal:  500 kB\nSwapFree:  300 kB\n"
+    monkeypatch.setattr(folders, "open", lambda path: io.StringIO(meminfo), raising=False)
+    assert folders.available_ram_bytes() == 600 * 1024
+    assert folders.available_ram_bytes(with_swap=True) == 900 * 1024

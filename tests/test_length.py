@@ -180,6 +180,19 @@ def test_a_kimg_run_resumes_exactly_to_its_total_and_trains_on_when_raised(
     assert load("raised/checkpoint.pt")["step"] == 8 and load("raised/checkpoint.pt")["flags"]["kimg"] is None
 
 
+def test_a_mid_epoch_resume_with_another_batch_size_carries_the_images_the_epoch_has_done(gan_main, tiny_args):
+    """Stopped 2 batches of 8 into a 32-image epoch, resumed with --batch-size 4: 16 images done are
+    4 batches of 4, so the epoch's 4 other batches finish it, at step 2 + 4."""
+    code, _, err = gan_main([*tiny_args, "--kimg", "0.016"])
+    assert code == 0, err
+    saved = torch.load("checkpoints/checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (0, 2, 2)
+    code, _, err = gan_main(["--resume", "--batch-size", "4", "--epochs", "1"])
+    assert code == 0, err
+    saved = torch.load("checkpoints/checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["batch"], saved["step"]) == (1, 0, 6)
+
+
 def test_the_bar_counts_the_whole_run_fresh_and_resumed(gan_main, tiny_args):
     code, out, err = gan_main([*tiny_args, "--epochs", "1"])
     assert code == 0, err
