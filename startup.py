@@ -120,7 +120,7 @@ def resolve_training_options(opts, explicit, runtime):
     problem = training_memory_problem(opts, runtime.device, runtime.amp_dtype is not None)
     if problem:
         raise UserError(problem)
-    if opts.fid_every:
+    if opts.fid_every and runtime.is_main:  # rank 0 alone scores
         refuse_scoring_beyond_memory(opts.eval_samples, runtime.device, f"--eval-samples {opts.eval_samples}")
     if opts.dataset == "folder":
         refuse_outputs_inside_the_data(opts)
