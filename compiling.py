@@ -24,7 +24,7 @@ def steps_left(opts, resumed, steps_per_epoch, world_size=1):
     saved = resumed[0] if resumed else {}
     progress = Progress(epoch=saved.get("epoch", 0), batch=saved.get("batch", 0), step=saved.get("step", 0))
     length = RunLength.of(opts, steps_per_epoch, world_size, progress)
-    return max(0, length.total_steps - length.position(progress))
+    return max(0, length.total_steps - progress.step)
 
 
 def compile_pays(steps):

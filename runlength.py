@@ -80,10 +80,6 @@ class RunLength:
         """True at a --kimg run's last step when it is not the last of its epoch (which ends it anyway)."""
         return self.kimg is not None and progress.step >= self.total_steps and progress.batch < self.steps_per_epoch
 
-    def position(self, progress):
-        """Steps done of total_steps."""
-        return progress.step
-
     def epoch_text(self, progress):
         return f"epoch {progress.epoch + 1}/{self.last_epoch}"
 
@@ -107,7 +103,7 @@ class RunProgressBar(tqdm):
         self.images_per_step = length.images_per_step  # before tqdm's __init__, which draws the bar
         super().__init__(
             total=length.total_steps,
-            initial=length.position(progress),
+            initial=progress.step,
             desc=length.epoch_text(progress),
             disable=disable,
             leave=False,
@@ -128,7 +124,6 @@ class RunProgressBar(tqdm):
     def follow(self, length, progress):
         """At an epoch's start: its number, and where the run stands (a rollback moves it back)."""
         self.set_description_str(length.epoch_text(progress), refresh=False)
-        position = length.position(progress)
-        if position != self.n:
-            self.n = self.last_print_n = position
+        if progress.step != self.n:
+            self.n = self.last_print_n = progress.step
             self.refresh()
