@@ -18,10 +18,10 @@ import metrics
 import snapshots
 from checkpoint import exported_file, latest_checkpoint, load_generator_file
 from classnames import GENERATED_GRID, class_folder, index_of, refuse_other_classes
-from errors import UserError, count_text, size_text
+from errors import UserError, count_text
 from faults import Interrupted, exit_code_of
 from files import check_writable
-from folders import IMAGE_SUFFIXES, available_ram_bytes, decode_files, refuse_missing_folder
+from folders import IMAGE_SUFFIXES, decode_files, refuse_beyond_memory, refuse_missing_folder
 from generator import generator_from
 from imagesize import image_sides, shape_size
 from metricslog import METRICS_LOG_NAME, append_metrics
@@ -258,12 +258,11 @@ def refuse_walks_beyond_memory(walks, steps, image_size):
     """The walks' images are held whole, for the grid and the GIF: more than the memory can hold is
     refused before minutes of drawing, not ended by the system."""
     width, height = image_sides(image_size)
-    needed, available = walks * steps * 3 * width * height * WALK_BYTES_PER_VALUE, available_ram_bytes()
-    if available is not None and needed > available:
-        raise UserError(
-            f"--steps {steps}: {walks} walks of {width}x{height} px images need about {size_text(needed)} of "
-            f"memory, and {size_text(available)} is available: take fewer --steps"
-        )
+    refuse_beyond_memory(
+        walks * steps * 3 * width * height * WALK_BYTES_PER_VALUE,
+        f"--steps {steps}: {walks} walks of {width}x{height} px images need about",
+        ": take fewer --steps",
+    )
 
 
 def fresh_interpolation_paths(folder):

@@ -16,7 +16,7 @@ import PIL
 import torch
 from PIL import Image, ImageOps
 
-from errors import UserError
+from errors import UserError, size_text
 from imagesize import image_sides
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -258,3 +258,12 @@ def available_ram_bytes(with_swap=False):
     with contextlib.suppress(AttributeError, OSError, ValueError):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return None
+
+
+def refuse_beyond_memory(needed_bytes, need, advice=""):
+    """Work that needs more memory than the system can give is refused before it starts, not ended
+    by the system midway. need: who needs it, up to the verb ("8 walks of 16x16 px images need
+    about"); advice: what to do instead (": take fewer --steps")."""
+    available = available_ram_bytes()
+    if available is not None and needed_bytes > available:
+        raise UserError(f"{need} {size_text(needed_bytes)} of memory, and {size_text(available)} is available{advice}")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from classnames import check_class_names, folder_classes, folder_labels, refuse_other_classes
 from errors import UserError, count_text, size_text
 from foldercache import FolderListing, open_folder
-from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes
+from folders import IMAGE_SUFFIXES, HostImages, available_ram_bytes, refuse_beyond_memory
 from imagesize import image_sides
 from runtime import barrier
 
@@ -299,12 +299,9 @@ def read_images_and_labels(opts, with_labels, say):
     count = max(FAKE_IMAGES, opts.subset or 0)
     generator = torch.Generator().manual_seed(opts.seed)
     width, height = image_sides(opts.image_size)
-    needed, available = count * 3 * width * height, available_ram_bytes()
-    if available is not None and needed > available:
-        raise UserError(
-            f"--subset {opts.subset}: that many random images of {width}x{height} px need {size_text(needed)} "
-            f"of memory, and {size_text(available)} is available"
-        )
+    refuse_beyond_memory(
+        count * 3 * width * height, f"--subset {opts.subset}: that many random images of {width}x{height} px need"
+    )
     images = torch.randint(0, 256, (count, 3, height, width), generator=generator, dtype=torch.uint8)
     labels = torch.arange(count) % FAKE_CLASSES
     return images, labels, tuple(str(index) for index in range(FAKE_CLASSES))

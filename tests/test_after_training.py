@@ -23,6 +23,7 @@ from PIL import Image
 
 import after_training
 import artifacts
+import folders
 import gan
 import models
 import modes
@@ -276,7 +277,7 @@ def test_walks_beyond_the_memory_are_refused_before_they_are_drawn(trained_run, 
     """8 walks of 16x16 px images, 10 steps: 61,440 values, 1.9 MiB at 32 bytes each."""
     checkpoint = trained_run / "checkpoints" / "checkpoint.pt"
     needed = 8 * 10 * 3 * 16 * 16 * after_training.WALK_BYTES_PER_VALUE
-    monkeypatch.setattr(after_training, "available_ram_bytes", lambda: needed - 1)
+    monkeypatch.setattr(folders, "available_ram_bytes", lambda: needed - 1)
     monkeypatch.setattr(after_training, "sample", lambda *args: pytest.fail("drew before the memory check"))
     code, out, err = gan_main(["--interpolate", "--checkpoint", checkpoint, "--image-dir", "walks"])
     assert code == 2 and err.strip().endswith(
@@ -284,7 +285,7 @@ def test_walks_beyond_the_memory_are_refused_before_they_are_drawn(trained_run, 
         "take fewer --steps"
     )
     assert not (tmp_path / "walks").exists()
-    monkeypatch.setattr(after_training, "available_ram_bytes", lambda: needed)
+    monkeypatch.setattr(folders, "available_ram_bytes", lambda: needed)
     monkeypatch.setattr(after_training, "sample", sampling.sample)
     code, out, err = gan_main(["--interpolate", "--checkpoint", checkpoint, "--image-dir", "walks"])
     assert code == 0 and (tmp_path / "walks" / "interpolation.gif").is_file(), err
